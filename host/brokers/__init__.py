@@ -1,0 +1,1 @@
+"""Broker adapters: the protocol, the paper broker and (later) Shoonya."""

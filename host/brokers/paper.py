@@ -1,0 +1,58 @@
+"""The paper broker: the simulator's matching engine, in process, persisted under DATA_DIR."""
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..models import BrokerOrder, OrderRequest, OrderType
+from ..pricing import protected_limit
+from ..sim.matching import MatchingEngine, SimRejected
+from .base import Rejected
+
+
+class PaperBroker:
+    """Simulated broker; market orders become protected limit orders, as on the live adapter."""
+
+    name = "paper"
+
+    def __init__(self, path: Optional[Path], protection_pct: Decimal):
+        self.engine = MatchingEngine(path)
+        self.protection_pct = protection_pct
+
+    def start(self, on_update: Callable[[BrokerOrder], None]) -> None:
+        self.engine.subscribe(on_update)
+
+    def stop(self) -> None:
+        pass
+
+    def place(self, req: OrderRequest) -> str:
+        if req.order_type is OrderType.MKT:
+            ltp = self.engine.ltp(req.exchange, req.symbol) or req.price
+            if ltp is None:
+                raise Rejected(f"no price for {req.exchange}:{req.symbol}: send a tick to "
+                               f"/api/paper/ticks or give a price in the alert")
+            if self.engine.ltp(req.exchange, req.symbol) is None:
+                self.engine.set_ltp(req.exchange, req.symbol, ltp)
+            req = replace(req, order_type=OrderType.LMT,
+                          price=protected_limit(req.side, ltp, self.protection_pct))
+        try:
+            return self.engine.place(req)
+        except SimRejected as e:
+            raise Rejected(str(e)) from None
+
+    def cancel(self, broker_order_id: str) -> None:
+        try:
+            self.engine.cancel(broker_order_id)
+        except SimRejected as e:
+            raise Rejected(str(e)) from None
+
+    def order_book(self) -> list[BrokerOrder]:
+        return self.engine.order_book()
+
+    def apply_tick(self, exchange: str, symbol: str, ltp: Decimal) -> None:
+        self.engine.set_ltp(exchange, symbol, ltp)
+
+    def ltp(self, exchange: str, symbol: str) -> Optional[Decimal]:
+        return self.engine.ltp(exchange, symbol)

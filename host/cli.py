@@ -1,0 +1,108 @@
+"""The command line: strategy-host run | check."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from . import __version__
+from .config import VARS, ConfigError, Settings, load
+from .locks import FileLock
+
+ALERT_EXAMPLE = ('{{"secret_key": "{secret}", "execution_type": "ENTRY", "strategy_name": "my_strategy", '
+                 '"exchange": "NFO", "alert_id": "{{{{timenow}}}}", "legs": [{{"tradingsymbol": "{{{{ticker}}}}", '
+                 '"direction": "{{{{strategy.order.action}}}}", "qty": "{{{{strategy.order.contracts}}}}", '
+                 '"order_type": "MKT", "price": "{{{{close}}}}", "product_type": "M"}}]}}')
+
+
+def _load(env: Optional[str], generate: bool = False) -> Settings:
+    try:
+        return load(env, generate_secrets=generate)
+    except ConfigError as e:
+        print(f"configuration problems ({len(e.problems)}):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        print("run `strategy-host check --env FILE` after fixing them", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load(args.env)
+    except ConfigError as e:
+        print(f"{args.env or 'environment'}: {len(e.problems)} problem(s)")
+        for p in e.problems:
+            print(f"  {p}")
+        return 1
+    for w in settings.warnings:
+        print(f"warning: {w}")
+    print(f"{args.env or 'environment'}: OK (broker {settings.BROKER}, data in {settings.data_dir})")
+    return 0
+
+
+def _banner(settings: Settings) -> None:
+    base = f"http://{settings.HOST}:{settings.PORT}"
+    print(f"strategy-host {__version__}: {settings.BROKER} mode, data in {settings.data_dir.resolve()}")
+    print(f"  dashboard   {base}/")
+    print(f"  webhook     {base}/webhook")
+    print(f"  API         {base}/api/status  (Authorization: Bearer <API_TOKEN>)")
+    if settings.generated_secrets:
+        print(f"\nFirst run: generated {', '.join(settings.generated_secrets)} into "
+              f"{settings.data_dir / 'secrets.env'} (mode 0600). They are shown this once:")
+        for name in settings.generated_secrets:
+            print(f"  {name}={getattr(settings, name)}")
+        if "WEBHOOK_SECRET" in settings.generated_secrets:
+            print("\nTradingView alert message (paste into the alert's Message box):")
+            print("  " + ALERT_EXAMPLE.format(secret=settings.WEBHOOK_SECRET))
+    else:
+        print(f"  secrets     {settings.source or settings.data_dir / 'secrets.env'}")
+    for w in settings.warnings:
+        print(f"warning: {w}")
+    sys.stdout.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.env:
+        os.environ["STRATEGY_HOST_ENV"] = os.path.abspath(args.env)
+    if args.host:
+        os.environ["HOST"] = args.host
+    if args.port:
+        os.environ["PORT"] = str(args.port)
+    settings = _load(args.env, generate=True)
+    instance = FileLock(settings.data_dir / "host.lock")
+    if not instance.acquire():
+        print(f"strategy-host is already running on {settings.data_dir.resolve()} (pid {instance.holder()}); "
+              f"stop it first, or give this one another DATA_DIR", file=sys.stderr)
+        return 1
+    if not settings.paper:
+        print("BROKER=shoonya: live trading is not available in this version yet; use BROKER=paper", file=sys.stderr)
+        return 2
+    _banner(settings)
+    from .server import HostServer
+    from .web import create_app
+    HostServer(lambda: create_app(settings), settings, workers=args.workers, threads=args.threads,
+               config_file=args.gunicorn_conf).run()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="strategy-host", description="Strategy host for Shoonya (Noren OMS)")
+    parser.add_argument("--version", action="version", version=f"strategy-host {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the host (paper mode when there is no config)")
+    run.add_argument("--env", help="config file, e.g. config_env/live.env (the environment overrides it)")
+    run.add_argument("--host", help="bind address (overrides HOST)")
+    run.add_argument("--port", type=int, help="port (overrides PORT)")
+    run.add_argument("--workers", type=int, default=1, help="gunicorn workers (default 1; the engine runs in one)")
+    run.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
+    run.add_argument("--gunicorn-conf", help="a gunicorn config file whose settings override ours")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate a config file and list every problem")
+    check.add_argument("--env", help="config file to check (default: only the environment)")
+    check.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)

@@ -1,0 +1,305 @@
+"""Settings: load `config_env/*.env` (the environment overrides the file), validate, explain."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass, field
+from datetime import time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from dotenv import dotenv_values
+
+from .models import Problem
+
+SECRET_NAMES = ("WEBHOOK_SECRET", "DASHBOARD_PASSWORD", "API_TOKEN")
+
+
+class ConfigError(Exception):
+    """The configuration has problems; each one names the variable."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+# ---- value parsers: each returns the parsed value or raises ValueError(expected) ----
+
+def _str(v: str) -> str:
+    return v
+
+
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        low = v.strip().lower()
+        if low not in options:
+            raise ValueError(" | ".join(options))
+        return low
+    return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(v: str) -> int:
+        try:
+            n = int(v.strip())
+        except ValueError:
+            raise ValueError(f"an integer from {lo} to {hi}") from None
+        if not lo <= n <= hi:
+            raise ValueError(f"an integer from {lo} to {hi}")
+        return n
+    return parse
+
+
+def _decimal(lo: Optional[Decimal] = None, hi: Optional[Decimal] = None, what: str = "a number") -> Callable[[str], Decimal]:
+    def parse(v: str) -> Decimal:
+        try:
+            d = Decimal(v.strip())
+        except InvalidOperation:
+            raise ValueError(what) from None
+        if not d.is_finite() or (lo is not None and d < lo) or (hi is not None and d > hi):
+            raise ValueError(what)
+        return d
+    return parse
+
+
+def _hhmm(v: str) -> time:
+    m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", v.strip())
+    if not m:
+        raise ValueError("a time HH:MM (24 h, Asia/Kolkata)")
+    return time(int(m.group(1)), int(m.group(2)))
+
+
+def _ip_list(v: str) -> tuple:
+    nets = []
+    for part in filter(None, (p.strip() for p in v.split(","))):
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError("a comma-separated list of IP addresses or CIDR networks") from None
+    return tuple(nets)
+
+
+def _int_list(v: str) -> tuple:
+    try:
+        return tuple(int(p) for p in (x.strip() for x in v.split(",")) if p)
+    except ValueError:
+        raise ValueError("a comma-separated list of numeric Telegram user ids") from None
+
+
+def _secret(min_len: int) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if len(v) < min_len:
+            raise ValueError(f"at least {min_len} characters")
+        return v
+    return parse
+
+
+def _url(v: str) -> str:
+    if not re.match(r"^(https?|wss?)://[^\s/]+", v.strip()):
+        raise ValueError("an http(s):// or ws(s):// URL")
+    return v.strip()
+
+
+@dataclass(frozen=True)
+class Var:
+    """One configuration variable: its name, old aliases, parser, default and meaning."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Optional[str]
+    doc: str
+    aliases: tuple[str, ...] = ()
+    secret: bool = False
+    live_required: bool = False
+
+
+VARS: tuple[Var, ...] = (
+    Var("BROKER", _choice("paper", "shoonya"), "paper", "paper (simulated) or shoonya (live money)"),
+    Var("DATA_DIR", _str, "var", "folder for the database, secrets and locks"),
+    Var("ORDERS_DB_PATH", _str, "", "SQLite database file (default DATA_DIR/host.sqlite)"),
+    Var("PLUGINS_DIR", _str, "plugins", "folder with strategies/ and notifiers/"),
+    Var("HOST", _str, "127.0.0.1", "address the server binds"),
+    Var("PORT", _int(1, 65535), "8000", "port the server binds"),
+    Var("WEBHOOK_SECRET", _secret(8), None, "secret_key every alert must carry", aliases=("WEBHOOK_SECRET_KEY",), secret=True),
+    Var("DASHBOARD_PASSWORD", _secret(8), None, "dashboard login password", secret=True),
+    Var("API_TOKEN", _secret(16), None, "Bearer token for /api", secret=True),
+    Var("WEBHOOK_ALLOWED_IPS", _ip_list, "", "if set, only these peers may call /webhook (TradingView: 52.89.214.238,34.212.75.30,54.218.53.128,52.32.178.7)"),
+    Var("WEBHOOK_REQUIRE_SIGNATURE", _bool, "false", "require an X-Signature HMAC-SHA256 header"),
+    Var("TRUST_PROXY_HEADERS", _bool, "false", "take the client address from X-Forwarded-For (only behind your own proxy)"),
+    Var("DEDUPE_WINDOW_S", _int(0, 3600), "10", "an identical alert body inside this many seconds is a duplicate"),
+    Var("ALERT_MAX_AGE_S", _int(1, 86400), "300", "an alert still waiting this many seconds after arrival is not executed (stale)"),
+    Var("REQUIRE_KNOWN_STRATEGY", _bool, "false", "reject alerts whose strategy has no plugin"),
+    Var("DASHBOARD_COOKIE_SECURE", _bool, "false", "mark the session cookie Secure (serve over HTTPS)"),
+    Var("MARKET_PROTECTION_PCT", _decimal(Decimal("0.1"), Decimal("20"), "a percentage from 0.1 to 20"), "2", "market orders become limit orders this far through the LTP"),
+    Var("SQUARE_OFF_TIME", _hhmm, "15:15", "intraday (MIS) square-off time, Asia/Kolkata"),
+    Var("RISK_BASE_MAX_LOSS", _decimal(None, Decimal("-1"), "a negative amount in rupees, e.g. -5000"), "-5000", "daily max loss before trailing"),
+    Var("RISK_TRAIL_STEP", _decimal(Decimal("0"), None, "an amount >= 0 in rupees"), "0", "the limit rises by this step for every step of peak profit (0: no trailing)"),
+    Var("RISK_WARNING_THRESHOLD", _decimal(Decimal("0"), Decimal("1"), "a fraction from 0 to 1, e.g. 0.8"), "0.8", "warn when the loss reaches this fraction of the limit"),
+    Var("RISK_MAX_CONSECUTIVE_LOSS_DAYS", _int(0, 30), "3", "breach days in a row before a cooldown (0: never)"),
+    Var("RISK_STATUS_UPDATE_MIN", _int(0, 1440), "30", "minutes between risk status notifications (0: never)"),
+    Var("RISK_MAX_ORDERS_PER_DAY", _int(0, 100000), "0", "orders per strategy per day (0: no limit)"),
+    Var("SHOONYA_AUTH", _choice("oauth", "token"), "oauth", "how the live broker session is obtained"),
+    Var("SHOONYA_API_URL", _url, "https://api.shoonya.com/NorenWClientAPI/", "Noren REST base URL"),
+    Var("SHOONYA_WS_URL", _url, "wss://api.shoonya.com/NorenWSAPI/", "Noren WebSocket URL"),
+    Var("SHOONYA_OAUTH_URL", _url, "https://api.shoonya.com/", "the broker's OAuth authorize page"),
+    Var("OAUTH_CLIENT_ID", _str, "", "OAuth client id (live, SHOONYA_AUTH=oauth)", live_required=True),
+    Var("OAUTH_SECRET", _str, "", "OAuth client secret", secret=True),
+    Var("SHOONYA_ACCESS_TOKEN", _str, "", "access token (live, SHOONYA_AUTH=token)", secret=True),
+    Var("USER_NAME", _str, "", "broker user name"),
+    Var("USER_ID", _str, "", "broker user id (live)", live_required=True),
+    Var("PASSWORD", _str, "", "broker password (old login)", secret=True),
+    Var("TOKEN", _str, "", "TOTP base32 secret (old login)", secret=True),
+    Var("VC", _str, "", "vendor code"),
+    Var("APP_KEY", _str, "", "app key", secret=True),
+    Var("IMEI", _str, "", "device id"),
+    Var("TELEGRAM_BOT_TOKEN", _str, "", "Telegram bot token", aliases=("TELEGRAM_TOKEN",), secret=True),
+    Var("TELEGRAM_CHAT_ID", _str, "", "Telegram chat for notifications"),
+    Var("TELEGRAM_ALLOWED_USERS", _int_list, "", "Telegram user ids allowed to give commands"),
+    Var("TELEGRAM_API_URL", _url, "https://api.telegram.org", "Bot API server"),
+)
+VARS_BY_NAME = {v.name: v for v in VARS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration; `values` maps each variable name to its parsed value."""
+
+    values: Mapping[str, Any]
+    source: Optional[str] = None
+    warnings: tuple[str, ...] = ()
+    generated_secrets: tuple[str, ...] = field(default=(), compare=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.values["DATA_DIR"])
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.values["ORDERS_DB_PATH"] or self.data_dir / "host.sqlite")
+
+    @property
+    def paper(self) -> bool:
+        return self.values["BROKER"] == "paper"
+
+    def secrets(self) -> list[str]:
+        """Every secret value that must never be shown."""
+        return [str(self.values[v.name]) for v in VARS if v.secret and self.values.get(v.name)]
+
+
+def _raw_values(env_file: Optional[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """Merge the file and the environment (environment wins), resolving old aliases."""
+    merged: dict[str, str] = {}
+    if env_file:
+        for k, v in dotenv_values(env_file).items():
+            if v is not None:
+                merged[k] = v
+    for k, v in environ.items():
+        merged[k] = v
+    out: dict[str, str] = {}
+    for var in VARS:
+        for key in (var.name, *var.aliases):
+            if key in merged and merged[key].strip() != "":
+                out[var.name] = merged[key]
+                break
+    return out
+
+
+def file_permission_warning(path: Path) -> Optional[str]:
+    """Warn when a file that may hold secrets is readable by group or others."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
+    return None
+
+
+def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
+         generate_secrets: bool = False) -> Settings:
+    """Load and validate settings; raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    if env_file:
+        p = Path(env_file)
+        if not p.is_file():
+            raise ConfigError([Problem("--env", "an existing .env file", repr(env_file))])
+        w = file_permission_warning(p)
+        if w:
+            warnings.append(w)
+    raw = _raw_values(env_file, environ)
+    data_dir = Path(raw.get("DATA_DIR", "var"))
+    secrets_file = data_dir / "secrets.env"
+    generated: list[str] = []
+    missing = [n for n in SECRET_NAMES if n not in raw]
+    if missing and secrets_file.is_file():
+        stored = {k: v for k, v in dotenv_values(secrets_file).items() if v}
+        for n in missing:
+            if n in stored:
+                raw[n] = stored[n]
+        w = file_permission_warning(secrets_file)
+        if w:
+            warnings.append(w)
+    missing = [n for n in SECRET_NAMES if n not in raw]
+    if missing and generate_secrets:
+        for n in missing:
+            raw[n] = secrets.token_urlsafe(24)
+        _write_secrets(secrets_file, {n: raw[n] for n in missing})
+        generated = missing
+    values: dict[str, Any] = {}
+    for var in VARS:
+        text = raw.get(var.name, var.default)
+        if text is None:
+            problems.append(Problem(var.name, f"a value ({var.doc})", "nothing (variable not set)"))
+            continue
+        if text == "" and var.default == "":
+            values[var.name] = var.parse("") if var.parse in (_ip_list, _int_list) else ""
+            continue
+        try:
+            values[var.name] = var.parse(text)
+        except ValueError as e:
+            found = "a value that is hidden because it is secret" if var.secret else repr(text)
+            problems.append(Problem(var.name, str(e), found))
+    if values.get("BROKER") == "shoonya":
+        problems += _live_problems(values)
+    if problems:
+        raise ConfigError(problems)
+    return Settings(values=values, source=env_file, warnings=tuple(warnings), generated_secrets=tuple(generated))
+
+
+def _live_problems(values: Mapping[str, Any]) -> list[Problem]:
+    """The variables live trading needs, depending on SHOONYA_AUTH."""
+    need = ["USER_ID"]
+    need += ["OAUTH_CLIENT_ID", "OAUTH_SECRET"] if values.get("SHOONYA_AUTH") == "oauth" else ["SHOONYA_ACCESS_TOKEN"]
+    return [Problem(n, f"a value when BROKER=shoonya and SHOONYA_AUTH={values.get('SHOONYA_AUTH')}",
+                    "nothing (variable not set)") for n in need if not values.get(n)]
+
+
+def _write_secrets(path: Path, new: Mapping[str, str]) -> None:
+    """Append generated secrets to DATA_DIR/secrets.env, created with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        for k, v in new.items():
+            f.write(f"{k}={v}\n")
+    os.chmod(path, 0o600)

@@ -1,0 +1,158 @@
+"""The inbox between the web layer and the engine: alerts and commands, stored before they are answered."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional
+
+import sqlite_utils
+
+from .ids import new_id
+from .models import AlertRequest, AlertStatus, Problem
+from .storage import Storage, utcnow
+
+POLL_START_S = 0.002
+POLL_MAX_S = 0.05
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """An alert as stored, with its decision once the engine has made it."""
+
+    id: str
+    status: str
+    reason: Optional[str]
+    orders: tuple[str, ...]
+    duplicate_of: Optional[str] = None
+    problems: tuple[dict, ...] = ()
+
+
+def body_hash(body: dict) -> str:
+    """A hash of the alert's meaning: the same keys and values in any order or spacing."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def request_to_json(req: AlertRequest) -> str:
+    """The validated request as stored in the inbox (never the secret)."""
+    return json.dumps({
+        "strategy_name": req.strategy, "execution_type": req.execution_type.value, "alert_id": req.client_alert_id,
+        "legs": [{"exchange": l.exchange, "tradingsymbol": l.symbol, "direction": l.side.value, "qty": l.qty,
+                  "order_type": l.order_type.value, "product_type": l.product.value,
+                  "price": None if l.price is None else str(l.price),
+                  "trigger_price": None if l.trigger_price is None else str(l.trigger_price)} for l in req.legs],
+    })
+
+
+def record_from_row(row: dict) -> AlertRecord:
+    return AlertRecord(row["id"], row["status"], row["reason"], tuple(json.loads(row["orders"] or "[]")),
+                       row["duplicate_of"], tuple(json.loads(row["problems"] or "[]")))
+
+
+class Inbox:
+    """Stores alerts and commands durably, wakes the engine, and waits for its answers."""
+
+    def __init__(self, storage: Storage, dedupe_window_s: int):
+        self.storage = storage
+        self.dedupe_window_s = dedupe_window_s
+        self._waiters: dict[str, threading.Event] = {}
+        self._waiters_lock = threading.Lock()
+        self.wake: Optional[Callable[[], None]] = None  # set while an engine runs in this process
+
+    # ---- alerts ----
+    def store_rejected(self, body: dict, problems: list[Problem], source_ip: str) -> str:
+        """Keep a failed-validation alert so its trail is visible; return its id."""
+        aid = new_id("a")
+        reason = "; ".join(str(p) for p in problems)
+        self.storage.write(lambda db: db["alerts"].insert({
+            "id": aid, "received_at": utcnow(), "strategy": _str_or_none(body.get("strategy_name")),
+            "execution_type": _str_or_none(body.get("execution_type")), "body": json.dumps(body, default=str)[:65536],
+            "source_ip": source_ip, "status": AlertStatus.REJECTED.value, "reason": reason,
+            "problems": json.dumps([p.as_dict() for p in problems]), "orders": "[]", "decided_at": utcnow()}))
+        return aid
+
+    def store(self, req: AlertRequest, digest: str, source_ip: str) -> AlertRecord:
+        """Store a valid alert, or a duplicate of an earlier one, in one transaction."""
+        def run(db: sqlite_utils.Database) -> AlertRecord:
+            now = utcnow()
+            original = self._find_original(db, req, digest, now)
+            aid = new_id("a")
+            row = {"id": aid, "received_at": now, "strategy": req.strategy, "execution_type": req.execution_type.value,
+                   "client_alert_id": req.client_alert_id, "body_hash": digest, "body": request_to_json(req),
+                   "source_ip": source_ip, "orders": "[]"}
+            if original is None:
+                row.update(status=AlertStatus.RECEIVED.value,
+                           dedupe_key=None if req.client_alert_id is None else f"id:{req.client_alert_id}")
+                db["alerts"].insert(row)
+                return AlertRecord(aid, AlertStatus.RECEIVED.value, None, ())
+            why = (f"same alert_id {req.client_alert_id!r} as alert {original['id']}"
+                   if req.client_alert_id is not None and original["client_alert_id"] == req.client_alert_id
+                   else f"same body as alert {original['id']} within {self.dedupe_window_s} s")
+            row.update(status=AlertStatus.DUPLICATE.value, reason=f"duplicate: {why}; not executed again",
+                       duplicate_of=original["id"], decided_at=now, orders=original["orders"])
+            db["alerts"].insert(row)
+            return AlertRecord(aid, AlertStatus.DUPLICATE.value, row["reason"],
+                               tuple(json.loads(original["orders"] or "[]")), original["id"])
+        return self.storage.write(run)
+
+    def _find_original(self, db: sqlite_utils.Database, req: AlertRequest, digest: str, now: str) -> Optional[dict]:
+        if req.client_alert_id is not None:
+            rows = list(db.query("select * from alerts where dedupe_key = ?", (f"id:{req.client_alert_id}",)))
+            if rows:
+                return rows[0]
+        if self.dedupe_window_s <= 0:
+            return None
+        since = (datetime.fromisoformat(now) - timedelta(seconds=self.dedupe_window_s)).isoformat(timespec="milliseconds")
+        rows = list(db.query("select * from alerts where body_hash = ? and received_at >= ? and status not in "
+                             "('duplicate', 'rejected') order by rowid desc limit 1", (digest, since)))
+        return rows[0] if rows else None
+
+    def wait_alert(self, alert_id: str, timeout_s: float) -> AlertRecord:
+        """The alert once decided, or as it stands when the timeout ends."""
+        row = self._wait("alerts", alert_id, timeout_s, lambda r: r["status"] != AlertStatus.RECEIVED.value)
+        return record_from_row(row)
+
+    # ---- commands (halt, exit-all, ticks) ----
+    def command(self, kind: str, args: Any, timeout_s: float) -> Optional[dict]:
+        """Store a command for the engine and wait for its result (None if it did not finish in time)."""
+        cid = self.storage.write(lambda db: db["commands"].insert(
+            {"at": utcnow(), "kind": kind, "args": json.dumps(args, default=str), "status": "pending"}).last_pk)
+        row = self._wait("commands", str(cid), timeout_s, lambda r: r["status"] != "pending")
+        return json.loads(row["result"]) if row["status"] != "pending" else None
+
+    # ---- waiting ----
+    def _wait(self, table: str, key: str, timeout_s: float, done: Callable[[dict], bool]) -> dict:
+        event = threading.Event()
+        with self._waiters_lock:
+            self._waiters[f"{table}:{key}"] = event
+        try:
+            if self.wake:
+                self.wake()
+            deadline = time.monotonic() + timeout_s
+            pause = POLL_START_S
+            while True:
+                row = self.storage.one(f"select * from {table} where id = ?", (key,))
+                left = deadline - time.monotonic()
+                if done(row) or left <= 0:
+                    return row
+                # a local engine sets the event; an engine in another process is found by polling
+                if event.wait(min(left, pause if self.wake is None else POLL_MAX_S * 10)):
+                    event.clear()
+                pause = min(pause * 2, POLL_MAX_S)
+        finally:
+            with self._waiters_lock:
+                self._waiters.pop(f"{table}:{key}", None)
+
+    def decided(self, table: str, key: str) -> None:
+        """Called by the engine after it commits a decision."""
+        with self._waiters_lock:
+            event = self._waiters.get(f"{table}:{key}")
+        if event:
+            event.set()
+
+
+def _str_or_none(v: Any) -> Optional[str]:
+    return None if v is None else str(v)[:64]

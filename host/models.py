@@ -1,0 +1,192 @@
+"""Frozen dataclasses and enums that cross module boundaries; money and prices are Decimal."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Optional
+
+
+class Side(str, enum.Enum):
+    BUY = "BUY"
+    SELL = "SELL"
+
+    @property
+    def sign(self) -> int:
+        return 1 if self is Side.BUY else -1
+
+    @property
+    def opposite(self) -> "Side":
+        return Side.SELL if self is Side.BUY else Side.BUY
+
+
+class OrderType(str, enum.Enum):
+    MKT = "MKT"
+    LMT = "LMT"
+    SL_LMT = "SL-LMT"
+    SL_MKT = "SL-MKT"
+
+    @property
+    def needs_price(self) -> bool:
+        return self in (OrderType.LMT, OrderType.SL_LMT)
+
+    @property
+    def needs_trigger(self) -> bool:
+        return self in (OrderType.SL_LMT, OrderType.SL_MKT)
+
+
+class Product(str, enum.Enum):
+    NRML = "M"
+    MIS = "I"
+    CNC = "C"
+
+
+class ExecutionType(str, enum.Enum):
+    ENTRY = "ENTRY"
+    EXIT = "EXIT"
+    ADJUST = "ADJUST"
+
+
+class OrderStatus(str, enum.Enum):
+    NEW = "NEW"
+    SUBMITTED = "SUBMITTED"
+    UNKNOWN = "UNKNOWN"
+    OPEN = "OPEN"
+    PARTIAL = "PARTIAL"
+    FILLED = "FILLED"
+    CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    @property
+    def rank(self) -> int:
+        """Position in the status machine; an order never moves to a lower rank."""
+        return _STATUS_RANK[self]
+
+
+TERMINAL_STATUSES = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED})
+_STATUS_RANK = {
+    OrderStatus.NEW: 0,
+    OrderStatus.SUBMITTED: 1,
+    OrderStatus.UNKNOWN: 1,
+    OrderStatus.OPEN: 2,
+    OrderStatus.PARTIAL: 3,
+    OrderStatus.FILLED: 4,
+    OrderStatus.CANCELLED: 4,
+    OrderStatus.REJECTED: 4,
+}
+
+
+class TradingState(str, enum.Enum):
+    ACTIVE = "active"
+    REDUCE_ONLY = "reduce_only"
+    HALTED = "halted"
+
+
+class AlertStatus(str, enum.Enum):
+    RECEIVED = "received"
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    BLOCKED = "blocked"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input: which field, what was expected, what was found."""
+
+    field: str
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: expected {self.expected}, found {self.found}"
+
+    def as_dict(self) -> dict:
+        return {"field": self.field, "expected": self.expected, "found": self.found}
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One order request of an alert, as the sender described it."""
+
+    exchange: str
+    symbol: str
+    side: Side
+    qty: int
+    order_type: OrderType
+    product: Product
+    price: Optional[Decimal] = None
+    trigger_price: Optional[Decimal] = None
+
+
+@dataclass(frozen=True)
+class AlertRequest:
+    """A validated webhook alert."""
+
+    strategy: str
+    execution_type: ExecutionType
+    legs: tuple[Leg, ...]
+    client_alert_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What a strategy asks for; the guard, risk and validation decide what becomes an order."""
+
+    action: ExecutionType
+    exchange: str
+    symbol: str
+    side: Side
+    qty: int
+    order_type: OrderType
+    product: Product
+    price: Optional[Decimal] = None
+    trigger_price: Optional[Decimal] = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    exchange: str
+    symbol: str
+    ltp: Decimal
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """An order as it is sent to a broker; `remarks` carries our order id."""
+
+    remarks: str
+    exchange: str
+    symbol: str
+    side: Side
+    qty: int
+    order_type: OrderType
+    product: Product
+    price: Optional[Decimal] = None
+    trigger_price: Optional[Decimal] = None
+
+
+@dataclass(frozen=True)
+class FillReport:
+    fill_id: str
+    qty: int
+    price: Decimal
+
+
+@dataclass(frozen=True)
+class BrokerOrder:
+    """The broker's view of one order, as found in its book or an update."""
+
+    broker_order_id: str
+    remarks: str
+    status: OrderStatus
+    filled_qty: int
+    avg_price: Optional[Decimal]
+    reason: Optional[str] = None
+    fills: tuple[FillReport, ...] = field(default_factory=tuple)

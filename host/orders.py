@@ -1,0 +1,152 @@
+"""The order service: the single place that calls the broker; persists before sending; status machine."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable, Optional, TypeVar
+
+import sqlite_utils
+
+from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable
+from .ids import new_id
+from .models import Intent, OrderRequest, OrderStatus, OrderType, Product, Side
+from .storage import Storage, dec, utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+BROKER_TIMEOUT_S = 5.0
+
+
+def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert_id: Optional[str]) -> str:
+    """Write a NEW order row (inside the caller's transaction) and return our id."""
+    oid = new_id("o")
+    now = utcnow()
+    db["orders"].insert({
+        "id": oid, "alert_id": alert_id, "strategy": strategy, "action": intent.action.value,
+        "exchange": intent.exchange, "symbol": intent.symbol, "side": intent.side.value, "qty": intent.qty,
+        "order_type": intent.order_type.value, "price": _txt(intent.price), "trigger_price": _txt(intent.trigger_price),
+        "product": intent.product.value, "status": OrderStatus.NEW.value, "filled_qty": 0, "avg_price": None,
+        "broker_order_id": None, "reason": None, "created_at": now, "updated_at": now,
+    })
+    db["order_history"].insert({"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
+    return oid
+
+
+def _txt(v: Any) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+def transition(db: sqlite_utils.Database, order_id: str, status: OrderStatus, detail: Optional[str] = None,
+               **fields: Any) -> bool:
+    """Move an order forward in the status machine, never backwards; True if anything changed."""
+    rows = list(db.query("select * from orders where id = ?", (order_id,)))
+    if not rows:
+        return False
+    row, current = rows[0], OrderStatus(rows[0]["status"])
+    if current.terminal or status.rank < current.rank:
+        if fields.get("broker_order_id") and not row["broker_order_id"]:  # a late ack still tells us the id
+            db.execute("update orders set broker_order_id = ? where id = ?", (fields["broker_order_id"], order_id))
+        return False
+    changes = {k: _txt(v) if k == "avg_price" else v for k, v in fields.items() if v is not None}
+    if status is current and all(str(row[k]) == str(v) for k, v in changes.items()):
+        return False
+    changes.update(status=status.value, updated_at=utcnow())
+    db.execute(f"update orders set {', '.join(f'{k} = ?' for k in changes)} where id = ?", (*changes.values(), order_id))
+    db["order_history"].insert({"order_id": order_id, "at": changes["updated_at"], "status": status.value,
+                                "detail": detail if detail else (f"filled {changes['filled_qty']}" if "filled_qty" in changes else None)})
+    return True
+
+
+def request_for(row: dict) -> OrderRequest:
+    """The broker request for a stored order row; our id is the remarks."""
+    return OrderRequest(row["id"], row["exchange"], row["symbol"], Side(row["side"]), row["qty"],
+                        OrderType(row["order_type"]), Product(row["product"]), dec(row["price"]),
+                        dec(row["trigger_price"]))
+
+
+class BrokerGateway:
+    """Runs every broker call with a timeout; a call that overruns is an unknown outcome."""
+
+    def __init__(self, broker: Broker, timeout_s: float = BROKER_TIMEOUT_S):
+        self.broker = broker
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker")
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        future = self._pool.submit(fn, *args)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise UnknownOutcome(f"{self.broker.name} {what} gave no answer within {self.timeout_s:g} s") from None
+        except BrokerError:
+            raise
+        except Exception as e:  # an adapter bug must not look like a clean answer
+            raise UnknownOutcome(f"{self.broker.name} {what} failed: {type(e).__name__}: {e}") from e
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OrderSender:
+    """Sends NEW orders to the broker, one at a time in the order they were decided."""
+
+    def __init__(self, storage: Storage, gateway: BrokerGateway, on_result: Callable[[str], None] = lambda oid: None):
+        self.storage = storage
+        self.gateway = gateway
+        self.on_result = on_result
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self.in_flight: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="order-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._queue.put(None)
+        if self._thread:
+            self._thread.join(timeout)
+
+    def enqueue(self, order_id: str) -> None:
+        self._queue.put(order_id)
+
+    def idle(self) -> bool:
+        return self._queue.empty() and not self.in_flight
+
+    def _run(self) -> None:
+        while True:
+            oid = self._queue.get()
+            if oid is None:
+                return
+            try:
+                self.send(oid)
+            except Exception:  # never let one order kill the sender
+                log.exception("sending order %s failed", oid)
+
+    def send(self, order_id: str) -> None:
+        """Mark SUBMITTED (persisted) then call the broker; record what came back."""
+        row = self.storage.one("select * from orders where id = ?", (order_id,))
+        if row is None or row["status"] != OrderStatus.NEW.value:
+            return
+        self.storage.write(lambda db: transition(db, order_id, OrderStatus.SUBMITTED))
+        self.in_flight.add(order_id)
+        try:
+            broker_id = self.gateway.call("place_order", self.gateway.broker.place, request_for(row))
+        except (Rejected, Unreachable, SessionExpired) as e:
+            reason = f"{type(e).__name__.lower()}: {e}" if not isinstance(e, Rejected) else str(e)
+            self.storage.write(lambda db: (transition(db, order_id, OrderStatus.REJECTED, reason, reason=reason),
+                                           Storage.add_event(db, "order_rejected", f"order {order_id} rejected: {reason}",
+                                                             "warning", row["strategy"], {"order_id": order_id})))
+        except (UnknownOutcome, BrokerError) as e:
+            reason = f"outcome unknown: {e}; the watcher will look for it in the broker's book, it is not resent"
+            self.storage.write(lambda db: (transition(db, order_id, OrderStatus.UNKNOWN, reason, reason=reason),
+                                           Storage.add_event(db, "order_unknown", f"order {order_id}: {reason}",
+                                                             "warning", row["strategy"], {"order_id": order_id})))
+        else:
+            self.storage.write(lambda db: transition(db, order_id, OrderStatus.OPEN, None, broker_order_id=broker_id))
+        finally:
+            self.in_flight.discard(order_id)
+        self.on_result(order_id)

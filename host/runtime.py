@@ -1,0 +1,116 @@
+"""The runtime: builds storage, broker, engine and order service from Settings; starts and stops them."""
+from __future__ import annotations
+
+import logging
+import threading
+from functools import cached_property
+from typing import Optional
+
+from .brokers.base import Broker
+from .brokers.paper import PaperBroker
+from .config import Settings
+from .engine import Engine
+from .inbox import Inbox
+from .locks import FileLock
+from .orders import BrokerGateway, OrderSender
+from .risk import RiskGate
+from .storage import Storage
+from .strategies import StrategyRouter
+from .watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+
+class EngineBusy(RuntimeError):
+    """Another process already runs the engine on this DATA_DIR."""
+
+
+def make_broker(settings: Settings) -> Broker:
+    if settings.paper:
+        return PaperBroker(settings.data_dir / "paper.sqlite", settings.MARKET_PROTECTION_PCT)
+    raise NotImplementedError("BROKER=shoonya: the live Shoonya adapter is not part of this version yet; "
+                              "use BROKER=paper")
+
+
+class Runtime:
+    """Everything one host process needs; the engine part runs only where the engine lock is held."""
+
+    def __init__(self, settings: Settings, storage: Optional[Storage] = None, broker: Optional[Broker] = None,
+                 broker_timeout_s: float = 5.0, unknown_grace_s: float = 30.0):
+        self.settings = settings
+        self._storage = storage
+        self._broker = broker
+        self.broker_timeout_s = broker_timeout_s
+        self.unknown_grace_s = unknown_grace_s
+        self.lock = FileLock(settings.data_dir / "engine.lock")
+        self.engine: Optional[Engine] = None
+        self.broker: Optional[Broker] = None
+        self.gateway: Optional[BrokerGateway] = None
+        self.sender: Optional[OrderSender] = None
+        self._stop_waiting = threading.Event()
+
+    @cached_property
+    def storage(self) -> Storage:
+        """Opened on first use, so building the app touches no file."""
+        return self._storage or Storage(self.settings.db_path)
+
+    @cached_property
+    def inbox(self) -> Inbox:
+        return Inbox(self.storage, self.settings.DEDUPE_WINDOW_S)
+
+    @cached_property
+    def gate(self) -> RiskGate:
+        return RiskGate(self.storage)
+
+    @property
+    def engine_running(self) -> bool:
+        return self.engine is not None and self.engine.running
+
+    def start_engine(self) -> None:
+        """Take the engine lock and start the engine; raise EngineBusy if another process has it."""
+        if not self.lock.acquire():
+            raise EngineBusy(f"another strategy-host (pid {self.lock.holder()}) already runs the engine on "
+                             f"{self.settings.data_dir.resolve()}; stop it or use another DATA_DIR")
+        try:
+            self.broker = self._broker or make_broker(self.settings)
+            self.gateway = BrokerGateway(self.broker, self.broker_timeout_s)
+            self.sender = OrderSender(self.storage, self.gateway)
+            engine = Engine(self.storage, self.inbox, self.gate, self.sender,
+                            Watcher(self.storage, self.unknown_grace_s),
+                            StrategyRouter(self.settings.REQUIRE_KNOWN_STRATEGY),
+                            lambda: self.gateway.call("order_book", self.broker.order_book),
+                            self.broker.apply_tick if self.settings.paper else None,
+                            self.settings.ALERT_MAX_AGE_S)
+            self.broker.start(engine.on_broker_update)
+            self.sender.start()
+            engine.start()
+            self.engine = engine
+        except Exception:
+            self.lock.release()
+            raise
+        log.info("engine started (broker %s, data %s)", self.broker.name, self.settings.data_dir)
+
+    def start_engine_when_free(self, poll_s: float = 1.0) -> threading.Thread:
+        """For extra gunicorn workers: take over the engine when its holder goes away."""
+        def run() -> None:
+            while not self._stop_waiting.is_set() and not self.engine_running:
+                try:
+                    self.start_engine()
+                except EngineBusy:
+                    self._stop_waiting.wait(poll_s)
+        t = threading.Thread(target=run, name="engine-standby", daemon=True)
+        t.start()
+        return t
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop intake from the inbox, finish in-flight work, release the engine lock."""
+        self._stop_waiting.set()
+        if self.engine is not None:
+            self.engine.stop(timeout)
+            self.sender.stop(timeout)
+            self.engine.flush()
+            self.broker.stop()
+            self.gateway.shutdown()
+            self.engine = None
+            log.info("engine stopped")
+        self.lock.release()

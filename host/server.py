@@ -1,0 +1,78 @@
+"""Gunicorn serving: gthread workers; the engine starts in the worker that takes the engine lock."""
+from __future__ import annotations
+
+import logging
+import shlex
+from typing import Any, Optional
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _runtime(worker: Any) -> Any:
+    return worker.wsgi.extensions["host"]
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start the engine in this worker if it gets the lock; other workers stand by to take over."""
+    rt = _runtime(worker)
+    from .runtime import EngineBusy
+    try:
+        rt.start_engine()
+    except EngineBusy:
+        worker.log.info("engine runs in another worker; this worker accepts webhooks and stands by")
+        rt.start_engine_when_free()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """After in-flight requests finish: let the engine finish its work and stop."""
+    try:
+        _runtime(worker).stop()
+    except Exception:  # a worker must still exit
+        worker.log.exception("engine stop failed")
+
+
+class HostServer(BaseApplication):
+    """Gunicorn with our defaults; GUNICORN_CMD_ARGS and a config file (--gunicorn-conf) override them."""
+
+    def __init__(self, app_factory: Any, settings: Settings, workers: int = 1, threads: int = 8,
+                 config_file: Optional[str] = None):
+        self.app_factory = app_factory
+        self.settings = settings
+        self.defaults = {
+            "bind": f"{settings.HOST}:{settings.PORT}", "worker_class": "gthread", "workers": workers,
+            "threads": threads, "graceful_timeout": 30, "timeout": 60, "keepalive": 5,
+            "post_worker_init": post_worker_init, "worker_exit": worker_exit, "accesslog": None,
+            "proc_name": "strategy-host",
+        }
+        self.config_file = config_file
+        super().__init__()
+
+    def load_config(self) -> None:
+        for k, v in self.defaults.items():
+            self.cfg.set(k, v)
+        if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25.1: one shared socket path would clash
+            self.cfg.set("control_socket_disable", True)
+        if self.config_file:
+            cfg = self.get_config_from_filename(self.config_file)
+            for k, v in cfg.items():
+                if k in self.cfg.settings and v is not None:
+                    self.cfg.set(k.lower(), v)
+        env_args = self.cfg.get_cmd_args_from_env()
+        if env_args:
+            parsed = self.cfg.parser().parse_args(env_args)
+            for k, v in vars(parsed).items():
+                if v is not None and k in self.cfg.settings and k != "args":
+                    self.cfg.set(k.lower(), v)
+
+    def get_config_from_filename(self, filename: str) -> dict:
+        namespace: dict = {}
+        with open(filename) as f:
+            exec(compile(f.read(), filename, "exec"), namespace)
+        return {k: v for k, v in namespace.items() if not k.startswith("_")}
+
+    def load(self) -> Any:
+        return self.app_factory()

@@ -1,0 +1,1 @@
+"""Noren OMS simulator: one matching engine, served in-process (paper) or over the wire."""

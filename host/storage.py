@@ -1,0 +1,178 @@
+"""SQLite storage on sqlite-utils: one shared connection, WAL, busy_timeout, migrations, retries."""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+LOCK_RETRIES = 20
+
+
+def utcnow() -> str:
+    """Now as an ISO-8601 UTC string with milliseconds; strings of this form sort in time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def dec(v: Any) -> Optional[Decimal]:
+    """A stored decimal text back to Decimal (None stays None)."""
+    return None if v is None or v == "" else Decimal(str(v))
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db["alerts"].create({
+        "id": str, "received_at": str, "strategy": str, "execution_type": str, "client_alert_id": str,
+        "dedupe_key": str, "body_hash": str, "body": str, "source_ip": str, "status": str, "reason": str,
+        "problems": str, "orders": str, "duplicate_of": str, "decided_at": str,
+    }, pk="id")
+    db["alerts"].create_index(["dedupe_key"], unique=True)
+    db["alerts"].create_index(["status"])
+    db["alerts"].create_index(["body_hash", "received_at"])
+    db["orders"].create({
+        "id": str, "alert_id": str, "strategy": str, "action": str, "exchange": str, "symbol": str,
+        "side": str, "qty": int, "order_type": str, "price": str, "trigger_price": str, "product": str,
+        "status": str, "filled_qty": int, "avg_price": str, "broker_order_id": str, "reason": str,
+        "created_at": str, "updated_at": str,
+    }, pk="id")
+    db["orders"].create_index(["status"])
+    db["orders"].create_index(["strategy", "exchange", "symbol"])
+    db["orders"].create_index(["alert_id"])
+    db["order_history"].create({"id": int, "order_id": str, "at": str, "status": str, "detail": str}, pk="id")
+    db["order_history"].create_index(["order_id"])
+    db["fills"].create({"fill_id": str, "order_id": str, "qty": int, "price": str, "at": str}, pk="fill_id")
+    db["fills"].create_index(["order_id"])
+    db["positions"].create({
+        "strategy": str, "exchange": str, "symbol": str, "product": str, "net_qty": int,
+        "avg_price": str, "realized_pnl": str, "updated_at": str,
+    }, pk=("strategy", "exchange", "symbol", "product"))
+    db["quotes"].create({"exchange": str, "symbol": str, "ltp": str, "at": str}, pk=("exchange", "symbol"))
+    db["events"].create({"id": int, "at": str, "kind": str, "severity": str, "strategy": str,
+                         "message": str, "data": str}, pk="id")
+    db["state"].create({"key": str, "value": str, "updated_at": str}, pk="key")
+    db["commands"].create({"id": int, "at": str, "kind": str, "args": str, "status": str,
+                           "result": str, "done_at": str}, pk="id")
+    db["commands"].create_index(["status"])
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial,)
+
+
+class Storage:
+    """The process's one connection to the database, shared by all threads under a lock."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.migrate()
+
+    # ---- transactions ----
+    def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop."""
+        for attempt in range(LOCK_RETRIES):
+            with self._lock:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as e:
+                    if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
+                        raise
+                    log.warning("database locked, retrying (attempt %d)", attempt + 1)
+                else:
+                    try:
+                        result = fn(self.db)
+                        self.conn.execute("COMMIT")
+                        return result
+                    except BaseException as e:
+                        if self.conn.in_transaction:
+                            self.conn.execute("ROLLBACK")
+                        if isinstance(e, sqlite3.OperationalError) and _is_locked(e) and attempt < LOCK_RETRIES - 1:
+                            log.warning("database locked, retrying (attempt %d)", attempt + 1)
+                        else:
+                            raise
+            time.sleep(min(0.05 * (attempt + 1), 0.5))
+        raise AssertionError("unreachable")
+
+    def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run fn under the connection lock, retrying while the database is locked."""
+        for attempt in range(LOCK_RETRIES):
+            with self._lock:
+                try:
+                    return fn(self.db)
+                except sqlite3.OperationalError as e:
+                    if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
+                        raise
+            time.sleep(min(0.05 * (attempt + 1), 0.5))
+        raise AssertionError("unreachable")
+
+    def rows(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        return self.read(lambda db: list(db.query(sql, params)))
+
+    def one(self, sql: str, params: tuple | dict = ()) -> Optional[dict]:
+        found = self.rows(sql, params)
+        return found[0] if found else None
+
+    @contextmanager
+    def raw(self) -> Iterator[sqlite3.Connection]:
+        """The bare connection under the lock, for tests and tools."""
+        with self._lock:
+            yield self.conn
+
+    def migrate(self) -> None:
+        """Apply every migration newer than PRAGMA user_version, each in its own transaction."""
+        def step(db: sqlite_utils.Database) -> bool:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version >= len(MIGRATIONS):
+                return False
+            MIGRATIONS[version](db)
+            db.execute(f"PRAGMA user_version={version + 1}")
+            log.info("database %s migrated to schema %d", self.path, version + 1)
+            return True
+        while self.write(step):
+            pass
+
+    @property
+    def schema_version(self) -> int:
+        return self.read(lambda db: db.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # ---- small shared records ----
+    def get_state(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        row = self.one("select value from state where key = ?", (key,))
+        return row["value"] if row else default
+
+    @staticmethod
+    def put_state(db: sqlite_utils.Database, key: str, value: str) -> None:
+        db["state"].upsert({"key": key, "value": value, "updated_at": utcnow()}, pk="key")
+
+    @staticmethod
+    def add_event(db: sqlite_utils.Database, kind: str, message: str, severity: str = "info",
+                  strategy: Optional[str] = None, data: Optional[dict] = None) -> None:
+        db["events"].insert({"at": utcnow(), "kind": kind, "severity": severity, "strategy": strategy,
+                             "message": message, "data": json.dumps(data, default=str) if data else None})
+
+
+def _is_locked(e: sqlite3.OperationalError) -> bool:
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg

@@ -1,0 +1,90 @@
+"""Order watcher: applies broker updates (fills, partials, rejections, cancels) and reconciles."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Callable, Iterable
+
+import sqlite_utils
+
+from .models import BrokerOrder, OrderStatus, Product, Side
+from .orders import transition
+from .positions import PositionMath
+from .storage import Storage, dec, utcnow
+
+log = logging.getLogger(__name__)
+UNFINISHED = (OrderStatus.SUBMITTED.value, OrderStatus.UNKNOWN.value, OrderStatus.OPEN.value, OrderStatus.PARTIAL.value)
+EVENT_FOR = {OrderStatus.FILLED: ("order_filled", "info"), OrderStatus.PARTIAL: ("order_partial", "info"),
+             OrderStatus.REJECTED: ("order_rejected", "warning"), OrderStatus.CANCELLED: ("order_cancelled", "info")}
+
+
+def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> bool:
+    """Apply one broker view of an order to ours (idempotent); False when the order is not ours."""
+    rows = list(db.query("select * from orders where id = ?", (update.remarks,)))
+    if not rows:
+        return False
+    order = rows[0]
+    for fill in update.fills:
+        if db.execute("select 1 from fills where fill_id = ?", (fill.fill_id,)).fetchone():
+            continue
+        db["fills"].insert({"fill_id": fill.fill_id, "order_id": order["id"], "qty": fill.qty,
+                            "price": str(fill.price), "at": utcnow()})
+        _apply_fill(db, order, fill.qty, fill.price)
+    changed = transition(db, order["id"], update.status, update.reason, filled_qty=update.filled_qty,
+                         avg_price=update.avg_price, broker_order_id=update.broker_order_id, reason=update.reason)
+    if changed and update.status in EVENT_FOR:
+        kind, severity = EVENT_FOR[update.status]
+        words = {OrderStatus.FILLED: f"filled {update.filled_qty} @ {update.avg_price}",
+                 OrderStatus.PARTIAL: f"partially filled {update.filled_qty}/{order['qty']} @ {update.avg_price}",
+                 OrderStatus.REJECTED: f"rejected by the broker: {update.reason}",
+                 OrderStatus.CANCELLED: f"cancelled: {update.reason}"}[update.status]
+        Storage.add_event(db, kind, f"{order['side']} {order['qty']} {order['exchange']}:{order['symbol']} "
+                          f"({order['strategy']}, order {order['id']}) {words}", severity, order["strategy"],
+                          {"order_id": order["id"], "broker_order_id": update.broker_order_id})
+    return True
+
+
+def _apply_fill(db: sqlite_utils.Database, order: dict, qty: int, price: Decimal) -> None:
+    key = (order["strategy"], order["exchange"], order["symbol"], order["product"])
+    rows = list(db.query("select * from positions where strategy = ? and exchange = ? and symbol = ? and product = ?", key))
+    pos = PositionMath(rows[0]["net_qty"], dec(rows[0]["avg_price"]), dec(rows[0]["realized_pnl"])) if rows else PositionMath()
+    pos = pos.apply(Side(order["side"]), qty, price)
+    db["positions"].upsert({"strategy": key[0], "exchange": key[1], "symbol": key[2], "product": key[3],
+                            "net_qty": pos.net_qty, "avg_price": str(pos.avg_price),
+                            "realized_pnl": str(pos.realized_pnl), "updated_at": utcnow()},
+                           pk=("strategy", "exchange", "symbol", "product"))
+
+
+class Watcher:
+    """Keeps our orders and positions in step with the broker."""
+
+    def __init__(self, storage: Storage, unknown_grace_s: float = 30.0):
+        self.storage = storage
+        self.unknown_grace_s = unknown_grace_s
+
+    def apply(self, updates: Iterable[BrokerOrder]) -> None:
+        updates = list(updates)
+        if updates:
+            self.storage.write(lambda db: [apply_update(db, u) for u in updates])
+
+    def reconcile(self, book: list[BrokerOrder], in_flight: set[str]) -> None:
+        """Match every unfinished order of ours with the broker's book, by our id in remarks."""
+        by_remarks = {o.remarks: o for o in book}
+        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=self.unknown_grace_s)).isoformat(timespec="milliseconds")
+
+        def run(db: sqlite_utils.Database) -> None:
+            marks = ",".join("?" * len(UNFINISHED))
+            for order in list(db.query(f"select * from orders where status in ({marks})", UNFINISHED)):
+                if order["id"] in in_flight:
+                    continue
+                found = by_remarks.get(order["id"])
+                if found is not None:
+                    apply_update(db, found)
+                elif order["status"] in ("SUBMITTED", "UNKNOWN") and order["updated_at"] < cutoff:
+                    reason = (f"not found in the broker's order book {self.unknown_grace_s:g} s after it was sent; "
+                              f"not resent — check the broker terminal")
+                    if transition(db, order["id"], OrderStatus.REJECTED, reason, reason=reason):
+                        Storage.add_event(db, "order_lost", f"order {order['id']}: {reason}", "error",
+                                          order["strategy"], {"order_id": order["id"]})
+        self.storage.write(run)

@@ -1,0 +1,185 @@
+"""JSON API: status, orders, positions, alerts, risk, events; halt, exit-all, paper ticks; /healthz."""
+from __future__ import annotations
+
+import hmac
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any, Optional
+
+from flask import Blueprint, Response, abort, current_app, jsonify, request
+
+from .. import __version__, views
+from ..models import TradingState
+from ..validation import EXCHANGES, SYMBOL_RE, shown
+
+bp = Blueprint("api", __name__)
+COMMAND_WAIT_S = 5.0
+ORDER_FILTERS = ("status", "strategy", "symbol", "exchange", "alert_id")
+ALERT_FILTERS = ("status", "strategy")
+
+
+def _rt() -> Any:
+    return current_app.extensions["host"]
+
+
+def _error(code: int, message: str, **fields: Any) -> tuple[Response, int]:
+    return jsonify({"status": "error", "error": message, **fields}), code
+
+
+@bp.before_request
+def require_token() -> Optional[tuple[Response, int]]:
+    if request.endpoint == "api.healthz":
+        return None
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.startswith("Bearer ") else ""
+    if not token or not hmac.compare_digest(token.encode(), _rt().settings.API_TOKEN.encode()):
+        return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <API_TOKEN>'")
+    return None
+
+
+@bp.get("/healthz")
+def healthz():
+    rt = _rt()
+    alive = views.engine_alive(rt.storage, rt.engine_running)
+    body = {"status": "ok" if alive else "unavailable", "engine": "running" if alive else "stopped",
+            "broker": rt.settings.BROKER, "version": __version__}
+    return jsonify(body), 200 if alive else 503
+
+
+def _paging() -> tuple[int, int]:
+    try:
+        limit = int(request.args.get("limit", 100))
+        offset = int(request.args.get("offset", 0))
+    except ValueError:
+        abort(422, "limit and offset: expected whole numbers")
+    if not 1 <= limit <= 1000 or offset < 0:
+        abort(422, f"limit: expected 1 to 1000 and offset >= 0, found limit={limit} offset={offset}")
+    return limit, offset
+
+
+def _filters(allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(k, request.args[k]) for k in allowed if request.args.get(k)]
+
+
+@bp.get("/api/status")
+def status():
+    rt = _rt()
+    counts = {r["status"]: r["n"] for r in rt.storage.rows("select status, count(*) n from orders group by status")}
+    return jsonify({"status": "ok", "version": __version__, "mode": rt.settings.BROKER,
+                    "engine": "running" if views.engine_alive(rt.storage, rt.engine_running) else "stopped",
+                    "trading_state": rt.gate.trading_state.value, "orders_by_status": counts,
+                    "open_positions": len(views.positions(rt.storage, include_flat=False)),
+                    "day_pnl": views.day_pnl(rt.storage)})
+
+
+@bp.get("/api/orders")
+def orders():
+    limit, offset = _paging()
+    rows, total = views.page(_rt().storage, "orders", _filters(ORDER_FILTERS), limit, offset)
+    return jsonify({"items": [views.order_record(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+
+
+@bp.get("/api/orders/<order_id>")
+def order(order_id: str):
+    st = _rt().storage
+    row = st.one("select * from orders where id = ?", (order_id,))
+    if row is None:
+        return _error(404, f"no order with id {order_id!r}")
+    return jsonify({**views.order_record(row),
+                    "history": st.rows("select at, status, detail from order_history where order_id = ? order by id", (order_id,)),
+                    "fills": st.rows("select fill_id, qty, price, at from fills where order_id = ? order by at", (order_id,))})
+
+
+@bp.get("/api/positions")
+def positions():
+    return jsonify({"items": views.positions(_rt().storage)})
+
+
+@bp.get("/api/alerts")
+def alerts():
+    limit, offset = _paging()
+    rows, total = views.page(_rt().storage, "alerts", _filters(ALERT_FILTERS), limit, offset)
+    return jsonify({"items": [views.alert_record(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+
+
+@bp.get("/api/risk")
+def risk():
+    rt = _rt()
+    return jsonify(views.risk(rt.storage, rt.settings))
+
+
+@bp.get("/api/events")
+def events():
+    try:
+        after = int(request.args.get("after", 0))
+    except ValueError:
+        return _error(422, f"after: expected an event id (whole number), found {shown(request.args.get('after'))}")
+    limit, _ = _paging()
+    rows = _rt().storage.rows("select * from events where id > ? order by id desc limit ?", (after, limit))
+    return jsonify({"items": [{**r, "data": json.loads(r["data"]) if r["data"] else None} for r in rows]})
+
+
+def _json_object() -> Any:
+    body = request.get_json(silent=True, force=True)
+    if body is None and request.get_data():
+        abort(400, "body is not valid JSON")
+    return body
+
+
+def _command(kind: str, args: Any) -> tuple[Response, int]:
+    rt = _rt()
+    if not views.engine_alive(rt.storage, rt.engine_running):
+        return _error(503, "the engine is not running; the command was not sent")
+    result = rt.inbox.command(kind, args, COMMAND_WAIT_S)
+    if result is None:
+        return _error(504, f"the engine did not finish {kind} within {COMMAND_WAIT_S:g} s; see /api/events")
+    if not result.pop("ok"):
+        return _error(500, result.get("error", "command failed"))
+    return jsonify({"status": "ok", **result}), 200
+
+
+@bp.post("/api/halt")
+def halt():
+    body = _json_object() or {}
+    modes = [m.value for m in TradingState]
+    mode = body.get("mode") if isinstance(body, dict) else None
+    if mode not in modes:
+        return _error(422, "invalid mode", errors=[{"field": "mode", "expected": " | ".join(modes), "found": shown(mode)}])
+    reason = body.get("reason") if isinstance(body.get("reason"), str) else None
+    return _command("halt", {"mode": mode, "reason": reason, "by": "api"})
+
+
+@bp.post("/api/exit-all")
+def exit_all():
+    return _command("exit_all", {"by": "api"})
+
+
+@bp.post("/api/paper/ticks")
+def paper_ticks():
+    if not _rt().settings.paper:
+        abort(404, "paper ticks exist only in paper mode (BROKER=paper)")
+    body = _json_object()
+    if isinstance(body, dict):
+        body = [body]
+    if not isinstance(body, list) or not body:
+        return _error(422, "invalid ticks", errors=[{"field": "body", "expected": 'a list of {"exchange","symbol","ltp"}',
+                                                     "found": shown(body)}])
+    ticks, errors = [], []
+    for i, t in enumerate(body):
+        t = {str(k).lower(): v for k, v in t.items()} if isinstance(t, dict) else {}
+        ex, sym, ltp = t.get("exchange"), t.get("symbol") or t.get("tradingsymbol"), t.get("ltp")
+        if ex not in EXCHANGES:
+            errors.append({"field": f"[{i}].exchange", "expected": " | ".join(EXCHANGES), "found": shown(ex)})
+        if not (isinstance(sym, str) and SYMBOL_RE.match(sym)):
+            errors.append({"field": f"[{i}].symbol", "expected": "a trading symbol", "found": shown(sym)})
+        try:
+            price = Decimal(str(ltp)) if not isinstance(ltp, bool) and ltp is not None else None
+        except InvalidOperation:
+            price = None
+        if price is None or not price.is_finite() or price <= 0:
+            errors.append({"field": f"[{i}].ltp", "expected": "a price > 0", "found": shown(ltp)})
+        else:
+            ticks.append({"exchange": ex, "symbol": str(sym).upper(), "ltp": str(price)})
+    if errors:
+        return _error(422, "invalid ticks", errors=errors)
+    return _command("ticks", {"ticks": ticks})
