@@ -39,10 +39,21 @@ def lower_keys(value: Any) -> Any:
 
 
 def shown(value: Any) -> str:
-    """A short, safe rendering of a value found in the input."""
+    """A short, safe rendering of a value found in the input, in JSON's terms."""
     if value is None:
         return "nothing"
-    text = repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (boolean)"
+    if isinstance(value, (int, float, Decimal)):
+        text = f"{value} (number)"
+    elif isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, (list, tuple)):
+        text = f"a list of {len(value)}"
+    elif isinstance(value, dict):
+        text = "an object"
+    else:
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 

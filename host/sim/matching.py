@@ -156,11 +156,11 @@ class MatchingEngine:
                 raise SimRejected(reason)
             key = (req.exchange, req.symbol)
             if key not in self._ltp:
-                seed = req.price or req.trigger_price
-                if seed is None:
+                # a limit price may stand in for the market; a stop order cannot be judged without one
+                if req.order_type is not OrderType.LMT:
                     raise SimRejected(f"no price for {req.exchange}:{req.symbol}: send a tick to "
-                                      f"/api/paper/ticks or give a price in the alert")
-                self._ltp[key] = seed
+                                      f"/api/paper/ticks before a {req.order_type.value} order")
+                self._ltp[key] = req.price
             self._seq += 1
             oid = time.strftime("%y%m%d") + f"{self._seq:09d}"
             o = SimOrder(oid, req)

@@ -1,0 +1,133 @@
+"""The execution guard and the trading state, through the webhook and the API."""
+from __future__ import annotations
+
+from conftest import SYMBOL, alert, wait_for
+
+
+def _enter(host, strategy="s1", **leg):
+    r = host.post(alert("ENTRY", strategy, **leg))
+    assert r.status_code == 200, r.get_json()
+    host.settle()
+    return r
+
+
+def test_duplicate_entry_is_blocked_while_a_position_is_held(host):
+    _enter(host)
+    r = host.post(alert("ENTRY", price="43"))
+    assert r.status_code == 409
+    assert "already holds a position in NFO:" + SYMBOL in r.get_json()["reason"]
+    assert len(host.orders()) == 1
+    assert host.api("/api/alerts").get_json()["items"][0]["status"] == "blocked"
+
+
+def test_duplicate_entry_is_blocked_while_an_order_is_open(host):
+    host.tick("100")
+    r = host.post(alert("ENTRY", direction="BUY", price="90"))  # rests below the market
+    assert r.status_code == 200
+    wait_for(lambda: host.orders(status="OPEN"))
+    r = host.post(alert("ENTRY", direction="BUY", price="91"))
+    assert r.status_code == 409 and "unfinished order" in r.get_json()["reason"]
+
+
+def test_exit_is_capped_at_the_position_and_closes_in_the_right_direction(host):
+    _enter(host, direction="SELL", qty=75)
+    r = host.post(alert("EXIT", direction="SELL", qty=500, price="45"))
+    assert r.status_code == 200, r.get_json()
+    order = r.get_json()["orders"][0]
+    assert (order["side"], order["qty"]) == ("BUY", 75)
+    assert "qty capped from 500 to 75" in r.get_json()["reason"]
+    host.settle()
+    assert host.net() == 0
+
+
+def test_second_exit_does_not_flip_the_position(host):
+    host.tick("40")
+    _enter(host, direction="BUY", qty=50, price="40")
+    host.post(alert("EXIT", direction="SELL", qty=50, price="60", alert_id="x1"))  # rests above the market
+    wait_for(lambda: host.orders(status="OPEN"))
+    r = host.post(alert("EXIT", direction="SELL", qty=50, price="61", alert_id="x2"))
+    assert r.status_code == 200 and r.get_json()["orders"] == []
+    assert "exit orders already cover the whole position" in r.get_json()["reason"]
+
+
+def test_exit_with_no_position_places_nothing(host):
+    r = host.post(alert("EXIT"))
+    assert r.status_code == 200
+    assert r.get_json()["orders"] == [] and "no open position" in r.get_json()["reason"]
+
+
+def test_a_strategy_cannot_exit_another_strategys_position(host):
+    _enter(host, strategy="alpha", direction="BUY", qty=50)
+    r = host.post(alert("EXIT", "beta", direction="SELL", qty=50))
+    assert r.get_json()["orders"] == []
+    assert host.net("alpha") == 50
+    # and beta may enter the same symbol: ownership is per strategy
+    _enter(host, strategy="beta", direction="SELL", qty=25)
+    assert (host.net("alpha"), host.net("beta")) == (50, -25)
+    host.post(alert("EXIT", "alpha", direction="SELL", qty=50, price="42.5"))
+    host.settle()
+    assert (host.net("alpha"), host.net("beta")) == (0, -25)
+
+
+def test_adjust_adds_and_reduces_without_crossing_zero(host):
+    _enter(host, direction="BUY", qty=50)
+    r = host.post(alert("ADJUST", direction="BUY", qty=25, price="42.5"))
+    assert r.status_code == 200
+    host.settle()
+    assert host.net() == 75
+    r = host.post(alert("ADJUST", direction="SELL", qty=200, price="42.5", alert_id="adj-2"))
+    assert r.get_json()["orders"][0]["qty"] == 75
+    host.settle()
+    assert host.net() == 0
+
+
+def _halt(host, mode):
+    r = host.api("/api/halt", "POST", json={"mode": mode})
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["state"] == mode
+
+
+def test_halt_refuses_entries_with_423_and_still_allows_exits(host):
+    _enter(host, direction="BUY", qty=50)
+    _halt(host, "halted")
+    r = host.post(alert("ENTRY", "other"))
+    assert r.status_code == 423 and "trading is halted" in r.get_json()["reason"]
+    assert host.post(alert("ADJUST", direction="BUY", qty=10)).status_code == 423
+    r = host.post(alert("EXIT", direction="SELL", qty=50))
+    assert r.status_code == 200 and len(r.get_json()["orders"]) == 1
+    host.settle()
+    assert host.net() == 0
+    _halt(host, "active")
+    assert host.post(alert("ENTRY", "other")).status_code == 200
+
+
+def test_reduce_only_allows_reductions_only(host):
+    _enter(host, direction="BUY", qty=50)
+    _halt(host, "reduce_only")
+    assert host.post(alert("ENTRY", "other")).status_code == 423
+    assert host.post(alert("ADJUST", direction="BUY", qty=10)).status_code == 423
+    r = host.post(alert("ADJUST", direction="SELL", qty=10))
+    assert r.status_code == 200 and r.get_json()["orders"][0]["qty"] == 10
+
+
+def test_trading_state_survives_a_restart(host):
+    _halt(host, "halted")
+    host.restart()
+    assert host.api("/api/risk").get_json()["state"] == "halted"
+    assert host.post(alert()).status_code == 423
+
+
+def test_halt_rejects_an_unknown_mode(host):
+    r = host.api("/api/halt", "POST", json={"mode": "pause"})
+    assert r.status_code == 422
+    assert r.get_json()["errors"] == [{"field": "mode", "expected": "active | reduce_only | halted", "found": "'pause'"}]
+
+
+def test_exit_all_flattens_every_strategy(host):
+    _enter(host, strategy="alpha", direction="BUY", qty=50)
+    _enter(host, strategy="beta", direction="SELL", qty=25, tradingsymbol="BANKNIFTY28APR26P50000")
+    r = host.api("/api/exit-all", "POST")
+    assert r.status_code == 200 and len(r.get_json()["orders"]) == 2
+    host.settle()
+    assert all(p["net_qty"] == 0 for p in host.positions())
+    assert all(o["action"] == "EXIT" for o in host.orders(status="FILLED")[:2])

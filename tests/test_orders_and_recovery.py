@@ -1,0 +1,160 @@
+"""Orders through the paper broker: matching, rejections, partial fills, timeouts, restart recovery."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from host.models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
+from host.orders import insert_order, transition
+
+from conftest import SYMBOL, alert, wait_for
+
+
+def _status(host, oid):
+    return next(o for o in host.orders() if o["id"] == oid)
+
+
+def _one_order(r):
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()["orders"][0]["id"]
+
+
+def test_limit_order_rests_then_fills_when_the_price_crosses(host):
+    host.tick("50")
+    oid = _one_order(host.post(alert(direction="BUY", price="45", qty=50)))
+    wait_for(lambda: _status(host, oid)["status"] == "OPEN")
+    host.tick("46")
+    assert _status(host, oid)["status"] == "OPEN"
+    host.tick("44.95")
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "FILLED" and o)
+    assert o["avg_price"] == "44.95"
+    assert host.net() == 50
+
+
+def test_market_order_becomes_a_protected_limit_and_fills_at_ltp(host):
+    host.tick("100")
+    oid = _one_order(host.post(alert(direction="BUY", order_type="MKT", price=None, qty=75)))
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "FILLED" and o)
+    assert o["avg_price"] == "100"
+    sim = host.broker.engine.find(oid)
+    assert sim is not None
+    placed = host.broker.engine._orders[sim.broker_order_id].req
+    assert placed.order_type.value == "LMT" and placed.price == Decimal("102.00")  # 2 % protection, on the tick
+
+
+def test_market_order_without_any_price_is_rejected_with_a_clear_reason(host):
+    oid = _one_order(host.post(alert(direction="BUY", order_type="MKT", price=None, tradingsymbol="UNPRICED")))
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "REJECTED" and o)
+    assert "no price for NFO:UNPRICED" in o["reason"] and "/api/paper/ticks" in o["reason"]
+
+
+def test_stop_orders_trigger(host):
+    host.tick("100")
+    host.tick("100", symbol="OTHER")
+    sl_lmt = _one_order(host.post(alert(direction="BUY", order_type="SL-LMT", price="106", trigger_price="105", qty=10)))
+    sl_mkt = _one_order(host.post(alert(direction="SELL", order_type="SL-MKT", price=None, trigger_price="95",
+                                        qty=10, tradingsymbol="OTHER", strategy="s2")))
+    host.tick("104")
+    assert _status(host, sl_lmt)["status"] == "OPEN"
+    host.tick("105.5")
+    wait_for(lambda: _status(host, sl_lmt)["status"] == "FILLED")
+    host.tick("94", symbol="OTHER")
+    o = wait_for(lambda: (o := _status(host, sl_mkt))["status"] == "FILLED" and o)
+    assert o["avg_price"] == "94"
+
+
+def test_stop_order_without_a_market_price_is_rejected(host):
+    oid = _one_order(host.post(alert(direction="BUY", order_type="SL-LMT", price="106", trigger_price="105",
+                                     tradingsymbol="UNPRICED")))
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "REJECTED" and o)
+    assert "no price for NFO:UNPRICED" in o["reason"]
+
+
+def test_broker_rejection_carries_its_reason(host):
+    host.broker.engine.reject_next = "RED:Margin Shortfall:INR 12,345.00 Available:INR 0.00"
+    oid = _one_order(host.post(alert()))
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "REJECTED" and o)
+    assert "Margin Shortfall" in o["reason"]
+    assert host.net() == 0
+    events = host.api("/api/events").get_json()["items"]
+    assert any(e["kind"] == "order_rejected" and oid in e["message"] for e in events)
+
+
+def test_partial_fills_accumulate_into_the_position(host):
+    host.tick("100")
+    host.broker.engine.max_fill_qty = 30
+    oid = _one_order(host.post(alert(direction="BUY", price="101", qty=75)))
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "PARTIAL" and o)
+    assert o["filled_qty"] == 30 and host.net() == 30
+    host.tick("100.5")
+    wait_for(lambda: _status(host, oid)["filled_qty"] == 60)
+    host.tick("99")
+    o = wait_for(lambda: (o := _status(host, oid))["status"] == "FILLED" and o)
+    assert o["filled_qty"] == 75 and host.net() == 75
+    assert Decimal(o["avg_price"]) == (Decimal(30) * 100 + Decimal(30) * Decimal("100.5") + Decimal(15) * 99) / 75
+    detail = host.api(f"/api/orders/{oid}").get_json()
+    assert [h["status"] for h in detail["history"]] == ["NEW", "SUBMITTED", "PARTIAL", "PARTIAL", "FILLED"]
+    assert len(detail["fills"]) == 3
+
+
+def test_broker_timeout_leaves_unknown_then_resolves_to_one_order(host_factory):
+    h = host_factory(broker_timeout_s=0.3)
+    h.broker.engine.delay_next_s = 1.0
+    oid = _one_order(h.post(alert()))
+    o = wait_for(lambda: (o := _status(h, oid))["status"] == "UNKNOWN" and o)
+    assert "not resent" in o["reason"]
+    o = wait_for(lambda: (o := _status(h, oid))["status"] == "FILLED" and o, timeout=10)
+    placed = [b for b in h.broker.order_book() if b.remarks == oid]
+    assert len(placed) == 1 and o["broker_order_id"] == placed[0].broker_order_id
+
+
+def test_unknown_order_is_resolved_from_the_book_by_our_id(host_factory):
+    h = host_factory(broker_timeout_s=0.3)
+    h.broker.engine._listeners.clear()  # the broker never pushes an update: only the book can tell
+    h.broker.engine.delay_next_s = 0.6
+    oid = _one_order(h.post(alert()))
+    wait_for(lambda: _status(h, oid)["status"] == "UNKNOWN")
+    wait_for(lambda: h.broker.engine.find(oid))  # the late order reached the broker
+    h.runtime.engine._last_reconcile = 0  # reconcile now rather than in 5 s
+    o = wait_for(lambda: (o := _status(h, oid))["status"] == "FILLED" and o)
+    assert o["broker_order_id"] == h.broker.engine.find(oid).broker_order_id
+    assert len(h.broker.order_book()) == 1
+
+
+def test_order_never_received_by_the_broker_is_not_resent(host_factory):
+    h = host_factory(unknown_grace_s=0.2)
+    oid = _one_order(h.post(alert()))
+    h.settle()
+    # pretend the process died while sending a second order: SUBMITTED, but the broker never saw it
+    storage = h.runtime.storage
+    intent = Intent(ExecutionType.ENTRY, "NFO", "OTHER", Side.BUY, 10, OrderType.LMT, Product.NRML, Decimal("5"))
+    lost = storage.write(lambda db: insert_order(db, intent, "s1", None))
+    storage.write(lambda db: transition(db, lost, OrderStatus.SUBMITTED))
+    h.restart()
+    o = wait_for(lambda: (o := _status(h, lost))["status"] == "REJECTED" and o, timeout=10)
+    assert "not found in the broker's order book" in o["reason"] and "not resent" in o["reason"]
+    assert h.broker.engine.find(lost) is None
+    assert _status(h, oid)["status"] == "FILLED"
+
+
+def test_orders_decided_before_a_crash_are_sent_once_after_restart(host):
+    # stop the sender so the decided order stays NEW, as if the process died right after deciding
+    host.runtime.sender.stop(timeout=1)
+    r = host.post(alert())
+    oid = _one_order(r)
+    assert _status(host, oid)["status"] == "NEW"
+    host.restart()
+    wait_for(lambda: _status(host, oid)["status"] == "FILLED")
+    host.restart()
+    host.settle()
+    assert [b.remarks for b in host.broker.order_book()] == [oid]
+    assert host.net() == -75
+
+
+def test_paper_market_state_survives_a_restart(host):
+    host.tick("123.45")
+    _one_order(host.post(alert(direction="BUY", price="120")))
+    host.restart()
+    assert host.broker.ltp("NFO", SYMBOL) == Decimal("123.45")
+    assert len(host.broker.order_book()) == 1
+    host.tick("119")
+    wait_for(lambda: host.orders(status="FILLED"))
