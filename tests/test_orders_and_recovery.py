@@ -92,7 +92,10 @@ def test_partial_fills_accumulate_into_the_position(host):
     assert o["filled_qty"] == 75 and host.net() == 75
     assert Decimal(o["avg_price"]) == (Decimal(30) * 100 + Decimal(30) * Decimal("100.5") + Decimal(15) * 99) / 75
     detail = host.api(f"/api/orders/{oid}").get_json()
-    assert [h["status"] for h in detail["history"]] == ["NEW", "SUBMITTED", "PARTIAL", "PARTIAL", "FILLED"]
+    # the broker's ack (OPEN) may land before or after the first fill; it never follows a fill
+    history = [h["status"] for h in detail["history"]]
+    assert [s for s in history if s != "OPEN"] == ["NEW", "SUBMITTED", "PARTIAL", "PARTIAL", "FILLED"]
+    assert history.index("OPEN") == 2 if "OPEN" in history else True
     assert len(detail["fills"]) == 3
 
 

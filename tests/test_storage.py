@@ -1,0 +1,64 @@
+"""Storage: schema version and migrations, WAL, busy timeout, one connection shared by threads."""
+from __future__ import annotations
+
+import threading
+
+from host import storage as storage_mod
+from host.storage import Storage
+
+
+def test_schema_is_versioned_and_migrations_run_once(tmp_path, monkeypatch):
+    s = Storage(tmp_path / "h.sqlite")
+    assert s.schema_version == len(storage_mod.MIGRATIONS)
+    assert {"alerts", "orders", "fills", "positions", "events", "state"} <= set(s.db.table_names())
+    s.close()
+    ran = []
+
+    def m2(db):
+        ran.append(1)
+        db["extra"].create({"id": int}, pk="id")
+    monkeypatch.setattr(storage_mod, "MIGRATIONS", storage_mod.MIGRATIONS + (m2,))
+    s = Storage(tmp_path / "h.sqlite")
+    assert s.schema_version == 2 and "extra" in s.db.table_names() and ran == [1]
+    s.close()
+    Storage(tmp_path / "h.sqlite").close()
+    assert ran == [1]
+
+
+def test_wal_and_busy_timeout(tmp_path):
+    s = Storage(tmp_path / "h.sqlite")
+    assert s.read(lambda db: db.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert s.read(lambda db: db.execute("PRAGMA busy_timeout").fetchone()[0]) == storage_mod.BUSY_TIMEOUT_MS
+
+
+def test_one_connection_is_shared_safely_by_many_threads(tmp_path):
+    s = Storage(tmp_path / "h.sqlite")
+    errors = []
+
+    def work(n):
+        try:
+            for i in range(50):
+                s.write(lambda db: Storage.add_event(db, "t", f"{n}-{i}"))
+                s.rows("select count(*) from events")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert s.one("select count(*) n from events")["n"] == 400
+
+
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path):
+    s = Storage(tmp_path / "h.sqlite")
+
+    def half(db):
+        Storage.add_event(db, "t", "first")
+        raise RuntimeError("boom")
+    try:
+        s.write(half)
+    except RuntimeError:
+        pass
+    assert s.one("select count(*) n from events")["n"] == 0
