@@ -76,6 +76,7 @@ class Engine:
         self.running = False
         self._last_reconcile = 0.0
         self._last_heartbeat = 0.0
+        self._recover_pending = False
 
     # ---- life cycle ----
     def start(self) -> None:
@@ -142,6 +143,9 @@ class Engine:
             self._reconcile()
 
     def _reconcile(self) -> None:
+        if self._recover_pending:
+            self._recover()
+            return
         pending = self.storage.one("select count(*) n from orders where status in ('SUBMITTED','UNKNOWN','OPEN','PARTIAL')")
         if pending["n"]:
             try:
@@ -150,14 +154,18 @@ class Engine:
                 log.warning("reconcile with the broker failed: %s", e)
 
     def _recover(self) -> None:
-        """At start-up: reconcile with the broker's book, and send orders decided but never sent."""
+        """At start-up: reconcile with the broker's book, then send the orders it has never seen."""
         try:
-            self.watcher.reconcile(self.broker_book(), set())
+            unsent = self.watcher.reconcile(self.broker_book(), set(), startup=True)
         except Exception as e:
-            log.warning("start-up reconcile failed, will retry: %s", e)
-        for row in self.storage.rows("select id from orders where status = 'NEW' order by rowid"):
-            log.info("order %s was decided but not sent before the last stop; sending it now", row["id"])
-            self.sender.enqueue(row["id"])
+            # without the book we cannot tell what was sent: send nothing, retry on the next reconcile
+            log.error("start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
+            self._recover_pending = True
+            return
+        self._recover_pending = False
+        for oid in unsent:
+            log.info("order %s was decided but not sent before the last stop; sending it now", oid)
+            self.sender.enqueue(oid)
 
     # ---- alerts ----
     def _process_alerts(self) -> None:

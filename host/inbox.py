@@ -71,7 +71,8 @@ class Inbox:
             "id": aid, "received_at": utcnow(), "strategy": _str_or_none(body.get("strategy_name")),
             "execution_type": _str_or_none(body.get("execution_type")), "body": json.dumps(body, default=str)[:65536],
             "source_ip": source_ip, "status": AlertStatus.REJECTED.value, "reason": reason,
-            "problems": json.dumps([p.as_dict() for p in problems]), "orders": "[]", "decided_at": utcnow()}))
+            "problems": json.dumps([p.as_dict() for p in problems]), "orders": "[]", "decided_at": utcnow()}),
+            durable=True)
         return aid
 
     def store(self, req: AlertRequest, digest: str, source_ip: str) -> AlertRecord:
@@ -86,17 +87,17 @@ class Inbox:
             if original is None:
                 row.update(status=AlertStatus.RECEIVED.value,
                            dedupe_key=None if req.client_alert_id is None else f"id:{req.client_alert_id}")
-                db["alerts"].insert(row)
+                Storage.insert(db, "alerts", row)
                 return AlertRecord(aid, AlertStatus.RECEIVED.value, None, ())
             why = (f"same alert_id {req.client_alert_id!r} as alert {original['id']}"
                    if req.client_alert_id is not None and original["client_alert_id"] == req.client_alert_id
                    else f"same body as alert {original['id']} within {self.dedupe_window_s} s")
             row.update(status=AlertStatus.DUPLICATE.value, reason=f"duplicate: {why}; not executed again",
                        duplicate_of=original["id"], decided_at=now, orders=original["orders"])
-            db["alerts"].insert(row)
+            Storage.insert(db, "alerts", row)
             return AlertRecord(aid, AlertStatus.DUPLICATE.value, row["reason"],
                                tuple(json.loads(original["orders"] or "[]")), original["id"])
-        return self.storage.write(run)
+        return self.storage.write(run, durable=True)  # stored durably before it is answered
 
     def _find_original(self, db: sqlite_utils.Database, req: AlertRequest, digest: str, now: str) -> Optional[dict]:
         if req.client_alert_id is not None:
@@ -133,13 +134,16 @@ class Inbox:
                 self.wake()
             deadline = time.monotonic() + timeout_s
             pause = POLL_START_S
+            local = self.wake is not None
+            if local and timeout_s > 0:  # a local engine sets the event when it has decided
+                event.wait(timeout_s)
             while True:
                 row = self.storage.one(f"select * from {table} where id = ?", (key,))
                 left = deadline - time.monotonic()
                 if done(row) or left <= 0:
                     return row
-                # a local engine sets the event; an engine in another process is found by polling
-                if event.wait(min(left, pause if self.wake is None else POLL_MAX_S * 10)):
+                # an engine in another process is found by polling
+                if event.wait(min(left, pause)):
                     event.clear()
                 pause = min(pause * 2, POLL_MAX_S)
         finally:

@@ -24,14 +24,14 @@ def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert
     """Write a NEW order row (inside the caller's transaction) and return our id."""
     oid = new_id("o")
     now = utcnow()
-    db["orders"].insert({
+    Storage.insert(db, "orders", {
         "id": oid, "alert_id": alert_id, "strategy": strategy, "action": intent.action.value,
         "exchange": intent.exchange, "symbol": intent.symbol, "side": intent.side.value, "qty": intent.qty,
         "order_type": intent.order_type.value, "price": _txt(intent.price), "trigger_price": _txt(intent.trigger_price),
         "product": intent.product.value, "status": OrderStatus.NEW.value, "filled_qty": 0, "avg_price": None,
         "broker_order_id": None, "reason": None, "created_at": now, "updated_at": now,
     })
-    db["order_history"].insert({"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
+    Storage.insert(db, "order_history", {"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
     return oid
 
 
@@ -42,10 +42,10 @@ def _txt(v: Any) -> Optional[str]:
 def transition(db: sqlite_utils.Database, order_id: str, status: OrderStatus, detail: Optional[str] = None,
                **fields: Any) -> bool:
     """Move an order forward in the status machine, never backwards; True if anything changed."""
-    rows = list(db.query("select * from orders where id = ?", (order_id,)))
-    if not rows:
+    row = _order_row(db, order_id)
+    if row is None:
         return False
-    row, current = rows[0], OrderStatus(rows[0]["status"])
+    current = OrderStatus(row["status"])
     if current.terminal or status.rank < current.rank:
         if fields.get("broker_order_id") and not row["broker_order_id"]:  # a late ack still tells us the id
             db.execute("update orders set broker_order_id = ? where id = ?", (fields["broker_order_id"], order_id))
@@ -55,9 +55,15 @@ def transition(db: sqlite_utils.Database, order_id: str, status: OrderStatus, de
         return False
     changes.update(status=status.value, updated_at=utcnow())
     db.execute(f"update orders set {', '.join(f'{k} = ?' for k in changes)} where id = ?", (*changes.values(), order_id))
-    db["order_history"].insert({"order_id": order_id, "at": changes["updated_at"], "status": status.value,
-                                "detail": detail if detail else (f"filled {changes['filled_qty']}" if "filled_qty" in changes else None)})
+    Storage.insert(db, "order_history", {"order_id": order_id, "at": changes["updated_at"], "status": status.value,
+                                         "detail": detail or (f"filled {changes['filled_qty']}" if "filled_qty" in changes else None)})
     return True
+
+
+def _order_row(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
+    cur = db.execute("select * from orders where id = ?", (order_id,))
+    values = cur.fetchone()
+    return None if values is None else dict(zip((c[0] for c in cur.description), values))
 
 
 def request_for(row: dict) -> OrderRequest:
@@ -131,7 +137,8 @@ class OrderSender:
         row = self.storage.one("select * from orders where id = ?", (order_id,))
         if row is None or row["status"] != OrderStatus.NEW.value:
             return
-        self.storage.write(lambda db: transition(db, order_id, OrderStatus.SUBMITTED))
+        # durable: this commit also syncs the decision that created the order, before it leaves
+        self.storage.write(lambda db: transition(db, order_id, OrderStatus.SUBMITTED), durable=True)
         self.in_flight.add(order_id)
         try:
             broker_id = self.gateway.call("place_order", self.gateway.broker.place, request_for(row))

@@ -6,11 +6,10 @@ import logging
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import sqlite_utils
 
@@ -70,27 +69,41 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial,)
 
 
 class Storage:
-    """The process's one connection to the database, shared by all threads under a lock."""
+    """The process's two connections, each created once and shared by all threads under its lock.
+
+    Writes go through one connection, one transaction at a time. Reads use a second connection,
+    so under WAL a reader never waits for a writer's fsync. Commits are synchronous=NORMAL
+    (they survive a killed process); `durable=True` makes a commit FULL, which also syncs every
+    commit before it: used where a promise depends on it (an alert before its answer, an order
+    before it goes to the broker).
+    """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
+        self.conn = self._connect()
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.db = sqlite_utils.Database(self.conn)
+        self.migrate()
+        self._reader = sqlite_utils.Database(self._connect())
+
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        self.conn = conn
-        self.db = sqlite_utils.Database(conn)
-        self.migrate()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
 
     # ---- transactions ----
-    def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
         """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop."""
         for attempt in range(LOCK_RETRIES):
             with self._lock:
                 try:
+                    if durable:
+                        self.conn.execute("PRAGMA synchronous=FULL")
                     self.conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
                     if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
@@ -108,15 +121,18 @@ class Storage:
                             log.warning("database locked, retrying (attempt %d)", attempt + 1)
                         else:
                             raise
+                finally:
+                    if durable:
+                        self.conn.execute("PRAGMA synchronous=NORMAL")
             time.sleep(min(0.05 * (attempt + 1), 0.5))
         raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run fn under the connection lock, retrying while the database is locked."""
+        """Run fn on the read connection, retrying while the database is locked."""
         for attempt in range(LOCK_RETRIES):
-            with self._lock:
+            with self._read_lock:
                 try:
-                    return fn(self.db)
+                    return fn(self._reader)
                 except sqlite3.OperationalError as e:
                     if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
                         raise
@@ -129,12 +145,6 @@ class Storage:
     def one(self, sql: str, params: tuple | dict = ()) -> Optional[dict]:
         found = self.rows(sql, params)
         return found[0] if found else None
-
-    @contextmanager
-    def raw(self) -> Iterator[sqlite3.Connection]:
-        """The bare connection under the lock, for tests and tools."""
-        with self._lock:
-            yield self.conn
 
     def migrate(self) -> None:
         """Apply every migration newer than PRAGMA user_version, each in its own transaction."""
@@ -154,23 +164,35 @@ class Storage:
         return self.read(lambda db: db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self.conn.close()
+            self._reader.conn.close()
 
     # ---- small shared records ----
+    @staticmethod
+    def insert(db: sqlite_utils.Database, table: str, row: dict, upsert_pk: tuple[str, ...] = ()) -> int:
+        """A plain INSERT (or upsert on upsert_pk) for hot paths; sqlite-utils' insert inspects the table each call."""
+        cols = ", ".join(row)
+        sql = f"insert into {table} ({cols}) values ({', '.join('?' * len(row))})"
+        if upsert_pk:
+            updates = ", ".join(f"{c} = excluded.{c}" for c in row if c not in upsert_pk)
+            sql += f" on conflict ({', '.join(upsert_pk)}) do update set {updates}"
+        return db.execute(sql, tuple(row.values())).lastrowid
+
+
     def get_state(self, key: str, default: Optional[str] = None) -> Optional[str]:
         row = self.one("select value from state where key = ?", (key,))
         return row["value"] if row else default
 
     @staticmethod
     def put_state(db: sqlite_utils.Database, key: str, value: str) -> None:
-        db["state"].upsert({"key": key, "value": value, "updated_at": utcnow()}, pk="key")
+        Storage.insert(db, "state", {"key": key, "value": value, "updated_at": utcnow()}, upsert_pk=("key",))
 
     @staticmethod
     def add_event(db: sqlite_utils.Database, kind: str, message: str, severity: str = "info",
                   strategy: Optional[str] = None, data: Optional[dict] = None) -> None:
-        db["events"].insert({"at": utcnow(), "kind": kind, "severity": severity, "strategy": strategy,
-                             "message": message, "data": json.dumps(data, default=str) if data else None})
+        Storage.insert(db, "events", {"at": utcnow(), "kind": kind, "severity": severity, "strategy": strategy,
+                                      "message": message, "data": json.dumps(data, default=str) if data else None})
 
 
 def _is_locked(e: sqlite3.OperationalError) -> bool:

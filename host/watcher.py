@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import sqlite_utils
 
 from .models import BrokerOrder, OrderStatus, Product, Side
-from .orders import transition
+from .orders import _order_row, transition
 from .positions import PositionMath
 from .storage import Storage, dec, utcnow
 
@@ -21,15 +21,14 @@ EVENT_FOR = {OrderStatus.FILLED: ("order_filled", "info"), OrderStatus.PARTIAL: 
 
 def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> bool:
     """Apply one broker view of an order to ours (idempotent); False when the order is not ours."""
-    rows = list(db.query("select * from orders where id = ?", (update.remarks,)))
-    if not rows:
+    order = _order_row(db, update.remarks)
+    if order is None:
         return False
-    order = rows[0]
     for fill in update.fills:
         if db.execute("select 1 from fills where fill_id = ?", (fill.fill_id,)).fetchone():
             continue
-        db["fills"].insert({"fill_id": fill.fill_id, "order_id": order["id"], "qty": fill.qty,
-                            "price": str(fill.price), "at": utcnow()})
+        Storage.insert(db, "fills", {"fill_id": fill.fill_id, "order_id": order["id"], "qty": fill.qty,
+                                     "price": str(fill.price), "at": utcnow()})
         _apply_fill(db, order, fill.qty, fill.price)
     changed = transition(db, order["id"], update.status, update.reason, filled_qty=update.filled_qty,
                          avg_price=update.avg_price, broker_order_id=update.broker_order_id, reason=update.reason)
@@ -50,10 +49,10 @@ def _apply_fill(db: sqlite_utils.Database, order: dict, qty: int, price: Decimal
     rows = list(db.query("select * from positions where strategy = ? and exchange = ? and symbol = ? and product = ?", key))
     pos = PositionMath(rows[0]["net_qty"], dec(rows[0]["avg_price"]), dec(rows[0]["realized_pnl"])) if rows else PositionMath()
     pos = pos.apply(Side(order["side"]), qty, price)
-    db["positions"].upsert({"strategy": key[0], "exchange": key[1], "symbol": key[2], "product": key[3],
-                            "net_qty": pos.net_qty, "avg_price": str(pos.avg_price),
-                            "realized_pnl": str(pos.realized_pnl), "updated_at": utcnow()},
-                           pk=("strategy", "exchange", "symbol", "product"))
+    Storage.insert(db, "positions", {"strategy": key[0], "exchange": key[1], "symbol": key[2], "product": key[3],
+                                     "net_qty": pos.net_qty, "avg_price": str(pos.avg_price),
+                                     "realized_pnl": str(pos.realized_pnl), "updated_at": utcnow()},
+                   upsert_pk=("strategy", "exchange", "symbol", "product"))
 
 
 class Watcher:
@@ -68,23 +67,32 @@ class Watcher:
         if updates:
             self.storage.write(lambda db: [apply_update(db, u) for u in updates])
 
-    def reconcile(self, book: list[BrokerOrder], in_flight: set[str]) -> None:
-        """Match every unfinished order of ours with the broker's book, by our id in remarks."""
+    def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False) -> list[str]:
+        """Match every unfinished order of ours with the broker's book, by our id in remarks.
+
+        At start-up NEW orders are looked for too: one found is adopted, and the ids of those the
+        broker has never seen are returned, to be sent now. Nothing is resent without this search.
+        """
         by_remarks = {o.remarks: o for o in book}
         cutoff = (datetime.now(timezone.utc) - timedelta(seconds=self.unknown_grace_s)).isoformat(timespec="milliseconds")
+        statuses = (OrderStatus.NEW.value, *UNFINISHED) if startup else UNFINISHED
 
-        def run(db: sqlite_utils.Database) -> None:
-            marks = ",".join("?" * len(UNFINISHED))
-            for order in list(db.query(f"select * from orders where status in ({marks})", UNFINISHED)):
+        def run(db: sqlite_utils.Database) -> list[str]:
+            unsent = []
+            marks = ",".join("?" * len(statuses))
+            for order in list(db.query(f"select * from orders where status in ({marks}) order by rowid", statuses)):
                 if order["id"] in in_flight:
                     continue
                 found = by_remarks.get(order["id"])
                 if found is not None:
                     apply_update(db, found)
+                elif order["status"] == OrderStatus.NEW.value:
+                    unsent.append(order["id"])
                 elif order["status"] in ("SUBMITTED", "UNKNOWN") and order["updated_at"] < cutoff:
                     reason = (f"not found in the broker's order book {self.unknown_grace_s:g} s after it was sent; "
                               f"not resent — check the broker terminal")
                     if transition(db, order["id"], OrderStatus.REJECTED, reason, reason=reason):
                         Storage.add_event(db, "order_lost", f"order {order['id']}: {reason}", "error",
                                           order["strategy"], {"order_id": order["id"]})
-        self.storage.write(run)
+            return unsent
+        return self.storage.write(run, durable=True)

@@ -91,7 +91,7 @@ class MatchingEngine:
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5)
             self._db = sqlite_utils.Database(conn)  # used only under self._lock
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process, as paper mode needs
             self._db["sim_orders"].create({"id": str, "data": str}, pk="id", if_not_exists=True)
             self._db["sim_ltp"].create({"exchange": str, "symbol": str, "ltp": str},
                                        pk=("exchange", "symbol"), if_not_exists=True)

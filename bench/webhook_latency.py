@@ -1,0 +1,158 @@
+"""Webhook latency and throughput of the host under gunicorn (paper mode), against a bare Flask floor.
+
+Usage: python bench/webhook_latency.py [--alerts N] [--concurrency C]
+Prints p50/p99 of the webhook round trip, alert-to-fill time, and alerts/s under C concurrent
+senders, each beside the same figure for a bare Flask route on the same gunicorn settings.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-webhook-secret"
+TOKEN = "bench-api-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/healthz")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"server on {port} did not come up")
+
+
+def start_host(workdir: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN, "DASHBOARD_PASSWORD": "bench-password",
+           "LOG_LEVEL": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "host", "run", "--port", str(port)], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def start_bare(port: int) -> subprocess.Popen:
+    # the same settings `strategy-host run` gives gunicorn: gthread, 1 worker, 8 threads
+    return subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
+                             "--threads", "8", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+                             "--chdir", str(ROOT / "bench"), "bare_app:app"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def body(i: int, tag: str) -> bytes:
+    return json.dumps({"secret_key": SECRET, "execution_type": "ENTRY", "strategy_name": f"{tag}{i}",
+                       "exchange": "NFO", "legs": [{"tradingsymbol": "NIFTY28APR26C24500", "direction": "BUY",
+                                                    "qty": "75", "order_type": "LMT", "price": "42.5",
+                                                    "product_type": "M"}]}).encode()
+
+
+def run_senders(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[float], float, list[int]]:
+    """Send every body over keep-alive connections from `concurrency` threads; latencies, wall time, statuses."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+    index = iter(range(len(bodies)))
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while True:
+            with lock:
+                i = next(index, None)
+            if i is None:
+                break
+            t0 = time.perf_counter()
+            conn.request("POST", "/webhook", bodies[i], {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                statuses.append(resp.status)
+        conn.close()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, time.perf_counter() - t0, statuses
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def measure(port: int, tag: str, n: int, concurrency: int) -> dict:
+    run_senders(port, [body(i, f"{tag}warm") for i in range(50)], 1)  # warm up
+    serial, _, st1 = run_senders(port, [body(i, f"{tag}s") for i in range(n)], 1)
+    conc, wall, st2 = run_senders(port, [body(i, f"{tag}c") for i in range(n)], concurrency)
+    bad = [s for s in st1 + st2 if s != 200]
+    return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad)}
+
+
+def alert_to_fill(db: Path) -> list[float]:
+    conn = sqlite3.connect(str(db))
+    rows = conn.execute("select a.received_at, min(f.at) from alerts a join orders o on o.alert_id = a.id "
+                        "join fills f on f.order_id = o.id group by a.id").fetchall()
+    conn.close()
+    return [(datetime.fromisoformat(f) - datetime.fromisoformat(a)).total_seconds() for a, f in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--alerts", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
+    bare_port, host_port = free_port(), free_port()
+    bare, host = start_bare(bare_port), start_host(work, host_port)
+    try:
+        wait_up(bare_port)
+        wait_up(host_port)
+        floor = measure(bare_port, "f", args.alerts, args.concurrency)
+        ours = measure(host_port, "h", args.alerts, args.concurrency)
+        time.sleep(1.0)  # let the last fills land
+        fills = alert_to_fill(work / "var" / "host.sqlite")
+    finally:
+        for p in (bare, host):
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(30)
+    ms = 1000
+    print(f"alerts: {args.alerts} serial + {args.alerts} with {args.concurrency} concurrent senders, keep-alive")
+    print(f"{'':28}{'host':>10}{'floor':>10}{'ratio':>8}")
+    print(f"{'webhook p50 (ms)':28}{ours['p50'] * ms:10.2f}{floor['p50'] * ms:10.2f}{ours['p50'] / floor['p50']:8.2f}x")
+    print(f"{'webhook p99 (ms)':28}{ours['p99'] * ms:10.2f}{floor['p99'] * ms:10.2f}{ours['p99'] / floor['p99']:8.2f}x")
+    print(f"{'alerts/s (concurrent)':28}{ours['rate']:10.0f}{floor['rate']:10.0f}{ours['rate'] / floor['rate']:8.2f}x")
+    if fills:
+        print(f"{'alert-to-fill p50 (ms)':28}{statistics.median(fills) * ms:10.2f}{'':10}"
+              f"{statistics.median(fills) / floor['p50']:8.2f}x of floor p50")
+        print(f"{'alert-to-fill p99 (ms)':28}{pct(fills, 99) * ms:10.2f}")
+    print(f"non-200 answers: host {ours['bad']}, floor {floor['bad']}; fills measured: {len(fills)}")
+
+
+if __name__ == "__main__":
+    main()

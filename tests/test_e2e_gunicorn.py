@@ -1,0 +1,140 @@
+"""End to end: `strategy-host run` under gunicorn, as a new user runs it, with curl-like requests."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import wait_for
+from serverproc import ServerProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _alert(secret, strategy="e2e", symbol="NIFTY28APR26C24500", alert_id=None, execution="ENTRY", **leg):
+    body = {"secret_key": secret, "execution_type": execution, "strategy_name": strategy, "exchange": "NFO",
+            "legs": [{"tradingsymbol": symbol, "direction": "BUY", "qty": "75", "order_type": "LMT",
+                      "price": "42.5", "product_type": "M", **leg}]}
+    if alert_id:
+        body["alert_id"] = alert_id
+    return body
+
+
+@pytest.fixture
+def server(tmp_path):
+    started = []
+
+    def make(*args, **kw):
+        s = ServerProcess(tmp_path, *args, **kw)
+        started.append(s)
+        return s
+    yield make
+    for s in started:
+        s.stop()
+
+
+def test_first_run_prints_secrets_once_and_trades(server, tmp_path):
+    s = server().start()
+    out = s.output()
+    secrets = s.secrets()
+    assert stat.S_IMODE((tmp_path / "var" / "secrets.env").stat().st_mode) == 0o600
+    assert f"WEBHOOK_SECRET={secrets['WEBHOOK_SECRET']}" in out and "/webhook" in out
+    assert '"secret_key": "' + secrets["WEBHOOK_SECRET"] in out  # the ready TradingView message
+    r = s.webhook(_alert(secrets["WEBHOOK_SECRET"]))
+    assert r.status_code == 200, r.text
+    oid = r.json()["orders"][0]["id"]
+    wait_for(lambda: s.api("/api/orders").json()["items"][0]["status"] == "FILLED")
+    assert s.api("/api/positions").json()["items"][0]["net_qty"] == 75
+    assert s.terminate() == 0
+    # second run: the secrets are not printed again, and the data is still there
+    s2 = server().start()
+    assert secrets["WEBHOOK_SECRET"] not in s2.output()
+    assert s2.api("/api/orders").json()["items"][0]["id"] == oid
+
+
+def test_a_second_run_on_the_same_data_dir_refuses(server):
+    first = server().start()
+    second = server()
+    second.start(wait=False)
+    assert second.proc.wait(20) != 0
+    assert "already running" in second.output()
+    assert requests.get(first.url + "/healthz", timeout=2).status_code == 200
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_cleanly(server):
+    s = server().start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    codes = [s.webhook(_alert(secret, strategy=f"t{i}")).status_code for i in range(5)]
+    assert codes == [200] * 5
+    assert s.terminate() == 0
+    assert "Traceback" not in s.output()
+    s2 = server().start()
+    orders = s2.api("/api/orders").json()["items"]
+    assert len(orders) == 5 and {o["status"] for o in orders} == {"FILLED"}
+
+
+def test_kill_9_loses_nothing_accepted_and_runs_nothing_twice(server):
+    s = server().start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    bodies = [_alert(secret, strategy=f"k{i}", alert_id=f"kill-{i}") for i in range(200)]
+    answers: dict[int, int] = {}
+
+    def send(i):
+        try:
+            answers[i] = s.webhook(bodies[i]).status_code
+        except requests.RequestException:
+            answers[i] = 0
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(send, i) for i in range(len(bodies))]
+        while sum(1 for v in answers.values() if v == 200) < 60:
+            time.sleep(0.005)
+        s.kill9()
+        for f in futures:
+            f.result()
+    accepted = {i for i, c in answers.items() if c == 200}
+    assert 60 <= len(accepted) < len(bodies)
+    s2 = server().start()
+    # the sender resends every alert (as a worried user would); what was accepted is a duplicate now
+    for i in range(len(bodies)):
+        r = s2.webhook(bodies[i])
+        assert r.status_code == 200, r.text
+        if i in accepted:
+            assert r.json()["status"] == "duplicate", (i, r.json())
+
+    def all_filled():
+        items = s2.api("/api/orders", params={"limit": 1000}).json()["items"]
+        return len(items) == len(bodies) and all(o["status"] == "FILLED" for o in items) and items
+    orders = wait_for(all_filled, timeout=20)
+    assert sorted(o["strategy"] for o in orders) == sorted(f"k{i}" for i in range(len(bodies)))
+    positions = s2.api("/api/positions").json()["items"]
+    assert len(positions) == len(bodies) and {p["net_qty"] for p in positions} == {75}
+
+
+def test_two_workers_share_one_engine(server):
+    s = server("--workers", "2").start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: s.webhook(_alert(secret, strategy=f"w{i}")).status_code, range(40)))
+    assert set(codes) <= {200, 202} and codes.count(200) >= 30
+    orders = wait_for(lambda: (items := s.api("/api/orders", params={"limit": 100}).json()["items"])
+                      and len(items) == 40 and all(o["status"] == "FILLED" for o in items) and items, timeout=15)
+    assert len({o["strategy"] for o in orders}) == 40
+    assert s.output().count("engine started") == 1
+
+
+def test_importing_wsgi_starts_nothing(tmp_path):
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "var"), "WEBHOOK_SECRET": "x" * 12, "API_TOKEN": "t" * 20,
+           "DASHBOARD_PASSWORD": "p" * 10}
+    code = ("import threading, wsgi; assert threading.active_count() == 1, threading.enumerate(); "
+            "print(type(wsgi.app).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": os.getcwd()},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Flask"
+    assert not (tmp_path / "var").exists()
