@@ -156,7 +156,8 @@ class Engine:
     def _recover(self) -> None:
         """At start-up: reconcile with the broker's book, then send the orders it has never seen."""
         try:
-            unsent = self.watcher.reconcile(self.broker_book(), set(), startup=True)
+            unsent = self.watcher.reconcile(self.broker_book(), set(), startup=True,
+                                            resend_max_age_s=self.max_alert_age_s)
         except Exception as e:
             # without the book we cannot tell what was sent: send nothing, retry on the next reconcile
             log.error("start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
@@ -164,8 +165,9 @@ class Engine:
             return
         self._recover_pending = False
         for oid in unsent:
-            log.info("order %s was decided but not sent before the last stop; sending it now", oid)
-            self.sender.enqueue(oid)
+            log.info("order %s never reached the broker before the last stop (its book was searched); "
+                     "sending it now", oid)
+            self.sender.enqueue(oid, resend=True)
 
     # ---- alerts ----
     def _process_alerts(self) -> None:

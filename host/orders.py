@@ -66,6 +66,12 @@ def _order_row(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     return None if values is None else dict(zip((c[0] for c in cur.description), values))
 
 
+def _mark_submitted(db: sqlite_utils.Database, order_id: str, detail: Optional[str]) -> None:
+    if not transition(db, order_id, OrderStatus.SUBMITTED, detail):  # a resend: same rank, so note it
+        Storage.insert(db, "order_history", {"order_id": order_id, "at": utcnow(),
+                                             "status": OrderStatus.SUBMITTED.value, "detail": detail})
+
+
 def request_for(row: dict) -> OrderRequest:
     """The broker request for a stored order row; our id is the remarks."""
     return OrderRequest(row["id"], row["exchange"], row["symbol"], Side(row["side"]), row["qty"],
@@ -103,7 +109,7 @@ class OrderSender:
         self.storage = storage
         self.gateway = gateway
         self.on_result = on_result
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._queue: "queue.Queue[Optional[tuple[str, bool]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self.in_flight: set[str] = set()
 
@@ -116,29 +122,33 @@ class OrderSender:
         if self._thread:
             self._thread.join(timeout)
 
-    def enqueue(self, order_id: str) -> None:
-        self._queue.put(order_id)
+    def enqueue(self, order_id: str, resend: bool = False) -> None:
+        """Queue an order to send; resend=True also takes SUBMITTED/UNKNOWN orders the broker's book lacks."""
+        self._queue.put((order_id, resend))
 
     def idle(self) -> bool:
         return self._queue.empty() and not self.in_flight
 
     def _run(self) -> None:
         while True:
-            oid = self._queue.get()
-            if oid is None:
+            item = self._queue.get()
+            if item is None:
                 return
             try:
-                self.send(oid)
+                self.send(*item)
             except Exception:  # never let one order kill the sender
-                log.exception("sending order %s failed", oid)
+                log.exception("sending order %s failed", item[0])
 
-    def send(self, order_id: str) -> None:
+    def send(self, order_id: str, resend: bool = False) -> None:
         """Mark SUBMITTED (persisted) then call the broker; record what came back."""
         row = self.storage.one("select * from orders where id = ?", (order_id,))
-        if row is None or row["status"] != OrderStatus.NEW.value:
+        sendable = (OrderStatus.NEW.value, OrderStatus.SUBMITTED.value, OrderStatus.UNKNOWN.value) if resend \
+            else (OrderStatus.NEW.value,)
+        if row is None or row["status"] not in sendable:
             return
+        detail = "sent again after a restart: the broker's book did not have it" if row["status"] != "NEW" else None
         # durable: this commit also syncs the decision that created the order, before it leaves
-        self.storage.write(lambda db: transition(db, order_id, OrderStatus.SUBMITTED), durable=True)
+        self.storage.write(lambda db: _mark_submitted(db, order_id, detail), durable=True)
         self.in_flight.add(order_id)
         try:
             broker_id = self.gateway.call("place_order", self.gateway.broker.place, request_for(row))

@@ -67,15 +67,25 @@ class Watcher:
         if updates:
             self.storage.write(lambda db: [apply_update(db, u) for u in updates])
 
-    def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False) -> list[str]:
+    def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False,
+                  resend_max_age_s: float = 0) -> list[str]:
         """Match every unfinished order of ours with the broker's book, by our id in remarks.
 
-        At start-up NEW orders are looked for too: one found is adopted, and the ids of those the
-        broker has never seen are returned, to be sent now. Nothing is resent without this search.
+        While running, an order sent but still missing after the grace period is rejected, never
+        resent: a timeout may mean the broker is slow, and a resend could trade twice. At start-up
+        nothing of ours is in flight any more, so an order the book has never seen was never
+        placed: its id is returned to be sent now, if it is younger than resend_max_age_s.
         """
         by_remarks = {o.remarks: o for o in book}
-        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=self.unknown_grace_s)).isoformat(timespec="milliseconds")
+        now = datetime.now(timezone.utc)
+        cutoff = (now - timedelta(seconds=self.unknown_grace_s)).isoformat(timespec="milliseconds")
+        too_old = (now - timedelta(seconds=resend_max_age_s)).isoformat(timespec="milliseconds")
         statuses = (OrderStatus.NEW.value, *UNFINISHED) if startup else UNFINISHED
+
+        def lose(db: sqlite_utils.Database, order: dict, reason: str) -> None:
+            if transition(db, order["id"], OrderStatus.REJECTED, reason, reason=reason):
+                Storage.add_event(db, "order_lost", f"order {order['id']}: {reason}", "error",
+                                  order["strategy"], {"order_id": order["id"]})
 
         def run(db: sqlite_utils.Database) -> list[str]:
             unsent = []
@@ -86,13 +96,15 @@ class Watcher:
                 found = by_remarks.get(order["id"])
                 if found is not None:
                     apply_update(db, found)
-                elif order["status"] == OrderStatus.NEW.value:
+                elif order["status"] in ("OPEN", "PARTIAL"):
+                    continue
+                elif startup and order["created_at"] >= too_old:
                     unsent.append(order["id"])
-                elif order["status"] in ("SUBMITTED", "UNKNOWN") and order["updated_at"] < cutoff:
-                    reason = (f"not found in the broker's order book {self.unknown_grace_s:g} s after it was sent; "
-                              f"not resent — check the broker terminal")
-                    if transition(db, order["id"], OrderStatus.REJECTED, reason, reason=reason):
-                        Storage.add_event(db, "order_lost", f"order {order['id']}: {reason}", "error",
-                                          order["strategy"], {"order_id": order["id"]})
+                elif startup:
+                    lose(db, order, f"never reached the broker before the host stopped, and is older than "
+                                    f"ALERT_MAX_AGE_S={resend_max_age_s:g} s; not sent late")
+                elif order["status"] != OrderStatus.NEW.value and order["updated_at"] < cutoff:
+                    lose(db, order, f"not found in the broker's order book {self.unknown_grace_s:g} s after it "
+                                    f"was sent; not resent — check the broker terminal")
             return unsent
         return self.storage.write(run, durable=True)

@@ -110,7 +110,12 @@ def test_kill_9_loses_nothing_accepted_and_runs_nothing_twice(server):
     def all_filled():
         items = s2.api("/api/orders", params={"limit": 1000}).json()["items"]
         return len(items) == len(bodies) and all(o["status"] == "FILLED" for o in items) and items
-    orders = wait_for(all_filled, timeout=20)
+    try:
+        orders = wait_for(all_filled, timeout=20)
+    except AssertionError:
+        items = s2.api("/api/orders", params={"limit": 1000}).json()["items"]
+        stuck = [(o["id"], o["strategy"], o["status"], o["reason"]) for o in items if o["status"] != "FILLED"]
+        raise AssertionError(f"{len(items)} orders for {len(bodies)} alerts; not filled: {stuck}") from None
     assert sorted(o["strategy"] for o in orders) == sorted(f"k{i}" for i in range(len(bodies)))
     positions = s2.api("/api/positions").json()["items"]
     assert len(positions) == len(bodies) and {p["net_qty"] for p in positions} == {75}

@@ -1,6 +1,7 @@
 """Orders through the paper broker: matching, rejections, partial fills, timeouts, restart recovery."""
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 from host.models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
@@ -123,20 +124,54 @@ def test_unknown_order_is_resolved_from_the_book_by_our_id(host_factory):
     assert len(h.broker.order_book()) == 1
 
 
-def test_order_never_received_by_the_broker_is_not_resent(host_factory):
-    h = host_factory(unknown_grace_s=0.2)
-    oid = _one_order(h.post(alert()))
-    h.settle()
-    # pretend the process died while sending a second order: SUBMITTED, but the broker never saw it
-    storage = h.runtime.storage
+def _submitted_but_never_placed(h, age_s: float = 0) -> str:
+    """An order marked SUBMITTED whose broker call died with the process: the broker never saw it."""
     intent = Intent(ExecutionType.ENTRY, "NFO", "OTHER", Side.BUY, 10, OrderType.LMT, Product.NRML, Decimal("5"))
-    lost = storage.write(lambda db: insert_order(db, intent, "s1", None))
-    storage.write(lambda db: transition(db, lost, OrderStatus.SUBMITTED))
+    storage = h.runtime.storage
+    oid = storage.write(lambda db: insert_order(db, intent, "s9", None))
+    storage.write(lambda db: transition(db, oid, OrderStatus.SUBMITTED))
+    if age_s:
+        storage.write(lambda db: db.execute("update orders set created_at = datetime(created_at, ?) where id = ?",
+                                            (f"-{age_s} seconds", oid)))
+    return oid
+
+
+def test_after_a_restart_an_order_the_broker_never_saw_is_sent_once(host):
+    oid = _submitted_but_never_placed(host)
+    host.restart()
+    wait_for(lambda: _status(host, oid)["status"] == "FILLED")
+    host.restart()
+    host.settle()
+    assert [b.remarks for b in host.broker.order_book()] == [oid]
+    history = host.api(f"/api/orders/{oid}").get_json()["history"]
+    assert any("sent again after a restart" in (h["detail"] or "") for h in history)
+
+
+def test_after_a_restart_an_old_unsent_order_is_not_sent_late(host_factory):
+    h = host_factory(ALERT_MAX_AGE_S=60)
+    oid = _submitted_but_never_placed(h, age_s=120)
     h.restart()
-    o = wait_for(lambda: (o := _status(h, lost))["status"] == "REJECTED" and o, timeout=10)
+    o = wait_for(lambda: (o := _status(h, oid))["status"] == "REJECTED" and o)
+    assert "older than ALERT_MAX_AGE_S=60" in o["reason"]
+    assert h.broker.engine.find(oid) is None
+
+
+def test_while_running_a_timed_out_order_missing_from_the_book_is_not_resent(host_factory):
+    h = host_factory(broker_timeout_s=0.2, unknown_grace_s=0.3)
+    calls = []
+
+    def vanishing_place(req):  # the request is lost on the way: no answer, and the broker never has it
+        calls.append(req.remarks)
+        time.sleep(0.5)
+        raise ConnectionResetError("connection reset")
+    h.broker.place = vanishing_place
+    oid = _one_order(h.post(alert()))
+    wait_for(lambda: _status(h, oid)["status"] == "UNKNOWN")
+    h.runtime.engine._last_reconcile = 0
+    o = wait_for(lambda: (h.runtime.engine.__setattr__("_last_reconcile", 0),
+                          (o := _status(h, oid))["status"] == "REJECTED" and o)[1], timeout=5)
     assert "not found in the broker's order book" in o["reason"] and "not resent" in o["reason"]
-    assert h.broker.engine.find(lost) is None
-    assert _status(h, oid)["status"] == "FILLED"
+    assert calls == [oid]
 
 
 def test_orders_decided_before_a_crash_are_sent_once_after_restart(host):
