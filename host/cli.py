@@ -45,9 +45,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _banner(settings: Settings) -> None:
     base = f"http://{settings.HOST}:{settings.PORT}"
     print(f"strategy-host {__version__}: {settings.BROKER} mode, data in {settings.data_dir.resolve()}")
-    print(f"  dashboard   {base}/")
     print(f"  webhook     {base}/webhook")
     print(f"  API         {base}/api/status  (Authorization: Bearer <API_TOKEN>)")
+    print(f"  health      {base}/healthz")
     if settings.generated_secrets:
         print(f"\nFirst run: generated {', '.join(settings.generated_secrets)} into "
               f"{settings.data_dir / 'secrets.env'} (mode 0600). They are shown this once:")

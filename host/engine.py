@@ -273,9 +273,8 @@ class Engine:
             strategies = [r["strategy"] for r in db.query(
                 "select distinct strategy from positions where net_qty != 0 order by strategy")]
             for strategy in strategies:
-                intents = [Intent(ExecutionType.EXIT, p["exchange"], p["symbol"],
-                                  Side.SELL if p["net_qty"] > 0 else Side.BUY, abs(p["net_qty"]), OrderType.MKT,
-                                  Product(p["product"]))
+                intents = [Intent(p["exchange"], p["symbol"], Side.SELL if p["net_qty"] > 0 else Side.BUY,
+                                  abs(p["net_qty"]), OrderType.MKT, Product(p["product"]), action=ExecutionType.EXIT)
                            for p in db.query("select * from positions where strategy = ? and net_qty != 0", (strategy,))]
                 created += self.evaluate(db, strategy, intents, alert_id=None).orders
             Storage.add_event(db, "exit_all", f"exit-all by {by}: {len(created)} exit orders, "

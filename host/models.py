@@ -112,8 +112,8 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Leg:
-    """One order request of an alert, as the sender described it."""
+class OrderSpec:
+    """What one order is: instrument, side, quantity, type, product and prices."""
 
     exchange: str
     symbol: str
@@ -123,6 +123,9 @@ class Leg:
     product: Product
     price: Optional[Decimal] = None
     trigger_price: Optional[Decimal] = None
+
+
+Leg = OrderSpec  # one order request of an alert, as the sender described it
 
 
 @dataclass(frozen=True)
@@ -136,18 +139,10 @@ class AlertRequest:
 
 
 @dataclass(frozen=True)
-class Intent:
+class Intent(OrderSpec):
     """What a strategy asks for; the guard, risk and validation decide what becomes an order."""
 
-    action: ExecutionType
-    exchange: str
-    symbol: str
-    side: Side
-    qty: int
-    order_type: OrderType
-    product: Product
-    price: Optional[Decimal] = None
-    trigger_price: Optional[Decimal] = None
+    action: ExecutionType = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -158,18 +153,10 @@ class Tick:
 
 
 @dataclass(frozen=True)
-class OrderRequest:
+class OrderRequest(OrderSpec):
     """An order as it is sent to a broker; `remarks` carries our order id."""
 
-    remarks: str
-    exchange: str
-    symbol: str
-    side: Side
-    qty: int
-    order_type: OrderType
-    product: Product
-    price: Optional[Decimal] = None
-    trigger_price: Optional[Decimal] = None
+    remarks: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)

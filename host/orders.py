@@ -74,9 +74,8 @@ def _mark_submitted(db: sqlite_utils.Database, order_id: str, detail: Optional[s
 
 def request_for(row: dict) -> OrderRequest:
     """The broker request for a stored order row; our id is the remarks."""
-    return OrderRequest(row["id"], row["exchange"], row["symbol"], Side(row["side"]), row["qty"],
-                        OrderType(row["order_type"]), Product(row["product"]), dec(row["price"]),
-                        dec(row["trigger_price"]))
+    return OrderRequest(row["exchange"], row["symbol"], Side(row["side"]), row["qty"], OrderType(row["order_type"]),
+                        Product(row["product"]), dec(row["price"]), dec(row["trigger_price"]), remarks=row["id"])
 
 
 class BrokerGateway:

@@ -8,8 +8,7 @@ from .models import AlertRequest, Intent
 
 def passthrough(alert: AlertRequest) -> list[Intent]:
     """The built-in strategy: every leg becomes an intent, exactly as given."""
-    return [Intent(alert.execution_type, l.exchange, l.symbol, l.side, l.qty, l.order_type, l.product,
-                   l.price, l.trigger_price) for l in alert.legs]
+    return [Intent(**vars(leg), action=alert.execution_type) for leg in alert.legs]
 
 
 class StrategyRouter:

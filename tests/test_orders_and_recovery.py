@@ -126,7 +126,7 @@ def test_unknown_order_is_resolved_from_the_book_by_our_id(host_factory):
 
 def _submitted_but_never_placed(h, age_s: float = 0) -> str:
     """An order marked SUBMITTED whose broker call died with the process: the broker never saw it."""
-    intent = Intent(ExecutionType.ENTRY, "NFO", "OTHER", Side.BUY, 10, OrderType.LMT, Product.NRML, Decimal("5"))
+    intent = Intent("NFO", "OTHER", Side.BUY, 10, OrderType.LMT, Product.NRML, Decimal("5"), action=ExecutionType.ENTRY)
     storage = h.runtime.storage
     oid = storage.write(lambda db: insert_order(db, intent, "s9", None))
     storage.write(lambda db: transition(db, oid, OrderStatus.SUBMITTED))

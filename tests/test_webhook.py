@@ -61,7 +61,8 @@ def test_body_over_64_kib_gets_413(host):
     body["padding"] = "x" * (64 * 1024)
     r = host.post(body)
     assert r.status_code == 413
-    assert r.get_json()["status"] == "error"
+    assert r.get_json()["error"] == "body too large: expected at most 65536 bytes"
+    assert host.api("/api/alerts").get_json()["total"] == 0
 
 
 def test_every_problem_of_every_leg_is_named(host):

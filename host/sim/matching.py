@@ -57,8 +57,8 @@ class SimOrder:
     def from_json(cls, text: str) -> "SimOrder":
         from ..models import Product
         d = json.loads(text)
-        req = OrderRequest(d["remarks"], d["exchange"], d["symbol"], Side(d["side"]), d["qty"],
-                           OrderType(d["order_type"]), Product(d["product"]), _d(d["price"]), _d(d["trigger_price"]))
+        req = OrderRequest(d["exchange"], d["symbol"], Side(d["side"]), d["qty"], OrderType(d["order_type"]),
+                           Product(d["product"]), _d(d["price"]), _d(d["trigger_price"]), remarks=d["remarks"])
         return cls(d["id"], req, OrderStatus(d["status"]), d["triggered"], d["filled_qty"], Decimal(d["value"]),
                    d["reason"], [FillReport(f[0], f[1], Decimal(f[2])) for f in d["fills"]])
 

@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..config import Settings, load
 from ..runtime import Runtime
@@ -28,6 +28,11 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[Runtime] =
     from . import api, webhook
     app.register_blueprint(webhook.bp)
     app.register_blueprint(api.bp)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e: RequestEntityTooLarge):
+        return jsonify({"status": "error", "error": f"body too large: expected at most {MAX_BODY} bytes",
+                        "code": 413}), 413
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

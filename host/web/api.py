@@ -72,11 +72,16 @@ def status():
                     "day_pnl": views.day_pnl(rt.storage)})
 
 
+def _listing(table: str, filters: tuple[str, ...], record: Any) -> Response:
+    """A filtered, paginated list of one table's records, newest first."""
+    limit, offset = _paging()
+    rows, total = views.page(_rt().storage, table, _filters(filters), limit, offset)
+    return jsonify({"items": [record(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+
+
 @bp.get("/api/orders")
 def orders():
-    limit, offset = _paging()
-    rows, total = views.page(_rt().storage, "orders", _filters(ORDER_FILTERS), limit, offset)
-    return jsonify({"items": [views.order_record(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+    return _listing("orders", ORDER_FILTERS, views.order_record)
 
 
 @bp.get("/api/orders/<order_id>")
@@ -97,9 +102,7 @@ def positions():
 
 @bp.get("/api/alerts")
 def alerts():
-    limit, offset = _paging()
-    rows, total = views.page(_rt().storage, "alerts", _filters(ALERT_FILTERS), limit, offset)
-    return jsonify({"items": [views.alert_record(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+    return _listing("alerts", ALERT_FILTERS, views.alert_record)
 
 
 @bp.get("/api/risk")
