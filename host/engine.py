@@ -50,6 +50,19 @@ def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
     return book
 
 
+def adding_orders(db: sqlite_utils.Database) -> list[dict]:
+    """Unfinished orders that would add to (not reduce) their strategy's position."""
+    marks = ",".join("?" * len(OPEN_STATUSES))
+    out = []
+    for o in db.query(f"select o.*, coalesce(p.net_qty, 0) net from orders o left join positions p on "
+                      f"p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
+                      f"p.product = o.product where o.status in ({marks}) order by o.rowid", OPEN_STATUSES):
+        reducing = o["net"] != 0 and (o["side"] == "SELL") == (o["net"] > 0)
+        if not reducing:
+            out.append(o)
+    return out
+
+
 def alert_from_json(text: str) -> AlertRequest:
     d = json.loads(text)
     legs = tuple(Leg(l["exchange"], l["tradingsymbol"], Side(l["direction"]), l["qty"], OrderType(l["order_type"]),
@@ -264,11 +277,14 @@ class Engine:
         """Cancel unsent entries and exit every strategy's open positions through the guard."""
         by = args.get("by") or "api"
 
-        def run(db: sqlite_utils.Database) -> tuple[list[str], int]:
-            cancelled = 0
-            for o in list(db.query("select id from orders where status = 'NEW' and action != 'EXIT'")):
-                cancelled += transition(db, o["id"], OrderStatus.CANCELLED, f"exit-all by {by}",
-                                        reason=f"cancelled before sending: exit-all by {by}")
+        def run(db: sqlite_utils.Database) -> tuple[list[str], int, list[str]]:
+            cancelled, to_cancel = 0, []
+            for o in adding_orders(db):
+                if o["status"] == OrderStatus.NEW.value:
+                    cancelled += transition(db, o["id"], OrderStatus.CANCELLED, f"exit-all by {by}",
+                                            reason=f"cancelled before sending: exit-all by {by}")
+                elif o["status"] in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value):
+                    to_cancel.append(o["id"])
             created: list[str] = []
             strategies = [r["strategy"] for r in db.query(
                 "select distinct strategy from positions where net_qty != 0 order by strategy")]
@@ -277,10 +293,13 @@ class Engine:
                                   abs(p["net_qty"]), OrderType.MKT, Product(p["product"]), action=ExecutionType.EXIT)
                            for p in db.query("select * from positions where strategy = ? and net_qty != 0", (strategy,))]
                 created += self.evaluate(db, strategy, intents, alert_id=None).orders
-            Storage.add_event(db, "exit_all", f"exit-all by {by}: {len(created)} exit orders, "
-                              f"{cancelled} unsent orders cancelled", "warning", data={"orders": created})
-            return created, cancelled
-        created, cancelled = self.storage.write(run)
+            Storage.add_event(db, "exit_all", f"exit-all by {by}: {len(created)} exit orders, {cancelled} unsent "
+                              f"orders cancelled, {len(to_cancel)} working orders being cancelled", "warning",
+                              data={"orders": created, "cancelling": to_cancel})
+            return created, cancelled, to_cancel
+        created, cancelled, to_cancel = self.storage.write(run)
+        for oid in to_cancel:  # first, so nothing new can fill while the exits go out
+            self.sender.enqueue_cancel(oid, f"exit-all by {by}")
         for oid in created:
             self.sender.enqueue(oid)
-        return {"orders": created, "cancelled": cancelled}
+        return {"orders": created, "cancelled": cancelled, "cancelling": to_cancel}

@@ -108,7 +108,7 @@ class OrderSender:
         self.storage = storage
         self.gateway = gateway
         self.on_result = on_result
-        self._queue: "queue.Queue[Optional[tuple[str, bool]]]" = queue.Queue()
+        self._queue: "queue.Queue[Optional[tuple[Callable[..., None], str, Any]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self.in_flight: set[str] = set()
 
@@ -123,7 +123,11 @@ class OrderSender:
 
     def enqueue(self, order_id: str, resend: bool = False) -> None:
         """Queue an order to send; resend=True also takes SUBMITTED/UNKNOWN orders the broker's book lacks."""
-        self._queue.put((order_id, resend))
+        self._queue.put((self.send, order_id, resend))
+
+    def enqueue_cancel(self, order_id: str, why: str) -> None:
+        """Queue a cancel request for a working order, behind the orders already queued."""
+        self._queue.put((self.cancel, order_id, why))
 
     def idle(self) -> bool:
         return self._queue.empty() and not self.in_flight
@@ -133,10 +137,24 @@ class OrderSender:
             item = self._queue.get()
             if item is None:
                 return
+            action, order_id, arg = item
             try:
-                self.send(*item)
+                action(order_id, arg)
             except Exception:  # never let one order kill the sender
-                log.exception("sending order %s failed", item[0])
+                log.exception("%s of order %s failed", action.__name__, order_id)
+
+    def cancel(self, order_id: str, why: str) -> None:
+        """Ask the broker to cancel a working order; the watcher records the outcome from its update."""
+        row = self.storage.one("select * from orders where id = ?", (order_id,))
+        if row is None or row["status"] not in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value) \
+                or not row["broker_order_id"]:
+            return
+        try:
+            self.gateway.call("cancel_order", self.gateway.broker.cancel, row["broker_order_id"])
+        except BrokerError as e:
+            self.storage.write(lambda db: Storage.add_event(
+                db, "cancel_failed", f"cancel of order {order_id} ({why}) failed: {e}", "warning",
+                row["strategy"], {"order_id": order_id}))
 
     def send(self, order_id: str, resend: bool = False) -> None:
         """Mark SUBMITTED (persisted) then call the broker; record what came back."""

@@ -131,3 +131,24 @@ def test_exit_all_flattens_every_strategy(host):
     host.settle()
     assert all(p["net_qty"] == 0 for p in host.positions())
     assert all(o["action"] == "EXIT" for o in host.orders(status="FILLED")[:2])
+
+
+def test_exit_all_cancels_working_entries_but_keeps_working_exits(host):
+    host.tick("100")
+    _enter(host, strategy="alpha", direction="BUY", qty=50, price="100")
+    exit_lmt = host.post(alert("EXIT", "alpha", direction="SELL", qty=20, price="150")).get_json()["orders"][0]["id"]
+    entry_lmt = host.post(alert("ENTRY", "beta", direction="BUY", qty=10, price="80")).get_json()["orders"][0]["id"]
+    wait_for(lambda: {o["id"] for o in host.orders(status="OPEN")} == {exit_lmt, entry_lmt})
+    r = host.api("/api/exit-all", "POST")
+    assert r.status_code == 200
+    assert r.get_json()["cancelling"] == [entry_lmt]
+    exits = r.get_json()["orders"]
+    assert len(exits) == 1  # alpha's remaining 30; its working exit of 20 stays
+    wait_for(lambda: [o["status"] for o in host.orders() if o["id"] == entry_lmt] == ["CANCELLED"])
+    host.settle()
+    assert host.net("alpha") == 20 and host.net("beta") == 0
+    assert [o["status"] for o in host.orders() if o["id"] == exit_lmt] == ["OPEN"]
+    host.tick("80")  # the cancelled entry would have filled here
+    host.tick("150")
+    wait_for(lambda: host.net("alpha") == 0)
+    assert host.net("beta") == 0
