@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="strategy-host",
-    version="0.1.0",
+    version="0.2.0",
     description="Strategy host for algorithmic trading on Shoonya (Finvasia, Noren OMS)",
     python_requires=">=3.10",
     packages=find_packages(include=["host", "host.*"]),

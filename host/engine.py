@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
@@ -15,18 +16,20 @@ import sqlite_utils
 
 from . import guard
 from .inbox import Inbox
-from .models import (AlertRequest, AlertStatus, BrokerOrder, ExecutionType, Intent, Leg, OrderStatus, OrderType,
-                     Product, Side, TradingState)
+from .models import (AlertRequest, AlertStatus, BrokerOrder, ExecutionType, Intent, Leg, Order, OrderStatus,
+                     OrderType, Product, Side, Tick, TradingState)
 from .orders import OrderSender, insert_order, transition
 from .risk import RiskGate
 from .storage import Storage, dec, utcnow
-from .strategies import StrategyRouter
+from .plugins.strategies import Asked, StrategyRegistry
 from .validation import validate_intent
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
 HEARTBEAT_KEY = "engine_heartbeat"
+IST = ZoneInfo("Asia/Kolkata")
+CLOCK_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,17 +74,18 @@ def alert_from_json(text: str) -> AlertRequest:
 
 
 class Engine:
-    """The single consumer of the inbox and of broker updates, on its own thread."""
+    """The single consumer of the inbox, broker updates, ticks and the clock, on its own thread."""
 
     def __init__(self, storage: Storage, inbox: Inbox, gate: RiskGate, sender: OrderSender, watcher: Watcher,
-                 router: StrategyRouter, broker_book: Callable[[], list[BrokerOrder]],
+                 strategies: StrategyRegistry, broker_book: Callable[[], list[BrokerOrder]],
                  apply_tick: Optional[Callable[[str, str, Decimal], None]], max_alert_age_s: int,
-                 reconcile_every_s: float = 5.0):
+                 require_known: bool = False, reconcile_every_s: float = 5.0):
         self.storage, self.inbox, self.gate, self.sender, self.watcher = storage, inbox, gate, sender, watcher
-        self.router = router
+        self.strategies = strategies
         self.broker_book = broker_book
         self.apply_tick = apply_tick
         self.max_alert_age_s = max_alert_age_s
+        self.require_known = require_known
         self.reconcile_every_s = reconcile_every_s
         self._events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
@@ -89,11 +93,15 @@ class Engine:
         self.running = False
         self._last_reconcile = 0.0
         self._last_heartbeat = 0.0
+        self._last_clock = 0.0
         self._recover_pending = False
+        self.plugin_registries: dict[str, Any] = {"strategy": strategies}
 
     # ---- life cycle ----
-    def start(self) -> None:
-        """Resume unsent orders, reconcile with the broker, then start the loop."""
+    def start(self, changes: list[Callable[[], None]] = ()) -> None:
+        """Apply start-up changes (plugins), resume unsent orders, reconcile, then start the loop."""
+        for change in changes:
+            change()
         self._recover()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -111,11 +119,15 @@ class Engine:
         self.running = False
 
     def flush(self) -> None:
-        """Apply broker updates that arrived after the loop stopped (called at shutdown)."""
-        self._apply_updates(self._drain())
+        """Apply broker updates and plugin changes that arrived after the loop stopped (at shutdown)."""
+        self._handle(self._drain(), dispatch=False)
 
     def wake(self) -> None:
         self._events.put(("wake", None))
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run fn on the engine thread, between two events (plugin swaps use this)."""
+        self._events.put(("call", fn))
 
     def on_broker_update(self, update: BrokerOrder) -> None:
         """Broker callback: only enqueue; the engine thread applies it."""
@@ -140,20 +152,42 @@ class Engine:
             pass
         return items
 
-    def _apply_updates(self, items: list[tuple[str, Any]]) -> None:
-        self.watcher.apply(u for kind, u in items if kind == "update")
+    def _handle(self, items: list[tuple[str, Any]], dispatch: bool = True) -> None:
+        """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
+        updates = [u for kind, u in items if kind == "update"]
+        changed = self.watcher.apply(updates) if updates else []
+        for kind, fn in items:
+            if kind == "call":
+                try:
+                    fn()
+                except Exception:
+                    log.exception("engine call failed")
+        if dispatch:
+            for row in changed:
+                live = self.strategies.live(row["strategy"])
+                if live is not None and "strategy_on_order" in live.candidate.hooks:
+                    self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_order",
+                                                                       order=Order.from_row(row)), "on_order")
 
     def _step(self) -> None:
-        self._apply_updates(self._drain(block_s=0.1))
+        self._handle(self._drain(block_s=0.1))
         self._process_alerts()
         self._process_commands()
         now = time.monotonic()
+        if now - self._last_clock >= CLOCK_EVERY_S:
+            self._last_clock = now
+            self._clock()
         if now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
             self.storage.write(lambda db: Storage.put_state(db, HEARTBEAT_KEY, utcnow()))
         if now - self._last_reconcile >= self.reconcile_every_s:
             self._last_reconcile = now
             self._reconcile()
+
+    def _clock(self) -> None:
+        now = datetime.now(IST)
+        for live in self.strategies.with_hook("strategy_on_clock"):
+            self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 
     def _reconcile(self) -> None:
         if self._recover_pending:
@@ -197,23 +231,25 @@ class Engine:
             self.storage.write(lambda db: self._record(db, row, decision))
         else:
             alert = alert_from_json(row["body"])
-            intents, why = self.router.intents_for(alert)
-            if intents is None:
-                decision = Decision(AlertStatus.REJECTED, why)
+            asked = self.strategies.route_alert(alert, self.require_known)
+            if asked.error:
+                decision = Decision(asked.status, asked.error)
                 self.storage.write(lambda db: self._record(db, row, decision))
             else:
-                decision = self.storage.write(lambda db: self._decide(db, row, alert.strategy, intents))
+                decision = self.storage.write(
+                    lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version))
         self.inbox.decided("alerts", row["id"])
         for oid in decision.orders:
             self.sender.enqueue(oid)
 
-    def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent]) -> Decision:
-        decision = self.evaluate(db, strategy, intents, alert_id=row["id"])
+    def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
+                version: Optional[str]) -> Decision:
+        decision = self.evaluate(db, strategy, intents, alert_id=row["id"], version=version)
         self._record(db, row, decision)
         return decision
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
-                 alert_id: Optional[str]) -> Decision:
+                 alert_id: Optional[str], version: Optional[str] = None) -> Decision:
         """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes."""
         book = load_book(db, strategy)
         checked = [guard.check(i, book) for i in intents]
@@ -228,8 +264,24 @@ class Engine:
         problems = [p for n, c in enumerate(todo) for p in validate_intent(c.intent, f"intent[{n}]")]
         if problems:
             return Decision(AlertStatus.REJECTED, "; ".join(str(p) for p in problems))
-        orders = tuple(insert_order(db, c.intent, strategy, alert_id) for c in todo)
+        orders = tuple(insert_order(db, c.intent, strategy, alert_id, version) for c in todo)
         return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders)
+
+    def _act(self, strategy: str, asked: Asked, source: str) -> None:
+        """Turn what a strategy hook returned into orders, through the guard and risk; record the outcome."""
+        if asked.error or not asked.intents:
+            return  # failures were recorded as plugin events where they happened
+        def run(db: sqlite_utils.Database) -> Decision:
+            d = self.evaluate(db, strategy, list(asked.intents), alert_id=None, version=asked.version)
+            words = f"{len(d.orders)} order(s)" if d.status is AlertStatus.ACCEPTED else f"{d.status.value}: {d.reason}"
+            Storage.add_event(db, f"strategy_{source}", f"strategy {strategy} v{asked.version} {source}: "
+                              f"{len(asked.intents)} intent(s) -> {words}",
+                              "info" if d.status is AlertStatus.ACCEPTED else "warning", strategy,
+                              {"version": asked.version, "orders": list(d.orders), "status": d.status.value})
+            return d
+        decision = self.storage.write(run)
+        for oid in decision.orders:
+            self.sender.enqueue(oid)
 
     @staticmethod
     def _record(db: sqlite_utils.Database, row: dict, d: Decision) -> None:
@@ -248,6 +300,8 @@ class Engine:
                 if handler is None:
                     raise ValueError(f"unknown command {row['kind']!r}")
                 result = {"ok": True, **(handler(json.loads(row["args"])) or {})}
+            except LookupError as e:
+                result = {"ok": False, "missing": True, "error": str(e).strip("'\"")}
             except Exception as e:
                 log.exception("command %s failed", row["kind"])
                 result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -262,19 +316,41 @@ class Engine:
                                                           args.get("by") or "api"))
         return {"state": state.value}
 
+    def _cmd_plugin(self, args: dict) -> dict:
+        """enable, disable or reload one plugin of a kind."""
+        registry = self.plugin_registries[args["kind"]]
+        entry = registry.entries.get(args["name"])
+        if entry is None or (entry.path is None and entry.live is None):
+            raise LookupError(f"no {args['kind']} named {args['name']!r}")
+        by = args.get("by") or "api"
+        if args["action"] in ("enable", "disable"):
+            registry.set_disabled(args["name"], args["action"] == "disable", f"{args['action']}d by {by}")
+        elif args["action"] == "reload":
+            if entry.path is None or not entry.path.exists():
+                raise LookupError(f"{args['kind']} {args['name']!r} has no file to reload")
+            outcome = registry.prepare(entry.path, force=True)
+            if outcome is not None:
+                registry.apply(outcome)
+        entry = registry.entries[args["name"]]
+        return {"name": entry.name, "status": entry.status, "generation": entry.generation, "error": entry.error}
+
     def _cmd_ticks(self, args: dict) -> dict:
-        ticks = [(t["exchange"], t["symbol"], Decimal(t["ltp"])) for t in args["ticks"]]
+        ticks = [Tick(t["exchange"], t["symbol"], Decimal(t["ltp"])) for t in args["ticks"]]
         now = utcnow()
         self.storage.write(lambda db: db["quotes"].upsert_all(
-            [{"exchange": e, "symbol": s, "ltp": str(p), "at": now} for e, s, p in ticks], pk=("exchange", "symbol")))
+            [{"exchange": t.exchange, "symbol": t.symbol, "ltp": str(t.ltp), "at": now} for t in ticks],
+            pk=("exchange", "symbol")))
         if self.apply_tick is not None:
-            for e, s, p in ticks:
-                self.apply_tick(e, s, p)
-        self._apply_updates(self._drain())
+            for t in ticks:
+                self.apply_tick(t.exchange, t.symbol, t.ltp)
+        self._handle(self._drain())
+        for t in ticks:
+            for live in self.strategies.subscribers(t):
+                self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_tick", tick=t), "on_tick")
         return {"applied": len(ticks)}
 
     def _cmd_exit_all(self, args: dict) -> dict:
-        """Cancel unsent entries and exit every strategy's open positions through the guard."""
+        """Cancel orders that add exposure, and exit every strategy's open positions through the guard."""
         by = args.get("by") or "api"
 
         def run(db: sqlite_utils.Database) -> tuple[list[str], int, list[str]]:

@@ -160,6 +160,49 @@ class OrderRequest(OrderSpec):
 
 
 @dataclass(frozen=True)
+class Order:
+    """One of our orders as a strategy sees it (argument of strategy_on_order)."""
+
+    id: str
+    strategy: str
+    action: ExecutionType
+    exchange: str
+    symbol: str
+    side: Side
+    qty: int
+    order_type: OrderType
+    product: Product
+    status: OrderStatus
+    filled_qty: int
+    avg_price: Optional[Decimal]
+    price: Optional[Decimal]
+    trigger_price: Optional[Decimal]
+    reason: Optional[str]
+    alert_id: Optional[str]
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Order":
+        def d(v: object) -> Optional[Decimal]:
+            return None if v in (None, "") else Decimal(str(v))
+        return cls(row["id"], row["strategy"], ExecutionType(row["action"]), row["exchange"], row["symbol"],
+                   Side(row["side"]), row["qty"], OrderType(row["order_type"]), Product(row["product"]),
+                   OrderStatus(row["status"]), row["filled_qty"] or 0, d(row["avg_price"]), d(row["price"]),
+                   d(row["trigger_price"]), row["reason"], row["alert_id"])
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One of a strategy's positions, as its context shows it."""
+
+    exchange: str
+    symbol: str
+    product: Product
+    net_qty: int
+    avg_price: Decimal
+    realized_pnl: Decimal
+
+
+@dataclass(frozen=True)
 class FillReport:
     fill_id: str
     qty: int

@@ -20,7 +20,8 @@ T = TypeVar("T")
 BROKER_TIMEOUT_S = 5.0
 
 
-def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert_id: Optional[str]) -> str:
+def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert_id: Optional[str],
+                 version: Optional[str] = None) -> str:
     """Write a NEW order row (inside the caller's transaction) and return our id."""
     oid = new_id("o")
     now = utcnow()
@@ -29,7 +30,7 @@ def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert
         "exchange": intent.exchange, "symbol": intent.symbol, "side": intent.side.value, "qty": intent.qty,
         "order_type": intent.order_type.value, "price": _txt(intent.price), "trigger_price": _txt(intent.trigger_price),
         "product": intent.product.value, "status": OrderStatus.NEW.value, "filled_qty": 0, "avg_price": None,
-        "broker_order_id": None, "reason": None, "created_at": now, "updated_at": now,
+        "broker_order_id": None, "reason": None, "created_at": now, "updated_at": now, "strategy_version": version,
     })
     Storage.insert(db, "order_history", {"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
     return oid

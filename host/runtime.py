@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from functools import cached_property
 from typing import Optional
 
@@ -15,7 +16,9 @@ from .locks import FileLock
 from .orders import BrokerGateway, OrderSender
 from .risk import RiskGate
 from .storage import Storage
-from .strategies import StrategyRouter
+from .notify import EventPump, NotifierRegistry
+from .plugins.reloader import Reloader
+from .plugins.strategies import StrategyRegistry
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -36,12 +39,20 @@ class Runtime:
     """Everything one host process needs; the engine part runs only where the engine lock is held."""
 
     def __init__(self, settings: Settings, storage: Optional[Storage] = None, broker: Optional[Broker] = None,
-                 broker_timeout_s: float = 5.0, unknown_grace_s: float = 30.0):
+                 broker_timeout_s: float = 5.0, unknown_grace_s: float = 30.0, plugin_budget_s: float = 1.0,
+                 breaker_limit: int = 5, watch_plugins: bool = True):
         self.settings = settings
         self._storage = storage
         self._broker = broker
         self.broker_timeout_s = broker_timeout_s
         self.unknown_grace_s = unknown_grace_s
+        self.plugin_budget_s = plugin_budget_s
+        self.breaker_limit = breaker_limit
+        self.watch_plugins = watch_plugins
+        self.strategies: Optional[StrategyRegistry] = None
+        self.notifiers: Optional[NotifierRegistry] = None
+        self.reloader: Optional[Reloader] = None
+        self.pump: Optional[EventPump] = None
         self.lock = FileLock(settings.data_dir / "engine.lock")
         self.engine: Optional[Engine] = None
         self.broker: Optional[Broker] = None
@@ -75,20 +86,34 @@ class Runtime:
             self.broker = self._broker or make_broker(self.settings)
             self.gateway = BrokerGateway(self.broker, self.broker_timeout_s)
             self.sender = OrderSender(self.storage, self.gateway)
+            plugins = Path(self.settings.PLUGINS_DIR)
+            limits = (self.plugin_budget_s, self.breaker_limit, self._emit)
+            self.strategies = StrategyRegistry(self.storage, plugins / "strategies", *limits)
+            self.notifiers = NotifierRegistry(self.storage, plugins / "notifiers", *limits, settings=self.settings)
             engine = Engine(self.storage, self.inbox, self.gate, self.sender,
-                            Watcher(self.storage, self.unknown_grace_s),
-                            StrategyRouter(self.settings.REQUIRE_KNOWN_STRATEGY),
+                            Watcher(self.storage, self.unknown_grace_s), self.strategies,
                             lambda: self.gateway.call("order_book", self.broker.order_book),
                             self.broker.apply_tick if self.settings.paper else None,
-                            self.settings.ALERT_MAX_AGE_S)
+                            self.settings.ALERT_MAX_AGE_S, self.settings.REQUIRE_KNOWN_STRATEGY)
+            engine.plugin_registries["notifier"] = self.notifiers
+            for registry in (self.strategies, self.notifiers):
+                registry.submit = engine.submit
+            self.reloader = Reloader([self.strategies, self.notifiers], engine.submit)
             self.broker.start(engine.on_broker_update)
             self.sender.start()
-            engine.start()
+            engine.start(self.reloader.scan())
             self.engine = engine
+            if self.watch_plugins:
+                self.reloader.start()
+            self.pump = EventPump(self.storage, self.notifiers)
+            self.pump.start()
         except Exception:
             self.lock.release()
             raise
         log.info("engine started (broker %s, data %s)", self.broker.name, self.settings.data_dir)
+
+    def _emit(self, kind: str, message: str, severity: str, strategy: Optional[str], data: Optional[dict]) -> None:
+        self.storage.write(lambda db: Storage.add_event(db, kind, message, severity, strategy, data))
 
     def start_engine_when_free(self, poll_s: float = 1.0) -> threading.Thread:
         """For extra gunicorn workers: take over the engine when its holder goes away."""
@@ -106,9 +131,14 @@ class Runtime:
         """Stop intake from the inbox, finish in-flight work, release the engine lock."""
         self._stop_waiting.set()
         if self.engine is not None:
+            self.reloader.stop()
             self.engine.stop(timeout)
             self.sender.stop(timeout)
             self.engine.flush()
+            self.strategies.shutdown()
+            self.pump.stop()
+            self.pump.pump()  # the last events (shutdown, final fills) still reach the notifiers
+            self.notifiers.shutdown()
             self.broker.stop()
             self.gateway.shutdown()
             self.engine = None

@@ -65,7 +65,16 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db["commands"].create_index(["status"])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial,)
+def _m2_plugins(db: sqlite_utils.Database) -> None:
+    db["plugins"].create({"kind": str, "name": str, "version": str, "generation": int, "status": str,
+                          "error": str, "detail": str, "file": str, "digest": str, "updated_at": str,
+                          "history": str}, pk=("kind", "name"))
+    db["orders"].add_column("strategy_version", str)
+    db["plugin_state"].create({"kind": str, "name": str, "state": str, "version": str, "updated_at": str},
+                              pk=("kind", "name"))
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins)
 
 
 class Storage:

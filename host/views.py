@@ -13,7 +13,7 @@ from .storage import Storage, dec
 
 ORDER_FIELDS = ("id", "alert_id", "strategy", "action", "exchange", "symbol", "side", "qty", "order_type", "price",
                 "trigger_price", "product", "status", "filled_qty", "avg_price", "broker_order_id", "reason",
-                "created_at", "updated_at")
+                "created_at", "updated_at", "strategy_version")
 
 
 def order_record(row: dict) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Callable, Iterable
+from typing import Iterable, Optional
 
 import sqlite_utils
 
@@ -19,17 +19,19 @@ EVENT_FOR = {OrderStatus.FILLED: ("order_filled", "info"), OrderStatus.PARTIAL: 
              OrderStatus.REJECTED: ("order_rejected", "warning"), OrderStatus.CANCELLED: ("order_cancelled", "info")}
 
 
-def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> bool:
-    """Apply one broker view of an order to ours (idempotent); False when the order is not ours."""
+def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dict]:
+    """Apply one broker view of an order to ours (idempotent); the order's new row if anything changed."""
     order = _order_row(db, update.remarks)
     if order is None:
-        return False
+        return None
+    filled = False
     for fill in update.fills:
         if db.execute("select 1 from fills where fill_id = ?", (fill.fill_id,)).fetchone():
             continue
         Storage.insert(db, "fills", {"fill_id": fill.fill_id, "order_id": order["id"], "qty": fill.qty,
                                      "price": str(fill.price), "at": utcnow()})
         _apply_fill(db, order, fill.qty, fill.price)
+        filled = True
     changed = transition(db, order["id"], update.status, update.reason, filled_qty=update.filled_qty,
                          avg_price=update.avg_price, broker_order_id=update.broker_order_id, reason=update.reason)
     if changed and update.status in EVENT_FOR:
@@ -41,7 +43,7 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> bool:
         Storage.add_event(db, kind, f"{order['side']} {order['qty']} {order['exchange']}:{order['symbol']} "
                           f"({order['strategy']}, order {order['id']}) {words}", severity, order["strategy"],
                           {"order_id": order["id"], "broker_order_id": update.broker_order_id})
-    return True
+    return _order_row(db, order["id"]) if changed or filled else None
 
 
 def _apply_fill(db: sqlite_utils.Database, order: dict, qty: int, price: Decimal) -> None:
@@ -62,10 +64,12 @@ class Watcher:
         self.storage = storage
         self.unknown_grace_s = unknown_grace_s
 
-    def apply(self, updates: Iterable[BrokerOrder]) -> None:
+    def apply(self, updates: Iterable[BrokerOrder]) -> list[dict]:
+        """Apply broker updates in one transaction; return the rows of our orders that changed."""
         updates = list(updates)
-        if updates:
-            self.storage.write(lambda db: [apply_update(db, u) for u in updates])
+        if not updates:
+            return []
+        return [r for r in self.storage.write(lambda db: [apply_update(db, u) for u in updates]) if r]
 
     def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False,
                   resend_max_age_s: float = 0) -> list[str]:

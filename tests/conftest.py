@@ -19,7 +19,8 @@ SYMBOL = "NIFTY28APR26C24500"
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    env = {"DATA_DIR": str(data_dir), "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN,
+    env = {"DATA_DIR": str(data_dir), "PLUGINS_DIR": str(data_dir.parent / "plugins"),
+           "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN,
            "DASHBOARD_PASSWORD": "test-dashboard-pw", **{k: str(v) for k, v in overrides.items()}}
     return load(None, environ=env)
 
@@ -116,7 +117,8 @@ def host_factory(data_dir: Path):
     started: list[Host] = []
 
     def make(start: bool = True, **kw: Any) -> Host:
-        runtime_kw = {k: kw.pop(k) for k in ("broker_timeout_s", "unknown_grace_s") if k in kw}
+        runtime_kw = {k: kw.pop(k) for k in ("broker_timeout_s", "unknown_grace_s", "plugin_budget_s",
+                                             "breaker_limit", "watch_plugins") if k in kw}
         h = Host(make_settings(data_dir, **kw), **runtime_kw)
         started.append(h)
         return h.start() if start else h

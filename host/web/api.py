@@ -137,6 +137,8 @@ def _command(kind: str, args: Any) -> tuple[Response, int]:
     if result is None:
         return _error(504, f"the engine did not finish {kind} within {COMMAND_WAIT_S:g} s; see /api/events")
     if not result.pop("ok"):
+        if result.get("missing"):
+            return _error(404, result["error"])
         return _error(500, result.get("error", "command failed"))
     return jsonify({"status": "ok", **result}), 200
 
@@ -186,3 +188,30 @@ def paper_ticks():
     if errors:
         return _error(422, "invalid ticks", errors=errors)
     return _command("ticks", {"ticks": ticks})
+
+
+def _plugin_records(kind: str) -> list[dict]:
+    rows = _rt().storage.rows("select * from plugins where kind = ? order by name", (kind,))
+    return [{"name": r["name"], "version": r["version"], "generation": r["generation"], "status": r["status"],
+             "error": r["error"], "traceback": r["detail"], "file": r["file"], "digest": r["digest"],
+             "updated_at": r["updated_at"], "history": json.loads(r["history"] or "[]")} for r in rows]
+
+
+@bp.get("/api/strategies")
+def strategies():
+    return jsonify({"items": _plugin_records("strategy")})
+
+
+@bp.get("/api/notifiers")
+def notifiers():
+    return jsonify({"items": _plugin_records("notifier")})
+
+
+@bp.post("/api/strategies/<name>/<any(enable, disable, reload):action>")
+def strategy_control(name: str, action: str):
+    return _command("plugin", {"kind": "strategy", "name": name, "action": action, "by": "api"})
+
+
+@bp.post("/api/notifiers/<name>/<any(enable, disable, reload):action>")
+def notifier_control(name: str, action: str):
+    return _command("plugin", {"kind": "notifier", "name": name, "action": action, "by": "api"})

@@ -1,0 +1,1 @@
+"""The host's own behaviour, written as ordinary plugins."""

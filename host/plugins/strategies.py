@@ -1,0 +1,171 @@
+"""Strategy plugins: context, start/stop/snapshot, isolated calls whose returned intents are checked."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Optional
+
+from ..builtin import passthrough
+from ..context import StrategyContext
+from ..models import AlertRequest, AlertStatus, ExecutionType, Holding, Intent, Order, OrderType, Product, Side, Tick
+from ..storage import dec
+from ..validation import validate_intent
+from .dispatch import CallResult
+from .registry import Live, Registry
+
+OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
+FIELD_TYPES = {"action": ExecutionType, "side": Side, "order_type": OrderType, "product": Product}
+
+
+@dataclass(frozen=True)
+class Asked:
+    """The intents a strategy returned, or why there are none to act on."""
+
+    intents: tuple[Intent, ...] = ()
+    error: Optional[str] = None
+    version: Optional[str] = None
+    status: AlertStatus = AlertStatus.FAILED  # how an alert ends when error is set
+
+
+def check_intents(value: Any) -> tuple[list[Intent], list[str]]:
+    """What a hook returned, as intents; or the problems that make it unusable."""
+    if value is None:
+        return [], []
+    items = [value] if isinstance(value, Intent) else value
+    if not isinstance(items, (list, tuple)):
+        return [], [f"returned {type(value).__name__}; expected a list of Intent, one Intent or None"]
+    problems: list[str] = []
+    for n, item in enumerate(items):
+        if not isinstance(item, Intent):
+            problems.append(f"intent[{n}]: expected an Intent, found {type(item).__name__}")
+            continue
+        for name, typ in FIELD_TYPES.items():
+            if not isinstance(getattr(item, name), typ):
+                problems.append(f"intent[{n}].{name}: expected {typ.__name__}, found {getattr(item, name)!r}")
+        for name in ("price", "trigger_price"):
+            if getattr(item, name) is not None and not isinstance(getattr(item, name), Decimal):
+                problems.append(f"intent[{n}].{name}: expected Decimal or None, found {getattr(item, name)!r}")
+        if not problems:
+            problems += [str(p) for p in validate_intent(item, f"intent[{n}]")]
+    return (list(items) if not problems else []), problems
+
+
+class StrategyRegistry(Registry):
+    kind = "strategy"
+
+    def _start(self, live: Live, state: dict) -> CallResult:
+        cand = live.candidate
+        params = dict(cand.meta.get("params", {}))
+        live.ctx = StrategyContext(cand.name, cand.version, live.generation, MappingProxyType(params), dict(state),
+                                   logging.getLogger(f"strategy.{cand.name}"), tuple(cand.meta.get("symbols", [])))
+        live.saved = json.dumps(state, sort_keys=True, default=str)  # type: ignore[attr-defined]
+        self.refresh(live.ctx)
+        if "strategy_validate" in cand.hooks:
+            r = live.caller.call("strategy_validate", cand.hooks["strategy_validate"], {"params": params})
+            if not r.ok:
+                return r
+            if r.value:
+                problems = r.value if isinstance(r.value, (list, tuple)) else [r.value]
+                return CallResult(error="strategy_validate: " + "; ".join(map(str, problems)))
+        if "strategy_start" in cand.hooks:
+            return live.caller.call("strategy_start", cand.hooks["strategy_start"], {"ctx": live.ctx})
+        return CallResult()
+
+    def _stop(self, live: Live, reason: str) -> None:
+        fn = live.candidate.hooks.get("strategy_stop")
+        if fn is not None:
+            r = live.caller.call("strategy_stop", fn, {"ctx": live.ctx, "reason": reason})
+            if not r.ok:
+                self.emit("plugin_error", f"strategy {live.label}: {r.error}", "error", live.candidate.name, None)
+
+    def _snapshot(self, live: Live) -> Optional[dict]:
+        fn = live.candidate.hooks.get("strategy_snapshot")
+        if fn is not None:
+            r = live.caller.call("strategy_snapshot", fn, {"ctx": live.ctx})
+            if r.ok and isinstance(r.value, dict):
+                return r.value
+            if r.ok and r.value is not None:
+                return {"value": r.value}
+        return live.ctx.state if live.ctx is not None else None
+
+    def refresh(self, ctx: StrategyContext) -> None:
+        """Give the context the strategy's own positions, unfinished orders and last ticks."""
+        rows = self.storage.rows("select * from positions where strategy = ? and net_qty != 0", (ctx.name,))
+        ctx.positions = tuple(Holding(r["exchange"], r["symbol"], Product(r["product"]), r["net_qty"],
+                                      dec(r["avg_price"]), dec(r["realized_pnl"])) for r in rows)
+        marks = ",".join("?" * len(OPEN_STATUSES))
+        ctx.open_orders = tuple(Order.from_row(r) for r in self.storage.rows(
+            f"select * from orders where strategy = ? and status in ({marks}) order by rowid", (ctx.name, *OPEN_STATUSES)))
+        keys = set(ctx.symbols) | {f"{h.exchange}:{h.symbol}" for h in ctx.positions}
+        ticks = {}
+        for key in keys:
+            ex, sym = key.split(":", 1)
+            q = self.storage.one("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym))
+            if q:
+                ticks[key] = Tick(ex, sym, Decimal(q["ltp"]))
+        ctx.ticks = MappingProxyType(ticks)
+
+    def ask(self, live: Live, hook: str, **kwargs: Any) -> Asked:
+        """Call one hook of one running version; check what it returns; save its state if it changed."""
+        fn = live.candidate.hooks.get(hook)
+        if fn is None:
+            return Asked(version=live.candidate.version)
+        self.refresh(live.ctx)
+        result = live.caller.call(hook, fn, {"ctx": live.ctx, **kwargs})
+        self.record_call(live, hook, result)
+        entry = self.entries.get(live.candidate.name)
+        if entry is None or entry.live is not live:
+            return Asked(error=f"{live.label} was retired during {hook}; its intents are dropped",
+                         version=live.candidate.version)
+        if not result.ok:
+            return Asked(error=f"{live.label}: {result.error}", version=live.candidate.version)
+        intents, problems = check_intents(result.value)
+        if problems:
+            bad = CallResult(error=f"{hook} returned unusable intents: " + "; ".join(problems))
+            self.record_call(live, hook, bad)
+            return Asked(error=f"{live.label}: {bad.error}", version=live.candidate.version)
+        self._save_state_if_changed(live)
+        return Asked(tuple(intents), version=live.candidate.version)
+
+    def _save_state_if_changed(self, live: Live) -> None:
+        text = json.dumps(live.ctx.state, sort_keys=True, default=str)
+        if text != getattr(live, "saved", None):
+            live.saved = text  # type: ignore[attr-defined]
+            self.persist_state(live)
+
+    def route_alert(self, alert: AlertRequest, require_known: bool) -> Asked:
+        """The intents for an alert: from its plugin, else the built-in passthrough."""
+        entry = self.entries.get(alert.strategy)
+        if entry is not None and entry.disabled:
+            if alert.execution_type is ExecutionType.EXIT:
+                return Asked(tuple(passthrough.strategy_on_alert(None, alert)))
+            return Asked(error=f"strategy {alert.strategy} is disabled: only EXIT alerts are executed",
+                         status=AlertStatus.REFUSED)
+        if entry is not None and entry.live is not None:
+            if "strategy_on_alert" not in entry.live.candidate.hooks:
+                return Asked(tuple(passthrough.strategy_on_alert(None, alert)), version=entry.live.candidate.version)
+            return self.ask(entry.live, "strategy_on_alert", alert=alert)
+        if entry is not None and entry.path is not None:
+            return Asked(error=f"strategy {alert.strategy} is not running: {entry.error}")
+        if require_known:
+            known = sorted(e.name for e in self.entries.values() if e.live is not None)
+            return Asked(error=f"strategy_name: expected one of the loaded strategies ({', '.join(known) or 'none'}) "
+                               f"because REQUIRE_KNOWN_STRATEGY=true, found {alert.strategy!r}",
+                         status=AlertStatus.REJECTED)
+        return Asked(tuple(passthrough.strategy_on_alert(None, alert)))
+
+    def subscribers(self, tick: Tick) -> list[Live]:
+        """Running strategies with strategy_on_tick that want this symbol or hold it."""
+        key = f"{tick.exchange}:{tick.symbol}"
+        return [l for l in self.running() if "strategy_on_tick" in l.candidate.hooks
+                and (key in l.ctx.symbols or l.ctx.position(tick.exchange, tick.symbol))]
+
+    def with_hook(self, hook: str) -> list[Live]:
+        return [l for l in self.running() if hook in l.candidate.hooks]
+
+    def live(self, name: str) -> Optional[Live]:
+        entry = self.entries.get(name)
+        return entry.live if entry else None

@@ -1,0 +1,379 @@
+"""Strategy plugins while the host runs: discovery, hot reload, faults, isolation, API controls."""
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import weakref
+
+import pytest
+
+from conftest import SYMBOL, alert, wait_for
+from plugin_files import gone, stays, strategies, strategy_source, wait_strategy, write
+
+COUNTING = '''
+@hookimpl
+def strategy_start(ctx):
+    ctx.state.setdefault("alerts", 0)
+
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    ctx.state["alerts"] += 1
+    leg = alert.legs[0]
+    return [Intent(leg.exchange, leg.symbol, leg.side, leg.qty * QTY_FACTOR, leg.order_type, leg.product,
+                   leg.price, action=alert.execution_type)]
+'''
+
+
+def counting(name, version, factor=1):
+    return strategy_source(name, version, f"QTY_FACTOR = {factor}\n" + COUNTING)
+
+
+@pytest.fixture
+def folder(host):
+    return host.runtime.strategies.folder
+
+
+def test_a_dropped_file_trades_and_its_orders_carry_its_version(host, folder):
+    write(folder, "doubler", counting("doubler", "1.0", factor=2))
+    wait_strategy(host, "doubler", status="running", version="1.0", generation=1, error=None)
+    r = host.post(alert(strategy="doubler", qty=75))
+    assert r.status_code == 200, r.get_json()
+    order = r.get_json()["orders"][0]
+    assert order["qty"] == 150 and order["strategy_version"] == "1.0"
+
+
+def test_an_edit_takes_over_with_the_state_handed_on(host, folder):
+    write(folder, "counter", counting("counter", "1.0"))
+    wait_strategy(host, "counter", status="running", generation=1)
+    host.post(alert(strategy="counter", alert_id="a1"))
+    host.settle()
+    host.post(alert("EXIT", strategy="counter", alert_id="a2"))
+    host.settle()
+    write(folder, "counter", counting("counter", "2.0", factor=3), atomic=True)
+    wait_strategy(host, "counter", version="2.0", generation=2)
+    r = host.post(alert(strategy="counter", qty=10, alert_id="a3"))
+    assert r.get_json()["orders"][0]["qty"] == 30 and r.get_json()["orders"][0]["strategy_version"] == "2.0"
+    assert host.runtime.strategies.live("counter").ctx.state["alerts"] == 3  # counted by v1 twice, v2 once
+
+
+@pytest.mark.parametrize("broken, words", [
+    ("def oops(:\n", "SyntaxError"),
+    ("import module_that_does_not_exist\n", "ModuleNotFoundError"),
+    ("@hookimpl\ndef strategy_on_tick(ctx, tick, extra):\n    pass\n", "extra"),
+])
+def test_a_broken_version_leaves_the_old_one_running_with_the_error_shown(host, folder, broken, words):
+    write(folder, "steady", counting("steady", "1.0"))
+    wait_strategy(host, "steady", status="running", generation=1)
+    write(folder, "steady", counting("steady", "1.1") + broken)
+    record = wait_for(lambda: (s := strategies(host)["steady"])["error"] and s)
+    assert words in record["error"] and record["traceback"]
+    assert record["status"] == "running" and record["version"] == "1.0" and record["generation"] == 1
+    assert record["history"][0]["change"] == "load failed" and record["digest"]
+    r = host.post(alert(strategy="steady", qty=5))
+    assert r.status_code == 200 and r.get_json()["orders"][0]["strategy_version"] == "1.0"
+    events = host.api("/api/events").get_json()["items"]
+    assert any(e["kind"] == "plugin_failed" and "steady" in e["message"] and "keeps running" in e["message"]
+               for e in events)
+
+
+def test_a_first_version_that_fails_is_reported_and_its_alerts_are_not_passed_through(host, folder):
+    write(folder, "bad_meta", strategy_source("bad_meta").replace(
+        'return {"name"', 'raise RuntimeError("meta exploded")\n    return {"name"'))
+    record = wait_strategy(host, "bad_meta", status="error")
+    assert "strategy_meta raised RuntimeError: meta exploded" in record["error"]
+    r = host.post(alert(strategy="bad_meta"))
+    assert r.status_code == 503 and "is not running" in r.get_json()["reason"]
+    assert host.orders() == []
+
+
+def test_an_exception_in_start_keeps_the_old_version(host, folder):
+    write(folder, "starter", counting("starter", "1.0"))
+    wait_strategy(host, "starter", status="running")
+    write(folder, "starter", strategy_source("starter", "2.0", '''
+@hookimpl
+def strategy_start(ctx):
+    raise ValueError("cannot start")
+'''))
+    record = wait_for(lambda: (s := strategies(host)["starter"])["error"] and s)
+    assert "start failed" in record["error"] and "cannot start" in record["error"]
+    assert record["version"] == "1.0" and record["status"] == "running"
+
+
+def test_meta_fields_and_api_version_are_checked(host, folder):
+    write(folder, "wrongname", strategy_source("other_name"))
+    assert "name: expected 'wrongname'" in wait_strategy(host, "wrongname", status="error")["error"]
+    write(folder, "future", strategy_source("future").replace('"api_version": 1', '"api_version": 2'))
+    assert "api_version: expected 1, found 2" in wait_strategy(host, "future", status="error")["error"]
+
+
+def test_a_hook_parameter_with_a_default_is_refused(host, folder):
+    write(folder, "defaults", strategy_source("defaults", body='''
+@hookimpl
+def strategy_on_tick(ctx, tick=None):
+    return None
+'''))
+    assert "default values (tick)" in wait_strategy(host, "defaults", status="error")["error"]
+
+
+def test_a_notifier_dropped_into_the_strategies_folder_is_refused(host, folder):
+    write(folder, "chatty", 'from host import hookimpl\n@hookimpl\ndef notifier_meta():\n'
+                           '    return {"name": "chatty", "version": "1", "api_version": 1}\n')
+    assert "move it to plugins/notifiers/" in wait_strategy(host, "chatty", status="error")["error"]
+
+
+def test_unknown_hooks_are_refused(host, folder):
+    write(folder, "typo", strategy_source("typo", body='''
+@hookimpl
+def strategy_on_tik(ctx, tick):
+    return None
+'''))
+    assert "strategy_on_tik" in wait_strategy(host, "typo", status="error")["error"]
+
+
+def test_the_same_content_saved_twice_does_not_reload(host, folder):
+    source = counting("same", "1.0")
+    write(folder, "same", source)
+    wait_strategy(host, "same", generation=1)
+    write(folder, "same", source)
+    write(folder, "same", source, atomic=True)
+    stays(lambda: strategies(host)["same"]["generation"] == 1)
+
+
+def test_ten_rapid_saves_give_one_reload(host, folder):
+    write(folder, "rapid", counting("rapid", "1.0"))
+    wait_strategy(host, "rapid", generation=1)
+    for i in range(10):
+        write(folder, "rapid", counting("rapid", f"1.{i + 1}"))
+        time.sleep(0.02)
+    wait_strategy(host, "rapid", version="1.10", generation=2)
+    stays(lambda: strategies(host)["rapid"]["generation"] == 2)
+
+
+def test_temp_and_private_files_are_skipped(host, folder):
+    for fname in ("_helper.py", ".hidden.py", "draft.py~", "#auto#", "notes.txt"):
+        (folder / fname).write_text("this is not python (")
+    write(folder, "real", counting("real", "1.0"))
+    wait_strategy(host, "real", status="running")
+    assert set(strategies(host)) == {"real"}
+
+
+def test_delete_stops_and_a_readded_file_resumes_from_its_state(host, folder):
+    path = write(folder, "phoenix", counting("phoenix", "1.0"))
+    wait_strategy(host, "phoenix", status="running")
+    host.post(alert(strategy="phoenix", alert_id="p1"))
+    host.settle()
+    path.unlink()
+    gone(host, "phoenix")
+    # without its plugin the name is served by the built-in passthrough: the qty is not multiplied
+    write(folder, "phoenix", counting("phoenix", "2.0", factor=5))
+    wait_strategy(host, "phoenix", status="running", version="2.0")
+    assert host.runtime.strategies.live("phoenix").ctx.state["alerts"] == 1
+    events = [e["kind"] for e in host.api("/api/events").get_json()["items"]]
+    assert "plugin_removed" in events
+
+
+def test_a_rename_is_a_delete_plus_an_add(host, folder):
+    path = write(folder, "before", counting("before", "1.0"))
+    wait_strategy(host, "before", status="running")
+    path.write_text(counting("after", "1.0"))
+    path.rename(folder / "after.py")
+    wait_strategy(host, "after", status="running")
+    gone(host, "before")
+
+
+def test_garbage_returned_by_a_plugin_makes_no_order(host, folder):
+    write(folder, "junk", strategy_source("junk", body='''
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    return [{"symbol": "X", "qty": 1}, "sell everything"]
+'''))
+    wait_strategy(host, "junk", status="running")
+    r = host.post(alert(strategy="junk"))
+    assert r.status_code == 503
+    assert "expected an Intent, found dict" in r.get_json()["reason"]
+    assert host.orders() == []
+
+
+def test_intents_with_bad_values_are_refused(host, folder):
+    write(folder, "negative", strategy_source("negative", body='''
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    return Intent("NOPE", "X", Side.BUY, -3, OrderType.LMT, Product.MIS, 1.5, action=ExecutionType.ENTRY)
+'''))
+    wait_strategy(host, "negative", status="running")
+    reason = host.post(alert(strategy="negative")).get_json()["reason"]
+    assert "intent[0].price: expected Decimal or None" in reason
+    assert host.orders() == []
+
+
+def test_a_plugin_that_sleeps_past_its_budget_does_not_stall_the_engine(host_factory):
+    h = host_factory(plugin_budget_s=0.3)
+    write(h.runtime.strategies.folder, "sleepy", strategy_source("sleepy", body='''
+import time
+
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    time.sleep(2)
+    return [Intent(l.exchange, l.symbol, l.side, l.qty, l.order_type, l.product, l.price,
+                   action=alert.execution_type) for l in alert.legs]
+'''))
+    wait_strategy(h, "sleepy", status="running")
+    t0 = time.monotonic()
+    r = h.post(alert(strategy="sleepy"))
+    assert r.status_code == 503 and "budget" in r.get_json()["reason"]
+    assert time.monotonic() - t0 < 1.0
+    t0 = time.monotonic()
+    assert h.post(alert(strategy="someone_else")).status_code == 200  # the engine moved on
+    assert time.monotonic() - t0 < 0.5
+    slow = [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "plugin_slow"]
+    assert slow and slow[0]["data"]["duration_s"] >= 0.3
+    time.sleep(2)  # the late result of the slow call is dropped, never an order
+    assert [o["strategy"] for o in h.orders()] == ["someone_else"]
+
+
+def test_a_delete_during_a_slow_call_stops_the_plugin_and_drops_its_intents(host_factory):
+    h = host_factory(plugin_budget_s=0.2)
+    folder = h.runtime.strategies.folder
+    path = write(folder, "slowpoke", strategy_source("slowpoke", body='''
+import time
+
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    time.sleep(1)
+    return []
+'''))
+    wait_strategy(h, "slowpoke", status="running")
+    h.post(alert(strategy="slowpoke"))
+    path.unlink()
+    gone(h, "slowpoke")
+    time.sleep(1.2)
+    assert h.orders() == []
+    assert h.runtime.strategies.live("slowpoke") is None
+
+
+def test_one_failing_strategy_never_hides_another(host, folder):
+    tick_source = '''
+@hookimpl
+def strategy_on_tick(ctx, tick):
+    {action}
+'''
+    meta = f', "symbols": ["NFO:{SYMBOL}"]'
+    write(folder, "crasher", strategy_source("crasher", body=tick_source.format(action='raise RuntimeError("tick bug")'),
+                                             meta_extra=meta))
+    write(folder, "buyer", strategy_source("buyer", body=tick_source.format(
+        action='return None if ctx.position(tick.exchange, tick.symbol) or ctx.open_orders else '
+               'Intent(tick.exchange, tick.symbol, Side.BUY, 1, OrderType.MKT, Product.NRML, action=ExecutionType.ENTRY)'),
+        meta_extra=meta))
+    wait_strategy(host, "crasher", status="running")
+    wait_strategy(host, "buyer", status="running")
+    host.tick("100")
+    wait_for(lambda: host.net("buyer") == 1)
+    record = strategies(host)["crasher"]
+    assert "strategy_on_tick raised RuntimeError: tick bug" in record["error"] and "generation 1" in record["error"]
+    assert "Traceback" in record["traceback"]
+
+
+def test_a_plugin_that_keeps_raising_is_disabled_by_the_breaker(host_factory):
+    h = host_factory(breaker_limit=3)
+    write(h.runtime.strategies.folder, "flaky", strategy_source("flaky", body='''
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    raise KeyError("missing leg")
+'''))
+    wait_strategy(h, "flaky", status="running")
+    codes = [h.post(alert(strategy="flaky", alert_id=f"f{i}")).status_code for i in range(3)]
+    assert codes == [503, 503, 503]
+    record = wait_strategy(h, "flaky", status="disabled")
+    assert any("circuit breaker" in x["change"] for x in record["history"])
+    events = h.api("/api/events").get_json()["items"]
+    assert any(e["kind"] == "plugin_disabled" and "circuit breaker" in e["message"] for e in events)
+    assert h.post(alert(strategy="flaky", alert_id="f9")).status_code == 423
+
+
+def test_disable_enable_and_reload_through_the_api(host, folder):
+    write(folder, "ctl", counting("ctl", "1.0"))
+    wait_strategy(host, "ctl", status="running")
+    host.post(alert(strategy="ctl", direction="BUY", qty=10, alert_id="c1"))
+    host.settle()
+    r = host.api("/api/strategies/ctl/disable", "POST")
+    assert r.status_code == 200 and r.get_json()["status"] == "disabled"
+    assert wait_strategy(host, "ctl", status="disabled")["version"] is None
+    refused = host.post(alert(strategy="ctl", alert_id="c2", tradingsymbol="OTHER"))
+    assert refused.status_code == 423 and "disabled" in refused.get_json()["reason"]
+    exited = host.post(alert("EXIT", strategy="ctl", alert_id="c3"))
+    assert exited.status_code == 200 and len(exited.get_json()["orders"]) == 1  # exits still run
+    assert host.api("/api/strategies/ctl/enable", "POST").get_json()["status"] == "running"
+    gen = strategies(host)["ctl"]["generation"]
+    r = host.api("/api/strategies/ctl/reload", "POST")
+    assert r.status_code == 200 and r.get_json()["generation"] == gen + 1
+    assert host.api("/api/strategies/nope/disable", "POST").status_code == 404
+    assert host.api("/api/strategies/ctl/explode", "POST").status_code == 404
+
+
+def test_disabled_state_survives_a_restart(host, folder):
+    write(folder, "sleeper", counting("sleeper", "1.0"))
+    wait_strategy(host, "sleeper", status="running")
+    host.api("/api/strategies/sleeper/disable", "POST")
+    host.restart()
+    assert strategies(host)["sleeper"]["status"] == "disabled"
+    assert host.post(alert(strategy="sleeper")).status_code == 423
+
+
+def test_unknown_strategies_pass_through(host):
+    r = host.post(alert(strategy="nobody", qty=75))
+    assert r.status_code == 200 and r.get_json()["orders"][0]["qty"] == 75
+
+
+def test_require_known_strategy_rejects_unknown_names(tmp_path):
+    from conftest import Host, make_settings
+    h = Host(make_settings(tmp_path / "v2", REQUIRE_KNOWN_STRATEGY="true")).start()
+    try:
+        r = h.post(alert(strategy="nobody"))
+        assert r.status_code == 422 and "REQUIRE_KNOWN_STRATEGY=true" in r.get_json()["reason"]
+    finally:
+        h.stop()
+
+
+def test_old_generations_leave_no_module_behind(host, folder):
+    write(folder, "leaky", counting("leaky", "1.0"))
+    wait_strategy(host, "leaky", generation=1)
+    first = weakref.ref(host.runtime.strategies.live("leaky").candidate.module)
+    for n in range(2, 5):
+        write(folder, "leaky", counting("leaky", f"1.{n}"))
+        wait_strategy(host, "leaky", generation=n)
+    names = [m for m in sys.modules if m.startswith("host_plugins.strategies.leaky")]
+    assert names == ["host_plugins.strategies.leaky__g4"]
+    gc.collect()
+    assert first() is None, gc.get_referrers(first())
+
+
+def test_notifiers_get_events_and_a_failing_one_harms_nothing(host_factory, tmp_path):
+    h = host_factory(breaker_limit=2)
+    notifiers = h.runtime.notifiers.folder
+    out = tmp_path / "got.txt"
+    write(notifiers, "recorder", f'''from host import hookimpl
+@hookimpl
+def notifier_meta():
+    return {{"name": "recorder", "version": "1", "api_version": 1}}
+@hookimpl
+def notifier_send(event):
+    with open({str(out)!r}, "a") as f:
+        f.write(event["kind"] + "\\n")
+''')
+    write(notifiers, "broken", '''from host import hookimpl
+@hookimpl
+def notifier_meta():
+    return {"name": "broken", "version": "1", "api_version": 1}
+@hookimpl
+def notifier_send(event):
+    raise ConnectionError("chat service down")
+''')
+    wait_for(lambda: {n["name"]: n["status"] for n in h.api("/api/notifiers").get_json()["items"]}
+             == {"recorder": "running", "broken": "running"})
+    assert h.post(alert()).status_code == 200
+    h.settle()
+    wait_for(lambda: out.exists() and "order_filled" in out.read_text())
+    wait_for(lambda: {n["name"]: n["status"] for n in h.api("/api/notifiers").get_json()["items"]}["broken"]
+             == "disabled")
+    wait_for(lambda: "plugin_disabled" in out.read_text())
