@@ -129,6 +129,10 @@ class Engine:
         """Run fn on the engine thread, between two events (plugin swaps use this)."""
         self._events.put(("call", fn))
 
+    def order_changed(self, order_id: str) -> None:
+        """The order sender recorded a broker answer (ack, rejection, unknown outcome)."""
+        self._events.put(("order", order_id))
+
     def on_broker_update(self, update: BrokerOrder) -> None:
         """Broker callback: only enqueue; the engine thread applies it."""
         self._events.put(("update", update))
@@ -156,6 +160,11 @@ class Engine:
         """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
         updates = [u for kind, u in items if kind == "update"]
         changed = self.watcher.apply(updates) if updates else []
+        for kind, oid in items:
+            if kind == "order":
+                row = self.storage.one("select * from orders where id = ?", (oid,))
+                if row is not None:
+                    changed.append(row)
         for kind, fn in items:
             if kind == "call":
                 try:

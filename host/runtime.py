@@ -96,6 +96,7 @@ class Runtime:
                             self.broker.apply_tick if self.settings.paper else None,
                             self.settings.ALERT_MAX_AGE_S, self.settings.REQUIRE_KNOWN_STRATEGY)
             engine.plugin_registries["notifier"] = self.notifiers
+            self.sender.on_result = engine.order_changed
             for registry in (self.strategies, self.notifiers):
                 registry.submit = engine.submit
             self.reloader = Reloader([self.strategies, self.notifiers], engine.submit)

@@ -377,3 +377,110 @@ def notifier_send(event):
     wait_for(lambda: {n["name"]: n["status"] for n in h.api("/api/notifiers").get_json()["items"]}["broken"]
              == "disabled")
     wait_for(lambda: "plugin_disabled" in out.read_text())
+
+
+LIFECYCLE = '''
+import json
+
+@hookimpl
+def strategy_validate(params):
+    return [] if params["size"] > 0 else [f"size must be positive, found {params['size']}"]
+
+@hookimpl
+def strategy_start(ctx):
+    ctx.state["starts"] = ctx.state.get("starts", 0) + 1
+
+@hookimpl
+def strategy_snapshot(ctx):
+    return {"starts": ctx.state["starts"], "snap_by": ctx.version}
+
+@hookimpl
+def strategy_stop(ctx, reason):
+    with open(LOG, "a") as f:
+        f.write(json.dumps([ctx.version, reason]) + "\\n")
+'''
+
+
+def lifecycle(name, version, log, size=1):
+    return strategy_source(name, version, f"LOG = {str(log)!r}\n" + LIFECYCLE,
+                           meta_extra=f', "params": {{"size": {size}}}')
+
+
+def test_strategy_snapshot_hands_state_over_and_strategy_stop_gets_the_reason(host, folder, tmp_path):
+    log = tmp_path / "stops.jsonl"
+    path = write(folder, "life", lifecycle("life", "1.0", log))
+    wait_strategy(host, "life", generation=1)
+    write(folder, "life", lifecycle("life", "2.0", log))
+    wait_strategy(host, "life", generation=2)
+    ctx = host.runtime.strategies.live("life").ctx
+    assert ctx.state == {"starts": 2, "snap_by": "1.0"}  # v1's snapshot, then v2's start
+    path.unlink()
+    gone(host, "life")
+    lines = [tuple(__import__("json").loads(x)) for x in log.read_text().splitlines()]
+    assert lines == [("1.0", "reload"), ("2.0", "deleted")]
+
+
+def test_strategy_validate_problems_stop_a_version_from_starting(host, folder, tmp_path):
+    log = tmp_path / "stops.jsonl"
+    write(folder, "checked", lifecycle("checked", "1.0", log))
+    wait_strategy(host, "checked", generation=1)
+    write(folder, "checked", lifecycle("checked", "2.0", log, size=-1))
+    record = wait_for(lambda: (s := strategies(host)["checked"])["error"] and s)
+    assert "strategy_validate: size must be positive, found -1" in record["error"]
+    assert record["version"] == "1.0"
+
+
+def test_strategy_on_clock_runs_about_every_second(host, folder):
+    write(folder, "ticker", strategy_source("ticker", body='''
+@hookimpl
+def strategy_on_clock(ctx, now):
+    ctx.state["beats"] = ctx.state.get("beats", 0) + 1
+    ctx.state["tz"] = str(now.tzinfo)
+'''))
+    wait_strategy(host, "ticker", status="running")
+    wait_for(lambda: host.runtime.strategies.live("ticker").ctx.state.get("beats", 0) >= 2, timeout=4)
+    assert host.runtime.strategies.live("ticker").ctx.state["tz"] == "Asia/Kolkata"
+
+
+def test_notifier_start_gets_settings_without_secrets_and_notifier_stop_the_reason(host, tmp_path):
+    out = tmp_path / "notifier.jsonl"
+    source = f'''import json
+from host import hookimpl
+@hookimpl
+def notifier_meta():
+    return {{"name": "NAME", "version": "1", "api_version": 1}}
+@hookimpl
+def notifier_start(ctx):
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(["start", ctx.name, sorted(k for k, v in ctx.settings.items() if v)]) + "\\n")
+@hookimpl
+def notifier_stop(reason):
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(["stop", reason]) + "\\n")
+'''
+    folder = host.runtime.notifiers.folder
+    path = write(folder, "watcher", source.replace("NAME", "watcher"))
+    wait_for(lambda: out.exists() and out.read_text().count("start") == 1)
+    start = __import__("json").loads(out.read_text().splitlines()[0])
+    assert start[1] == "watcher" and "BROKER" in start[2]
+    assert not {"WEBHOOK_SECRET", "API_TOKEN", "DASHBOARD_PASSWORD"} & set(start[2])
+    path.unlink()
+    wait_for(lambda: '["stop", "deleted"]' in out.read_text())
+
+
+def test_strategy_on_order_hears_of_every_change_to_its_own_orders(host, folder):
+    write(folder, "listener", strategy_source("listener", body='''
+@hookimpl
+def strategy_on_order(ctx, order):
+    ctx.state.setdefault("seen", []).append([order.id, order.status.value, order.reason])
+'''))
+    wait_strategy(host, "listener", status="running")
+    host.broker.engine.reject_next = "RMS:Blocked for trading"
+    rejected = host.post(alert(strategy="listener", alert_id="l1")).get_json()["orders"][0]["id"]
+    filled = host.post(alert(strategy="listener", alert_id="l2", tradingsymbol="OTHER")).get_json()["orders"][0]["id"]
+    host.post(alert(strategy="someone_else", alert_id="l3", tradingsymbol="THIRD"))  # not its order
+    host.settle()
+    state = lambda: host.runtime.strategies.live("listener").ctx.state.get("seen", [])
+    wait_for(lambda: [s for s in state() if s[1] == "FILLED"])
+    assert [rejected, "REJECTED", "RMS:Blocked for trading"] in state()
+    assert {s[0] for s in state()} == {rejected, filled}
