@@ -143,3 +143,66 @@ def test_importing_wsgi_starts_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Flask"
     assert not (tmp_path / "var").exists()
+
+
+def test_hot_reload_under_gunicorn_while_alerts_and_ticks_flow(server, tmp_path):
+    import threading
+    from plugin_files import strategy_source, write
+    s = server().start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    folder = tmp_path / "plugins" / "strategies"
+    body = '''
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    leg = alert.legs[0]
+    return Intent(leg.exchange, leg.symbol, leg.side, QTY, leg.order_type, leg.product, leg.price,
+                  action=alert.execution_type)
+'''
+    stop = threading.Event()
+    flow_errors = []
+
+    def flow():  # ticks and another strategy's alerts keep coming during every change
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                s.api("/api/paper/ticks", "POST", json=[{"exchange": "NFO", "symbol": "FLOW", "ltp": 100 + n % 7}])
+                r = s.webhook(_alert(secret, strategy=f"flow{n}", symbol="FLOW"))
+                if r.status_code != 200:
+                    flow_errors.append(r.text)
+            except Exception as e:  # noqa: BLE001 - reported below
+                flow_errors.append(repr(e))
+            time.sleep(0.05)
+    t = threading.Thread(target=flow)
+    t.start()
+
+    def strategy(**expected):
+        def check():
+            rec = {x["name"]: x for x in s.api("/api/strategies").json()["items"]}.get("hot")
+            return rec if rec and all(rec[k] == v for k, v in expected.items()) else None
+        return wait_for(check, timeout=2.0)
+
+    def order_version(i):
+        r = s.webhook(_alert(secret, strategy="hot", symbol=f"HOT{i}", alert_id=f"hot-{i}"))
+        assert r.status_code == 200, r.text
+        return r.json()["orders"][0]["strategy_version"], r.json()["orders"][0]["qty"]
+
+    try:
+        write(folder, "hot", strategy_source("hot", "1.0", "QTY = 11\n" + body))
+        strategy(version="1.0", status="running", generation=1, error=None)
+        assert order_version(1) == ("1.0", 11)
+        write(folder, "hot", strategy_source("hot", "2.0", "QTY = 22\n" + body), atomic=True)
+        strategy(version="2.0", status="running", generation=2)
+        assert order_version(2) == ("2.0", 22)
+        write(folder, "hot", strategy_source("hot", "3.0", "QTY = 33\n" + body) + "\ndef broken(:\n", atomic=True)
+        rec = wait_for(lambda: (x := {y["name"]: y for y in s.api("/api/strategies").json()["items"]}["hot"])["error"]
+                       and x, timeout=2.0)
+        assert "SyntaxError" in rec["error"] and rec["version"] == "2.0" and rec["status"] == "running"
+        assert order_version(3) == ("2.0", 22)
+        (folder / "hot.py").unlink()
+        wait_for(lambda: "hot" not in {x["name"] for x in s.api("/api/strategies").json()["items"]}, timeout=2.0)
+        assert order_version(4) == (None, 75)  # no plugin: the built-in passthrough, legs as given
+    finally:
+        stop.set()
+        t.join()
+    assert flow_errors == []
