@@ -254,7 +254,7 @@ class Engine:
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str]) -> Decision:
         decision = self.evaluate(db, strategy, intents, alert_id=row["id"], version=version)
-        self._record(db, row, decision)
+        self._record(db, row, decision, version)
         return decision
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
@@ -293,13 +293,14 @@ class Engine:
             self.sender.enqueue(oid)
 
     @staticmethod
-    def _record(db: sqlite_utils.Database, row: dict, d: Decision) -> None:
+    def _record(db: sqlite_utils.Database, row: dict, d: Decision, version: Optional[str] = None) -> None:
         db.execute("update alerts set status = ?, reason = ?, orders = ?, decided_at = ? where id = ?",
                    (d.status.value, d.reason, json.dumps(list(d.orders)), utcnow(), row["id"]))
         if d.status is not AlertStatus.ACCEPTED:
-            Storage.add_event(db, f"alert_{d.status.value}", f"alert {row['id']} ({row['strategy']} "
+            who = f"{row['strategy']} v{version}" if version else row["strategy"]
+            Storage.add_event(db, f"alert_{d.status.value}", f"alert {row['id']} ({who} "
                               f"{row['execution_type']}) {d.status.value}: {d.reason}",
-                              "warning", row["strategy"], {"alert_id": row["id"]})
+                              "warning", row["strategy"], {"alert_id": row["id"], "version": version})
 
     # ---- commands ----
     def _process_commands(self) -> None:

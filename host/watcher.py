@@ -42,7 +42,8 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
                  OrderStatus.CANCELLED: f"cancelled: {update.reason}"}[update.status]
         Storage.add_event(db, kind, f"{order['side']} {order['qty']} {order['exchange']}:{order['symbol']} "
                           f"({order['strategy']}, order {order['id']}) {words}", severity, order["strategy"],
-                          {"order_id": order["id"], "broker_order_id": update.broker_order_id})
+                          {"order_id": order["id"], "broker_order_id": update.broker_order_id,
+                           "version": order["strategy_version"]})
     return _order_row(db, order["id"]) if changed or filled else None
 
 

@@ -286,8 +286,8 @@ def strategy_on_alert(ctx, alert):
     assert codes == [503, 503, 503]
     record = wait_strategy(h, "flaky", status="disabled")
     assert any("circuit breaker" in x["change"] for x in record["history"])
-    events = h.api("/api/events").get_json()["items"]
-    assert any(e["kind"] == "plugin_disabled" and "circuit breaker" in e["message"] for e in events)
+    wait_for(lambda: any(e["kind"] == "plugin_disabled" and "circuit breaker" in e["message"]
+                         for e in h.api("/api/events").get_json()["items"]))
     assert h.post(alert(strategy="flaky", alert_id="f9")).status_code == 423
 
 
@@ -484,3 +484,16 @@ def strategy_on_order(ctx, order):
     wait_for(lambda: [s for s in state() if s[1] == "FILLED"])
     assert [rejected, "REJECTED", "RMS:Blocked for trading"] in state()
     assert {s[0] for s in state()} == {rejected, filled}
+
+
+def test_the_kind_manager_holds_exactly_the_live_versions(host, folder):
+    write(folder, "managed", counting("managed", "1.0"))
+    wait_strategy(host, "managed", generation=1)
+    write(folder, "managed", counting("managed", "2.0"))
+    wait_strategy(host, "managed", generation=2)
+    pm = host.runtime.strategies.pm
+    assert [name for name, _ in pm.list_name_plugin()] == ["managed.g2"]
+    host.post(alert(strategy="managed"))
+    host.settle()
+    fill = next(e for e in host.api("/api/events").get_json()["items"] if e["kind"] == "order_filled")
+    assert fill["data"]["version"] == "2.0"

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from ..storage import Storage, utcnow
 from .dispatch import Breaker, Caller, CallResult
-from .loader import Candidate, LoadError, digest_of, load, plugin_name
+from .loader import Candidate, LoadError, digest_of, load, new_manager, plugin_name
 
 log = logging.getLogger(__name__)
 HISTORY = 20
@@ -65,6 +65,7 @@ class Registry:
         self.breaker_limit = breaker_limit
         self.emit = emit  # (kind, message, severity, strategy, data) -> event
         self.entries: dict[str, Entry] = {}
+        self.pm = new_manager(self.kind)  # holds exactly the live versions of this kind
         self._load_lock = threading.Lock()
         self.submit: Callable[[Callable[[], None]], None] = lambda fn: fn()  # the engine sets its own
         for row in storage.rows("select name, status, generation from plugins where kind = ?", (self.kind,)):
@@ -132,23 +133,27 @@ class Registry:
             self._failed(entry, f"{cand.name} v{cand.version}: start failed: {result.error}", result.detail, "start")
             return
         entry.live, entry.generation, entry.error, entry.detail = live, generation, None, None  # the swap
+        self.pm.register(cand.module, name=f"{cand.name}.g{generation}")
         if old is not None:
             self._retire(old, "reload")
-        self._save(entry, f"v{cand.version} running" + (" (reloaded)" if old else ""))
+        # the event first: whoever sees the new status also finds its event
         self.emit("plugin_loaded", f"{self.kind} {live.label} is running", "info",
                   cand.name if self.kind == "strategy" else None, {"version": cand.version, "generation": generation})
+        self._save(entry, f"v{cand.version} running" + (" (reloaded)" if old else ""))
 
     def _failed(self, entry: Entry, error: str, detail: Optional[str], stage: str) -> None:
         entry.error, entry.detail = error, detail
         still = f"; {entry.live.label} keeps running" if entry.live else ""
-        self._save(entry, f"{stage} failed")
         self.emit("plugin_failed", f"{self.kind} {entry.name}: {error}{still}", "error",
                   entry.name if self.kind == "strategy" else None, {"digest": entry.digest, "stage": stage})
+        self._save(entry, f"{stage} failed")
 
     def _retire(self, live: Live, reason: str) -> None:
         self.persist_state(live)
         self._stop(live, reason)
         live.caller.close()
+        if self.pm.is_registered(live.candidate.module):
+            self.pm.unregister(live.candidate.module)
         live.candidate.retire()
 
     def remove(self, name: str) -> None:
@@ -177,9 +182,9 @@ class Registry:
         if disabled and entry.live is not None:
             self._retire(entry.live, "disabled")
             entry.live = None
-        self._save(entry, why)
         self.emit("plugin_" + ("disabled" if disabled else "enabled"), f"{self.kind} {name} {why}",
                   "warning" if disabled else "info", name if self.kind == "strategy" else None, None)
+        self._save(entry, why)
         if not disabled and entry.path is not None and entry.path.exists():
             entry.digest = None  # load the file as it is now
             outcome = self.prepare(entry.path)
