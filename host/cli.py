@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from . import __version__
-from .config import VARS, ConfigError, Settings, load
+from .config import ConfigError, Settings, load
 from .locks import FileLock
 
 ALERT_EXAMPLE = ('{{"secret_key": "{secret}", "execution_type": "ENTRY", "strategy_name": "my_strategy", '

@@ -64,7 +64,7 @@ def transition(db: sqlite_utils.Database, order_id: str, status: OrderStatus, de
 def _order_row(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     cur = db.execute("select * from orders where id = ?", (order_id,))
     values = cur.fetchone()
-    return None if values is None else dict(zip((c[0] for c in cur.description), values))
+    return None if values is None else dict(zip((c[0] for c in cur.description), values, strict=True))
 
 
 def _mark_submitted(db: sqlite_utils.Database, order_id: str, detail: Optional[str]) -> None:
@@ -153,9 +153,9 @@ class OrderSender:
         try:
             self.gateway.call("cancel_order", self.gateway.broker.cancel, row["broker_order_id"])
         except BrokerError as e:
-            self.storage.write(lambda db: Storage.add_event(
-                db, "cancel_failed", f"cancel of order {order_id} ({why}) failed: {e}", "warning",
-                row["strategy"], {"order_id": order_id}))
+            message = f"cancel of order {order_id} ({why}) failed: {e}"
+            self.storage.write(lambda db: Storage.add_event(db, "cancel_failed", message, "warning",
+                                                            row["strategy"], {"order_id": order_id}))
 
     def send(self, order_id: str, resend: bool = False) -> None:
         """Mark SUBMITTED (persisted) then call the broker; record what came back."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 from typing import Any, Optional
 
 from gunicorn.app.base import BaseApplication

@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 import sqlite_utils
 
-from .models import BrokerOrder, OrderStatus, Product, Side
+from .models import BrokerOrder, OrderStatus, Side
 from .orders import _order_row, transition
 from .positions import PositionMath
 from .storage import Storage, dec, utcnow

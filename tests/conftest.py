@@ -1,7 +1,6 @@
 """Shared fixtures: settings in a temp DATA_DIR, a running runtime, the Flask client, alert builders."""
 from __future__ import annotations
 
-import copy
 import time
 from decimal import Decimal
 from pathlib import Path

@@ -5,7 +5,7 @@ import threading
 
 from host.web import create_app
 
-from conftest import SYMBOL, TOKEN, alert, make_settings, wait_for
+from conftest import SYMBOL, TOKEN, alert, make_settings
 
 ROUTES = ("/api/status", "/api/orders", "/api/positions", "/api/alerts", "/api/risk", "/api/events")
 

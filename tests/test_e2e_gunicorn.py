@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from conftest import wait_for
-from serverproc import ServerProcess, free_port
+from serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
 

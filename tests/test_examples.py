@@ -1,12 +1,10 @@
 """The example plugins shipped in plugins/, driven through the engine on the paper broker."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pytest
 
-from conftest import SYMBOL, alert, wait_for
+from conftest import alert, wait_for
 from plugin_files import wait_strategy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "plugins"

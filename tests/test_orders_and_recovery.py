@@ -196,3 +196,19 @@ def test_paper_market_state_survives_a_restart(host):
     assert len(host.broker.order_book()) == 1
     host.tick("119")
     wait_for(lambda: host.orders(status="FILLED"))
+
+
+def test_a_failed_cancel_is_reported_not_swallowed(host):
+    host.tick("100")
+    oid = _one_order(host.post(alert(direction="BUY", price="90")))
+    wait_for(lambda: _status(host, oid)["status"] == "OPEN")
+
+    def refuse(broker_order_id):
+        from host.brokers.base import Rejected
+        raise Rejected("RMS: order is in modification")
+    host.broker.cancel = refuse
+    host.runtime.sender.enqueue_cancel(oid, "test")
+    event = wait_for(lambda: next((e for e in host.api("/api/events").get_json()["items"]
+                                   if e["kind"] == "cancel_failed"), None))
+    assert oid in event["message"] and "RMS: order is in modification" in event["message"]
+    assert _status(host, oid)["status"] == "OPEN"
