@@ -75,6 +75,15 @@ def _decimal(lo: Optional[Decimal] = None, hi: Optional[Decimal] = None, what: s
     return parse
 
 
+def _hhmm_or_off(v: str) -> Optional[time]:
+    if v.strip().lower() in ("off", "none", "-"):
+        return None
+    try:
+        return _hhmm(v)
+    except ValueError:
+        raise ValueError("a time HH:MM (24 h, Asia/Kolkata), or off") from None
+
+
 def _hhmm(v: str) -> time:
     m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", v.strip())
     if not m:
@@ -105,6 +114,14 @@ def _secret(min_len: int) -> Callable[[str], str]:
             raise ValueError(f"at least {min_len} characters")
         return v
     return parse
+
+
+def _dates(v: str) -> frozenset:
+    from datetime import date
+    try:
+        return frozenset(date.fromisoformat(p.strip()) for p in v.split(",") if p.strip())
+    except ValueError:
+        raise ValueError("a comma-separated list of dates YYYY-MM-DD") from None
 
 
 def _url(v: str) -> str:
@@ -144,13 +161,21 @@ VARS: tuple[Var, ...] = (
     Var("REQUIRE_KNOWN_STRATEGY", _bool, "false", "reject alerts whose strategy has no plugin"),
     Var("DASHBOARD_COOKIE_SECURE", _bool, "false", "mark the session cookie Secure (serve over HTTPS)"),
     Var("MARKET_PROTECTION_PCT", _decimal(Decimal("0.1"), Decimal("20"), "a percentage from 0.1 to 20"), "2", "market orders become limit orders this far through the LTP"),
-    Var("SQUARE_OFF_TIME", _hhmm, "15:15", "intraday (MIS) square-off time, Asia/Kolkata"),
+    Var("SQUARE_OFF_TIME", _hhmm_or_off, "15:15", "intraday (MIS) square-off time, Asia/Kolkata, or off"),
     Var("RISK_BASE_MAX_LOSS", _decimal(None, Decimal("-1"), "a negative amount in rupees, e.g. -5000"), "-5000", "daily max loss before trailing"),
     Var("RISK_TRAIL_STEP", _decimal(Decimal("0"), None, "an amount >= 0 in rupees"), "0", "the limit rises by this step for every step of peak profit (0: no trailing)"),
     Var("RISK_WARNING_THRESHOLD", _decimal(Decimal("0"), Decimal("1"), "a fraction from 0 to 1, e.g. 0.8"), "0.8", "warn when the loss reaches this fraction of the limit"),
     Var("RISK_MAX_CONSECUTIVE_LOSS_DAYS", _int(0, 30), "3", "breach days in a row before a cooldown (0: never)"),
     Var("RISK_STATUS_UPDATE_MIN", _int(0, 1440), "30", "minutes between risk status notifications (0: never)"),
     Var("RISK_MAX_ORDERS_PER_DAY", _int(0, 100000), "0", "orders per strategy per day (0: no limit)"),
+    Var("RISK_MAX_QTY_PER_ORDER", _int(0, 10_000_000), "0", "quantity per order, any strategy (0: no limit)"),
+    Var("RISK_MAX_QTY_PER_SYMBOL", _int(0, 10_000_000), "0", "open quantity per strategy and symbol (0: no limit)"),
+    Var("RISK_STRATEGY_MAX_LOSS", _decimal(None, Decimal("0"), "an amount <= 0 in rupees (0: no limit)"), "0",
+        "a strategy losing this much today is exited and stopped for the day"),
+    Var("RISK_COOLDOWN_DAYS", _int(0, 30), "0", "cooldown length in trading days after the loss streak "
+                                                 "(0: until the next week's first trading day)"),
+    Var("RISK_POLL_S", _int(1, 300), "5", "seconds between reads of the broker's positions"),
+    Var("MARKET_HOLIDAYS", _dates, "", "exchange holidays, e.g. 2026-01-26,2026-03-03"),
     Var("SHOONYA_AUTH", _choice("oauth", "token"), "oauth", "how the live broker session is obtained"),
     Var("SHOONYA_API_URL", _url, "https://api.shoonya.com/NorenWClientAPI/", "Noren REST base URL"),
     Var("SHOONYA_WS_URL", _url, "wss://api.shoonya.com/NorenWSAPI/", "Noren WebSocket URL"),
@@ -273,7 +298,7 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
             problems.append(Problem(var.name, f"a value ({var.doc})", "nothing (variable not set)"))
             continue
         if text == "" and var.default == "":
-            values[var.name] = var.parse("") if var.parse in (_ip_list, _int_list) else ""
+            values[var.name] = var.parse("") if var.parse in (_ip_list, _int_list, _dates) else ""
             continue
         try:
             values[var.name] = var.parse(text)

@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from zoneinfo import ZoneInfo
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
@@ -16,19 +15,19 @@ import sqlite_utils
 
 from . import guard
 from .inbox import Inbox
+from .market import IST
 from .models import (AlertRequest, AlertStatus, BrokerOrder, ExecutionType, Intent, Leg, Order, OrderStatus,
                      OrderType, Product, Side, Tick, TradingState)
 from .orders import OrderSender, insert_order, transition
 from .risk import RiskGate
-from .storage import Storage, dec, utcnow
+from .storage import HEARTBEAT_KEY, Storage, dec, utcnow
 from .plugins.strategies import Asked, StrategyRegistry
 from .validation import validate_intent
-from .watcher import Watcher
+from .watcher import Watcher, apply_manual
+from . import views
 
 log = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
-HEARTBEAT_KEY = "engine_heartbeat"
-IST = ZoneInfo("Asia/Kolkata")
 CLOCK_EVERY_S = 1.0
 
 
@@ -79,7 +78,9 @@ class Engine:
     def __init__(self, storage: Storage, inbox: Inbox, gate: RiskGate, sender: OrderSender, watcher: Watcher,
                  strategies: StrategyRegistry, broker_book: Callable[[], list[BrokerOrder]],
                  apply_tick: Optional[Callable[[str, str, Decimal], None]], max_alert_age_s: int,
-                 require_known: bool = False, reconcile_every_s: float = 5.0):
+                 require_known: bool = False, reconcile_every_s: float = 5.0,
+                 broker_positions: Callable[[], list] = list, risk_poll_s: float = 5.0,
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self.storage, self.inbox, self.gate, self.sender, self.watcher = storage, inbox, gate, sender, watcher
         self.strategies = strategies
         self.broker_book = broker_book
@@ -96,6 +97,13 @@ class Engine:
         self._last_clock = 0.0
         self._recover_pending = False
         self.plugin_registries: dict[str, Any] = {"strategy": strategies}
+        self.broker_positions = broker_positions
+        self.risk_poll_s = risk_poll_s
+        self.now = now
+        self._last_poll = 0.0
+        self._blind: Optional[str] = None
+        self._manual_seen: dict[tuple, int] = {}
+        self._risk_dirty = True
 
     # ---- life cycle ----
     def start(self, changes: list[Callable[[], None]] = ()) -> None:
@@ -160,6 +168,7 @@ class Engine:
         """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
         updates = [u for kind, u in items if kind == "update"]
         changed = self.watcher.apply(updates) if updates else []
+        self._risk_dirty = self._risk_dirty or bool(changed)
         for kind, oid in items:
             if kind == "order":
                 row = self.storage.one("select * from orders where id = ?", (oid,))
@@ -186,6 +195,10 @@ class Engine:
         if now - self._last_clock >= CLOCK_EVERY_S:
             self._last_clock = now
             self._clock()
+            self._risk_dirty = True
+        if self._risk_dirty:
+            self._risk_dirty = False
+            self._risk_check()
         if now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
             self.storage.write(lambda db: Storage.put_state(db, HEARTBEAT_KEY, utcnow()))
@@ -194,7 +207,7 @@ class Engine:
             self._reconcile()
 
     def _clock(self) -> None:
-        now = datetime.now(IST)
+        now = self.now().astimezone(IST)
         for live in self.strategies.with_hook("strategy_on_clock"):
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 
@@ -267,7 +280,8 @@ class Engine:
         if blocked:
             return Decision(AlertStatus.BLOCKED, "; ".join(blocked))
         todo = [c for c in checked if c.intent is not None]
-        refusals = {r for r in (self.gate.refusal(c.reducing) for c in todo) if r}
+        params = self.strategies.params(strategy)
+        refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:
             return Decision(AlertStatus.REFUSED, "; ".join(sorted(refusals)))
         problems = [p for n, c in enumerate(todo) for p in validate_intent(c.intent, f"intent[{n}]")]
@@ -322,6 +336,8 @@ class Engine:
 
     def _cmd_halt(self, args: dict) -> dict:
         state = TradingState(args["mode"])
+        if state is TradingState.ACTIVE:  # an explicit resume also replaces an unreadable risk record
+            self.gate.manager.repair(self.gate.clock.day(self.now()))
         self.storage.write(lambda db: self.gate.set_state(db, state, args.get("reason") or "set by the user",
                                                           args.get("by") or "api"))
         return {"state": state.value}
@@ -354,38 +370,116 @@ class Engine:
             for t in ticks:
                 self.apply_tick(t.exchange, t.symbol, t.ltp)
         self._handle(self._drain())
+        self._risk_check()
         for t in ticks:
             for live in self.strategies.subscribers(t):
                 self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_tick", tick=t), "on_tick")
         return {"applied": len(ticks)}
 
     def _cmd_exit_all(self, args: dict) -> dict:
-        """Cancel orders that add exposure, and exit every strategy's open positions through the guard."""
-        by = args.get("by") or "api"
+        return self._flatten(f"exit-all by {args.get('by') or 'api'}")
+
+    def _flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None) -> dict:
+        """Cancel orders that add exposure, and exit open positions through the guard (all, or one
+        strategy's, or one product's)."""
+        def wanted(row: dict) -> bool:
+            return (strategy is None or row["strategy"] == strategy) and (product is None or row["product"] == product)
 
         def run(db: sqlite_utils.Database) -> tuple[list[str], int, list[str]]:
             cancelled, to_cancel = 0, []
-            for o in adding_orders(db):
+            for o in filter(wanted, adding_orders(db)):
                 if o["status"] == OrderStatus.NEW.value:
-                    cancelled += transition(db, o["id"], OrderStatus.CANCELLED, f"exit-all by {by}",
-                                            reason=f"cancelled before sending: exit-all by {by}")
+                    cancelled += transition(db, o["id"], OrderStatus.CANCELLED, why, reason=f"cancelled before sending: {why}")
                 elif o["status"] in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value):
                     to_cancel.append(o["id"])
             created: list[str] = []
-            strategies = [r["strategy"] for r in db.query(
-                "select distinct strategy from positions where net_qty != 0 order by strategy")]
-            for strategy in strategies:
+            held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy") if wanted(p)]
+            for name in dict.fromkeys(p["strategy"] for p in held):
                 intents = [Intent(p["exchange"], p["symbol"], Side.SELL if p["net_qty"] > 0 else Side.BUY,
                                   abs(p["net_qty"]), OrderType.MKT, Product(p["product"]), action=ExecutionType.EXIT)
-                           for p in db.query("select * from positions where strategy = ? and net_qty != 0", (strategy,))]
-                created += self.evaluate(db, strategy, intents, alert_id=None).orders
-            Storage.add_event(db, "exit_all", f"exit-all by {by}: {len(created)} exit orders, {cancelled} unsent "
-                              f"orders cancelled, {len(to_cancel)} working orders being cancelled", "warning",
+                           for p in held if p["strategy"] == name]
+                created += self.evaluate(db, name, intents, alert_id=None).orders
+            Storage.add_event(db, "exit_all", f"{why}: {len(created)} exit orders, {cancelled} unsent orders "
+                              f"cancelled, {len(to_cancel)} working orders being cancelled", "warning", strategy,
                               data={"orders": created, "cancelling": to_cancel})
             return created, cancelled, to_cancel
         created, cancelled, to_cancel = self.storage.write(run)
         for oid in to_cancel:  # first, so nothing new can fill while the exits go out
-            self.sender.enqueue_cancel(oid, f"exit-all by {by}")
+            self.sender.enqueue_cancel(oid, why)
         for oid in created:
             self.sender.enqueue(oid)
         return {"orders": created, "cancelled": cancelled, "cancelling": to_cancel}
+
+    # ---- risk ----
+    def _risk_check(self, force_poll: bool = False) -> None:
+        """Poll the broker's positions now and then; compare the day's PnL with the limits; act."""
+        now = self.now()
+        mono = time.monotonic()
+        if force_poll or mono - self._last_poll >= self.risk_poll_s:
+            self._last_poll = mono
+            try:
+                self._blind = None
+                self._adopt_manual(self.broker_positions())
+            except Exception as e:  # any failure to read positions is blindness, never "flat"
+                self._blind = f"{type(e).__name__}: {e}"
+        pnl, by_strategy = views.pnl_by_strategy(self.storage)
+        exposed = bool(self.storage.one(
+            "select 1 from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
+            "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and o.symbol = "
+            "p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in ('NEW','SUBMITTED','UNKNOWN',"
+            "'OPEN','PARTIAL')), 0) limit 1"))
+        caps = {n: Decimal(str(self.strategies.params(n)["max_loss"])) for n in by_strategy
+                if self.strategies.params(n).get("max_loss")}
+        actions = self.gate.manager.check(now, None if self._blind else pnl, self._blind, exposed, by_strategy, caps)
+        for action in actions:
+            self._act_on_risk(action)
+
+    def _act_on_risk(self, action: Any) -> None:
+        halted_by_risk = lambda: self.gate.state().get("by") == "risk"  # noqa: E731
+        if action.kind == "fail_closed":
+            if self.gate.trading_state is TradingState.ACTIVE:
+                self.storage.write(lambda db: self.gate.set_state(db, TradingState.REDUCE_ONLY, action.message, "risk"))
+            return  # said once, through the state change
+        self.storage.write(lambda db: Storage.add_event(db, f"risk_{action.kind}", action.message, action.severity,
+                                                        action.data.get("strategy"), action.data or None))
+        if action.kind == "breach":
+            self.storage.write(lambda db: self.gate.set_state(db, TradingState.HALTED, action.message, "risk"))
+            self._flatten("risk: daily max loss breached")
+        elif action.kind == "violation":
+            self._flatten("risk: positions after the breach")
+        elif action.kind == "resume" and halted_by_risk():
+            self.storage.write(lambda db: self.gate.set_state(db, TradingState.ACTIVE, action.message, "risk"))
+        elif action.kind == "strategy_breach":
+            self._flatten(f"risk: strategy {action.data['strategy']} max loss", strategy=action.data["strategy"])
+        elif action.kind == "new_day":  # the day's PnL starts again; open positions carry over
+            self.storage.write(lambda db: (db.execute("update positions set realized_pnl = '0'"),
+                                           db.execute("delete from positions where net_qty = 0")))
+        elif action.kind == "square_off":
+            self._flatten("risk: intraday square-off", product="I")
+
+    def _adopt_manual(self, broker_positions: list) -> None:
+        """Positions at the broker that no strategy owns count as the pseudo-strategy `manual`.
+
+        A difference must be seen on two polls in a row: a fill may be at the broker a moment before
+        the watcher has applied it.
+        """
+        ours: dict[tuple, int] = {}
+        for r in self.storage.rows("select exchange, symbol, product, sum(net_qty) n from positions "
+                                   "group by exchange, symbol, product"):
+            ours[(r["exchange"], r["symbol"], r["product"])] = r["n"]
+        theirs = {(p.exchange, p.symbol, p.product.value): p for p in broker_positions}
+        diffs = {}
+        for key in set(ours) | set(theirs):
+            diff = (theirs[key].net_qty if key in theirs else 0) - ours.get(key, 0)
+            if diff:
+                diffs[key] = diff
+        confirmed = {k: d for k, d in diffs.items() if self._manual_seen.get(k) == d}
+        self._manual_seen = diffs
+        for (ex, sym, prod), diff in confirmed.items():
+            bp = theirs.get((ex, sym, prod))
+            quote = self.storage.one("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym))
+            price = Decimal(quote["ltp"]) if quote else (bp.avg_price if bp else Decimal("0"))
+            self.storage.write(lambda db: (apply_manual(db, ex, sym, prod, diff, price), Storage.add_event(
+                db, "manual_trade", f"{diff:+d} {ex}:{sym} ({prod}) at the broker belongs to no strategy: counted "
+                f"in the PnL as strategy 'manual'", "warning", "manual", {"qty": diff, "price": str(price)})))
+            self._manual_seen.pop((ex, sym, prod), None)

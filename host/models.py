@@ -203,6 +203,18 @@ class Holding:
 
 
 @dataclass(frozen=True)
+class BrokerPosition:
+    """The broker's net position in one instrument and product."""
+
+    exchange: str
+    symbol: str
+    product: Product
+    net_qty: int
+    avg_price: Decimal
+    realized_pnl: Decimal
+
+
+@dataclass(frozen=True)
 class FillReport:
     fill_id: str
     qty: int

@@ -1,40 +1,362 @@
-"""Risk gate: the persisted trading state (active, reduce_only, halted) decides what may trade."""
+"""Risk: the trading state, the daily loss limit with trailing, warnings, breaches, the loss-streak
+cooldown, blind mode and per-strategy limits. The manager decides; the engine acts on its decisions."""
 from __future__ import annotations
 
 import json
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any, Optional
 
 import sqlite_utils
 
-from .models import TradingState
+from .market import IST, MarketClock
+from .models import Intent, TradingState
 from .storage import Storage, utcnow
 
 STATE_KEY = "trading_state"
+DAY_KEY = "risk_day"
+ZERO = Decimal("0")
+
+
+@dataclass(frozen=True)
+class Limits:
+    base: Decimal = Decimal("-5000")
+    step: Decimal = ZERO
+    threshold: Decimal = Decimal("0.8")
+    max_consecutive: int = 3
+    status_every_min: int = 30
+    cooldown_days: int = 0
+    max_orders_per_day: int = 0
+    max_qty_per_order: int = 0
+    max_qty_per_symbol: int = 0
+    strategy_max_loss: Decimal = ZERO
+    square_off: Optional[time] = time(15, 15)
+
+    @classmethod
+    def from_settings(cls, s: Any) -> "Limits":
+        return cls(s.RISK_BASE_MAX_LOSS, s.RISK_TRAIL_STEP, s.RISK_WARNING_THRESHOLD, s.RISK_MAX_CONSECUTIVE_LOSS_DAYS,
+                   s.RISK_STATUS_UPDATE_MIN, s.RISK_COOLDOWN_DAYS, s.RISK_MAX_ORDERS_PER_DAY, s.RISK_MAX_QTY_PER_ORDER,
+                   s.RISK_MAX_QTY_PER_SYMBOL, s.RISK_STRATEGY_MAX_LOSS, s.SQUARE_OFF_TIME)
+
+
+def trailing_limit(base: Decimal, step: Decimal, peak: Decimal) -> Decimal:
+    """limit = base + floor(peak / step) × step; it rises with the peak and can lock in profit."""
+    if step <= 0 or peak <= 0:
+        return base
+    return base + (peak / step).to_integral_value(rounding=ROUND_FLOOR) * step
+
+
+def warning_level(limit: Decimal, base: Decimal, threshold: Decimal) -> Decimal:
+    """The PnL at which a warning goes out: (1 − threshold) × |base| above the limit."""
+    return limit + (1 - threshold) * abs(base)
+
+
+class CorruptState(Exception):
+    """Stored risk state that cannot be read; risk fails closed."""
+
+
+@dataclass
+class RiskDay:
+    """Today's risk record, stored as one JSON row and rewritten atomically on every change."""
+
+    day: str
+    limit: Decimal
+    peak: Decimal = ZERO
+    last_pnl: Decimal = ZERO
+    warned: list = field(default_factory=list)
+    breached: bool = False
+    breached_at: Optional[str] = None
+    blind: Optional[str] = None
+    last_status: Optional[str] = None
+    squared_off: bool = False
+    strategy_stops: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RiskDay":
+        try:
+            d = json.loads(text)
+            day = cls(**d)
+            day.limit, day.peak, day.last_pnl = Decimal(d["limit"]), Decimal(d["peak"]), Decimal(d["last_pnl"])
+            date.fromisoformat(day.day)
+            if not isinstance(day.breached, bool) or not isinstance(day.warned, list):
+                raise ValueError("bad field types")
+            return day
+        except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+            raise CorruptState(f"stored risk day is unreadable ({type(e).__name__}: {e})") from None
+
+
+@dataclass(frozen=True)
+class Action:
+    """A risk decision for the engine: kind, words for people, and details."""
+
+    kind: str
+    message: str
+    severity: str = "info"
+    data: dict = field(default_factory=dict)
+
+
+def _day_start_utc(d: date) -> str:
+    return datetime.combine(d, time(0), IST).astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class RiskManager:
+    """Watches the day's PnL against the trailing limit; everything it knows is in SQLite."""
+
+    def __init__(self, storage: Storage, limits: Limits, clock: MarketClock):
+        self.storage, self.limits, self.clock = storage, limits, clock
+
+    # ---- stored state ----
+    def trading_state(self) -> dict:
+        raw = self.storage.get_state(STATE_KEY)
+        if not raw:
+            return {"state": TradingState.ACTIVE.value, "reason": None, "by": None, "at": None}
+        try:
+            st = json.loads(raw)
+            TradingState(st["state"])
+            return st
+        except (ValueError, KeyError, TypeError):
+            return {"state": TradingState.REDUCE_ONLY.value, "by": "risk", "at": None,
+                    "reason": "the stored trading state is unreadable: failing closed until POST /api/halt active"}
+
+    def load_day(self, today: date) -> RiskDay:
+        """Today's record; a new one on a new day. Raises CorruptState when the stored one is unreadable."""
+        raw = self.storage.get_state(DAY_KEY)
+        if raw:
+            day = RiskDay.from_json(raw)
+            if day.day == today.isoformat():
+                return day
+        return RiskDay(today.isoformat(), self.limits.base)
+
+    def breach_days(self) -> dict[date, bool]:
+        """Recorded trading days and whether each breached; a corrupt row raises CorruptState."""
+        out = {}
+        for r in self.storage.rows("select day, breached from risk_days"):
+            try:
+                if r["breached"] not in (0, 1):
+                    raise ValueError(r["breached"])
+                out[date.fromisoformat(r["day"])] = bool(r["breached"])
+            except (ValueError, TypeError):
+                raise CorruptState(f"risk_days row {r['day']!r} is unreadable") from None
+        return out
+
+    def streak(self, upto: date) -> int:
+        """Consecutive breached trading days ending at `upto` (or the trading day before it)."""
+        days = self.breach_days()
+        d = upto if days.get(upto) else self.clock.previous_trading_day(upto)
+        n = 0
+        while days.get(d):
+            n += 1
+            d = self.clock.previous_trading_day(d)
+        return n
+
+    def cooldown_until(self, today: date) -> Optional[date]:
+        """The first day entries are allowed again after a loss streak, if that is after today."""
+        n = self.limits.max_consecutive
+        if n <= 0:
+            return None
+        days = self.breach_days()
+        breached = sorted(d for d, b in days.items() if b and d <= today)
+        if not breached:
+            return None
+        until, run, d = None, 0, breached[0]
+        while d <= today:
+            run = run + 1 if days.get(d) else 0
+            if run >= n:
+                end = self.clock.first_trading_day_of_next_week(d)
+                if self.limits.cooldown_days:
+                    end = d
+                    for _ in range(self.limits.cooldown_days + 1):
+                        end = self.clock.next_trading_day(end)
+                until = max(until or end, end)
+            d = self.clock.next_trading_day(d)
+        return until if until and today < until else None
+
+    # ---- the check ----
+    def check(self, now: datetime, pnl: Optional[Decimal], blind_reason: Optional[str] = None,
+              exposed: bool = False, strategy_pnl: Optional[dict[str, Decimal]] = None,
+              strategy_max_loss: Optional[dict[str, Decimal]] = None) -> list[Action]:
+        """Compare the day's PnL with the limits at `now`; store the result; return what must be done.
+
+        pnl is None when positions could not be read (blind). exposed: positions are open that no
+        working exit covers. A breach, once recorded, is never cleared before the next trading day.
+        """
+        today = self.clock.day(now)
+        actions: list[Action] = []
+        try:
+            day = self.load_day(today)
+        except CorruptState as e:
+            return [Action("fail_closed", f"{e}; trading is reduce_only until you check and resume", "error")]
+        stored = self.storage.get_state(DAY_KEY)
+        if stored and json.loads(stored).get("day") != day.day:
+            # a new day: close the old one and start fresh; today's PnL is judged on the next check,
+            # once the engine has reset yesterday's realised PnL
+            actions += self._new_day(today, json.loads(stored))
+            self._store(day)
+            return actions
+        if pnl is None:
+            if day.blind is None:
+                day.blind = blind_reason or "positions cannot be read"
+                actions.append(Action("blind", f"risk is blind: {day.blind}; new entries are refused, the last "
+                                               f"known PnL {day.last_pnl} is kept", "error"))
+            self._store(day)
+            return actions
+        if day.blind is not None:
+            actions.append(Action("sighted", f"positions can be read again; PnL {pnl}", "info"))
+            day.blind = None
+        day.last_pnl = pnl
+        day.peak = max(day.peak, pnl)
+        day.limit = max(day.limit, trailing_limit(self.limits.base, self.limits.step, day.peak))
+        data = {"pnl": str(pnl), "limit": str(day.limit), "peak": str(day.peak)}
+        if not day.breached and pnl <= day.limit:
+            day.breached, day.breached_at = True, utcnow()
+            self._record_day(today, True, day)
+            actions.append(Action("breach", f"daily max loss breached: PnL {pnl} <= limit {day.limit}; trading "
+                                            f"halted for the day, pending orders cancelled, positions exited",
+                                  "error", data))
+            streak = self.streak(today)
+            until = self.cooldown_until(today)
+            if until:
+                actions.append(Action("cooldown", f"{streak} trading days in a row with a breach: entries are "
+                                                  f"refused until {until.isoformat()}", "error",
+                                      {"until": until.isoformat(), "streak": streak}))
+        elif day.breached and exposed:
+            actions.append(Action("violation", f"positions reappeared after today's breach (PnL {pnl}); "
+                                               f"flattening them again", "error", data))
+        elif not day.breached and pnl <= warning_level(day.limit, self.limits.base, self.limits.threshold) \
+                and str(day.limit) not in day.warned:
+            day.warned.append(str(day.limit))
+            actions.append(Action("warning", f"PnL {pnl} is near the daily limit {day.limit}", "warning", data))
+        for name, spnl in (strategy_pnl or {}).items():
+            cap = (strategy_max_loss or {}).get(name, self.limits.strategy_max_loss)
+            if cap and spnl <= -abs(cap) and name not in day.strategy_stops:
+                day.strategy_stops.append(name)
+                actions.append(Action("strategy_breach", f"strategy {name} lost {spnl}, beyond its limit "
+                                                         f"{-abs(cap)}: its positions are exited and it is stopped "
+                                                         f"for the day", "error", {"strategy": name, "pnl": str(spnl)}))
+        local = self.clock.local(now)
+        if (self.limits.square_off is not None and not day.squared_off and self.clock.is_trading_day(today)
+                and local.time() >= self.limits.square_off):
+            day.squared_off = True
+            actions.append(Action("square_off", f"intraday square-off at {self.limits.square_off:%H:%M}: "
+                                                f"MIS positions are exited", "warning"))
+        every = self.limits.status_every_min
+        if every and (day.last_status is None or
+                      datetime.fromisoformat(day.last_status) <= now - timedelta(minutes=every)):
+            day.last_status = now.astimezone(timezone.utc).isoformat(timespec="seconds")
+            actions.append(Action("status", f"risk status: PnL {pnl}, limit {day.limit}, peak {day.peak}", "info", data))
+        self._store(day)
+        return actions
+
+    def repair(self, today: date) -> None:
+        """Replace an unreadable day record (on an explicit resume); a breach recorded today is kept."""
+        try:
+            self.load_day(today)
+            return
+        except CorruptState:
+            pass
+        row = self.storage.one("select breached from risk_days where day = ?", (today.isoformat(),))
+        day = RiskDay(today.isoformat(), self.limits.base, breached=bool(row and row["breached"] == 1))
+        self.storage.write(lambda db: Storage.put_state(db, DAY_KEY, day.to_json()), durable=True)
+
+    def _new_day(self, today: date, previous: dict) -> list[Action]:
+        """Close yesterday's record; a breach halt ends on the next trading day."""
+        try:
+            prev_day = date.fromisoformat(previous["day"])
+            self._record_day(prev_day, bool(previous.get("breached")), None, previous)
+        except (KeyError, ValueError, TypeError):
+            pass
+        actions = [Action("new_day", f"new day {today.isoformat()}: yesterday closed at PnL "
+                                     f"{previous.get('last_pnl')}", "info")]
+        st = self.trading_state()
+        if st["state"] == TradingState.HALTED.value and st.get("by") == "risk" and self.clock.is_trading_day(today):
+            actions.append(Action("resume", f"new trading day {today.isoformat()}: the breach halt ends", "info"))
+        return actions
+
+    def _record_day(self, d: date, breached: bool, day: Optional[RiskDay], raw: Optional[dict] = None) -> None:
+        src = asdict(day) if day else (raw or {})
+        row = {"day": d.isoformat(), "breached": int(breached), "final_pnl": str(src.get("last_pnl")),
+               "peak_pnl": str(src.get("peak")), "limit_at_end": str(src.get("limit")), "updated_at": utcnow()}
+        if not breached:  # never turn a recorded breach back into a clean day
+            existing = self.storage.one("select breached from risk_days where day = ?", (row["day"],))
+            if existing and existing["breached"] == 1:
+                return
+        self.storage.write(lambda db: Storage.insert(db, "risk_days", row, upsert_pk=("day",)), durable=True)
+
+    def _store(self, day: RiskDay) -> None:
+        """Write the day record if it differs from the stored one (one atomic, durable write)."""
+        text = day.to_json()
+        if text != self.storage.get_state(DAY_KEY):
+            self.storage.write(lambda db: Storage.put_state(db, DAY_KEY, text), durable=True)
 
 
 class RiskGate:
-    """Refuses intents the trading state forbids; the state survives restarts."""
+    """Refuses intents the trading state, the cooldown, blind mode or a strategy's limits forbid."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, limits: Optional[Limits] = None, clock: Optional[MarketClock] = None):
         self.storage = storage
+        self.limits = limits or Limits()
+        self.clock = clock or MarketClock()
+        self.manager = RiskManager(storage, self.limits, self.clock)
+        self.now = lambda: datetime.now(timezone.utc)
 
     def state(self) -> dict:
-        raw = self.storage.get_state(STATE_KEY)
-        if raw:
-            return json.loads(raw)
-        return {"state": TradingState.ACTIVE.value, "reason": None, "by": None, "at": None}
+        return self.manager.trading_state()
 
     @property
     def trading_state(self) -> TradingState:
         return TradingState(self.state()["state"])
 
-    def refusal(self, reducing: bool) -> Optional[str]:
-        """Why an intent may not trade now, or None when it may."""
-        st = self.state()
-        if reducing or st["state"] == TradingState.ACTIVE.value:
+    def refusal(self, reducing: bool, strategy: Optional[str] = None, intent: Optional[Intent] = None,
+                db: Optional[sqlite_utils.Database] = None, params: Optional[dict] = None) -> Optional[str]:
+        """Why an intent may not trade now, or None when it may. Exits and reductions always may."""
+        if reducing:
             return None
-        why = f" ({st['reason']})" if st.get("reason") else ""
-        return f"trading is {st['state']}{why}: only exits and reductions are allowed"
+        st = self.state()
+        if st["state"] != TradingState.ACTIVE.value:
+            why = f" ({st['reason']})" if st.get("reason") else ""
+            return f"trading is {st['state']}{why}: only exits and reductions are allowed"
+        today = self.clock.day(self.now())
+        try:
+            day = self.manager.load_day(today)
+            until = self.manager.cooldown_until(today)
+        except CorruptState as e:
+            return f"risk state is unreadable ({e}); entries are refused until it is checked"
+        if day.blind:
+            return f"risk is blind ({day.blind}): new entries are refused until positions can be read"
+        if until:
+            return f"loss-streak cooldown: entries are refused until {until.isoformat()}"
+        if strategy and strategy in day.strategy_stops:
+            return f"strategy {strategy} hit its max loss today: stopped until the next trading day"
+        if intent is not None and db is not None:
+            return self._strategy_limits(strategy, intent, db, today, params or {})
+        return None
+
+    def _strategy_limits(self, strategy: Optional[str], intent: Intent, db: sqlite_utils.Database, today: date,
+                         params: dict) -> Optional[str]:
+        per_order = int(params.get("max_qty_per_order", self.limits.max_qty_per_order) or 0)
+        if per_order and intent.qty > per_order:
+            return f"qty {intent.qty} is over the max of {per_order} per order for strategy {strategy}"
+        per_symbol = int(params.get("max_qty_per_symbol", self.limits.max_qty_per_symbol) or 0)
+        if per_symbol:
+            held = db.execute("select coalesce(sum(abs(net_qty)), 0) from positions where strategy = ? and "
+                              "exchange = ? and symbol = ?", (strategy, intent.exchange, intent.symbol)).fetchone()[0]
+            working = db.execute("select coalesce(sum(qty - filled_qty), 0) from orders where strategy = ? and "
+                                 "exchange = ? and symbol = ? and status in ('NEW','SUBMITTED','UNKNOWN','OPEN',"
+                                 "'PARTIAL') and action != 'EXIT'", (strategy, intent.exchange, intent.symbol)).fetchone()[0]
+            if held + working + intent.qty > per_symbol:
+                return (f"{intent.symbol}: {held} held + {working} working + {intent.qty} would exceed the max of "
+                        f"{per_symbol} per symbol for strategy {strategy}")
+        per_day = int(params.get("max_orders_per_day", self.limits.max_orders_per_day) or 0)
+        if per_day:
+            n = db.execute("select count(*) from orders where strategy = ? and created_at >= ? and action != 'EXIT'",
+                           (strategy, _day_start_utc(today))).fetchone()[0]
+            if n >= per_day:
+                return f"strategy {strategy} reached its max of {per_day} orders today (RISK_MAX_ORDERS_PER_DAY)"
+        return None
 
     def set_state(self, db: sqlite_utils.Database, state: TradingState, reason: str, by: str) -> None:
         Storage.put_state(db, STATE_KEY, json.dumps({"state": state.value, "reason": reason, "by": by, "at": utcnow()}))

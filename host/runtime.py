@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from functools import cached_property
 from typing import Optional
@@ -14,7 +15,8 @@ from .engine import Engine
 from .inbox import Inbox
 from .locks import FileLock
 from .orders import BrokerGateway, OrderSender
-from .risk import RiskGate
+from .market import MarketClock
+from .risk import Limits, RiskGate
 from .storage import Storage
 from .notify import EventPump, NotifierRegistry
 from .plugins.reloader import Reloader
@@ -45,6 +47,7 @@ class Runtime:
         self._storage = storage
         self._broker = broker
         self.broker_timeout_s = broker_timeout_s
+        self.clock_offset = timedelta(0)
         self.unknown_grace_s = unknown_grace_s
         self.plugin_budget_s = plugin_budget_s
         self.breaker_limit = breaker_limit
@@ -71,7 +74,13 @@ class Runtime:
 
     @cached_property
     def gate(self) -> RiskGate:
-        return RiskGate(self.storage)
+        gate = RiskGate(self.storage, Limits.from_settings(self.settings), MarketClock(self.settings.MARKET_HOLIDAYS))
+        gate.now = self.now
+        return gate
+
+    def now(self) -> datetime:
+        """The host's clock (tests move it with `clock_offset`)."""
+        return datetime.now(timezone.utc) + self.clock_offset
 
     @property
     def engine_running(self) -> bool:
@@ -94,7 +103,9 @@ class Runtime:
                             Watcher(self.storage, self.unknown_grace_s), self.strategies,
                             lambda: self.gateway.call("order_book", self.broker.order_book),
                             self.broker.apply_tick if self.settings.paper else None,
-                            self.settings.ALERT_MAX_AGE_S, self.settings.REQUIRE_KNOWN_STRATEGY)
+                            self.settings.ALERT_MAX_AGE_S, self.settings.REQUIRE_KNOWN_STRATEGY,
+                            broker_positions=lambda: self.gateway.call("positions", self.broker.positions),
+                            risk_poll_s=self.settings.RISK_POLL_S, now=self.now)
             engine.plugin_registries["notifier"] = self.notifiers
             self.sender.on_result = engine.order_changed
             for registry in (self.strategies, self.notifiers):

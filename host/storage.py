@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
+HEARTBEAT_KEY = "engine_heartbeat"
 LOCK_RETRIES = 20
 
 
@@ -74,7 +75,12 @@ def _m2_plugins(db: sqlite_utils.Database) -> None:
                               pk=("kind", "name"))
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins)
+def _m3_risk_days(db: sqlite_utils.Database) -> None:
+    db["risk_days"].create({"day": str, "breached": int, "final_pnl": str, "peak_pnl": str, "limit_at_end": str,
+                            "updated_at": str}, pk="day")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days)
 
 
 class Storage:

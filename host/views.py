@@ -6,10 +6,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from .config import Settings
-from .engine import HEARTBEAT_KEY
-from .risk import RiskGate
-from .storage import Storage, dec
+from .risk import CorruptState, RiskGate, _day_start_utc, trailing_limit, warning_level
+from .storage import HEARTBEAT_KEY, Storage, dec
 
 ORDER_FIELDS = ("id", "alert_id", "strategy", "action", "exchange", "symbol", "side", "qty", "order_type", "price",
                 "trigger_price", "product", "status", "filled_qty", "avg_price", "broker_order_id", "reason",
@@ -44,20 +42,44 @@ def positions(storage: Storage, include_flat: bool = True) -> list[dict]:
     return out
 
 
+def pnl_by_strategy(storage: Storage) -> tuple[Decimal, dict[str, Decimal]]:
+    """The day's realised plus unrealised PnL, in total and per strategy; CNC holdings excluded."""
+    by: dict[str, Decimal] = {}
+    for p in positions(storage):
+        if p["product"] != "C":
+            by[p["strategy"]] = by.get(p["strategy"], Decimal("0")) + p["realized_pnl"] + p["unrealized_pnl"]
+    return sum(by.values(), Decimal("0")), by
+
+
 def day_pnl(storage: Storage) -> Decimal:
-    """Realised plus unrealised PnL of the positions, CNC holdings excluded."""
-    return sum((p["realized_pnl"] + p["unrealized_pnl"] for p in positions(storage) if p["product"] != "C"),
-               Decimal("0"))
+    return pnl_by_strategy(storage)[0]
 
 
-def risk(storage: Storage, settings: Settings) -> dict:
-    st = RiskGate(storage).state()
-    pnl = day_pnl(storage)
-    base: Decimal = settings.RISK_BASE_MAX_LOSS
-    warn_at = base * settings.RISK_WARNING_THRESHOLD
-    return {"state": st["state"], "state_reason": st.get("reason"), "state_by": st.get("by"),
-            "state_at": st.get("at"), "day_pnl": pnl, "max_loss": base, "peak_pnl": max(pnl, Decimal("0")),
-            "breached": pnl <= base, "warning": pnl <= warn_at, "consecutive_loss_days": 0, "cooldown_until": None}
+def risk(storage: Storage, gate: RiskGate) -> dict:
+    """The contract's risk record, plus blind mode and per-strategy usage."""
+    st = gate.state()
+    pnl, by_strategy = pnl_by_strategy(storage)
+    m, limits = gate.manager, gate.limits
+    today = gate.clock.day(gate.now())
+    record = {"state": st["state"], "state_reason": st.get("reason"), "state_by": st.get("by"), "state_at": st.get("at"),
+              "day_pnl": pnl, "base_max_loss": limits.base, "trail_step": limits.step}
+    try:
+        day = m.load_day(today)
+        streak, until = m.streak(today), m.cooldown_until(today)
+    except CorruptState as e:
+        return {**record, "max_loss": limits.base, "peak_pnl": None, "breached": None, "warning": None,
+                "consecutive_loss_days": None, "cooldown_until": None, "blind": None, "error": str(e)}
+    limit = max(day.limit, trailing_limit(limits.base, limits.step, max(day.peak, pnl)))
+    counts = {r["strategy"]: r["n"] for r in storage.rows(
+        "select strategy, count(*) n from orders where created_at >= ? and action != 'EXIT' group by strategy",
+        (_day_start_utc(today),))}
+    return {**record, "day": day.day, "max_loss": limit, "peak_pnl": max(day.peak, pnl), "breached": day.breached,
+            "warning": pnl <= warning_level(limit, limits.base, limits.threshold), "consecutive_loss_days": streak,
+            "cooldown_until": until.isoformat() if until else None, "blind": day.blind,
+            "strategies": {name: {"pnl": by_strategy.get(name, Decimal("0")), "orders_today": counts.get(name, 0),
+                                  "stopped_today": name in day.strategy_stops,
+                                  "max_orders_per_day": limits.max_orders_per_day or None}
+                           for name in sorted(set(by_strategy) | set(counts))}}
 
 
 def engine_alive(storage: Storage, local_running: bool, max_age_s: float = 3.0) -> bool:

@@ -48,10 +48,19 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
 
 
 def _apply_fill(db: sqlite_utils.Database, order: dict, qty: int, price: Decimal) -> None:
-    key = (order["strategy"], order["exchange"], order["symbol"], order["product"])
+    _move_position(db, (order["strategy"], order["exchange"], order["symbol"], order["product"]),
+                   Side(order["side"]), qty, price)
+
+
+def apply_manual(db: sqlite_utils.Database, exchange: str, symbol: str, product: str, qty: int, price: Decimal) -> None:
+    """Count a position found at the broker that no strategy owns under the pseudo-strategy `manual`."""
+    _move_position(db, ("manual", exchange, symbol, product), Side.BUY if qty > 0 else Side.SELL, abs(qty), price)
+
+
+def _move_position(db: sqlite_utils.Database, key: tuple, side: Side, qty: int, price: Decimal) -> None:
     rows = list(db.query("select * from positions where strategy = ? and exchange = ? and symbol = ? and product = ?", key))
     pos = PositionMath(rows[0]["net_qty"], dec(rows[0]["avg_price"]), dec(rows[0]["realized_pnl"])) if rows else PositionMath()
-    pos = pos.apply(Side(order["side"]), qty, price)
+    pos = pos.apply(side, qty, price)
     Storage.insert(db, "positions", {"strategy": key[0], "exchange": key[1], "symbol": key[2], "product": key[3],
                                      "net_qty": pos.net_qty, "avg_price": str(pos.avg_price),
                                      "realized_pnl": str(pos.realized_pnl), "updated_at": utcnow()},

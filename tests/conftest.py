@@ -20,7 +20,8 @@ SYMBOL = "NIFTY28APR26C24500"
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     env = {"DATA_DIR": str(data_dir), "PLUGINS_DIR": str(data_dir.parent / "plugins"),
            "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN,
-           "DASHBOARD_PASSWORD": "test-dashboard-pw", **{k: str(v) for k, v in overrides.items()}}
+           "DASHBOARD_PASSWORD": "test-dashboard-pw", "SQUARE_OFF_TIME": "off",
+           **{k: str(v) for k, v in overrides.items()}}
     return load(None, environ=env)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Callable, Optional, Protocol
 
-from ..models import BrokerOrder, OrderRequest
+from ..models import BrokerOrder, BrokerPosition, OrderRequest
 
 
 class BrokerError(Exception):
@@ -54,6 +54,9 @@ class Broker(Protocol):
 
     def order_book(self) -> list[BrokerOrder]:
         """Today's orders; an empty list means the book is empty, never an error."""
+
+    def positions(self) -> list[BrokerPosition]:
+        """The account's positions today; raises BrokerError when they cannot be read (never [] for an error)."""
 
     def apply_tick(self, exchange: str, symbol: str, ltp: Decimal) -> None:
         """Move the simulated market (paper brokers only)."""

@@ -6,10 +6,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..models import BrokerOrder, OrderRequest, OrderType
+from ..models import BrokerOrder, BrokerPosition, OrderRequest, OrderType, Product
 from ..pricing import protected_limit
 from ..sim.matching import MatchingEngine, SimRejected
-from .base import Rejected
+from .base import Rejected, Unreachable
 
 
 class PaperBroker:
@@ -20,6 +20,7 @@ class PaperBroker:
     def __init__(self, path: Optional[Path], protection_pct: Decimal):
         self.engine = MatchingEngine(path)
         self.protection_pct = protection_pct
+        self.fail_positions: Optional[str] = None
 
     def start(self, on_update: Callable[[BrokerOrder], None]) -> None:
         self.engine.subscribe(on_update)
@@ -50,6 +51,12 @@ class PaperBroker:
 
     def order_book(self) -> list[BrokerOrder]:
         return self.engine.order_book()
+
+    def positions(self) -> list[BrokerPosition]:
+        if self.fail_positions:  # a test control: the broker cannot show positions
+            raise Unreachable(self.fail_positions)
+        return [BrokerPosition(ex, sym, Product(prod), p.net_qty, p.avg_price, p.realized_pnl)
+                for (ex, sym, prod), p in self.engine.positions().items()]
 
     def apply_tick(self, exchange: str, symbol: str, ltp: Decimal) -> None:
         self.engine.set_ltp(exchange, symbol, ltp)

@@ -166,6 +166,11 @@ class StrategyRegistry(Registry):
     def with_hook(self, hook: str) -> list[Live]:
         return [l for l in self.running() if hook in l.candidate.hooks]
 
+    def params(self, name: str) -> dict:
+        """The running version's params (risk reads its per-strategy limits there)."""
+        live = self.live(name)
+        return dict(live.ctx.params) if live is not None and live.ctx is not None else {}
+
     def live(self, name: str) -> Optional[Live]:
         entry = self.entries.get(name)
         return entry.live if entry else None

@@ -108,7 +108,7 @@ def alerts():
 @bp.get("/api/risk")
 def risk():
     rt = _rt()
-    return jsonify(views.risk(rt.storage, rt.settings))
+    return jsonify(views.risk(rt.storage, rt.gate))
 
 
 @bp.get("/api/events")

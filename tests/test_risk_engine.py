@@ -1,0 +1,142 @@
+"""Risk through the running engine on the paper broker: breach, violation, blind, limits, square-off."""
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from host.market import IST, MarketClock
+from host.models import OrderRequest, OrderType, Product, Side
+
+from conftest import SYMBOL, alert, wait_for
+from plugin_files import strategy_source, wait_strategy, write
+
+
+@pytest.fixture
+def risky(host_factory):
+    h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0", RISK_STATUS_UPDATE_MIN="0")
+    h.runtime.engine.risk_poll_s = 0.05
+    return h
+
+
+def _long(h, strategy="s1", qty=100, price="100", symbol=SYMBOL):
+    h.tick(price, symbol=symbol)
+    r = h.post(alert(strategy=strategy, direction="BUY", qty=qty, price=price, tradingsymbol=symbol))
+    assert r.status_code == 200, r.get_json()
+    h.settle()
+
+
+def _events(h, kind):
+    return [e for e in h.api("/api/events", query_string={"limit": 500}).get_json()["items"] if e["kind"] == kind]
+
+
+def test_a_breach_halts_flattens_and_refuses_entries_but_not_exits(risky):
+    _long(risky, qty=100, price="100")
+    risky.tick("95")  # -500: fine
+    assert risky.api("/api/risk").get_json()["breached"] is False
+    risky.tick("89.9")  # -1010 <= -1000
+    wait_for(lambda: risky.api("/api/risk").get_json()["breached"])
+    risk = risky.api("/api/risk").get_json()
+    assert risk["state"] == "halted" and risk["state_by"] == "risk"
+    wait_for(lambda: risky.net() == 0)  # flattened through the normal order path
+    exit_order = next(o for o in risky.orders() if o["action"] == "EXIT")
+    assert exit_order["order_type"] == "MKT" and exit_order["status"] == "FILLED"
+    assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 423
+    assert _events(risky, "risk_breach")
+    # the breach itself exited the position; nothing had to be caught later as a violation
+    assert any("daily max loss breached" in e["message"] for e in _events(risky, "exit_all"))
+    assert _events(risky, "risk_violation") == []
+
+
+def test_a_warning_before_the_breach(risky):
+    _long(risky, qty=100, price="100")
+    risky.tick("91.5")  # -850: within 20 % of the limit
+    wait_for(lambda: _events(risky, "risk_warning"))
+    assert risky.api("/api/risk").get_json()["warning"] is True
+
+
+def test_a_manual_trade_after_the_breach_is_flattened_again(risky):
+    _long(risky, qty=100, price="100")
+    risky.tick("89")
+    wait_for(lambda: risky.net() == 0 and risky.api("/api/risk").get_json()["breached"])
+    # someone trades by hand at the broker after the breach
+    risky.broker.place(OrderRequest("NFO", SYMBOL, Side.BUY, 50, OrderType.LMT, Product.NRML, Decimal("89"),
+                                    remarks="by-hand-1"))
+    wait_for(lambda: _events(risky, "manual_trade"), timeout=5)
+    wait_for(lambda: _events(risky, "risk_violation"), timeout=5)
+    wait_for(lambda: risky.net("manual") == 0 and any(o["strategy"] == "manual" and o["status"] == "FILLED"
+                                                      for o in risky.orders()), timeout=5)
+    broker_net = sum(p.net_qty for p in risky.broker.positions())
+    assert broker_net == 0
+
+
+def test_a_manual_trade_counts_in_the_pnl(risky):
+    risky.tick("100")
+    risky.broker.place(OrderRequest("NFO", SYMBOL, Side.SELL, 10, OrderType.LMT, Product.NRML, Decimal("100"),
+                                    remarks="by-hand-2"))
+    wait_for(lambda: risky.net("manual") == -10, timeout=5)
+    risky.tick("90")
+    wait_for(lambda: risky.api("/api/risk").get_json()["day_pnl"] == "100")
+    assert "no strategy" in _events(risky, "manual_trade")[0]["message"]
+
+
+def test_a_blind_broker_refuses_entries_and_says_so_once(risky):
+    _long(risky)
+    risky.broker.fail_positions = "connection refused"
+    wait_for(lambda: risky.api("/api/risk").get_json()["blind"])
+    r = risky.post(alert("ENTRY", "other", tradingsymbol="OTHER"))
+    assert r.status_code == 423 and "risk is blind" in r.get_json()["reason"]
+    assert risky.post(alert("EXIT")).status_code == 200  # exits are still allowed
+    risky.broker.fail_positions = None
+    wait_for(lambda: risky.api("/api/risk").get_json()["blind"] is None)
+    assert len(_events(risky, "risk_blind")) == 1 and _events(risky, "risk_sighted")
+    assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 200
+
+
+def test_max_orders_per_day_stops_a_runaway_strategy(host_factory):
+    h = host_factory(RISK_MAX_ORDERS_PER_DAY="2")
+    codes = [h.post(alert(strategy="loop", tradingsymbol=f"S{i}")).status_code for i in range(3)]
+    assert codes == [200, 200, 423]
+    assert h.post(alert(strategy="calm", tradingsymbol="S9")).status_code == 200  # per strategy
+    usage = h.api("/api/risk").get_json()["strategies"]
+    assert usage["loop"]["orders_today"] == 2
+
+
+def test_a_strategy_over_its_max_loss_is_exited_alone(risky):
+    write(risky.runtime.strategies.folder, "fragile", strategy_source(
+        "fragile", meta_extra=', "params": {"max_loss": 200}'))
+    wait_strategy(risky, "fragile", status="running")
+    _long(risky, strategy="fragile", qty=10, price="100")
+    _long(risky, strategy="sturdy", qty=10, price="50", symbol="OTHER")
+    risky.tick("75")  # fragile: -250
+    wait_for(lambda: risky.net("fragile") == 0)
+    assert risky.net("sturdy", "OTHER") == 10
+    r = risky.post(alert(strategy="fragile", tradingsymbol="THIRD"))
+    assert r.status_code == 423 and "hit its max loss" in r.get_json()["reason"]
+
+
+def test_intraday_square_off_exits_mis_positions_only(host_factory):
+    h = host_factory(SQUARE_OFF_TIME="15:15", RISK_STATUS_UPDATE_MIN="0")
+    clock = MarketClock()
+    day = datetime.now(IST).date()
+    while not clock.is_trading_day(day):
+        day += timedelta(days=1)
+    h.tick("100")
+    h.tick("100", symbol="NRMLSYM")
+    h.post(alert(strategy="intraday", direction="BUY", qty=10, product_type="MIS", price="100"))
+    h.post(alert(strategy="carry", direction="BUY", qty=10, product_type="NRML", price="100", tradingsymbol="NRMLSYM"))
+    h.settle()
+    target = datetime.combine(day, time(15, 16), IST)
+    h.runtime.clock_offset = target - datetime.now(timezone.utc)
+    wait_for(lambda: h.net("intraday") == 0, timeout=5)
+    assert h.net("carry", "NRMLSYM") == 10
+    assert any("square-off" in e["message"] for e in h.api("/api/events").get_json()["items"])
+
+
+def test_the_risk_record_has_the_contract_fields(risky):
+    risk = risky.api("/api/risk").get_json()
+    for f in ("state", "day_pnl", "max_loss", "peak_pnl", "breached", "warning", "consecutive_loss_days",
+              "cooldown_until", "blind", "strategies"):
+        assert f in risk, f
+    assert risk["max_loss"] == "-1000"
