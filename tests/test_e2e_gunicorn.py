@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def _alert(secret, strategy="e2e", symbol="NIFTY28APR26C24500", alert_id=None, execution="ENTRY", **leg):
+    fields = {"tradingsymbol": symbol, "direction": "BUY", "qty": "75", "order_type": "LMT", "price": "42.5",
+              "product_type": "M"}
     body = {"secret_key": secret, "execution_type": execution, "strategy_name": strategy, "exchange": "NFO",
-            "legs": [{"tradingsymbol": symbol, "direction": "BUY", "qty": "75", "order_type": "LMT",
-                      "price": "42.5", "product_type": "M", **leg}]}
+            "legs": [{**fields, **leg}]}
     if alert_id:
         body["alert_id"] = alert_id
     return body
@@ -206,3 +207,26 @@ def strategy_on_alert(ctx, alert):
         stop.set()
         t.join()
     assert flow_errors == []
+
+
+def test_a_breach_survives_kill_9_entries_refused_exits_allowed(server):
+    env = {"RISK_BASE_MAX_LOSS": "-1000", "RISK_STATUS_UPDATE_MIN": "0", "SQUARE_OFF_TIME": "off"}
+    s = server(env=env).start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    tick = lambda sym, ltp: s.api("/api/paper/ticks", "POST", json=[{"exchange": "NFO", "symbol": sym, "ltp": ltp}])  # noqa: E731
+    assert tick("LOSER", 100).status_code == 200
+    assert tick("KEEPER", 50).status_code == 200
+    assert s.webhook(_alert(secret, strategy="a", symbol="LOSER", price="100", qty="100")).status_code == 200
+    wait_for(lambda: s.api("/api/positions").json()["items"])
+    tick("LOSER", 89)  # -1100
+    wait_for(lambda: s.api("/api/risk").json()["breached"], timeout=5)
+    wait_for(lambda: all(p["net_qty"] == 0 for p in s.api("/api/positions").json()["items"]), timeout=5)
+    assert s.webhook(_alert(secret, strategy="b", symbol="KEEPER", price="50")).status_code == 423
+    s.kill9()
+    s2 = server(env=env).start()
+    risk = s2.api("/api/risk").json()
+    assert risk["state"] == "halted" and risk["breached"] is True
+    r = s2.webhook(_alert(secret, strategy="b", symbol="KEEPER", price="50", alert_id="after-restart"))
+    assert r.status_code == 423, r.text
+    r = s2.webhook(_alert(secret, strategy="a", symbol="LOSER", execution="EXIT", direction="SELL"))
+    assert r.status_code == 200, r.text  # exits are allowed (nothing left to exit here)
