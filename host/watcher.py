@@ -73,13 +73,26 @@ class Watcher:
     def __init__(self, storage: Storage, unknown_grace_s: float = 30.0):
         self.storage = storage
         self.unknown_grace_s = unknown_grace_s
+        self._foreign: set[str] = set()  # broker orders already reported as manual
 
     def apply(self, updates: Iterable[BrokerOrder]) -> list[dict]:
         """Apply broker updates in one transaction; return the rows of our orders that changed."""
         updates = list(updates)
         if not updates:
             return []
-        return [r for r in self.storage.write(lambda db: [apply_update(db, u) for u in updates]) if r]
+        def run(db: sqlite_utils.Database) -> list[dict]:
+            changed = []
+            for u in updates:
+                row = apply_update(db, u)
+                if row is not None:
+                    changed.append(row)
+                elif u.broker_order_id not in self._foreign and _order_row(db, u.remarks) is None:
+                    self._foreign.add(u.broker_order_id)
+                    Storage.add_event(db, "manual_order", f"broker order {u.broker_order_id} ({u.status.value}, "
+                                      f"remarks {u.remarks!r}) was not placed by this host: it is counted as a manual "
+                                      f"trade", "warning", "manual", {"broker_order_id": u.broker_order_id})
+            return changed
+        return self.storage.write(run)
 
     def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False,
                   resend_max_age_s: float = 0) -> list[str]:

@@ -76,6 +76,7 @@ def test_a_manual_trade_counts_in_the_pnl(risky):
     risky.broker.place(OrderRequest("NFO", SYMBOL, Side.SELL, 10, OrderType.LMT, Product.NRML, Decimal("100"),
                                     remarks="by-hand-2"))
     wait_for(lambda: risky.net("manual") == -10, timeout=5)
+    assert "was not placed by this host" in _events(risky, "manual_order")[0]["message"]
     risky.tick("90")
     wait_for(lambda: risky.api("/api/risk").get_json()["day_pnl"] == "100")
     assert "no strategy" in _events(risky, "manual_trade")[0]["message"]

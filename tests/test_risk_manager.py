@@ -208,3 +208,14 @@ def test_per_strategy_order_and_quantity_limits(storage):
     storage.write(lambda db: insert_order(db, small, "s", None))
     other = Intent("NFO", "Y", Side.BUY, 1, OrderType.LMT, Product.NRML, D("1"), action=ExecutionType.ENTRY)
     assert "reached its max of 2 orders today" in refuse(other)
+
+
+def test_sessions_are_in_asia_kolkata_whatever_the_machine_zone():
+    clock = MarketClock(frozenset({MON + timedelta(days=1)}))
+    from datetime import timezone
+    assert clock.is_open("NFO", at(MON, 9, 15)) and not clock.is_open("NFO", at(MON, 15, 30))
+    assert clock.is_open("MCX", at(MON, 23, 0)) and not clock.is_open("NSE", at(MON, 23, 0))
+    assert not clock.is_open("NSE", at(MON + timedelta(days=1), 10))      # a holiday
+    assert not clock.is_open("NSE", at(MON + timedelta(days=5), 10))      # Saturday
+    # 20:00 UTC on Monday is already Tuesday 01:30 in Asia/Kolkata
+    assert clock.day(datetime(2026, 11, 23, 20, 0, tzinfo=timezone.utc)) == MON + timedelta(days=1)
