@@ -76,9 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"strategy-host is already running on {settings.data_dir.resolve()} (pid {instance.holder()}); "
               f"stop it first, or give this one another DATA_DIR", file=sys.stderr)
         return 1
-    if not settings.paper:
-        print("BROKER=shoonya: live trading is not available in this version yet; use BROKER=paper", file=sys.stderr)
-        return 2
     _banner(settings)
     from .server import HostServer
     from .web import create_app

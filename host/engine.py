@@ -104,6 +104,8 @@ class Engine:
         self._blind: Optional[str] = None
         self._manual_seen: dict[tuple, int] = {}
         self._risk_dirty = True
+        self.broker: Any = None       # the live broker, for session commands (set by the runtime)
+        self.data_dir: Any = None
 
     # ---- life cycle ----
     def start(self, changes: list[Callable[[], None]] = ()) -> None:
@@ -196,6 +198,8 @@ class Engine:
             self._last_clock = now
             self._clock()
             self._risk_dirty = True
+        self.broker: Any = None       # the live broker, for session commands (set by the runtime)
+        self.data_dir: Any = None
         if self._risk_dirty:
             self._risk_dirty = False
             self._risk_check()
@@ -333,6 +337,16 @@ class Engine:
                 "update commands set status = 'done', result = ?, done_at = ? where id = ?",
                 (json.dumps(result, default=str), utcnow(), row["id"])))
             self.inbox.decided("commands", str(row["id"]))
+
+    def _cmd_broker_session(self, args: dict) -> dict:
+        """A new token was saved by /broker/callback: use it now."""
+        from .broker_session import load_token
+        saved = load_token(self.data_dir) if self.data_dir else None
+        broker = self.broker
+        if saved is None or not hasattr(broker, "use_token"):
+            raise LookupError("no saved broker token to load")
+        broker.use_token(saved["access_token"], saved["uid"], saved.get("actid"))
+        return {"valid": broker.check_session()}
 
     def _cmd_halt(self, args: dict) -> dict:
         state = TradingState(args["mode"])

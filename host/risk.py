@@ -319,6 +319,9 @@ class RiskGate:
         if st["state"] != TradingState.ACTIVE.value:
             why = f" ({st['reason']})" if st.get("reason") else ""
             return f"trading is {st['state']}{why}: only exits and reductions are allowed"
+        session = self.storage.get_state("broker_session")
+        if session and json.loads(session).get("state") == "expired":
+            return "broker session expired — reconnect at /broker/login"
         today = self.clock.day(self.now())
         try:
             day = self.manager.load_day(today)

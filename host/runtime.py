@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Optional
 
 from .brokers.base import Broker
+from .broker_session import load_token, set_session_state
 from .brokers.paper import PaperBroker
 from .config import Settings
 from .engine import Engine
@@ -30,11 +31,25 @@ class EngineBusy(RuntimeError):
     """Another process already runs the engine on this DATA_DIR."""
 
 
-def make_broker(settings: Settings) -> Broker:
+def make_broker(settings: Settings, storage: Storage) -> Broker:
     if settings.paper:
         return PaperBroker(settings.data_dir / "paper.sqlite", settings.MARKET_PROTECTION_PCT)
-    raise NotImplementedError("BROKER=shoonya: the live Shoonya adapter is not part of this version yet; "
-                              "use BROKER=paper")
+    from .brokers.shoonya import ShoonyaBroker
+    from .instruments import Instruments
+    broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, Instruments.sample(),
+                           settings.MARKET_PROTECTION_PCT,
+                           on_session=lambda state, why: set_session_state(storage, state, why))
+    saved = ({"access_token": settings.SHOONYA_ACCESS_TOKEN, "uid": settings.USER_ID}
+             if settings.SHOONYA_AUTH == "token" else load_token(settings.data_dir))
+    if saved:
+        broker.use_token(saved["access_token"], saved["uid"], saved.get("actid"))
+        try:
+            broker.check_session()
+        except Exception as e:  # the broker may be down at start: say so, do not die
+            set_session_state(storage, "expired", f"could not check the session at start: {e}")
+    else:
+        set_session_state(storage, "expired", "no saved session: log in at /broker/login")
+    return broker
 
 
 class Runtime:
@@ -92,7 +107,7 @@ class Runtime:
             raise EngineBusy(f"another strategy-host (pid {self.lock.holder()}) already runs the engine on "
                              f"{self.settings.data_dir.resolve()}; stop it or use another DATA_DIR")
         try:
-            self.broker = self._broker or make_broker(self.settings)
+            self.broker = self._broker or make_broker(self.settings, self.storage)
             self.gateway = BrokerGateway(self.broker, self.broker_timeout_s)
             self.sender = OrderSender(self.storage, self.gateway)
             plugins = Path(self.settings.PLUGINS_DIR)
@@ -108,6 +123,7 @@ class Runtime:
                             risk_poll_s=self.settings.RISK_POLL_S, now=self.now)
             engine.plugin_registries["notifier"] = self.notifiers
             self.sender.on_result = engine.order_changed
+            engine.broker, engine.data_dir = self.broker, self.settings.data_dir
             for registry in (self.strategies, self.notifiers):
                 registry.submit = engine.submit
             self.reloader = Reloader([self.strategies, self.notifiers], engine.submit)

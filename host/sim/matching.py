@@ -172,6 +172,23 @@ class MatchingEngine:
         self._emit([update])
         return oid
 
+    def record_rejected(self, req: OrderRequest, reason: str) -> str:
+        """Book an order the exchange refused, as a real OMS shows it: an order number, status REJECTED."""
+        with self._lock:
+            self._seq += 1
+            oid = time.strftime("%y%m%d") + f"{self._seq:09d}"
+            o = SimOrder(oid, req, OrderStatus.REJECTED, reason=reason)
+            self._orders[oid] = o
+            self._by_remarks.setdefault(req.remarks, oid)
+            self._save([o])
+            update = o.view()
+        self._emit([update])
+        return oid
+
+    def get(self, broker_order_id: str) -> Optional[SimOrder]:
+        with self._lock:
+            return self._orders.get(broker_order_id)
+
     def cancel(self, broker_order_id: str) -> BrokerOrder:
         with self._lock:
             o = self._orders.get(broker_order_id)

@@ -25,9 +25,10 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[Runtime] =
     app.json.sort_keys = False
     app.extensions["host"] = runtime
 
-    from . import api, webhook
+    from . import api, broker, webhook
     app.register_blueprint(webhook.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(broker.bp)
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(e: RequestEntityTooLarge):

@@ -1,0 +1,265 @@
+"""The live Shoonya adapter on the real NorenRestApiPy (NorenRestApiOAuth 0.0.41), without patching it.
+
+The library has no timeouts and returns None on failure. We give its module a stand-in for
+`requests` that sets a timeout on every call and keeps the last reply per thread, so every
+failure can be classified with the broker's own words.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Optional
+
+import requests
+
+from ..instruments import Instruments
+from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
+from ..pricing import DEFAULT_TICK, protected_limit
+from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable
+
+log = logging.getLogger(__name__)
+RECONNECT_HINT = "broker session expired — reconnect at /broker/login"
+STATUS = {"COMPLETE": OrderStatus.FILLED, "REJECTED": OrderStatus.REJECTED, "CANCELED": OrderStatus.CANCELLED,
+          "CANCELLED": OrderStatus.CANCELLED, "EXPIRED": OrderStatus.CANCELLED}
+
+
+class TimeoutRequests:
+    """What NorenRestApiPy sees as its `requests` module: pooled sessions, a timeout, the last reply kept."""
+
+    exceptions = requests.exceptions
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def post(self, url: str, **kw: Any) -> requests.Response:
+        return self._call("post", url, **kw)
+
+    def get(self, url: str, **kw: Any) -> requests.Response:
+        return self._call("get", url, **kw)
+
+    def _call(self, method: str, url: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", self.timeout_s)
+        self._local.last = None
+        response = getattr(self._session(), method)(url, **kw)
+        self._local.last = response
+        return response
+
+    @property
+    def last(self) -> Optional[requests.Response]:
+        return getattr(self._local, "last", None)
+
+
+class RateLimiter:
+    """At most `rate` calls per second, spaced evenly (the broker limits orders per second)."""
+
+    def __init__(self, rate: float):
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next)
+            self._next = at + self.interval
+        if at > now:
+            time.sleep(at - now)
+
+
+def install_requests(timeout_s: float) -> TimeoutRequests:
+    """Give NorenRestApiPy our requests stand-in (its URLs live on the class too: one broker per process)."""
+    from NorenRestApiPy import NorenApi as module
+    shim = TimeoutRequests(timeout_s)
+    module.requests = shim
+    return shim
+
+
+def _dec(v: Any) -> Optional[Decimal]:
+    try:
+        d = Decimal(str(v))
+    except (InvalidOperation, TypeError):
+        return None
+    return d if d.is_finite() else None
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(Decimal(str(v)))
+    except (InvalidOperation, TypeError, ValueError):
+        return 0
+
+
+def broker_order(row: dict, fills: tuple[FillReport, ...] = ()) -> BrokerOrder:
+    """One Noren order-book row (or `om` message) as our BrokerOrder."""
+    filled = _int(row.get("fillshares"))
+    status = STATUS.get(str(row.get("status", "")).upper())
+    if status is None:
+        status = OrderStatus.PARTIAL if filled else OrderStatus.OPEN
+    reason = row.get("rejreason") or (row.get("emsg") if status is OrderStatus.REJECTED else None)
+    if status is OrderStatus.CANCELLED and not reason:
+        reason = "cancelled at the broker"
+    avg = _dec(row.get("avgprc")) if filled else None
+    return BrokerOrder(str(row.get("norenordno")), row.get("remarks") or "", status, filled, avg, reason, fills)
+
+
+class ShoonyaBroker:
+    """Places and watches orders on Shoonya through NorenRestApiPy; every call bounded and classified."""
+
+    name = "shoonya"
+
+    def __init__(self, api_url: str, ws_url: str, instruments: Instruments, protection_pct: Decimal,
+                 timeout_s: float = 5.0, orders_per_s: float = 10.0,
+                 on_session: Callable[[str, str], None] = lambda state, why: None):
+        from NorenRestApiPy.NorenApi import NorenApi
+        self.http = install_requests(timeout_s)
+        self.api = NorenApi(host=api_url, websocket=ws_url)
+        self.instruments = instruments
+        self.protection_pct = protection_pct
+        self.limiter = RateLimiter(orders_per_s)
+        self.on_session = on_session  # ("valid" | "expired", why)
+        self.uid: Optional[str] = None
+        self._ltp: dict[tuple[str, str], Decimal] = {}
+        self._on_update: Optional[Callable[[BrokerOrder], None]] = None
+
+    # ---- session ----
+    def use_token(self, token: str, uid: str, actid: Optional[str] = None) -> None:
+        """Restore a saved access token: both calls the library needs."""
+        self.uid = uid
+        self.api.injectOAuthHeader(token, uid, actid or uid)
+        self.api.set_credentials(token, uid, actid or uid)
+
+    def check_session(self) -> bool:
+        """Ask the broker (get_limits shows 'Session Expired' where other calls just return None)."""
+        try:
+            reply = self._call("get_limits", self.api.get_limits)
+        except SessionExpired:
+            return False
+        ok = isinstance(reply, dict) and reply.get("stat") == "Ok"
+        self.on_session("valid" if ok else "expired", "get_limits answered Ok" if ok else str(reply))
+        return ok
+
+    # ---- the Broker protocol ----
+    def start(self, on_update: Callable[[BrokerOrder], None]) -> None:
+        self._on_update = on_update
+
+    def stop(self) -> None:
+        pass
+
+    def place(self, req: OrderRequest) -> str:
+        inst = self.instruments.get(req.exchange, req.symbol)
+        tick = inst.tick_size if inst else DEFAULT_TICK
+        if req.order_type is OrderType.MKT:
+            ltp = self.ltp(req.exchange, req.symbol) or self._quote(req.exchange, req.symbol)
+            if ltp is None:
+                raise Rejected(f"no last price for {req.exchange}:{req.symbol}: a market order cannot be protected")
+            req = replace(req, order_type=OrderType.LMT, price=protected_limit(req.side, ltp, self.protection_pct, tick))
+        self.limiter.wait()
+        reply = self._call("place_order", self.api.place_order, "B" if req.side is Side.BUY else "S",
+                           req.product.value, req.exchange, req.symbol, req.qty, 0, req.order_type.value,
+                           float(req.price) if req.price is not None else 0.0,
+                           float(req.trigger_price) if req.trigger_price is not None else None,
+                           "DAY", None, req.remarks)
+        if not isinstance(reply, dict) or not reply.get("norenordno"):
+            raise UnknownOutcome(f"place_order answered without an order number: {reply!r}")
+        return str(reply["norenordno"])
+
+    def cancel(self, broker_order_id: str) -> None:
+        self._call("cancel_order", self.api.cancel_order, broker_order_id)
+
+    def order_book(self) -> list[BrokerOrder]:
+        rows = self._list("get_order_book", self.api.get_order_book)
+        fills: dict[str, list[FillReport]] = {}
+        for t in self._list("get_trade_book", self.api.get_trade_book):
+            price = _dec(t.get("flprc"))
+            if t.get("flid") and price is not None:
+                fills.setdefault(str(t["norenordno"]), []).append(FillReport(str(t["flid"]), _int(t.get("flqty")), price))
+        return [broker_order(r, tuple(fills.get(str(r.get("norenordno")), ()))) for r in rows]
+
+    def positions(self) -> list[BrokerPosition]:
+        out = []
+        for r in self._list("get_positions", self.api.get_positions):
+            try:
+                out.append(BrokerPosition(r["exch"], r["tsym"], Product(r["prd"]), _int(r.get("netqty")),
+                                          _dec(r.get("netavgprc")) or Decimal("0"), _dec(r.get("rpnl")) or Decimal("0")))
+            except (KeyError, ValueError) as e:
+                raise BrokerError(f"unreadable position row {r!r}: {e}") from None
+        return out
+
+    def apply_tick(self, exchange: str, symbol: str, ltp: Decimal) -> None:
+        self._ltp[(exchange, symbol)] = ltp
+
+    def ltp(self, exchange: str, symbol: str) -> Optional[Decimal]:
+        return self._ltp.get((exchange, symbol))
+
+    # ---- plumbing ----
+    def _quote(self, exchange: str, symbol: str) -> Optional[Decimal]:
+        inst = self.instruments.get(exchange, symbol)
+        if inst is None:
+            return None
+        reply = self._call("get_quotes", self.api.get_quotes, exchange, inst.token)
+        return _dec(reply.get("lp")) if isinstance(reply, dict) else None
+
+    def _list(self, what: str, fn: Callable[[], Any]) -> list[dict]:
+        """A list route: a list, or [] for Noren's 'no data'; any other answer is an error, never 'empty'."""
+        try:
+            reply = self._call(what, fn)
+        except Rejected as e:
+            if "no data" in str(e).lower():
+                return []
+            raise BrokerError(f"{what} failed: {e}") from None
+        if not isinstance(reply, list):
+            raise BrokerError(f"{what} answered {reply!r}, not a list")
+        return reply
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the library; turn None, timeouts and odd replies into classified errors."""
+        try:
+            result = fn(*args)
+        except requests.exceptions.ConnectTimeout as e:
+            raise Unreachable(f"{what}: could not connect in time ({e})") from None
+        except requests.exceptions.ConnectionError as e:
+            if "Read timed out" in str(e) or isinstance(e, requests.exceptions.ReadTimeout):
+                raise UnknownOutcome(f"{what}: no answer in time") from None
+            raise Unreachable(f"{what}: {type(e).__name__}") from None
+        except requests.exceptions.Timeout:
+            raise UnknownOutcome(f"{what}: no answer within {self.http.timeout_s:g} s") from None
+        except ValueError:  # the library's json.loads on a reply that is not JSON
+            last = self.http.last
+            status = last.status_code if last is not None else "?"
+            if status == 403:
+                raise Rejected(f"{what}: the broker refused the request with HTTP 403 (is this machine's IP "
+                               f"registered with the broker?)") from None
+            raise UnknownOutcome(f"{what}: the broker's reply was not JSON (HTTP {status})") from None
+        if result is None:
+            reply = self._last_json()
+            emsg = str(reply.get("emsg", "")) if isinstance(reply, dict) else ""
+            if "session expired" in emsg.lower() or "invalid session" in emsg.lower():
+                self.on_session("expired", emsg)
+                raise SessionExpired(RECONNECT_HINT)
+            raise Rejected(emsg or f"{what} failed: {reply!r}")
+        if isinstance(result, dict) and result.get("stat") == "Not_Ok":
+            emsg = str(result.get("emsg", ""))
+            if "session expired" in emsg.lower():
+                self.on_session("expired", emsg)
+                raise SessionExpired(RECONNECT_HINT)
+            raise Rejected(emsg)
+        return result
+
+    def _last_json(self) -> Any:
+        last = self.http.last
+        if last is None:
+            return None
+        try:
+            return json.loads(last.text)
+        except ValueError:
+            return None
