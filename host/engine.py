@@ -198,8 +198,6 @@ class Engine:
             self._last_clock = now
             self._clock()
             self._risk_dirty = True
-        self.broker: Any = None       # the live broker, for session commands (set by the runtime)
-        self.data_dir: Any = None
         if self._risk_dirty:
             self._risk_dirty = False
             self._risk_check()
@@ -346,7 +344,11 @@ class Engine:
         if saved is None or not hasattr(broker, "use_token"):
             raise LookupError("no saved broker token to load")
         broker.use_token(saved["access_token"], saved["uid"], saved.get("actid"))
-        return {"valid": broker.check_session()}
+        valid = broker.check_session()
+        if valid:  # read the book and positions now: nothing waits for the next poll
+            self._recover()
+            self._risk_check(force_poll=True)
+        return {"valid": valid}
 
     def _cmd_halt(self, args: dict) -> dict:
         state = TradingState(args["mode"])

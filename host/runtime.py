@@ -31,13 +31,13 @@ class EngineBusy(RuntimeError):
     """Another process already runs the engine on this DATA_DIR."""
 
 
-def make_broker(settings: Settings, storage: Storage) -> Broker:
+def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) -> Broker:
     if settings.paper:
         return PaperBroker(settings.data_dir / "paper.sqlite", settings.MARKET_PROTECTION_PCT)
     from .brokers.shoonya import ShoonyaBroker
     from .instruments import Instruments
     broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, Instruments.sample(),
-                           settings.MARKET_PROTECTION_PCT,
+                           settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s,
                            on_session=lambda state, why: set_session_state(storage, state, why))
     saved = ({"access_token": settings.SHOONYA_ACCESS_TOKEN, "uid": settings.USER_ID}
              if settings.SHOONYA_AUTH == "token" else load_token(settings.data_dir))
@@ -107,7 +107,7 @@ class Runtime:
             raise EngineBusy(f"another strategy-host (pid {self.lock.holder()}) already runs the engine on "
                              f"{self.settings.data_dir.resolve()}; stop it or use another DATA_DIR")
         try:
-            self.broker = self._broker or make_broker(self.settings, self.storage)
+            self.broker = self._broker or make_broker(self.settings, self.storage, self.broker_timeout_s)
             self.gateway = BrokerGateway(self.broker, self.broker_timeout_s)
             self.sender = OrderSender(self.storage, self.gateway)
             plugins = Path(self.settings.PLUGINS_DIR)

@@ -98,8 +98,11 @@ class Host:
         return p["net_qty"] if p else 0
 
     def settle(self) -> None:
-        """Wait until the sender has nothing in hand and no order is waiting to be sent."""
-        wait_for(lambda: self.runtime.sender.idle() and not self.orders(status="NEW") and not self.orders(status="SUBMITTED"))
+        """Wait until nothing is being sent and the engine has applied every broker update it was given."""
+        def quiet() -> bool:
+            return (self.runtime.sender.idle() and self.runtime.engine._events.empty()
+                    and not self.orders(status="NEW") and not self.orders(status="SUBMITTED"))
+        wait_for(lambda: quiet() and (time.sleep(0.02) or quiet()))
 
     def tick(self, ltp: Any, symbol: str = SYMBOL, exchange: str = "NFO") -> Any:
         r = self.api("/api/paper/ticks", "POST", json=[{"exchange": exchange, "symbol": symbol, "ltp": ltp}])

@@ -77,11 +77,12 @@ class RateLimiter:
 
 
 def install_requests(timeout_s: float) -> TimeoutRequests:
-    """Give NorenRestApiPy our requests stand-in (its URLs live on the class too: one broker per process)."""
+    """Give NorenRestApiPy our requests stand-in, once per process (its URLs live on the class too:
+    one broker configuration per process). A second call returns the one already installed."""
     from NorenRestApiPy import NorenApi as module
-    shim = TimeoutRequests(timeout_s)
-    module.requests = shim
-    return shim
+    if not isinstance(module.requests, TimeoutRequests):
+        module.requests = TimeoutRequests(timeout_s)
+    return module.requests
 
 
 def _dec(v: Any) -> Optional[Decimal]:

@@ -1,0 +1,146 @@
+"""Live mode: the real NorenRestApiPy library against the Noren simulator on loopback, through the host."""
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import requests
+
+from host.sim.runner import SimServer
+
+from conftest import Host, SYMBOL, alert, make_settings, wait_for
+
+
+@pytest.fixture
+def sim():
+    s = SimServer().start()
+    s.sim.engine.set_ltp("NFO", SYMBOL, Decimal("42.5"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def live(sim, tmp_path):
+    settings = make_settings(tmp_path / "var", BROKER="shoonya", SHOONYA_AUTH="oauth", USER_ID="FA12345",
+                             OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
+                             SHOONYA_API_URL=sim.api_url, SHOONYA_WS_URL="ws://127.0.0.1:9/NorenWSAPI/",
+                             SHOONYA_OAUTH_URL=sim.oauth_url)
+    h = Host(settings, broker_timeout_s=1.0, unknown_grace_s=5.0).start()
+    h.runtime.engine.reconcile_every_s = 0.1  # no feed in these tests: the order book is read often
+    yield h
+    h.stop()
+
+
+def login(h: Host, sim: SimServer) -> dict:
+    """The daily login, as a browser does it: /broker/login -> authorize page -> /broker/callback?code=."""
+    r = h.client.get("/broker/login")
+    assert r.status_code == 302
+    authorize = r.headers["Location"]
+    assert authorize.startswith(sim.oauth_url) and "client_id=SIM-CLIENT" in authorize
+    back = requests.get(authorize, allow_redirects=False, timeout=5)
+    assert back.status_code == 302
+    code = parse_qs(urlparse(back.headers["Location"]).query)["code"][0]
+    r = h.client.get(f"/broker/callback?code={code}")
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
+def _order(h, oid):
+    return next(o for o in h.orders() if o["id"] == oid)
+
+
+def test_entries_wait_for_the_daily_login_then_trade(live, sim):
+    r = live.post(alert())
+    assert r.status_code == 423 and "broker session expired — reconnect at /broker/login" in r.get_json()["reason"]
+    assert login(live, sim)["broker_session"] == "valid"
+    token_file = live.settings.data_dir / "shoonya_token.json"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    r = live.post(alert(direction="BUY", qty=75, price="43"))
+    assert r.status_code == 200, r.get_json()
+    oid = r.get_json()["orders"][0]["id"]
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "FILLED" and o)
+    assert o["broker_order_id"] and o["avg_price"] == "42.5"
+    [placed] = [b for b in sim.sim.engine.order_book() if b.remarks == oid]  # our id travelled as remarks
+    r = live.post(alert("EXIT", direction="SELL", qty=75, order_type="MKT", price=None))
+    exit_id = r.get_json()["orders"][0]["id"]
+    wait_for(lambda: _order(live, exit_id)["status"] == "FILLED")
+    assert live.net() == 0
+    placed_exit = sim.sim.engine.get([b for b in sim.sim.engine.order_book() if b.remarks == exit_id][0].broker_order_id)
+    assert placed_exit.req.order_type.value == "LMT"  # the market exit went out protected, on the tick
+    assert placed_exit.req.price == Decimal("41.65")
+
+
+def test_a_restart_restores_the_saved_token(live, sim):
+    login(live, sim)
+    live.restart()
+    live.runtime.engine.reconcile_every_s = 0.1
+    assert live.post(alert()).status_code == 200
+
+
+def test_a_broker_rejection_carries_its_reason(live, sim):
+    login(live, sim)
+    sim.sim.faults.reject_next = "RMS:Margin Exceeds,Required:55000.00, Available:1200.00"
+    oid = live.post(alert()).get_json()["orders"][0]["id"]
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "REJECTED" and o)
+    assert "Margin Exceeds" in o["reason"]
+
+
+def test_a_partial_fill_then_the_rest(live, sim):
+    login(live, sim)
+    sim.sim.engine.max_fill_qty = 75
+    oid = live.post(alert(direction="BUY", qty=150, price="43")).get_json()["orders"][0]["id"]
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "PARTIAL" and o)
+    assert o["filled_qty"] == 75 and live.net() == 75
+    sim.sim.engine.set_ltp("NFO", SYMBOL, Decimal("42.9"))
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "FILLED" and o)
+    assert o["filled_qty"] == 150 and live.net() == 150
+
+
+def test_a_session_expiry_mid_day_refuses_entries_and_recovers_after_login(live, sim):
+    login(live, sim)
+    assert live.post(alert(alert_id="before")).status_code == 200
+    live.settle()
+    sim.sim.expire_sessions()
+    oid = live.post(alert(tradingsymbol="NIFTY28APR26P24500", alert_id="during")).get_json()["orders"][0]["id"]
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "REJECTED" and o)
+    assert o["reason"] == "sessionexpired: broker session expired — reconnect at /broker/login"
+    r = live.post(alert(tradingsymbol="BANKNIFTY28APR26P50000", alert_id="after"))
+    assert r.status_code == 423 and "reconnect at /broker/login" in r.get_json()["reason"]
+    events = live.api("/api/events").get_json()["items"]
+    since_valid = events[:next(i for i, e in enumerate(events) if e["kind"] == "broker_session_valid")]
+    assert [e["kind"] for e in since_valid].count("broker_session_expired") == 1  # notified once, not per call
+    login(live, sim)
+    sim.sim.engine.set_ltp("NFO", "BANKNIFTY28APR26P50000", Decimal("100"))
+    assert live.post(alert(tradingsymbol="BANKNIFTY28APR26P50000", alert_id="again", qty=35)).status_code == 200
+
+
+def test_a_placeorder_timeout_is_resolved_as_one_order(live, sim):
+    login(live, sim)
+    sim.sim.faults.delay_next_s = 2.0  # placed at once, answered after the client's 1 s timeout
+    oid = live.post(alert()).get_json()["orders"][0]["id"]
+    wait_for(lambda: _order(live, oid)["status"] == "UNKNOWN", timeout=3)
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "FILLED" and o, timeout=5)
+    placed = [b for b in sim.sim.engine.order_book() if b.remarks == oid]
+    assert len(placed) == 1 and o["broker_order_id"] == placed[0].broker_order_id
+
+
+def test_an_ip_whitelist_refusal_is_a_clear_rejection(live, sim):
+    login(live, sim)
+    sim.sim.faults.forbid_next = 1
+    oid = live.post(alert()).get_json()["orders"][0]["id"]
+    o = wait_for(lambda: (o := _order(live, oid))["status"] == "REJECTED" and o)
+    assert "HTTP 403" in o["reason"] and "IP" in o["reason"]
+    assert sim.sim.engine.order_book() == []
+
+
+def test_a_login_callback_without_a_login_is_refused(live):
+    r = live.client.get("/broker/callback?code=abc")
+    assert r.status_code == 400 and "start at /broker/login" in r.get_json()["error"]
+
+
+def test_a_bad_code_is_refused_with_a_clear_message(live, sim):
+    live.client.get("/broker/login")
+    r = live.client.get("/broker/callback?code=not-a-real-code")
+    assert r.status_code == 502 and "refused the code" in r.get_json()["error"]
