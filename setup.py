@@ -15,6 +15,7 @@ setup(
         "gunicorn>=22,<28",
         "NorenRestApiOAuth==0.0.41",
         "websocket-client>=1.6,<2",
+        "websockets>=13,<18",
         "requests>=2.31,<3",
         "python-dotenv>=1.0,<2",
         "sqlite-utils>=3.36,<5",

@@ -175,6 +175,7 @@ VARS: tuple[Var, ...] = (
     Var("RISK_COOLDOWN_DAYS", _int(0, 30), "0", "cooldown length in trading days after the loss streak "
                                                  "(0: until the next week's first trading day)"),
     Var("RISK_POLL_S", _int(1, 300), "5", "seconds between reads of the broker's positions"),
+    Var("FEED_STALL_S", _int(2, 600), "30", "reconnect the broker feed after this many silent seconds in market hours"),
     Var("MARKET_HOLIDAYS", _dates, "", "exchange holidays, e.g. 2026-01-26,2026-03-03"),
     Var("SHOONYA_AUTH", _choice("oauth", "token"), "oauth", "how the live broker session is obtained"),
     Var("SHOONYA_API_URL", _url, "https://api.shoonya.com/NorenWClientAPI/", "Noren REST base URL"),

@@ -105,6 +105,7 @@ class Engine:
         self._manual_seen: dict[tuple, int] = {}
         self._risk_dirty = True
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
+        self.on_session_restored: Callable[[], None] = lambda: None
         self.data_dir: Any = None
 
     # ---- life cycle ----
@@ -138,6 +139,11 @@ class Engine:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run fn on the engine thread, between two events (plugin swaps use this)."""
         self._events.put(("call", fn))
+
+    def request_reconcile(self) -> None:
+        """Reconcile with the broker's book at the next step (the feed was away)."""
+        self._last_reconcile = 0.0
+        self.wake()
 
     def order_changed(self, order_id: str) -> None:
         """The order sender recorded a broker answer (ack, rejection, unknown outcome)."""
@@ -176,6 +182,9 @@ class Engine:
                 row = self.storage.one("select * from orders where id = ?", (oid,))
                 if row is not None:
                     changed.append(row)
+        ticks = [t for kind, batch in items if kind == "ticks" for t in batch]
+        if ticks and dispatch:
+            self._apply_ticks(ticks)
         for kind, fn in items:
             if kind == "call":
                 try:
@@ -345,7 +354,8 @@ class Engine:
             raise LookupError("no saved broker token to load")
         broker.use_token(saved["access_token"], saved["uid"], saved.get("actid"))
         valid = broker.check_session()
-        if valid:  # read the book and positions now: nothing waits for the next poll
+        if valid:  # reconnect the feed with the new token; read the book and positions now
+            self.on_session_restored()
             self._recover()
             self._risk_check(force_poll=True)
         return {"valid": valid}
@@ -378,6 +388,15 @@ class Engine:
 
     def _cmd_ticks(self, args: dict) -> dict:
         ticks = [Tick(t["exchange"], t["symbol"], Decimal(t["ltp"])) for t in args["ticks"]]
+        self._apply_ticks(ticks)
+        return {"applied": len(ticks)}
+
+    def on_ticks(self, ticks: list[Tick]) -> None:
+        """Feed callback: only enqueue; the engine thread applies them."""
+        self._events.put(("ticks", ticks))
+
+    def _apply_ticks(self, ticks: list[Tick]) -> None:
+        """New prices: store them, move the (paper) market, run strategies' on_tick, check risk."""
         now = utcnow()
         self.storage.write(lambda db: db["quotes"].upsert_all(
             [{"exchange": t.exchange, "symbol": t.symbol, "ltp": str(t.ltp), "at": now} for t in ticks],
@@ -390,7 +409,6 @@ class Engine:
         for t in ticks:
             for live in self.strategies.subscribers(t):
                 self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_tick", tick=t), "on_tick")
-        return {"applied": len(ticks)}
 
     def _cmd_exit_all(self, args: dict) -> dict:
         return self._flatten(f"exit-all by {args.get('by') or 'api'}")

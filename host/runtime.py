@@ -71,6 +71,7 @@ class Runtime:
         self.notifiers: Optional[NotifierRegistry] = None
         self.reloader: Optional[Reloader] = None
         self.pump: Optional[EventPump] = None
+        self.feed = None
         self.lock = FileLock(settings.data_dir / "engine.lock")
         self.engine: Optional[Engine] = None
         self.broker: Optional[Broker] = None
@@ -117,7 +118,7 @@ class Runtime:
             engine = Engine(self.storage, self.inbox, self.gate, self.sender,
                             Watcher(self.storage, self.unknown_grace_s), self.strategies,
                             lambda: self.gateway.call("order_book", self.broker.order_book),
-                            self.broker.apply_tick if self.settings.paper else None,
+                            self.broker.apply_tick,
                             self.settings.ALERT_MAX_AGE_S, self.settings.REQUIRE_KNOWN_STRATEGY,
                             broker_positions=lambda: self.gateway.call("positions", self.broker.positions),
                             risk_poll_s=self.settings.RISK_POLL_S, now=self.now)
@@ -128,6 +129,10 @@ class Runtime:
                 registry.submit = engine.submit
             self.reloader = Reloader([self.strategies, self.notifiers], engine.submit)
             self.broker.start(engine.on_broker_update)
+            if not self.settings.paper:
+                self.feed = self._make_feed(engine)
+                self.feed.start()
+                engine.on_session_restored = lambda: self.feed.reconnect("a new broker session")
             self.sender.start()
             engine.start(self.reloader.scan())
             self.engine = engine
@@ -139,6 +144,22 @@ class Runtime:
             self.lock.release()
             raise
         log.info("engine started (broker %s, data %s)", self.broker.name, self.settings.data_dir)
+
+    def _make_feed(self, engine: Engine) -> "ShoonyaFeed":
+        from .brokers.shoonya_feed import ShoonyaFeed
+        clock = self.gate.clock
+
+        def wanted() -> set[tuple[str, str]]:
+            symbols = {tuple(s.split(":", 1)) for live in self.strategies.running()
+                       for s in live.candidate.meta.get("symbols", [])}
+            held = self.storage.rows("select distinct exchange, symbol from positions where net_qty != 0")
+            return symbols | {(r["exchange"], r["symbol"]) for r in held}
+
+        return ShoonyaFeed(self.broker, wanted, engine.on_ticks, engine.on_broker_update,
+                           stall_s=self.settings.FEED_STALL_S,
+                           market_open=lambda: any(clock.is_open(ex, self.now()) for ex in ("NSE", "MCX")),
+                           emit=lambda kind, message, severity: self._emit(kind, message, severity, None, None),
+                           on_open=engine.request_reconcile)
 
     def _emit(self, kind: str, message: str, severity: str, strategy: Optional[str], data: Optional[dict]) -> None:
         self.storage.write(lambda db: Storage.add_event(db, kind, message, severity, strategy, data))
@@ -167,6 +188,8 @@ class Runtime:
             self.pump.stop()
             self.pump.pump()  # the last events (shutdown, final fills) still reach the notifiers
             self.notifiers.shutdown()
+            if self.feed is not None:
+                self.feed.stop()
             self.broker.stop()
             self.gateway.shutdown()
             self.engine = None

@@ -21,14 +21,17 @@ def sim():
     s.stop()
 
 
+def live_host(sim, data_dir, **env):
+    settings = make_settings(data_dir, BROKER="shoonya", SHOONYA_AUTH="oauth", USER_ID="FA12345",
+                             OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
+                             SHOONYA_API_URL=sim.api_url, SHOONYA_WS_URL=sim.ws_url,
+                             SHOONYA_OAUTH_URL=sim.oauth_url, **env)
+    return Host(settings, broker_timeout_s=1.0, unknown_grace_s=5.0).start()
+
+
 @pytest.fixture
 def live(sim, tmp_path):
-    settings = make_settings(tmp_path / "var", BROKER="shoonya", SHOONYA_AUTH="oauth", USER_ID="FA12345",
-                             OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
-                             SHOONYA_API_URL=sim.api_url, SHOONYA_WS_URL="ws://127.0.0.1:9/NorenWSAPI/",
-                             SHOONYA_OAUTH_URL=sim.oauth_url)
-    h = Host(settings, broker_timeout_s=1.0, unknown_grace_s=5.0).start()
-    h.runtime.engine.reconcile_every_s = 0.1  # no feed in these tests: the order book is read often
+    h = live_host(sim, tmp_path / "var")
     yield h
     h.stop()
 
@@ -75,7 +78,6 @@ def test_entries_wait_for_the_daily_login_then_trade(live, sim):
 def test_a_restart_restores_the_saved_token(live, sim):
     login(live, sim)
     live.restart()
-    live.runtime.engine.reconcile_every_s = 0.1
     assert live.post(alert()).status_code == 200
 
 
@@ -144,3 +146,71 @@ def test_a_bad_code_is_refused_with_a_clear_message(live, sim):
     live.client.get("/broker/login")
     r = live.client.get("/broker/callback?code=not-a-real-code")
     assert r.status_code == 502 and "refused the code" in r.get_json()["error"]
+
+
+def test_fills_and_ticks_arrive_through_the_feed(live, sim):
+    from plugin_files import strategy_source, wait_strategy, write
+    login(live, sim)
+    live.runtime.engine.reconcile_every_s = 3600  # only the feed can tell
+    write(live.runtime.strategies.folder, "watcher", strategy_source("watcher", body='''
+@hookimpl
+def strategy_on_tick(ctx, tick):
+    ctx.state.setdefault("seen", []).append(str(tick.ltp))
+''', meta_extra=f', "symbols": ["NFO:{SYMBOL}"]'))
+    wait_strategy(live, "watcher", status="running")
+    feed = live.runtime.feed
+    wait_for(lambda: f"NFO|43212" in feed.subscribed)
+    oid = live.post(alert(direction="BUY", qty=75, price="43")).get_json()["orders"][0]["id"]
+    wait_for(lambda: _order(live, oid)["status"] == "FILLED")
+    sim.sim.tick("NFO", SYMBOL, Decimal("44.05"))
+    wait_for(lambda: "44.05" in live.runtime.strategies.live("watcher").ctx.state.get("seen", []))
+    assert live.position()["ltp"] == "44.05"
+
+
+def test_a_dropped_socket_is_resubscribed(live, sim):
+    from plugin_files import strategy_source, wait_strategy, write
+    login(live, sim)
+    write(live.runtime.strategies.folder, "watcher", strategy_source("watcher", body='''
+@hookimpl
+def strategy_on_tick(ctx, tick):
+    ctx.state["last"] = str(tick.ltp)
+''', meta_extra=f', "symbols": ["NFO:{SYMBOL}"]'))
+    wait_strategy(live, "watcher", status="running")
+    feed = live.runtime.feed
+    wait_for(lambda: feed.opens >= 1 and "NFO|43212" in feed.subscribed)
+    opens = feed.opens
+    requests.post(f"http://127.0.0.1:{sim.port}/sim/control", json={"action": "drop_ws"}, timeout=5)
+    wait_for(lambda: feed.opens > opens, timeout=5)
+    wait_for(lambda: sim.feed.clients and ("NFO", "43212") in sim.feed.clients[0].touch, timeout=5)
+    sim.sim.tick("NFO", SYMBOL, Decimal("45.5"))  # ticks flow again: the subscription was sent again
+    wait_for(lambda: live.runtime.strategies.live("watcher").ctx.state.get("last") == "45.5")
+
+
+def test_a_stalled_feed_is_reconnected(sim, tmp_path):
+    h = live_host(sim, tmp_path / "var", FEED_STALL_S="2")
+    try:
+        login(h, sim)
+        feed = h.runtime.feed
+        feed.market_open = lambda: True  # the watchdog acts in market hours only; the test's clock says open
+        wait_for(lambda: feed.opens >= 1)
+        opens = feed.opens
+        sim.sim.faults.stall_feed = True  # the socket stays open but nothing comes
+        wait_for(lambda: feed.reconnects >= 1, timeout=6)
+        sim.sim.faults.stall_feed = False
+        wait_for(lambda: feed.opens > opens, timeout=5)
+        kinds = [e["kind"] for e in h.api("/api/events").get_json()["items"]]
+        assert "feed_stalled" in kinds
+    finally:
+        h.stop()
+
+
+def test_the_stall_watchdog_sleeps_outside_market_hours(sim, tmp_path):
+    h = live_host(sim, tmp_path / "var", FEED_STALL_S="2")
+    try:
+        login(h, sim)
+        h.runtime.feed.market_open = lambda: False
+        sim.sim.faults.stall_feed = True
+        time.sleep(3)
+        assert h.runtime.feed.reconnects == 0
+    finally:
+        h.stop()

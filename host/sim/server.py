@@ -51,6 +51,7 @@ class NorenSim:
     sessions: dict = field(default_factory=dict)   # token -> uid
     codes: dict = field(default_factory=dict)      # OAuth code -> client id
     ws_hooks: list = field(default_factory=list)   # callbacks for the WebSocket side (drop, etc.)
+    tick_hooks: list = field(default_factory=list)  # called with (exchange, symbol, ltp) on every price move
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_session(self, uid: str) -> str:
@@ -58,6 +59,12 @@ class NorenSim:
         with self.lock:
             self.sessions[token] = uid
         return token
+
+    def tick(self, exchange: str, symbol: str, ltp: Decimal) -> None:
+        """Move the market: fill what the price crosses, and push the tick to the feed."""
+        self.engine.set_ltp(exchange, symbol, ltp)
+        for hook in list(self.tick_hooks):
+            hook(exchange, symbol, ltp)
 
     def expire_sessions(self) -> None:
         with self.lock:
@@ -181,7 +188,7 @@ def create_sim_app(sim: NorenSim) -> Flask:
             for hook in list(sim.ws_hooks):
                 hook("drop")
         elif action == "tick":
-            sim.engine.set_ltp(c["exchange"], c["symbol"], Decimal(str(c["ltp"])))
+            sim.tick(c["exchange"], c["symbol"], Decimal(str(c["ltp"])))
         else:
             return _json({"ok": False, "error": f"unknown action {action!r}"}), 400
         return _json({"ok": True})

@@ -1,0 +1,177 @@
+"""The Shoonya WebSocket feed: started once, resubscribed on every open, callbacks only enqueue,
+a stall watchdog, de-duplicated order updates, sparse updates completed from SingleOrdHist."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from decimal import Decimal
+from typing import Any, Callable, Optional
+
+from ..models import BrokerOrder, FillReport, Tick
+from .shoonya import _dec, _int, broker_order
+
+log = logging.getLogger(__name__)
+
+
+class ShoonyaFeed:
+    """Ticks and order updates from the broker's WebSocket, handed on from one worker thread."""
+
+    def __init__(self, broker: Any, wanted: Callable[[], set[tuple[str, str]]],
+                 on_ticks: Callable[[list[Tick]], None], on_update: Callable[[BrokerOrder], None],
+                 stall_s: float = 30.0, market_open: Callable[[], bool] = lambda: True,
+                 emit: Callable[[str, str, str], None] = lambda kind, message, severity: None,
+                 on_open: Callable[[], None] = lambda: None):
+        self.broker, self.api = broker, broker.api
+        self.wanted, self.on_ticks, self.on_update = wanted, on_ticks, on_update
+        self.stall_s, self.market_open, self.emit, self.on_open = stall_s, market_open, emit, on_open
+        self._queue: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.subscribed: set[str] = set()
+        self.opens = 0
+        self.reconnects = 0
+        self.last_frame = time.monotonic()
+        self._seen: set[tuple] = set()
+
+    # the library's callbacks run on its WebSocket thread: they only enqueue
+    def _cb_open(self) -> None:
+        self._queue.put(("open", None))
+
+    def _cb_tick(self, msg: dict) -> None:
+        self._queue.put(("tick", msg))
+
+    def _cb_order(self, msg: dict) -> None:
+        self._queue.put(("om", msg))
+
+    def _cb_closed(self) -> None:
+        self._queue.put(("closed", None))
+
+    def _cb_error(self, error: Any) -> None:
+        self._queue.put(("error", error))
+
+    def start(self) -> None:
+        self.api.start_websocket(subscribe_callback=self._cb_tick, order_update_callback=self._cb_order,
+                                 socket_open_callback=self._cb_open, socket_close_callback=self._cb_closed,
+                                 socket_error_callback=self._cb_error)
+        self._thread = threading.Thread(target=self._run, name="shoonya-feed", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """close_websocket() can block for ~10 s inside websocket-client: never wait on it unbounded."""
+        self._stop.set()
+        closer = threading.Thread(target=self._close_quietly, daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _close_quietly(self) -> None:
+        # close_websocket() returns at once when the socket is down, without setting the stop event,
+        # and the library's reconnect loop then runs forever: set the event ourselves first
+        stop_event = getattr(self.api, "_NorenApi__stop_event", None)
+        if stop_event is not None:
+            stop_event.set()
+        ws = getattr(self.api, "_NorenApi__websocket", None)
+        try:
+            if ws is not None:
+                ws.close()
+        except Exception:  # closing a socket that is already gone
+            pass
+
+    def _run(self) -> None:
+        last_refresh = 0.0
+        while not self._stop.is_set():
+            try:
+                kind, payload = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                kind, payload = "idle", None
+            try:
+                self._handle(kind, payload)
+                now = time.monotonic()
+                if self.opens and now - last_refresh > 2.0:
+                    last_refresh = now
+                    self._subscribe(resubscribe=False)
+                if self.opens and now - self.last_frame > self.stall_s and self.market_open():
+                    self._reconnect(f"no frame for {now - self.last_frame:.0f} s")
+            except Exception:
+                log.exception("feed: %s handling failed", kind)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind in ("tick", "om", "open"):
+            self.last_frame = time.monotonic()
+        if kind == "open":
+            self.opens += 1
+            self._subscribe(resubscribe=True)
+            self.on_open()  # updates sent while we were away are lost: read the order book now
+            self.emit("feed_connected", f"broker feed connected (connection {self.opens}); "
+                                        f"{len(self.subscribed)} symbols and order updates subscribed", "info")
+        elif kind == "tick":
+            tick = self._tick(payload)
+            if tick is not None:
+                self.on_ticks([tick])
+        elif kind == "om":
+            update = self._order(payload)
+            if update is not None:
+                self.on_update(update)
+        elif kind == "closed":
+            self.emit("feed_disconnected", "broker feed disconnected; the library reconnects", "warning")
+
+    def _keys(self) -> set[str]:
+        keys = set()
+        for exchange, symbol in self.wanted():
+            inst = self.broker.instruments.get(exchange, symbol)
+            if inst is not None:
+                keys.add(f"{exchange}|{inst.token}")
+        return keys
+
+    def _subscribe(self, resubscribe: bool) -> None:
+        """Send subscriptions; after a (re)connect all of them, since the library does not resend any."""
+        keys = self._keys()
+        todo = keys if resubscribe else keys - self.subscribed
+        if resubscribe:
+            self._send(lambda: self.api.subscribe_orders())
+        if todo:
+            self._send(lambda: self.api.subscribe(sorted(todo)))
+        self.subscribed = keys if resubscribe else self.subscribed | todo
+
+    def _send(self, fn: Callable[[], None]) -> None:
+        """subscribe() blocks while the socket is down: give it a bound."""
+        t = threading.Thread(target=fn, daemon=True)
+        t.start()
+        t.join(2.0)
+
+    def reconnect(self, why: str) -> None:
+        """Close the socket so the library reconnects and authenticates with the current token."""
+        self.last_frame = time.monotonic()
+        ws = getattr(self.api, "_NorenApi__websocket", None)  # closing the socket makes the library reconnect
+        if ws is not None:
+            threading.Thread(target=ws.close, daemon=True).start()
+
+    def _reconnect(self, why: str) -> None:
+        self.reconnects += 1
+        self.emit("feed_stalled", f"broker feed stalled ({why}): reconnecting", "warning")
+        self.reconnect(why)
+
+    def _tick(self, msg: dict) -> Optional[Tick]:
+        inst = self.broker.instruments.token(msg.get("e", ""), str(msg.get("tk", "")))
+        ltp = _dec(msg.get("lp"))
+        if inst is None or ltp is None or ltp <= 0:
+            return None
+        return Tick(inst.exchange, inst.symbol, ltp)
+
+    def _order(self, msg: dict) -> Optional[BrokerOrder]:
+        key = (msg.get("norenordno"), msg.get("status"), msg.get("fillshares"), msg.get("flid"), msg.get("reporttype"))
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        if not msg.get("remarks"):  # a sparse update: read the order itself
+            rows = self.api.single_order_history(msg.get("norenordno"))
+            if rows:
+                msg = {**rows[0], **{k: v for k, v in msg.items() if v not in (None, "")}}
+        fills: tuple[FillReport, ...] = ()
+        price = _dec(msg.get("flprc"))
+        if msg.get("flid") and price is not None:
+            fills = (FillReport(str(msg["flid"]), _int(msg.get("flqty")), price),)
+        return broker_order(msg, fills)
