@@ -84,6 +84,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    """Serve the Noren OMS simulator on loopback until interrupted."""
+    import signal
+    import threading
+    from .sim.matching import MatchingEngine
+    from .sim.runner import SimServer
+    from .sim.server import NorenSim
+    engine = MatchingEngine(args.data) if args.data else MatchingEngine()
+    sim = NorenSim(engine=engine, client_id=args.client_id, client_secret=args.client_secret,
+                   redirect_url=args.redirect_url)
+    server = SimServer(sim, args.host, args.port, args.ws_port or (args.port + 1 if args.port else 0)).start()
+    for user in args.session or []:
+        uid, _, token = user.partition(":")
+        with sim.lock:
+            sim.sessions[token] = uid
+    print(f"Noren simulator (strategy-host {__version__})")
+    print(f"  SHOONYA_API_URL={server.api_url}")
+    print(f"  SHOONYA_WS_URL={server.ws_url}")
+    print(f"  SHOONYA_OAUTH_URL={server.oauth_url}   (OAUTH_CLIENT_ID={sim.client_id}, OAUTH_SECRET={sim.client_secret})")
+    print(f"  test controls: POST http://{server.host}:{server.port}/sim/control")
+    sys.stdout.flush()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="strategy-host", description="Strategy host for Shoonya (Noren OMS)")
     parser.add_argument("--version", action="version", version=f"strategy-host {__version__}")
@@ -99,6 +130,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     check = sub.add_parser("check", help="validate a config file and list every problem")
     check.add_argument("--env", help="config file to check (default: only the environment)")
     check.set_defaults(func=cmd_check)
+    sim = sub.add_parser("sim", help="serve the Noren OMS simulator (REST and WebSocket) on loopback")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9100, help="REST port (default 9100)")
+    sim.add_argument("--ws-port", type=int, default=0, help="WebSocket port (default: REST port + 1)")
+    sim.add_argument("--data", help="SQLite file for the simulator's book (default: in memory)")
+    sim.add_argument("--client-id", default="SIM-CLIENT")
+    sim.add_argument("--client-secret", default="sim-secret")
+    sim.add_argument("--redirect-url", default="http://127.0.0.1:8000/broker/callback",
+                     help="where the authorize page sends the browser back")
+    sim.add_argument("--session", action="append", metavar="UID:TOKEN",
+                     help="a session that is valid from the start (for SHOONYA_AUTH=token)")
+    sim.set_defaults(func=cmd_sim)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from conftest import wait_for
-from serverproc import ServerProcess
+from serverproc import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -230,3 +230,49 @@ def test_a_breach_survives_kill_9_entries_refused_exits_allowed(server):
     assert r.status_code == 423, r.text
     r = s2.webhook(_alert(secret, strategy="a", symbol="LOSER", execution="EXIT", direction="SELL"))
     assert r.status_code == 200, r.text  # exits are allowed (nothing left to exit here)
+
+
+@pytest.fixture
+def noren_sim(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "host", "sim", "--port", str(port), "--ws-port", str(free_port()),
+                             "--session", "FA12345:e2e-token"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    urls = {}
+    for line in proc.stdout:
+        if "=" in line and line.strip().startswith("SHOONYA_"):
+            key, _, rest = line.strip().partition("=")
+            urls[key] = rest.split()[0]
+        if "SHOONYA_OAUTH_URL" in urls:
+            break
+    control = f"http://127.0.0.1:{port}/sim/control"
+    yield urls, lambda **c: requests.post(control, json=c, timeout=5).json()
+    os.killpg(proc.pid, 15)
+    proc.wait(10)
+
+
+def test_kill_9_between_place_and_ack_adopts_the_order_after_restart(server, noren_sim):
+    urls, control = noren_sim
+    env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
+           "SQUARE_OFF_TIME": "off", **urls}
+    s = server(env=env).start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    control(action="tick", exchange="NFO", symbol="NIFTY28APR26C24500", ltp="42.5")
+    control(action="delay_next", seconds=4)  # the broker places the order, but its answer is late
+    control(action="stall_feed", on=True)     # and no order update comes over the feed either
+    r = s.webhook(_alert(secret, strategy="crash", alert_id="crash-1"))
+    assert r.status_code == 200, r.text
+    oid = r.json()["orders"][0]["id"]
+    try:
+        wait_for(lambda: s.api("/api/orders").json()["items"][0]["status"] == "SUBMITTED", timeout=3)
+    except AssertionError:
+        raise AssertionError(f"{s.api('/api/orders').json()['items']} {s.api('/api/events').json()['items'][:5]}")
+    s.kill9()  # between the broker's placement and its acknowledgement
+    control(action="stall_feed", on=False)
+    s2 = server(env=env).start()
+    order = wait_for(lambda: (o := s2.api("/api/orders").json()["items"][0])["status"] == "FILLED" and o, timeout=10)
+    assert order["id"] == oid and order["broker_order_id"]
+    time.sleep(1.5)  # give a wrong resend time to happen
+    book = requests.post(urls["SHOONYA_API_URL"] + "OrderBook", data='jData={"uid":"FA12345"}',
+                         headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
+    assert [o["remarks"] for o in book] == [oid]  # adopted, not resent
