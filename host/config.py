@@ -181,6 +181,7 @@ VARS: tuple[Var, ...] = (
     Var("SHOONYA_API_URL", _url, "https://api.shoonya.com/NorenWClientAPI/", "Noren REST base URL"),
     Var("SHOONYA_WS_URL", _url, "wss://api.shoonya.com/NorenWSAPI/", "Noren WebSocket URL"),
     Var("SHOONYA_OAUTH_URL", _url, "https://api.shoonya.com/", "the broker's OAuth authorize page"),
+    Var("SHOONYA_SYMBOLS_URL", _url, "https://api.shoonya.com/", "where the daily <EXCH>_symbols.txt.zip files are"),
     Var("OAUTH_CLIENT_ID", _str, "", "OAuth client id (live, SHOONYA_AUTH=oauth)", live_required=True),
     Var("OAUTH_SECRET", _str, "", "OAuth client secret", secret=True),
     Var("SHOONYA_ACCESS_TOKEN", _str, "", "access token (live, SHOONYA_AUTH=token)", secret=True),

@@ -15,6 +15,7 @@ import sqlite_utils
 
 from . import guard
 from .inbox import Inbox
+from .instruments import check_order
 from .market import IST
 from .models import (AlertRequest, AlertStatus, BrokerOrder, ExecutionType, Intent, Leg, Order, OrderStatus,
                      OrderType, Product, Side, Tick, TradingState)
@@ -96,6 +97,7 @@ class Engine:
         self._last_heartbeat = 0.0
         self._last_clock = 0.0
         self._recover_pending = False
+        self._reconcile_again_at = 0.0
         self.plugin_registries: dict[str, Any] = {"strategy": strategies}
         self.broker_positions = broker_positions
         self.risk_poll_s = risk_poll_s
@@ -106,6 +108,7 @@ class Engine:
         self._risk_dirty = True
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
+        self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
         self.data_dir: Any = None
 
     # ---- life cycle ----
@@ -141,8 +144,10 @@ class Engine:
         self._events.put(("call", fn))
 
     def request_reconcile(self) -> None:
-        """Reconcile with the broker's book at the next step (the feed was away)."""
+        """Reconcile with the broker's book now and once more a second later: the feed was away, and
+        updates for orders sent while its subscriptions were being renewed may be lost too."""
         self._last_reconcile = 0.0
+        self._reconcile_again_at = time.monotonic() + 1.0
         self.wake()
 
     def order_changed(self, order_id: str) -> None:
@@ -213,6 +218,9 @@ class Engine:
         if now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
             self.storage.write(lambda db: Storage.put_state(db, HEARTBEAT_KEY, utcnow()))
+        if self._reconcile_again_at and now >= self._reconcile_again_at:
+            self._reconcile_again_at = 0.0
+            self._last_reconcile = 0.0
         if now - self._last_reconcile >= self.reconcile_every_s:
             self._last_reconcile = now
             self._reconcile()
@@ -295,9 +303,13 @@ class Engine:
         refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:
             return Decision(AlertStatus.REFUSED, "; ".join(sorted(refusals)))
-        problems = [p for n, c in enumerate(todo) for p in validate_intent(c.intent, f"intent[{n}]")]
+        problems = [str(p) for n, c in enumerate(todo) for p in validate_intent(c.intent, f"intent[{n}]")]
+        if self.instruments is not None:
+            problems += [p for n, c in enumerate(todo) for p in check_order(
+                self.instruments(), c.intent.exchange, c.intent.symbol, c.intent.qty,
+                (c.intent.price, c.intent.trigger_price), f"intent[{n}]")]
         if problems:
-            return Decision(AlertStatus.REJECTED, "; ".join(str(p) for p in problems))
+            return Decision(AlertStatus.REJECTED, "; ".join(problems))
         orders = tuple(insert_order(db, c.intent, strategy, alert_id, version) for c in todo)
         return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders)
 

@@ -54,3 +54,75 @@ class Instruments:
 
     def __len__(self) -> int:
         return len(self.by_symbol)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class InstrumentMaster:
+    """The broker's daily symbol files, cached under DATA_DIR; a failed download keeps the last copy."""
+
+    def __init__(self, cache_dir: Path, base_url: str, exchanges: Iterable[str] = ("NSE", "NFO", "BSE", "BFO", "MCX"),
+                 timeout_s: float = 20.0):
+        self.cache_dir, self.base_url, self.exchanges, self.timeout_s = Path(cache_dir), base_url, tuple(exchanges), timeout_s
+        self.instruments = Instruments()
+        self.problems: list[str] = []
+
+    def refresh(self) -> Instruments:
+        """Download each exchange's file; on failure use the cached copy and say so."""
+        import requests
+        import zipfile
+        items: list[Instrument] = []
+        self.problems = []
+        for exch in self.exchanges:
+            cache = self.cache_dir / f"{exch}.csv"
+            try:
+                r = requests.get(f"{self.base_url.rstrip('/')}/{exch}_symbols.txt.zip", timeout=self.timeout_s)
+                r.raise_for_status()
+                with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+                    text = z.read(z.namelist()[0]).decode("utf-8", "replace")
+                parsed = parse(text)
+                if not parsed:
+                    raise ValueError("the file has no instruments")
+                _atomic_write(cache, text)
+            except Exception as e:  # network, HTTP, zip or content: keep yesterday's copy
+                if cache.exists():
+                    self.problems.append(f"{exch} symbols not downloaded ({type(e).__name__}: {e}); using the copy of "
+                                         f"{time_of(cache)}")
+                    parsed = parse(cache.read_text())
+                else:
+                    self.problems.append(f"{exch} symbols not downloaded ({type(e).__name__}: {e}) and no cached copy: "
+                                         f"lot and tick checks are off for {exch}")
+                    parsed = []
+            items += parsed
+        self.instruments = Instruments(items)
+        return self.instruments
+
+
+def time_of(path: Path) -> str:
+    import datetime as _dt
+    return _dt.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="minutes")
+
+
+def check_order(instruments: Instruments, exchange: str, symbol: str, qty: int, prices: Iterable[Optional[Decimal]],
+                where: str) -> list[str]:
+    """Lot-size and tick-size problems of one order; none for an instrument the master does not know."""
+    inst = instruments.get(exchange, symbol)
+    if inst is None:
+        return []
+    problems = []
+    if qty % inst.lot_size:
+        problems.append(f"{where}.qty: expected a multiple of the lot size {inst.lot_size} for {exchange}:{symbol}, "
+                        f"found {qty}")
+    if inst.freeze_qty and qty > inst.freeze_qty:
+        problems.append(f"{where}.qty: expected at most the freeze quantity {inst.freeze_qty} for {exchange}:{symbol}, "
+                        f"found {qty}")
+    for p in prices:
+        if p is not None and inst.tick_size and p % inst.tick_size:
+            problems.append(f"{where}.price: expected a multiple of the tick size {inst.tick_size} for "
+                            f"{exchange}:{symbol}, found {p}")
+    return problems

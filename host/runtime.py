@@ -6,7 +6,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from functools import cached_property
-from typing import Optional
+from typing import Any, Optional
 
 from .brokers.base import Broker
 from .broker_session import load_token, set_session_state
@@ -35,8 +35,12 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
     if settings.paper:
         return PaperBroker(settings.data_dir / "paper.sqlite", settings.MARKET_PROTECTION_PCT)
     from .brokers.shoonya import ShoonyaBroker
-    from .instruments import Instruments
-    broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, Instruments.sample(),
+    from .instruments import InstrumentMaster
+    master = InstrumentMaster(settings.data_dir / "instruments", settings.SHOONYA_SYMBOLS_URL)
+    master.refresh()
+    for problem in master.problems:
+        storage.write(lambda db, p=problem: Storage.add_event(db, "instruments", p, "warning"))
+    broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, master.instruments,
                            settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s,
                            on_session=lambda state, why: set_session_state(storage, state, why))
     saved = ({"access_token": settings.SHOONYA_ACCESS_TOKEN, "uid": settings.USER_ID}
@@ -125,6 +129,10 @@ class Runtime:
             engine.plugin_registries["notifier"] = self.notifiers
             self.sender.on_result = engine.order_changed
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
+            if not self.settings.paper:  # feed updates can be lost around reconnects: read the book often
+                engine.reconcile_every_s = 2.0
+            if not self.settings.paper:
+                engine.instruments = lambda: self.broker.instruments
             for registry in (self.strategies, self.notifiers):
                 registry.submit = engine.submit
             self.reloader = Reloader([self.strategies, self.notifiers], engine.submit)
@@ -145,7 +153,7 @@ class Runtime:
             raise
         log.info("engine started (broker %s, data %s)", self.broker.name, self.settings.data_dir)
 
-    def _make_feed(self, engine: Engine) -> "ShoonyaFeed":
+    def _make_feed(self, engine: Engine) -> Any:
         from .brokers.shoonya_feed import ShoonyaFeed
         clock = self.gate.clock
 

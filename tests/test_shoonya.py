@@ -25,7 +25,8 @@ def live_host(sim, data_dir, **env):
     settings = make_settings(data_dir, BROKER="shoonya", SHOONYA_AUTH="oauth", USER_ID="FA12345",
                              OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
                              SHOONYA_API_URL=sim.api_url, SHOONYA_WS_URL=sim.ws_url,
-                             SHOONYA_OAUTH_URL=sim.oauth_url, **env)
+                             SHOONYA_OAUTH_URL=sim.oauth_url, SHOONYA_SYMBOLS_URL=f"http://127.0.0.1:{sim.port}/",
+                             **env)
     return Host(settings, broker_timeout_s=1.0, unknown_grace_s=5.0).start()
 
 
@@ -214,3 +215,24 @@ def test_the_stall_watchdog_sleeps_outside_market_hours(sim, tmp_path):
         assert h.runtime.feed.reconnects == 0
     finally:
         h.stop()
+
+
+def test_lot_and_tick_sizes_come_from_the_broker_s_symbol_files(live, sim):
+    login(live, sim)
+    r = live.post(alert(qty=50, alert_id="lots"))
+    assert r.status_code == 422
+    assert "intent[0].qty: expected a multiple of the lot size 75 for NFO:NIFTY28APR26C24500, found 50" in r.get_json()["reason"]
+    r = live.post(alert(qty=75, price="42.53", alert_id="ticks"))
+    assert r.status_code == 422 and "tick size 0.05" in r.get_json()["reason"]
+    assert (live.settings.data_dir / "instruments" / "NFO.csv").exists()
+
+
+def test_a_failed_symbol_download_keeps_the_last_copy(sim, tmp_path):
+    from host.instruments import InstrumentMaster
+    master = InstrumentMaster(tmp_path / "cache", f"http://127.0.0.1:{sim.port}/", exchanges=("NFO",))
+    assert master.refresh().get("NFO", SYMBOL).lot_size == 75 and master.problems == []
+    offline = InstrumentMaster(tmp_path / "cache", "http://127.0.0.1:9/", exchanges=("NFO",), timeout_s=1)
+    assert offline.refresh().get("NFO", SYMBOL).lot_size == 75
+    assert "using the copy of" in offline.problems[0]
+    empty = InstrumentMaster(tmp_path / "none", "http://127.0.0.1:9/", exchanges=("NFO",), timeout_s=1)
+    assert len(empty.refresh()) == 0 and "lot and tick checks are off" in empty.problems[0]

@@ -6,7 +6,6 @@ import logging
 import queue
 import threading
 import time
-from decimal import Decimal
 from typing import Any, Callable, Optional
 
 from ..models import BrokerOrder, FillReport, Tick

@@ -6,7 +6,7 @@ import socket
 import logging
 import threading
 from decimal import Decimal
-from typing import Any, Optional
+from typing import Optional
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection, serve
