@@ -198,7 +198,12 @@ def test_a_stalled_feed_is_reconnected(sim, tmp_path):
         sim.sim.faults.stall_feed = True  # the socket stays open but nothing comes
         wait_for(lambda: feed.reconnects >= 1, timeout=6)
         sim.sim.faults.stall_feed = False
-        wait_for(lambda: feed.opens > opens, timeout=5)
+        try:
+            wait_for(lambda: feed.opens > opens, timeout=5)
+        except AssertionError:
+            events = [(e["at"][11:23], e["kind"]) for e in h.api("/api/events").get_json()["items"]][:10]
+            raise AssertionError(f"opens {feed.opens} (was {opens}), reconnects {feed.reconnects}, "
+                                 f"sim clients {[(c.uid, c.orders) for c in sim.feed.clients]}, events {events}")
         kinds = [e["kind"] for e in h.api("/api/events").get_json()["items"]]
         assert "feed_stalled" in kinds
     finally:

@@ -51,11 +51,14 @@ class ShoonyaFeed:
         self._queue.put(("error", error))
 
     def start(self) -> None:
+        self._start_socket()
+        self._thread = threading.Thread(target=self._run, name="shoonya-feed", daemon=True)
+        self._thread.start()
+
+    def _start_socket(self) -> None:
         self.api.start_websocket(subscribe_callback=self._cb_tick, order_update_callback=self._cb_order,
                                  socket_open_callback=self._cb_open, socket_close_callback=self._cb_closed,
                                  socket_error_callback=self._cb_error)
-        self._thread = threading.Thread(target=self._run, name="shoonya-feed", daemon=True)
-        self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         """close_websocket() can block for ~10 s inside websocket-client: never wait on it unbounded."""
@@ -114,6 +117,8 @@ class ShoonyaFeed:
             update = self._order(payload)
             if update is not None:
                 self.on_update(update)
+        elif kind == "restart":
+            self._restart_socket()
         elif kind == "closed":
             self.emit("feed_disconnected", "broker feed disconnected; the library reconnects", "warning")
 
@@ -142,16 +147,26 @@ class ShoonyaFeed:
         t.join(2.0)
 
     def reconnect(self, why: str) -> None:
-        """Close the socket so the library reconnects and authenticates with the current token."""
-        self.last_frame = time.monotonic()
-        ws = getattr(self.api, "_NorenApi__websocket", None)  # closing the socket makes the library reconnect
-        if ws is not None:
-            threading.Thread(target=ws.close, daemon=True).start()
+        """Reconnect (and authenticate with the current token); done on the feed's own thread."""
+        self._queue.put(("restart", why))
 
     def _reconnect(self, why: str) -> None:
         self.reconnects += 1
         self.emit("feed_stalled", f"broker feed stalled ({why}): reconnecting", "warning")
-        self.reconnect(why)
+        self._restart_socket()
+
+    def _restart_socket(self) -> None:
+        """Stop the library's socket and its reconnect loop for good, then start a new connection.
+
+        Closing its WebSocketApp alone does not always bring the library back, and start_websocket()
+        replaces the attributes its old loop reads: so stop that loop first, with a bound.
+        """
+        self.last_frame = time.monotonic()
+        old_thread = getattr(self.api, "_NorenApi__ws_thread", None)
+        self._close_quietly()
+        if old_thread is not None:
+            old_thread.join(3.0)
+        self._start_socket()
 
     def _tick(self, msg: dict) -> Optional[Tick]:
         inst = self.broker.instruments.token(msg.get("e", ""), str(msg.get("tk", "")))
