@@ -181,6 +181,8 @@ VARS: tuple[Var, ...] = (
     Var("SHOONYA_API_URL", _url, "https://api.shoonya.com/NorenWClientAPI/", "Noren REST base URL"),
     Var("SHOONYA_WS_URL", _url, "wss://api.shoonya.com/NorenWSAPI/", "Noren WebSocket URL"),
     Var("SHOONYA_OAUTH_URL", _url, "https://api.shoonya.com/", "the broker's OAuth authorize page"),
+    Var("SHOONYA_PREOPEN_CHECK", _hhmm_or_off, "09:00", "daily check of the broker session before the open "
+                                                         "(Asia/Kolkata), or off"),
     Var("SHOONYA_SYMBOLS_URL", _url, "https://api.shoonya.com/", "where the daily <EXCH>_symbols.txt.zip files are"),
     Var("OAUTH_CLIENT_ID", _str, "", "OAuth client id (live, SHOONYA_AUTH=oauth)", live_required=True),
     Var("OAUTH_SECRET", _str, "", "OAuth client secret", secret=True),

@@ -109,6 +109,9 @@ class Engine:
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
         self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
+        self.preopen: Any = None  # live mode: the time of the daily session check
+        self._preopen_day: Any = None
+        self.gateway_call: Callable[..., Any] = lambda what, fn: fn()
         self.data_dir: Any = None
 
     # ---- life cycle ----
@@ -225,8 +228,28 @@ class Engine:
             self._last_reconcile = now
             self._reconcile()
 
+    def _preopen_check(self, now: datetime) -> None:
+        """Once per trading day at the pre-open time: is the broker session valid? Say so either way."""
+        if self.preopen is None or self.broker is None or not hasattr(self.broker, "check_session"):
+            return
+        day = now.date()
+        if day == self._preopen_day or now.time() < self.preopen or not self.gate.clock.is_trading_day(day):
+            return
+        self._preopen_day = day
+        try:
+            valid = self.gateway_call("check_session", self.broker.check_session)
+        except Exception as e:  # unreachable, timeout: not valid as far as we can tell
+            valid, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = "get_limits did not answer Ok"
+        message = ("pre-open check: the broker session is valid" if valid else
+                   f"pre-open check: the broker session is NOT valid ({why}): log in at /broker/login before the open")
+        self.storage.write(lambda db: Storage.add_event(db, "preopen_check", message, "info" if valid else "error",
+                                                        data={"valid": valid, "login": "/broker/login"}))
+
     def _clock(self) -> None:
         now = self.now().astimezone(IST)
+        self._preopen_check(now)
         for live in self.strategies.with_hook("strategy_on_clock"):
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 

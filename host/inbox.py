@@ -107,8 +107,9 @@ class Inbox:
         if self.dedupe_window_s <= 0:
             return None
         since = (datetime.fromisoformat(now) - timedelta(seconds=self.dedupe_window_s)).isoformat(timespec="milliseconds")
-        rows = list(db.query("select * from alerts where body_hash = ? and received_at >= ? and status not in "
-                             "('duplicate', 'rejected') order by rowid desc limit 1", (digest, since)))
+        # only an alert that runs (or will) makes a copy a duplicate: a refused one may be sent again
+        rows = list(db.query("select * from alerts where body_hash = ? and received_at >= ? and status in "
+                             "('received', 'accepted') order by rowid desc limit 1", (digest, since)))
         return rows[0] if rows else None
 
     def wait_alert(self, alert_id: str, timeout_s: float) -> AlertRecord:

@@ -131,6 +131,8 @@ class Runtime:
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
             if not self.settings.paper:  # feed updates can be lost around reconnects: read the book often
                 engine.reconcile_every_s = 2.0
+                engine.preopen = self.settings.SHOONYA_PREOPEN_CHECK
+                engine.gateway_call = self.gateway.call
             if not self.settings.paper:
                 engine.instruments = lambda: self.broker.instruments
             for registry in (self.strategies, self.notifiers):

@@ -241,3 +241,17 @@ def test_a_failed_symbol_download_keeps_the_last_copy(sim, tmp_path):
     assert "using the copy of" in offline.problems[0]
     empty = InstrumentMaster(tmp_path / "none", "http://127.0.0.1:9/", exchanges=("NFO",), timeout_s=1)
     assert len(empty.refresh()) == 0 and "lot and tick checks are off" in empty.problems[0]
+
+
+def test_the_pre_open_check_says_when_the_session_is_not_valid(live, sim):
+    from datetime import datetime, time as dtime, timedelta, timezone
+    from host.market import IST, MarketClock
+    day = datetime.now(IST).date() + timedelta(days=1)
+    while not MarketClock().is_trading_day(day):
+        day += timedelta(days=1)
+    live.runtime.clock_offset = datetime.combine(day, dtime(9, 1), IST) - datetime.now(timezone.utc)
+    check = wait_for(lambda: next((e for e in live.api("/api/events").get_json()["items"]
+                                   if e["kind"] == "preopen_check"), None), timeout=4)
+    assert "NOT valid" in check["message"] and "/broker/login" in check["message"]
+    time.sleep(1.5)  # once a day, not once a second
+    assert [e["kind"] for e in live.api("/api/events").get_json()["items"]].count("preopen_check") == 1

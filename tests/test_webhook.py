@@ -215,3 +215,11 @@ def test_database_locked_for_a_moment_is_retried_not_dropped(host):
         other.close()
     assert r.status_code == 200, r.get_json()
     wait_for(lambda: host.orders(status="FILLED"))
+
+
+def test_the_same_body_after_a_refusal_is_not_a_duplicate(host):
+    host.api("/api/halt", "POST", json={"mode": "halted"})
+    assert host.post(alert()).status_code == 423
+    host.api("/api/halt", "POST", json={"mode": "active"})
+    r = host.post(alert())  # sent again within the window, once the cause is fixed
+    assert r.status_code == 200 and r.get_json()["status"] == "accepted"

@@ -185,6 +185,25 @@ class MatchingEngine:
         self._emit([update])
         return oid
 
+    def modify(self, broker_order_id: str, qty: int, order_type: OrderType, price: Optional[Decimal],
+               trigger_price: Optional[Decimal]) -> BrokerOrder:
+        """Change a working order's quantity and prices; it is matched again at once."""
+        from dataclasses import replace as _replace
+        with self._lock:
+            o = self._orders.get(broker_order_id)
+            if o is None:
+                raise SimRejected(f"no order {broker_order_id}")
+            if o.status.terminal:
+                raise SimRejected(f"order {broker_order_id} is already {o.status.value}")
+            if qty < o.filled_qty or qty <= 0:
+                raise SimRejected(f"quantity {qty} is below the {o.filled_qty} already filled")
+            o.req = _replace(o.req, qty=qty, order_type=order_type, price=price, trigger_price=trigger_price)
+            self._match(o)
+            self._save([o])
+            update = o.view()
+        self._emit([update])
+        return update
+
     def get(self, broker_order_id: str) -> Optional[SimOrder]:
         with self._lock:
             return self._orders.get(broker_order_id)

@@ -287,7 +287,17 @@ def cancel_order(sim: NorenSim, data: dict, uid: str) -> Response:
 
 
 def modify_order(sim: NorenSim, data: dict, uid: str) -> Response:
-    return _not_ok("ModifyOrder is not supported by the simulator: cancel and place again")
+    try:
+        otype = OrderType(data.get("prctyp"))
+        qty = int(data.get("qty", "0"))
+    except ValueError:
+        return _not_ok(f"Invalid Input : prctyp {data.get('prctyp')!r} or qty {data.get('qty')!r}")
+    try:
+        sim.engine.modify(data.get("norenordno", ""), qty, otype, _d(data.get("prc")) if otype.needs_price else None,
+                          _d(data.get("trgprc")) if otype.needs_trigger else None)
+    except SimRejected as e:
+        return _not_ok(str(e))
+    return _ok(result=data.get("norenordno"))
 
 
 def _list(items: list) -> Response:

@@ -1,0 +1,118 @@
+"""Alert-to-broker-ack latency through the Shoonya adapter, against a bare NorenRestApiPy place_order.
+
+Usage: python bench/broker_roundtrip.py [--orders N]
+Starts `strategy-host sim` and `strategy-host run` (BROKER=shoonya, token session) on loopback, sends
+N webhook alerts spaced under the 10 orders/s limiter, and times each from the alert's arrival to
+the broker's acknowledgement (the order's first status after SUBMITTED). The floor is one bare
+NorenRestApiPy place_order against the same simulator, timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+TOKEN, UID = "bench-token", "FA00001"
+SYMBOL = "NIFTY28APR26C24500"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_up(url: str) -> None:
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def pct(values: list[float], p: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--orders", type=int, default=50)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-broker-"))
+    sim_port, ws_port, host_port = free_port(), free_port(), free_port()
+    api_url = f"http://127.0.0.1:{sim_port}/NorenWClientAPI/"
+    sim = subprocess.Popen([sys.executable, "-m", "host", "sim", "--port", str(sim_port), "--ws-port", str(ws_port),
+                            "--session", f"{UID}:{TOKEN}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    env = {**os.environ, "BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": UID, "SHOONYA_ACCESS_TOKEN": TOKEN,
+           "SHOONYA_API_URL": api_url, "SHOONYA_WS_URL": f"ws://127.0.0.1:{ws_port}/NorenWSAPI/",
+           "SHOONYA_SYMBOLS_URL": f"http://127.0.0.1:{sim_port}/", "WEBHOOK_SECRET": "bench-webhook-secret",
+           "API_TOKEN": "bench-api-token-0123456789", "DASHBOARD_PASSWORD": "bench-password", "LOG_LEVEL": "WARNING",
+           "SQUARE_OFF_TIME": "off", "SHOONYA_PREOPEN_CHECK": "off"}
+    host = None
+    try:
+        wait_up(f"http://127.0.0.1:{sim_port}/authorize")
+        post(f"http://127.0.0.1:{sim_port}/sim/control",
+             json.dumps({"action": "tick", "exchange": "NFO", "symbol": SYMBOL, "ltp": "42.5"}).encode())
+        host = subprocess.Popen([sys.executable, "-m", "host", "run", "--port", str(host_port)], cwd=work, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_up(f"http://127.0.0.1:{host_port}/healthz")
+        time.sleep(1.0)
+        for i in range(args.orders):  # resting limit orders: the ack is the broker's answer, not a fill
+            body = {"secret_key": "bench-webhook-secret", "execution_type": "ENTRY", "strategy_name": f"b{i}",
+                    "exchange": "NFO", "legs": [{"tradingsymbol": SYMBOL, "direction": "BUY", "qty": 75,
+                                                 "order_type": "LMT", "price": "40", "product_type": "M"}]}
+            post(f"http://127.0.0.1:{host_port}/webhook", json.dumps(body).encode())
+            time.sleep(0.15)
+        time.sleep(1.0)
+        db = sqlite3.connect(str(work / "var" / "host.sqlite"))
+        rows = db.execute("select a.received_at, min(h.at) from alerts a join orders o on o.alert_id = a.id "
+                          "join order_history h on h.order_id = o.id and h.status in ('OPEN','PARTIAL','FILLED') "
+                          "group by a.id").fetchall()
+        ours = [(datetime.fromisoformat(h) - datetime.fromisoformat(a)).total_seconds() for a, h in rows]
+        from NorenRestApiPy.NorenApi import NorenApi
+        api = NorenApi(host=api_url, websocket="ws://127.0.0.1:1/")
+        api.injectOAuthHeader(TOKEN, UID, UID)
+        floor = []
+        for i in range(args.orders):
+            t0 = time.perf_counter()
+            api.place_order("B", "M", "NFO", SYMBOL, 75, 0, "LMT", price=40.0, remarks=f"floor-{i}")
+            floor.append(time.perf_counter() - t0)
+    finally:
+        for p in (host, sim):
+            if p is not None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
+    ms = 1000
+    print(f"orders: {len(ours)} through the host, {len(floor)} bare, on one Noren simulator (loopback)")
+    print(f"{'':32}{'host':>10}{'floor':>10}{'ratio':>8}")
+    print(f"{'alert-to-ack p50 (ms)':32}{statistics.median(ours) * ms:10.2f}{statistics.median(floor) * ms:10.2f}"
+          f"{statistics.median(ours) / statistics.median(floor):8.2f}x")
+    print(f"{'alert-to-ack p99 (ms)':32}{pct(ours, 99) * ms:10.2f}{pct(floor, 99) * ms:10.2f}"
+          f"{pct(ours, 99) / pct(floor, 99):8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
