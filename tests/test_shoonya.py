@@ -131,7 +131,7 @@ def test_a_placeorder_timeout_is_resolved_as_one_order(live, sim):
 
 def test_an_ip_whitelist_refusal_is_a_clear_rejection(live, sim):
     login(live, sim)
-    sim.sim.faults.forbid_next = 1
+    sim.sim.faults.forbid_next, sim.sim.faults.forbid_route = 1, "PlaceOrder"
     oid = live.post(alert()).get_json()["orders"][0]["id"]
     o = wait_for(lambda: (o := _order(live, oid))["status"] == "REJECTED" and o)
     assert "HTTP 403" in o["reason"] and "IP" in o["reason"]

@@ -33,6 +33,8 @@ class ShoonyaFeed:
         self.reconnects = 0
         self.last_frame = time.monotonic()
         self._seen: set[tuple] = set()
+        self._reopen_by = 0.0  # after a close: the library must reconnect by then, or we restart the socket
+        self.restarts = 0
 
     # the library's callbacks run on its WebSocket thread: they only enqueue
     def _cb_open(self) -> None:
@@ -97,6 +99,11 @@ class ShoonyaFeed:
                     self._subscribe(resubscribe=False)
                 if self.opens and now - self.last_frame > self.stall_s and self.market_open():
                     self._reconnect(f"no frame for {now - self.last_frame:.0f} s")
+                elif self._reopen_by and now > self._reopen_by:
+                    # the library's own reconnect can stick ("socket is already opened"): at any hour
+                    self.emit("feed_restarted", "broker feed did not come back by itself: starting a new "
+                                                "connection", "warning")
+                    self._restart_socket()
             except Exception:
                 log.exception("feed: %s handling failed", kind)
 
@@ -104,6 +111,7 @@ class ShoonyaFeed:
         if kind in ("tick", "om", "open"):
             self.last_frame = time.monotonic()
         if kind == "open":
+            self._reopen_by = 0.0
             self.opens += 1
             self._subscribe(resubscribe=True)
             self.on_open()  # updates sent while we were away are lost: read the order book now
@@ -120,6 +128,7 @@ class ShoonyaFeed:
         elif kind == "restart":
             self._restart_socket()
         elif kind == "closed":
+            self._reopen_by = time.monotonic() + 5.0
             self.emit("feed_disconnected", "broker feed disconnected; the library reconnects", "warning")
 
     def _keys(self) -> set[str]:
@@ -162,6 +171,8 @@ class ShoonyaFeed:
         replaces the attributes its old loop reads: so stop that loop first, with a bound.
         """
         self.last_frame = time.monotonic()
+        self._reopen_by = time.monotonic() + 5.0
+        self.restarts += 1
         old_thread = getattr(self.api, "_NorenApi__ws_thread", None)
         self._close_quietly()
         if old_thread is not None:

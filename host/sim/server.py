@@ -35,6 +35,7 @@ class Faults:
     reject_next: Optional[str] = None
     delay_next_s: float = 0.0
     forbid_next: int = 0            # answer a non-JSON 403, as the broker's IP whitelist does
+    forbid_route: Optional[str] = None  # only on this route (None: any)
     stall_feed: bool = False        # the feed stops sending without closing
 
 
@@ -182,6 +183,7 @@ def create_sim_app(sim: NorenSim) -> Flask:
             sim.faults.delay_next_s = float(c.get("seconds", 0))
         elif action == "forbid_next":
             sim.faults.forbid_next = int(c.get("count", 1))
+            sim.faults.forbid_route = c.get("route")
         elif action == "stall_feed":
             sim.faults.stall_feed = bool(c.get("on", True))
         elif action == "drop_ws":
@@ -195,11 +197,11 @@ def create_sim_app(sim: NorenSim) -> Flask:
 
     @app.route("/<path:route>", methods=["POST"])
     def api(route: str):
-        if sim.faults.forbid_next > 0:
+        name = route.rstrip("/").split("/")[-1]
+        if sim.faults.forbid_next > 0 and sim.faults.forbid_route in (None, name):
             sim.faults.forbid_next -= 1
             return Response("<html><body><h1>403 Forbidden</h1>IP not whitelisted</body></html>", status=403,
                             mimetype="text/html")
-        name = route.rstrip("/").split("/")[-1]
         data, token = body()
         if data is None:
             return _not_ok("Invalid Input : jData is not valid JSON")
