@@ -10,7 +10,7 @@ import requests
 
 from host.sim.runner import SimServer
 
-from conftest import Host, SYMBOL, alert, make_settings, wait_for
+from conftest import TOKEN, Host, SYMBOL, alert, make_settings, wait_for
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def live(sim, tmp_path):
 
 def login(h: Host, sim: SimServer) -> dict:
     """The daily login, as a browser does it: /broker/login -> authorize page -> /broker/callback?code=."""
-    r = h.client.get("/broker/login")
+    r = h.client.get(f"/broker/login?token={TOKEN}")
     assert r.status_code == 302
     authorize = r.headers["Location"]
     assert authorize.startswith(sim.oauth_url) and "client_id=SIM-CLIENT" in authorize
@@ -143,8 +143,17 @@ def test_a_login_callback_without_a_login_is_refused(live):
     assert r.status_code == 400 and "start at /broker/login" in r.get_json()["error"]
 
 
+def test_only_the_owner_can_start_a_login_and_only_their_browser_can_finish_it(live, sim):
+    assert live.client.get("/broker/login").status_code == 401
+    assert live.client.get("/broker/login?token=wrong").status_code == 401
+    assert live.client.get(f"/broker/login?token={TOKEN}").status_code == 302
+    stranger = live.app.test_client()  # another browser: no login cookie
+    r = stranger.get("/broker/callback?code=anything")
+    assert r.status_code == 400 and "in this browser" in r.get_json()["error"]
+
+
 def test_a_bad_code_is_refused_with_a_clear_message(live, sim):
-    live.client.get("/broker/login")
+    live.client.get(f"/broker/login?token={TOKEN}")
     r = live.client.get("/broker/callback?code=not-a-real-code")
     assert r.status_code == 502 and "refused the code" in r.get_json()["error"]
 

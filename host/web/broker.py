@@ -1,6 +1,9 @@
 """The daily broker login: /broker/login -> the broker's authorize page -> /broker/callback?code=."""
 from __future__ import annotations
 
+import hmac
+import json
+import secrets
 import time
 
 from flask import Blueprint, current_app, jsonify, redirect, request
@@ -9,6 +12,14 @@ from ..broker_session import save_token, session_state
 
 bp = Blueprint("broker", __name__)
 LOGIN_WINDOW_S = 600
+COOKIE = "broker_login"
+STATE_KEY = "broker_login_started"
+
+
+def _authorized(token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header.startswith("Bearer ") else request.args.get("token", "")
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
 @bp.get("/broker/login")
@@ -17,8 +28,17 @@ def login():
     s = rt.settings
     if s.paper or s.SHOONYA_AUTH != "oauth":
         return jsonify({"status": "error", "error": "the broker login is for BROKER=shoonya with SHOONYA_AUTH=oauth"}), 404
-    rt.storage.write(lambda db: rt.storage.put_state(db, "broker_login_started", str(time.time())))
-    return redirect(f"{s.SHOONYA_OAUTH_URL}?client_id={s.OAUTH_CLIENT_ID}")
+    if not _authorized(s.API_TOKEN):
+        return jsonify({"status": "error", "error": "open /broker/login?token=<API_TOKEN> (or send the Bearer "
+                                                    "header): only you may connect the broker"}), 401
+    nonce = secrets.token_urlsafe(24)
+    started = json.dumps({"nonce": nonce, "at": time.time()})
+    rt.storage.write(lambda db: rt.storage.put_state(db, STATE_KEY, started))
+    response = redirect(f"{s.SHOONYA_OAUTH_URL}?client_id={s.OAUTH_CLIENT_ID}")
+    # the callback is accepted only in the browser that started the login
+    response.set_cookie(COOKIE, nonce, max_age=LOGIN_WINDOW_S, httponly=True, samesite="Lax",
+                        secure=s.DASHBOARD_COOKIE_SECURE, path="/broker")
+    return response
 
 
 @bp.get("/broker/callback")
@@ -26,9 +46,15 @@ def callback():
     """Exchange the code for an access token, save it (0600), and hand it to the engine."""
     rt = current_app.extensions["host"]
     s = rt.settings
-    started = rt.storage.get_state("broker_login_started")
-    if not started or time.time() - float(started) > LOGIN_WINDOW_S:
-        return jsonify({"status": "error", "error": "no login in progress: start at /broker/login"}), 400
+    try:
+        started = json.loads(rt.storage.get_state(STATE_KEY) or "{}")
+    except ValueError:
+        started = {}
+    cookie = request.cookies.get(COOKIE, "")
+    if (not started or time.time() - started.get("at", 0) > LOGIN_WINDOW_S or not cookie
+            or not hmac.compare_digest(cookie.encode(), str(started.get("nonce", "")).encode())):
+        return jsonify({"status": "error", "error": "no login in progress in this browser: start at /broker/login"}), 400
+    rt.storage.write(lambda db: db.execute("delete from state where key = ?", (STATE_KEY,)))  # one use
     code = request.args.get("code", "")
     if not code:
         return jsonify({"status": "error", "error": "code: expected the code the broker sent back, found nothing"}), 400
@@ -45,7 +71,6 @@ def callback():
                                                     "start again at /broker/login"}), 502
     token, uid, _refresh, actid = got
     save_token(s.data_dir, token, uid, actid)
-    rt.storage.write(lambda db: db.execute("delete from state where key = 'broker_login_started'"))
     from ..views import engine_alive
     result = rt.inbox.command("broker_session", {}, 10.0) if engine_alive(rt.storage, rt.engine_running) else None
     return jsonify({"status": "ok", "broker_session": session_state(rt.storage)["state"],
