@@ -136,5 +136,15 @@ def host(host_factory) -> Host:
     return host_factory()
 
 
+@pytest.fixture
+def sim():
+    """The Noren simulator on loopback (REST and WebSocket), with a price for SYMBOL."""
+    from host.sim.runner import SimServer
+    s = SimServer().start()
+    s.sim.engine.set_ltp("NFO", SYMBOL, Decimal("42.5"))
+    yield s
+    s.stop()
+
+
 def D(v: Any) -> Decimal:
     return Decimal(str(v))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from decimal import Decimal
 
 import pytest
 from NorenRestApiPy.NorenApi import NorenApi
@@ -10,17 +9,8 @@ from NorenRestApiPy.NorenApi import NorenApi
 from host.brokers.shoonya import RateLimiter, broker_order
 from host.brokers.shoonya_feed import ShoonyaFeed
 from host.instruments import Instruments
-from host.sim.runner import SimServer
 
 SYMBOL = "NIFTY28APR26C24500"
-
-
-@pytest.fixture
-def sim():
-    s = SimServer().start()
-    s.sim.engine.set_ltp("NFO", SYMBOL, Decimal("42.5"))
-    yield s
-    s.stop()
 
 
 @pytest.fixture

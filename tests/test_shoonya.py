@@ -13,14 +13,6 @@ from host.sim.runner import SimServer
 from conftest import TOKEN, Host, SYMBOL, alert, make_settings, wait_for
 
 
-@pytest.fixture
-def sim():
-    s = SimServer().start()
-    s.sim.engine.set_ltp("NFO", SYMBOL, Decimal("42.5"))
-    yield s
-    s.stop()
-
-
 def live_host(sim, data_dir, **env):
     settings = make_settings(data_dir, BROKER="shoonya", SHOONYA_AUTH="oauth", USER_ID="FA12345",
                              OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
@@ -169,7 +161,7 @@ def strategy_on_tick(ctx, tick):
 ''', meta_extra=f', "symbols": ["NFO:{SYMBOL}"]'))
     wait_strategy(live, "watcher", status="running")
     feed = live.runtime.feed
-    wait_for(lambda: f"NFO|43212" in feed.subscribed)
+    wait_for(lambda: "NFO|43212" in feed.subscribed)
     oid = live.post(alert(direction="BUY", qty=75, price="43")).get_json()["orders"][0]["id"]
     wait_for(lambda: _order(live, oid)["status"] == "FILLED")
     sim.sim.tick("NFO", SYMBOL, Decimal("44.05"))

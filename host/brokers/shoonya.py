@@ -167,8 +167,8 @@ class ShoonyaBroker:
         self.limiter.wait()
         reply = self._call("place_order", self.api.place_order, "B" if req.side is Side.BUY else "S",
                            req.product.value, req.exchange, req.symbol, req.qty, 0, req.order_type.value,
-                           float(req.price) if req.price is not None else 0.0,
-                           float(req.trigger_price) if req.trigger_price is not None else None,
+                           str(req.price) if req.price is not None else "0",  # the library sends str(price):
+                           str(req.trigger_price) if req.trigger_price is not None else None,  # no floats
                            "DAY", None, req.remarks)
         if not isinstance(reply, dict) or not reply.get("norenordno"):
             raise UnknownOutcome(f"place_order answered without an order number: {reply!r}")

@@ -190,11 +190,7 @@ class MatchingEngine:
         """Change a working order's quantity and prices; it is matched again at once."""
         from dataclasses import replace as _replace
         with self._lock:
-            o = self._orders.get(broker_order_id)
-            if o is None:
-                raise SimRejected(f"no order {broker_order_id}")
-            if o.status.terminal:
-                raise SimRejected(f"order {broker_order_id} is already {o.status.value}")
+            o = self._working(broker_order_id)
             if qty < o.filled_qty or qty <= 0:
                 raise SimRejected(f"quantity {qty} is below the {o.filled_qty} already filled")
             o.req = _replace(o.req, qty=qty, order_type=order_type, price=price, trigger_price=trigger_price)
@@ -208,13 +204,18 @@ class MatchingEngine:
         with self._lock:
             return self._orders.get(broker_order_id)
 
+    def _working(self, broker_order_id: str) -> SimOrder:
+        """The order, if it can still be changed; else why not."""
+        o = self._orders.get(broker_order_id)
+        if o is None:
+            raise SimRejected(f"no order {broker_order_id}")
+        if o.status.terminal:
+            raise SimRejected(f"order {broker_order_id} is already {o.status.value}")
+        return o
+
     def cancel(self, broker_order_id: str) -> BrokerOrder:
         with self._lock:
-            o = self._orders.get(broker_order_id)
-            if o is None:
-                raise SimRejected(f"no order {broker_order_id}")
-            if o.status.terminal:
-                raise SimRejected(f"order {broker_order_id} is already {o.status.value}")
+            o = self._working(broker_order_id)
             o.status, o.reason = OrderStatus.CANCELLED, "cancelled by user"
             self._save([o])
             update = o.view()
