@@ -30,6 +30,7 @@ from . import views
 log = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
 CLOCK_EVERY_S = 1.0
+RISK_EVERY_S = 0.25  # at most this often: a risk check reads every position
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Engine:
         self._blind: Optional[str] = None
         self._manual_seen: dict[tuple, int] = {}
         self._risk_dirty = True
+        self._last_risk = 0.0
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
         self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
@@ -215,7 +217,7 @@ class Engine:
             self._last_clock = now
             self._clock()
             self._risk_dirty = True
-        if self._risk_dirty:
+        if self._risk_dirty and now - self._last_risk >= RISK_EVERY_S:
             self._risk_dirty = False
             self._risk_check()
         if now - self._last_heartbeat >= 1.0:
@@ -440,7 +442,10 @@ class Engine:
             for t in ticks:
                 self.apply_tick(t.exchange, t.symbol, t.ltp)
         self._handle(self._drain())
-        self._risk_check()
+        if time.monotonic() - self._last_risk >= RISK_EVERY_S:  # risk sees the new prices before strategies do
+            self._risk_check()
+        else:
+            self._risk_dirty = True
         for t in ticks:
             for live in self.strategies.subscribers(t):
                 self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_tick", tick=t), "on_tick")
@@ -491,12 +496,15 @@ class Engine:
                 self._adopt_manual(self.broker_positions())
             except Exception as e:  # any failure to read positions is blindness, never "flat"
                 self._blind = f"{type(e).__name__}: {e}"
+        self._last_risk = mono
         pnl, by_strategy = views.pnl_by_strategy(self.storage)
-        exposed = bool(self.storage.one(
-            "select 1 from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
-            "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and o.symbol = "
-            "p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in ('NEW','SUBMITTED','UNKNOWN',"
-            "'OPEN','PARTIAL')), 0) limit 1"))
+
+        def exposed() -> bool:  # asked only after a breach: positions that no working exit covers
+            return bool(self.storage.one(
+                "select 1 from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
+                "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
+                "o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
+                "('NEW','SUBMITTED','UNKNOWN','OPEN','PARTIAL')), 0) limit 1"))
         caps = {n: Decimal(str(self.strategies.params(n)["max_loss"])) for n in by_strategy
                 if self.strategies.params(n).get("max_loss")}
         actions = self.gate.manager.check(now, None if self._blind else pnl, self._blind, exposed, by_strategy, caps)

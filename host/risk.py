@@ -177,12 +177,13 @@ class RiskManager:
 
     # ---- the check ----
     def check(self, now: datetime, pnl: Optional[Decimal], blind_reason: Optional[str] = None,
-              exposed: bool = False, strategy_pnl: Optional[dict[str, Decimal]] = None,
+              exposed: Any = False, strategy_pnl: Optional[dict[str, Decimal]] = None,
               strategy_max_loss: Optional[dict[str, Decimal]] = None) -> list[Action]:
         """Compare the day's PnL with the limits at `now`; store the result; return what must be done.
 
-        pnl is None when positions could not be read (blind). exposed: positions are open that no
-        working exit covers. A breach, once recorded, is never cleared before the next trading day.
+        pnl is None when positions could not be read (blind). exposed (a bool, or a callable asked only
+        after a breach): positions are open that no working exit covers. A breach, once recorded, is
+        never cleared before the next trading day.
         """
         today = self.clock.day(now)
         actions: list[Action] = []
@@ -223,7 +224,7 @@ class RiskManager:
                 actions.append(Action("cooldown", f"{streak} trading days in a row with a breach: entries are "
                                                   f"refused until {until.isoformat()}", "error",
                                       {"until": until.isoformat(), "streak": streak}))
-        elif day.breached and exposed:
+        elif day.breached and (exposed() if callable(exposed) else exposed):
             actions.append(Action("violation", f"positions reappeared after today's breach (PnL {pnl}); "
                                                f"flattening them again", "error", data))
         elif not day.breached and pnl <= warning_level(day.limit, self.limits.base, self.limits.threshold) \
