@@ -256,3 +256,25 @@ def test_the_pre_open_check_says_when_the_session_is_not_valid(live, sim):
     assert "NOT valid" in check["message"] and "/broker/login" in check["message"]
     time.sleep(1.5)  # once a day, not once a second
     assert [e["kind"] for e in live.api("/api/events").get_json()["items"]].count("preopen_check") == 1
+
+
+def test_the_access_token_never_reaches_the_log(live, sim, caplog):
+    import logging
+    with caplog.at_level(logging.DEBUG):
+        login(live, sim)
+        live.post(alert())
+        live.settle()
+    token = live.runtime.broker.api._NorenApi__OAuthHeaders["Authorization"].split()[1]
+    assert token and token not in caplog.text
+
+
+def test_an_unreachable_broker_is_a_clear_rejection_not_an_unknown(tmp_path):
+    from host.brokers.base import Unreachable
+    from host.brokers.shoonya import ShoonyaBroker
+    from host.instruments import Instruments
+    from host.models import OrderRequest, OrderType, Product, Side
+    from serverproc import free_port
+    broker = ShoonyaBroker(f"http://127.0.0.1:{free_port()}/NorenWClientAPI/", "ws://127.0.0.1:9/", Instruments.sample(),
+                           Decimal("2"), timeout_s=1)
+    with pytest.raises(Unreachable):
+        broker.place(OrderRequest("NFO", SYMBOL, Side.BUY, 75, OrderType.LMT, Product.NRML, Decimal("42"), remarks="u1"))
