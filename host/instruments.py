@@ -72,6 +72,16 @@ class InstrumentMaster:
         self.instruments = Instruments()
         self.problems: list[str] = []
 
+    def load_cached(self) -> Instruments:
+        """The copies from the last successful download (instant; used while a refresh runs)."""
+        items: list[Instrument] = []
+        for exch in self.exchanges:
+            cache = self.cache_dir / f"{exch}.csv"
+            if cache.exists():
+                items += parse(cache.read_text())
+        self.instruments = Instruments(items)
+        return self.instruments
+
     def refresh(self) -> Instruments:
         """Download each exchange's file; on failure use the cached copy and say so."""
         import requests

@@ -37,12 +37,15 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
     from .brokers.shoonya import ShoonyaBroker
     from .instruments import InstrumentMaster
     master = InstrumentMaster(settings.data_dir / "instruments", settings.SHOONYA_SYMBOLS_URL)
-    master.refresh()
-    for problem in master.problems:
-        storage.write(lambda db, p=problem: Storage.add_event(db, "instruments", p, "warning"))
-    broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, master.instruments,
+    broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, master.load_cached(),
                            settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s,
                            on_session=lambda state, why: set_session_state(storage, state, why))
+
+    def refresh_instruments() -> None:  # downloads can be slow: never inside the worker's boot
+        broker.instruments = master.refresh()
+        for problem in master.problems:
+            storage.write(lambda db, p=problem: Storage.add_event(db, "instruments", p, "warning"))
+    threading.Thread(target=refresh_instruments, name="instruments", daemon=True).start()
     saved = ({"access_token": settings.SHOONYA_ACCESS_TOKEN, "uid": settings.USER_ID}
              if settings.SHOONYA_AUTH == "token" else load_token(settings.data_dir))
     if saved:

@@ -225,6 +225,7 @@ def test_the_stall_watchdog_sleeps_outside_market_hours(sim, tmp_path):
 
 def test_lot_and_tick_sizes_come_from_the_broker_s_symbol_files(live, sim):
     login(live, sim)
+    wait_for(lambda: live.runtime.broker.instruments.get("NFO", SYMBOL))  # downloaded in the background
     r = live.post(alert(qty=50, alert_id="lots"))
     assert r.status_code == 422
     assert "intent[0].qty: expected a multiple of the lot size 75 for NFO:NIFTY28APR26C24500, found 50" in r.get_json()["reason"]

@@ -80,8 +80,9 @@ def install_requests(timeout_s: float) -> TimeoutRequests:
     """Give NorenRestApiPy our requests stand-in, once per process (its URLs live on the class too:
     one broker configuration per process). A second call returns the one already installed."""
     from NorenRestApiPy import NorenApi as module
-    # the library logs whole requests and replies at DEBUG, access tokens included: never below WARNING
-    logging.getLogger(module.__name__).setLevel(logging.WARNING)
+    # the library logs whole requests and replies at DEBUG, access tokens included; its reconnect
+    # warnings repeat every 0.1 s: our feed reports connection trouble as events instead
+    logging.getLogger(module.__name__).setLevel(logging.ERROR)
     if not isinstance(module.requests, TimeoutRequests):
         module.requests = TimeoutRequests(timeout_s)
     return module.requests
