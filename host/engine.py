@@ -108,6 +108,7 @@ class Engine:
         self._manual_seen: dict[tuple, int] = {}
         self._risk_dirty = True
         self._last_risk = 0.0
+        self._in_ticks = False
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
         self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
@@ -193,7 +194,9 @@ class Engine:
                 if row is not None:
                     changed.append(row)
         ticks = [t for kind, batch in items if kind == "ticks" for t in batch]
-        if ticks and dispatch:
+        if ticks and (self._in_ticks or not dispatch):
+            self._events.put(("ticks", ticks))  # applying ticks already: these wait for the next step
+        elif ticks:
             self._apply_ticks(ticks)
         for kind, fn in items:
             if kind == "call":
@@ -434,6 +437,13 @@ class Engine:
 
     def _apply_ticks(self, ticks: list[Tick]) -> None:
         """New prices: store them, move the (paper) market, run strategies' on_tick, check risk."""
+        self._in_ticks = True
+        try:
+            self._apply_ticks_now(ticks)
+        finally:
+            self._in_ticks = False
+
+    def _apply_ticks_now(self, ticks: list[Tick]) -> None:
         now = utcnow()
         self.storage.write(lambda db: db["quotes"].upsert_all(
             [{"exchange": t.exchange, "symbol": t.symbol, "ltp": str(t.ltp), "at": now} for t in ticks],

@@ -141,3 +141,45 @@ def test_the_risk_record_has_the_contract_fields(risky):
               "cooldown_until", "blind", "strategies"):
         assert f in risk, f
     assert risk["max_loss"] == "-1000"
+
+
+def test_a_steady_stream_of_feed_ticks_never_nests(host):
+    """A slow on_tick while ticks keep arriving: each batch waits for the next step, never nests."""
+    import threading
+    import time
+    from host.models import Tick
+    write(host.runtime.strategies.folder, "slowtick", strategy_source("slowtick", body='''
+import time
+
+@hookimpl
+def strategy_on_tick(ctx, tick):
+    time.sleep(0.02)
+''', meta_extra=f', "symbols": ["NFO:{SYMBOL}"]'))
+    wait_strategy(host, "slowtick", status="running")
+    engine = host.runtime.engine
+    depth, deepest = [0], [0]
+    real = engine._apply_ticks
+
+    def counting(ticks):
+        depth[0] += 1
+        deepest[0] = max(deepest[0], depth[0])
+        try:
+            real(ticks)
+        finally:
+            depth[0] -= 1
+    engine._apply_ticks = counting
+    stop = threading.Event()
+
+    def feed():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            engine.on_ticks([Tick("NFO", SYMBOL, Decimal("100") + Decimal(i % 50) / 10)])
+            time.sleep(0.002)
+    t = threading.Thread(target=feed)
+    t.start()
+    time.sleep(1.5)
+    stop.set()
+    t.join()
+    wait_for(lambda: engine._events.empty(), timeout=20)
+    assert deepest[0] == 1
