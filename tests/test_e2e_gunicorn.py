@@ -276,3 +276,28 @@ def test_kill_9_between_place_and_ack_adopts_the_order_after_restart(server, nor
     book = requests.post(urls["SHOONYA_API_URL"] + "OrderBook", data='jData={"uid":"FA12345"}',
                          headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
     assert [o["remarks"] for o in book] == [oid]  # adopted, not resent
+
+
+def test_plain_gunicorn_with_our_config_runs_the_engine(tmp_path):
+    """`gunicorn -c python:host.gunicorn_conf wsgi:app`, for those who run gunicorn themselves."""
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "var"), "PLUGINS_DIR": str(tmp_path / "plugins"),
+           "WEBHOOK_SECRET": "plain-gunicorn-secret", "API_TOKEN": "plain-gunicorn-api-token",
+           "DASHBOARD_PASSWORD": "plain-gunicorn-pw", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:host.gunicorn_conf", "--bind",
+                             f"127.0.0.1:{port}", "wsgi:app"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: _healthy(port), timeout=20)
+        body = _alert("plain-gunicorn-secret", strategy="plain")
+        assert requests.post(f"http://127.0.0.1:{port}/webhook", json=body, timeout=5).status_code == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        assert proc.wait(30) == 0
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
