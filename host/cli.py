@@ -45,6 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _banner(settings: Settings) -> None:
     base = f"http://{settings.HOST}:{settings.PORT}"
     print(f"strategy-host {__version__}: {settings.BROKER} mode, data in {settings.data_dir.resolve()}")
+    print(f"  dashboard   {base}/  (log in with DASHBOARD_PASSWORD)")
     print(f"  webhook     {base}/webhook")
     print(f"  API         {base}/api/status  (Authorization: Bearer <API_TOKEN>)")
     print(f"  health      {base}/healthz")

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
 CLOCK_EVERY_S = 1.0
 RISK_EVERY_S = 0.25  # at most this often: a risk check reads every position
+PNL_POINT_EVERY_S = 5.0  # at most this often a point of the day's PnL curve is stored
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Engine:
         self._manual_seen: dict[tuple, int] = {}
         self._risk_dirty = True
         self._last_risk = 0.0
+        self._pnl_point: tuple[float, Optional[Decimal]] = (0.0, None)
         self._in_ticks = False
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
@@ -518,8 +520,21 @@ class Engine:
         caps = {n: Decimal(str(self.strategies.params(n)["max_loss"])) for n in by_strategy
                 if self.strategies.params(n).get("max_loss")}
         actions = self.gate.manager.check(now, None if self._blind else pnl, self._blind, exposed, by_strategy, caps)
+        if not self._blind:
+            self._record_pnl(now, pnl)
         for action in actions:
             self._act_on_risk(action)
+
+    def _record_pnl(self, now: datetime, pnl: Decimal) -> None:
+        """Store a point of the day's PnL curve when it has changed, at most every PNL_POINT_EVERY_S."""
+        mono = time.monotonic()
+        last_at, last = self._pnl_point
+        if pnl == last or mono - last_at < PNL_POINT_EVERY_S:
+            return
+        self._pnl_point = (mono, pnl)
+        day = self.gate.clock.day(now).isoformat()
+        self.storage.write(lambda db: db.execute("insert into pnl_points (day, at, pnl) values (?, ?, ?)",
+                                                 (day, utcnow(), str(pnl))))
 
     def _act_on_risk(self, action: Any) -> None:
         halted_by_risk = lambda: self.gate.state().get("by") == "risk"  # noqa: E731

@@ -80,7 +80,15 @@ def _m3_risk_days(db: sqlite_utils.Database) -> None:
                             "updated_at": str}, pk="day")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days)
+def _m4_dashboard(db: sqlite_utils.Database) -> None:
+    db["pnl_points"].create({"id": int, "day": str, "at": str, "pnl": str}, pk="id")
+    db["pnl_points"].create_index(["day"])
+    db["login_failures"].create({"id": int, "address": str, "at": str}, pk="id")
+    db["login_failures"].create_index(["address"])
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
+                                                                  _m4_dashboard)
 
 
 class Storage:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, Optional
 
 from .risk import CorruptState, RiskGate, _day_start_utc, trailing_limit, warning_level
 from .storage import HEARTBEAT_KEY, Storage, dec
@@ -82,6 +82,13 @@ def risk(storage: Storage, gate: RiskGate) -> dict:
                            for name in sorted(set(by_strategy) | set(counts))}}
 
 
+def plugin_records(storage: Storage, kind: str) -> list[dict]:
+    rows = storage.rows("select * from plugins where kind = ? order by name", (kind,))
+    return [{"name": r["name"], "version": r["version"], "generation": r["generation"], "status": r["status"],
+             "error": r["error"], "traceback": r["detail"], "file": r["file"], "digest": r["digest"],
+             "updated_at": r["updated_at"], "history": json.loads(r["history"] or "[]")} for r in rows]
+
+
 def engine_alive(storage: Storage, local_running: bool, max_age_s: float = 3.0) -> bool:
     """True when this process runs the engine, or another process's heartbeat is fresh."""
     if local_running:
@@ -93,10 +100,11 @@ def engine_alive(storage: Storage, local_running: bool, max_age_s: float = 3.0) 
 
 
 def page(storage: Storage, table: str, where: list[tuple[str, Any]], limit: int, offset: int,
-         order: str = "rowid desc") -> tuple[list[dict], int]:
-    """Rows of a table filtered by equality on whitelisted columns, newest first, with the total."""
-    clause = " and ".join(f"{col} = ?" for col, _ in where) or "1"
-    params = tuple(v for _, v in where)
+         order: str = "rowid desc", since: Optional[tuple[str, str]] = None) -> tuple[list[dict], int]:
+    """Rows of a table filtered by equality on whitelisted columns (and `column >= value`), newest first."""
+    conditions = [(f"{col} = ?", v) for col, v in where] + ([(f"{since[0]} >= ?", since[1])] if since else [])
+    clause = " and ".join(c for c, _ in conditions) or "1"
+    params = tuple(v for _, v in conditions)
     total = storage.one(f"select count(*) n from {table} where {clause}", params)["n"]
     rows = storage.rows(f"select * from {table} where {clause} order by {order} limit ? offset ?",
                         (*params, limit, offset))

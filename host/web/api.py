@@ -9,11 +9,11 @@ from typing import Any, Optional
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from .. import __version__, views
+from . import control, security
 from ..models import TradingState
 from ..validation import EXCHANGES, SYMBOL_RE, shown
 
 bp = Blueprint("api", __name__)
-COMMAND_WAIT_S = 5.0
 ORDER_FILTERS = ("status", "strategy", "symbol", "exchange", "alert_id")
 ALERT_FILTERS = ("status", "strategy")
 
@@ -26,14 +26,23 @@ def _error(code: int, message: str, **fields: Any) -> tuple[Response, int]:
     return jsonify({"status": "error", "error": message, **fields}), code
 
 
+def _by_session() -> bool:
+    return not request.headers.get("Authorization")
+
+
 @bp.before_request
 def require_token() -> Optional[tuple[Response, int]]:
+    """The Bearer API token, or a dashboard session (with its CSRF token for anything that changes state)."""
     if request.endpoint == "api.healthz":
         return None
     header = request.headers.get("Authorization", "")
+    if not header and security.logged_in():
+        problem = security.csrf_problem() if request.method not in ("GET", "HEAD", "OPTIONS") else None
+        return _error(403, problem) if problem else None
     token = header[7:].strip() if header.startswith("Bearer ") else ""
     if not token or not hmac.compare_digest(token.encode(), _rt().settings.API_TOKEN.encode()):
-        return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <API_TOKEN>'")
+        return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <API_TOKEN>' "
+                           "(or log in to the dashboard)")
     return None
 
 
@@ -130,17 +139,12 @@ def _json_object() -> Any:
 
 
 def _command(kind: str, args: Any) -> tuple[Response, int]:
-    rt = _rt()
-    if not views.engine_alive(rt.storage, rt.engine_running):
-        return _error(503, "the engine is not running; the command was not sent")
-    result = rt.inbox.command(kind, args, COMMAND_WAIT_S)
-    if result is None:
-        return _error(504, f"the engine did not finish {kind} within {COMMAND_WAIT_S:g} s; see /api/events")
-    if not result.pop("ok"):
-        if result.get("missing"):
-            return _error(404, result["error"])
-        return _error(500, result.get("error", "command failed"))
-    return jsonify({"status": "ok", **result}), 200
+    if isinstance(args, dict) and "by" in args and _by_session():
+        args = {**args, "by": "dashboard"}
+    out = control.send(kind, args)
+    if not out.ok:
+        return _error(out.code, out.error)
+    return jsonify({"status": "ok", **out.result}), 200
 
 
 @bp.post("/api/halt")
@@ -190,21 +194,14 @@ def paper_ticks():
     return _command("ticks", {"ticks": ticks})
 
 
-def _plugin_records(kind: str) -> list[dict]:
-    rows = _rt().storage.rows("select * from plugins where kind = ? order by name", (kind,))
-    return [{"name": r["name"], "version": r["version"], "generation": r["generation"], "status": r["status"],
-             "error": r["error"], "traceback": r["detail"], "file": r["file"], "digest": r["digest"],
-             "updated_at": r["updated_at"], "history": json.loads(r["history"] or "[]")} for r in rows]
-
-
 @bp.get("/api/strategies")
 def strategies():
-    return jsonify({"items": _plugin_records("strategy")})
+    return jsonify({"items": views.plugin_records(_rt().storage, "strategy")})
 
 
 @bp.get("/api/notifiers")
 def notifiers():
-    return jsonify({"items": _plugin_records("notifier")})
+    return jsonify({"items": views.plugin_records(_rt().storage, "notifier")})
 
 
 @bp.post("/api/strategies/<name>/<any(enable, disable, reload):action>")

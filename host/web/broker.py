@@ -6,9 +6,10 @@ import json
 import secrets
 import time
 
-from flask import Blueprint, current_app, jsonify, redirect, request
+from flask import Blueprint, current_app, flash, jsonify, redirect, request, url_for
 
 from ..broker_session import save_token, session_state
+from . import security
 
 bp = Blueprint("broker", __name__)
 LOGIN_WINDOW_S = 600
@@ -22,15 +23,23 @@ def _authorized(token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
-@bp.get("/broker/login")
+@bp.route("/broker/login", methods=["GET", "POST"])
 def login():
+    """Start the broker login: the dashboard's button (a session and its CSRF token), or the API token."""
     rt = current_app.extensions["host"]
     s = rt.settings
     if s.paper or s.SHOONYA_AUTH != "oauth":
         return jsonify({"status": "error", "error": "the broker login is for BROKER=shoonya with SHOONYA_AUTH=oauth"}), 404
-    if not _authorized(s.API_TOKEN):
-        return jsonify({"status": "error", "error": "open /broker/login?token=<API_TOKEN> (or send the Bearer "
-                                                    "header): only you may connect the broker"}), 401
+    if request.method == "POST":
+        problem = "log in to the dashboard first" if not security.logged_in() else security.csrf_problem()
+        if problem:
+            return jsonify({"status": "error", "error": problem}), 403
+    elif not _authorized(s.API_TOKEN):
+        if security.logged_in():  # a bare link (from a notification): the button is on the broker page
+            return redirect(url_for("dashboard.broker"))
+        return jsonify({"status": "error", "error": "log in to the dashboard and use Connect broker on /broker, or "
+                                                    "open /broker/login?token=<API_TOKEN>: only you may connect "
+                                                    "the broker"}), 401
     nonce = secrets.token_urlsafe(24)
     started = json.dumps({"nonce": nonce, "at": time.time()})
     rt.storage.write(lambda db: rt.storage.put_state(db, STATE_KEY, started))
@@ -73,5 +82,9 @@ def callback():
     save_token(s.data_dir, token, uid, actid)
     from ..views import engine_alive
     result = rt.inbox.command("broker_session", {}, 10.0) if engine_alive(rt.storage, rt.engine_running) else None
-    return jsonify({"status": "ok", "broker_session": session_state(rt.storage)["state"],
-                    "engine": "updated" if result and result.get("ok") else "will load the token at its next start"})
+    body = {"status": "ok", "broker_session": session_state(rt.storage)["state"],
+            "engine": "updated" if result and result.get("ok") else "will load the token at its next start"}
+    if security.logged_in():  # back to the dashboard's broker page
+        flash(f"Broker connected: session {body['broker_session']}; the engine {body['engine']}.", "ok")
+        return redirect(url_for("dashboard.broker"))
+    return jsonify(body)

@@ -1,0 +1,157 @@
+"""Dashboard sessions, login lockout, CSRF tokens and the security headers every answer carries."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, current_app, request, session
+
+from ..config import ConfigError, Settings
+from ..models import Problem
+from ..storage import Storage, utcnow
+
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+LOOPBACK_NAMES = ("localhost",)
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Signed session cookie, lifetime, debug refusal and the security headers."""
+    refuse_debug_off_loopback(app, settings)
+    key = hmac.new(settings.API_TOKEN.encode(), b"dashboard-session:" + settings.DASHBOARD_PASSWORD.encode(),
+                   hashlib.sha256).hexdigest()  # a new password or token ends every session
+    app.config.update(SECRET_KEY=key, SESSION_COOKIE_NAME="strategy_host_session", SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=settings.DASHBOARD_COOKIE_SECURE,
+                      PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.DASHBOARD_SESSION_HOURS),
+                      SESSION_REFRESH_EACH_REQUEST=False)
+    form_action = "'self'"
+    if not settings.paper:  # "Connect broker" posts to us, and we redirect to the broker's authorize page
+        parts = urlsplit(settings.SHOONYA_OAUTH_URL)
+        form_action += f" {parts.scheme}://{parts.netloc}"
+    csp = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+           f"object-src 'none'; base-uri 'none'; form-action {form_action}; frame-ancestors 'none'")
+
+    @app.after_request
+    def headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", csp)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        if request.endpoint != "static":
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_debug_off_loopback(app: Flask, settings: Settings) -> None:
+    """Flask's debugger runs code for whoever reaches it: never on an address others can reach."""
+    if not app.debug:
+        return
+    import os
+    for name, host in (("HOST", settings.HOST), ("FLASK_RUN_HOST", os.environ.get("FLASK_RUN_HOST", ""))):
+        if host and not is_loopback(host):
+            raise ConfigError([Problem(name, "a loopback address (127.0.0.1, ::1 or localhost) while Flask debug "
+                                             "is on; or turn FLASK_DEBUG off", host)])
+    run = app.run
+
+    def run_on_loopback_only(host: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
+        if host and not is_loopback(host):
+            raise ConfigError([Problem("host", "a loopback address while Flask debug is on", host)])
+        run(host, *args, **kwargs)
+    app.run = run_on_loopback_only  # type: ignore[method-assign]
+
+
+# ---- sessions ----
+def logged_in() -> bool:
+    """A signed session from a login within the session lifetime."""
+    at = session.get("login_at")
+    if not session.get("user") or not isinstance(at, (int, float)):
+        return False
+    return time.time() - at < current_app.permanent_session_lifetime.total_seconds()
+
+
+def start_session() -> None:
+    session.clear()
+    session.permanent = True
+    session.update(user="trader", login_at=time.time(), csrf=secrets.token_urlsafe(32))
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return session["csrf"]
+
+
+def csrf_problem() -> Optional[str]:
+    """Why this state-changing request is not from our own page, or None when it is."""
+    origin = request.headers.get("Origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.host:
+        return f"cross-site request refused: expected Origin {request.host_url.rstrip('/')}, found {origin}"
+    given = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD) or ""
+    expected = session.get("csrf", "")
+    if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        return (f"CSRF token missing or wrong: expected the page's token in the {CSRF_FIELD!r} field or the "
+                f"{CSRF_HEADER} header; reload the page and try again")
+    return None
+
+
+# ---- login lockout (shared by every worker through the database) ----
+class LoginThrottle:
+    """Counts failed logins per address; too many within the lockout window lock that address out."""
+
+    def __init__(self, storage: Storage, attempts: int, lockout_s: int):
+        self.storage, self.attempts, self.lockout_s = storage, attempts, lockout_s
+
+    def _since(self) -> str:
+        return (datetime.now(timezone.utc) - timedelta(seconds=self.lockout_s)).isoformat(timespec="milliseconds")
+
+    def locked_for(self, address: str) -> int:
+        """Seconds this address must still wait; 0 when it may try."""
+        rows = self.storage.rows("select at from login_failures where address = ? and at > ? order by at desc",
+                                 (address, self._since()))
+        if len(rows) < self.attempts:
+            return 0
+        unlock = datetime.fromisoformat(rows[self.attempts - 1]["at"]) + timedelta(seconds=self.lockout_s)
+        return max(1, int((unlock - datetime.now(timezone.utc)).total_seconds() + 0.999))
+
+    def failed(self, address: str) -> int:
+        """Record a failure; the attempts left before the lockout."""
+        def run(db: Any) -> None:
+            db.execute("delete from login_failures where at < ?", (self._since(),))
+            db.execute("insert into login_failures (address, at) values (?, ?)", (address, utcnow()))
+            Storage.add_event(db, "login_failed", f"dashboard login failed from {address}", "warning")
+        self.storage.write(run)
+        n = self.storage.one("select count(*) n from login_failures where address = ? and at > ?",
+                             (address, self._since()))["n"]
+        return max(0, self.attempts - n)
+
+    def succeeded(self, address: str) -> None:
+        self.storage.write(lambda db: (db.execute("delete from login_failures where address = ?", (address,)),
+                                       Storage.add_event(db, "login", f"dashboard login from {address}")))
+
+
+def password_ok(given: str, expected: str) -> bool:
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+
+
+def mask(secret: Optional[str]) -> str:
+    """A secret as the user may see it: only that one is set, and its last 2 characters."""
+    if not secret:
+        return "not set"
+    return "•" * 8 + (secret[-2:] if len(secret) >= 16 else "")

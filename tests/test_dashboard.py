@@ -1,0 +1,222 @@
+"""Dashboard without a browser: login and lockout, sessions, CSRF, headers, formatting, charts, no secrets."""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from conftest import SECRET, TOKEN, alert, make_settings, wait_for
+from host.config import ConfigError
+from host.web import charts, create_app, security
+from host.web.format import group_indian, inr, ist, number, qty, tone
+
+PASSWORD = "test-dashboard-pw"
+PAGES = ("/", "/orders", "/positions", "/alerts", "/strategies", "/risk", "/broker", "/risk/exit-all")
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def login(client, password: str = PASSWORD):
+    token = csrf_of(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"password": password, "csrf_token": token})
+
+
+@pytest.fixture
+def dash(host):
+    assert login(host.client).status_code == 302
+    return host
+
+
+# ---- formatting ----
+def test_indian_grouping_rupees_and_signs():
+    assert group_indian(12345678) == "1,23,45,678" and group_indian(999) == "999" and group_indian(1000) == "1,000"
+    assert inr(Decimal("1234567.5")) == "₹12,34,567.50"
+    assert inr("-1234.005") == "−₹1,234.01"          # half up, real minus sign
+    assert inr(Decimal("250"), signed=True) == "+₹250.00" and inr(0, signed=True) == "₹0.00"
+    assert inr(Decimal("-0.001")) == "₹0.00"           # no "minus zero"
+    assert inr(None) == "—" and inr("nan") == "—" and number("x") == "—"
+    assert qty(-150000) == "−1,50,000"
+    assert (tone("-1"), tone("0"), tone(Decimal("0.5")), tone(None)) == ("loss", "flat", "gain", "flat")
+
+
+def test_times_are_shown_in_asia_kolkata():
+    assert ist("2026-11-24T04:00:00.000+00:00") == "09:30:00"
+    assert ist("2026-11-24T20:00:00+00:00", with_date=True) == "25 Nov 01:30:00"
+    assert ist(None) == "—"
+
+
+# ---- charts ----
+def test_gauge_places_pnl_zero_and_warning_between_limit_and_peak():
+    g = charts.gauge(Decimal("-1000"), Decimal("-5000"), Decimal("-4000"), Decimal("0"))
+    # scale: -5000 .. 1250 (a quarter of the limit above zero)
+    assert (g.lo, g.hi) == (Decimal("-5000"), Decimal("1250"))
+    assert g.zero_x == 80.0 and g.pnl_x == 64.0 and g.warning_x == 16.0
+    beyond = charts.gauge(Decimal("-6000"), Decimal("-5000"), Decimal("-4000"), Decimal("0"))
+    assert beyond.pnl_x == 0.0 and beyond.lo == Decimal("-6000")
+
+
+def test_pnl_line_follows_the_points_and_changes_with_the_last_one():
+    t0 = datetime(2026, 11, 24, 4, 0, tzinfo=timezone.utc)
+    pts = [(t0, Decimal(0)), (t0 + timedelta(minutes=1), Decimal(100)), (t0 + timedelta(minutes=2), Decimal(-100))]
+    a = charts.line(pts)
+    assert a.path.startswith("M0.0,") and a.path.count("H") == 2 and a.last_x == charts.WIDTH
+    b = charts.line(pts[:-1] + [(pts[-1][0], Decimal(-50))])
+    assert a.path != b.path
+    assert (a.last_y - a.zero_y) / charts.HEIGHT > (b.last_y - b.zero_y) / charts.HEIGHT > 0  # deeper is lower
+    assert charts.line([]).path == ""
+
+
+# ---- login, lockout, sessions ----
+def test_pages_need_a_login_and_the_panel_feed_says_401(host):
+    for path in PAGES:
+        r = host.client.get(path)
+        assert r.status_code == 302 and "/login?next=" in r.headers["Location"], path
+    assert host.client.get("/panel/orders").status_code == 401
+
+
+def test_wrong_password_counts_down_then_locks_out_even_the_right_one(host_factory):
+    h = host_factory(DASHBOARD_LOGIN_ATTEMPTS=2, DASHBOARD_LOCKOUT_S=60)
+    r = login(h.client, "nope-nope")
+    assert r.status_code == 401 and "1 attempt left" in r.get_data(as_text=True)
+    r = login(h.client, "nope-again")
+    assert r.status_code == 429 and "locked out" in r.get_data(as_text=True)
+    r = login(h.client)
+    assert r.status_code == 429 and "try again in" in r.get_data(as_text=True)
+    # the lockout is in the database: every gunicorn worker sees it; it ends with its window
+    h.runtime.storage.write(lambda db: db.execute("update login_failures set at = '2000-01-01T00:00:00.000+00:00'"))
+    assert login(h.client).status_code == 302
+    assert h.client.get("/").status_code == 200
+    kinds = [e["kind"] for e in h.api("/api/events").get_json()["items"]]
+    assert kinds.count("login_failed") == 2 and "login" in kinds
+
+
+def test_session_cookie_flags_and_expiry(host_factory, monkeypatch):
+    h = host_factory(DASHBOARD_SESSION_HOURS=1, DASHBOARD_COOKIE_SECURE="true")
+    r = login(h.client)
+    cookie = [c for c in r.headers.getlist("Set-Cookie") if c.startswith("strategy_host_session=")][-1]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" in cookie and "Expires=" in cookie
+    assert h.client.get("/").status_code == 200
+    later = security.time.time() + 3601
+    monkeypatch.setattr(security.time, "time", lambda: later)
+    assert h.client.get("/").status_code == 302  # an hour later the signed session is refused
+
+
+def test_next_is_never_an_open_redirect(host):
+    token = csrf_of(host.client.get("/login").get_data(as_text=True))
+    r = host.client.post("/login?next=//evil.example/x", data={"password": PASSWORD, "csrf_token": token})
+    assert r.headers["Location"] == "/"
+
+
+# ---- CSRF ----
+def test_every_dashboard_post_needs_the_csrf_token(dash):
+    for path, data in (("/risk/state", {"mode": "halted"}), ("/risk/exit-all", {"confirm": "yes"}),
+                       ("/strategies/strategy/passthrough/disable", {}), ("/logout", {})):
+        r = dash.client.post(path, data=data)
+        assert r.status_code == 403 and "CSRF token" in r.get_data(as_text=True), path
+    assert dash.api("/api/risk").get_json()["state"] == "active"
+
+
+def test_api_with_a_session_needs_the_csrf_header_and_a_same_origin(dash):
+    token = csrf_of(dash.client.get("/risk").get_data(as_text=True))
+    assert dash.client.get("/api/status").status_code == 200  # reading needs only the session
+    r = dash.client.post("/api/halt", json={"mode": "halted"})
+    assert r.status_code == 403 and "X-CSRF-Token" in r.get_json()["error"]
+    r = dash.client.post("/api/halt", json={"mode": "halted"}, headers={"X-CSRF-Token": token,
+                                                                       "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-site" in r.get_json()["error"]
+    assert dash.api("/api/risk").get_json()["state"] == "active"
+    r = dash.client.post("/api/halt", json={"mode": "halted"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and dash.api("/api/risk").get_json()["state_by"] == "dashboard"
+
+
+def test_login_form_itself_needs_its_token(host):
+    r = host.client.post("/login", data={"password": PASSWORD})
+    assert r.status_code == 403 and host.client.get("/").status_code == 302
+
+
+# ---- controls ----
+def test_halt_resume_and_exit_all_from_the_risk_page(dash):
+    token = csrf_of(dash.client.get("/risk").get_data(as_text=True))
+    r = dash.client.post("/risk/state", data={"mode": "halted", "reason": "lunch", "csrf_token": token},
+                         follow_redirects=True)
+    assert "Trading state set to halted" in r.get_data(as_text=True)
+    assert dash.post(alert()).status_code == 423
+    assert dash.api("/api/risk").get_json()["state_reason"] == "lunch"
+    r = dash.client.post("/risk/state", data={"mode": "sideways", "csrf_token": token}, follow_redirects=True)
+    assert "mode: expected active | reduce_only | halted, found &#39;sideways&#39;" in r.get_data(as_text=True)
+    dash.client.post("/risk/state", data={"mode": "active", "csrf_token": token})
+    assert dash.post(alert()).status_code == 200
+    dash.settle()
+    page = dash.client.get("/risk/exit-all").get_data(as_text=True)
+    assert "Exit all positions?" in page and "NIFTY" in page and dash.net() == -75  # asking changes nothing
+    r = dash.client.post("/risk/exit-all", data={"confirm": "yes", "csrf_token": token}, follow_redirects=True)
+    assert "Exit all: 1 exit order sent" in r.get_data(as_text=True)
+    dash.settle()
+    assert dash.net() == 0
+
+
+# ---- pages ----
+def test_every_page_renders_with_headers_and_no_secret(dash):
+    dash.post(alert())
+    dash.settle()
+    for path in PAGES:
+        r = dash.client.get(path)
+        html = r.get_data(as_text=True)
+        assert r.status_code == 200, path
+        csp = r.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+        assert "<script>" not in html and " style=" not in html and " on" + "click=" not in html
+        for secret in (SECRET, TOKEN, PASSWORD):
+            assert secret not in html, (path, secret)
+    broker = dash.client.get("/broker").get_data(as_text=True)
+    assert "API_TOKEN" in broker and "••••••••" in broker
+    assert dash.client.get("/healthz").headers["X-Frame-Options"] == "DENY"
+
+
+def test_panels_filter_and_paginate(dash):
+    for i in range(3):
+        dash.post(alert(strategy=f"p{i}"))
+    dash.settle()
+    html = dash.client.get("/panel/orders?strategy=p1").get_data(as_text=True)
+    assert html.count('data-order="') == 1 and ">p1<" in html
+    html = dash.client.get("/panel/orders?limit=2").get_data(as_text=True)
+    assert html.count('data-order="') == 2 and "page 1 of 2" in html and 'rel="next"' in html
+    html = dash.client.get("/panel/orders?limit=2&page=2").get_data(as_text=True)
+    assert html.count('data-order="') == 1 and 'rel="prev"' in html
+    assert dash.client.get("/panel/nothing").status_code == 404
+
+
+def test_alert_decision_trail_names_the_reason(dash):
+    dash.post(alert(strategy="trail"))
+    dash.settle()
+    dash.post(alert(strategy="trail"))  # the same body again: a duplicate
+    dash.post(alert(strategy="trail", price="43"))  # another ENTRY on an open position: blocked by the guard
+    dash.post(alert(strategy="trail", qty="x"))
+    html = dash.client.get("/panel/alerts?strategy=trail").get_data(as_text=True)
+    for decision in ("accepted", "duplicate", "blocked", "rejected"):
+        assert f"badge-{decision}" in html, decision
+    assert "legs[0].qty" in html and "1 order made" in html and "duplicate ENTRY" in html
+
+
+def test_flask_debug_is_refused_off_loopback(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASK_DEBUG", "1")
+    with pytest.raises(ConfigError) as e:
+        create_app(make_settings(tmp_path / "var", HOST="0.0.0.0"))
+    assert "HOST: expected a loopback address" in str(e.value) and "found 0.0.0.0" in str(e.value)
+    app = create_app(make_settings(tmp_path / "var2", HOST="127.0.0.1"))
+    with pytest.raises(ConfigError):
+        app.run(host="0.0.0.0")
+
+
+def test_pnl_points_are_stored_as_the_pnl_moves(host):
+    host.post(alert())
+    host.settle()
+    host.tick("40")
+    wait_for(lambda: host.runtime.storage.rows("select pnl from pnl_points where pnl != '0'"), timeout=10)
+    html = host.client.get("/panel/pnl")
+    assert html.status_code == 401  # the panel feed needs the session like the pages
