@@ -27,6 +27,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
+            "playwright>=1.45,<2",
         ],
     },
     entry_points={"console_scripts": ["strategy-host=host.cli:main"]},

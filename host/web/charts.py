@@ -32,7 +32,7 @@ def gauge(pnl: Decimal, limit: Decimal, warning: Optional[Decimal], peak: Decima
 
 @dataclass(frozen=True)
 class Line:
-    """The day's PnL curve as an SVG path, with the zero line and the range it covers."""
+    """The day's PnL curve as an SVG path, with the zero line, and the lowest and highest PnL it shows."""
 
     path: str
     zero_y: float
@@ -47,14 +47,12 @@ class Line:
 def line(points: Sequence[tuple[datetime, Decimal]]) -> Line:
     """Steps through time: PnL holds its value until the next point. The scale covers the curve and zero."""
     values = [p for _, p in points] + [Decimal(0)]
-    lo, hi = min(values), max(values)
-    if hi == lo:
-        hi = lo + 1
-    pad = (hi - lo) / 20
-    lo, hi = lo - pad, hi + pad
+    low, high = min(values), max(values)
+    pad = (high - low) / 20 or Decimal(1)
+    lo, hi = low - pad, high + pad
     if not points:
         y0 = _y(Decimal(0), lo, hi)
-        return Line("", y0, lo, hi, None, None, 0.0, y0)
+        return Line("", y0, low, high, None, None, 0.0, y0)
     t0, t1 = points[0][0], points[-1][0]
     span = (t1 - t0).total_seconds() or 1.0
     coords = [(round((t - t0).total_seconds() / span * WIDTH, 1), _y(v, lo, hi)) for t, v in points]
@@ -63,7 +61,7 @@ def line(points: Sequence[tuple[datetime, Decimal]]) -> Line:
         d.append(f"H{x}V{y}" if y != prev_y else f"H{x}")
     if len(coords) == 1:
         d.append(f"H{WIDTH}")
-    return Line(" ".join(d), _y(Decimal(0), lo, hi), lo, hi, t0, t1, coords[-1][0] if len(coords) > 1 else WIDTH,
+    return Line(" ".join(d), _y(Decimal(0), lo, hi), low, high, t0, t1, coords[-1][0] if len(coords) > 1 else WIDTH,
                 coords[-1][1])
 
 

@@ -1,0 +1,230 @@
+"""The dashboard in real headless Chromium (Playwright), against a real `strategy-host run` under gunicorn."""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from serverproc import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).parent / "artifacts"
+REPO = Path(__file__).resolve().parent.parent
+LOCKOUT_S = 4
+PAGES = {"overview": "/", "orders": "/orders", "positions": "/positions", "alerts": "/alerts",
+         "strategies": "/strategies", "risk": "/risk", "broker": "/broker"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does: apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dashboard")
+    shutil.copytree(REPO / "plugins", work / "plugins")
+    s = ServerProcess(work, env={"DASHBOARD_LOGIN_ATTEMPTS": "3", "DASHBOARD_LOCKOUT_S": str(LOCKOUT_S),
+                                 "SQUARE_OFF_TIME": "off", "PLUGINS_DIR": str(work / "plugins")}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    pg.set_default_timeout(10_000)
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.console_errors = errors
+    yield pg
+    context.close()
+
+
+def shot(pg, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+def log_in(pg, server) -> None:
+    pg.goto(server.url + "/")
+    pg.fill("#password", server.secrets()["DASHBOARD_PASSWORD"])
+    pg.click("form button[type=submit]")
+    pg.wait_for_selector("nav a[aria-current=page]")
+
+
+def alert(server, symbol="NIFTY28APR26C24500", strategy="ui", execution="ENTRY", price="42.5", side="SELL"):
+    body = {"secret_key": server.secrets()["WEBHOOK_SECRET"], "execution_type": execution, "strategy_name": strategy,
+            "exchange": "NFO", "legs": [{"tradingsymbol": symbol, "direction": side, "qty": "75",
+                                         "order_type": "LMT", "price": price, "product_type": "M"}]}
+    return requests.post(server.url + "/webhook", json=body, timeout=10)
+
+
+def test_wrong_password_lockout_then_correct_login(page, server):
+    page.goto(server.url + "/orders")
+    assert "/login?next=/orders" in page.url
+    shot(page, "login")
+    for expected in ("2 attempts left", "1 attempt left", "locked out"):
+        page.fill("#password", "wrong-password")
+        page.click("form button[type=submit]")
+        assert expected in page.inner_text("#login-error")
+    page.fill("#password", server.secrets()["DASHBOARD_PASSWORD"])  # right, but locked out
+    page.click("form button[type=submit]")
+    assert "Locked out: try again in" in page.inner_text("#login-error")
+    shot(page, "login-locked")
+    time.sleep(LOCKOUT_S + 0.5)
+    page.fill("#password", server.secrets()["DASHBOARD_PASSWORD"])
+    page.click("form button[type=submit]")
+    page.wait_for_selector("h1:text('Orders')")
+    assert page.url.endswith("/orders")  # back where the login began
+
+
+def test_alert_order_and_position_appear_without_reload(page, server):
+    log_in(page, server)
+    page.evaluate("window.__same_page = true")
+    r = alert(server, symbol="NIFTY28APR26P24000")
+    assert r.status_code == 200, r.text
+    oid = r.json()["orders"][0]["id"]
+    page.wait_for_selector(f"tr[data-order='{oid}'] .badge-filled")
+    page.wait_for_selector("#positions-table tr[data-symbol='NIFTY28APR26P24000']")
+    assert "−75" in page.inner_text("#positions-table tr[data-symbol='NIFTY28APR26P24000']")
+    assert page.evaluate("window.__same_page") is True  # no reload happened
+    shot(page, "overview-live")
+    assert page.console_errors == []  # CSP violations show up here
+
+
+def test_paper_price_moves_the_pnl_chart(page, server):
+    r = alert(server, symbol="NIFTY28APR26C25000", strategy="chart", price="50")
+    assert r.status_code == 200, r.text
+    log_in(page, server)
+    before_path = page.get_attribute("#pnl-curve", "d")
+    before_pnl = page.inner_text("#day-pnl")
+    ticks = requests.post(server.url + "/api/paper/ticks", timeout=10,
+                          headers={"Authorization": f"Bearer {server.secrets()['API_TOKEN']}"},
+                          json=[{"exchange": "NFO", "symbol": "NIFTY28APR26C25000", "ltp": "30"}])
+    assert ticks.status_code == 200, ticks.text
+    page.wait_for_function("([p, d]) => document.querySelector('#day-pnl').innerText !== p && "
+                           "document.querySelector('#pnl-curve').getAttribute('d') !== d", arg=[before_pnl, before_path])
+    # a short position of 75 gains (50 - 30) x 75 = 1,500 on this symbol
+    assert page.inner_text("#day-pnl").startswith("+₹")
+    shot(page, "overview-pnl")
+
+
+def test_halt_from_the_risk_page_refuses_the_next_alert_then_resume(page, server):
+    log_in(page, server)
+    page.goto(server.url + "/risk")
+    page.fill("#reason", "browser test")
+    page.click("button[value=halted]")
+    page.wait_for_selector(".flash-ok:text('Trading state set to halted')")
+    page.wait_for_selector("#trading-state .badge-halted")
+    shot(page, "risk-halted")
+    r = alert(server, strategy="after-halt")
+    assert r.status_code == 423, r.text
+    page.click("button[value=active]")
+    page.wait_for_selector("#trading-state .badge-active")
+    assert alert(server, strategy="after-halt").status_code == 200
+
+
+def test_exit_all_asks_first(page, server):
+    log_in(page, server)
+    page.goto(server.url + "/risk")
+    page.click("a:text('Exit all positions')")
+    page.wait_for_selector("h1:text('Exit all positions?')")
+    shot(page, "exit-all-confirm")
+    page.click("a:text('No, go back')")
+    assert page.url.endswith("/risk")
+    assert any(p["net_qty"] for p in server.api("/api/positions").json()["items"])  # nothing was exited
+
+
+def test_disable_a_strategy(page, server):
+    log_in(page, server)
+    page.goto(server.url + "/strategies")
+    page.click("button[aria-label='disable passthrough']")
+    page.wait_for_selector("#strategy-passthrough .badge-disabled")
+    shot(page, "strategies-disabled")
+    r = alert(server, strategy="passthrough")
+    assert r.json()["status"] == "refused" and "disabled" in r.json()["reason"], r.text
+    page.click("button[aria-label='enable passthrough']")
+    page.wait_for_selector("#strategy-passthrough .badge-running")
+
+
+class _Attacker(BaseHTTPRequestHandler):
+    """A page on another origin that posts to the dashboard with the victim's cookie, but no CSRF token."""
+
+    target = ""
+
+    def do_GET(self):  # noqa: N802
+        body = (f'<html><body><form id="f" method="post" action="{self.target}/risk/state">'
+                '<input name="mode" value="halted"></form><p id="out"></p><script>'
+                f'fetch("{self.target}/api/halt", {{method: "POST", credentials: "include", '
+                'headers: {"Content-Type": "text/plain"}, body: JSON.stringify({mode: "halted"})})'
+                '.then(r => { document.getElementById("out").textContent = "api " + r.status; })'
+                '.catch(e => { document.getElementById("out").textContent = "api blocked"; })'
+                '.finally(() => document.getElementById("f").submit());</script></body></html>').encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_cross_site_post_without_csrf_token_is_refused(page, server):
+    log_in(page, server)
+    _Attacker.target = server.url
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), _Attacker)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with page.expect_navigation(url=server.url + "/risk/state") as nav:
+            page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+        assert nav.value.status == 403
+        # the browser sent the session cookie (same site, other port) and its Origin: refused by the Origin check;
+        # a request without an Origin header meets the CSRF token check (test_dashboard.py)
+        assert "cross-site request refused" in page.inner_text("main")
+        shot(page, "csrf-refused")
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    assert server.api("/api/risk").json()["state"] == "active"  # neither the form nor the fetch changed it
+    halts = [e for e in server.api("/api/events").json()["items"] if e["kind"] == "trading_state"
+             and "halted" in e["message"] and "browser test" not in e["message"]]
+    assert halts == []
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}],
+                         ids=["desktop", "phone"])
+def test_every_page_in_the_browser(browser, server, viewport):
+    context = browser.new_context(viewport=viewport)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    log_in(pg, server)
+    secrets = server.secrets()
+    for name, path in PAGES.items():
+        pg.goto(server.url + path)
+        pg.wait_for_selector("main .panel")
+        html = pg.content()
+        assert all(secrets[k] not in html for k in ("API_TOKEN", "WEBHOOK_SECRET", "DASHBOARD_PASSWORD")), name
+        if viewport["width"] < 500:  # nothing but the tables' own scroll boxes is wider than a phone
+            assert pg.evaluate("document.documentElement.scrollWidth") <= viewport["width"], name
+        shot(pg, f"{name}-{'phone' if viewport['width'] < 500 else 'desktop'}")
+    pg.wait_for_selector("#live-status:text('live ·')")  # the panels refreshed at least once
+    assert errors == []
+    context.close()
