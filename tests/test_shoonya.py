@@ -279,3 +279,24 @@ def test_an_unreachable_broker_is_a_clear_rejection_not_an_unknown(tmp_path):
                            Decimal("2"), timeout_s=1)
     with pytest.raises(Unreachable):
         broker.place(OrderRequest("NFO", SYMBOL, Side.BUY, 75, OrderType.LMT, Product.NRML, Decimal("42"), remarks="u1"))
+
+
+def test_connect_broker_from_the_dashboard_session(live, sim):
+    """The Broker page's button: a POST with the session and its CSRF token, then back to /broker."""
+    from test_dashboard import csrf_of, login as dashboard_login
+    assert live.client.get("/broker/login").status_code == 401  # no token, no session
+    dashboard_login(live.client)
+    assert live.client.get("/broker/login").headers["Location"] == "/broker"  # a bare link finds the button
+    page = live.client.get("/broker")
+    html = page.get_data(as_text=True)
+    assert 'id="connect-broker"' in html and ("badge-expired" in html or "badge-unknown" in html)
+    assert urlparse(sim.oauth_url).netloc in page.headers["Content-Security-Policy"]  # form-action allows it
+    assert live.client.post("/broker/login").status_code == 403  # no CSRF token
+    r = live.client.post("/broker/login", data={"csrf_token": csrf_of(html)})
+    assert r.status_code == 302 and r.headers["Location"].startswith(sim.oauth_url)
+    back = requests.get(r.headers["Location"], allow_redirects=False, timeout=5)
+    r = live.client.get("/broker/callback?" + urlparse(back.headers["Location"]).query)
+    assert r.status_code == 302 and r.headers["Location"] == "/broker"
+    page = live.client.get("/broker").get_data(as_text=True)
+    assert "Broker connected: session valid" in page and "badge-valid" in page
+    assert live.post(alert()).status_code == 200
