@@ -47,6 +47,7 @@ def test_first_run_prints_secrets_once_and_trades(server, tmp_path):
     assert stat.S_IMODE((tmp_path / "var" / "secrets.env").stat().st_mode) == 0o600
     assert f"WEBHOOK_SECRET={secrets['WEBHOOK_SECRET']}" in out and "/webhook" in out
     assert '"secret_key": "' + secrets["WEBHOOK_SECRET"] in out  # the ready TradingView message
+    assert f"dashboard   {s.url}/" in out and f"DASHBOARD_PASSWORD={secrets['DASHBOARD_PASSWORD']}" in out
     r = s.webhook(_alert(secrets["WEBHOOK_SECRET"]))
     assert r.status_code == 200, r.text
     oid = r.json()["orders"][0]["id"]
