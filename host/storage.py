@@ -92,10 +92,11 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, 
 
 
 class Storage:
-    """The process's two connections, each created once and shared by all threads under its lock.
+    """The process's write connection, shared under its lock, and one read connection per thread.
 
-    Writes go through one connection, one transaction at a time. Reads use a second connection,
-    so under WAL a reader never waits for a writer's fsync. Commits are synchronous=NORMAL
+    Writes go through one connection, one transaction at a time. Each thread reads on its own
+    connection, so under WAL a reader waits neither for a writer's fsync nor for another reader
+    (a dashboard refreshing its panels never holds up the engine). Commits are synchronous=NORMAL
     (they survive a killed process); `durable=True` makes a commit FULL, which also syncs every
     commit before it: used where a promise depends on it (an alert before its answer, an order
     before it goes to the broker).
@@ -105,12 +106,23 @@ class Storage:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._read_lock = threading.Lock()
+        self._readers_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []
+        self._local = threading.local()
         self.conn = self._connect()
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.db = sqlite_utils.Database(self.conn)
         self.migrate()
-        self._reader = sqlite_utils.Database(self._connect())
+
+    def _reader(self) -> sqlite_utils.Database:
+        """This thread's read connection: under WAL readers never wait for each other or for the writer."""
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            conn = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+            reader = self._local.reader = sqlite_utils.Database(conn)
+        return reader
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
@@ -151,14 +163,13 @@ class Storage:
         raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run fn on the read connection, retrying while the database is locked."""
+        """Run fn on this thread's read connection, retrying while the database is locked."""
         for attempt in range(LOCK_RETRIES):
-            with self._read_lock:
-                try:
-                    return fn(self._reader)
-                except sqlite3.OperationalError as e:
-                    if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
-                        raise
+            try:
+                return fn(self._reader())
+            except sqlite3.OperationalError as e:
+                if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
+                    raise
             time.sleep(min(0.05 * (attempt + 1), 0.5))
         raise AssertionError("unreachable")
 
@@ -187,9 +198,11 @@ class Storage:
         return self.read(lambda db: db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
-        with self._lock, self._read_lock:
+        with self._lock, self._readers_lock:
             self.conn.close()
-            self._reader.conn.close()
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
 
     # ---- small shared records ----
     @staticmethod

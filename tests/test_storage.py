@@ -63,3 +63,22 @@ def test_a_failed_transaction_leaves_nothing_behind(tmp_path):
     except RuntimeError:
         pass
     assert s.one("select count(*) n from events")["n"] == 0
+
+
+def test_a_long_read_in_one_thread_does_not_hold_up_reads_in_another(tmp_path):
+    """The dashboard reads a lot; the engine's reads must not queue behind them."""
+    s = Storage(tmp_path / "db.sqlite")
+    inside, release = threading.Event(), threading.Event()
+    slow = threading.Thread(target=lambda: s.read(lambda db: (inside.set(), release.wait(5))))
+    slow.start()
+    try:
+        assert inside.wait(2)
+        done = []
+        other = threading.Thread(target=lambda: done.append(s.rows("select 1 as one")))
+        other.start()
+        other.join(1)
+        assert done == [[{"one": 1}]]  # finished while the slow read is still open
+    finally:
+        release.set()
+        slow.join()
+        s.close()
