@@ -108,6 +108,16 @@ def _int_list(v: str) -> tuple:
         raise ValueError("a comma-separated list of numeric Telegram user ids") from None
 
 
+TELEGRAM_CATEGORIES = ("system", "broker", "alerts", "orders", "risk", "plugins", "summary")
+
+
+def _categories(v: str) -> frozenset:
+    given = {p.strip().lower() for p in v.split(",") if p.strip()}
+    if not given or given - set(TELEGRAM_CATEGORIES):
+        raise ValueError("a comma-separated list of " + ", ".join(TELEGRAM_CATEGORIES))
+    return frozenset(given)
+
+
 def _secret(min_len: int) -> Callable[[str], str]:
     def parse(v: str) -> str:
         if len(v) < min_len:
@@ -201,6 +211,18 @@ VARS: tuple[Var, ...] = (
     Var("TELEGRAM_CHAT_ID", _str, "", "Telegram chat for notifications"),
     Var("TELEGRAM_ALLOWED_USERS", _int_list, "", "Telegram user ids allowed to give commands"),
     Var("TELEGRAM_API_URL", _url, "https://api.telegram.org", "Bot API server"),
+    Var("TELEGRAM_CATEGORIES", _categories, ",".join(TELEGRAM_CATEGORIES), "which events go to Telegram: "
+        + ", ".join(TELEGRAM_CATEGORIES)),
+    Var("TELEGRAM_MIN_SEVERITY", _choice("info", "warning", "error"), "info", "the least severe event sent to Telegram"),
+    Var("TELEGRAM_CONFIRM_S", _int(5, 600), "60", "seconds an /exitall confirmation button stays valid"),
+    Var("TELEGRAM_MODE", _choice("polling", "webhook"), "polling", "how commands arrive: long polling, or a webhook "
+        "at PUBLIC_URL/telegram/webhook"),
+    Var("TELEGRAM_WEBHOOK_SECRET", _str, "", "webhook mode: the X-Telegram-Bot-Api-Secret-Token Telegram must send",
+        secret=True),
+    Var("PUBLIC_URL", _str, "", "the address people open the dashboard at, for links in notifications "
+        "(default http://HOST:PORT)"),
+    Var("DAILY_SUMMARY_TIME", _hhmm_or_off, "15:40", "when the day's summary goes out (Asia/Kolkata, trading days), "
+        "or off"),
 )
 VARS_BY_NAME = {v.name: v for v in VARS}
 
@@ -314,6 +336,7 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
             problems.append(Problem(var.name, str(e), found))
     if values.get("BROKER") == "shoonya":
         problems += _live_problems(values)
+    problems += _telegram_problems(values)
     if problems:
         raise ConfigError(problems)
     return Settings(values=values, source=env_file, warnings=tuple(warnings), generated_secrets=tuple(generated))
@@ -325,6 +348,26 @@ def _live_problems(values: Mapping[str, Any]) -> list[Problem]:
     need += ["OAUTH_CLIENT_ID", "OAUTH_SECRET"] if values.get("SHOONYA_AUTH") == "oauth" else ["SHOONYA_ACCESS_TOKEN"]
     return [Problem(n, f"a value when BROKER=shoonya and SHOONYA_AUTH={values.get('SHOONYA_AUTH')}",
                     "nothing (variable not set)") for n in need if not values.get(n)]
+
+
+def _telegram_problems(values: Mapping[str, Any]) -> list[Problem]:
+    """Telegram's variables belong together; webhook mode needs its secret and a public https address."""
+    problems = []
+    token, chat = values.get("TELEGRAM_BOT_TOKEN"), values.get("TELEGRAM_CHAT_ID")
+    if token and not chat:
+        problems.append(Problem("TELEGRAM_CHAT_ID", "the chat to notify when TELEGRAM_BOT_TOKEN is set",
+                                "nothing (variable not set)"))
+    if chat and not re.fullmatch(r"-?\d+|@\w{5,}", str(chat)):
+        problems.append(Problem("TELEGRAM_CHAT_ID", "a numeric chat id (groups are negative) or @channelname", repr(chat)))
+    if values.get("TELEGRAM_MODE") == "webhook":
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,256}", values.get("TELEGRAM_WEBHOOK_SECRET") or ""):
+            problems.append(Problem("TELEGRAM_WEBHOOK_SECRET", "16 to 256 characters A-Z, a-z, 0-9, _ or - when "
+                                    "TELEGRAM_MODE=webhook", "a value that is hidden because it is secret"
+                                    if values.get("TELEGRAM_WEBHOOK_SECRET") else "nothing (variable not set)"))
+        if not str(values.get("PUBLIC_URL") or "").startswith("https://"):
+            problems.append(Problem("PUBLIC_URL", "the https:// address Telegram can reach when TELEGRAM_MODE=webhook",
+                                    repr(values.get("PUBLIC_URL") or "")))
+    return problems
 
 
 def _write_secrets(path: Path, new: Mapping[str, str]) -> None:

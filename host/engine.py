@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
 CLOCK_EVERY_S = 1.0
 RISK_EVERY_S = 0.25  # at most this often: a risk check reads every position
+SUMMARY_KEY = "daily_summary_day"
 PNL_POINT_EVERY_S = 5.0  # at most this often a point of the day's PnL curve is stored
 
 
@@ -115,6 +116,7 @@ class Engine:
         self.on_session_restored: Callable[[], None] = lambda: None
         self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
         self.preopen: Any = None  # live mode: the time of the daily session check
+        self.summary_time: Any = None  # the time of the daily summary (DAILY_SUMMARY_TIME)
         self._preopen_day: Any = None
         self.gateway_call: Callable[..., Any] = lambda what, fn: fn()
         self.data_dir: Any = None
@@ -257,8 +259,25 @@ class Engine:
     def _clock(self) -> None:
         now = self.now().astimezone(IST)
         self._preopen_check(now)
+        self._daily_summary(now)
         for live in self.strategies.with_hook("strategy_on_clock"):
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
+
+    def _daily_summary(self, now: datetime) -> None:
+        """Once per trading day, after DAILY_SUMMARY_TIME: the day in numbers, as an event."""
+        day = now.date()
+        if (self.summary_time is None or now.time() < self.summary_time or not self.gate.clock.is_trading_day(day)
+                or self.storage.get_state(SUMMARY_KEY) == day.isoformat()):
+            return
+        s = views.day_summary(self.storage, self.gate)
+        filled, rejected = s["orders"].get("FILLED", 0), s["orders"].get("REJECTED", 0)
+        refused = sum(n for k, n in s["alerts"].items() if k not in ("accepted", "received"))
+        per = ", ".join(f"{k} {v}" for k, v in sorted(s["by_strategy"].items())) or "no positions"
+        message = (f"day {s['day']}: PnL {s['pnl']}; {sum(s['orders'].values())} orders ({filled} filled, {rejected} "
+                   f"rejected); {sum(s['alerts'].values())} alerts ({refused} not executed); state {s['state']}; {per}")
+        data = {**s, "pnl": str(s["pnl"]), "by_strategy": {k: str(v) for k, v in s["by_strategy"].items()}}
+        self.storage.write(lambda db: (Storage.add_event(db, "daily_summary", message, "info", None, data),
+                                       Storage.put_state(db, SUMMARY_KEY, day.isoformat())))
 
     def _reconcile(self) -> None:
         if self._recover_pending:

@@ -67,12 +67,18 @@ class Inbox:
         """Keep a failed-validation alert so its trail is visible; return its id."""
         aid = new_id("a")
         reason = "; ".join(str(p) for p in problems)
-        self.storage.write(lambda db: db["alerts"].insert({
-            "id": aid, "received_at": utcnow(), "strategy": _str_or_none(body.get("strategy_name")),
-            "execution_type": _str_or_none(body.get("execution_type")), "body": json.dumps(body, default=str)[:65536],
-            "source_ip": source_ip, "status": AlertStatus.REJECTED.value, "reason": reason,
-            "problems": json.dumps([p.as_dict() for p in problems]), "orders": "[]", "decided_at": utcnow()}),
-            durable=True)
+        strategy = _str_or_none(body.get("strategy_name"))
+
+        def run(db: sqlite_utils.Database) -> None:
+            db["alerts"].insert({
+                "id": aid, "received_at": utcnow(), "strategy": strategy,
+                "execution_type": _str_or_none(body.get("execution_type")),
+                "body": json.dumps(body, default=str)[:65536], "source_ip": source_ip,
+                "status": AlertStatus.REJECTED.value, "reason": reason,
+                "problems": json.dumps([p.as_dict() for p in problems]), "orders": "[]", "decided_at": utcnow()})
+            Storage.add_event(db, "alert_rejected", f"alert {aid} ({strategy or 'no strategy'}) rejected: {reason}",
+                              "warning", strategy, {"alert_id": aid})
+        self.storage.write(run, durable=True)
         return aid
 
     def store(self, req: AlertRequest, digest: str, source_ip: str) -> AlertRecord:
@@ -95,6 +101,8 @@ class Inbox:
             row.update(status=AlertStatus.DUPLICATE.value, reason=f"duplicate: {why}; not executed again",
                        duplicate_of=original["id"], decided_at=now, orders=original["orders"])
             Storage.insert(db, "alerts", row)
+            Storage.add_event(db, "alert_duplicate", f"alert {aid} ({req.strategy} {req.execution_type.value}) "
+                              f"{row['reason']}", "info", req.strategy, {"alert_id": aid, "duplicate_of": original["id"]})
             return AlertRecord(aid, AlertStatus.DUPLICATE.value, row["reason"],
                                tuple(json.loads(original["orders"] or "[]")), original["id"])
         return self.storage.write(run, durable=True)  # stored durably before it is answered

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
@@ -15,16 +15,30 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 CURSOR_KEY = "notify_cursor"
-GIVEN_SECRETS = {"telegram": ("TELEGRAM_BOT_TOKEN",)}  # the only secrets a notifier is handed
+GIVEN_SECRETS = {"telegram": ("TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET")}  # the only secrets a notifier is handed
+
+
+@dataclass
+class Baton:
+    """Handed from each version of a notifier to the next within this process: a lock for a resource
+    only one version may use at a time (a Telegram long poll), and values the versions share."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    values: dict = field(default_factory=dict)
 
 
 @dataclass
 class NotifierContext:
+    """What a notifier gets at start: its settings, logger, state, the host's read models and
+    controls (`host`, a HostAccess), and its baton."""
+
     name: str
     version: str
     settings: Mapping[str, Any]
     logger: logging.Logger
     state: dict
+    host: Any = None
+    baton: Baton = field(default_factory=Baton)
 
 
 def notifier_settings(settings: Settings, name: str) -> Mapping[str, Any]:
@@ -36,14 +50,17 @@ def notifier_settings(settings: Settings, name: str) -> Mapping[str, Any]:
 class NotifierRegistry(Registry):
     kind = "notifier"
 
-    def __init__(self, *args: Any, settings: Settings, **kw: Any):
+    def __init__(self, *args: Any, settings: Settings, access: Any = None, **kw: Any):
         self.settings = settings
+        self.access = access
+        self.batons: dict[str, Baton] = {}
         super().__init__(*args, **kw)
 
     def _start(self, live: Live, state: dict) -> CallResult:
         cand = live.candidate
         live.ctx = NotifierContext(cand.name, cand.version, notifier_settings(self.settings, cand.name),
-                                   logging.getLogger(f"notifier.{cand.name}"), dict(state))
+                                   logging.getLogger(f"notifier.{cand.name}"), dict(state), self.access,
+                                   self.batons.setdefault(cand.name, Baton()))
         fn = cand.hooks.get("notifier_start")
         return live.caller.call("notifier_start", fn, {"ctx": live.ctx}) if fn else CallResult()
 

@@ -8,11 +8,13 @@ from pathlib import Path
 from functools import cached_property
 from typing import Any, Optional
 
+from . import __version__, views
 from .brokers.base import Broker
 from .broker_session import load_token, set_session_state
 from .brokers.paper import PaperBroker
 from .config import Settings
 from .engine import Engine
+from .host_access import HostAccess
 from .inbox import Inbox
 from .locks import FileLock
 from .orders import BrokerGateway, OrderSender
@@ -121,7 +123,9 @@ class Runtime:
             plugins = Path(self.settings.PLUGINS_DIR)
             limits = (self.plugin_budget_s, self.breaker_limit, self._emit)
             self.strategies = StrategyRegistry(self.storage, plugins / "strategies", *limits)
-            self.notifiers = NotifierRegistry(self.storage, plugins / "notifiers", *limits, settings=self.settings)
+            access = HostAccess(self.storage, self.inbox, self.gate, self.settings, lambda: self.engine_running)
+            self.notifiers = NotifierRegistry(self.storage, plugins / "notifiers", *limits, settings=self.settings,
+                                              access=access)
             engine = Engine(self.storage, self.inbox, self.gate, self.sender,
                             Watcher(self.storage, self.unknown_grace_s), self.strategies,
                             lambda: self.gateway.call("order_book", self.broker.order_book),
@@ -132,6 +136,7 @@ class Runtime:
             engine.plugin_registries["notifier"] = self.notifiers
             self.sender.on_result = engine.order_changed
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
+            engine.summary_time = self.settings.DAILY_SUMMARY_TIME
             if not self.settings.paper:  # feed updates can be lost around reconnects: read the book often
                 engine.reconcile_every_s = 2.0
                 engine.preopen = self.settings.SHOONYA_PREOPEN_CHECK
@@ -153,6 +158,8 @@ class Runtime:
                 self.reloader.start()
             self.pump = EventPump(self.storage, self.notifiers)
             self.pump.start()
+            self._emit("host_started", f"strategy-host {__version__} started: {self.settings.BROKER} mode",
+                       "info", None, {"mode": self.settings.BROKER, "version": __version__})
         except Exception:
             self.lock.release()
             raise
@@ -198,6 +205,9 @@ class Runtime:
             self.sender.stop(timeout)
             self.engine.flush()
             self.strategies.shutdown()
+            self._emit("host_stopped", f"strategy-host {__version__} stopped: "
+                       + ("open positions stay at the broker" if views.positions(self.storage, include_flat=False)
+                          else "no open positions"), "warning", None, None)
             self.pump.stop()
             self.pump.pump()  # the last events (shutdown, final fills) still reach the notifiers
             self.notifiers.shutdown()

@@ -82,6 +82,19 @@ def risk(storage: Storage, gate: RiskGate) -> dict:
                            for name in sorted(set(by_strategy) | set(counts))}}
 
 
+def day_summary(storage: Storage, gate: RiskGate) -> dict:
+    """Today's numbers: PnL (and per strategy), orders by status, alerts by decision, the trading state."""
+    today = gate.clock.day(gate.now())
+    since = _day_start_utc(today)
+    pnl, by = pnl_by_strategy(storage)
+    orders = {r["status"]: r["n"] for r in storage.rows(
+        "select status, count(*) n from orders where created_at >= ? group by status", (since,))}
+    alerts = {r["status"]: r["n"] for r in storage.rows(
+        "select status, count(*) n from alerts where received_at >= ? group by status", (since,))}
+    return {"day": today.isoformat(), "pnl": pnl, "by_strategy": by, "orders": orders, "alerts": alerts,
+            "state": gate.state()["state"]}
+
+
 def plugin_records(storage: Storage, kind: str) -> list[dict]:
     rows = storage.rows("select * from plugins where kind = ? order by name", (kind,))
     return [{"name": r["name"], "version": r["version"], "generation": r["generation"], "status": r["status"],

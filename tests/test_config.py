@@ -24,7 +24,7 @@ def test_defaults_give_paper_mode(tmp_path):
 
 
 def test_environment_overrides_the_file_and_old_names_work(tmp_path):
-    env = _write(tmp_path / "a.env", "WEBHOOK_SECRET_KEY=from-file-secret\nTELEGRAM_TOKEN=123:abc\nPORT=9000\n"
+    env = _write(tmp_path / "a.env", "WEBHOOK_SECRET_KEY=from-file-secret\nTELEGRAM_TOKEN=123:abc\nTELEGRAM_CHAT_ID=-1001\nPORT=9000\n"
                                      f"DATA_DIR={tmp_path}\nAPI_TOKEN={'t' * 20}\nDASHBOARD_PASSWORD=pppppppp\n")
     s = load(env, environ={"PORT": "9100"})
     assert s.WEBHOOK_SECRET == "from-file-secret"
