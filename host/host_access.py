@@ -2,6 +2,7 @@
 inbox (the same path as the API), and records in the event log. Never the broker, never a secret."""
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Callable, Optional
 
@@ -10,7 +11,7 @@ from .broker_session import session_state
 from .config import Settings
 from .inbox import Inbox
 from .risk import RiskGate, _day_start_utc
-from .storage import Storage
+from .storage import Storage, utcnow
 
 COMMANDS = ("halt", "exit_all", "plugin")  # what a notifier may ask the engine to do
 
@@ -70,6 +71,16 @@ class HostAccess:
         if result is None:
             return {"ok": False, "error": f"the engine did not finish {kind} within {timeout_s:g} s"}
         return result
+
+    def inbox(self, notifier: str, limit: int = 50) -> list[dict]:
+        """Updates the web layer stored for this notifier (a Telegram webhook), not yet handled, oldest first."""
+        rows = self._storage.rows("select id, body from notifier_inbox where notifier = ? and handled_at is null "
+                                  "order by id limit ?", (notifier, limit))
+        return [{"id": r["id"], "body": json.loads(r["body"])} for r in rows]
+
+    def inbox_done(self, row_id: int) -> None:
+        self._storage.write(lambda db: db.execute("update notifier_inbox set handled_at = ? where id = ?",
+                                                  (utcnow(), row_id)))
 
     def record(self, kind: str, message: str, severity: str = "info", data: Optional[dict] = None) -> None:
         """Write to the event log (shown on the dashboard, sent to notifiers)."""

@@ -87,8 +87,14 @@ def _m4_dashboard(db: sqlite_utils.Database) -> None:
     db["login_failures"].create_index(["address"])
 
 
+def _m5_notifier_inbox(db: sqlite_utils.Database) -> None:
+    db["notifier_inbox"].create({"id": int, "notifier": str, "key": str, "body": str, "received_at": str,
+                                 "handled_at": str}, pk="id")
+    db["notifier_inbox"].create_index(["notifier", "key"], unique=True)
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
-                                                                  _m4_dashboard)
+                                                                  _m4_dashboard, _m5_notifier_inbox)
 
 
 class Storage:

@@ -10,7 +10,7 @@ import pytest
 from conftest import SECRET, TOKEN, alert, make_settings, wait_for
 from host.config import ConfigError
 from host.web import charts, create_app, security
-from host.web.format import group_indian, inr, ist, number, qty, tone
+from host.display import group_indian, inr, ist, number, qty, tone
 
 PASSWORD = "test-dashboard-pw"
 PAGES = ("/", "/orders", "/positions", "/alerts", "/strategies", "/risk", "/broker", "/risk/exit-all")

@@ -149,8 +149,8 @@ class Registry:
         self._save(entry, f"{stage} failed")
 
     def _retire(self, live: Live, reason: str) -> None:
-        self.persist_state(live)
         self._stop(live, reason)
+        self.persist_state(live)  # after its stop hook, so what the plugin saved while stopping is kept
         live.caller.close()
         if self.pm.is_registered(live.candidate.module):
             self.pm.unregister(live.candidate.module)

@@ -25,12 +25,13 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[Runtime] =
     app.json.sort_keys = False
     app.extensions["host"] = runtime
 
-    from . import api, broker, dashboard, format, security, webhook
+    from . import api, broker, dashboard, format, security, telegram_webhook, webhook
     security.init_app(app, runtime.settings)
     format.init_app(app)
     app.register_blueprint(webhook.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(broker.bp)
+    app.register_blueprint(telegram_webhook.bp)
     dashboard.init_app(app)
 
     @app.errorhandler(RequestEntityTooLarge)

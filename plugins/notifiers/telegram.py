@@ -1,0 +1,593 @@
+"""Telegram notifier: short messages for the events that matter, and safe remote control.
+
+Runs python-telegram-bot on its own thread and event loop; the host only hands it events, and a
+bounded queue means nothing on the trading path ever waits for Telegram. Messages respect
+Telegram's per-chat rate, obey retry_after, retry transient failures with backoff, and a long
+outage collapses into one "N messages not sent" notice. Commands are taken only from
+TELEGRAM_ALLOWED_USERS in TELEGRAM_CHAT_ID, and go through the host's command path like the API.
+"""
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import secrets
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, Callable, Optional
+
+from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter
+from telegram.request import HTTPXRequest
+
+from host import hookimpl
+from host.display import inr, ist, qty
+
+VERSION = "1.0"
+SEVERITY = {"info": 0, "warning": 1, "error": 2}
+QUEUE_MAX = 200               # messages waiting; more are counted as dropped
+COLLAPSE_AFTER_S = 10.0       # an outage this long: what waited is summed up in one notice, not replayed
+BACKOFF_S = (1, 2, 4, 8, 15)  # between attempts while Telegram is unreachable
+POLL_S = 10                   # long-poll timeout
+BATCH_CHARS = 3500            # waiting messages are joined into one, up to this size (Telegram: 4096)
+PRIVATE_GAP_S, GROUP_GAP_S = 1.0, 3.0  # Telegram: ~1 message/s per chat, 20/min in a group
+HELP = ("/status /pnl /positions /orders /risk /strategies\n/halt /reduceonly /resume /exitall\n"
+        "/reload &lt;strategy&gt; /disable &lt;strategy&gt; /enable &lt;strategy&gt;")
+
+# event kind (or prefix) -> category, title
+KINDS: dict[str, tuple[str, str]] = {
+    "host_started": ("system", "Host started"), "host_stopped": ("system", "Host stopped"),
+    "login_failed": ("system", "Dashboard login failed"),
+    "broker_session_valid": ("broker", "Broker session restored"),
+    "broker_session_expired": ("broker", "Broker session lost"),
+    "broker_session_": ("broker", "Broker session"), "preopen_check": ("broker", "Pre-open check"),
+    "feed_": ("broker", "Broker feed"),
+    "alert_duplicate": ("alerts", "Alert not executed: duplicate"), "alert_blocked": ("alerts", "Alert blocked by the guard"),
+    "alert_refused": ("alerts", "Alert refused"), "alert_rejected": ("alerts", "Alert rejected: invalid"),
+    "alert_failed": ("alerts", "Alert failed"),
+    "order_filled": ("orders", "Filled"), "order_partial": ("orders", "Partially filled"),
+    "order_rejected": ("orders", "Order rejected"), "order_cancelled": ("orders", "Order cancelled"),
+    "order_unknown": ("orders", "Order outcome unknown"), "order_lost": ("orders", "Order lost"),
+    "manual_order": ("orders", "Order placed outside the host"), "cancel_failed": ("orders", "Cancel failed"),
+    "exit_all": ("orders", "Exit all"),
+    "risk_warning": ("risk", "Risk warning"), "risk_breach": ("risk", "DAILY MAX LOSS BREACHED"),
+    "risk_violation": ("risk", "Risk violation"), "risk_cooldown": ("risk", "Cooldown"),
+    "risk_strategy_breach": ("risk", "Strategy max loss"), "risk_status": ("risk", "Risk status"),
+    "risk_": ("risk", "Risk"), "trading_state": ("risk", "Trading state"),
+    "plugin_loaded": ("plugins", "Plugin running"), "plugin_failed": ("plugins", "Plugin failed to load"),
+    "plugin_disabled": ("plugins", "Plugin disabled"), "plugin_enabled": ("plugins", "Plugin enabled"),
+    "plugin_removed": ("plugins", "Plugin removed"), "plugin_": ("plugins", "Plugin"),
+    "strategy_": ("plugins", "Strategy"),
+    "daily_summary": ("summary", "Day summary"),
+}
+ICON = {"info": "ℹ️", "warning": "⚠️", "error": "🛑"}
+
+
+def classify(kind: str) -> Optional[tuple[str, str]]:
+    """The category and title of an event kind; None for kinds Telegram never gets."""
+    if kind in KINDS:
+        return KINDS[kind]
+    prefix = next((k for k in KINDS if k.endswith("_") and kind.startswith(k)), None)
+    return KINDS[prefix] if prefix else None
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render(event: dict, link: Callable[[str], str]) -> Optional[tuple[str, str]]:
+    """(category, HTML text) for one event, or None when it is not for Telegram."""
+    found = classify(event["kind"])
+    if found is None:
+        return None
+    category, title = found
+    icon = "✅" if event["kind"] == "order_filled" else ICON.get(event["severity"], "")
+    lines = [f"{icon} <b>{esc(title)}</b>" + (f" · {esc(event['strategy'])}" if event.get("strategy") else "")]
+    if event["kind"] == "daily_summary" and event.get("data"):
+        lines += summary_lines(event["data"])
+    else:
+        lines.append(esc(event["message"]))
+    if category == "broker" and event["kind"].startswith("broker_session") and event["kind"] != "broker_session_valid":
+        lines.append(f'<a href="{esc(link("/broker"))}">Connect broker</a>')
+    return category, "\n".join(lines)
+
+
+def summary_lines(d: dict) -> list[str]:
+    orders, alerts = d.get("orders", {}), d.get("alerts", {})
+    out = [f"{esc(d.get('day'))}: PnL <b>{esc(inr(d.get('pnl'), signed=True))}</b> · state {esc(d.get('state'))}",
+           f"orders {sum(orders.values())}: " + ", ".join(f"{esc(k.lower())} {v}" for k, v in sorted(orders.items())),
+           f"alerts {sum(alerts.values())}: " + ", ".join(f"{esc(k)} {v}" for k, v in sorted(alerts.items()))]
+    out += [f"• {esc(k)} {esc(inr(v, signed=True))}" for k, v in sorted(d.get("by_strategy", {}).items())]
+    return out
+
+
+def _seconds(retry_after: Any) -> float:
+    return retry_after.total_seconds() if isinstance(retry_after, timedelta) else float(retry_after)
+
+
+class TelegramNotifier:
+    """One version's bot: a sender task, a receiver task, and the commands."""
+
+    def __init__(self, ctx: Any):
+        self.ctx, self.log = ctx, ctx.logger
+        s = ctx.settings
+        self.token = s.get("TELEGRAM_BOT_TOKEN") or ""
+        self.chat = str(s.get("TELEGRAM_CHAT_ID") or "")
+        self.allowed = set(s.get("TELEGRAM_ALLOWED_USERS") or ())
+        self.api_url = (s.get("TELEGRAM_API_URL") or "https://api.telegram.org").rstrip("/")
+        self.categories = set(s.get("TELEGRAM_CATEGORIES") or ())
+        self.min_severity = SEVERITY.get(s.get("TELEGRAM_MIN_SEVERITY") or "info", 0)
+        self.confirm_s = float(s.get("TELEGRAM_CONFIRM_S") or 60)
+        self.mode = s.get("TELEGRAM_MODE") or "polling"
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.thread: Optional[threading.Thread] = None
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"telegram-{ctx.version}")
+        self.queue: Optional[asyncio.Queue] = None
+        self.dropped = int(ctx.state.get("dropped", 0))
+        self.outage_since: Optional[float] = None
+        self.recovered_after: Optional[float] = None
+        self.last_sent: dict[str, float] = {}
+        self.confirmations: dict[str, float] = {}  # /exitall nonce -> expiry (monotonic)
+        self.tasks: list[asyncio.Task] = []
+        self.handling: Optional[asyncio.Future] = None
+        self.holding = False
+        self.stopping = False
+        self.outstanding = 0  # messages offered and not yet sent or dropped
+        self.count_lock = threading.Lock()
+        self.chat_locks: dict[str, asyncio.Lock] = {}
+        self.ready = threading.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token and self.chat)
+
+    # ---- the host's side (other threads) ----
+    def start(self) -> None:
+        if not self.enabled:
+            self.log.info("Telegram notifier idle: set TELEGRAM_BOT_TOKEN and TELEGRAM_CHAT_ID to use it")
+            return
+        self.thread = threading.Thread(target=self._run, name=f"telegram-{self.ctx.version}", daemon=True)
+        self.thread.start()
+        self.ready.wait(2)
+
+    def offer(self, event: dict) -> None:
+        """Called for every event: format it and queue it; never waits."""
+        if not self.enabled or self.loop is None or event["kind"] == "telegram_command":
+            return
+        if SEVERITY.get(event["severity"], 0) < self.min_severity:
+            return
+        rendered = render(event, self.ctx.host.link if self.ctx.host else (lambda p: p))
+        if rendered is None or rendered[0] not in self.categories:
+            return
+        self._count(1)
+        self.loop.call_soon_threadsafe(self._enqueue, rendered[1])
+
+    def _count(self, n: int) -> None:
+        with self.count_lock:
+            self.outstanding += n
+
+    def stop(self, reason: str) -> None:
+        """Stop polling at once; at shutdown first let the last messages out (briefly); hand what is
+        still waiting to the next version (baton) and to the next start (state)."""
+        if self.loop is None or self.thread is None:
+            return
+        self.stopping = True  # no more pacing: the last messages go out at once
+        if reason == "shutdown":
+            deadline = time.monotonic() + 0.7
+            while time.monotonic() < deadline and self.outstanding > 0 and self.outage_since is None:
+                time.sleep(0.02)
+        self.loop.call_soon_threadsafe(self._cancel)
+        self.thread.join(0.8)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the loop ----
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        except Exception:  # never take the host down
+            self.log.exception("Telegram notifier stopped by an error")
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> None:
+        self.queue = asyncio.Queue()
+        for text in self.ctx.state.pop("pending", []):  # what the previous version had not sent
+            self.queue.put_nowait(text)
+        base = dict(connect_timeout=5.0, write_timeout=10.0, pool_timeout=5.0)
+        self.bot = Bot(self.token, base_url=self.api_url + "/bot", base_file_url=self.api_url + "/file/bot",
+                       request=HTTPXRequest(connection_pool_size=4, read_timeout=10.0, **base),
+                       get_updates_request=HTTPXRequest(connection_pool_size=1, read_timeout=POLL_S + 10.0, **base))
+        for name in ("httpx", "telegram"):  # their INFO and DEBUG lines carry the token in URLs
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.tasks = [asyncio.ensure_future(self._sender())]
+        self.tasks.append(asyncio.ensure_future(self._poll() if self.mode == "polling" else self._webhook_inbox()))
+        self.ready.set()
+        try:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.handling is not None and not self.handling.done():  # a command in progress finishes
+                await asyncio.wait([self.handling], timeout=5)
+        finally:
+            pending = self._drain()
+            self.ctx.state["pending"] = pending
+            self.ctx.state["dropped"] = self.dropped
+            self.ctx.baton.values["pending"] = pending  # the next version (a reload) sends them
+            self._release_baton()
+
+    def _cancel(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+
+    def _enqueue(self, text: str) -> None:
+        if self.queue.qsize() >= QUEUE_MAX:
+            self.dropped += 1
+            self._count(-1)
+        else:
+            self.queue.put_nowait(text)
+
+    def _drain(self) -> list[str]:
+        out = []
+        while self.queue is not None and not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        self._count(-len(out))
+        return out
+
+    async def _blocking(self, fn: Callable, *args: Any) -> Any:
+        """Run a host call (it reads SQLite or waits for the engine) off the event loop."""
+        return await self.loop.run_in_executor(self.pool, fn, *args)
+
+    # ---- sending ----
+    async def _sender(self) -> None:
+        while True:
+            text, n = await self.queue.get(), 1
+            while not self.queue.empty() and len(text) < BATCH_CHARS:  # a backlog goes out joined
+                nxt = self.queue.get_nowait()
+                if len(text) + len(nxt) + 2 > BATCH_CHARS:
+                    await self._send(text)
+                    self._count(-n)
+                    text, n = nxt, 1
+                else:
+                    text, n = text + "\n\n" + nxt, n + 1
+            await self._send(text)
+            self._count(-n)
+            if self.recovered_after is not None:
+                await self._after_outage(self.recovered_after)
+            if self.dropped:
+                await self._send(f"⚠️ <b>{self.dropped} message{'s' if self.dropped != 1 else ''} dropped</b>: "
+                                 f"more were waiting than the queue holds. The dashboard's events have them all.")
+                self.dropped = 0
+
+    async def _send(self, text: str, chat: Optional[str] = None, markup: Any = None) -> Any:
+        """Deliver one message: pace it, obey retry_after, retry transient failures; never raise."""
+        chat = chat or self.chat
+        async with self.chat_locks.setdefault(chat, asyncio.Lock()):  # one message at a time per chat
+            return await self._send_paced(chat, text, markup)
+
+    async def _send_paced(self, chat: str, text: str, markup: Any) -> Any:
+        attempt = 0
+        while True:
+            await self._pace(chat)
+            try:
+                sent = await self.bot.send_message(chat, text, parse_mode="HTML", reply_markup=markup,
+                                                   disable_web_page_preview=True)
+            except RetryAfter as e:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    wait = _seconds(e.retry_after)
+                self.log.warning("Telegram asks us to wait %.0f s (rate limit)", wait)
+                await asyncio.sleep(wait)
+                continue
+            except (BadRequest, Forbidden, InvalidToken) as e:  # permanent: retrying cannot help
+                self.log.error("Telegram refused a message: %s", e)
+                return None
+            except NetworkError as e:  # transient (timeouts, 5xx, connection refused)
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    self.log.warning("Telegram unreachable (%s); retrying with backoff", e)
+                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                attempt += 1
+                continue
+            self.last_sent[chat] = time.monotonic()
+            if self.outage_since is not None:
+                self.recovered_after = time.monotonic() - self.outage_since
+                self.outage_since = None
+            return sent
+
+    async def _pace(self, chat: str) -> None:
+        gap = GROUP_GAP_S if chat.startswith("-") else PRIVATE_GAP_S
+        wait = self.last_sent.get(chat, 0.0) + gap - time.monotonic()
+        if wait > 0 and not self.stopping:
+            await asyncio.sleep(wait)
+
+    async def _after_outage(self, lasted: float) -> None:
+        """Back after an outage: a long one is summed up in one notice instead of a flood."""
+        self.recovered_after = None
+        self.log.info("Telegram reachable again after %.0f s", lasted)
+        if lasted < COLLAPSE_AFTER_S:
+            return
+        skipped = len(self._drain()) + self.dropped
+        self.dropped = 0
+        if skipped:
+            link = self.ctx.host.link("/") if self.ctx.host else ""
+            await self._send(f"⚠️ <b>{skipped} message{'s' if skipped != 1 else ''} dropped</b> while Telegram was "
+                             f"unreachable for {lasted:.0f} s. They are all in the dashboard's events: "
+                             f'<a href="{esc(link)}">open it</a>')
+
+    # ---- receiving ----
+    async def _acquire_baton(self) -> None:
+        """One version polls at a time: wait until the previous one has let go."""
+        while not self.ctx.baton.lock.acquire(blocking=False):
+            await asyncio.sleep(0.05)
+        self.holding = True
+
+    def _release_baton(self) -> None:
+        if getattr(self, "holding", False):
+            self.holding = False
+            self.ctx.baton.lock.release()
+
+    def _take_over(self) -> None:
+        """With the baton: what the previous version had not sent goes out first."""
+        for text in self.ctx.baton.values.pop("pending", []):
+            self._enqueue(text)
+
+    def _offset(self) -> int:
+        return max(int(self.ctx.baton.values.get("offset", 0)), int(self.ctx.state.get("offset", 0)))
+
+    def _handled(self, update_id: int) -> None:
+        self.ctx.baton.values["offset"] = self.ctx.state["offset"] = update_id + 1
+
+    async def _poll(self) -> None:
+        await self._acquire_baton()
+        self._take_over()
+        await self._call(self.bot.delete_webhook)  # polling and a webhook exclude each other
+        attempt = 0
+        while True:
+            try:
+                updates = await self.bot.get_updates(offset=self._offset() or None, timeout=POLL_S,
+                                                     allowed_updates=["message", "callback_query"])
+                attempt = 0
+            except Conflict:  # another poller with this token (another host?): say so, wait
+                self.log.error("another program polls this bot token; commands may go there")
+                await asyncio.sleep(5)
+                continue
+            except RetryAfter as e:
+                await asyncio.sleep(_seconds(e.retry_after))
+                continue
+            except NetworkError:
+                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                attempt += 1
+                continue
+            if updates:  # handled to the end even if this version is stopped meanwhile
+                self.handling = asyncio.ensure_future(self._handle_all(updates))
+                await asyncio.shield(self.handling)
+
+    async def _webhook_inbox(self) -> None:
+        """Webhook mode: the host's /telegram/webhook stores verified updates; take them from there."""
+        await self._acquire_baton()
+        self._take_over()
+        await self._call(self.bot.set_webhook, self.ctx.host.link("/telegram/webhook"),
+                         secret_token=self.ctx.settings.get("TELEGRAM_WEBHOOK_SECRET"),
+                         allowed_updates=["message", "callback_query"])
+        while True:
+            rows = await self._blocking(self.ctx.host.inbox, "telegram")
+            if rows:
+                self.handling = asyncio.ensure_future(self._handle_all(
+                    [Update.de_json(r["body"], self.bot) for r in rows], [r["id"] for r in rows]))
+                await asyncio.shield(self.handling)
+            else:
+                await asyncio.sleep(0.3)
+
+    async def _handle_all(self, updates: list, inbox_ids: Optional[list] = None) -> None:
+        for i, update in enumerate(updates):
+            if update.update_id < self._offset():
+                continue  # handled already (by this or an earlier version)
+            try:
+                await self._handle(update)
+            except Exception:
+                self.log.exception("Telegram update %s could not be handled", update.update_id)
+            self._handled(update.update_id)
+            if inbox_ids:
+                await self._blocking(self.ctx.host.inbox_done, inbox_ids[i])
+
+    async def _call(self, fn: Callable, *args: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*args, **kw)
+        except Exception as e:  # a failed side call is logged, never fatal
+            self.log.warning("Telegram %s failed: %s", getattr(fn, "__name__", fn), e)
+            return None
+
+    # ---- commands ----
+    def _allowed(self, user: Any, chat_id: Any) -> bool:
+        return user is not None and user.id in self.allowed and str(chat_id) == self.chat
+
+    @staticmethod
+    def _who(user: Any) -> str:
+        return f"telegram:@{user.username} ({user.id})" if user.username else f"telegram:{user.id}"
+
+    async def _handle(self, update: Update) -> None:
+        if update.callback_query is not None:
+            await self._callback(update.callback_query)
+            return
+        msg = update.message
+        if msg is None or not msg.text or not msg.text.startswith("/"):
+            return
+        if not self._allowed(msg.from_user, msg.chat_id):
+            self.log.warning("ignored %r from user %s in chat %s: not in TELEGRAM_ALLOWED_USERS and TELEGRAM_CHAT_ID",
+                             msg.text.split()[0][:32], msg.from_user.id if msg.from_user else "?", msg.chat_id)
+            return
+        word, *args = msg.text.split()
+        command = word[1:].split("@")[0].lower()
+        handler = getattr(self, f"cmd_{command}", None)
+        if handler is None:
+            await self._send(f"Unknown command {esc(word)}. Commands:\n{HELP}")
+            return
+        await handler(msg.from_user, args)
+
+    async def _control(self, user: Any, what: str, kind: str, args: dict) -> dict:
+        """A control command: recorded in the event log with the user, then done through the engine."""
+        who = self._who(user)
+        await self._blocking(self.ctx.host.record, "telegram_command", f"{what} by {who}", "info",
+                             {"user_id": user.id, "command": what})
+        return await self._blocking(self.ctx.host.command, kind, {**args, "by": who})
+
+    async def _reply_result(self, result: dict, done: str) -> None:
+        await self._send(done if result.get("ok") else f"⚠️ Not done: {esc(result.get('error'))}")
+
+    async def cmd_start(self, user: Any, args: list) -> None:
+        await self._send(f"Commands:\n{HELP}")
+
+    cmd_help = cmd_start
+
+    async def cmd_status(self, user: Any, args: list) -> None:
+        s = await self._blocking(self.ctx.host.status)
+        orders = ", ".join(f"{k.lower()} {v}" for k, v in sorted(s["orders_today"].items())) or "none"
+        await self._send(f"<b>Status</b> · {esc(s['mode'])} · engine {'running' if s['engine'] else 'STOPPED'}\n"
+                         f"trading <b>{esc(s['trading_state'])}</b>" + (f" ({esc(s['reason'])})" if s["reason"] else "")
+                         + f"\nbroker session {esc(s['broker_session'])}\nday PnL {esc(inr(s['day_pnl'], signed=True))}"
+                         f"\nopen positions {s['open_positions']} · orders today: {esc(orders)}")
+
+    async def cmd_pnl(self, user: Any, args: list) -> None:
+        total, by = await self._blocking(self.ctx.host.pnl)
+        lines = [f"<b>Day PnL {esc(inr(total, signed=True))}</b>"]
+        lines += [f"• {esc(k)} {esc(inr(v, signed=True))}" for k, v in sorted(by.items())]
+        await self._send("\n".join(lines))
+
+    async def cmd_positions(self, user: Any, args: list) -> None:
+        rows = await self._blocking(self.ctx.host.positions)
+        if not rows:
+            await self._send("No open positions.")
+            return
+        lines = ["<b>Open positions</b>"]
+        lines += [f"• {esc(p['strategy'])} {esc(p['exchange'])}:{esc(p['symbol'])} {esc(qty(p['net_qty']))} "
+                  f"@ {esc(inr(p['avg_price']))} · LTP {esc(inr(p['ltp']))} · "
+                  f"{esc(inr(p['realized_pnl'] + p['unrealized_pnl'], signed=True))}" for p in rows[:30]]
+        await self._send("\n".join(lines))
+
+    async def cmd_orders(self, user: Any, args: list) -> None:
+        rows = await self._blocking(self.ctx.host.orders, 10)
+        if not rows:
+            await self._send("No orders yet.")
+            return
+        lines = ["<b>Latest orders</b>"]
+        lines += [f"• {esc(ist(o['created_at']))} {esc(o['strategy'])} {esc(o['side'])} {esc(o['qty'])} "
+                  f"{esc(o['symbol'])} <b>{esc(o['status'])}</b> {esc(o['filled_qty'])}/{esc(o['qty'])}"
+                  + (f" — {esc(o['reason'])}" if o["reason"] else "") for o in rows]
+        await self._send("\n".join(lines))
+
+    async def cmd_risk(self, user: Any, args: list) -> None:
+        r = await self._blocking(self.ctx.host.risk)
+        await self._send(f"<b>Risk</b> · state <b>{esc(r['state'])}</b>\nday PnL {esc(inr(r['day_pnl'], signed=True))}"
+                         f" · limit {esc(inr(r['max_loss']))} · peak {esc(inr(r.get('peak_pnl') or Decimal(0), signed=True))}"
+                         f"\nbreached {'yes' if r.get('breached') else 'no'} · warning {'yes' if r.get('warning') else 'no'}"
+                         f" · loss days in a row {esc(r.get('consecutive_loss_days'))}"
+                         + (f"\ncooldown until {esc(r['cooldown_until'])}" if r.get("cooldown_until") else ""))
+
+    async def cmd_strategies(self, user: Any, args: list) -> None:
+        rows = await self._blocking(self.ctx.host.strategies)
+        lines = ["<b>Strategies</b>"] + [f"• {esc(p['name'])} v{esc(p['version'] or '—')} g{p['generation']} "
+                                         f"<b>{esc(p['status'])}</b>" + (f" — {esc(p['error'])}" if p["error"] else "")
+                                         for p in rows]
+        await self._send("\n".join(lines) if rows else "No strategies.")
+
+    async def _set_state(self, user: Any, mode: str, word: str) -> None:
+        result = await self._control(user, f"/{word}", "halt", {"mode": mode, "reason": f"/{word} from Telegram"})
+        await self._reply_result(result, f"Trading state is now <b>{esc(mode)}</b>.")
+
+    async def cmd_halt(self, user: Any, args: list) -> None:
+        await self._set_state(user, "halted", "halt")
+
+    async def cmd_reduceonly(self, user: Any, args: list) -> None:
+        await self._set_state(user, "reduce_only", "reduceonly")
+
+    async def cmd_resume(self, user: Any, args: list) -> None:
+        await self._set_state(user, "active", "resume")
+
+    async def _plugin(self, user: Any, args: list, action: str) -> None:
+        if len(args) != 1:
+            await self._send(f"Usage: /{action} &lt;strategy&gt;")
+            return
+        result = await self._control(user, f"/{action} {args[0]}", "plugin",
+                                     {"kind": "strategy", "name": args[0], "action": action})
+        await self._reply_result(result, f"Strategy <b>{esc(args[0])}</b>: {action}{'ed' if action == 'reload' else 'd'}.")
+
+    async def cmd_reload(self, user: Any, args: list) -> None:
+        await self._plugin(user, args, "reload")
+
+    async def cmd_disable(self, user: Any, args: list) -> None:
+        await self._plugin(user, args, "disable")
+
+    async def cmd_enable(self, user: Any, args: list) -> None:
+        await self._plugin(user, args, "enable")
+
+    async def cmd_exitall(self, user: Any, args: list) -> None:
+        """Ask first, with buttons that expire."""
+        positions = await self._blocking(self.ctx.host.positions)
+        nonce = secrets.token_hex(8)
+        self.confirmations[nonce] = time.monotonic() + self.confirm_s
+        markup = InlineKeyboardMarkup([[InlineKeyboardButton("Yes, exit all", callback_data=f"exitall:{nonce}"),
+                                        InlineKeyboardButton("Cancel", callback_data=f"cancel:{nonce}")]])
+        await self._send(f"<b>Exit all {len(positions)} open position{'s' if len(positions) != 1 else ''}?</b>\n"
+                         f"Working entry orders are cancelled too. This button expires in {self.confirm_s:.0f} s.",
+                         markup=markup)
+
+    async def _callback(self, query: Any) -> None:
+        message = query.message
+        if not self._allowed(query.from_user, message.chat.id if message else None):
+            self.log.warning("ignored a button press from user %s: not allowed", query.from_user.id)
+            return
+        action, _, nonce = (query.data or "").partition(":")
+        expiry = self.confirmations.pop(nonce, None)
+        if expiry is None or time.monotonic() > expiry:
+            await self._call(query.answer, "This confirmation has expired: send /exitall again.")
+            await self._edit(message, "Exit all: the confirmation expired. Nothing was done.")
+            return
+        if action == "cancel":
+            await self._call(query.answer, "Cancelled")
+            await self._edit(message, "Exit all cancelled. Nothing was done.")
+            return
+        await self._call(query.answer, "Exiting all positions…")
+        result = await self._control(query.from_user, "/exitall (confirmed)", "exit_all", {})
+        if result.get("ok"):
+            n = len(result.get("orders", []))
+            text = (f"Exit all by {esc(self._who(query.from_user))}: {n} exit order{'s' if n != 1 else ''} sent, "
+                    f"{esc(result.get('cancelled', 0))} unsent orders cancelled. Fills will follow.")
+        else:
+            text = f"⚠️ Exit all not done: {esc(result.get('error'))}"
+        await self._edit(message, text)
+
+    async def _edit(self, message: Any, text: str) -> None:
+        if message is not None:
+            await self._call(self.bot.edit_message_text, text, chat_id=message.chat.id,
+                             message_id=message.message_id, parse_mode="HTML")
+
+
+_notifier: Optional[TelegramNotifier] = None
+
+
+@hookimpl
+def notifier_meta():
+    return {"name": "telegram", "version": VERSION, "api_version": 1}
+
+
+@hookimpl
+def notifier_start(ctx):
+    global _notifier
+    _notifier = TelegramNotifier(ctx)
+    _notifier.start()
+
+
+@hookimpl
+def notifier_send(event):
+    if _notifier is not None:
+        _notifier.offer(event)
+
+
+@hookimpl
+def notifier_stop(reason):
+    if _notifier is not None:
+        _notifier.stop(reason)

@@ -1,0 +1,198 @@
+"""A fake Telegram Bot API server on loopback, for the real python-telegram-bot (its `base_url`).
+
+It keeps what the bot sent, serves updates to getUpdates with Telegram's offset rules (an update
+is confirmed by a later offset, and is served again until then), and can fail: an outage (502),
+a 429 with retry_after, and 409 for two pollers at once.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+from urllib.parse import parse_qs
+
+TOKEN = "123456:TEST-token-never-real"
+BOT = {"id": 123456, "is_bot": True, "first_name": "Host", "username": "host_test_bot"}
+
+
+class FakeTelegram:
+    def __init__(self, token: str = TOKEN):
+        self.token = token
+        self.lock = threading.Condition()
+        self.calls: list[tuple[float, str, dict]] = []
+        self.updates: list[dict] = []     # not yet confirmed
+        self.served: list[int] = []       # every update id given to a poller (repeats show redelivery)
+        self.next_update = 1000
+        self.next_message = 1
+        self.down_until = 0.0             # before this monotonic time every call gets 502
+        self.retry_after: list[int] = []  # the next sendMessage calls get 429 with these retry_after values
+        self.pollers = 0
+        self.conflicts = 0
+        self.webhook: Optional[dict] = None
+        self._server: Optional[ThreadingHTTPServer] = None
+
+    # ---- life ----
+    def start(self) -> "FakeTelegram":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length).decode()
+                code, body = fake.handle(self.path, self.headers.get("Content-Type", ""), raw)
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a cancelled long poll)
+                    pass
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    # ---- what tests do ----
+    def push_message(self, text: str, user_id: int, chat_id: int, username: str = "trader") -> int:
+        return self._push({"message": {"message_id": self._message_id(), "date": int(time.time()), "text": text,
+                                       "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
+                                       "from": {"id": user_id, "is_bot": False, "first_name": username.title(),
+                                                "username": username}}})
+
+    def push_callback(self, data: str, user_id: int, message: dict, username: str = "trader") -> int:
+        return self._push({"callback_query": {"id": f"cb{self.next_update}", "data": data, "chat_instance": "1",
+                                              "from": {"id": user_id, "is_bot": False, "first_name": "T",
+                                                       "username": username},
+                                              "message": message}})
+
+    def sent(self, method: str = "sendMessage") -> list[dict]:
+        with self.lock:
+            return [p for _, m, p in self.calls if m == method]
+
+    def texts(self) -> list[str]:
+        return [p["text"] for p in self.sent()]
+
+    def times(self, method: str = "sendMessage") -> list[float]:
+        with self.lock:
+            return [t for t, m, _ in self.calls if m == method]
+
+    def outage(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
+
+    # ---- the Bot API ----
+    def handle(self, path: str, content_type: str, raw: str) -> tuple[int, dict]:
+        prefix = f"/bot{self.token}/"
+        if not path.startswith(prefix):
+            return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
+        method = path[len(prefix):].split("?")[0]
+        params = self._params(content_type, raw)
+        if time.monotonic() < self.down_until:
+            return 502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}
+        with self.lock:
+            self.calls.append((time.monotonic(), method, params))
+        if method == "sendMessage" and self.retry_after:
+            wait = self.retry_after.pop(0)
+            return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {wait}",
+                         "parameters": {"retry_after": wait}}
+        handler = getattr(self, "m_" + method, None)
+        if handler is None:
+            return 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
+        return 200, {"ok": True, "result": handler(params)}
+
+    @staticmethod
+    def _params(content_type: str, raw: str) -> dict:
+        if "json" in content_type:
+            return json.loads(raw or "{}")
+        out = {}
+        for k, v in parse_qs(raw).items():
+            try:
+                out[k] = json.loads(v[0])
+            except ValueError:
+                out[k] = v[0]
+        return out
+
+    def _message_id(self) -> int:
+        with self.lock:
+            self.next_message += 1
+            return self.next_message
+
+    def _push(self, content: dict) -> int:
+        with self.lock:
+            self.next_update += 1
+            update = {"update_id": self.next_update, **content}
+            self.updates.append(update)
+            self.lock.notify_all()
+            return update["update_id"]
+
+    def _message(self, params: dict) -> dict:
+        return {"message_id": self._message_id(), "date": int(time.time()), "text": params.get("text", ""),
+                "chat": {"id": int(params["chat_id"]), "type": "private"}, "from": BOT}
+
+    def m_getMe(self, params: dict) -> dict:  # noqa: N802
+        return BOT
+
+    def m_sendMessage(self, params: dict) -> dict:  # noqa: N802
+        msg = self._message(params)
+        if params.get("reply_markup"):
+            msg["reply_markup"] = params["reply_markup"]
+        params["_message"] = msg
+        return msg
+
+    def m_editMessageText(self, params: dict) -> dict:  # noqa: N802
+        return {**self._message(params), "message_id": int(params.get("message_id", 0))}
+
+    def m_answerCallbackQuery(self, params: dict) -> bool:  # noqa: N802
+        return True
+
+    def m_setMyCommands(self, params: dict) -> bool:  # noqa: N802
+        return True
+
+    def m_deleteWebhook(self, params: dict) -> bool:  # noqa: N802
+        self.webhook = None
+        return True
+
+    def m_setWebhook(self, params: dict) -> bool:  # noqa: N802
+        self.webhook = params
+        return True
+
+    def m_getUpdates(self, params: dict) -> list:  # noqa: N802
+        offset = int(params.get("offset") or 0)
+        timeout = float(params.get("timeout") or 0)
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.pollers += 1
+            if self.pollers > 1:
+                self.conflicts += 1
+            try:
+                if offset:
+                    self.updates = [u for u in self.updates if u["update_id"] >= offset]  # confirmed
+                while not self.updates and time.monotonic() < deadline:
+                    self.lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                    if offset:
+                        self.updates = [u for u in self.updates if u["update_id"] >= offset]
+                given = list(self.updates)
+                self.served += [u["update_id"] for u in given]
+                return given
+            finally:
+                self.pollers -= 1

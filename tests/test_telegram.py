@@ -1,0 +1,288 @@
+"""The Telegram notifier plugin: the real python-telegram-bot against a fake Bot API server on loopback."""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import SECRET, alert, wait_for
+from fake_telegram import TOKEN, FakeTelegram
+from host.broker_session import set_session_state
+from host.market import IST
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT, USER, STRANGER = 555, 42, 666
+
+
+@pytest.fixture
+def tg():
+    fake = FakeTelegram().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def tghost(host_factory, tmp_path, tg):
+    """A host with the Telegram plugin (copied from plugins/notifiers) pointed at the fake server."""
+    def make(**overrides):
+        plugins = tmp_path / "plugins"
+        (plugins / "notifiers").mkdir(parents=True, exist_ok=True)
+        (plugins / "strategies").mkdir(exist_ok=True)
+        shutil.copy(REPO / "plugins" / "notifiers" / "telegram.py", plugins / "notifiers" / "telegram.py")
+        settings = {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_CHAT_ID": str(CHAT), "TELEGRAM_ALLOWED_USERS": str(USER),
+                    "TELEGRAM_API_URL": tg.url, **overrides}
+        h = host_factory(**settings)
+        wait_for(lambda: tg.sent("deleteWebhook") or tg.webhook, timeout=5)  # the bot is up and receiving
+        return h
+    return make
+
+
+def said(tg, needle: str, timeout: float = 5.0) -> str:
+    """The first message (sent or edited) containing needle, waiting for it."""
+    def find():
+        for p in tg.sent() + tg.sent("editMessageText"):
+            if needle in p.get("text", ""):
+                return p["text"]
+        return None
+    return wait_for(find, timeout=timeout)
+
+
+def test_messages_for_each_event(tghost, tg, tmp_path):
+    h = tghost(RISK_BASE_MAX_LOSS="-1000")
+    assert "strategy-host" in said(tg, "Host started")
+    # alerts: accepted and filled, duplicate, blocked by the guard, invalid, refused by risk
+    assert h.post(alert()).status_code == 200
+    assert "filled 75 @ 42.5" in said(tg, "Filled")
+    h.post(alert())
+    assert "duplicate" in said(tg, "Alert not executed: duplicate")
+    h.post(alert(price="43"))
+    assert "duplicate ENTRY" in said(tg, "Alert blocked by the guard")
+    h.post(alert(qty="lots"))
+    assert "legs[0].qty" in said(tg, "Alert rejected: invalid")
+    # the broker session, with the login link
+    set_session_state(h.runtime.storage, "expired", "test")
+    text = said(tg, "Broker session lost")
+    assert '<a href="http://127.0.0.1:8000/broker">Connect broker</a>' in text
+    set_session_state(h.runtime.storage, "valid", "test")
+    said(tg, "Broker session restored")
+    # risk: a loss through the limit breaches, halts and exits; the next entry is refused
+    h.tick("55")  # short 75 from 42.5: -937.5, past the warning level (-800)
+    said(tg, "Risk warning")
+    h.tick("60")
+    said(tg, "DAILY MAX LOSS BREACHED")
+    assert "halted" in said(tg, "Trading state")
+    said(tg, "Exit all")
+    h.settle()
+    h.post(alert(tradingsymbol="NIFTY28APR26P24500"))
+    said(tg, "Alert refused")
+    # plugins: a broken strategy file, then a disabled strategy
+    (tmp_path / "plugins" / "strategies" / "broken.py").write_text("this is not python\n")
+    said(tg, "Plugin failed to load")
+    good = tmp_path / "plugins" / "strategies" / "calm.py"
+    good.write_text("from host import hookimpl\n\n@hookimpl\ndef strategy_meta():\n"
+                    "    return {'name': 'calm', 'version': '1', 'api_version': 1}\n")
+    wait_for(lambda: h.api("/api/strategies/calm/disable", "POST").status_code == 200, timeout=5)
+    said(tg, "Plugin disabled")
+    # the day's summary, once, after DAILY_SUMMARY_TIME on a trading day
+    h.runtime.engine.summary_time = datetime.now(IST).time().replace(second=0, microsecond=0)
+    h.runtime.clock_offset = _to_trading_day(h)
+    summary = said(tg, "Day summary")
+    assert "PnL <b>−₹" in summary and "orders" in summary and "• s1 −₹" in summary
+    time.sleep(1.5)
+    assert sum("Day summary" in t for t in tg.texts()) == 1
+    # stop: the last message still goes out
+    h.stop()
+    said(tg, "Host stopped", timeout=2)
+
+
+def _to_trading_day(h) -> timedelta:
+    """A clock offset that lands today's time on a weekday (the suite may run on a weekend)."""
+    days = 0
+    while not h.runtime.gate.clock.is_trading_day((datetime.now(IST) + timedelta(days=days)).date()):
+        days += 1
+    return timedelta(days=days)
+
+
+def test_every_dynamic_value_is_html_escaped(tghost, tg):
+    h = tghost()
+    h.post(alert(strategy="<b>x&y</b>", qty="<script>"))
+    text = said(tg, "Alert rejected")
+    assert "&lt;b&gt;x&amp;y&lt;/b&gt;" in text and "&lt;script&gt;" in text
+    assert "<script>" not in text and "<b>x" not in text
+
+
+def test_categories_and_minimum_severity_filter(tghost, tg):
+    h = tghost(TELEGRAM_CATEGORIES="orders,system", TELEGRAM_MIN_SEVERITY="warning")
+    h.post(alert())
+    h.post(alert(qty="bad"))                       # alerts: not a chosen category
+    h.settle()
+    h.runtime._emit("order_rejected", "order o1 rejected by the broker: margin", "warning", "s1", None)
+    said(tg, "Order rejected")
+    texts = "\n".join(tg.texts())
+    assert "Filled" not in texts and "Alert rejected" not in texts  # info, and a category not chosen
+
+
+def test_429_retry_after_is_obeyed(tghost, tg):
+    h = tghost()
+    time.sleep(1.5)
+    mark = time.monotonic()
+    tg.retry_after = [2]
+    h.post(alert())
+    wait_for(lambda: sum("Filled" in t for t in tg.texts()) == 2, timeout=8)
+    after = [(t, p["text"]) for (t, m, p) in tg.calls if m == "sendMessage" and t >= mark]
+    (refused_at, text), (again_at, again) = after[0], after[1]
+    assert again == text and again_at - refused_at >= 2.0  # the same message, after the wait it was told
+    assert [t for _, t in after].count(text) == 2  # refused once, delivered once
+
+
+@pytest.mark.slow
+def test_a_30_s_outage_collapses_into_one_notice_and_never_delays_trading(tghost, tg):
+    h = tghost()
+    time.sleep(1.1)
+    tg.outage(30)
+    started = time.monotonic()
+    for i in range(12):
+        t = time.monotonic()
+        assert h.post(alert(strategy=f"o{i}")).status_code == 200
+        assert time.monotonic() - t < 1.0  # the webhook never waits for Telegram
+    h.settle()
+    before = len(tg.sent())
+    notice = said(tg, "dropped</b> while Telegram was unreachable", timeout=50)
+    assert time.monotonic() - started >= 29
+    assert re.search(r"\d+ messages dropped", notice)
+    time.sleep(2)
+    after = tg.sent()[before:]
+    assert len(after) <= 3  # the message that was retrying, the notice, maybe one more: not a flood of 12
+
+
+def test_commands_from_the_allowed_user_and_a_stranger(tghost, tg, caplog):
+    h = tghost()
+    caplog.set_level(logging.WARNING, logger="notifier.telegram")
+    tg.push_message("/halt", STRANGER, CHAT, username="mallory")
+    tg.push_message("/halt", USER, 999)  # an allowed user, but in another chat
+    tg.push_message("/status", USER, CHAT)
+    said(tg, "<b>Status</b>")
+    assert h.api("/api/risk").get_json()["state"] == "active"
+    assert "ignored '/halt' from user 666" in caplog.text and "in chat 999" in caplog.text
+    tg.push_message("/halt", USER, CHAT)
+    said(tg, "Trading state is now <b>halted</b>")
+    r = h.post(alert())
+    assert r.status_code == 423
+    events = h.api("/api/events").get_json()["items"]
+    assert any(e["kind"] == "telegram_command" and "/halt by telegram:@trader (42)" in e["message"] for e in events)
+    assert any(e["kind"] == "trading_state" and "by telegram:@trader (42)" in e["message"] for e in events)
+    for command, needle in (("/pnl", "Day PnL"), ("/positions", "No open positions"), ("/orders", "No orders"),
+                            ("/risk", "<b>Risk</b>"), ("/strategies", "No strategies"), ("/nope", "Unknown command"),
+                            ("/disable", "Usage: /disable"), ("/disable ghost", "Not done: no strategy named")):
+        tg.push_message(command, USER, CHAT)
+        said(tg, needle)
+    tg.push_message("/resume", USER, CHAT)
+    said(tg, "Trading state is now <b>active</b>")
+    assert h.post(alert()).status_code == 200
+
+
+def _exitall_prompt(tg) -> dict:
+    said(tg, "Exit all 1 open position?")
+    return next(p for p in tg.sent() if "reply_markup" in p and "Exit all" in p["text"])
+
+
+def test_exitall_asks_with_buttons_then_exits(tghost, tg):
+    h = tghost()
+    h.post(alert())
+    h.settle()
+    tg.push_message("/exitall", USER, CHAT)
+    prompt = _exitall_prompt(tg)
+    buttons = prompt["reply_markup"]["inline_keyboard"][0]
+    assert [b["text"] for b in buttons] == ["Yes, exit all", "Cancel"]
+    assert h.net() == -75  # asking changes nothing
+    tg.push_callback(buttons[0]["callback_data"], STRANGER, prompt["_message"])  # a stranger's press
+    time.sleep(0.5)
+    assert h.net() == -75
+    tg.push_callback(buttons[0]["callback_data"], USER, prompt["_message"])
+    said(tg, "1 exit order sent")
+    h.settle()
+    assert h.net() == 0
+    tg.push_callback(buttons[0]["callback_data"], USER, prompt["_message"])  # pressed again: used up
+    said(tg, "confirmation expired")
+
+
+def test_exitall_confirmation_expires(tghost, tg):
+    h = tghost(TELEGRAM_CONFIRM_S="5")
+    h.post(alert())
+    h.settle()
+    tg.push_message("/exitall", USER, CHAT)
+    prompt = _exitall_prompt(tg)
+    time.sleep(5.3)
+    tg.push_callback(prompt["reply_markup"]["inline_keyboard"][0][0]["callback_data"], USER, prompt["_message"])
+    said(tg, "Exit all: the confirmation expired. Nothing was done.")
+    assert any(p.get("text", "").startswith("This confirmation has expired") for p in tg.sent("answerCallbackQuery"))
+    time.sleep(0.5)
+    assert h.net() == -75
+
+
+def test_hot_reload_while_polling_loses_and_repeats_no_update(tghost, tg, tmp_path):
+    h = tghost()
+    path = tmp_path / "plugins" / "notifiers" / "telegram.py"
+    pushed = []
+    for i in range(3):
+        pushed.append(tg.push_message("/pnl", USER, CHAT))
+        time.sleep(0.05)
+    path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # a hot reload
+    for i in range(6):
+        pushed.append(tg.push_message("/pnl", USER, CHAT))
+        time.sleep(0.15)
+    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
+    wait_for(lambda: sum("Day PnL" in t for t in tg.texts()) >= 9, timeout=20)
+    time.sleep(1.5)
+    assert sum("Day PnL" in t for t in tg.texts()) == 9  # every update answered once
+    assert tg.conflicts == 0  # never two pollers at once
+    assert h.api("/api/notifiers").get_json()["items"][0]["generation"] == 2
+
+
+def test_the_bot_token_never_reaches_logs_or_events(tghost, tg, caplog):
+    caplog.set_level(logging.DEBUG)
+    h = tghost()
+    tg.outage(2)
+    h.post(alert())
+    said(tg, "Filled", timeout=10)
+    tg.push_message("/status", USER, CHAT)
+    said(tg, "<b>Status</b>")
+    assert TOKEN not in caplog.text
+    assert TOKEN.split(":")[1] not in caplog.text
+    assert not h.runtime.storage.rows("select 1 from events where message like ?", (f"%{TOKEN.split(':')[1]}%",))
+
+
+def test_webhook_mode_verifies_the_secret_header_and_takes_each_update_once(tghost, tg):
+    secret = "s3cret-token-for-webhooks"
+    h = tghost(TELEGRAM_MODE="webhook", TELEGRAM_WEBHOOK_SECRET=secret, PUBLIC_URL="https://host.example")
+    wait_for(lambda: tg.webhook is not None, timeout=5)
+    assert tg.webhook["url"] == "https://host.example/telegram/webhook" and tg.webhook["secret_token"] == secret
+    update = {"update_id": 77, "message": {"message_id": 1, "date": 0, "text": "/status",
+                                           "chat": {"id": CHAT, "type": "private"},
+                                           "from": {"id": USER, "is_bot": False, "first_name": "T"}}}
+    r = h.client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"})
+    assert r.status_code == 401 and "X-Telegram-Bot-Api-Secret-Token" in r.get_json()["error"]
+    r = h.client.post("/telegram/webhook", json={"update_id": "x"}, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+    assert r.status_code == 400 and r.get_json()["errors"][0]["field"] == "update_id"
+    for _ in range(2):  # Telegram resends when unsure: handled once
+        r = h.client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+        assert r.status_code == 200
+    said(tg, "<b>Status</b>")
+    time.sleep(1.0)
+    assert sum("<b>Status</b>" in t for t in tg.texts()) == 1
+    assert tg.sent("getUpdates") == []  # no polling in webhook mode
+
+
+def test_without_a_token_the_plugin_idles_and_the_host_runs(host_factory, tmp_path):
+    plugins = tmp_path / "plugins" / "notifiers"
+    plugins.mkdir(parents=True)
+    shutil.copy(REPO / "plugins" / "notifiers" / "telegram.py", plugins / "telegram.py")
+    h = host_factory()
+    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["status"] == "running")
+    assert h.post(alert()).status_code == 200
+    assert h.client.post("/telegram/webhook", json={}).status_code == 404
