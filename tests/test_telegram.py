@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SECRET, alert, wait_for
-from fake_telegram import TOKEN, FakeTelegram
+from host.sim.telegram_api import TOKEN, FakeTelegram
 from host.broker_session import set_session_state
 from host.market import IST
 
@@ -138,6 +138,18 @@ def test_429_retry_after_is_obeyed(tghost, tg):
     (refused_at, text), (again_at, again) = after[0], after[1]
     assert again == text and again_at - refused_at >= 2.0  # the same message, after the wait it was told
     assert [t for _, t in after].count(text) == 2  # refused once, delivered once
+
+
+def test_a_refused_message_is_logged_and_the_next_one_still_goes(tghost, tg, caplog):
+    h = tghost()
+    caplog.set_level(logging.ERROR, logger="notifier.telegram")
+    time.sleep(1.1)
+    tg.bad_next = 1
+    h.post(alert())
+    wait_for(lambda: "Telegram refused a message" in caplog.text, timeout=5)
+    h.post(alert(strategy="next"))
+    said(tg, "(next, order")
+    assert h.api("/api/notifiers").get_json()["items"][0]["status"] == "running"
 
 
 @pytest.mark.slow

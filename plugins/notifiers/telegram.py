@@ -91,7 +91,8 @@ def render(event: dict, link: Callable[[str], str]) -> Optional[tuple[str, str]]
         lines += summary_lines(event["data"])
     else:
         lines.append(esc(event["message"]))
-    if category == "broker" and event["kind"].startswith("broker_session") and event["kind"] != "broker_session_valid":
+    needs_login = (event["kind"].startswith("broker_session") or event["kind"] == "preopen_check")
+    if needs_login and event["kind"] != "broker_session_valid" and event["severity"] != "info":
         lines.append(f'<a href="{esc(link("/broker"))}">Connect broker</a>')
     return category, "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""A fake Telegram Bot API server on loopback, for the real python-telegram-bot (its `base_url`).
+"""A fake Telegram Bot API server on loopback, for the real python-telegram-bot (its `base_url`): tests and benches.
 
 It keeps what the bot sent, serves updates to getUpdates with Telegram's offset rules (an update
 is confirmed by a later offset, and is served again until then), and can fail: an outage (502),
@@ -28,6 +28,8 @@ class FakeTelegram:
         self.next_message = 1
         self.down_until = 0.0             # before this monotonic time every call gets 502
         self.retry_after: list[int] = []  # the next sendMessage calls get 429 with these retry_after values
+        self.slow_s = 0.0                 # every sendMessage answers this late
+        self.bad_next = 0                 # the next sendMessage calls get 400 Bad Request
         self.pollers = 0
         self.conflicts = 0
         self.webhook: Optional[dict] = None
@@ -111,6 +113,11 @@ class FakeTelegram:
             return 502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}
         with self.lock:
             self.calls.append((time.monotonic(), method, params))
+        if method == "sendMessage" and self.slow_s:
+            time.sleep(self.slow_s)
+        if method == "sendMessage" and self.bad_next:
+            self.bad_next -= 1
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: can't parse entities"}
         if method == "sendMessage" and self.retry_after:
             wait = self.retry_after.pop(0)
             return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {wait}",
