@@ -5,12 +5,12 @@ import logging
 import re
 import shutil
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from conftest import SECRET, alert, wait_for
+from conftest import alert, wait_for
 from host.sim.telegram_api import TOKEN, FakeTelegram
 from host.broker_session import set_session_state
 from host.market import IST
@@ -83,9 +83,7 @@ def test_messages_for_each_event(tghost, tg, tmp_path):
     # plugins: a broken strategy file, then a disabled strategy
     (tmp_path / "plugins" / "strategies" / "broken.py").write_text("this is not python\n")
     said(tg, "Plugin failed to load")
-    good = tmp_path / "plugins" / "strategies" / "calm.py"
-    good.write_text("from host import hookimpl\n\n@hookimpl\ndef strategy_meta():\n"
-                    "    return {'name': 'calm', 'version': '1', 'api_version': 1}\n")
+    (tmp_path / "plugins" / "strategies" / "calm.py").write_text(CALM)
     wait_for(lambda: h.api("/api/strategies/calm/disable", "POST").status_code == 200, timeout=5)
     said(tg, "Plugin disabled")
     # the day's summary, once, after DAILY_SUMMARY_TIME on a trading day
@@ -172,8 +170,13 @@ def test_a_30_s_outage_collapses_into_one_notice_and_never_delays_trading(tghost
     assert len(after) <= 3  # the message that was retrying, the notice, maybe one more: not a flood of 12
 
 
-def test_commands_from_the_allowed_user_and_a_stranger(tghost, tg, caplog):
+CALM = ("from host import hookimpl\n\n@hookimpl\ndef strategy_meta():\n"
+        "    return {'name': 'calm', 'version': '1', 'api_version': 1}\n")
+
+
+def test_commands_from_the_allowed_user_and_a_stranger(tghost, tg, caplog, tmp_path):
     h = tghost()
+    (tmp_path / "plugins" / "strategies" / "calm.py").write_text(CALM)
     caplog.set_level(logging.WARNING, logger="notifier.telegram")
     tg.push_message("/halt", STRANGER, CHAT, username="mallory")
     tg.push_message("/halt", USER, 999)  # an allowed user, but in another chat
@@ -189,10 +192,18 @@ def test_commands_from_the_allowed_user_and_a_stranger(tghost, tg, caplog):
     assert any(e["kind"] == "telegram_command" and "/halt by telegram:@trader (42)" in e["message"] for e in events)
     assert any(e["kind"] == "trading_state" and "by telegram:@trader (42)" in e["message"] for e in events)
     for command, needle in (("/pnl", "Day PnL"), ("/positions", "No open positions"), ("/orders", "No orders"),
-                            ("/risk", "<b>Risk</b>"), ("/strategies", "No strategies"), ("/nope", "Unknown command"),
+                            ("/risk", "<b>Risk</b>"), ("/strategies", "• calm v1 g1 <b>running</b>"), ("/nope", "Unknown command"),
                             ("/disable", "Usage: /disable"), ("/disable ghost", "Not done: no strategy named")):
         tg.push_message(command, USER, CHAT)
         said(tg, needle)
+    wait_for(lambda: h.api("/api/strategies").get_json()["items"], timeout=5)
+    for command, needle, status in (("/disable calm", "calm</b>: disabled", "disabled"),
+                                    ("/enable calm", "calm</b>: enabled", "running"),
+                                    ("/reload calm", "calm</b>: reloaded", "running")):
+        tg.push_message(command, USER, CHAT)
+        said(tg, needle)
+        assert h.api("/api/strategies").get_json()["items"][0]["status"] == status
+    assert h.api("/api/strategies").get_json()["items"][0]["generation"] == 3  # enable and reload load it again
     tg.push_message("/resume", USER, CHAT)
     said(tg, "Trading state is now <b>active</b>")
     assert h.post(alert()).status_code == 200

@@ -29,6 +29,7 @@ from host.display import inr, ist, qty
 
 VERSION = "1.0"
 SEVERITY = {"info": 0, "warning": 1, "error": 2}
+PLUGIN_ACTIONS = ("reload", "disable", "enable")  # /reload <strategy> and so on
 QUEUE_MAX = 200               # messages waiting; more are counted as dropped
 COLLAPSE_AFTER_S = 10.0       # an outage this long: what waited is summed up in one notice, not replayed
 BACKOFF_S = (1, 2, 4, 8, 15)  # between attempts while Telegram is unreachable
@@ -423,6 +424,9 @@ class TelegramNotifier:
             return
         word, *args = msg.text.split()
         command = word[1:].split("@")[0].lower()
+        if command in PLUGIN_ACTIONS:
+            await self._plugin(msg.from_user, args, command)
+            return
         handler = getattr(self, f"cmd_{command}", None)
         if handler is None:
             await self._send(f"Unknown command {esc(word)}. Commands:\n{HELP}")
@@ -515,15 +519,6 @@ class TelegramNotifier:
         result = await self._control(user, f"/{action} {args[0]}", "plugin",
                                      {"kind": "strategy", "name": args[0], "action": action})
         await self._reply_result(result, f"Strategy <b>{esc(args[0])}</b>: {action}{'ed' if action == 'reload' else 'd'}.")
-
-    async def cmd_reload(self, user: Any, args: list) -> None:
-        await self._plugin(user, args, "reload")
-
-    async def cmd_disable(self, user: Any, args: list) -> None:
-        await self._plugin(user, args, "disable")
-
-    async def cmd_enable(self, user: Any, args: list) -> None:
-        await self._plugin(user, args, "enable")
 
     async def cmd_exitall(self, user: Any, args: list) -> None:
         """Ask first, with buttons that expire."""
