@@ -7,13 +7,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
 import sqlite_utils
 
 from . import guard
+from .broker_session import load_token
 from .inbox import Inbox
 from .instruments import check_order
 from .market import IST
@@ -255,6 +256,20 @@ class Engine:
                    f"pre-open check: the broker session is NOT valid ({why}): log in at /broker/login before the open")
         self.storage.write(lambda db: Storage.add_event(db, "preopen_check", message, "info" if valid else "error",
                                                         data={"valid": valid, "login": "/broker/login"}))
+        opened = self._session_opened_on()
+        if valid and opened is not None and opened < day:
+            self.storage.write(lambda db: Storage.add_event(
+                db, "broker_session_expiring", f"the broker session still answers but was opened on {opened}; "
+                "Shoonya sessions end daily: log in again at /broker/login before the open", "warning",
+                data={"opened": opened.isoformat(), "login": "/broker/login"}))
+
+    def _session_opened_on(self) -> Optional[date]:
+        """The day (Asia/Kolkata) the saved broker token was obtained, if a token was saved by a login."""
+        token = load_token(self.data_dir) if self.data_dir is not None else None
+        try:
+            return datetime.fromisoformat(token["saved_at"]).astimezone(IST).date() if token else None
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def _clock(self) -> None:
         now = self.now().astimezone(IST)

@@ -259,6 +259,19 @@ def test_the_pre_open_check_says_when_the_session_is_not_valid(live, sim):
     assert [e["kind"] for e in live.api("/api/events").get_json()["items"]].count("preopen_check") == 1
 
 
+def test_the_pre_open_check_warns_of_a_session_from_an_earlier_day(live, sim):
+    from datetime import datetime, time as dtime, timedelta, timezone
+    from host.market import IST, MarketClock
+    login(live, sim)  # today's token: valid now, and the simulator keeps it valid tomorrow too
+    day = datetime.now(IST).date() + timedelta(days=1)
+    while not MarketClock().is_trading_day(day):
+        day += timedelta(days=1)
+    live.runtime.clock_offset = datetime.combine(day, dtime(9, 1), IST) - datetime.now(timezone.utc)
+    warning = wait_for(lambda: next((e for e in live.api("/api/events").get_json()["items"]
+                                     if e["kind"] == "broker_session_expiring"), None), timeout=4)
+    assert warning["severity"] == "warning" and "log in again at /broker/login" in warning["message"]
+
+
 def test_the_access_token_never_reaches_the_log(live, sim, caplog):
     import logging
     with caplog.at_level(logging.DEBUG):

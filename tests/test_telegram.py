@@ -309,3 +309,23 @@ def test_without_a_token_the_plugin_idles_and_the_host_runs(host_factory, tmp_pa
     wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["status"] == "running")
     assert h.post(alert()).status_code == 200
     assert h.client.post("/telegram/webhook", json={}).status_code == 404
+
+
+def test_render_titles_links_and_what_is_never_sent():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("telegram_plugin_render", REPO / "plugins/notifiers/telegram.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    link = lambda path: "https://h.example" + path  # noqa: E731
+
+    def ev(kind, severity="info", message="m", strategy=None):
+        return {"kind": kind, "severity": severity, "message": message, "strategy": strategy, "data": None}
+    category, text = plugin.render(ev("broker_session_expiring", "warning"), link)
+    assert category == "broker" and "Broker session expiring" in text and 'href="https://h.example/broker"' in text
+    assert "href" in plugin.render(ev("preopen_check", "error"), link)[1]
+    assert "href" not in plugin.render(ev("preopen_check", "info"), link)[1]
+    assert "href" not in plugin.render(ev("broker_session_valid"), link)[1]
+    assert plugin.render(ev("order_partial", strategy="s&p"), link) == ("orders", "ℹ️ <b>Partially filled</b> · s&amp;p\nm")
+    assert plugin.render(ev("risk_square_off", "warning"), link)[0] == "risk"  # a prefix finds new kinds
+    for quiet in ("login", "telegram_command", "instruments"):
+        assert plugin.render(ev(quiet), link) is None

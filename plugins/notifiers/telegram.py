@@ -45,6 +45,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "login_failed": ("system", "Dashboard login failed"),
     "broker_session_valid": ("broker", "Broker session restored"),
     "broker_session_expired": ("broker", "Broker session lost"),
+    "broker_session_expiring": ("broker", "Broker session expiring"),
     "broker_session_": ("broker", "Broker session"), "preopen_check": ("broker", "Pre-open check"),
     "feed_": ("broker", "Broker feed"),
     "alert_duplicate": ("alerts", "Alert not executed: duplicate"), "alert_blocked": ("alerts", "Alert blocked by the guard"),
