@@ -191,6 +191,21 @@ def test_panels_filter_and_paginate(dash):
     assert dash.client.get("/panel/nothing").status_code == 404
 
 
+def test_a_runaway_client_is_slowed_but_an_open_page_is_not(dash, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(security.time, "monotonic", lambda: clock[0])
+    limiter = security.RefreshLimiter(rate_per_s=20, burst=40)
+    assert all(limiter.allow("s") for _ in range(40)) and not limiter.allow("s")  # a burst of 40, then none
+    assert limiter.allow("other")  # each session has its own bucket
+    clock[0] += 0.5
+    assert sum(limiter.allow("s") for _ in range(20)) == 10  # 20 a second come back
+    clock[0] += 1.0
+    assert sum(limiter.allow("s") for _ in range(5)) == 5  # an open page (~3 a second) is never slowed
+    dash.app.extensions["panel_limiter"] = security.RefreshLimiter(rate_per_s=1, burst=2)
+    codes = [dash.client.get("/panel/events").status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+
 def test_alert_decision_trail_names_the_reason(dash):
     dash.post(alert(strategy="trail"))
     dash.settle()

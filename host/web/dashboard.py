@@ -46,6 +46,12 @@ def require_session() -> Optional[Response]:
         problem = security.csrf_problem()
         if problem:
             return _refused(403, problem)
+    if request.endpoint == "dashboard.panel" and security.logged_in():
+        limiter = current_app.extensions["panel_limiter"]
+        if not limiter.allow(security.csrf_token()):
+            return Response("too many refreshes from this session: slow down", 429, mimetype="text/plain",
+                            headers={"Retry-After": "1"})
+        return None
     if request.endpoint == "dashboard.login" or security.logged_in():
         return None
     if request.endpoint == "dashboard.panel":
@@ -348,4 +354,5 @@ def plugin_control(kind: str, name: str, action: str) -> Response:
 
 def init_app(app: Any) -> None:
     app.register_blueprint(bp)
+    app.extensions["panel_limiter"] = security.RefreshLimiter()
     app.jinja_env.globals["json_dumps"] = lambda v: json.dumps(v, default=str)

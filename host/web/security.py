@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
@@ -109,6 +110,27 @@ def csrf_problem() -> Optional[str]:
         return (f"CSRF token missing or wrong: expected the page's token in the {CSRF_FIELD!r} field or the "
                 f"{CSRF_HEADER} header; reload the page and try again")
     return None
+
+
+# ---- how fast one session may refresh panels ----
+class RefreshLimiter:
+    """A token bucket per session: an open page needs ~3 panels a second; a runaway client is slowed
+    with 429 so that it cannot crowd out the engine (they share the process)."""
+
+    def __init__(self, rate_per_s: float = 20.0, burst: float = 40.0):
+        self.rate, self.burst = rate_per_s, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if len(self._buckets) > 1000:  # old sessions: forget them
+                self._buckets.clear()
+            self._buckets[key] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
+            return tokens >= 1
 
 
 # ---- login lockout (shared by every worker through the database) ----
