@@ -173,7 +173,5 @@ def password_ok(given: str, expected: str) -> bool:
 
 
 def mask(secret: Optional[str]) -> str:
-    """A secret as the user may see it: only that one is set, and its last 2 characters."""
-    if not secret:
-        return "not set"
-    return "•" * 8 + (secret[-2:] if len(secret) >= 16 else "")
+    """A secret as the user may see it: whether it is set, and nothing of it."""
+    return "•" * 8 + " (set)" if secret else "not set"

@@ -463,27 +463,23 @@ class TelegramNotifier:
         lines += [f"• {esc(k)} {esc(inr(v, signed=True))}" for k, v in sorted(by.items())]
         await self._send("\n".join(lines))
 
+    async def _listing(self, title: str, rows: list, line: Callable[[dict], str], empty: str) -> None:
+        """A bold title and a line per row, or what to say when there are none."""
+        await self._send("\n".join([f"<b>{title}</b>"] + [f"• {line(r)}" for r in rows]) if rows else empty)
+
     async def cmd_positions(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.positions)
-        if not rows:
-            await self._send("No open positions.")
-            return
-        lines = ["<b>Open positions</b>"]
-        lines += [f"• {esc(p['strategy'])} {esc(p['exchange'])}:{esc(p['symbol'])} {esc(qty(p['net_qty']))} "
-                  f"@ {esc(inr(p['avg_price']))} · LTP {esc(inr(p['ltp']))} · "
-                  f"{esc(inr(p['realized_pnl'] + p['unrealized_pnl'], signed=True))}" for p in rows[:30]]
-        await self._send("\n".join(lines))
+        await self._listing("Open positions", rows[:30], lambda p: (
+            f"{esc(p['strategy'])} {esc(p['exchange'])}:{esc(p['symbol'])} {esc(qty(p['net_qty']))} "
+            f"@ {esc(inr(p['avg_price']))} · LTP {esc(inr(p['ltp']))} · "
+            f"{esc(inr(p['realized_pnl'] + p['unrealized_pnl'], signed=True))}"), "No open positions.")
 
     async def cmd_orders(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.orders, 10)
-        if not rows:
-            await self._send("No orders yet.")
-            return
-        lines = ["<b>Latest orders</b>"]
-        lines += [f"• {esc(ist(o['created_at']))} {esc(o['strategy'])} {esc(o['side'])} {esc(o['qty'])} "
-                  f"{esc(o['symbol'])} <b>{esc(o['status'])}</b> {esc(o['filled_qty'])}/{esc(o['qty'])}"
-                  + (f" — {esc(o['reason'])}" if o["reason"] else "") for o in rows]
-        await self._send("\n".join(lines))
+        await self._listing("Latest orders", rows, lambda o: (
+            f"{esc(ist(o['created_at']))} {esc(o['strategy'])} {esc(o['side'])} {esc(o['qty'])} "
+            f"{esc(o['symbol'])} <b>{esc(o['status'])}</b> {esc(o['filled_qty'])}/{esc(o['qty'])}"
+            + (f" — {esc(o['reason'])}" if o["reason"] else "")), "No orders yet.")
 
     async def cmd_risk(self, user: Any, args: list) -> None:
         r = await self._blocking(self.ctx.host.risk)
@@ -495,10 +491,9 @@ class TelegramNotifier:
 
     async def cmd_strategies(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.strategies)
-        lines = ["<b>Strategies</b>"] + [f"• {esc(p['name'])} v{esc(p['version'] or '—')} g{p['generation']} "
-                                         f"<b>{esc(p['status'])}</b>" + (f" — {esc(p['error'])}" if p["error"] else "")
-                                         for p in rows]
-        await self._send("\n".join(lines) if rows else "No strategies.")
+        await self._listing("Strategies", rows, lambda p: (
+            f"{esc(p['name'])} v{esc(p['version'] or '—')} g{p['generation']} <b>{esc(p['status'])}</b>"
+            + (f" — {esc(p['error'])}" if p["error"] else "")), "No strategies.")
 
     async def _set_state(self, user: Any, mode: str, word: str) -> None:
         result = await self._control(user, f"/{word}", "halt", {"mode": mode, "reason": f"/{word} from Telegram"})
