@@ -118,6 +118,7 @@ class Engine:
         self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
         self.preopen: Any = None  # live mode: the time of the daily session check
         self.summary_time: Any = None  # the time of the daily summary (DAILY_SUMMARY_TIME)
+        self._summary_day: Optional[str] = None  # the last day a summary went out
         self._preopen_day: Any = None
         self.gateway_call: Callable[..., Any] = lambda what, fn: fn()
         self.data_dir: Any = None
@@ -281,9 +282,13 @@ class Engine:
     def _daily_summary(self, now: datetime) -> None:
         """Once per trading day, after DAILY_SUMMARY_TIME: the day in numbers, as an event."""
         day = now.date()
-        if (self.summary_time is None or now.time() < self.summary_time or not self.gate.clock.is_trading_day(day)
-                or self.storage.get_state(SUMMARY_KEY) == day.isoformat()):
+        if self.summary_time is None or now.time() < self.summary_time or not self.gate.clock.is_trading_day(day):
             return
+        if self._summary_day is None:  # read once; kept in memory after that
+            self._summary_day = self.storage.get_state(SUMMARY_KEY) or ""
+        if self._summary_day == day.isoformat():
+            return
+        self._summary_day = day.isoformat()
         s = views.day_summary(self.storage, self.gate)
         filled, rejected = s["orders"].get("FILLED", 0), s["orders"].get("REJECTED", 0)
         refused = sum(n for k, n in s["alerts"].items() if k not in ("accepted", "received"))
