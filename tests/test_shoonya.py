@@ -245,30 +245,28 @@ def test_a_failed_symbol_download_keeps_the_last_copy(sim, tmp_path):
     assert len(empty.refresh()) == 0 and "lot and tick checks are off" in empty.problems[0]
 
 
-def test_the_pre_open_check_says_when_the_session_is_not_valid(live, sim):
+def _next_preopen_event(live, kind: str) -> dict:
+    """Move the host's clock to 09:01 IST on the next trading day; the first event of that kind."""
     from datetime import datetime, time as dtime, timedelta, timezone
     from host.market import IST, MarketClock
     day = datetime.now(IST).date() + timedelta(days=1)
     while not MarketClock().is_trading_day(day):
         day += timedelta(days=1)
     live.runtime.clock_offset = datetime.combine(day, dtime(9, 1), IST) - datetime.now(timezone.utc)
-    check = wait_for(lambda: next((e for e in live.api("/api/events").get_json()["items"]
-                                   if e["kind"] == "preopen_check"), None), timeout=4)
+    return wait_for(lambda: next((e for e in live.api("/api/events").get_json()["items"]
+                                  if e["kind"] == kind), None), timeout=4)
+
+
+def test_the_pre_open_check_says_when_the_session_is_not_valid(live, sim):
+    check = _next_preopen_event(live, "preopen_check")
     assert "NOT valid" in check["message"] and "/broker/login" in check["message"]
     time.sleep(1.5)  # once a day, not once a second
     assert [e["kind"] for e in live.api("/api/events").get_json()["items"]].count("preopen_check") == 1
 
 
 def test_the_pre_open_check_warns_of_a_session_from_an_earlier_day(live, sim):
-    from datetime import datetime, time as dtime, timedelta, timezone
-    from host.market import IST, MarketClock
     login(live, sim)  # today's token: valid now, and the simulator keeps it valid tomorrow too
-    day = datetime.now(IST).date() + timedelta(days=1)
-    while not MarketClock().is_trading_day(day):
-        day += timedelta(days=1)
-    live.runtime.clock_offset = datetime.combine(day, dtime(9, 1), IST) - datetime.now(timezone.utc)
-    warning = wait_for(lambda: next((e for e in live.api("/api/events").get_json()["items"]
-                                     if e["kind"] == "broker_session_expiring"), None), timeout=4)
+    warning = _next_preopen_event(live, "broker_session_expiring")
     assert warning["severity"] == "warning" and "log in again at /broker/login" in warning["message"]
 
 
