@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import sqlite_utils
 
-from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable
+from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable, transport_failure
 from .ids import new_id
 from .models import Intent, OrderRequest, OrderStatus, OrderType, Product, Side
 from .storage import Storage, dec, utcnow
@@ -95,8 +95,8 @@ class BrokerGateway:
             raise UnknownOutcome(f"{self.broker.name} {what} gave no answer within {self.timeout_s:g} s") from None
         except BrokerError:
             raise
-        except Exception as e:  # an adapter bug must not look like a clean answer
-            raise UnknownOutcome(f"{self.broker.name} {what} failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # unclassified: unreachable only if never connected; a bug is never a clean answer
+            raise transport_failure(f"{self.broker.name} {what}", e) from e
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -32,12 +32,17 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
                                      "price": str(fill.price), "at": utcnow()})
         _apply_fill(db, order, fill.qty, fill.price)
         filled = True
-    changed = transition(db, order["id"], update.status, update.reason, filled_qty=update.filled_qty,
-                         avg_price=update.avg_price, broker_order_id=update.broker_order_id, reason=update.reason)
+    # updates can arrive out of order (feed and book): an older one never lowers the fill count;
+    # transition() keeps the status from moving back
+    newer = update.filled_qty >= (order["filled_qty"] or 0)
+    changed = transition(db, order["id"], update.status, update.reason,
+                         filled_qty=update.filled_qty if newer else None, avg_price=update.avg_price if newer else None,
+                         broker_order_id=update.broker_order_id, reason=update.reason)
     if changed and update.status in EVENT_FOR:
         kind, severity = EVENT_FOR[update.status]
-        words = {OrderStatus.FILLED: f"filled {update.filled_qty} @ {update.avg_price}",
-                 OrderStatus.PARTIAL: f"partially filled {update.filled_qty}/{order['qty']} @ {update.avg_price}",
+        now = _order_row(db, order["id"])
+        words = {OrderStatus.FILLED: f"filled {now['filled_qty']} @ {now['avg_price']}",
+                 OrderStatus.PARTIAL: f"partially filled {now['filled_qty']}/{order['qty']} @ {now['avg_price']}",
                  OrderStatus.REJECTED: f"rejected by the broker: {update.reason}",
                  OrderStatus.CANCELLED: f"cancelled: {update.reason}"}[update.status]
         Storage.add_event(db, kind, f"{order['side']} {order['qty']} {order['exchange']}:{order['symbol']} "

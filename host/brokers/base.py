@@ -1,8 +1,12 @@
 """The broker protocol every adapter implements, and its classified failures."""
 from __future__ import annotations
 
+import http.client
+import socket
 from decimal import Decimal
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
+
+from urllib3.exceptions import ConnectTimeoutError, ProtocolError, ReadTimeoutError
 
 from ..models import BrokerOrder, BrokerPosition, OrderRequest
 
@@ -33,6 +37,43 @@ class UnknownOutcome(BrokerError):
     """The request may or may not have reached the broker (timeout, broken reply)."""
 
     kind = "unknown_outcome"
+
+
+# the connection was never made: refused, no such host, no answer to the connect (urllib3's
+# NewConnectionError and NameResolutionError are ConnectTimeoutErrors)
+_NOT_CONNECTED = (ConnectTimeoutError, ConnectionRefusedError, socket.gaierror)
+# the connection was made and the request may have been written: reset, closed, no reply in time
+_MAYBE_SENT = (ProtocolError, ReadTimeoutError, http.client.HTTPException, ConnectionResetError, BrokenPipeError)
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """e and everything it wraps (requests wraps urllib3, which wraps the socket's error)."""
+    seen: set[int] = set()
+    stack: list[object] = [e]
+    while stack:
+        x = stack.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        stack.extend((x.__cause__, x.__context__, getattr(x, "reason", None), *x.args))
+
+
+def transport_failure(what: str, e: BaseException) -> BrokerError:
+    """Classify an exception from a broker call that got no answer.
+
+    Unreachable only when the connection was certainly never made, so the request cannot have
+    arrived. Anything else (a reset or close after the request was written, a read timeout, an
+    error we do not know) is an unknown outcome: the broker may have booked the order.
+    """
+    if isinstance(e, BrokerError):
+        return e
+    causes = list(_causes(e))
+    if any(isinstance(c, _NOT_CONNECTED) for c in causes) and not any(isinstance(c, _MAYBE_SENT) for c in causes):
+        return Unreachable(f"{what}: could not connect to the broker ({type(e).__name__})")
+    if any(isinstance(c, (ReadTimeoutError, socket.timeout)) for c in causes):
+        return UnknownOutcome(f"{what}: no answer in time; the broker may have received it")
+    return UnknownOutcome(f"{what} failed after it may have reached the broker ({type(e).__name__}: {e})")
 
 
 class Broker(Protocol):

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any, Callable, Optional
 
 import requests
@@ -19,12 +20,16 @@ import requests
 from ..instruments import Instruments
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
 from ..pricing import DEFAULT_TICK, protected_limit
-from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable
+from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, transport_failure
 
 log = logging.getLogger(__name__)
 RECONNECT_HINT = "broker session expired — reconnect at /broker/login"
 STATUS = {"COMPLETE": OrderStatus.FILLED, "REJECTED": OrderStatus.REJECTED, "CANCELED": OrderStatus.CANCELLED,
           "CANCELLED": OrderStatus.CANCELLED, "EXPIRED": OrderStatus.CANCELLED}
+PRODUCTS = frozenset(p.value for p in Product)
+# SEBI's retail-algo rule: fewer than 10 orders a second in each exchange segment (Noren's `exch`:
+# NSE, NFO, BSE, BFO, MCX, CDS...); evenly spaced at 8, network jitter cannot bunch 10 into a second
+SEGMENT_ORDERS_PER_S = 8.0
 
 
 class TimeoutRequests:
@@ -60,18 +65,18 @@ class TimeoutRequests:
 
 
 class RateLimiter:
-    """At most `rate` calls per second, spaced evenly (the broker limits orders per second)."""
+    """At most `rate` calls per second for each key (an exchange segment), spaced evenly."""
 
     def __init__(self, rate: float):
         self.interval = 1.0 / rate if rate > 0 else 0.0
-        self._next = 0.0
+        self._next: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, key: str = "") -> None:
         with self._lock:
             now = time.monotonic()
-            at = max(now, self._next)
-            self._next = at + self.interval
+            at = max(now, self._next.get(key, 0.0))
+            self._next[key] = at + self.interval
         if at > now:
             time.sleep(at - now)
 
@@ -122,18 +127,23 @@ class ShoonyaBroker:
     name = "shoonya"
 
     def __init__(self, api_url: str, ws_url: str, instruments: Instruments, protection_pct: Decimal,
-                 timeout_s: float = 5.0, orders_per_s: float = 10.0,
+                 timeout_s: float = 5.0, orders_per_s: float = SEGMENT_ORDERS_PER_S, algo_id: str = "",
                  on_session: Callable[[str, str], None] = lambda state, why: None):
         from NorenRestApiPy.NorenApi import NorenApi
         self.http = install_requests(timeout_s)
         self.api = NorenApi(host=api_url, websocket=ws_url)
         self.instruments = instruments
         self.protection_pct = protection_pct
-        self.limiter = RateLimiter(orders_per_s)
+        self.limiter = RateLimiter(orders_per_s)  # per exchange segment
+        self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
         self.on_session = on_session  # ("valid" | "expired", why)
         self.uid: Optional[str] = None
         self._ltp: dict[tuple[str, str], Decimal] = {}
         self._on_update: Optional[Callable[[BrokerOrder], None]] = None
+        # rows of the last read of each book whose product we do not trade (cover H, bracket B, ...):
+        # shown here, never fatal; a warning is logged once per instrument and product
+        self.unknown_products: dict[str, list[dict]] = {"positions": [], "orders": [], "trades": []}
+        self._unknown_warned: set[tuple[str, str, str]] = set()
 
     # ---- session ----
     def use_token(self, token: str, uid: str, actid: Optional[str] = None) -> None:
@@ -167,8 +177,9 @@ class ShoonyaBroker:
             if ltp is None:
                 raise Rejected(f"no last price for {req.exchange}:{req.symbol}: a market order cannot be protected")
             req = replace(req, order_type=OrderType.LMT, price=protected_limit(req.side, ltp, self.protection_pct, tick))
-        self.limiter.wait()
-        reply = self._call("place_order", self.api.place_order, "B" if req.side is Side.BUY else "S",
+        self.limiter.wait(req.exchange)
+        reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
+                           "B" if req.side is Side.BUY else "S",
                            req.product.value, req.exchange, req.symbol, req.qty, 0, req.order_type.value,
                            str(req.price) if req.price is not None else "0",  # the library sends str(price):
                            str(req.trigger_price) if req.trigger_price is not None else None,  # no floats
@@ -182,8 +193,11 @@ class ShoonyaBroker:
 
     def order_book(self) -> list[BrokerOrder]:
         rows = self._list("get_order_book", self.api.get_order_book)
+        self._note_unknown_products("orders", rows)
+        trades = self._list("get_trade_book", self.api.get_trade_book)
+        self._note_unknown_products("trades", trades)
         fills: dict[str, list[FillReport]] = {}
-        for t in self._list("get_trade_book", self.api.get_trade_book):
+        for t in trades:
             price = _dec(t.get("flprc"))
             if t.get("flid") and price is not None:
                 fills.setdefault(str(t["norenordno"]), []).append(FillReport(str(t["flid"]), _int(t.get("flqty")), price))
@@ -191,7 +205,7 @@ class ShoonyaBroker:
 
     def positions(self) -> list[BrokerPosition]:
         out = []
-        for r in self._list("get_positions", self.api.get_positions):
+        for r in self._note_unknown_products("positions", self._list("get_positions", self.api.get_positions)):
             try:
                 out.append(BrokerPosition(r["exch"], r["tsym"], Product(r["prd"]), _int(r.get("netqty")),
                                           _dec(r.get("netavgprc")) or Decimal("0"), _dec(r.get("rpnl")) or Decimal("0")))
@@ -206,6 +220,21 @@ class ShoonyaBroker:
         return self._ltp.get((exchange, symbol))
 
     # ---- plumbing ----
+    def _note_unknown_products(self, book: str, rows: list[dict]) -> list[dict]:
+        """Record the rows whose `prd` is not one of ours; return the others."""
+        known, unknown = [], []
+        for r in rows:
+            (known if r.get("prd") in PRODUCTS else unknown).append(r)
+        self.unknown_products[book] = unknown
+        for r in unknown:
+            key = (str(r.get("exch")), str(r.get("tsym")), str(r.get("prd")))
+            if key not in self._unknown_warned:
+                self._unknown_warned.add(key)
+                log.warning("%s:%s has product %r in the broker's %s (a cover or bracket order, or a product this "
+                            "host does not trade): shown as the broker has it, left out of the strategies' positions "
+                            "and the risk PnL", key[0], key[1], key[2], book)
+        return known
+
     def _quote(self, exchange: str, symbol: str) -> Optional[Decimal]:
         inst = self.instruments.get(exchange, symbol)
         if inst is None:
@@ -229,14 +258,8 @@ class ShoonyaBroker:
         """Call the library; turn None, timeouts and odd replies into classified errors."""
         try:
             result = fn(*args)
-        except requests.exceptions.ConnectTimeout as e:
-            raise Unreachable(f"{what}: could not connect in time ({e})") from None
-        except requests.exceptions.ConnectionError as e:
-            if "Read timed out" in str(e) or isinstance(e, requests.exceptions.ReadTimeout):
-                raise UnknownOutcome(f"{what}: no answer in time") from None
-            raise Unreachable(f"{what}: {type(e).__name__}") from None
-        except requests.exceptions.Timeout:
-            raise UnknownOutcome(f"{what}: no answer within {self.http.timeout_s:g} s") from None
+        except requests.exceptions.RequestException as e:  # unreachable only if it never connected
+            raise transport_failure(what, e) from None
         except ValueError:  # the library's json.loads on a reply that is not JSON
             last = self.http.last
             status = last.status_code if last is not None else "?"
