@@ -146,5 +146,21 @@ def sim():
     s.stop()
 
 
+def noren_login(sim, uid: str = "FA1"):
+    """The real NorenRestApiPy library, logged in to the simulator with a new session."""
+    from NorenRestApiPy.NorenApi import NorenApi
+    token = sim.sim.new_session(uid)
+    a = NorenApi(host=sim.api_url, websocket=sim.ws_url)
+    a.injectOAuthHeader(token, uid, uid)
+    a.set_credentials(token, uid, uid)
+    return a
+
+
+@pytest.fixture
+def noren_api(sim):
+    """The real NorenRestApiPy library, logged in to the `sim` simulator."""
+    return noren_login(sim)
+
+
 def D(v: Any) -> Decimal:
     return Decimal(str(v))

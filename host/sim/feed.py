@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection, serve
 
 from ..models import BrokerOrder
-from .server import NorenSim, order_update
+from .server import NorenSim, order_update, quote_fields
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,14 @@ class FeedServer:
             client.send({"t": "ok"})
 
     def _quote(self, kind: str, exchange: str, token: str) -> dict:
+        """The subscription's acknowledgement: the contract, its circuit limits and previous close when known,
+        and its last price only if it has traded today."""
         inst = self.sim.instruments.token(exchange, token)
         ltp = self.sim.engine.ltp(exchange, inst.symbol) if inst else None
         msg = {"t": kind, "e": exchange, "tk": token}
         if inst is not None:
-            msg.update(ts=inst.symbol, ls=str(inst.lot_size), ti=str(inst.tick_size))
+            q = quote_fields(self.sim, inst)
+            msg.update(ts=inst.symbol, ls=q["ls"], ti=q["ti"], **{k: q[k] for k in ("c", "lc", "uc") if k in q})
         if ltp is not None:
             msg["lp"] = str(ltp)
         return msg

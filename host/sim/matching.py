@@ -1,22 +1,30 @@
-"""The simulator's matching engine: LTP-driven fills for MKT, LMT, SL-LMT and SL-MKT orders."""
+"""The simulator's matching engine: LTP-driven fills for MKT, LMT, SL-LMT and SL-MKT orders.
+
+It keeps one trading day, as Noren does: `new_day` empties the order and trade books, carries NRML positions
+forward at the previous close, moves CNC buys to holdings, and squares off intraday products first. Cover (H)
+and bracket (B) orders get their stop-loss (and target) legs once the main leg fills. `remarks` is free text:
+the same remarks on two orders books two orders.
+"""
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Optional
 
 import sqlite_utils
 
-from ..models import BrokerOrder, FillReport, OrderRequest, OrderStatus, OrderType, Side
+from ..models import BrokerOrder, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
 from ..positions import PositionMath
 from ..pricing import tidy
 
 UpdateListener = Callable[[BrokerOrder], None]
+INTRADAY = ("I", "H", "B")  # squared off by the broker before the close: MIS, cover, bracket
 
 
 class SimRejected(Exception):
@@ -33,6 +41,14 @@ class SimOrder:
     value: Decimal = Decimal("0")
     reason: Optional[str] = None
     fills: list[FillReport] = field(default_factory=list)
+    prd: Optional[str] = None       # "H" (cover) or "B" (bracket); None: req.product
+    parent: Optional[str] = None    # a cover/bracket leg: the main order's id
+    leg: str = ""                   # "" main, "SL" stop-loss leg, "TGT" target leg
+    offsets: tuple[Optional[Decimal], Optional[Decimal]] = (None, None)  # (blprc, bpprc) points from the fill
+
+    @property
+    def product_code(self) -> str:
+        return self.prd or self.req.product.value
 
     @property
     def remaining(self) -> int:
@@ -51,16 +67,18 @@ class SimOrder:
             "price": _s(r.price), "trigger_price": _s(r.trigger_price), "status": self.status.value,
             "triggered": self.triggered, "filled_qty": self.filled_qty, "value": str(self.value),
             "reason": self.reason, "fills": [[f.fill_id, f.qty, str(f.price)] for f in self.fills],
+            "prd": self.prd, "parent": self.parent, "leg": self.leg, "offsets": [_s(v) for v in self.offsets],
         })
 
     @classmethod
     def from_json(cls, text: str) -> "SimOrder":
-        from ..models import Product
         d = json.loads(text)
         req = OrderRequest(d["exchange"], d["symbol"], Side(d["side"]), d["qty"], OrderType(d["order_type"]),
                            Product(d["product"]), _d(d["price"]), _d(d["trigger_price"]), remarks=d["remarks"])
+        offsets = d.get("offsets") or [None, None]
         return cls(d["id"], req, OrderStatus(d["status"]), d["triggered"], d["filled_qty"], Decimal(d["value"]),
-                   d["reason"], [FillReport(f[0], f[1], Decimal(f[2])) for f in d["fills"]])
+                   d["reason"], [FillReport(f[0], f[1], Decimal(f[2])) for f in d["fills"]], d.get("prd"),
+                   d.get("parent"), d.get("leg", ""), (_d(offsets[0]), _d(offsets[1])))
 
 
 def _s(v: Optional[Decimal]) -> Optional[str]:
@@ -71,16 +89,39 @@ def _d(v: Optional[str]) -> Optional[Decimal]:
     return None if v is None else Decimal(v)
 
 
+@dataclass
+class PositionRow:
+    """One row of the broker's position book: the carried quantity, today's buys and sells, the net."""
+
+    cf_qty: int = 0                      # carried from the previous day (signed)
+    cf_price: Decimal = Decimal("0")     # at the previous close (Noren's upldprc)
+    day_buy_qty: int = 0
+    day_buy_amt: Decimal = Decimal("0")
+    day_sell_qty: int = 0
+    day_sell_amt: Decimal = Decimal("0")
+    math: PositionMath = field(default_factory=PositionMath)
+
+    def apply(self, side: Side, qty: int, price: Decimal) -> None:
+        if side is Side.BUY:
+            self.day_buy_qty, self.day_buy_amt = self.day_buy_qty + qty, self.day_buy_amt + qty * price
+        else:
+            self.day_sell_qty, self.day_sell_amt = self.day_sell_qty + qty, self.day_sell_amt + qty * price
+        self.math = self.math.apply(side, qty, price)
+
+
 class MatchingEngine:
-    """A thread-safe order book against last traded prices, optionally persisted to SQLite."""
+    """A thread-safe order book for one trading day against last traded prices, optionally persisted to SQLite."""
 
     def __init__(self, path: Optional[Path] = None):
         self._lock = threading.RLock()
         self._orders: dict[str, SimOrder] = {}
-        self._by_remarks: dict[str, str] = {}
+        self._by_remarks: dict[str, list[str]] = {}
         self._ltp: dict[tuple[str, str], Decimal] = {}
         self._listeners: list[UpdateListener] = []
         self._seq = 0
+        self.day: date = date.today()
+        self.carry: dict[tuple[str, str, str], tuple[int, Decimal]] = {}   # NRML carried: (net qty, upload price)
+        self.holdings: dict[tuple[str, str], tuple[int, Decimal]] = {}     # CNC delivered: (qty, average price)
         # fault controls for tests
         self.reject_next: Optional[str] = None
         self.delay_next_s: float = 0.0
@@ -95,16 +136,22 @@ class MatchingEngine:
             self._db["sim_orders"].create({"id": str, "data": str}, pk="id", if_not_exists=True)
             self._db["sim_ltp"].create({"exchange": str, "symbol": str, "ltp": str},
                                        pk=("exchange", "symbol"), if_not_exists=True)
+            self._db["sim_state"].create({"key": str, "data": str}, pk="key", if_not_exists=True)
             self._load()
 
     def _load(self) -> None:
         for row in self._db["sim_orders"].rows:
             o = SimOrder.from_json(row["data"])
             self._orders[o.broker_order_id] = o
-            self._by_remarks[o.req.remarks] = o.broker_order_id
+            self._by_remarks.setdefault(o.req.remarks, []).append(o.broker_order_id)
             self._seq = max(self._seq, int(o.broker_order_id[-9:]))
         for row in self._db["sim_ltp"].rows:
             self._ltp[(row["exchange"], row["symbol"])] = Decimal(row["ltp"])
+        state = {row["key"]: json.loads(row["data"]) for row in self._db["sim_state"].rows}
+        if "day" in state:
+            self.day, self._seq = date.fromisoformat(state["day"]["day"]), max(self._seq, state["day"]["seq"])
+        self.carry = {tuple(k.split("|")): (q, Decimal(p)) for k, (q, p) in state.get("carry", {}).items()}
+        self.holdings = {tuple(k.split("|")): (q, Decimal(p)) for k, (q, p) in state.get("holdings", {}).items()}
 
     def _save(self, orders: list[SimOrder], ltp_key: Optional[tuple[str, str]] = None) -> None:
         if self._db is None:
@@ -115,6 +162,18 @@ class MatchingEngine:
             if ltp_key is not None:
                 self._db["sim_ltp"].upsert({"exchange": ltp_key[0], "symbol": ltp_key[1],
                                             "ltp": str(self._ltp[ltp_key])}, pk=("exchange", "symbol"))
+
+    def _save_day(self) -> None:
+        """After a day roll: the books are empty; the day, the carried positions and the holdings are kept."""
+        if self._db is None:
+            return
+        state = {"day": {"day": self.day.isoformat(), "seq": self._seq},
+                 "carry": {"|".join(k): [q, str(p)] for k, (q, p) in self.carry.items()},
+                 "holdings": {"|".join(k): [q, str(p)] for k, (q, p) in self.holdings.items()}}
+        with self._db.atomic():
+            self._db.execute("delete from sim_orders")
+            self._db.execute("delete from sim_ltp")
+            self._db["sim_state"].upsert_all([{"key": k, "data": json.dumps(v)} for k, v in state.items()], pk="key")
 
     def subscribe(self, listener: UpdateListener) -> None:
         """Call listener with every order update (after the lock is released)."""
@@ -130,27 +189,44 @@ class MatchingEngine:
         with self._lock:
             return self._ltp.get((exchange, symbol))
 
+    def forget_ltp(self, exchange: str, symbol: str) -> None:
+        """No trade today in this contract: no last price until the next tick."""
+        with self._lock:
+            self._ltp.pop((exchange, symbol), None)
+            if self._db is not None:
+                self._db.execute("delete from sim_ltp where exchange = ? and symbol = ?", (exchange, symbol))
+
     def set_ltp(self, exchange: str, symbol: str, ltp: Decimal) -> list[BrokerOrder]:
         """Move the market; fill whatever the new price crosses."""
         with self._lock:
             key = (exchange, symbol)
             self._ltp[key] = ltp
-            touched = [o for o in self._orders.values()
-                       if not o.status.terminal and (o.req.exchange, o.req.symbol) == key and self._match(o)]
+            touched = self._settle([o for o in list(self._orders.values())
+                                    if not o.status.terminal and (o.req.exchange, o.req.symbol) == key and self._match(o)])
             self._save(touched, key)
             updates = [o.view() for o in touched]
         self._emit(updates)
         return updates
 
     # ---- orders ----
-    def place(self, req: OrderRequest) -> str:
-        """Accept an order and match it at once if the price allows; return the broker order id."""
+    def _next_id(self) -> str:
+        self._seq += 1
+        return self.day.strftime("%y%m%d") + f"{self._seq:09d}"
+
+    def _add(self, o: SimOrder) -> None:
+        self._orders[o.broker_order_id] = o
+        self._by_remarks.setdefault(o.req.remarks, []).append(o.broker_order_id)
+
+    def place(self, req: OrderRequest, prd: Optional[str] = None,
+              offsets: tuple[Optional[Decimal], Optional[Decimal]] = (None, None)) -> str:
+        """Accept an order and match it at once if the price allows; return the broker order id.
+
+        `prd` "H" or "B" makes a cover or bracket order (req.product is then MIS); `offsets` are its
+        (stop-loss, target) distances from the fill price. Remarks are never checked for repeats."""
         if self.delay_next_s:
             delay, self.delay_next_s = self.delay_next_s, 0.0
             time.sleep(delay)
         with self._lock:
-            if req.remarks in self._by_remarks:
-                raise SimRejected(f"duplicate remarks {req.remarks}")
             if self.reject_next:
                 reason, self.reject_next = self.reject_next, None
                 raise SimRejected(reason)
@@ -161,44 +237,39 @@ class MatchingEngine:
                     raise SimRejected(f"no price for {req.exchange}:{req.symbol}: send a tick to "
                                       f"/api/paper/ticks before a {req.order_type.value} order")
                 self._ltp[key] = req.price
-            self._seq += 1
-            oid = time.strftime("%y%m%d") + f"{self._seq:09d}"
-            o = SimOrder(oid, req)
-            self._orders[oid] = o
-            self._by_remarks[req.remarks] = oid
+            o = SimOrder(self._next_id(), req, prd=prd, offsets=offsets)
+            self._add(o)
             self._match(o)
-            self._save([o], key)
-            update = o.view()
-        self._emit([update])
-        return oid
+            touched = self._settle([o])
+            self._save(touched, key)
+            updates = [t.view() for t in touched]
+        self._emit(updates)
+        return o.broker_order_id
 
-    def record_rejected(self, req: OrderRequest, reason: str) -> str:
+    def record_rejected(self, req: OrderRequest, reason: str, prd: Optional[str] = None) -> str:
         """Book an order the exchange refused, as a real OMS shows it: an order number, status REJECTED."""
         with self._lock:
-            self._seq += 1
-            oid = time.strftime("%y%m%d") + f"{self._seq:09d}"
-            o = SimOrder(oid, req, OrderStatus.REJECTED, reason=reason)
-            self._orders[oid] = o
-            self._by_remarks.setdefault(req.remarks, oid)
+            o = SimOrder(self._next_id(), req, OrderStatus.REJECTED, reason=reason, prd=prd)
+            self._add(o)
             self._save([o])
             update = o.view()
         self._emit([update])
-        return oid
+        return o.broker_order_id
 
     def modify(self, broker_order_id: str, qty: int, order_type: OrderType, price: Optional[Decimal],
                trigger_price: Optional[Decimal]) -> BrokerOrder:
         """Change a working order's quantity and prices; it is matched again at once."""
-        from dataclasses import replace as _replace
         with self._lock:
             o = self._working(broker_order_id)
             if qty < o.filled_qty or qty <= 0:
                 raise SimRejected(f"quantity {qty} is below the {o.filled_qty} already filled")
-            o.req = _replace(o.req, qty=qty, order_type=order_type, price=price, trigger_price=trigger_price)
+            o.req = replace(o.req, qty=qty, order_type=order_type, price=price, trigger_price=trigger_price)
             self._match(o)
-            self._save([o])
-            update = o.view()
-        self._emit([update])
-        return update
+            touched = self._settle([o])
+            self._save(touched)
+            updates = [t.view() for t in touched]
+        self._emit(updates)
+        return updates[0]
 
     def get(self, broker_order_id: str) -> Optional[SimOrder]:
         with self._lock:
@@ -222,24 +293,136 @@ class MatchingEngine:
         self._emit([update])
         return update
 
+    def exit_legs(self, parent_id: str) -> None:
+        """Exit a cover/bracket order (ExitSNOOrder): cancel its target, turn its stop-loss into a market order."""
+        with self._lock:
+            legs = [o for o in self._orders.values() if o.parent == parent_id and not o.status.terminal]
+            if not legs:
+                raise SimRejected(f"no open leg of order {parent_id}")
+            for o in legs:
+                if o.leg == "TGT":
+                    o.status, o.reason = OrderStatus.CANCELLED, "cancelled by exit"
+                else:
+                    o.req = replace(o.req, order_type=OrderType.MKT, price=None, trigger_price=None)
+                    self._match(o)
+            touched = self._settle(legs)
+            self._save(touched)
+            updates = [o.view() for o in touched]
+        self._emit(updates)
+
     def order_book(self) -> list[BrokerOrder]:
         with self._lock:
             return [o.view() for o in self._orders.values()]
 
     def find(self, remarks: str) -> Optional[BrokerOrder]:
+        """The first order booked today with these remarks (there may be more: see find_all)."""
+        found = self.find_all(remarks)
+        return found[0] if found else None
+
+    def find_all(self, remarks: str) -> list[BrokerOrder]:
         with self._lock:
-            oid = self._by_remarks.get(remarks)
-            return self._orders[oid].view() if oid else None
+            return [self._orders[oid].view() for oid in self._by_remarks.get(remarks, [])]
+
+    def position_book(self) -> dict[tuple[str, str, str], PositionRow]:
+        """Account-level positions (the broker's truth): what was carried in, then every fill of today."""
+        with self._lock:
+            out = {k: PositionRow(q, p, math=PositionMath(q, p)) for k, (q, p) in self.carry.items()}
+            for o in self._orders.values():
+                key = (o.req.exchange, o.req.symbol, o.product_code)
+                for f in o.fills:
+                    out.setdefault(key, PositionRow()).apply(o.req.side, f.qty, f.price)
+            return out
 
     def positions(self) -> dict[tuple[str, str, str], PositionMath]:
-        """Account-level net positions from every fill (the broker's truth)."""
+        """Account-level net positions, by (exchange, symbol, product code)."""
+        return {k: row.math for k, row in self.position_book().items()}
+
+    # ---- the broker's own actions ----
+    def square_off(self, products: tuple[str, ...] = INTRADAY) -> list[str]:
+        """The broker's square-off before the close: cancel working orders of these products, then close every
+        open position in them at market, with no remarks. Answers the ids of the square-off orders."""
         with self._lock:
-            out: dict[tuple[str, str, str], PositionMath] = {}
-            for o in self._orders.values():
-                key = (o.req.exchange, o.req.symbol, o.req.product.value)
-                for f in o.fills:
-                    out[key] = out.get(key, PositionMath()).apply(o.req.side, f.qty, f.price)
-            return out
+            working = [o for o in self._orders.values() if not o.status.terminal and o.product_code in products]
+            for o in working:
+                o.status, o.reason = OrderStatus.CANCELLED, "cancelled by the broker's square-off"
+            self._save(working)
+            updates = [o.view() for o in working]
+            open_rows = [(k, row.math.net_qty) for k, row in self.position_book().items()
+                         if k[2] in products and row.math.net_qty and k[:2] in self._ltp]
+        self._emit(updates)
+        placed = []
+        for (ex, sym, prd), net in open_rows:
+            req = OrderRequest(ex, sym, Side.SELL if net > 0 else Side.BUY, abs(net), OrderType.MKT,
+                               Product.MIS if prd in ("H", "B") else Product(prd), None, None, remarks="")
+            placed.append(self.place(req, prd=prd if prd in ("H", "B") else None))
+        return placed
+
+    def new_day(self) -> dict[tuple[str, str], Decimal]:
+        """Roll to the next trading day, as Noren's books do overnight.
+
+        Intraday products are squared off first. Then the order and trade books are emptied (open DAY orders
+        vanish without an update), NRML positions are carried at the last price (cfbuyqty/cfsellqty), CNC
+        buys move to holdings, and no contract has a last price until it trades again. Answers the previous
+        closes, by (exchange, symbol)."""
+        self.square_off()
+        with self._lock:
+            closes = dict(self._ltp)
+            carry: dict[tuple[str, str, str], tuple[int, Decimal]] = {}
+            for (ex, sym, prd), row in self.position_book().items():
+                net = row.math.net_qty
+                if not net:
+                    continue
+                if prd == Product.NRML.value:
+                    carry[(ex, sym, prd)] = (net, closes.get((ex, sym), row.math.avg_price))
+                elif prd == Product.CNC.value and net > 0:
+                    held, avg = self.holdings.get((ex, sym), (0, Decimal("0")))
+                    self.holdings[(ex, sym)] = (held + net, tidy((held * avg + net * row.math.avg_price) / (held + net)))
+            self.carry = carry
+            self._orders.clear()
+            self._by_remarks.clear()
+            self._ltp.clear()
+            self.day += timedelta(days=3 if self.day.weekday() == 4 else 2 if self.day.weekday() == 5 else 1)
+            self._save_day()
+        return closes
+
+    # ---- matching ----
+    def _settle(self, touched: list[SimOrder]) -> list[SimOrder]:
+        """After matching: a filled cover/bracket main order gets its legs; a filled leg cancels its sibling.
+        Answers every order that changed, the touched ones first."""
+        out = list(touched)
+        for o in touched:
+            if o.status is not OrderStatus.FILLED:
+                continue
+            if o.prd in ("H", "B") and not o.parent:
+                out += self._settle(self._spawn_legs(o))
+            elif o.parent:
+                for sib in self._orders.values():
+                    if sib.parent == o.parent and sib is not o and not sib.status.terminal:
+                        sib.status, sib.reason = OrderStatus.CANCELLED, "cancelled: the other leg filled"
+                        out.append(sib)
+        return list({o.broker_order_id: o for o in out}.values())
+
+    def _spawn_legs(self, main: SimOrder) -> list[SimOrder]:
+        if any(o.parent == main.broker_order_id for o in self._orders.values()):
+            return []
+        avg = main.value / main.filled_qty
+        sign = main.req.side.sign  # the legs close the main order: a stop below a buy, a target above it
+        exit_side = Side.SELL if main.req.side is Side.BUY else Side.BUY
+        stop, target = main.offsets
+        legs = []
+        if stop is not None:
+            legs.append(("SL", replace(main.req, side=exit_side, order_type=OrderType.SL_MKT, price=None,
+                                       trigger_price=tidy(avg - sign * stop))))
+        if target is not None and main.prd == "B":
+            legs.append(("TGT", replace(main.req, side=exit_side, order_type=OrderType.LMT,
+                                        price=tidy(avg + sign * target), trigger_price=None)))
+        made = []
+        for name, req in legs:
+            leg = SimOrder(self._next_id(), req, prd=main.prd, parent=main.broker_order_id, leg=name)
+            self._add(leg)
+            self._match(leg)
+            made.append(leg)
+        return made
 
     def _match(self, o: SimOrder) -> bool:
         """Fill o as far as the current LTP allows; True when anything changed."""

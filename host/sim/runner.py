@@ -45,6 +45,7 @@ class SimServer:
         return self
 
     def stop(self) -> None:
+        self.sim.cancel_timers()
         self.feed.stop()
         self._http.shutdown()
         for t in self._threads:
