@@ -28,6 +28,7 @@ setup(
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
             "playwright>=1.45,<2",
+            "hypothesis>=6.100,<7",
         ],
     },
     entry_points={"console_scripts": ["strategy-host=host.cli:main"]},

@@ -10,11 +10,7 @@ from typing import Optional
 from . import __version__
 from .config import ConfigError, Settings, load
 from .locks import FileLock
-
-ALERT_EXAMPLE = ('{{"secret_key": "{secret}", "execution_type": "ENTRY", "strategy_name": "my_strategy", '
-                 '"exchange": "NFO", "alert_id": "{{{{timenow}}}}", "legs": [{{"tradingsymbol": "{{{{ticker}}}}", '
-                 '"direction": "{{{{strategy.order.action}}}}", "qty": "{{{{strategy.order.contracts}}}}", '
-                 '"order_type": "MKT", "price": "{{{{close}}}}", "product_type": "M"}}]}}')
+from .tradingview import WHY_POSITION, messages
 
 
 def _load(env: Optional[str], generate: bool = False) -> Settings:
@@ -38,8 +34,20 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     for w in settings.warnings:
         print(f"warning: {w}")
+    for note in _sebi_notes(settings):
+        print(f"note: {note}")
     print(f"{args.env or 'environment'}: OK (broker {settings.BROKER}, data in {settings.data_dir})")
     return 0
+
+
+def _sebi_notes(settings: Settings) -> list[str]:
+    """What SEBI's retail-algo rules need from a live setup."""
+    live = "" if settings.BROKER == "shoonya" else " (when BROKER=shoonya)"
+    algo = (f"ALGO_ID={settings.ALGO_ID} is sent with every order" if settings.ALGO_ID
+            else "ALGO_ID is empty: no algo id is sent, orders go out without one")
+    return [f"static IP{live}: Shoonya accepts API orders only from a static IP registered for this account; "
+            f"register this server's public IP with Shoonya before going live",
+            f"{algo}; orders are kept under 10 per second per exchange segment"]
 
 
 def _banner(settings: Settings) -> None:
@@ -55,8 +63,10 @@ def _banner(settings: Settings) -> None:
         for name in settings.generated_secrets:
             print(f"  {name}={getattr(settings, name)}")
         if "WEBHOOK_SECRET" in settings.generated_secrets:
-            print("\nTradingView alert message (paste into the alert's Message box):")
-            print("  " + ALERT_EXAMPLE.format(secret=settings.WEBHOOK_SECRET))
+            print("\nTradingView alert messages (paste one into the alert's Message box):")
+            for title, text in messages(settings.WEBHOOK_SECRET):
+                print(f"  {title}:\n    {text}")
+            print(f"  {WHY_POSITION}")
     else:
         print(f"  secrets     {settings.source or settings.data_dir / 'secrets.env'}")
     for w in settings.warnings:

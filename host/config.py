@@ -168,6 +168,7 @@ VARS: tuple[Var, ...] = (
     Var("TRUST_PROXY_HEADERS", _bool, "false", "take the client address from X-Forwarded-For (only behind your own proxy)"),
     Var("DEDUPE_WINDOW_S", _int(0, 3600), "10", "an identical alert body inside this many seconds is a duplicate"),
     Var("ALERT_MAX_AGE_S", _int(1, 86400), "300", "an alert still waiting this many seconds after arrival is not executed (stale)"),
+    Var("ALERT_ID_TTL_S", _int(1, 30 * 86400), "86400", "a strategy's alert_id is a duplicate within this many seconds; after that it runs again"),
     Var("REQUIRE_KNOWN_STRATEGY", _bool, "false", "reject alerts whose strategy has no plugin"),
     Var("DASHBOARD_COOKIE_SECURE", _bool, "false", "mark the session cookie Secure (serve over HTTPS)"),
     Var("DASHBOARD_SESSION_HOURS", _int(1, 720), "12", "hours a dashboard login lasts"),
@@ -197,6 +198,7 @@ VARS: tuple[Var, ...] = (
     Var("SHOONYA_PREOPEN_CHECK", _hhmm_or_off, "09:00", "daily check of the broker session before the open "
                                                          "(Asia/Kolkata), or off"),
     Var("SHOONYA_SYMBOLS_URL", _url, "https://api.shoonya.com/", "where the daily <EXCH>_symbols.txt.zip files are"),
+    Var("ALGO_ID", _str, "", "SEBI algo id sent as algo_id with every order (live; empty: none is sent)"),
     Var("OAUTH_CLIENT_ID", _str, "", "OAuth client id (live, SHOONYA_AUTH=oauth)", live_required=True),
     Var("OAUTH_SECRET", _str, "", "OAuth client secret", secret=True),
     Var("SHOONYA_ACCESS_TOKEN", _str, "", "access token (live, SHOONYA_AUTH=token)", secret=True),

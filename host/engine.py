@@ -13,13 +13,13 @@ from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import guard
+from . import guard, targets
 from .broker_session import load_token
 from .inbox import Inbox
 from .instruments import check_order
 from .market import IST
 from .models import (AlertRequest, AlertStatus, BrokerOrder, ExecutionType, Intent, Leg, Order, OrderStatus,
-                     OrderType, Product, Side, Tick, TradingState)
+                     OrderType, Product, Side, TargetLeg, Tick, TradingState)
 from .orders import OrderSender, insert_order, transition
 from .risk import RiskGate
 from .storage import HEARTBEAT_KEY, Storage, dec, utcnow
@@ -74,7 +74,10 @@ def alert_from_json(text: str) -> AlertRequest:
     d = json.loads(text)
     legs = tuple(Leg(l["exchange"], l["tradingsymbol"], Side(l["direction"]), l["qty"], OrderType(l["order_type"]),
                      Product(l["product_type"]), dec(l["price"]), dec(l["trigger_price"])) for l in d["legs"])
-    return AlertRequest(d["strategy_name"], ExecutionType(d["execution_type"]), legs, d.get("alert_id"))
+    goals = tuple(TargetLeg(t["exchange"], t["tradingsymbol"], Product(t["product_type"]), OrderType(t["order_type"]),
+                            t["position"], dec(t["price"])) for t in d.get("targets") or ())
+    return AlertRequest(d["strategy_name"], ExecutionType(d["execution_type"]), legs, d.get("alert_id"), goals,
+                        tuple(d.get("notes") or ()))
 
 
 class Engine:
@@ -122,6 +125,7 @@ class Engine:
         self._preopen_day: Any = None
         self.gateway_call: Callable[..., Any] = lambda what, fn: fn()
         self.data_dir: Any = None
+        self._targets_waiting = True  # POSITION reversals may wait for their exit (cleared when none is found)
 
     # ---- life cycle ----
     def start(self, changes: list[Callable[[], None]] = ()) -> None:
@@ -219,6 +223,8 @@ class Engine:
 
     def _step(self) -> None:
         self._handle(self._drain(block_s=0.1))
+        if self._targets_waiting:
+            self._release_targets()
         self._process_alerts()
         self._process_commands()
         now = time.monotonic()
@@ -341,10 +347,13 @@ class Engine:
             self.storage.write(lambda db: self._record(db, row, decision))
         else:
             alert = alert_from_json(row["body"])
-            asked = self.strategies.route_alert(alert, self.require_known)
+            asked = (self.strategies.admit(alert, self.require_known) if alert.execution_type is ExecutionType.POSITION
+                     else self.strategies.route_alert(alert, self.require_known))
             if asked.error:
                 decision = Decision(asked.status, asked.error)
                 self.storage.write(lambda db: self._record(db, row, decision))
+            elif alert.execution_type is ExecutionType.POSITION:
+                decision = self.storage.write(lambda db: self._decide_targets(db, row, alert, asked.version))
             else:
                 decision = self.storage.write(
                     lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version))
@@ -355,8 +364,74 @@ class Engine:
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str]) -> Decision:
         decision = self.evaluate(db, strategy, intents, alert_id=row["id"], version=version)
+        if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
+            targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
         self._record(db, row, decision, version)
         return decision
+
+    def _decide_targets(self, db: sqlite_utils.Database, row: dict, alert: AlertRequest,
+                        version: Optional[str]) -> Decision:
+        """A POSITION alert: only the difference from the strategy's own position is sent."""
+        targets.supersede(db, alert.strategy, {(t.exchange, t.symbol) for t in alert.targets}, row["id"])
+        book = load_book(db, alert.strategy)
+        plans = [(leg, targets.plan(book, leg)) for leg in alert.targets]
+        decision = self.evaluate(db, alert.strategy, [i for _, p in plans for i in p.intents], alert_id=row["id"],
+                                 version=version)
+        if decision.status is AlertStatus.ACCEPTED:
+            for leg, p in plans:
+                if p.wait:
+                    targets.store_waiting(db, row["id"], alert.strategy, leg,
+                                          targets.matching_orders(db, decision.orders, leg))
+                    self._targets_waiting = True
+            words = "; ".join([p.note for _, p in plans] + ([decision.reason] if decision.reason else []))
+            decision = Decision(decision.status, words, decision.orders)
+        self._record(db, row, decision, version)
+        return decision
+
+    def _release_targets(self) -> None:
+        """Waiting reversal entries whose exits have finished: send them (through guard and risk) or drop them."""
+        rows = self.storage.rows("select * from position_targets where status = ? order by id", (targets.WAITING,))
+        self._targets_waiting = bool(rows)
+        for row in rows:
+            if not self.storage.read(lambda db: self._release_target(db, row, dry=True)):
+                continue  # still waiting: nothing to write
+            created = self.storage.write(lambda db: self._release_target(db, row))
+            for oid in created:
+                self.sender.enqueue(oid)
+
+    def _release_target(self, db: sqlite_utils.Database, row: dict, dry: bool = False) -> Any:
+        """Send or drop one waiting target; with dry, only say whether it is ready to be decided."""
+        waiting, why = targets.blocking(db, row)
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(row["created_at"])
+        if waiting and age <= timedelta(seconds=self.max_alert_age_s):
+            return ()
+        leg = targets.leg_of(row)
+        book = load_book(db, row["strategy"])
+        p = targets.plan(book, leg)
+        if why is None and waiting:
+            why = (f"the exit has not filled within ALERT_MAX_AGE_S={self.max_alert_age_s} s: the entry was not sent")
+        elif why is None and p.wait and not p.intents:
+            return ()  # other orders of the strategy in this symbol are still working
+        if dry:
+            return True
+        decision = Decision(AlertStatus.REJECTED, why) if why else self.evaluate(
+            db, row["strategy"], list(p.intents), alert_id=row["alert_id"])
+        status = "sent" if decision.status is AlertStatus.ACCEPTED else "dropped"
+        reason = p.note if status == "sent" else f"{decision.status.value}: {decision.reason}"
+        db.execute("update position_targets set status = ?, reason = ?, decided_at = ? where id = ?",
+                   (status, reason, utcnow(), row["id"]))
+        if status == "sent" and p.wait:  # crossing again (the book moved): exit now, wait once more
+            targets.store_waiting(db, row["alert_id"], row["strategy"], leg, list(decision.orders))
+        alert = db.execute("select orders, reason from alerts where id = ?", (row["alert_id"],)).fetchone()
+        if alert is not None:
+            db.execute("update alerts set orders = ?, reason = ? where id = ?",
+                       (json.dumps(json.loads(alert[0] or "[]") + list(decision.orders)),
+                        f"{alert[1] or ''}; then: {reason}"[:2000], row["alert_id"]))
+        Storage.add_event(db, "position_target", f"alert {row['alert_id']} ({row['strategy']}) target "
+                          f"{row['exchange']}:{row['symbol']} {row['target']:+d}: {reason}",
+                          "info" if status == "sent" else "warning", row["strategy"],
+                          {"alert_id": row["alert_id"], "orders": list(decision.orders)})
+        return decision.orders if status == "sent" else ()
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
                  alert_id: Optional[str], version: Optional[str] = None) -> Decision:

@@ -29,11 +29,17 @@ class AlertRecord:
     orders: tuple[str, ...]
     duplicate_of: Optional[str] = None
     problems: tuple[dict, ...] = ()
+    client_alert_id: Optional[str] = None
+    notes: tuple[str, ...] = ()
 
 
 def body_hash(body: dict) -> str:
     """A hash of the alert's meaning: the same keys and values in any order or spacing."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _text(v: Any) -> Optional[str]:
+    return None if v is None else str(v)
 
 
 def request_to_json(req: AlertRequest) -> str:
@@ -42,22 +48,36 @@ def request_to_json(req: AlertRequest) -> str:
         "strategy_name": req.strategy, "execution_type": req.execution_type.value, "alert_id": req.client_alert_id,
         "legs": [{"exchange": l.exchange, "tradingsymbol": l.symbol, "direction": l.side.value, "qty": l.qty,
                   "order_type": l.order_type.value, "product_type": l.product.value,
-                  "price": None if l.price is None else str(l.price),
-                  "trigger_price": None if l.trigger_price is None else str(l.trigger_price)} for l in req.legs],
+                  "price": _text(l.price), "trigger_price": _text(l.trigger_price)} for l in req.legs],
+        "targets": [{"exchange": t.exchange, "tradingsymbol": t.symbol, "product_type": t.product.value,
+                     "order_type": t.order_type.value, "position": t.target, "price": _text(t.price)}
+                    for t in req.targets],
+        "notes": list(req.notes),
     })
 
 
 def record_from_row(row: dict) -> AlertRecord:
+    try:
+        notes = tuple(json.loads(row["body"] or "{}").get("notes") or ())
+    except (ValueError, AttributeError):
+        notes = ()
     return AlertRecord(row["id"], row["status"], row["reason"], tuple(json.loads(row["orders"] or "[]")),
-                       row["duplicate_of"], tuple(json.loads(row["problems"] or "[]")))
+                       row["duplicate_of"], tuple(json.loads(row["problems"] or "[]")), row.get("client_alert_id"),
+                       notes)
+
+
+def dedupe_key(strategy: str, client_alert_id: str) -> str:
+    """An alert_id is unique per strategy (names have no ':', so the key is unambiguous)."""
+    return f"id:{strategy}:{client_alert_id}"
 
 
 class Inbox:
     """Stores alerts and commands durably, wakes the engine, and waits for its answers."""
 
-    def __init__(self, storage: Storage, dedupe_window_s: int):
+    def __init__(self, storage: Storage, dedupe_window_s: int, alert_id_ttl_s: int = 86400):
         self.storage = storage
         self.dedupe_window_s = dedupe_window_s
+        self.alert_id_ttl_s = alert_id_ttl_s
         self._waiters: dict[str, threading.Event] = {}
         self._waiters_lock = threading.Lock()
         self.wake: Optional[Callable[[], None]] = None  # set while an engine runs in this process
@@ -91,10 +111,10 @@ class Inbox:
                    "client_alert_id": req.client_alert_id, "body_hash": digest, "body": request_to_json(req),
                    "source_ip": source_ip, "orders": "[]"}
             if original is None:
-                row.update(status=AlertStatus.RECEIVED.value,
-                           dedupe_key=None if req.client_alert_id is None else f"id:{req.client_alert_id}")
+                row.update(status=AlertStatus.RECEIVED.value, dedupe_key=None if req.client_alert_id is None
+                           else dedupe_key(req.strategy, req.client_alert_id))
                 Storage.insert(db, "alerts", row)
-                return AlertRecord(aid, AlertStatus.RECEIVED.value, None, ())
+                return AlertRecord(aid, AlertStatus.RECEIVED.value, None, (), None, (), req.client_alert_id, req.notes)
             why = (f"same alert_id {req.client_alert_id!r} as alert {original['id']}"
                    if req.client_alert_id is not None and original["client_alert_id"] == req.client_alert_id
                    else f"same body as alert {original['id']} within {self.dedupe_window_s} s")
@@ -104,17 +124,22 @@ class Inbox:
             Storage.add_event(db, "alert_duplicate", f"alert {aid} ({req.strategy} {req.execution_type.value}) "
                               f"{row['reason']}", "info", req.strategy, {"alert_id": aid, "duplicate_of": original["id"]})
             return AlertRecord(aid, AlertStatus.DUPLICATE.value, row["reason"],
-                               tuple(json.loads(original["orders"] or "[]")), original["id"])
+                               tuple(json.loads(original["orders"] or "[]")), original["id"], (), req.client_alert_id,
+                               req.notes)
         return self.storage.write(run, durable=True)  # stored durably before it is answered
 
     def _find_original(self, db: sqlite_utils.Database, req: AlertRequest, digest: str, now: str) -> Optional[dict]:
         if req.client_alert_id is not None:
-            rows = list(db.query("select * from alerts where dedupe_key = ?", (f"id:{req.client_alert_id}",)))
-            if rows:
+            key = dedupe_key(req.strategy, req.client_alert_id)
+            rows = list(db.query("select * from alerts where dedupe_key = ?", (key,)))
+            expired = _ago(now, self.alert_id_ttl_s)
+            if rows and rows[0]["received_at"] >= expired:
                 return rows[0]
+            if rows:  # older than ALERT_ID_TTL_S: the id is free again (the old alert keeps its trail)
+                db.execute("update alerts set dedupe_key = null where id = ?", (rows[0]["id"],))
         if self.dedupe_window_s <= 0:
             return None
-        since = (datetime.fromisoformat(now) - timedelta(seconds=self.dedupe_window_s)).isoformat(timespec="milliseconds")
+        since = _ago(now, self.dedupe_window_s)
         # only an alert that runs (or will) makes a copy a duplicate: a refused one may be sent again
         rows = list(db.query("select * from alerts where body_hash = ? and received_at >= ? and status in "
                              "('received', 'accepted') order by rowid desc limit 1", (digest, since)))
@@ -165,6 +190,11 @@ class Inbox:
             event = self._waiters.get(f"{table}:{key}")
         if event:
             event.set()
+
+
+def _ago(now: str, seconds: int) -> str:
+    """The stored-timestamp form of `seconds` before `now`."""
+    return (datetime.fromisoformat(now) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
 
 
 def _str_or_none(v: Any) -> Optional[str]:

@@ -1,7 +1,9 @@
 """The instrument master: token, lot size, tick size and freeze quantity of each tradable symbol."""
 from __future__ import annotations
 
+import bisect
 import csv
+import difflib
 import io
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +43,18 @@ class Instruments:
     def __init__(self, items: Iterable[Instrument] = ()):
         self.by_symbol = {(i.exchange, i.symbol): i for i in items}
         self.by_token = {(i.exchange, i.token): i for i in self.by_symbol.values()}
+        self.names: dict[str, list[str]] = {}  # per exchange, sorted: for "did you mean"
+        for ex, sym in self.by_symbol:
+            self.names.setdefault(ex, []).append(sym)
+        for names in self.names.values():
+            names.sort()
+
+    def nearest(self, exchange: str, symbol: str, n: int = 3) -> list[str]:
+        """Known symbols of the exchange that look most like `symbol` (its sorted neighbours, then the closest)."""
+        names = self.names.get(exchange, [])
+        at = bisect.bisect_left(names, symbol)
+        near = names[max(at - 50, 0):at + 50]
+        return difflib.get_close_matches(symbol, near, n, cutoff=0.5)
 
     @classmethod
     def sample(cls) -> "Instruments":
@@ -120,10 +134,14 @@ def time_of(path: Path) -> str:
 
 def check_order(instruments: Instruments, exchange: str, symbol: str, qty: int, prices: Iterable[Optional[Decimal]],
                 where: str) -> list[str]:
-    """Lot-size and tick-size problems of one order; none for an instrument the master does not know."""
+    """Symbol, lot-size and tick-size problems of one order (no symbol check for an exchange not loaded)."""
     inst = instruments.get(exchange, symbol)
     if inst is None:
-        return []
+        if not instruments.names.get(exchange):
+            return []
+        near = instruments.nearest(exchange, symbol)
+        return [f"{where}.symbol: expected a symbol the {exchange} instrument master knows, found {symbol!r}"
+                f"{'; nearest known: ' + ', '.join(near) if near else ''}"]
     problems = []
     if qty % inst.lot_size:
         problems.append(f"{where}.qty: expected a multiple of the lot size {inst.lot_size} for {exchange}:{symbol}, "

@@ -45,6 +45,7 @@ class ExecutionType(str, enum.Enum):
     ENTRY = "ENTRY"
     EXIT = "EXIT"
     ADJUST = "ADJUST"
+    POSITION = "POSITION"  # an alert only: bring the strategy's position to a target (never an intent's action)
 
 
 class OrderStatus(str, enum.Enum):
@@ -129,13 +130,27 @@ Leg = OrderSpec  # one order request of an alert, as the sender described it
 
 
 @dataclass(frozen=True)
+class TargetLeg:
+    """One leg of a POSITION alert: the signed position the strategy should hold (0 is flat)."""
+
+    exchange: str
+    symbol: str
+    product: Product
+    order_type: OrderType
+    target: int
+    price: Optional[Decimal] = None
+
+
+@dataclass(frozen=True)
 class AlertRequest:
-    """A validated webhook alert."""
+    """A validated webhook alert: order legs (ENTRY, EXIT, ADJUST) or position targets (POSITION)."""
 
     strategy: str
     execution_type: ExecutionType
     legs: tuple[Leg, ...]
     client_alert_id: Optional[str] = None
+    targets: tuple[TargetLeg, ...] = ()
+    notes: tuple[str, ...] = ()  # what the parser changed or ignored, said in the answer
 
 
 @dataclass(frozen=True)

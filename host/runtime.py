@@ -40,7 +40,7 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
     from .instruments import InstrumentMaster
     master = InstrumentMaster(settings.data_dir / "instruments", settings.SHOONYA_SYMBOLS_URL)
     broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, master.load_cached(),
-                           settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s,
+                           settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s, algo_id=settings.ALGO_ID,
                            on_session=lambda state, why: set_session_state(storage, state, why))
 
     def refresh_instruments() -> None:  # downloads can be slow: never inside the worker's boot
@@ -95,7 +95,7 @@ class Runtime:
 
     @cached_property
     def inbox(self) -> Inbox:
-        return Inbox(self.storage, self.settings.DEDUPE_WINDOW_S)
+        return Inbox(self.storage, self.settings.DEDUPE_WINDOW_S, self.settings.ALERT_ID_TTL_S)
 
     @cached_property
     def gate(self) -> RiskGate:

@@ -93,8 +93,21 @@ def _m5_notifier_inbox(db: sqlite_utils.Database) -> None:
     db["notifier_inbox"].create_index(["notifier", "key"], unique=True)
 
 
+def _m6_position_targets(db: sqlite_utils.Database) -> None:
+    # alert_id is unique per strategy now (and only for ALERT_ID_TTL_S)
+    db.execute("update alerts set dedupe_key = 'id:' || strategy || ':' || client_alert_id "
+               "where dedupe_key is not null and strategy is not null")
+    # the entry half of a POSITION reversal, waiting for its exit to fill
+    db["position_targets"].create({
+        "id": int, "alert_id": str, "strategy": str, "exchange": str, "symbol": str, "product": str,
+        "order_type": str, "price": str, "target": int, "after": str, "status": str, "reason": str,
+        "created_at": str, "decided_at": str}, pk="id")
+    db["position_targets"].create_index(["status"])
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
-                                                                  _m4_dashboard, _m5_notifier_inbox)
+                                                                  _m4_dashboard, _m5_notifier_inbox,
+                                                                  _m6_position_targets)
 
 
 class Storage:

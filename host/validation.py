@@ -1,11 +1,16 @@
-"""Webhook payload parsing and order validation: every problem named with field, expected, found."""
+"""Webhook payload parsing and order validation: every problem named with field, expected, found.
+
+Strict on purpose: numbers are ASCII digits, names and symbols are ASCII, case folding is ASCII only,
+and nothing with a control character or an unfilled TradingView placeholder gets through.
+"""
 from __future__ import annotations
 
 import re
+import unicodedata
 from decimal import Decimal, InvalidOperation
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from .models import AlertRequest, ExecutionType, Intent, Leg, OrderType, Problem, Product, Side
+from .models import (AlertRequest, ExecutionType, Intent, Leg, OrderType, Problem, Product, Side, TargetLeg)
 
 EXCHANGES = ("NSE", "NFO", "BSE", "BFO", "MCX", "CDS", "NCO", "BCD")
 ORDER_TYPE_ALIASES = {"MKT": "MKT", "MARKET": "MKT", "LMT": "LMT", "LIMIT": "LMT", "SL-LMT": "SL-LMT",
@@ -13,6 +18,7 @@ ORDER_TYPE_ALIASES = {"MKT": "MKT", "MARKET": "MKT", "LMT": "LMT", "LIMIT": "LMT
                       "SL-MARKET": "SL-MKT"}
 PRODUCT_ALIASES = {"M": "M", "NRML": "M", "I": "I", "MIS": "I", "C": "C", "CNC": "C"}
 SIDE_ALIASES = {"BUY": "BUY", "B": "BUY", "SELL": "SELL", "S": "SELL"}
+MARKET_POSITIONS = {"LONG": 1, "SHORT": -1, "FLAT": 0}
 LEG_KEYS = {  # accepted spellings of each leg field, first one canonical
     "tradingsymbol": ("tradingsymbol", "symbol"),
     "direction": ("direction", "side", "transaction_type"),
@@ -22,20 +28,65 @@ LEG_KEYS = {  # accepted spellings of each leg field, first one canonical
     "price": ("price",),
     "trigger_price": ("trigger_price", "triggerprice"),
     "exchange": ("exchange",),
+    "position": ("position",),
+    "market_position": ("market_position",),
+    "position_size": ("position_size",),
 }
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-SYMBOL_RE = re.compile(r"^[A-Za-z0-9_.&\-]{1,40}$")
+# the original platform's exit fields: managed exits are not built yet, so they are refused, never dropped
+EXIT_LEG_FIELDS = ("stop_loss", "target", "stop_loss_points", "target_points", "stop_loss_pct", "target_pct",
+                   "trailing_type", "trailing_value", "trailing_activation_price")
+EXIT_ALERT_FIELDS = ("strategy_stoploss", "strategy_target", "strategy_trailing_step")
+NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}", re.ASCII)
+SYMBOL_RE = re.compile(r"[A-Za-z0-9_.&\-]{1,40}", re.ASCII)
+NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
+PLACEHOLDER_RE = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+NSE_SERIES_RE = re.compile(r".+-[A-Z0-9]{2}", re.ASCII)  # INFY-EQ, GOLDBEES-BE: a series is already named
 MAX_LEGS = 20
 MAX_QTY = 10_000_000
+MIN_PRICE, MAX_PRICE = Decimal("0.01"), Decimal("10000000")
+PRICE_PLACES = {"CDS": 4, "BCD": 4}  # other exchanges: 2
+NO_PRICE = ("", "0", "0.0", "0.00")  # what a market leg's "no price" looks like as text
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_upper(text: str) -> str:
+    """Upper case for ASCII letters only: 'ſ' never becomes 'S', nor 'ı' 'I'."""
+    return text.translate(_ASCII_UPPER)
 
 
 def lower_keys(value: Any) -> Any:
-    """The same JSON value with every object key lower-cased (keys are case-insensitive)."""
+    """The same JSON value with every object key lower-cased, ASCII letters only (keys are case-insensitive)."""
     if isinstance(value, dict):
-        return {str(k).lower(): lower_keys(v) for k, v in value.items()}
+        return {str(k).translate(_ASCII_LOWER): lower_keys(v) for k, v in value.items()}
     if isinstance(value, list):
         return [lower_keys(v) for v in value]
     return value
+
+
+def strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Every key and string value in a JSON value, with the path that names it (legs[0].qty)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = str(k)
+            where = f"{path}.{key}" if path else key
+            yield where, key
+            yield from strings(v, where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from strings(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        yield path, value
+
+
+def unencodable(value: Any) -> Optional[str]:
+    """The path of the first string that is not valid Unicode text (a lone surrogate), or None."""
+    for where, text in strings(value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    return None
 
 
 def shown(value: Any) -> str:
@@ -45,9 +96,9 @@ def shown(value: Any) -> str:
     if isinstance(value, bool):
         return f"{str(value).lower()} (boolean)"
     if isinstance(value, (int, float, Decimal)):
-        text = f"{value} (number)"
+        text = f"{value} (number)" if len(str(value)) <= 40 else f"a number of {len(str(value))} characters"
     elif isinstance(value, str):
-        text = repr(value)
+        text = ascii(value) if not value.isascii() or not value.isprintable() else repr(value)
     elif isinstance(value, (list, tuple)):
         text = f"a list of {len(value)}"
     elif isinstance(value, dict):
@@ -57,49 +108,73 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class _Collector:
+def number(value: Any) -> Optional[Decimal]:
+    """A JSON number, or text of ASCII digits with an optional sign, point and exponent, as Decimal.
+
+    None for anything else: booleans, other scripts' digits, underscores, NaN, infinities, 40+ characters.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value) if abs(value) < 10 ** 18 else None
+    if isinstance(value, (float, Decimal)):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip(" \t")
+    else:
+        return None
+    if len(text) > 40 or not NUMBER_RE.fullmatch(text):
+        return None
+    try:
+        n = Decimal(text)
+    except InvalidOperation:
+        return None
+    return n if n.is_finite() else None
+
+
+def price_places(exchange: Optional[str]) -> int:
+    return PRICE_PLACES.get(exchange or "", 2)
+
+
+class Collector:
+    """Collects problems (field, expected, found) and notes while a payload is read."""
+
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.notes: list[str] = []
 
     def add(self, field: str, expected: str, found: Any) -> None:
         problem = Problem(field, expected, shown(found))
         if problem not in self.problems:
             self.problems.append(problem)
 
-    def choice(self, field: str, value: Any, aliases: dict[str, str], expected: str) -> Optional[str]:
-        if isinstance(value, str) and value.strip().upper() in aliases:
-            return aliases[value.strip().upper()]
+    def choice(self, field: str, value: Any, aliases: dict[str, Any], expected: str) -> Optional[Any]:
+        if isinstance(value, str) and value.isascii():
+            key = ascii_upper(value.strip(" \t"))
+            if key in aliases:
+                return aliases[key]
         self.add(field, expected, value)
         return None
 
-    def quantity(self, field: str, value: Any) -> Optional[int]:
-        n = _number(value)
-        if n is None or n != n.to_integral_value() or not 0 < n <= MAX_QTY:
-            self.add(field, f"a whole number from 1 to {MAX_QTY}", value)
+    def quantity(self, field: str, value: Any, lo: int = 1) -> Optional[int]:
+        n = number(value)
+        if n is None or not lo <= n <= MAX_QTY or n != n.to_integral_value():
+            self.add(field, f"a whole number from {lo} to {MAX_QTY:,}", value)
             return None
         return int(n)
 
-    def price(self, field: str, value: Any, required: bool, why: str) -> Optional[Decimal]:
+    def price(self, field: str, value: Any, required: bool, why: str, exchange: Optional[str]) -> Optional[Decimal]:
         if value is None or value == "":
             if required:
-                self.add(field, f"a price > 0 ({why})", value)
+                self.add(field, f"a price ({why})", value)
             return None
-        n = _number(value)
-        if n is None or n <= 0:
-            self.add(field, "a price > 0", value)
+        n = number(value)
+        places = price_places(exchange)
+        if n is None or not MIN_PRICE <= n <= MAX_PRICE or n.scaleb(places) % 1:
+            self.add(field, f"a price from {MIN_PRICE} to {MAX_PRICE:,} with at most {places} decimal places"
+                            f"{f' on {exchange}' if exchange else ''}", value)
             return None
         return n
-
-
-def _number(value: Any) -> Optional[Decimal]:
-    """A JSON number or numeric string as Decimal; None for anything else (booleans included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        return None
-    try:
-        n = Decimal(str(value).strip())
-    except InvalidOperation:
-        return None
-    return n if n.is_finite() else None
 
 
 def _pick(obj: dict, names: tuple[str, ...]) -> Any:
@@ -109,74 +184,181 @@ def _pick(obj: dict, names: tuple[str, ...]) -> Any:
     return None
 
 
+def _is_no_price(value: Any) -> bool:
+    """A market leg's way of saying "no price": absent, null, "", 0, "0", "0.0"."""
+    if value is None or (isinstance(value, str) and value.strip(" \t") in NO_PRICE):
+        return True
+    n = number(value) if not isinstance(value, str) else None
+    return n is not None and n == 0
+
+
+def screen(body: dict) -> list[Problem]:
+    """Problems anywhere in the body: control characters, and TradingView placeholders left unfilled."""
+    c = Collector()
+    for where, text in strings(body):
+        if any(unicodedata.category(ch) == "Cc" for ch in text):
+            c.add(where, "text without control characters (newline, tab, NUL ...)", text)
+        elif PLACEHOLDER_RE.search(text):
+            c.add(where, "a value; this alert type does not fill the TradingView placeholder "
+                         f"{PLACEHOLDER_RE.search(text).group(0)} (strategy placeholders are filled only in "
+                         "strategy alerts: use a strategy alert or put the value in the message)", text)
+    return c.problems
+
+
 def parse_alert(body: dict) -> tuple[Optional[AlertRequest], list[Problem]]:
     """Validate a lower-cased webhook body; return the request or every problem found."""
-    c = _Collector()
-    execution = c.choice("execution_type", body.get("execution_type"),
-                         {e.value: e.value for e in ExecutionType}, "ENTRY | EXIT | ADJUST")
+    c = Collector()
+    c.problems += screen(body)
+    execution = c.choice("execution_type", body.get("execution_type"), {e.value: e for e in ExecutionType},
+                         " | ".join(e.value for e in ExecutionType))
     strategy = body.get("strategy_name")
-    if not (isinstance(strategy, str) and NAME_RE.match(strategy)):
-        c.add("strategy_name", "a name of 1-64 letters, digits, '_', '-' or '.'", strategy)
+    if not (isinstance(strategy, str) and NAME_RE.fullmatch(strategy)):
+        c.add("strategy_name", "a name of 1-64 ASCII letters, digits, '_', '-' or '.'", strategy)
     alert_key = body.get("alert_id")
     if alert_key is not None and not (isinstance(alert_key, (str, int)) and not isinstance(alert_key, bool)
                                       and 0 < len(str(alert_key)) <= 128):
         c.add("alert_id", "a string of 1-128 characters", alert_key)
+    for name in EXIT_ALERT_FIELDS:
+        if name in body:
+            c.add(name, "no managed-exit fields: strategy stop-loss and target are not supported yet, and an alert "
+                        "is refused rather than run without them", body[name])
     top_exchange = body.get("exchange")
     legs_raw = body.get("legs")
-    legs: list[Leg] = []
+    legs: list[Any] = []
     if not isinstance(legs_raw, list) or not 0 < len(legs_raw) <= MAX_LEGS:
         c.add("legs", f"a list of 1 to {MAX_LEGS} order legs", legs_raw if not isinstance(legs_raw, list)
               else f"{len(legs_raw)} legs")
-    else:
+    elif execution is not None:
+        read = _parse_target if execution is ExecutionType.POSITION else _parse_leg
         for i, raw in enumerate(legs_raw):
-            leg = _parse_leg(c, f"legs[{i}]", raw, top_exchange)
+            leg = read(c, f"legs[{i}]", raw, top_exchange)
             if leg is not None:
                 legs.append(leg)
     if c.problems:
         return None, c.problems
-    return AlertRequest(strategy, ExecutionType(execution), tuple(legs),
-                        None if alert_key is None else str(alert_key)), []
+    key = None if alert_key is None else str(alert_key)
+    if execution is ExecutionType.POSITION:
+        return AlertRequest(strategy, execution, (), key, targets=tuple(legs), notes=tuple(c.notes)), []
+    return AlertRequest(strategy, execution, tuple(legs), key, notes=tuple(c.notes)), []
 
 
-def _parse_leg(c: _Collector, where: str, raw: Any, top_exchange: Any) -> Optional[Leg]:
+def _common(c: Collector, where: str, raw: Any, top_exchange: Any, what: str) -> Optional[dict]:
+    """The fields every leg has: exchange, symbol, order type, product, and the refused exit fields."""
     if not isinstance(raw, dict):
-        c.add(where, "an object with tradingsymbol, direction, qty, order_type, product_type", raw)
+        c.add(where, f"an object with {what}", raw)
         return None
-    before = len(c.problems)
     f = {k: _pick(raw, names) for k, names in LEG_KEYS.items()}
     exchange_raw = f["exchange"] if f["exchange"] is not None else top_exchange
-    exchange = c.choice(f"{where}.exchange" if f["exchange"] is not None else "exchange", exchange_raw,
-                        {e: e for e in EXCHANGES}, " | ".join(EXCHANGES))
+    f["exchange"] = c.choice(f"{where}.exchange" if f["exchange"] is not None else "exchange", exchange_raw,
+                             {e: e for e in EXCHANGES}, " | ".join(EXCHANGES))
     symbol = f["tradingsymbol"]
-    if not (isinstance(symbol, str) and SYMBOL_RE.match(symbol.strip())):
-        c.add(f"{where}.tradingsymbol", "a trading symbol such as NIFTY28APR26C24500", symbol)
+    if isinstance(symbol, str) and SYMBOL_RE.fullmatch(symbol.strip(" \t")):
+        f["tradingsymbol"] = tradingsymbol(f["exchange"], ascii_upper(symbol.strip(" \t")), c, where)
+    else:
+        c.add(f"{where}.tradingsymbol", "a trading symbol of ASCII letters, digits, '&', '_', '-' or '.', such as "
+                                        "NIFTY28APR26C24500 or INFY-EQ", symbol)
+        f["tradingsymbol"] = None
+    otype = c.choice(f"{where}.order_type", f["order_type"], ORDER_TYPE_ALIASES, "MKT | LMT | SL-LMT | SL-MKT (or MARKET, LIMIT, SL, SLM)")
+    f["order_type"] = OrderType(otype) if otype else None
+    f["product_type"] = c.choice(f"{where}.product_type", f["product_type"], PRODUCT_ALIASES,
+                                 "M | I | C (or NRML, MIS, CNC)")
+    for name in EXIT_LEG_FIELDS:
+        if name in raw:
+            c.add(f"{where}.{name}", "no managed-exit fields: stop-loss, target and trailing are not supported "
+                                     "yet, and an alert is refused rather than run without them", raw[name])
+    return f
+
+
+def tradingsymbol(exchange: Optional[str], symbol: str, c: Collector, where: str) -> str:
+    """TradingView's {{ticker}} for an NSE equity has no series: INFY means INFY-EQ."""
+    if exchange == "NSE" and not NSE_SERIES_RE.fullmatch(symbol):
+        c.notes.append(f"{where}.tradingsymbol {symbol} traded as {symbol}-EQ (NSE equity series)")
+        return f"{symbol}-EQ"
+    return symbol
+
+
+def _prices(c: Collector, where: str, f: dict, ot: Optional[OrderType]) -> tuple[Optional[Decimal], Optional[Decimal]]:
+    """The leg's price and trigger; a market leg's price means nothing ("no price", or ignored with a note)."""
+    exchange = f["exchange"]
+    if ot is not None and not ot.needs_price:
+        if not _is_no_price(f["price"]):
+            c.notes.append(f"{where}.price {shown(f['price'])} ignored: {ot.value} orders carry no price")
+        price = None
+    else:
+        price = c.price(f"{where}.price", f["price"], bool(ot), f"{ot.value if ot else ''} orders need a price",
+                        exchange)
+    trigger = c.price(f"{where}.trigger_price", f["trigger_price"], bool(ot and ot.needs_trigger),
+                      f"{ot.value if ot else ''} orders need a trigger price", exchange)
+    return price, trigger
+
+
+def _parse_leg(c: Collector, where: str, raw: Any, top_exchange: Any) -> Optional[Leg]:
+    before = len(c.problems)
+    f = _common(c, where, raw, top_exchange, "tradingsymbol, direction, qty, order_type, product_type")
+    if f is None:
+        return None
     side = c.choice(f"{where}.direction", f["direction"], SIDE_ALIASES, "BUY | SELL")
     qty = c.quantity(f"{where}.qty", f["qty"])
-    otype = c.choice(f"{where}.order_type", f["order_type"], ORDER_TYPE_ALIASES,
-                     "MKT | LMT | SL-LMT | SL-MKT (or MARKET, LIMIT, SL, SLM)")
-    product = c.choice(f"{where}.product_type", f["product_type"], PRODUCT_ALIASES,
-                       "M | I | C (or NRML, MIS, CNC)")
-    ot = OrderType(otype) if otype else None
-    price = c.price(f"{where}.price", f["price"], bool(ot and ot.needs_price), f"{otype} orders need a price")
-    trigger = c.price(f"{where}.trigger_price", f["trigger_price"], bool(ot and ot.needs_trigger),
-                      f"{otype} orders need a trigger price")
+    price, trigger = _prices(c, where, f, f["order_type"])
     if len(c.problems) > before:
         return None
-    return Leg(exchange, symbol.strip().upper(), Side(side), qty, ot, Product(product), price, trigger)
+    return Leg(f["exchange"], f["tradingsymbol"], Side(side), qty, f["order_type"], Product(f["product_type"]),
+               price, trigger)
+
+
+def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Optional[TargetLeg]:
+    """A POSITION leg: a signed `position`, or `market_position` with `position_size`; MKT by default."""
+    before = len(c.problems)
+    if isinstance(raw, dict) and _pick(raw, LEG_KEYS["order_type"]) is None:
+        raw = {**raw, "order_type": "MKT"}
+    f = _common(c, where, raw, top_exchange, "tradingsymbol, product_type and position (or market_position and "
+                                             "position_size)")
+    if f is None:
+        return None
+    target = _target(c, where, f)
+    if f["order_type"] is not None and f["order_type"].needs_trigger:
+        c.add(f"{where}.order_type", "MKT or LMT for a position target", raw.get("order_type"))
+    price, _ = _prices(c, where, {**f, "trigger_price": None}, f["order_type"])
+    if len(c.problems) > before:
+        return None
+    return TargetLeg(f["exchange"], f["tradingsymbol"], Product(f["product_type"]), f["order_type"], target, price)
+
+
+def _target(c: Collector, where: str, f: dict) -> Optional[int]:
+    if f["position"] is not None:
+        if isinstance(f["position"], str) and ascii_upper(f["position"].strip(" \t")) == "FLAT":
+            return 0
+        n = number(f["position"])
+        if n is None or abs(n) > MAX_QTY or n != n.to_integral_value():
+            c.add(f"{where}.position", f"a signed whole number from -{MAX_QTY:,} to {MAX_QTY:,} (negative is short, "
+                                       "0 or \"flat\" is flat), such as {{strategy.position_size}}", f["position"])
+            return None
+        return int(n)
+    if f["market_position"] is None:
+        c.add(f"{where}.position", "a signed target position, or market_position with position_size", None)
+        return None
+    sign = c.choice(f"{where}.market_position", f["market_position"], MARKET_POSITIONS, "long | short | flat")
+    if sign == 0:
+        return 0
+    size = c.quantity(f"{where}.position_size", f["position_size"], lo=0)
+    return None if sign is None or size is None else sign * size
 
 
 def validate_intent(intent: Intent, where: str = "intent") -> list[Problem]:
     """The order rules applied to an intent, whatever produced it."""
-    c = _Collector()
+    c = Collector()
     if intent.exchange not in EXCHANGES:
         c.add(f"{where}.exchange", " | ".join(EXCHANGES), intent.exchange)
-    if not (isinstance(intent.symbol, str) and SYMBOL_RE.match(intent.symbol)):
+    if not (isinstance(intent.symbol, str) and SYMBOL_RE.fullmatch(intent.symbol)):
         c.add(f"{where}.symbol", "a trading symbol", intent.symbol)
     if isinstance(intent.qty, bool) or not isinstance(intent.qty, int) or not 0 < intent.qty <= MAX_QTY:
-        c.add(f"{where}.qty", f"a whole number from 1 to {MAX_QTY}", intent.qty)
-    if intent.order_type.needs_price:
-        c.price(f"{where}.price", intent.price, True, f"{intent.order_type.value} orders need a price")
-    if intent.order_type.needs_trigger:
+        c.add(f"{where}.qty", f"a whole number from 1 to {MAX_QTY:,}", intent.qty)
+    if intent.action is ExecutionType.POSITION:
+        c.add(f"{where}.action", "ENTRY | EXIT | ADJUST (POSITION is an alert type, not an order)", intent.action.value)
+    if intent.order_type.needs_price or intent.price is not None:
+        c.price(f"{where}.price", intent.price, True, f"{intent.order_type.value} orders need a price",
+                intent.exchange)
+    if intent.order_type.needs_trigger or intent.trigger_price is not None:
         c.price(f"{where}.trigger_price", intent.trigger_price, True,
-                f"{intent.order_type.value} orders need a trigger price")
+                f"{intent.order_type.value} orders need a trigger price", intent.exchange)
     return c.problems

@@ -99,7 +99,7 @@ def test_wrong_types_get_422_naming_the_field(host):
     assert [e["field"] for e in host.post(body).get_json()["errors"]] == ["legs"]
     body = alert()
     body["execution_type"] = "OPEN"
-    assert host.post(body).get_json()["errors"][0] == {"field": "execution_type", "expected": "ENTRY | EXIT | ADJUST",
+    assert host.post(body).get_json()["errors"][0] == {"field": "execution_type", "expected": "ENTRY | EXIT | ADJUST | POSITION",
                                                        "found": "'OPEN'"}
 
 

@@ -136,18 +136,17 @@ class StrategyRegistry(Registry):
             live.saved = text  # type: ignore[attr-defined]
             self.persist_state(live)
 
-    def route_alert(self, alert: AlertRequest, require_known: bool) -> Asked:
-        """The intents for an alert: from its plugin, else the built-in passthrough."""
+    def admit(self, alert: AlertRequest, require_known: bool) -> Asked:
+        """Whether the alert's strategy may take it (error set if not), with the running version."""
         entry = self.entries.get(alert.strategy)
         if entry is not None and entry.disabled:
-            if alert.execution_type is ExecutionType.EXIT:
-                return Asked(tuple(passthrough.strategy_on_alert(None, alert)))
-            return Asked(error=f"strategy {alert.strategy} is disabled: only EXIT alerts are executed",
-                         status=AlertStatus.REFUSED)
+            exits_only = alert.execution_type is ExecutionType.EXIT or (
+                alert.execution_type is ExecutionType.POSITION and all(t.target == 0 for t in alert.targets))
+            return Asked() if exits_only else Asked(
+                error=f"strategy {alert.strategy} is disabled: only EXIT alerts (and flat targets) are executed",
+                status=AlertStatus.REFUSED)
         if entry is not None and entry.live is not None:
-            if "strategy_on_alert" not in entry.live.candidate.hooks:
-                return Asked(tuple(passthrough.strategy_on_alert(None, alert)), version=entry.live.candidate.version)
-            return self.ask(entry.live, "strategy_on_alert", alert=alert)
+            return Asked(version=entry.live.candidate.version)
         if entry is not None and entry.path is not None:
             return Asked(error=f"strategy {alert.strategy} is not running: {entry.error}")
         if require_known:
@@ -155,7 +154,18 @@ class StrategyRegistry(Registry):
             return Asked(error=f"strategy_name: expected one of the loaded strategies ({', '.join(known) or 'none'}) "
                                f"because REQUIRE_KNOWN_STRATEGY=true, found {alert.strategy!r}",
                          status=AlertStatus.REJECTED)
-        return Asked(tuple(passthrough.strategy_on_alert(None, alert)))
+        return Asked()
+
+    def route_alert(self, alert: AlertRequest, require_known: bool) -> Asked:
+        """The intents for an alert: from its plugin, else the built-in passthrough."""
+        admitted = self.admit(alert, require_known)
+        if admitted.error:
+            return admitted
+        entry = self.entries.get(alert.strategy)
+        live = entry.live if entry is not None and not entry.disabled else None
+        if live is not None and "strategy_on_alert" in live.candidate.hooks:
+            return self.ask(live, "strategy_on_alert", alert=alert)
+        return Asked(tuple(passthrough.strategy_on_alert(None, alert)), version=admitted.version)
 
     def subscribers(self, tick: Tick) -> list[Live]:
         """Running strategies with strategy_on_tick that want this symbol or hold it."""

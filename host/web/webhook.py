@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 from decimal import Decimal
 from typing import Any
 
@@ -12,9 +13,10 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..models import AlertStatus
 from ..inbox import AlertRecord, body_hash
-from ..validation import lower_keys, parse_alert
+from ..validation import lower_keys, parse_alert, unencodable
 from ..views import engine_alive, order_record
 
+log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
 DECISION_WAIT_S = 2.0
 STATUS_CODE = {AlertStatus.ACCEPTED.value: 200, AlertStatus.DUPLICATE.value: 200, AlertStatus.BLOCKED.value: 409,
@@ -23,6 +25,8 @@ STATUS_CODE = {AlertStatus.ACCEPTED.value: 200, AlertStatus.DUPLICATE.value: 200
 
 
 def _reply(status: str, code: int, **fields: Any) -> tuple[Response, int]:
+    if code >= 400 and "error" in fields:  # a client's bad input: one line, never a traceback
+        log.info("webhook %s from %s: %s", code, request.remote_addr, fields["error"])
     return jsonify({"status": status, **fields}), code
 
 
@@ -47,10 +51,35 @@ def _reject_constant(name: str) -> Any:
 
 def _signature_ok(raw: bytes, secret: str, header: str) -> bool:
     given = header.strip()
-    if given.lower().startswith("sha256="):
+    if given[:7].lower() == "sha256=":
         given = given[7:]
+    if not given.isascii():
+        return False
     expected = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, given.lower())
+    return hmac.compare_digest(expected.encode(), given.lower().encode())
+
+
+def _secret_ok(given: Any, secret: str) -> bool:
+    """Constant-time comparison that no text can make raise (lone surrogates, other scripts)."""
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), secret.encode())
+
+
+def _decode(raw: bytes) -> tuple[Any, str]:
+    """The body as a JSON value, or None and the reason it is not one (UTF-8 only)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"body is not valid UTF-8 text (byte {e.start}): expected a JSON object"
+    if not text.strip():
+        return None, "empty body: expected a JSON object"
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant), ""
+    except (ValueError, RecursionError) as e:
+        kind = request.mimetype or "no content type"
+        return None, f"body is not valid JSON ({kind}): {str(e)[:120]}; expected a JSON object such as " \
+                     "{\"secret_key\": ..., \"execution_type\": ..., \"legs\": [...]}"
 
 
 @bp.post("/webhook")
@@ -61,12 +90,9 @@ def webhook():
     if s.WEBHOOK_ALLOWED_IPS and not _ip_allowed(ip, s.WEBHOOK_ALLOWED_IPS):
         return _reply("forbidden", 403, error=f"caller {ip} is not in WEBHOOK_ALLOWED_IPS")
     raw = request.get_data(cache=False)
-    if not raw.strip():
-        return _reply("bad_request", 400, error="empty body: expected a JSON object")
-    try:
-        parsed = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        return _reply("bad_request", 400, error=f"body is not valid JSON: {str(e)[:120]}")
+    parsed, why = _decode(raw)
+    if why:
+        return _reply("bad_request", 400, error=why)
     if not isinstance(parsed, dict):
         return _reply("bad_request", 400, error=f"expected a JSON object, found a JSON {type(parsed).__name__}")
     body = lower_keys(parsed)
@@ -76,8 +102,12 @@ def webhook():
             return _reply("unauthorized", 401, error="X-Signature is missing or does not match the body "
                                                      "(expected hex HMAC-SHA256 of the raw body with WEBHOOK_SECRET)")
     given = body.pop("secret_key", None)
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), s.WEBHOOK_SECRET.encode()):
+    if not _secret_ok(given, s.WEBHOOK_SECRET):
         return _reply("unauthorized", 401, error="secret_key is missing or wrong")
+    bad_text = unencodable(body)
+    if bad_text:
+        return _reply("bad_request", 400, error=f"{bad_text}: expected Unicode text, found a lone surrogate "
+                                                "(\\ud800-\\udfff escape without its pair)")
     req, problems = parse_alert(body)
     if problems:
         aid = rt.inbox.store_rejected(body, problems, ip)
@@ -97,7 +127,10 @@ def _answer(rt: Any, record: AlertRecord, note: str = "") -> tuple[Response, int
     if record.orders:
         marks = ",".join("?" * len(record.orders))
         orders = [order_record(r) for r in rt.storage.rows(f"select * from orders where id in ({marks})", record.orders)]
-    fields: dict[str, Any] = {"alert_id": record.id, "reason": record.reason, "orders": orders}
+    fields: dict[str, Any] = {"alert_id": record.id, "client_alert_id": record.client_alert_id,
+                              "reason": record.reason, "orders": orders}
+    if record.notes:
+        fields["notes"] = list(record.notes)
     if record.duplicate_of:
         fields["duplicate_of"] = record.duplicate_of
     if record.status == AlertStatus.RECEIVED.value:
