@@ -37,9 +37,10 @@ def strategy_start(ctx):
 
 @hookspec(firstresult=True)
 def strategy_on_alert(ctx, alert):
-    """A TradingView alert named this strategy. `alert` is an AlertRequest (strategy,
-    execution_type, legs, client_alert_id). Return a list of Intent (or one, or None). Without this
-    hook the alert's legs are executed as given, like the built-in passthrough."""
+    """A TradingView ENTRY, EXIT or ADJUST alert named this strategy. `alert` is an AlertRequest
+    (strategy, execution_type, legs, client_alert_id, notes). Return a list of Intent (or one, or
+    None). Without this hook the alert's legs are executed as given, like the built-in passthrough.
+    POSITION alerts never reach it: the host plans them from the strategy's own position."""
 
 
 @hookspec(firstresult=True)
