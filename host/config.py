@@ -175,6 +175,7 @@ VARS: tuple[Var, ...] = (
     Var("DASHBOARD_LOGIN_ATTEMPTS", _int(1, 100), "5", "failed logins from one address before it is locked out"),
     Var("DASHBOARD_LOCKOUT_S", _int(1, 86400), "900", "seconds a locked-out address must wait"),
     Var("MARKET_PROTECTION_PCT", _decimal(Decimal("0.1"), Decimal("20"), "a percentage from 0.1 to 20"), "2", "market orders become limit orders this far through the LTP"),
+    Var("LTP_MAX_AGE_S", _int(1, 60), "5", "a feed price older than this many seconds is not used to protect a market order (GetQuotes is asked instead)"),
     Var("SQUARE_OFF_TIME", _hhmm_or_off, "15:15", "intraday (MIS) square-off time, Asia/Kolkata, or off"),
     Var("RISK_BASE_MAX_LOSS", _decimal(None, Decimal("-1"), "a negative amount in rupees, e.g. -5000"), "-5000", "daily max loss before trailing"),
     Var("RISK_TRAIL_STEP", _decimal(Decimal("0"), None, "an amount >= 0 in rupees"), "0", "the limit rises by this step for every step of peak profit (0: no trailing)"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Optional
 
 from .models import Side
 
@@ -14,11 +15,23 @@ def round_to_tick(price: Decimal, tick: Decimal, up: bool) -> Decimal:
     return (steps * tick).quantize(tick)
 
 
-def protected_limit(side: Side, ltp: Decimal, pct: Decimal, tick: Decimal = DEFAULT_TICK) -> Decimal:
-    """The limit price that stands in for a market order: LTP moved by pct against us, on the tick."""
+def protected_limit(side: Side, ltp: Decimal, pct: Decimal, tick: Decimal = DEFAULT_TICK,
+                    lower: Optional[Decimal] = None, upper: Optional[Decimal] = None) -> Decimal:
+    """The limit price that stands in for a market order: LTP moved by pct against us, on the tick, and
+    kept inside the day's circuit limits (`lower`/`upper`, Noren's `lc`/`uc`) when they are known."""
     if side is Side.BUY:
-        return round_to_tick(ltp * (1 + pct / 100), tick, up=True)
-    return max(round_to_tick(ltp * (1 - pct / 100), tick, up=False), tick)
+        price = round_to_tick(ltp * (1 + pct / 100), tick, up=True)
+    else:
+        price = max(round_to_tick(ltp * (1 - pct / 100), tick, up=False), tick)
+    low = round_to_tick(lower, tick, up=True) if lower is not None and lower > 0 else None
+    high = round_to_tick(upper, tick, up=False) if upper is not None and upper > 0 else None
+    if low is not None and high is not None and low > high:
+        return price  # limits that contradict each other say nothing
+    if high is not None:
+        price = min(price, high)
+    if low is not None:
+        price = max(price, low)
+    return price
 
 
 def tidy(value: Decimal, places: str = "0.0001") -> Decimal:

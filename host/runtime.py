@@ -41,6 +41,7 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
     master = InstrumentMaster(settings.data_dir / "instruments", settings.SHOONYA_SYMBOLS_URL)
     broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, master.load_cached(),
                            settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s, algo_id=settings.ALGO_ID,
+                           ltp_max_age_s=float(settings.LTP_MAX_AGE_S),
                            on_session=lambda state, why: set_session_state(storage, state, why))
 
     def refresh_instruments() -> None:  # downloads can be slow: never inside the worker's boot
@@ -173,7 +174,11 @@ class Runtime:
             symbols = {tuple(s.split(":", 1)) for live in self.strategies.running()
                        for s in live.candidate.meta.get("symbols", [])}
             held = self.storage.rows("select distinct exchange, symbol from positions where net_qty != 0")
-            return symbols | {(r["exchange"], r["symbol"]) for r in held}
+            from .models import OrderStatus  # and every symbol with a working order, whatever its position
+            done = [st.value for st in OrderStatus if st.terminal]
+            working = self.storage.rows("select distinct exchange, symbol from orders where status not in "
+                                        f"({', '.join('?' * len(done))})", tuple(done))
+            return symbols | {(r["exchange"], r["symbol"]) for r in held + working}
 
         return ShoonyaFeed(self.broker, wanted, engine.on_ticks, engine.on_broker_update,
                            stall_s=self.settings.FEED_STALL_S,

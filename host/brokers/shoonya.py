@@ -10,14 +10,17 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import requests
 
-from ..instruments import Instruments
+from ..instruments import Instrument, Instruments
+from ..market import IST
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
 from ..pricing import DEFAULT_TICK, protected_limit
 from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, transport_failure
@@ -52,8 +55,18 @@ class TimeoutRequests:
     def get(self, url: str, **kw: Any) -> requests.Response:
         return self._call("get", url, **kw)
 
+    @contextmanager
+    def bounded(self, timeout_s: float) -> Iterator[None]:
+        """A shorter timeout for this thread's calls inside the block."""
+        before = getattr(self._local, "timeout", None)
+        self._local.timeout = min(timeout_s, self.timeout_s)
+        try:
+            yield
+        finally:
+            self._local.timeout = before
+
     def _call(self, method: str, url: str, **kw: Any) -> requests.Response:
-        kw.setdefault("timeout", self.timeout_s)
+        kw.setdefault("timeout", getattr(self._local, "timeout", None) or self.timeout_s)
         self._local.last = None
         response = getattr(self._session(), method)(url, **kw)
         self._local.last = response
@@ -101,6 +114,20 @@ def _dec(v: Any) -> Optional[Decimal]:
     return d if d.is_finite() else None
 
 
+def _positive(v: Any) -> Optional[Decimal]:
+    """A price Noren sent, or None when it is absent, unreadable or not above zero ("0.00": unknown)."""
+    d = _dec(v)
+    return d if d is not None and d > 0 else None
+
+
+def _inside(price: Decimal, lower: Optional[Decimal], upper: Optional[Decimal]) -> bool:
+    return (lower is None or price >= lower) and (upper is None or price <= upper)
+
+
+def _today() -> date:
+    return datetime.now(IST).date()
+
+
 def _int(v: Any) -> int:
     try:
         return int(Decimal(str(v)))
@@ -128,17 +155,23 @@ class ShoonyaBroker:
 
     def __init__(self, api_url: str, ws_url: str, instruments: Instruments, protection_pct: Decimal,
                  timeout_s: float = 5.0, orders_per_s: float = SEGMENT_ORDERS_PER_S, algo_id: str = "",
-                 on_session: Callable[[str, str], None] = lambda state, why: None):
+                 on_session: Callable[[str, str], None] = lambda state, why: None, ltp_max_age_s: float = 5.0):
         from NorenRestApiPy.NorenApi import NorenApi
         self.http = install_requests(timeout_s)
         self.api = NorenApi(host=api_url, websocket=ws_url)
         self.instruments = instruments
         self.protection_pct = protection_pct
+        self.timeout_s = timeout_s
+        self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
         self.limiter = RateLimiter(orders_per_s)  # per exchange segment
         self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
         self.on_session = on_session  # ("valid" | "expired", why)
         self.uid: Optional[str] = None
-        self._ltp: dict[tuple[str, str], Decimal] = {}
+        self._ltp: dict[tuple[str, str], tuple[Decimal, float]] = {}  # (exchange, symbol) -> (ltp, monotonic when)
+        self._limits: dict[tuple[str, str], tuple[date, Optional[Decimal], Optional[Decimal]]] = {}  # the day's lc, uc
+        # instruments missing from the symbol file, found with SearchScrip / GetSecurityInfo
+        self._found: dict[tuple[str, str], Instrument] = {}
+        self._found_by_token: dict[tuple[str, str], Instrument] = {}
         self._on_update: Optional[Callable[[BrokerOrder], None]] = None
         # rows of the last read of each book whose product we do not trade (cover H, bracket B, ...):
         # shown here, never fatal; a warning is logged once per instrument and product
@@ -170,13 +203,8 @@ class ShoonyaBroker:
         pass
 
     def place(self, req: OrderRequest) -> str:
-        inst = self.instruments.get(req.exchange, req.symbol)
-        tick = inst.tick_size if inst else DEFAULT_TICK
         if req.order_type is OrderType.MKT:
-            ltp = self.ltp(req.exchange, req.symbol) or self._quote(req.exchange, req.symbol)
-            if ltp is None:
-                raise Rejected(f"no last price for {req.exchange}:{req.symbol}: a market order cannot be protected")
-            req = replace(req, order_type=OrderType.LMT, price=protected_limit(req.side, ltp, self.protection_pct, tick))
+            req = self._protect(req)
         self.limiter.wait(req.exchange)
         reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
                            "B" if req.side is Side.BUY else "S",
@@ -214,10 +242,131 @@ class ShoonyaBroker:
         return out
 
     def apply_tick(self, exchange: str, symbol: str, ltp: Decimal) -> None:
-        self._ltp[(exchange, symbol)] = ltp
+        self._ltp[(exchange, symbol)] = (ltp, time.monotonic())
 
     def ltp(self, exchange: str, symbol: str) -> Optional[Decimal]:
-        return self._ltp.get((exchange, symbol))
+        """The feed's last price, however old (market protection uses fresh_ltp)."""
+        seen = self._ltp.get((exchange, symbol))
+        return seen[0] if seen else None
+
+    def fresh_ltp(self, exchange: str, symbol: str) -> Optional[Decimal]:
+        """The feed's last price if it is younger than ltp_max_age_s."""
+        seen = self._ltp.get((exchange, symbol))
+        if seen is None or time.monotonic() - seen[1] > self.ltp_max_age_s:
+            return None
+        return seen[0]
+
+    def instrument(self, exchange: str, symbol: str) -> Optional[Instrument]:
+        """From the symbol file, or found earlier with SearchScrip (no broker call here)."""
+        return self.instruments.get(exchange, symbol) or self._found.get((exchange, symbol))
+
+    def instrument_by_token(self, exchange: str, token: str) -> Optional[Instrument]:
+        return self.instruments.token(exchange, token) or self._found_by_token.get((exchange, token))
+
+    def note_limits(self, exchange: str, symbol: str, lc: Any, uc: Any) -> None:
+        """The day's circuit limits, as GetQuotes or the feed's acknowledgement gave them."""
+        lower, upper = _positive(lc), _positive(uc)
+        if lower is not None or upper is not None:
+            self._limits[(exchange, symbol)] = (_today(), lower, upper)
+
+    def circuit_limits(self, exchange: str, symbol: str) -> tuple[Optional[Decimal], Optional[Decimal]]:
+        """Today's (lc, uc) when known; (None, None) otherwise."""
+        known = self._limits.get((exchange, symbol))
+        if known is None or known[0] != _today():
+            return None, None
+        return known[1], known[2]
+
+    # ---- market protection ----
+    def _protect(self, req: OrderRequest) -> OrderRequest:
+        """A market order as a limit order: a fresh feed price, else GetQuotes by the token, else refused.
+
+        A price of 0 (no trades today) or one outside the day's circuit limits is refused, and the limit
+        stays inside those limits, on the tick. The lookups get half the call's timeout, so PlaceOrder still
+        has the rest; any failure of theirs is a refusal, because nothing was sent."""
+        where = f"{req.exchange}:{req.symbol}"
+        budget = self.timeout_s / 2
+        deadline = time.monotonic() + budget
+        inst = self.instrument(req.exchange, req.symbol)
+        lower, upper = self.circuit_limits(req.exchange, req.symbol)
+        price = self.fresh_ltp(req.exchange, req.symbol)
+        if price is not None and not _inside(price, lower, upper):
+            log.warning("feed price %s for %s is outside the day's circuit limits %s-%s: asking GetQuotes",
+                        price, where, lower, upper)
+            price = None
+        if price is None:
+            try:
+                if inst is None:
+                    inst = self._look_up(req.exchange, req.symbol, deadline)
+                price, lower, upper = self._quoted_price(inst, deadline)
+            except (Rejected, SessionExpired):
+                raise
+            except BrokerError as e:  # timed out or unreachable: PlaceOrder was never sent
+                raise Rejected(f"no price for {where} to protect a market order ({e}); nothing was sent") from None
+        if time.monotonic() > deadline:
+            raise Rejected(f"the price for {where} took longer than {budget:g} s to read: the market order was not "
+                           f"sent, to leave time for its own answer")
+        tick = inst.tick_size if inst else DEFAULT_TICK
+        return replace(req, order_type=OrderType.LMT,
+                       price=protected_limit(req.side, price, self.protection_pct, tick, lower, upper))
+
+    def _lookup(self, deadline: float, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A read for market protection, bounded by what is left of its budget."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Rejected(f"{what}: no time left to read a price for market protection")
+        with self.http.bounded(left):
+            return self._call(what, fn, *args)
+
+    def _look_up(self, exchange: str, symbol: str, deadline: float) -> Instrument:
+        """An instrument missing from the symbol file: its token from SearchScrip, its tick and lot from the answer
+        or GetSecurityInfo; remembered for the day."""
+        where = f"{exchange}:{symbol}"
+        try:
+            reply = self._lookup(deadline, "searchscrip", self.api.searchscrip, exchange, symbol)
+        except Rejected as e:
+            if "no data" not in str(e).lower():
+                raise Rejected(f"SearchScrip for {where} failed ({e}): a market order cannot be protected") from None
+            reply = None
+        values = reply.get("values") if isinstance(reply, dict) else None
+        row = next((v for v in values or [] if isinstance(v, dict) and v.get("tsym") == symbol
+                    and v.get("exch", exchange) == exchange and v.get("token")), None)
+        if row is None:
+            raise Rejected(f"{where} is not in the instrument file and SearchScrip does not know it: a market order "
+                           f"cannot be protected")
+        token, tick, lot, freeze = str(row["token"]), _positive(row.get("ti")), _int(row.get("ls")), None
+        try:
+            info = self._lookup(deadline, "get_security_info", self.api.get_security_info, exchange, token)
+        except Rejected:  # the token is enough for GetQuotes; the tick falls back below
+            info = None
+        if isinstance(info, dict):
+            tick, lot = _positive(info.get("ti")) or tick, _int(info.get("ls")) or lot
+            freeze = _int(info.get("frzqty")) or None
+        inst = Instrument(exchange, token, symbol, lot or 1, tick or DEFAULT_TICK, freeze)
+        self._found[(exchange, symbol)] = inst
+        self._found_by_token[(exchange, token)] = inst
+        return inst
+
+    def _quoted_price(self, inst: Instrument, deadline: float) -> tuple[Decimal, Optional[Decimal], Optional[Decimal]]:
+        """GetQuotes by token: (lp, lc, uc), or Rejected when the answer is no usable price."""
+        where = f"{inst.exchange}:{inst.symbol}"
+        reply = self._lookup(deadline, "get_quotes", self.api.get_quotes, inst.exchange, inst.token)
+        if not isinstance(reply, dict):
+            raise Rejected(f"GetQuotes for {where} answered {reply!r}: a market order cannot be protected")
+        named, token = reply.get("tsym"), str(reply.get("token") or "")
+        if (named and named != inst.symbol) or (token and token != inst.token):
+            raise Rejected(f"GetQuotes for {where} answered for {reply.get('exch')}:{named} (token {token}): a market "
+                           f"order cannot be protected")
+        self.note_limits(inst.exchange, inst.symbol, reply.get("lc"), reply.get("uc"))
+        lower, upper = _positive(reply.get("lc")), _positive(reply.get("uc"))
+        lp = _dec(reply.get("lp"))
+        if lp is None or lp <= 0:
+            raise Rejected(f"{where} has not traded today (GetQuotes lp {reply.get('lp', 'missing')}) and the feed has no "
+                           f"price younger than {self.ltp_max_age_s:g} s: a market order cannot be protected; "
+                           f"send a limit order")
+        if not _inside(lp, lower, upper):
+            raise Rejected(f"GetQuotes answered lp {lp} for {where}, outside the day's circuit limits {lower}-{upper} "
+                           f"(a quote for another contract?): a market order cannot be protected")
+        return lp, lower, upper
 
     # ---- plumbing ----
     def _note_unknown_products(self, book: str, rows: list[dict]) -> list[dict]:
@@ -234,13 +383,6 @@ class ShoonyaBroker:
                             "host does not trade): shown as the broker has it, left out of the strategies' positions "
                             "and the risk PnL", key[0], key[1], key[2], book)
         return known
-
-    def _quote(self, exchange: str, symbol: str) -> Optional[Decimal]:
-        inst = self.instruments.get(exchange, symbol)
-        if inst is None:
-            return None
-        reply = self._call("get_quotes", self.api.get_quotes, exchange, inst.token)
-        return _dec(reply.get("lp")) if isinstance(reply, dict) else None
 
     def _list(self, what: str, fn: Callable[[], Any]) -> list[dict]:
         """A list route: a list, or [] for Noren's 'no data'; any other answer is an error, never 'empty'."""

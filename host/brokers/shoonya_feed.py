@@ -131,29 +131,44 @@ class ShoonyaFeed:
             self._reopen_by = time.monotonic() + 5.0
             self.emit("feed_disconnected", "broker feed disconnected; the library reconnects", "warning")
 
+    def _instrument(self, exchange: str, symbol: str) -> Any:
+        find = getattr(self.broker, "instrument", None)  # the symbol file, or found with SearchScrip
+        return find(exchange, symbol) if find else self.broker.instruments.get(exchange, symbol)
+
+    def _by_token(self, exchange: str, token: str) -> Any:
+        find = getattr(self.broker, "instrument_by_token", None)
+        return find(exchange, token) if find else self.broker.instruments.token(exchange, token)
+
     def _keys(self) -> set[str]:
+        """Every symbol `wanted()` names (the runtime's: strategies' symbols, held, with working orders)."""
         keys = set()
         for exchange, symbol in self.wanted():
-            inst = self.broker.instruments.get(exchange, symbol)
+            inst = self._instrument(exchange, symbol)
             if inst is not None:
                 keys.add(f"{exchange}|{inst.token}")
         return keys
 
     def _subscribe(self, resubscribe: bool) -> None:
-        """Send subscriptions; after a (re)connect all of them, since the library does not resend any."""
+        """Send subscriptions; after a (re)connect all of them, since the library does not resend any.
+        A subscription that did not go out in time is not counted as sent: the next refresh sends it."""
         keys = self._keys()
         todo = keys if resubscribe else keys - self.subscribed
         if resubscribe:
+            self.subscribed = set()
             self._send(lambda: self.api.subscribe_orders())
-        if todo:
-            self._send(lambda: self.api.subscribe(sorted(todo)))
-        self.subscribed = keys if resubscribe else self.subscribed | todo
+        if todo and self._send(lambda: self.api.subscribe(sorted(todo))):
+            self.subscribed = self.subscribed | todo
 
-    def _send(self, fn: Callable[[], None]) -> None:
-        """subscribe() blocks while the socket is down: give it a bound."""
-        t = threading.Thread(target=fn, daemon=True)
+    def _send(self, fn: Callable[[], None]) -> bool:
+        """subscribe() blocks while the socket is down: give it a bound. True if it returned in time."""
+        done = threading.Event()
+
+        def run() -> None:
+            fn()
+            done.set()
+        t = threading.Thread(target=run, daemon=True)
         t.start()
-        t.join(2.0)
+        return done.wait(2.0)
 
     def reconnect(self, why: str) -> None:
         """Reconnect (and authenticate with the current token); done on the feed's own thread."""
@@ -180,7 +195,10 @@ class ShoonyaFeed:
         self._start_socket()
 
     def _tick(self, msg: dict) -> Optional[Tick]:
-        inst = self.broker.instruments.token(msg.get("e", ""), str(msg.get("tk", "")))
+        inst = self._by_token(msg.get("e", ""), str(msg.get("tk", "")))
+        note_limits = getattr(self.broker, "note_limits", None)
+        if inst is not None and note_limits is not None and ("lc" in msg or "uc" in msg):
+            note_limits(inst.exchange, inst.symbol, msg.get("lc"), msg.get("uc"))  # the subscription's acknowledgement
         ltp = _dec(msg.get("lp"))
         if inst is None or ltp is None or ltp <= 0:
             return None
