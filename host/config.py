@@ -168,6 +168,7 @@ VARS: tuple[Var, ...] = (
     Var("TRUST_PROXY_HEADERS", _bool, "false", "take the client address from X-Forwarded-For (only behind your own proxy)"),
     Var("DEDUPE_WINDOW_S", _int(0, 3600), "10", "an identical alert body inside this many seconds is a duplicate"),
     Var("ALERT_MAX_AGE_S", _int(1, 86400), "300", "an alert still waiting this many seconds after arrival is not executed (stale)"),
+    Var("ORDER_LOST_AFTER_S", _int(5, 3600), "60", "an order sent but not found in the broker's books after this many seconds is marked LOST (never resent)"),
     Var("ALERT_ID_TTL_S", _int(1, 30 * 86400), "86400", "a strategy's alert_id is a duplicate within this many seconds; after that it runs again"),
     Var("REQUIRE_KNOWN_STRATEGY", _bool, "false", "reject alerts whose strategy has no plugin"),
     Var("DASHBOARD_COOKIE_SECURE", _bool, "false", "mark the session cookie Secure (serve over HTTPS)"),

@@ -6,26 +6,26 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import guard, targets
+from . import flatten, guard, outside, targets
 from .broker_session import load_token
 from .inbox import Inbox
-from .instruments import check_order
+from .instruments import check_order, slices
 from .market import IST
-from .models import (AlertRequest, AlertStatus, BrokerOrder, ExecutionType, Intent, Leg, Order, OrderStatus,
+from .models import (AlertRequest, AlertStatus, BrokerOrder, Decision, ExecutionType, Intent, Leg, Order, OrderStatus,
                      OrderType, Product, Side, TargetLeg, Tick, TradingState)
 from .orders import OrderSender, insert_order, transition
 from .risk import RiskGate
 from .storage import HEARTBEAT_KEY, Storage, dec, utcnow
 from .plugins.strategies import Asked, StrategyRegistry
 from .validation import validate_intent
-from .watcher import Watcher, apply_manual
+from .watcher import Watcher
 from . import views
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,6 @@ CLOCK_EVERY_S = 1.0
 RISK_EVERY_S = 0.25  # at most this often: a risk check reads every position
 SUMMARY_KEY = "daily_summary_day"
 PNL_POINT_EVERY_S = 5.0  # at most this often a point of the day's PnL curve is stored
-
-
-@dataclass(frozen=True)
-class Decision:
-    status: AlertStatus
-    reason: Optional[str]
-    orders: tuple[str, ...] = ()
 
 
 def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
@@ -55,19 +48,6 @@ def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
         book.open_orders.append(guard.OpenOrder(o["exchange"], o["symbol"], Product(o["product"]), Side(o["side"]),
                                                 o["qty"] - (o["filled_qty"] or 0)))
     return book
-
-
-def adding_orders(db: sqlite_utils.Database) -> list[dict]:
-    """Unfinished orders that would add to (not reduce) their strategy's position."""
-    marks = ",".join("?" * len(OPEN_STATUSES))
-    out = []
-    for o in db.query(f"select o.*, coalesce(p.net_qty, 0) net from orders o left join positions p on "
-                      f"p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
-                      f"p.product = o.product where o.status in ({marks}) order by o.rowid", OPEN_STATUSES):
-        reducing = o["net"] != 0 and (o["side"] == "SELL") == (o["net"] > 0)
-        if not reducing:
-            out.append(o)
-    return out
 
 
 def alert_from_json(text: str) -> AlertRequest:
@@ -112,6 +92,8 @@ class Engine:
         self._last_poll = 0.0
         self._blind: Optional[str] = None
         self._manual_seen: dict[tuple, int] = {}
+        self._broker_net: dict[tuple, int] = {}  # the broker's net per (exchange, symbol, product), last poll
+        self._cancels_sent: dict[str, float] = {}  # order id -> when its cancel was last asked for
         self._risk_dirty = True
         self._last_risk = 0.0
         self._pnl_point: tuple[float, Optional[Decimal]] = (0.0, None)
@@ -214,6 +196,7 @@ class Engine:
                     fn()
                 except Exception:
                     log.exception("engine call failed")
+        self._cancel_requested(changed)
         if dispatch:
             for row in changed:
                 live = self.strategies.live(row["strategy"])
@@ -309,12 +292,16 @@ class Engine:
         if self._recover_pending:
             self._recover()
             return
-        pending = self.storage.one("select count(*) n from orders where status in ('SUBMITTED','UNKNOWN','OPEN','PARTIAL')")
+        pending = self.storage.one("select count(*) n from orders where status in ('SUBMITTED','UNKNOWN','OPEN',"
+                                   "'PARTIAL') or (status = 'LOST' and updated_at >= ?)",
+                                   ((datetime.now(timezone.utc) - timedelta(days=1)).isoformat(),))
         if pending["n"]:
             try:
                 self.watcher.reconcile(self.broker_book(), set(self.sender.in_flight))
             except Exception as e:
                 log.warning("reconcile with the broker failed: %s", e)
+            self._cancel_requested(self.storage.rows("select * from orders where cancel_requested is not null and "
+                                                     "status in ('OPEN', 'PARTIAL')"))
 
     def _recover(self) -> None:
         """At start-up: reconcile with the broker's book, then send the orders it has never seen."""
@@ -328,9 +315,8 @@ class Engine:
             return
         self._recover_pending = False
         for oid in unsent:
-            log.info("order %s never reached the broker before the last stop (its book was searched); "
-                     "sending it now", oid)
-            self.sender.enqueue(oid, resend=True)
+            log.info("order %s was never handed to the broker before the last stop; sending it now", oid)
+            self.sender.enqueue(oid)
 
     # ---- alerts ----
     def _process_alerts(self) -> None:
@@ -358,8 +344,7 @@ class Engine:
                 decision = self.storage.write(
                     lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version))
         self.inbox.decided("alerts", row["id"])
-        for oid in decision.orders:
-            self.sender.enqueue(oid)
+        self._dispatch(decision)
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str]) -> Decision:
@@ -371,72 +356,34 @@ class Engine:
 
     def _decide_targets(self, db: sqlite_utils.Database, row: dict, alert: AlertRequest,
                         version: Optional[str]) -> Decision:
-        """A POSITION alert: only the difference from the strategy's own position is sent."""
-        targets.supersede(db, alert.strategy, {(t.exchange, t.symbol) for t in alert.targets}, row["id"])
-        book = load_book(db, alert.strategy)
-        plans = [(leg, targets.plan(book, leg)) for leg in alert.targets]
-        decision = self.evaluate(db, alert.strategy, [i for _, p in plans for i in p.intents], alert_id=row["id"],
-                                 version=version)
-        if decision.status is AlertStatus.ACCEPTED:
-            for leg, p in plans:
-                if p.wait:
-                    targets.store_waiting(db, row["id"], alert.strategy, leg,
-                                          targets.matching_orders(db, decision.orders, leg))
-                    self._targets_waiting = True
-            words = "; ".join([p.note for _, p in plans] + ([decision.reason] if decision.reason else []))
-            decision = Decision(decision.status, words, decision.orders)
+        """A POSITION alert: only the difference from the strategy's own position is sent (see targets)."""
+        decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version))
+        self._targets_waiting = True
         self._record(db, row, decision, version)
         return decision
 
+    def _evaluator(self, version: Optional[str] = None) -> targets.Evaluate:
+        return lambda db, strategy, intents, alert_id: self.evaluate(db, strategy, intents, alert_id, version)
+
     def _release_targets(self) -> None:
-        """Waiting reversal entries whose exits have finished: send them (through guard and risk) or drop them."""
+        """Position targets whose wait is over (exits filled, cancels done): plan them again, send or drop."""
         rows = self.storage.rows("select * from position_targets where status = ? order by id", (targets.WAITING,))
         self._targets_waiting = bool(rows)
         for row in rows:
-            if not self.storage.read(lambda db: self._release_target(db, row, dry=True)):
-                continue  # still waiting: nothing to write
-            created = self.storage.write(lambda db: self._release_target(db, row))
-            for oid in created:
-                self.sender.enqueue(oid)
-
-    def _release_target(self, db: sqlite_utils.Database, row: dict, dry: bool = False) -> Any:
-        """Send or drop one waiting target; with dry, only say whether it is ready to be decided."""
-        waiting, why = targets.blocking(db, row)
-        age = datetime.now(timezone.utc) - datetime.fromisoformat(row["created_at"])
-        if waiting and age <= timedelta(seconds=self.max_alert_age_s):
-            return ()
-        leg = targets.leg_of(row)
-        book = load_book(db, row["strategy"])
-        p = targets.plan(book, leg)
-        if why is None and waiting:
-            why = (f"the exit has not filled within ALERT_MAX_AGE_S={self.max_alert_age_s} s: the entry was not sent")
-        elif why is None and p.wait and not p.intents:
-            return ()  # other orders of the strategy in this symbol are still working
-        if dry:
-            return True
-        decision = Decision(AlertStatus.REJECTED, why) if why else self.evaluate(
-            db, row["strategy"], list(p.intents), alert_id=row["alert_id"])
-        status = "sent" if decision.status is AlertStatus.ACCEPTED else "dropped"
-        reason = p.note if status == "sent" else f"{decision.status.value}: {decision.reason}"
-        db.execute("update position_targets set status = ?, reason = ?, decided_at = ? where id = ?",
-                   (status, reason, utcnow(), row["id"]))
-        if status == "sent" and p.wait:  # crossing again (the book moved): exit now, wait once more
-            targets.store_waiting(db, row["alert_id"], row["strategy"], leg, list(decision.orders))
-        alert = db.execute("select orders, reason from alerts where id = ?", (row["alert_id"],)).fetchone()
-        if alert is not None:
-            db.execute("update alerts set orders = ?, reason = ? where id = ?",
-                       (json.dumps(json.loads(alert[0] or "[]") + list(decision.orders)),
-                        f"{alert[1] or ''}; then: {reason}"[:2000], row["alert_id"]))
-        Storage.add_event(db, "position_target", f"alert {row['alert_id']} ({row['strategy']}) target "
-                          f"{row['exchange']}:{row['symbol']} {row['target']:+d}: {reason}",
-                          "info" if status == "sent" else "warning", row["strategy"],
-                          {"alert_id": row["alert_id"], "orders": list(decision.orders)})
-        return decision.orders if status == "sent" else ()
+            if self.storage.read(lambda db: targets.ready(db, row, self.max_alert_age_s)):
+                self._dispatch(self.storage.write(lambda db: targets.release(
+                    db, row, self._evaluator(), self.max_alert_age_s)))
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
                  alert_id: Optional[str], version: Optional[str] = None) -> Decision:
-        """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes."""
+        """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes.
+
+        An EXIT also stops the strategy's own orders that would add to that symbol (the rest of a working
+        entry must not fill after the exit); a full exit then follows up on what they filled meanwhile.
+        """
         book = load_book(db, strategy)
+        full_exits = {(i.exchange, i.symbol, i.product) for i in intents if i.action is ExecutionType.EXIT
+                      and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
         checked = [guard.check(i, book) for i in intents]
         notes = [c.note for c in checked if c.note]
         blocked = [c.blocked for c in checked if c.blocked]
@@ -447,15 +394,30 @@ class Engine:
         refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:
             return Decision(AlertStatus.REFUSED, "; ".join(sorted(refusals)))
-        problems = [str(p) for n, c in enumerate(todo) for p in validate_intent(c.intent, f"intent[{n}]")]
-        if self.instruments is not None:
-            problems += [p for n, c in enumerate(todo) for p in check_order(
-                self.instruments(), c.intent.exchange, c.intent.symbol, c.intent.qty,
-                (c.intent.price, c.intent.trigger_price), f"intent[{n}]")]
+        master = self.instruments() if self.instruments is not None else None
+        sliced = [(c, replace(c.intent, qty=q)) for c in todo for q in slices(master, c.intent)]
+        problems = [str(p) for n, (c, i) in enumerate(sliced) for p in validate_intent(i, f"intent[{n}]")]
+        if master is not None:
+            problems += [p for n, (c, i) in enumerate(sliced) for p in check_order(
+                master, i.exchange, i.symbol, i.qty, (i.price, i.trigger_price), f"intent[{n}]", c.reducing)]
         if problems:
             return Decision(AlertStatus.REJECTED, "; ".join(problems))
-        orders = tuple(insert_order(db, c.intent, strategy, alert_id, version) for c in todo)
-        return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders)
+        if len(sliced) > len(todo):
+            notes.append(f"{len(todo)} order(s) sent as {len(sliced)} slices under the freeze quantity")
+        orders = tuple(insert_order(db, i, strategy, alert_id, version) for _, i in sliced)
+        cancels: list[str] = []
+        for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in intents if i.action is ExecutionType.EXIT):
+            stopped = flatten.cancel_adding(db, f"EXIT of {strategy} in {ex}:{sym}", strategy=strategy, exchange=ex,
+                                    symbol=sym)
+            cancels += stopped.working
+            if stopped.pending and alert_id is not None:
+                for key in full_exits:
+                    if key[:2] == (ex, sym):  # what the stopped orders fill meanwhile is exited after them
+                        targets.store_waiting(db, alert_id, strategy, TargetLeg(ex, sym, key[2], OrderType.MKT, 0),
+                                              targets.REPLAN, stopped.pending)
+                        self._targets_waiting = True
+                notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
+        return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders, tuple(cancels))
 
     def _act(self, strategy: str, asked: Asked, source: str) -> None:
         """Turn what a strategy hook returned into orders, through the guard and risk; record the outcome."""
@@ -469,9 +431,7 @@ class Engine:
                               "info" if d.status is AlertStatus.ACCEPTED else "warning", strategy,
                               {"version": asked.version, "orders": list(d.orders), "status": d.status.value})
             return d
-        decision = self.storage.write(run)
-        for oid in decision.orders:
-            self.sender.enqueue(oid)
+        self._dispatch(self.storage.write(run))
 
     @staticmethod
     def _record(db: sqlite_utils.Database, row: dict, d: Decision, version: Optional[str] = None) -> None:
@@ -580,35 +540,34 @@ class Engine:
         return self._flatten(f"exit-all by {args.get('by') or 'api'}")
 
     def _flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None) -> dict:
-        """Cancel orders that add exposure, and exit open positions through the guard (all, or one
-        strategy's, or one product's)."""
-        def wanted(row: dict) -> bool:
-            return (strategy is None or row["strategy"] == strategy) and (product is None or row["product"] == product)
+        """Stop orders that add exposure and exit each open position (all, one strategy's, or one product's)."""
+        try:  # the broker's net now, so that nothing closed outside is sold again; unreadable: no cap
+            net: Optional[dict] = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in self.broker_positions()}
+        except Exception as e:
+            log.warning("%s: the broker's positions are unreadable (%s); exits are capped by our own book only", why, e)
+            net = None
+        done = self.storage.write(lambda db: flatten.flatten(
+            db, why, lambda d, name, intents: self.evaluate(d, name, intents, alert_id=None), net, strategy, product))
+        self._dispatch(Decision(AlertStatus.ACCEPTED, why, done.orders, done.cancels), why)
+        return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
+                "left": list(done.left)}
 
-        def run(db: sqlite_utils.Database) -> tuple[list[str], int, list[str]]:
-            cancelled, to_cancel = 0, []
-            for o in filter(wanted, adding_orders(db)):
-                if o["status"] == OrderStatus.NEW.value:
-                    cancelled += transition(db, o["id"], OrderStatus.CANCELLED, why, reason=f"cancelled before sending: {why}")
-                elif o["status"] in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value):
-                    to_cancel.append(o["id"])
-            created: list[str] = []
-            held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy") if wanted(p)]
-            for name in dict.fromkeys(p["strategy"] for p in held):
-                intents = [Intent(p["exchange"], p["symbol"], Side.SELL if p["net_qty"] > 0 else Side.BUY,
-                                  abs(p["net_qty"]), OrderType.MKT, Product(p["product"]), action=ExecutionType.EXIT)
-                           for p in held if p["strategy"] == name]
-                created += self.evaluate(db, name, intents, alert_id=None).orders
-            Storage.add_event(db, "exit_all", f"{why}: {len(created)} exit orders, {cancelled} unsent orders "
-                              f"cancelled, {len(to_cancel)} working orders being cancelled", "warning", strategy,
-                              data={"orders": created, "cancelling": to_cancel})
-            return created, cancelled, to_cancel
-        created, cancelled, to_cancel = self.storage.write(run)
-        for oid in to_cancel:  # first, so nothing new can fill while the exits go out
-            self.sender.enqueue_cancel(oid, why)
-        for oid in created:
+    def _dispatch(self, decision: Decision, why: str = "") -> None:
+        """Cancels first, so nothing new can fill while the new orders go out; then the new orders."""
+        for oid in decision.cancels:
+            self._cancels_sent[oid] = time.monotonic()
+            self.sender.enqueue_cancel(oid, why or decision.reason or "cancel")
+        for oid in decision.orders:
             self.sender.enqueue(oid)
-        return {"orders": created, "cancelled": cancelled, "cancelling": to_cancel}
+
+    def _cancel_requested(self, rows: list[dict]) -> None:
+        """Orders marked for cancelling before their broker id was known: cancel them once it is (again after 5 s)."""
+        now = time.monotonic()
+        for row in rows:
+            if row.get("cancel_requested") and row["status"] in flatten.WORKING and row["broker_order_id"] \
+                    and now - self._cancels_sent.get(row["id"], -10.0) >= 5.0:
+                self._cancels_sent[row["id"]] = now
+                self.sender.enqueue_cancel(row["id"], row["cancel_requested"])
 
     # ---- risk ----
     def _risk_check(self, force_poll: bool = False) -> None:
@@ -617,11 +576,7 @@ class Engine:
         mono = time.monotonic()
         if force_poll or mono - self._last_poll >= self.risk_poll_s:
             self._last_poll = mono
-            try:
-                self._blind = None
-                self._adopt_manual(self.broker_positions())
-            except Exception as e:  # any failure to read positions is blindness, never "flat"
-                self._blind = f"{type(e).__name__}: {e}"
+            self._poll_broker()
         self._last_risk = mono
         pnl, by_strategy = views.pnl_by_strategy(self.storage)
 
@@ -673,29 +628,63 @@ class Engine:
         elif action.kind == "square_off":
             self._flatten("risk: intraday square-off", product="I")
 
-    def _adopt_manual(self, broker_positions: list) -> None:
-        """Positions at the broker that no strategy owns count as the pseudo-strategy `manual`.
+    def _poll_broker(self) -> None:
+        """Read the broker's positions (unreadable: blind, never "flat") and its books (trades made outside)."""
+        try:
+            positions = self.broker_positions()
+        except Exception as e:
+            self._blind = f"{type(e).__name__}: {e}"
+            return
+        self._blind = None
+        self._broker_net = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in positions}
+        try:
+            book: Optional[list[BrokerOrder]] = self.broker_book()
+        except Exception as e:  # without the books no outside trade can be told from our own: adopt nothing
+            log.warning("outside trades not checked: the broker's books are unreadable (%s)", e)
+            book = None
+        self._adopt_outside(book, positions)
 
-        A difference must be seen on two polls in a row: a fill may be at the broker a moment before
-        the watcher has applied it.
+    def _adopt_outside(self, book: Optional[list[BrokerOrder]], broker_positions: list) -> None:
+        """Apply fills of orders placed outside the host; then count what still differs, if nothing explains it.
+
+        An unexplained difference must be seen on two polls in a row, and is ignored where one of our
+        orders is unfinished (a fill may be at the broker a moment before the watcher has applied it).
         """
-        ours: dict[tuple, int] = {}
+        if book is None:
+            self._manual_seen = {}
+            return
+        remarks = list({o.remarks for o in book if o.remarks})
+        ours: set[str] = set()
+        for i in range(0, len(remarks), 500):
+            chunk = remarks[i:i + 500]
+            ours |= {r["id"] for r in self.storage.rows(
+                f"select id from orders where id in ({','.join('?' * len(chunk))})", tuple(chunk))}
+        fills = outside.foreign_fills(book, ours)
+        if fills:
+            adopted = self.storage.write(lambda db: [outside.adopt_fill(db, *f) for f in fills])
+            self._risk_dirty = self._risk_dirty or any(a is not None for a in adopted)
+        explained = {(o.exchange, o.symbol, o.product) for o in book if o.remarks not in ours}
+        mine: dict[tuple, int] = {}
         for r in self.storage.rows("select exchange, symbol, product, sum(net_qty) n from positions "
                                    "group by exchange, symbol, product"):
-            ours[(r["exchange"], r["symbol"], r["product"])] = r["n"]
+            mine[(r["exchange"], r["symbol"], r["product"])] = r["n"]
+        working = {(r["exchange"], r["symbol"], r["product"]) for r in self.storage.rows(
+            f"select distinct exchange, symbol, product from orders where status in "
+            f"({','.join('?' * len(OPEN_STATUSES))})", OPEN_STATUSES)}
         theirs = {(p.exchange, p.symbol, p.product.value): p for p in broker_positions}
         diffs = {}
-        for key in set(ours) | set(theirs):
-            diff = (theirs[key].net_qty if key in theirs else 0) - ours.get(key, 0)
+        for key in (set(mine) | set(theirs)) - explained - working:
+            diff = (theirs[key].net_qty if key in theirs else 0) - mine.get(key, 0)
             if diff:
                 diffs[key] = diff
         confirmed = {k: d for k, d in diffs.items() if self._manual_seen.get(k) == d}
-        self._manual_seen = diffs
+        self._manual_seen = {k: d for k, d in diffs.items() if k not in confirmed}
         for (ex, sym, prod), diff in confirmed.items():
             bp = theirs.get((ex, sym, prod))
             quote = self.storage.one("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym))
             price = Decimal(quote["ltp"]) if quote else (bp.avg_price if bp else Decimal("0"))
-            self.storage.write(lambda db: (apply_manual(db, ex, sym, prod, diff, price), Storage.add_event(
-                db, "manual_trade", f"{diff:+d} {ex}:{sym} ({prod}) at the broker belongs to no strategy: counted "
-                f"in the PnL as strategy 'manual'", "warning", "manual", {"qty": diff, "price": str(price)})))
-            self._manual_seen.pop((ex, sym, prod), None)
+            side = Side.BUY if diff > 0 else Side.SELL
+            self.storage.write(lambda db: outside.allocate(
+                db, ex, sym, prod, side, abs(diff), price, "found in the broker's positions (no order in today's "
+                "books explains it)"))
+            self._risk_dirty = True

@@ -71,7 +71,7 @@ def check(intent: Intent, book: StrategyBook) -> Checked:
             return Checked(None, blocked=f"duplicate ENTRY: strategy {book.strategy} has an unfinished order in {where}")
         book.book_order(intent)
         return Checked(intent)
-    product = _position_product(intent, book)
+    product = position_product(intent, book)
     side, available = book.closable(intent.exchange, intent.symbol, product)
     if intent.action is ExecutionType.EXIT:
         if side is None or available == 0:
@@ -98,7 +98,7 @@ def check(intent: Intent, book: StrategyBook) -> Checked:
     return Checked(intent)
 
 
-def _position_product(intent: Intent, book: StrategyBook) -> Product:
+def position_product(intent: Intent, book: StrategyBook) -> Product:
     """The product of the position an exit refers to: the one named, else the only one held."""
     if book.net(intent.exchange, intent.symbol, intent.product):
         return intent.product

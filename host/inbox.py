@@ -12,8 +12,9 @@ from typing import Any, Callable, Optional
 import sqlite_utils
 
 from .ids import new_id
-from .models import AlertRequest, AlertStatus, Problem
+from .models import AlertRequest, AlertStatus, ExecutionType, Problem
 from .storage import Storage, utcnow
+from .validation import NAME_RE
 
 POLL_START_S = 0.002
 POLL_MAX_S = 0.05
@@ -87,12 +88,12 @@ class Inbox:
         """Keep a failed-validation alert so its trail is visible; return its id."""
         aid = new_id("a")
         reason = "; ".join(str(p) for p in problems)
-        strategy = _str_or_none(body.get("strategy_name"))
+        strategy = _name_or_none(body.get("strategy_name"))
 
         def run(db: sqlite_utils.Database) -> None:
             db["alerts"].insert({
                 "id": aid, "received_at": utcnow(), "strategy": strategy,
-                "execution_type": _str_or_none(body.get("execution_type")),
+                "execution_type": _name_or_none(body.get("execution_type")),
                 "body": json.dumps(body, default=str)[:65536], "source_ip": source_ip,
                 "status": AlertStatus.REJECTED.value, "reason": reason,
                 "problems": json.dumps([p.as_dict() for p in problems]), "orders": "[]", "decided_at": utcnow()})
@@ -137,8 +138,8 @@ class Inbox:
                 return rows[0]
             if rows:  # older than ALERT_ID_TTL_S: the id is free again (the old alert keeps its trail)
                 db.execute("update alerts set dedupe_key = null where id = ?", (rows[0]["id"],))
-        if self.dedupe_window_s <= 0:
-            return None
+        if self.dedupe_window_s <= 0 or req.execution_type is ExecutionType.POSITION:
+            return None  # a repeated target is harmless (already at target); 75, 0, 75 in 10 s must all run
         since = _ago(now, self.dedupe_window_s)
         # only an alert that runs (or will) makes a copy a duplicate: a refused one may be sent again
         rows = list(db.query("select * from alerts where body_hash = ? and received_at >= ? and status in "
@@ -197,5 +198,6 @@ def _ago(now: str, seconds: int) -> str:
     return (datetime.fromisoformat(now) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
 
 
-def _str_or_none(v: Any) -> Optional[str]:
-    return None if v is None else str(v)[:64]
+def _name_or_none(v: Any) -> Optional[str]:
+    """A name fit for logs and messages (ASCII, no control characters), or None: a hostile one forges no lines."""
+    return v if isinstance(v, str) and NAME_RE.fullmatch(v) else None

@@ -8,9 +8,13 @@ import io
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
+
+if TYPE_CHECKING:
+    from .models import OrderSpec
 
 SAMPLE = Path(__file__).parent / "sim" / "data" / "instruments.csv"
+MAX_ORDER_QTY = 10_000_000  # the host's cap per order (validation.MAX_QTY); larger exits go in slices
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,29 @@ def time_of(path: Path) -> str:
     return _dt.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="minutes")
 
 
+def slices(instruments: Optional[Instruments], intent: "OrderSpec") -> list[int]:
+    """The quantities to send an order as: each below the freeze quantity and a whole number of lots.
+
+    An odd remainder that is not a whole lot goes as its own order (an exit of such a position is
+    still tried; an entry of it is refused by check_order).
+    """
+    inst = instruments.get(intent.exchange, intent.symbol) if instruments is not None else None
+    if inst is None or not inst.freeze_qty:  # no freeze known: only the host's own cap per order
+        whole, rest = divmod(intent.qty, MAX_ORDER_QTY)
+        return [MAX_ORDER_QTY] * whole + ([rest] if rest else [])
+    if intent.qty < inst.freeze_qty:
+        return [intent.qty]
+    lot = max(inst.lot_size, 1)
+    cap = max((inst.freeze_qty - 1) // lot, 1) * lot  # strictly below the freeze: some exchanges refuse it exactly
+    whole, odd = divmod(intent.qty, lot)
+    out = [cap] * (whole * lot // cap)
+    if whole * lot % cap:
+        out.append(whole * lot % cap)
+    return out + ([odd] if odd else [])
+
+
 def check_order(instruments: Instruments, exchange: str, symbol: str, qty: int, prices: Iterable[Optional[Decimal]],
-                where: str) -> list[str]:
+                where: str, reducing: bool = False) -> list[str]:
     """Symbol, lot-size and tick-size problems of one order (no symbol check for an exchange not loaded)."""
     inst = instruments.get(exchange, symbol)
     if inst is None:
@@ -143,7 +168,7 @@ def check_order(instruments: Instruments, exchange: str, symbol: str, qty: int, 
         return [f"{where}.symbol: expected a symbol the {exchange} instrument master knows, found {symbol!r}"
                 f"{'; nearest known: ' + ', '.join(near) if near else ''}"]
     problems = []
-    if qty % inst.lot_size:
+    if qty % inst.lot_size and not reducing:  # an odd position must still be exitable
         problems.append(f"{where}.qty: expected a multiple of the lot size {inst.lot_size} for {exchange}:{symbol}, "
                         f"found {qty}")
     if inst.freeze_qty and qty > inst.freeze_qty:

@@ -57,6 +57,8 @@ class OrderStatus(str, enum.Enum):
     FILLED = "FILLED"
     CANCELLED = "CANCELLED"
     REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"  # a DAY order gone from a new day's book
+    LOST = "LOST"        # sent, never seen in the broker's books within ORDER_LOST_AFTER_S; still looked for
 
     @property
     def terminal(self) -> bool:
@@ -68,11 +70,13 @@ class OrderStatus(str, enum.Enum):
         return _STATUS_RANK[self]
 
 
-TERMINAL_STATUSES = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED})
+TERMINAL_STATUSES = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED, OrderStatus.EXPIRED})
 _STATUS_RANK = {
     OrderStatus.NEW: 0,
     OrderStatus.SUBMITTED: 1,
     OrderStatus.UNKNOWN: 1,
+    OrderStatus.LOST: 1,
+    OrderStatus.EXPIRED: 4,
     OrderStatus.OPEN: 2,
     OrderStatus.PARTIAL: 3,
     OrderStatus.FILLED: 4,
@@ -95,6 +99,16 @@ class AlertStatus(str, enum.Enum):
     BLOCKED = "blocked"
     REFUSED = "refused"
     FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What became of an alert or a strategy's intents: the status, why, and the orders it made."""
+
+    status: AlertStatus
+    reason: Optional[str]
+    orders: tuple[str, ...] = ()
+    cancels: tuple[str, ...] = ()  # working orders to cancel at the broker before the new orders go out
 
 
 @dataclass(frozen=True)
@@ -247,3 +261,8 @@ class BrokerOrder:
     avg_price: Optional[Decimal]
     reason: Optional[str] = None
     fills: tuple[FillReport, ...] = field(default_factory=tuple)
+    # what was traded (known from the books; updates from the feed may leave them empty)
+    exchange: Optional[str] = None
+    symbol: Optional[str] = None
+    product: Optional[str] = None   # the broker's code: M, I, C, or H/B for cover and bracket orders
+    side: Optional[Side] = None

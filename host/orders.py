@@ -31,6 +31,7 @@ def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert
         "order_type": intent.order_type.value, "price": _txt(intent.price), "trigger_price": _txt(intent.trigger_price),
         "product": intent.product.value, "status": OrderStatus.NEW.value, "filled_qty": 0, "avg_price": None,
         "broker_order_id": None, "reason": None, "created_at": now, "updated_at": now, "strategy_version": version,
+        "applied_qty": 0, "applied_value": "0",
     })
     Storage.insert(db, "order_history", {"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
     return oid
@@ -67,10 +68,16 @@ def _order_row(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     return None if values is None else dict(zip((c[0] for c in cur.description), values, strict=True))
 
 
-def _mark_submitted(db: sqlite_utils.Database, order_id: str, detail: Optional[str]) -> None:
-    if not transition(db, order_id, OrderStatus.SUBMITTED, detail):  # a resend: same rank, so note it
-        Storage.insert(db, "order_history", {"order_id": order_id, "at": utcnow(),
-                                             "status": OrderStatus.SUBMITTED.value, "detail": detail})
+def mark_submitted(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
+    """NEW -> SUBMITTED in one step; the row to send, or None if it is no longer NEW (cancelled by a
+    breach or an exit-all, or sent already): such an order is never sent."""
+    now = utcnow()
+    if db.execute("update orders set status = ?, updated_at = ? where id = ? and status = ?",
+                  (OrderStatus.SUBMITTED.value, now, order_id, OrderStatus.NEW.value)).rowcount != 1:
+        return None
+    Storage.insert(db, "order_history", {"order_id": order_id, "at": now, "status": OrderStatus.SUBMITTED.value,
+                                         "detail": None})
+    return _order_row(db, order_id)
 
 
 def request_for(row: dict) -> OrderRequest:
@@ -122,9 +129,9 @@ class OrderSender:
         if self._thread:
             self._thread.join(timeout)
 
-    def enqueue(self, order_id: str, resend: bool = False) -> None:
-        """Queue an order to send; resend=True also takes SUBMITTED/UNKNOWN orders the broker's book lacks."""
-        self._queue.put((self.send, order_id, resend))
+    def enqueue(self, order_id: str) -> None:
+        """Queue a NEW order to send (anything else is never sent, so a queued duplicate is harmless)."""
+        self._queue.put((self.send, order_id, None))
 
     def enqueue_cancel(self, order_id: str, why: str) -> None:
         """Queue a cancel request for a working order, behind the orders already queued."""
@@ -157,16 +164,12 @@ class OrderSender:
             self.storage.write(lambda db: Storage.add_event(db, "cancel_failed", message, "warning",
                                                             row["strategy"], {"order_id": order_id}))
 
-    def send(self, order_id: str, resend: bool = False) -> None:
-        """Mark SUBMITTED (persisted) then call the broker; record what came back."""
-        row = self.storage.one("select * from orders where id = ?", (order_id,))
-        sendable = (OrderStatus.NEW.value, OrderStatus.SUBMITTED.value, OrderStatus.UNKNOWN.value) if resend \
-            else (OrderStatus.NEW.value,)
-        if row is None or row["status"] not in sendable:
-            return
-        detail = "sent again after a restart: the broker's book did not have it" if row["status"] != "NEW" else None
+    def send(self, order_id: str, _: Any = None) -> None:
+        """Mark SUBMITTED (persisted; only from NEW) then call the broker; record what came back."""
         # durable: this commit also syncs the decision that created the order, before it leaves
-        self.storage.write(lambda db: _mark_submitted(db, order_id, detail), durable=True)
+        row = self.storage.write(lambda db: mark_submitted(db, order_id), durable=True)
+        if row is None:
+            return
         self.in_flight.add(order_id)
         try:
             broker_id = self.gateway.call("place_order", self.gateway.broker.place, request_for(row))

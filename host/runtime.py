@@ -66,14 +66,14 @@ class Runtime:
     """Everything one host process needs; the engine part runs only where the engine lock is held."""
 
     def __init__(self, settings: Settings, storage: Optional[Storage] = None, broker: Optional[Broker] = None,
-                 broker_timeout_s: float = 5.0, unknown_grace_s: float = 30.0, plugin_budget_s: float = 1.0,
+                 broker_timeout_s: float = 5.0, unknown_grace_s: Optional[float] = None, plugin_budget_s: float = 1.0,
                  breaker_limit: int = 5, watch_plugins: bool = True):
         self.settings = settings
         self._storage = storage
         self._broker = broker
         self.broker_timeout_s = broker_timeout_s
         self.clock_offset = timedelta(0)
-        self.unknown_grace_s = unknown_grace_s
+        self.unknown_grace_s = settings.ORDER_LOST_AFTER_S if unknown_grace_s is None else unknown_grace_s
         self.plugin_budget_s = plugin_budget_s
         self.breaker_limit = breaker_limit
         self.watch_plugins = watch_plugins

@@ -100,14 +100,32 @@ def _m6_position_targets(db: sqlite_utils.Database) -> None:
     # the entry half of a POSITION reversal, waiting for its exit to fill
     db["position_targets"].create({
         "id": int, "alert_id": str, "strategy": str, "exchange": str, "symbol": str, "product": str,
-        "order_type": str, "price": str, "target": int, "after": str, "status": str, "reason": str,
+        "order_type": str, "price": str, "target": int, "kind": str, "after": str, "status": str, "reason": str,
         "created_at": str, "decided_at": str}, pk="id")
     db["position_targets"].create_index(["status"])
 
 
+def _m7_exactly_once(db: sqlite_utils.Database) -> None:
+    # how much of each order's fills the positions have taken (a lost fill message is made up from the totals)
+    db["orders"].add_column("applied_qty", int)
+    db["orders"].add_column("applied_value", str)
+    db["orders"].add_column("cancel_requested", str)  # breach/exit-all/EXIT: cancel once the broker id is known
+    totals: dict[str, tuple[int, Decimal]] = {}
+    for order_id, qty, price in db.execute("select order_id, qty, price from fills").fetchall():
+        q, v = totals.get(order_id, (0, Decimal("0")))
+        totals[order_id] = (q + qty, v + qty * Decimal(price))  # Decimal: never SQLite's float sum
+    db.execute("update orders set applied_qty = 0, applied_value = '0'")
+    for order_id, (q, v) in totals.items():
+        db.execute("update orders set applied_qty = ?, applied_value = ? where id = ?", (q, str(v), order_id))
+    # fills of orders placed outside the host (the broker's app, its square-off), each applied once
+    db["outside_fills"].create({"fill_id": str, "broker_order_id": str, "exchange": str, "symbol": str,
+                                "product": str, "side": str, "qty": int, "price": str, "at": str,
+                                "allocation": str}, pk="fill_id")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
-                                                                  _m6_position_targets)
+                                                                  _m6_position_targets, _m7_exactly_once)
 
 
 class Storage:

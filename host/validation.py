@@ -33,9 +33,15 @@ LEG_KEYS = {  # accepted spellings of each leg field, first one canonical
     "position_size": ("position_size",),
 }
 # the original platform's exit fields: managed exits are not built yet, so they are refused, never dropped
-EXIT_LEG_FIELDS = ("stop_loss", "target", "stop_loss_points", "target_points", "stop_loss_pct", "target_pct",
-                   "trailing_type", "trailing_value", "trailing_activation_price")
-EXIT_ALERT_FIELDS = ("strategy_stoploss", "strategy_target", "strategy_trailing_step")
+EXIT_FIELDS = ("stop_loss", "target", "stop_loss_points", "target_points", "stop_loss_pct", "target_pct",
+               "trailing_type", "trailing_value", "trailing_activation_price", "strategy_stoploss", "strategy_target",
+               "strategy_trailing_step",
+               # spellings traders use for the same things: refused too, never silently ignored
+               "stoploss", "stop", "sl", "sl_price", "stop_price", "stop_loss_price", "take_profit", "takeprofit", "tp",
+               "target_price", "profit_target", "trailing_stop", "trailing_sl", "trailing_stoploss", "trail",
+               "trailing")
+KNOWN_ALERT_FIELDS = {"secret_key", "execution_type", "strategy_name", "exchange", "alert_id", "legs"}
+KNOWN_LEG_FIELDS = {name for names in LEG_KEYS.values() for name in names}
 NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}", re.ASCII)
 SYMBOL_RE = re.compile(r"[A-Za-z0-9_.&\-]{1,40}", re.ASCII)
 NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
@@ -55,13 +61,16 @@ def ascii_upper(text: str) -> str:
     return text.translate(_ASCII_UPPER)
 
 
-def lower_keys(value: Any) -> Any:
-    """The same JSON value with every object key lower-cased, ASCII letters only (keys are case-insensitive)."""
-    if isinstance(value, dict):
-        return {str(k).translate(_ASCII_LOWER): lower_keys(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [lower_keys(v) for v in value]
-    return value
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json object_pairs_hook: a key given twice, in any case ("qty" and "QTY"), is an error, never "last wins"."""
+    out: dict = {}
+    for key, value in pairs:
+        low = key.translate(_ASCII_LOWER)
+        if low in out:
+            raise ValueError(f"the key {key!r} is given more than once (keys are case-insensitive): expected each "
+                             f"field once")
+        out[low] = value
+    return out
 
 
 def strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
@@ -129,7 +138,9 @@ def number(value: Any) -> Optional[Decimal]:
         n = Decimal(text)
     except InvalidOperation:
         return None
-    return n if n.is_finite() else None
+    if not n.is_finite() or abs(n) >= 10 ** 18:
+        return None
+    return Decimal(format(n, "f"))  # plain digits: "2.61e4" is 26100, never sent as 2.61E+4
 
 
 def price_places(exchange: Optional[str]) -> int:
@@ -218,10 +229,7 @@ def parse_alert(body: dict) -> tuple[Optional[AlertRequest], list[Problem]]:
     if alert_key is not None and not (isinstance(alert_key, (str, int)) and not isinstance(alert_key, bool)
                                       and 0 < len(str(alert_key)) <= 128):
         c.add("alert_id", "a string of 1-128 characters", alert_key)
-    for name in EXIT_ALERT_FIELDS:
-        if name in body:
-            c.add(name, "no managed-exit fields: strategy stop-loss and target are not supported yet, and an alert "
-                        "is refused rather than run without them", body[name])
+    _unknown(c, "", body, KNOWN_ALERT_FIELDS)
     top_exchange = body.get("exchange")
     legs_raw = body.get("legs")
     legs: list[Any] = []
@@ -262,11 +270,20 @@ def _common(c: Collector, where: str, raw: Any, top_exchange: Any, what: str) ->
     f["order_type"] = OrderType(otype) if otype else None
     f["product_type"] = c.choice(f"{where}.product_type", f["product_type"], PRODUCT_ALIASES,
                                  "M | I | C (or NRML, MIS, CNC)")
-    for name in EXIT_LEG_FIELDS:
-        if name in raw:
-            c.add(f"{where}.{name}", "no managed-exit fields: stop-loss, target and trailing are not supported "
-                                     "yet, and an alert is refused rather than run without them", raw[name])
+    _unknown(c, f"{where}.", raw, KNOWN_LEG_FIELDS)
     return f
+
+
+def _unknown(c: Collector, prefix: str, obj: dict, known: set[str]) -> None:
+    """Fields this host does not read: a managed-exit field is refused (never run without it); others noted."""
+    for name, value in obj.items():
+        if name in known:
+            continue
+        if name in EXIT_FIELDS:
+            c.add(f"{prefix}{name}", "no managed-exit fields: stop-loss, target and trailing are not supported yet, "
+                                     "and an alert is refused rather than run without them", value)
+        else:
+            c.notes.append(f"{prefix}{name} ignored: not a field this host reads")
 
 
 def tradingsymbol(exchange: Optional[str], symbol: str, c: Collector, where: str) -> str:
@@ -325,6 +342,10 @@ def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Opti
 
 
 def _target(c: Collector, where: str, f: dict) -> Optional[int]:
+    if f["position"] is not None and f["market_position"] is not None:
+        c.add(f"{where}.market_position", "either position or market_position with position_size, not both",
+              f["market_position"])
+        return None
     if f["position"] is not None:
         if isinstance(f["position"], str) and ascii_upper(f["position"].strip(" \t")) == "FLAT":
             return 0
@@ -339,8 +360,10 @@ def _target(c: Collector, where: str, f: dict) -> Optional[int]:
         return None
     sign = c.choice(f"{where}.market_position", f["market_position"], MARKET_POSITIONS, "long | short | flat")
     if sign == 0:
+        if f["position_size"] is not None and number(f["position_size"]) != 0:
+            c.add(f"{where}.position_size", "0 or nothing with market_position flat", f["position_size"])
         return 0
-    size = c.quantity(f"{where}.position_size", f["position_size"], lo=0)
+    size = c.quantity(f"{where}.position_size", f["position_size"])
     return None if sign is None or size is None else sign * size
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Iterable, Optional
 
 import sqlite_utils
 
+from .market import IST
 from .models import BrokerOrder, OrderStatus, Side
 from .orders import _order_row, transition
 from .positions import PositionMath
@@ -20,18 +21,18 @@ EVENT_FOR = {OrderStatus.FILLED: ("order_filled", "info"), OrderStatus.PARTIAL: 
 
 
 def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dict]:
-    """Apply one broker view of an order to ours (idempotent); the order's new row if anything changed."""
+    """Apply one broker view of an order to ours (idempotent); the order's new row if anything changed.
+
+    Positions follow the order's cumulative fill, not the fill messages: a fill message that was
+    lost is made up from the broker's totals, and one seen twice counts once.
+    """
     order = _order_row(db, update.remarks)
     if order is None:
         return None
-    filled = False
     for fill in update.fills:
-        if db.execute("select 1 from fills where fill_id = ?", (fill.fill_id,)).fetchone():
-            continue
-        Storage.insert(db, "fills", {"fill_id": fill.fill_id, "order_id": order["id"], "qty": fill.qty,
-                                     "price": str(fill.price), "at": utcnow()})
-        _apply_fill(db, order, fill.qty, fill.price)
-        filled = True
+        db.execute("insert or ignore into fills (fill_id, order_id, qty, price, at) values (?, ?, ?, ?, ?)",
+                   (fill.fill_id, order["id"], fill.qty, str(fill.price), utcnow()))
+    filled = _apply_cumulative(db, order, update)
     # updates can arrive out of order (feed and book): an older one never lowers the fill count;
     # transition() keeps the status from moving back
     newer = update.filled_qty >= (order["filled_qty"] or 0)
@@ -49,20 +50,44 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
                           f"({order['strategy']}, order {order['id']}) {words}", severity, order["strategy"],
                           {"order_id": order["id"], "broker_order_id": update.broker_order_id,
                            "version": order["strategy_version"]})
+    if changed and OrderStatus(order["status"]) is OrderStatus.LOST:
+        Storage.add_event(db, "order_found", f"order {order['id']}, marked LOST, is at the broker after all "
+                          f"({update.status.value}, {update.filled_qty} filled)", "warning", order["strategy"],
+                          {"order_id": order["id"], "broker_order_id": update.broker_order_id})
     return _order_row(db, order["id"]) if changed or filled else None
 
 
-def _apply_fill(db: sqlite_utils.Database, order: dict, qty: int, price: Decimal) -> None:
-    _move_position(db, (order["strategy"], order["exchange"], order["symbol"], order["product"]),
-                   Side(order["side"]), qty, price)
+def _apply_cumulative(db: sqlite_utils.Database, order: dict, update: BrokerOrder) -> bool:
+    """Move the position by what the order has filled beyond what was applied; True if it moved."""
+    applied = order["applied_qty"] or 0
+    applied_value = dec(order["applied_value"]) or Decimal("0")
+    fills = db.execute("select qty, price from fills where order_id = ?", (order["id"],)).fetchall()
+    fills_qty = sum(q for q, _ in fills)
+    fills_value = sum((q * Decimal(p) for q, p in fills), Decimal("0"))  # Decimal: never SQLite's float sum
+    target = min(max(applied, fills_qty, update.filled_qty), order["qty"])
+    if target <= applied:
+        return False
+    delta = target - applied
+    if update.avg_price and update.filled_qty == target:
+        value = update.avg_price * target
+    elif fills_qty == target:
+        value = fills_value
+    else:
+        value = applied_value + (update.avg_price or dec(order["avg_price"]) or dec(order["price"]) or Decimal("0")) * delta
+    price = ((value - applied_value) / delta).quantize(Decimal("0.0001"))
+    if price <= 0:  # the broker's rounded average cannot price the gap: use its average
+        price = update.avg_price or dec(order["avg_price"]) or Decimal("0")
+    move_position(db, (order["strategy"], order["exchange"], order["symbol"], order["product"]),
+                   Side(order["side"]), delta, price)
+    db.execute("update orders set applied_qty = ?, applied_value = ? where id = ?",
+               (target, str(applied_value + price * delta), order["id"]))
+    if fills_qty < target:
+        log.warning("order %s: the broker reports %s filled but only %s arrived as fills; the position takes the "
+                    "broker's total", order["id"], target, fills_qty)
+    return True
 
 
-def apply_manual(db: sqlite_utils.Database, exchange: str, symbol: str, product: str, qty: int, price: Decimal) -> None:
-    """Count a position found at the broker that no strategy owns under the pseudo-strategy `manual`."""
-    _move_position(db, ("manual", exchange, symbol, product), Side.BUY if qty > 0 else Side.SELL, abs(qty), price)
-
-
-def _move_position(db: sqlite_utils.Database, key: tuple, side: Side, qty: int, price: Decimal) -> None:
+def move_position(db: sqlite_utils.Database, key: tuple, side: Side, qty: int, price: Decimal) -> None:
     rows = list(db.query("select * from positions where strategy = ? and exchange = ? and symbol = ? and product = ?", key))
     pos = PositionMath(rows[0]["net_qty"], dec(rows[0]["avg_price"]), dec(rows[0]["realized_pnl"])) if rows else PositionMath()
     pos = pos.apply(side, qty, price)
@@ -79,6 +104,7 @@ class Watcher:
         self.storage = storage
         self.unknown_grace_s = unknown_grace_s
         self._foreign: set[str] = set()  # broker orders already reported as manual
+        self._doubled: set[str] = set()  # our orders found more than once at the broker (reported once)
 
     def apply(self, updates: Iterable[BrokerOrder]) -> list[dict]:
         """Apply broker updates in one transaction; return the rows of our orders that changed."""
@@ -103,40 +129,68 @@ class Watcher:
                   resend_max_age_s: float = 0) -> list[str]:
         """Match every unfinished order of ours with the broker's book, by our id in remarks.
 
-        While running, an order sent but still missing after the grace period is rejected, never
-        resent: a timeout may mean the broker is slow, and a resend could trade twice. At start-up
-        nothing of ours is in flight any more, so an order the book has never seen was never
-        placed: its id is returned to be sent now, if it is younger than resend_max_age_s.
+        Nothing that may have reached the broker is ever sent again: an order marked SUBMITTED (the
+        process may have died after writing the request) or UNKNOWN (the reply was lost) is resolved only
+        by finding it in the book. With no trace for `unknown_grace_s` it becomes LOST, an error event
+        asks the trader to check the broker, and it is still looked for (a late booking moves it on).
+        Only a NEW order, never handed to the broker, is returned at start-up to be sent now (if younger
+        than resend_max_age_s). A DAY order from an earlier day that the new day's book lacks EXPIRED.
         """
-        by_remarks = {o.remarks: o for o in book}
+        by_remarks: dict[str, BrokerOrder] = {}
+        copies: dict[str, int] = {}
+        for o in book:
+            by_remarks.setdefault(o.remarks, o)
+            copies[o.remarks] = copies.get(o.remarks, 0) + 1
         now = datetime.now(timezone.utc)
         cutoff = (now - timedelta(seconds=self.unknown_grace_s)).isoformat(timespec="milliseconds")
         too_old = (now - timedelta(seconds=resend_max_age_s)).isoformat(timespec="milliseconds")
+        lost_since = (now - timedelta(days=1)).isoformat(timespec="milliseconds")
+        today = now.astimezone(IST).date()
         statuses = (OrderStatus.NEW.value, *UNFINISHED) if startup else UNFINISHED
 
-        def lose(db: sqlite_utils.Database, order: dict, reason: str) -> None:
-            if transition(db, order["id"], OrderStatus.REJECTED, reason, reason=reason):
-                Storage.add_event(db, "order_lost", f"order {order['id']}: {reason}", "error",
-                                  order["strategy"], {"order_id": order["id"]})
+        def end(db: sqlite_utils.Database, order: dict, status: OrderStatus, kind: str, reason: str) -> None:
+            if transition(db, order["id"], status, reason, reason=reason):
+                Storage.add_event(db, kind, f"order {order['id']} ({order['strategy']} {order['side']} {order['qty']} "
+                                  f"{order['exchange']}:{order['symbol']}): {reason}",
+                                  "error" if status is OrderStatus.LOST else "warning", order["strategy"],
+                                  {"order_id": order["id"]})
 
         def run(db: sqlite_utils.Database) -> list[str]:
             unsent = []
             marks = ",".join("?" * len(statuses))
-            for order in list(db.query(f"select * from orders where status in ({marks}) order by rowid", statuses)):
+            rows = list(db.query(f"select * from orders where status in ({marks}) or (status = 'LOST' and "
+                                 f"updated_at >= ?) order by rowid", (*statuses, lost_since)))
+            for order in rows:
                 if order["id"] in in_flight:
                     continue
                 found = by_remarks.get(order["id"])
                 if found is not None:
                     apply_update(db, found)
-                elif order["status"] in ("OPEN", "PARTIAL"):
-                    continue
-                elif startup and order["created_at"] >= too_old:
-                    unsent.append(order["id"])
-                elif startup:
-                    lose(db, order, f"never reached the broker before the host stopped, and is older than "
-                                    f"ALERT_MAX_AGE_S={resend_max_age_s:g} s; not sent late")
-                elif order["status"] != OrderStatus.NEW.value and order["updated_at"] < cutoff:
-                    lose(db, order, f"not found in the broker's order book {self.unknown_grace_s:g} s after it "
-                                    f"was sent; not resent — check the broker terminal")
+                    if copies[order["id"]] > 1 and order["id"] not in self._doubled:
+                        self._doubled.add(order["id"])
+                        Storage.add_event(db, "order_doubled", f"order {order['id']} is at the broker "
+                                          f"{copies[order['id']]} times (same remarks): check the broker terminal",
+                                          "error", order["strategy"], {"order_id": order["id"]})
+                elif order["status"] == OrderStatus.NEW.value:
+                    if order["created_at"] >= too_old:
+                        unsent.append(order["id"])
+                    else:
+                        end(db, order, OrderStatus.REJECTED, "order_lost", "never reached the broker before the host "
+                            f"stopped, and is older than ALERT_MAX_AGE_S={resend_max_age_s:g} s; not sent late")
+                elif order["status"] in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value):
+                    if _day(order["created_at"]) < today:
+                        end(db, order, OrderStatus.EXPIRED, "order_expired", f"a DAY order of {_day(order['created_at'])}"
+                            f" is gone from the broker's book of {today}: expired at the close "
+                            f"({order['filled_qty'] or 0} filled)")
+                elif order["status"] in (OrderStatus.SUBMITTED.value, OrderStatus.UNKNOWN.value) \
+                        and order["updated_at"] < cutoff:
+                    end(db, order, OrderStatus.LOST, "order_lost", f"no trace in the broker's books "
+                        f"{self.unknown_grace_s:g} s after it was sent; it is NOT sent again: check the broker "
+                        f"terminal (if it is there, the host finds it by its remarks)")
             return unsent
         return self.storage.write(run, durable=True)
+
+
+def _day(stamp: str) -> date:
+    """The trading day (Asia/Kolkata) of a stored UTC timestamp."""
+    return datetime.fromisoformat(stamp).astimezone(IST).date()

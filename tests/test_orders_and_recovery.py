@@ -136,24 +136,43 @@ def _submitted_but_never_placed(h, age_s: float = 0) -> str:
     return oid
 
 
-def test_after_a_restart_an_order_the_broker_never_saw_is_sent_once(host):
-    oid = _submitted_but_never_placed(host)
-    host.restart()
-    wait_for(lambda: _status(host, oid)["status"] == "FILLED")
-    host.restart()
-    host.settle()
-    assert [b.remarks for b in host.broker.order_book()] == [oid]
-    history = host.api(f"/api/orders/{oid}").get_json()["history"]
-    assert any("sent again after a restart" in (h["detail"] or "") for h in history)
+def test_after_a_restart_a_submitted_order_is_never_sent_again_and_ends_lost(host_factory):
+    """SUBMITTED means the request may have left: only the broker's books can say it was not booked."""
+    h = host_factory(unknown_grace_s=1.0)
+    oid = _submitted_but_never_placed(h)
+    h.restart()
+    o = wait_for(lambda: (h.runtime.engine.__setattr__("_last_reconcile", 0),
+                          (o := _status(h, oid))["status"] == "LOST" and o)[1], timeout=8)
+    assert "NOT sent again" in o["reason"] and "check the broker" in o["reason"]
+    assert h.broker.order_book() == []
+    assert any(e["kind"] == "order_lost" and e["severity"] == "error" for e in h.api("/api/events").get_json()["items"])
 
 
-def test_after_a_restart_an_old_unsent_order_is_not_sent_late(host_factory):
+def test_after_a_restart_an_old_never_sent_order_is_not_sent_late(host_factory):
     h = host_factory(ALERT_MAX_AGE_S=60)
-    oid = _submitted_but_never_placed(h, age_s=120)
+    h.runtime.sender.stop(timeout=1)  # decided, never handed to the broker
+    oid = _one_order(h.post(alert()))
+    h.runtime.storage.write(lambda db: db.execute(
+        "update orders set created_at = ? where id = ?", ("2020-01-01T00:00:00.000+00:00", oid)))
     h.restart()
     o = wait_for(lambda: (o := _status(h, oid))["status"] == "REJECTED" and o)
     assert "older than ALERT_MAX_AGE_S=60" in o["reason"]
     assert h.broker.engine.find(oid) is None
+
+
+def test_a_lost_order_booked_late_is_found_by_its_remarks(host_factory):
+    h = host_factory(unknown_grace_s=1.0)
+    h.tick("42.5")
+    oid = _submitted_but_never_placed(h)
+    h.restart()
+    wait_for(lambda: (h.runtime.engine.__setattr__("_last_reconcile", 0), _status(h, oid)["status"] == "LOST")[1],
+             timeout=8)
+    row = h.runtime.storage.one("select * from orders where id = ?", (oid,))
+    from host.orders import request_for
+    h.broker.place(request_for(row))  # the broker books it after all, very late
+    o = wait_for(lambda: (h.runtime.engine.__setattr__("_last_reconcile", 0),
+                          (o := _status(h, oid))["status"] in ("OPEN", "FILLED") and o)[1], timeout=8)
+    assert o["broker_order_id"] and len(h.broker.order_book()) == 1
 
 
 def test_while_running_a_timed_out_order_missing_from_the_book_is_not_resent(host_factory):
@@ -169,8 +188,8 @@ def test_while_running_a_timed_out_order_missing_from_the_book_is_not_resent(hos
     wait_for(lambda: _status(h, oid)["status"] == "UNKNOWN")
     h.runtime.engine._last_reconcile = 0
     o = wait_for(lambda: (h.runtime.engine.__setattr__("_last_reconcile", 0),
-                          (o := _status(h, oid))["status"] == "REJECTED" and o)[1], timeout=5)
-    assert "not found in the broker's order book" in o["reason"] and "not resent" in o["reason"]
+                          (o := _status(h, oid))["status"] == "LOST" and o)[1], timeout=5)
+    assert "no trace in the broker's books" in o["reason"] and "NOT sent again" in o["reason"]
     assert calls == [oid]
 
 

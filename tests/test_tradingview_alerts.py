@@ -230,3 +230,82 @@ def test_a_symbol_the_instrument_master_does_not_know_gets_422_with_the_nearest(
     assert r.status_code == 422, r.get_json()
     assert "nearest known: NIFTY28APR26C24500" in r.get_json()["reason"]
     assert host.orders() == []
+
+
+# ---- found by breaking it from outside ----
+
+def test_a_flat_target_right_after_a_reversal_ends_flat(host):
+    host.tick("100", symbol=FUT)
+    for n in range(3):
+        for goal in ("75", "-75", "0"):  # back to back: the reversal's entry is still on its way
+            assert host.post(target(goal, strategy=f"bb{n}")).status_code == 200
+        wait_for(lambda: host.net(f"bb{n}", FUT) == 0 and not [o for o in orders_of(host, f"bb{n}")
+                                                              if o["status"] not in ("FILLED", "CANCELLED")])
+        import time
+        time.sleep(0.3)
+        assert host.net(f"bb{n}", FUT) == 0
+
+
+def test_a_new_target_cancels_working_orders_first(host):
+    host.tick("100", symbol=FUT)
+    host.post(target("75", strategy="wk", order_type="LMT", price="90"))  # rests below the market
+    r = host.post(target("0", strategy="wk"))
+    assert r.status_code == 200 and "cancelled first" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: all(o["status"] == "CANCELLED" for o in orders_of(host, "wk")))
+    host.tick("80", symbol=FUT)  # the old limit would have filled here
+    host.settle()
+    assert host.net("wk", FUT) == 0
+
+
+def test_a_target_in_another_product_than_the_position_is_refused(host):
+    host.tick("100", symbol=FUT)
+    host.post(target("75", strategy="pr"))
+    wait_for(lambda: host.net("pr", FUT) == 75)
+    r = host.post(target("0", strategy="pr", product_type="I"))
+    assert r.status_code == 422 and "product_type M" in r.get_json()["reason"], r.get_json()
+
+
+def test_keys_given_twice_in_any_case_are_refused(host):
+    raw = json.dumps(alert()).replace('"qty": 75', '"qty": 75, "QTY": 7500')
+    r = host.client.post("/webhook", data=raw, content_type="application/json")
+    assert r.status_code == 400 and "'QTY' is given more than once" in r.get_json()["error"]
+    raw = json.dumps(alert()).replace(f'"secret_key": "{SECRET}"', f'"secret_key": "{SECRET}", "SECRET_KEY": "x"')
+    assert host.client.post("/webhook", data=raw, content_type="application/json").status_code == 400
+    assert host.orders() == []
+
+
+@pytest.mark.parametrize("where,name", [("leg", "sl"), ("leg", "take_profit"), ("top", "stop_loss"),
+                                        ("top", "trailing_stop"), ("leg", "strategy_stoploss")])
+def test_stop_and_target_fields_in_any_spelling_are_refused_not_ignored(host, where, name):
+    body = alert()
+    (body["legs"][0] if where == "leg" else body)[name] = "41"
+    r = host.post(body)
+    assert r.status_code == 422 and name in r.get_json()["errors"][0]["field"], r.get_json()
+
+
+def test_unknown_fields_are_noted(host):
+    body = alert()
+    body["underlying"] = "NIFTY"
+    r = host.post(body)
+    assert r.status_code == 200 and "underlying ignored: not a field this host reads" in r.get_json()["notes"]
+
+
+def test_position_alerts_without_an_id_are_not_body_duplicates(host):
+    host.tick("100", symbol=FUT)
+    for goal, net in (("75", 75), ("0", 0), ("75", 75)):
+        assert host.post(target(goal, strategy="nd")).get_json()["status"] == "accepted"
+        wait_for(lambda: host.net("nd", FUT) == net)
+
+
+def test_exponent_prices_are_stored_as_plain_digits(host):
+    r = host.post(alert(price="4.25e1"))
+    assert r.status_code == 200 and r.get_json()["orders"][0]["price"] == "42.5"
+
+
+def test_contradictory_position_forms_are_refused(host):
+    for leg in ({"position": "75", "market_position": "short"}, {"market_position": "flat", "position_size": "75"},
+                {"market_position": "long", "position_size": "0"}):
+        body = target(None, strategy="cf")
+        body["legs"][0].pop("position")
+        body["legs"][0].update(leg)
+        assert host.post(body).status_code == 422, leg

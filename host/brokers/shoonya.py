@@ -145,7 +145,9 @@ def broker_order(row: dict, fills: tuple[FillReport, ...] = ()) -> BrokerOrder:
     if status is OrderStatus.CANCELLED and not reason:
         reason = "cancelled at the broker"
     avg = _dec(row.get("avgprc")) if filled else None
-    return BrokerOrder(str(row.get("norenordno")), row.get("remarks") or "", status, filled, avg, reason, fills)
+    side = {"B": Side.BUY, "S": Side.SELL}.get(str(row.get("trantype", "")))
+    return BrokerOrder(str(row.get("norenordno")), row.get("remarks") or "", status, filled, avg, reason, fills,
+                       row.get("exch"), row.get("tsym"), row.get("prd"), side)
 
 
 class ShoonyaBroker:

@@ -57,7 +57,8 @@ class SimOrder:
     def view(self) -> BrokerOrder:
         avg = tidy(self.value / self.filled_qty) if self.filled_qty else None
         return BrokerOrder(self.broker_order_id, self.req.remarks, self.status, self.filled_qty, avg,
-                           self.reason, tuple(self.fills))
+                           self.reason, tuple(self.fills), self.req.exchange, self.req.symbol,
+                           self.prd or self.req.product.value, self.req.side)
 
     def to_json(self) -> str:
         r = self.req

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..models import AlertStatus
 from ..inbox import AlertRecord, body_hash
-from ..validation import lower_keys, parse_alert, unencodable
+from ..validation import parse_alert, unencodable, unique_keys
 from ..views import engine_alive, order_record
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _decode(raw: bytes) -> tuple[Any, str]:
     if not text.strip():
         return None, "empty body: expected a JSON object"
     try:
-        return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant), ""
+        return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=unique_keys), ""
     except (ValueError, RecursionError) as e:
         kind = request.mimetype or "no content type"
         return None, f"body is not valid JSON ({kind}): {str(e)[:120]}; expected a JSON object such as " \
@@ -95,7 +95,7 @@ def webhook():
         return _reply("bad_request", 400, error=why)
     if not isinstance(parsed, dict):
         return _reply("bad_request", 400, error=f"expected a JSON object, found a JSON {type(parsed).__name__}")
-    body = lower_keys(parsed)
+    body = parsed  # keys lower-cased, each once (unique_keys)
     signature = request.headers.get("X-Signature")
     if signature is not None or s.WEBHOOK_REQUIRE_SIGNATURE:
         if not signature or not _signature_ok(raw, s.WEBHOOK_SECRET, signature):

@@ -1,0 +1,150 @@
+"""Flattening: what a breach, an exit-all, a strategy's stop and the square-off do.
+
+1. Every order that would add exposure is stopped, whatever its state: a NEW one is cancelled before
+   it is sent (the sender only sends what is still NEW), a working one is cancelled at the broker, and
+   one whose broker id is not known yet (SUBMITTED, UNKNOWN, LOST) is marked `cancel_requested` and
+   cancelled as soon as the id is known.
+2. Each open position is exited on its own, so one unexitable leg never blocks the others.
+3. The exits never take the account's net position at the broker past zero in any symbol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Callable, Optional
+
+import sqlite_utils
+
+from .models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
+from .orders import transition
+from .storage import Storage, dec
+from .watcher import move_position
+
+OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
+WORKING = (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value)
+
+
+@dataclass
+class Stopped:
+    """Orders stopped by one cancel pass: cancelled before sending, being cancelled at the broker, or marked."""
+
+    cancelled_new: int = 0
+    working: list[str] = field(default_factory=list)   # cancel at the broker now
+    pending: list[str] = field(default_factory=list)   # every stopped order that may still fill (working + marked)
+
+
+@dataclass(frozen=True)
+class Flattened:
+    orders: tuple[str, ...]
+    cancels: tuple[str, ...]
+    cancelled_new: int
+    left: tuple[str, ...]  # positions left alone, with why
+
+
+def adding_orders(db: sqlite_utils.Database, strategy: Optional[str] = None, exchange: Optional[str] = None,
+                  symbol: Optional[str] = None) -> list[dict]:
+    """Unfinished orders (LOST ones too: they may yet be booked) that would add to their strategy's position."""
+    where, args = ["o.status in (?, ?, ?, ?, ?, ?)"], [*OPEN_STATUSES, OrderStatus.LOST.value]
+    for column, value in (("strategy", strategy), ("exchange", exchange), ("symbol", symbol)):
+        if value is not None:
+            where.append(f"o.{column} = ?")
+            args.append(value)
+    out = []
+    for o in db.query(f"select o.*, coalesce(p.net_qty, 0) net from orders o left join positions p on "
+                      f"p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
+                      f"p.product = o.product where {' and '.join(where)} order by o.rowid", args):
+        reducing = o["net"] != 0 and (o["side"] == "SELL") == (o["net"] > 0) and o["action"] != "ENTRY"
+        if not reducing:
+            out.append(o)
+    return out
+
+
+def stop(db: sqlite_utils.Database, orders: list[dict], why: str) -> Stopped:
+    """Stop these unfinished orders, whatever their state (see the module's first rule)."""
+    stopped = Stopped()
+    for o in orders:
+        if o["status"] == OrderStatus.NEW.value:
+            stopped.cancelled_new += transition(db, o["id"], OrderStatus.CANCELLED, why,
+                                                reason=f"cancelled before sending: {why}")
+            continue
+        stopped.pending.append(o["id"])
+        if o["status"] in WORKING and o["broker_order_id"]:
+            stopped.working.append(o["id"])
+        db.execute("update orders set cancel_requested = ? where id = ? and cancel_requested is null", (why, o["id"]))
+    return stopped
+
+
+def cancel_adding(db: sqlite_utils.Database, why: str, product: Optional[str] = None, **scope: Optional[str]) -> Stopped:
+    """Stop every order that adds exposure in the scope (strategy, exchange, symbol), whatever its state."""
+    return stop(db, [o for o in adding_orders(db, **scope) if product is None or o["product"] == product], why)
+
+
+def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> list[dict]:
+    """Strategies long and short the same instrument offset each other at the account: close them against
+    each other at the last price (no broker order can), and return the positions still to exit."""
+    by_key: dict[tuple, list[dict]] = {}
+    for p in held:
+        by_key.setdefault((p["exchange"], p["symbol"], p["product"]), []).append(dict(p))
+    for (ex, sym, prod), rows in by_key.items():
+        longs = [p for p in rows if p["net_qty"] > 0]
+        shorts = [p for p in rows if p["net_qty"] < 0]
+        qty = min(sum(p["net_qty"] for p in longs), -sum(p["net_qty"] for p in shorts))
+        if qty <= 0:
+            continue
+        quote = db.execute("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym)).fetchone()
+        price = Decimal(quote[0]) if quote else dec(longs[0]["avg_price"]) or Decimal("0")
+        for group, side in ((longs, Side.SELL), (shorts, Side.BUY)):
+            left = qty
+            for p in group:
+                take = min(left, abs(p["net_qty"]))
+                move_position(db, (p["strategy"], ex, sym, prod), side, take, price)
+                p["net_qty"] += side.sign * take
+                left -= take
+        Storage.add_event(db, "internal_cross", f"{why}: {qty} {ex}:{sym} ({prod}) held long by "
+                          f"{', '.join(p['strategy'] for p in longs)} and short by "
+                          f"{', '.join(p['strategy'] for p in shorts)} offset at the account: closed against each "
+                          f"other at {price}, no broker order", "warning", None, {"qty": qty, "price": str(price)})
+    return [p for rows in by_key.values() for p in rows if p["net_qty"]]
+
+
+def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
+            broker_net: Optional[dict[tuple, int]], strategy: Optional[str] = None, product: Optional[str] = None,
+            skip: Callable[[dict], Optional[str]] = lambda p: None) -> Flattened:
+    """Stop adding orders and exit each open position (all, one strategy's, or one product's)."""
+    stopped = cancel_adding(db, why, product=product, strategy=strategy)
+    created: list[str] = []
+    cancels = list(stopped.working)
+    left: list[str] = []
+    room = dict(broker_net or {})  # how far the account may still be taken towards zero, per instrument
+    held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy, exchange, symbol")
+            if (strategy is None or p["strategy"] == strategy) and (product is None or p["product"] == product)]
+    if strategy is None:
+        held = _cross(db, held, why)
+    for p in held:
+        key = (p["exchange"], p["symbol"], p["product"])
+        where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']}) {p['net_qty']:+d}"
+        reason = skip(p)
+        if reason:
+            left.append(f"{where}: {reason}")
+            continue
+        qty = abs(p["net_qty"])
+        if broker_net is not None:  # never past the broker's net: a position closed outside is not sold twice
+            net = room.get(key, 0)
+            same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0
+            qty = min(qty, abs(same_side))
+            room[key] = net - (1 if p["net_qty"] > 0 else -1) * qty
+        if qty == 0:
+            left.append(f"{where}: the broker shows no such position to close")
+            continue
+        side = Side.SELL if p["net_qty"] > 0 else Side.BUY
+        d = evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, qty, OrderType.MKT,
+                                                Product(p["product"]), action=ExecutionType.EXIT)])
+        created += d.orders
+        cancels += d.cancels
+        if not d.orders and d.reason and "nothing to exit" not in d.reason:
+            left.append(f"{where}: {d.status.value}: {d.reason}")
+    Storage.add_event(db, "exit_all", f"{why}: {len(created)} exit orders, {stopped.cancelled_new} unsent orders "
+                      f"cancelled, {len(stopped.pending)} working orders being cancelled"
+                      + (f"; left alone: {'; '.join(left)}" if left else ""), "warning", strategy,
+                      data={"orders": created, "cancelling": stopped.pending, "left": left})
+    return Flattened(tuple(created), tuple(dict.fromkeys(cancels)), stopped.cancelled_new, tuple(left))
