@@ -4,17 +4,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import Optional
 
 from . import __version__
-from .config import ConfigError, Settings, load
+from .config import SECRET_NAMES, ConfigError, Settings, load
 from .locks import FileLock
 from .tradingview import WHY_POSITION, messages
 
 
 def _load(env: Optional[str], generate: bool = False) -> Settings:
     try:
+        if generate:  # a config with problems writes no secrets.env: that file marks a host that has run
+            try:
+                load(env)
+            except ConfigError as e:
+                if any(p.field not in SECRET_NAMES or not p.found.startswith("nothing") for p in e.problems):
+                    raise
         return load(env, generate_secrets=generate)
     except ConfigError as e:
         print(f"configuration problems ({len(e.problems)}):", file=sys.stderr)
@@ -82,17 +89,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.port:
         os.environ["PORT"] = str(args.port)
     settings = _load(args.env, generate=True)
+    marks = _earlier_run(settings)  # before our own lock file exists
     instance = FileLock(settings.data_dir / "host.lock")
     if not instance.acquire():
         print(f"strategy-host is already running on {settings.data_dir.resolve()} (pid {instance.holder()}); "
               f"stop it first, or give this one another DATA_DIR", file=sys.stderr)
         return 1
+    problem = _database_problem(settings, marks, args.new_database)
+    if problem:
+        instance.release()
+        print(problem, file=sys.stderr)
+        return 2
     _banner(settings)
     from .server import HostServer
     from .web import create_app
     HostServer(lambda: create_app(settings), settings, workers=args.workers, threads=args.threads,
                config_file=args.gunicorn_conf).run()
     return 0
+
+
+def _earlier_run(settings: Settings) -> list:
+    """The files in DATA_DIR that an earlier run left; a secrets.env this very start created is not one."""
+    from .storage import earlier_run_marks
+    ignore = []
+    secrets_file = settings.data_dir / "secrets.env"
+    if settings.generated_secrets and secrets_file.is_file():
+        names = set(re.findall(r"^\s*(?:export\s+)?(\w+)\s*=", secrets_file.read_text(errors="replace"), re.M))
+        if names <= set(settings.generated_secrets):
+            ignore.append("secrets.env")
+    return earlier_run_marks(settings.data_dir, settings.db_path, ignore)
+
+
+def _database_problem(settings: Settings, marks: list, new_database: bool) -> str:
+    """Why the database must not be used (one paragraph), or "" once it is checked and migrated."""
+    from .storage import DatabaseUnusable, Storage, StorageFull, database_is_empty, refuse_lost_database
+    try:
+        refuse_lost_database(settings.db_path, marks, new_database)
+        existed = not database_is_empty(settings.db_path)
+        storage = Storage(settings.db_path)  # PRAGMA quick_check, the schema, then the migrations
+        if new_database and marks and not existed:
+            storage.write(lambda db: Storage.add_event(
+                db, "database", f"started with a new, empty database (--new-database) in {settings.data_dir}",
+                "warning"))
+        storage.close()
+        if new_database and existed:
+            print(f"note: {settings.db_path} is in use and intact; --new-database changes nothing", file=sys.stderr)
+    except (DatabaseUnusable, StorageFull) as e:
+        return str(e)
+    return ""
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -137,6 +181,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--workers", type=int, default=1, help="gunicorn workers (default 1; the engine runs in one)")
     run.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     run.add_argument("--gunicorn-conf", help="a gunicorn config file whose settings override ours")
+    run.add_argument("--new-database", action="store_true",
+                     help="start with a new, empty database although DATA_DIR shows an earlier run "
+                          "(an intact database is never replaced)")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate a config file and list every problem")
     check.add_argument("--env", help="config file to check (default: only the environment)")

@@ -105,10 +105,16 @@ class EventPump:
                 log.exception("notification pump failed; continuing")
 
     def pump(self) -> int:
-        """Deliver the events after the cursor; return how many."""
+        """Deliver the events after the cursor; return how many.
+
+        At most once: the cursor is moved past an event, durably, before any notifier sees it. A crash
+        while sending loses that message; it never sends one twice. When the cursor cannot be written
+        (a full disk), this raises and nothing is sent.
+        """
         cursor = int(self.storage.get_state(CURSOR_KEY) or 0)
         events = self.storage.rows("select * from events where id > ? order by id limit 200", (cursor,))
         for e in events:
+            self.storage.write(lambda db, done=e["id"]: Storage.put_state(db, CURSOR_KEY, str(done)), durable=True)
             event = {**e, "data": json.loads(e["data"]) if e["data"] else None}
             for live in self.registry.running():
                 fn = live.candidate.hooks.get("notifier_send")
@@ -120,7 +126,4 @@ class EventPump:
                     if not result.ok:
                         log.warning("notifier %s: %s", live.label, result.error)
                     self.registry.record_call(live, "notifier_send", result, quiet=True)
-        if events:
-            last = events[-1]["id"]
-            self.storage.write(lambda db: Storage.put_state(db, CURSOR_KEY, str(last)))
         return len(events)

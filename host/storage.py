@@ -1,6 +1,7 @@
 """SQLite storage on sqlite-utils: one shared connection, WAL, busy_timeout, migrations, retries."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sqlite3
@@ -9,7 +10,7 @@ import time
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import sqlite_utils
 
@@ -126,6 +127,136 @@ def _m7_exactly_once(db: sqlite_utils.Database) -> None:
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once)
+_BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
+
+
+class StorageFull(sqlite3.OperationalError):
+    """The disk holding the database is full (SQLITE_FULL or ENOSPC); the transaction was rolled back."""
+
+
+class DatabaseUnusable(Exception):
+    """The database cannot be used as it is (damaged, of another schema, or missing after an earlier run).
+
+    The message is for the person starting the host: one paragraph naming the file and what to do.
+    """
+
+
+def _is_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if isinstance(e, sqlite3.OperationalError):
+        code = getattr(e, "sqlite_errorcode", None)
+        return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(e).lower()
+    return False
+
+
+def _full(path: Path, e: BaseException) -> StorageFull:
+    return StorageFull(f"the disk holding {path} is full ({e}): nothing was stored; free space on "
+                       f"{path.parent.resolve()} and send it again")
+
+
+_SCHEMAS: dict[int, dict[str, set[str]]] = {}
+
+
+def expected_schema(version: int) -> dict[str, set[str]]:
+    """The tables and columns the first `version` migrations of this module create (on a scratch database)."""
+    version = min(version, len(_BUILTIN_MIGRATIONS))
+    if version not in _SCHEMAS:
+        db = sqlite_utils.Database(memory=True)
+        for m in _BUILTIN_MIGRATIONS[:version]:
+            m(db)
+        _SCHEMAS[version] = _schema(db.conn)
+        db.close()
+    return _SCHEMAS[version]
+
+
+def _schema(conn: sqlite3.Connection) -> dict[str, set[str]]:
+    tables = [r[0] for r in conn.execute("select name from sqlite_master where type = 'table' "
+                                         "and name not like 'sqlite_%'")]
+    return {t: {r[1] for r in conn.execute(f"PRAGMA table_info([{t}])")} for t in tables}
+
+
+def backups_hint(db_path: Path, data_dir: Optional[Path] = None) -> str:
+    """Where a copy to restore could be, with the newest one named when there is one."""
+    folder = (data_dir or db_path.parent) / "backups"
+    try:
+        copies = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        copies = []
+    where = f"{folder}/" + (f" (newest: {copies[-1].name})" if copies else " (none there now: use your own copy)")
+    return f"restore the last good copy from {where} to {db_path} with the host stopped"
+
+
+def check_database(conn: sqlite3.Connection, path: Path) -> None:
+    """PRAGMA quick_check and the schema against the migrations; raise DatabaseUnusable with what to do."""
+    damaged = (f"refusing to start: the database {path} is damaged (PRAGMA quick_check: {{why}}). Nothing was "
+               f"changed. Do not delete it: {backups_hint(path)}; or move the damaged file aside "
+               f"(mv {path} {path}.damaged, and its -wal file) and start with a new, empty database: "
+               f"`strategy-host run --new-database` (orders, positions, the halt and the alert ids seen are then "
+               f"forgotten; check the broker's books). `sqlite3 {path}.damaged .recover` may save part of it.")
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise DatabaseUnusable(damaged.format(why=" ".join("; ".join(problems).split())[:300]))
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        actual = _schema(conn)
+    except sqlite3.DatabaseError as e:
+        raise DatabaseUnusable(damaged.format(why=str(e))) from None
+    if version > len(MIGRATIONS):
+        raise DatabaseUnusable(f"refusing to start: the database {path} has schema version {version}, written by a "
+                               f"newer strategy-host (this one knows {len(MIGRATIONS)}); run the newer version, or "
+                               f"{backups_hint(path)}.")
+    missing = []
+    for table, columns in expected_schema(version).items():
+        if table not in actual:
+            missing.append(f"table {table}")
+        else:
+            missing += [f"column {table}.{c}" for c in sorted(columns - actual[table])]
+    if missing:
+        raise DatabaseUnusable(f"refusing to start: the database {path} (schema version {version}) lacks "
+                               f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; it was changed "
+                               f"outside the host. {backups_hint(path).capitalize()}.")
+
+
+EARLIER_RUN_MARKS = ("secrets.env", "paper.sqlite", "engine.lock", "host.lock", "backups")
+
+
+def earlier_run_marks(data_dir: Path, db_path: Path, ignore: Iterable[str] = ()) -> list[Path]:
+    """What in DATA_DIR shows that a host has run there before (its secrets, paper book, locks, backups)."""
+    found = [data_dir / n for n in EARLIER_RUN_MARKS if n not in ignore and (data_dir / n).exists()]
+    wal = db_path.with_name(db_path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        found.append(wal)
+    return found
+
+
+def database_is_empty(path: Path) -> bool:
+    """Missing, 0 bytes, or a SQLite file with no tables and schema version 0."""
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = conn.execute("select count(*) from sqlite_master").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False  # not empty: damaged, and check_database says so
+    return tables == 0 and version == 0
+
+
+def refuse_lost_database(db_path: Path, marks: list[Path], new_database: bool) -> None:
+    """Refuse to begin a new database where an earlier run's database should be, unless asked to."""
+    if not marks or new_database or not database_is_empty(db_path):
+        return
+    state = "missing" if not db_path.exists() else "empty"
+    shown = ", ".join(str(m) + ("/" if m.is_dir() else "") for m in marks)
+    raise DatabaseUnusable(
+        f"refusing to start: the database {db_path} is {state}, but {shown} {'show' if len(marks) > 1 else 'shows'} that the host has run here "
+        f"before. Starting would begin a new, empty database: the halt, the alert ids already seen and the "
+        f"orders and positions it knows would be forgotten. Either {backups_hint(db_path, marks[0].parent)}, "
+        f"or, to start with a new, empty database on purpose, run `strategy-host run --new-database`.")
 
 
 class Storage:
@@ -146,8 +277,20 @@ class Storage:
         self._readers_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
-        self.conn = self._connect()
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.conn = self._connect()
+            self.conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:
+            if _is_full(e):
+                raise _full(self.path, e) from None
+            raise DatabaseUnusable(f"refusing to start: the database {self.path} cannot be opened ({e}); "
+                                   f"{backups_hint(self.path)}, or move it aside and start with "
+                                   f"`strategy-host run --new-database`.") from None
+        try:
+            check_database(self.conn, self.path)  # at start: damage or a foreign schema stops here, not in a request
+        except DatabaseUnusable:
+            self.conn.close()
+            raise
         self.db = sqlite_utils.Database(self.conn)
         self.migrate()
 
@@ -170,7 +313,10 @@ class Storage:
 
     # ---- transactions ----
     def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
-        """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop."""
+        """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop.
+
+        A full disk raises StorageFull after the whole transaction is rolled back: nothing half-way.
+        """
         for attempt in range(LOCK_RETRIES):
             with self._lock:
                 try:
@@ -178,6 +324,8 @@ class Storage:
                         self.conn.execute("PRAGMA synchronous=FULL")
                     self.conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
+                    if _is_full(e):
+                        raise _full(self.path, e) from e
                     if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
                         raise
                     log.warning("database locked, retrying (attempt %d)", attempt + 1)
@@ -187,8 +335,10 @@ class Storage:
                         self.conn.execute("COMMIT")
                         return result
                     except BaseException as e:
-                        if self.conn.in_transaction:
-                            self.conn.execute("ROLLBACK")
+                        self._rollback()
+                        if _is_full(e):
+                            log.error("disk full: a write to %s was rolled back: %s", self.path, e)
+                            raise _full(self.path, e) from e
                         if isinstance(e, sqlite3.OperationalError) and _is_locked(e) and attempt < LOCK_RETRIES - 1:
                             log.warning("database locked, retrying (attempt %d)", attempt + 1)
                         else:
@@ -198,6 +348,13 @@ class Storage:
                         self.conn.execute("PRAGMA synchronous=NORMAL")
             time.sleep(min(0.05 * (attempt + 1), 0.5))
         raise AssertionError("unreachable")
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error as e:  # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR)
+                log.warning("rollback on %s: %s", self.path, e)
 
     def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run fn on this thread's read connection, retrying while the database is locked."""

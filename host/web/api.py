@@ -11,6 +11,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 from .. import __version__, views
 from . import control, security
 from ..models import TradingState
+from ..storage import StorageFull
 from ..validation import EXCHANGES, SYMBOL_RE, shown
 
 bp = Blueprint("api", __name__)
@@ -24,6 +25,12 @@ def _rt() -> Any:
 
 def _error(code: int, message: str, **fields: Any) -> tuple[Response, int]:
     return jsonify({"status": "error", "error": message, **fields}), code
+
+
+@bp.errorhandler(StorageFull)
+def storage_full(e: StorageFull) -> tuple[Response, int]:
+    """A full disk: the command was not stored (rolled back); 507, never a generic 500."""
+    return _error(507, str(e))
 
 
 def _by_session() -> bool:

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..models import AlertStatus
 from ..inbox import AlertRecord, body_hash
+from ..storage import StorageFull
 from ..validation import parse_alert, unencodable, unique_keys
 from ..views import engine_alive, order_record
 
@@ -80,6 +81,13 @@ def _decode(raw: bytes) -> tuple[Any, str]:
         kind = request.mimetype or "no content type"
         return None, f"body is not valid JSON ({kind}): {str(e)[:120]}; expected a JSON object such as " \
                      "{\"secret_key\": ..., \"execution_type\": ..., \"legs\": [...]}"
+
+
+@bp.errorhandler(StorageFull)
+def storage_full(e: StorageFull) -> tuple[Response, int]:
+    """A full disk: nothing was stored (the transaction rolled back); 507, never a generic 500."""
+    log.error("webhook from %s not stored: %s", request.remote_addr, e)
+    return jsonify({"status": "not_stored", "error": str(e)}), 507
 
 
 @bp.post("/webhook")

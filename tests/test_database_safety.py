@@ -1,0 +1,330 @@
+"""The database is never silently reset (issue 13, item 10): a lost, emptied or damaged host.sqlite refuses
+to start, a full disk answers 507 and stores nothing half-way, notifications go out at most once."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional
+
+import pytest
+import requests
+
+from host.notify import CURSOR_KEY, EventPump
+from host.storage import Storage
+from conftest import Host, alert, make_settings
+from serverproc import ServerProcess
+
+SECRETS = "WEBHOOK_SECRET=safety-webhook-secret\nAPI_TOKEN=safety-api-token-0123456789\nDASHBOARD_PASSWORD=pw-safety\n"
+
+
+# ---- a `strategy-host run` that either refuses (exits) or serves ----
+def run_host(workdir: Path, *args: str, timeout: float = 25.0) -> tuple[Optional[int], str]:
+    """Start `python -m host run`; return (exit code, output) if it exits, (None, output) once it serves."""
+    server = ServerProcess(workdir, *args)
+    server.start(wait=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            rc = server.proc.poll()
+            if rc is not None:
+                return rc, server.output()
+            try:
+                if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
+                    return None, server.output()
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        return None, server.output()
+    finally:
+        server.stop()
+
+
+def earlier_run(workdir: Path) -> Path:
+    """A DATA_DIR (workdir/var, the default) that a host has used before: its secrets.env is there."""
+    data = workdir / "var"
+    data.mkdir(parents=True)
+    (data / "secrets.env").write_text(SECRETS)
+    os.chmod(data / "secrets.env", 0o600)
+    return data
+
+
+def assert_refused(rc: Optional[int], out: str, *words: str) -> None:
+    assert rc == 2, f"expected the host to refuse to start (exit 2), got {rc}:\n{out}"
+    assert "Traceback" not in out, out
+    for w in words:
+        assert w in out, f"{w!r} not in:\n{out}"
+
+
+def test_missing_database_after_a_run_refuses_to_start(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path)
+    try:
+        first.start()
+    finally:
+        first.stop()
+    data = tmp_path / "var"
+    assert (data / "host.sqlite").is_file() and (data / "secrets.env").is_file()
+    for name in ("host.sqlite", "host.sqlite-wal", "host.sqlite-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (data / name).unlink()
+    rc, out = run_host(tmp_path)
+    assert_refused(rc, out, "host.sqlite", "missing", "backups", "--new-database")
+    assert not (data / "host.sqlite").exists(), "a refused start must not create a fresh database"
+
+
+def test_new_database_flag_starts_fresh(tmp_path: Path) -> None:
+    data = earlier_run(tmp_path)
+    (data / "paper.sqlite").touch()
+    rc, out = run_host(tmp_path, "--new-database")
+    assert rc is None, f"--new-database should start the host:\n{out}"
+    assert Storage(data / "host.sqlite").schema_version > 0
+
+
+def test_fresh_first_run_still_starts(tmp_path: Path) -> None:
+    rc, out = run_host(tmp_path)
+    assert rc is None, f"a first run on an empty DATA_DIR must start:\n{out}"
+
+
+def test_first_run_with_a_config_problem_does_not_look_like_an_earlier_run(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.env"
+    bad.write_text("BROKER=bogus\n")
+    rc, out = run_host(tmp_path, "--env", str(bad))
+    assert rc == 2 and "BROKER" in out, out
+    rc, out = run_host(tmp_path)  # fixed: the first real start
+    assert rc is None, f"a failed first start must not block the next one:\n{out}"
+
+
+@pytest.mark.parametrize("how", ["zero_bytes", "no_tables"])
+def test_emptied_database_refuses_to_start(tmp_path: Path, how: str) -> None:
+    data = earlier_run(tmp_path)
+    db = data / "host.sqlite"
+    if how == "zero_bytes":
+        db.write_bytes(b"")
+    else:
+        conn = sqlite3.connect(db)
+        conn.execute("create table t (a)")
+        conn.execute("drop table t")
+        conn.commit()
+        conn.close()
+        assert db.stat().st_size > 0
+    rc, out = run_host(tmp_path)
+    assert_refused(rc, out, "host.sqlite", "empty", "backups", "--new-database")
+
+
+def _damaged_database(path: Path) -> None:
+    """A real host database with rows in it, then garbage written over one of its table pages."""
+    st = Storage(path)
+    st.write(lambda db: [Storage.add_event(db, "test", "x" * 300) for _ in range(200)])
+    st.close()
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("select rootpage from sqlite_master where name = 'events'").fetchone()[0]
+    leaf = conn.execute("select max(pageno) from dbstat where name = 'events'").fetchone()[0] \
+        if _has_dbstat(conn) else root
+    conn.close()
+    with open(path, "r+b") as f:
+        for page in {root, leaf}:
+            f.seek((page - 1) * page_size)
+            f.write(os.urandom(page_size))
+
+
+def _has_dbstat(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("select 1 from dbstat limit 1")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def test_corrupt_pages_refuse_with_a_clear_message(tmp_path: Path) -> None:
+    data = earlier_run(tmp_path)
+    _damaged_database(data / "host.sqlite")
+    rc, out = run_host(tmp_path)
+    assert_refused(rc, out, "host.sqlite", "damaged", "backups")
+    refusal = [line for line in out.splitlines() if "host.sqlite" in line]
+    assert len(refusal) == 1, f"expected one paragraph naming the file:\n{out}"
+
+
+def test_damaged_database_raises_a_clear_error_in_process(tmp_path: Path) -> None:
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "h.sqlite"
+    _damaged_database(path)
+    with pytest.raises(DatabaseUnusable) as e:
+        Storage(path)
+    assert str(path) in str(e.value) and "damaged" in str(e.value)
+
+
+def test_schema_that_lacks_a_table_refuses(tmp_path: Path) -> None:
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "h.sqlite"
+    Storage(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("drop table fills")
+    conn.commit()
+    conn.close()
+    with pytest.raises(DatabaseUnusable) as e:
+        Storage(path)
+    assert "fills" in str(e.value)
+
+
+# ---- a full disk ----
+def test_storage_full_is_classified_and_rolled_back(tmp_path: Path) -> None:
+    from host.storage import StorageFull
+    st = Storage(tmp_path / "h.sqlite")
+    st.write(lambda db: Storage.add_event(db, "before", "kept"))
+    pages = st.conn.execute("PRAGMA page_count").fetchone()[0]
+    st.conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL as soon as the file has to grow
+
+    def many(db: Any) -> None:
+        for i in range(500):
+            Storage.add_event(db, "half", "y" * 500)
+    with pytest.raises(StorageFull) as e:
+        st.write(many)
+    assert "full" in str(e.value)
+    assert st.rows("select count(*) n from events where kind = 'half'")[0]["n"] == 0
+    assert st.rows("select count(*) n from events where kind = 'before'")[0]["n"] == 1
+    st.conn.execute("PRAGMA max_page_count = 1073741823")
+    st.write(lambda db: Storage.add_event(db, "after", "ok"))  # the connection is usable again
+
+
+@contextlib.contextmanager
+def tiny_disk(tmp_path: Path, size: str = "8m") -> Iterator[Path]:
+    """A small tmpfs of its own (root only), unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk has no space left."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        chunk = b"\0" * 65536
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with contextlib.suppress(OSError), open(disk / "filler2", "wb") as f:  # the last partial block
+        while True:
+            f.write(b"\0" * 512)
+            f.flush()
+    return filler
+
+
+def test_disk_full_webhook_answers_507_and_stores_nothing(tmp_path: Path) -> None:
+    with tiny_disk(tmp_path) as disk:
+        h = Host(make_settings(disk / "var", PLUGINS_DIR=str(tmp_path / "plugins"))).start()
+        try:
+            first = h.post(alert(alert_id="before-full"))
+            assert first.status_code == 200, first.get_json()
+            fill(disk)
+            r = h.post(alert(strategy="s2", alert_id="while-full"))
+            assert r.status_code == 507, (r.status_code, r.get_json())
+            assert "full" in r.get_json()["error"]
+            halt = h.api("/api/halt", "POST", json={"mode": "halted", "reason": "disk test"})
+            assert halt.status_code in (507, 503), (halt.status_code, halt.get_json())
+            assert halt.status_code != 500
+            for f in disk.glob("filler*"):
+                f.unlink()
+            again = h.post(alert(strategy="s2", alert_id="while-full"))
+            assert again.status_code == 200 and again.get_json()["status"] == "accepted", again.get_json()
+            assert h.runtime.storage.rows("select count(*) n from alerts where client_alert_id = 'while-full'")[0]["n"] == 1
+            assert h.runtime.storage.rows("PRAGMA quick_check")[0]["quick_check"] == "ok"
+        finally:
+            h.stop()
+            h.runtime.storage.close()
+            if h.runtime.broker is not None and hasattr(h.runtime.broker, "close"):
+                h.runtime.broker.close()
+
+
+def test_api_control_route_answers_507_on_a_full_disk(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = host.runtime.storage.write
+
+    def full(fn: Any, durable: bool = False) -> Any:
+        def write(db: Any) -> Any:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(write, durable)
+    monkeypatch.setattr(host.runtime.inbox.storage, "write", full)
+    r = host.api("/api/exit-all", "POST")
+    assert r.status_code == 507, (r.status_code, r.get_json())
+    assert "full" in r.get_json()["error"]
+
+
+# ---- notifications at most once ----
+class Crash(BaseException):
+    """The process dies here."""
+
+
+class Notifier:
+    def __init__(self, crash_after: Optional[int] = None):
+        self.sent: list[int] = []
+        self.crash_after = crash_after
+
+    def send(self, event: dict) -> None:
+        self.sent.append(event["id"])
+        if self.crash_after is not None and len(self.sent) == self.crash_after:
+            raise Crash()
+
+
+def registry(notifier: Notifier) -> Any:
+    class Caller:
+        def call(self, hook: str, fn: Any, kwargs: dict) -> Any:
+            fn(**kwargs)
+            return SimpleNamespace(ok=True, error=None)
+    live = SimpleNamespace(candidate=SimpleNamespace(hooks={"notifier_send": notifier.send}), caller=Caller(),
+                           label="stub@1")
+    return SimpleNamespace(running=lambda: [live], record_call=lambda *a, **k: None)
+
+
+def _events(st: Storage, n: int) -> None:
+    st.write(lambda db: [Storage.add_event(db, "fill", f"fill {i}") for i in range(n)])
+
+
+def test_notifications_at_most_once_across_a_crash(tmp_path: Path) -> None:
+    st = Storage(tmp_path / "h.sqlite")
+    st.write(lambda db: Storage.put_state(db, CURSOR_KEY, "0"))
+    _events(st, 5)
+    notifier = Notifier(crash_after=2)
+    with pytest.raises(Crash):
+        EventPump(st, registry(notifier)).pump()
+    st.close()
+    again = Storage(tmp_path / "h.sqlite")  # the restart
+    notifier.crash_after = None
+    EventPump(again, registry(notifier)).pump()
+    assert len(notifier.sent) == len(set(notifier.sent)), f"sent twice: {notifier.sent}"
+    assert notifier.sent == [1, 2, 3, 4, 5]  # the message in flight at the crash went out, once
+
+
+def test_failing_cursor_write_sends_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = Storage(tmp_path / "h.sqlite")
+    st.write(lambda db: Storage.put_state(db, CURSOR_KEY, "0"))
+    _events(st, 20)
+    notifier = Notifier()
+    pump = EventPump(st, registry(notifier))
+
+    def disk_full(db: Any, key: str, value: str) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+    with monkeypatch.context() as m:
+        m.setattr(Storage, "put_state", staticmethod(disk_full))
+        for _ in range(3):  # the pump's loop tries again and again while the disk is full
+            with pytest.raises(sqlite3.OperationalError):
+                pump.pump()
+    assert notifier.sent == []
+    while pump.pump():
+        pass
+    assert notifier.sent == list(range(1, 21))
+    assert st.get_state(CURSOR_KEY) == "20"
