@@ -25,6 +25,7 @@ class Live:
     caller: Caller
     breaker: Breaker
     ctx: Any = None
+    mail: Any = None  # strategies: the calls waiting for its thread (ticks coalesced per symbol)
 
     @property
     def label(self) -> str:
@@ -122,6 +123,8 @@ class Registry:
     def _go_live(self, entry: Entry, cand: Candidate) -> None:
         generation = entry.generation + 1
         live = Live(cand, generation, Caller(f"{cand.name}.g{generation}", self.budget_s), Breaker(self.breaker_limit))
+        live.caller.on_slow = lambda hook, result: self.record_call(live, hook, result)
+        live.caller.on_late = lambda hook, result: self.report_late(live, hook, result)
         old = entry.live
         state = (self._snapshot(old) if old else None)
         if state is None:
@@ -191,11 +194,30 @@ class Registry:
             if outcome is not None:
                 self.apply(outcome)
 
+    def report_late(self, live: Live, hook: str, result: CallResult) -> None:
+        """An abandoned call ended (any thread): its result is dropped; say what was dropped."""
+        message = (f"{self.kind} {live.label}: {hook} ended after {result.duration_s:.2f} s, past its "
+                   f"{live.caller.budget_s:g} s budget; {self.dropped(result)} dropped")
+        if self.kind != "strategy":  # a notifier's events would come back to it
+            log.warning("%s", message)
+            return
+        self.emit("plugin_late", message, "warning", live.candidate.name,
+                  {"hook": hook, "duration_s": round(result.duration_s, 3), "version": live.candidate.version,
+                   "error": result.error})
+
+    @staticmethod
+    def dropped(result: CallResult) -> str:
+        if not result.ok:
+            return f"its error ({result.error}) was"
+        return f"its result ({result.value!r:.200}) was"
+
     def record_call(self, live: Live, hook: str, result: CallResult, quiet: bool = False) -> None:
         """Attribute a call's failure to its plugin version; trip the breaker after repeated failures.
 
         quiet: record without an event per failure (notifiers: their events would come back to them).
         """
+        if result.busy:
+            return  # never called: the overrun that keeps it busy was recorded already
         if result.slow and not quiet:
             self.emit("plugin_slow", f"{self.kind} {live.label}: {result.error}", "warning",
                       live.candidate.name if self.kind == "strategy" else None,
@@ -231,8 +253,9 @@ class Registry:
             state = {}
         return state if isinstance(state, dict) else {"value": state}
 
-    def persist_state(self, live: Live) -> None:
-        state = self._snapshot(live)
+    def persist_state(self, live: Live, state: Optional[dict] = None) -> None:
+        """Store the plugin's state: `state` as given, else its snapshot (on the engine thread)."""
+        state = self._snapshot(live) if state is None else state
         if state is None:
             return
         try:

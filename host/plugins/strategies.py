@@ -1,12 +1,14 @@
 """Strategy plugins: context, start/stop/snapshot, isolated calls whose returned intents are checked."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..builtin import passthrough
 from ..context import StrategyContext
@@ -16,7 +18,10 @@ from ..validation import validate_intent
 from .dispatch import CallResult
 from .registry import Live, Registry
 
+log = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
+# hooks the engine does not wait for: queued on the strategy's thread, their intents acted on when they come
+POSTED = {"strategy_on_tick": "on_tick", "strategy_on_clock": "on_clock", "strategy_on_order": "on_order"}
 FIELD_TYPES = {"action": ExecutionType, "side": Side, "order_type": OrderType, "product": Product}
 
 
@@ -53,8 +58,22 @@ def check_intents(value: Any) -> tuple[list[Intent], list[str]]:
     return (list(items) if not problems else []), problems
 
 
+class Mail:
+    """What waits for one strategy's thread: the latest tick per symbol, the latest clock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ticks: dict[tuple[str, str], Tick] = {}
+        self.tick_queued = False  # a tick call is queued: it takes the latest tick when it starts
+        self.clock: Any = None
+        self.clock_queued = False
+        self.coalesced = 0  # ticks replaced by a newer one for the same symbol before the strategy saw them
+
+
 class StrategyRegistry(Registry):
     kind = "strategy"
+    # The engine's way to turn intents into orders, on the engine thread: act(strategy, asked, source).
+    act: Optional[Callable[[str, Asked, str], None]] = None
 
     def _start(self, live: Live, state: dict) -> CallResult:
         cand = live.candidate
@@ -62,6 +81,7 @@ class StrategyRegistry(Registry):
         live.ctx = StrategyContext(cand.name, cand.version, live.generation, MappingProxyType(params), dict(state),
                                    logging.getLogger(f"strategy.{cand.name}"), tuple(cand.meta.get("symbols", [])))
         live.saved = json.dumps(state, sort_keys=True, default=str)  # type: ignore[attr-defined]
+        live.mail = Mail()
         self.refresh(live.ctx)
         if "strategy_validate" in cand.hooks:
             r = live.caller.call("strategy_validate", cand.hooks["strategy_validate"], {"params": params})
@@ -109,12 +129,20 @@ class StrategyRegistry(Registry):
         ctx.ticks = MappingProxyType(ticks)
 
     def ask(self, live: Live, hook: str, **kwargs: Any) -> Asked:
-        """Call one hook of one running version; check what it returns; save its state if it changed."""
+        """Call one hook of one running version; check what it returns; save its state if it changed.
+
+        strategy_on_alert (and any hook not in POSTED) is waited for, at most the budget. The POSTED hooks
+        are queued on the strategy's own thread and answered at once with no intents: their intents go to
+        `act` on the engine thread when the call ends within its budget. Ticks coalesce per symbol.
+        """
         fn = live.candidate.hooks.get(hook)
         if fn is None:
             return Asked(version=live.candidate.version)
-        self.refresh(live.ctx)
-        result = live.caller.call(hook, fn, {"ctx": live.ctx, **kwargs})
+        if hook in POSTED:
+            self._post(live, hook, fn, kwargs)
+            return Asked(version=live.candidate.version)
+        result = live.caller.call(hook, fn, lambda: self._args(live, kwargs),
+                                  after=lambda: self._save_state_if_changed(live, here=True))
         self.record_call(live, hook, result)
         entry = self.entries.get(live.candidate.name)
         if entry is None or entry.live is not live:
@@ -127,14 +155,132 @@ class StrategyRegistry(Registry):
             bad = CallResult(error=f"{hook} returned unusable intents: " + "; ".join(problems))
             self.record_call(live, hook, bad)
             return Asked(error=f"{live.label}: {bad.error}", version=live.candidate.version)
-        self._save_state_if_changed(live)
         return Asked(tuple(intents), version=live.candidate.version)
 
-    def _save_state_if_changed(self, live: Live) -> None:
-        text = json.dumps(live.ctx.state, sort_keys=True, default=str)
+    def _args(self, live: Live, kwargs: dict) -> dict:
+        """On the strategy's thread, as its call starts: the context as it is now, and the arguments."""
+        self.refresh(live.ctx)
+        return {"ctx": live.ctx, **kwargs}
+
+    # ---- posted hooks: the engine never waits for them ----
+    def _post(self, live: Live, hook: str, fn: Any, kwargs: dict) -> None:
+        mail: Mail = live.mail
+        done = lambda result: self._done(live, hook, result)  # noqa: E731
+        if hook == "strategy_on_tick":
+            tick = kwargs["tick"]
+            with mail.lock:
+                key = (tick.exchange, tick.symbol)
+                mail.coalesced += key in mail.ticks
+                mail.ticks[key] = tick
+                if mail.tick_queued:
+                    return  # the queued call takes this tick (the latest for its symbol) when it starts
+                mail.tick_queued = True
+            self._post_tick(live, fn)
+        elif hook == "strategy_on_clock":
+            with mail.lock:
+                mail.clock = kwargs["now"]
+                if mail.clock_queued:
+                    return
+                mail.clock_queued = True
+
+            def clock() -> Optional[dict]:
+                with mail.lock:
+                    now, mail.clock, mail.clock_queued = mail.clock, None, False
+                return self._args(live, {"now": now})
+            live.caller.post(hook, fn, clock, done)
+        else:  # every order change counts: no coalescing, in order
+            live.caller.post(hook, fn, lambda: self._args(live, kwargs), done)
+
+    def _post_tick(self, live: Live, fn: Any) -> None:
+        """One call for one symbol's latest tick; the next symbol's waits behind whatever else is queued."""
+        mail: Mail = live.mail
+
+        def take() -> Optional[dict]:
+            with mail.lock:
+                if not mail.ticks:
+                    mail.tick_queued = False
+                    return None
+                tick = mail.ticks.pop(next(iter(mail.ticks)))
+                more = bool(mail.ticks)
+                mail.tick_queued = more
+            if more:
+                self._post_tick(live, fn)
+            return self._args(live, {"tick": tick})
+
+        live.caller.post("strategy_on_tick", fn, take, lambda result: self._done(live, "strategy_on_tick", result))
+
+    def _done(self, live: Live, hook: str, result: CallResult) -> None:
+        """On the strategy's thread: a posted call ended within its budget. Its intents go to the engine."""
+        self.record_call(live, hook, result)
+        if not result.ok:
+            return
+        intents, problems = check_intents(result.value)
+        if problems:
+            self.record_call(live, hook, CallResult(error=f"{hook} returned unusable intents: " + "; ".join(problems)))
+            return
+        self._save_state_if_changed(live, here=True)
+        if intents:
+            asked = Asked(tuple(intents), version=live.candidate.version)
+            self.submit(lambda: self._deliver(live, hook, asked))
+
+    def _deliver(self, live: Live, hook: str, asked: Asked) -> None:
+        """On the engine thread: act on a posted call's intents, unless its version was retired meanwhile."""
+        entry = self.entries.get(live.candidate.name)
+        if entry is None or entry.live is not live or entry.disabled:
+            self.emit("plugin_late", f"strategy {live.label} was retired before the engine could act on its {hook}; "
+                      f"{self._count(asked.intents)} dropped", "warning", live.candidate.name,
+                      {"hook": hook, "version": live.candidate.version})
+            return
+        act = self.act or self._engine_act()
+        if act is None:
+            self.emit("plugin_error", f"strategy {live.label}: {hook} returned {self._count(asked.intents)}, but the "
+                      "engine has not wired StrategyRegistry.act; they are dropped", "error", live.candidate.name,
+                      {"hook": hook})
+            return
+        act(live.candidate.name, asked, POSTED[hook])
+
+    def _engine_act(self) -> Optional[Callable[[str, Asked, str], None]]:
+        """Until the engine sets `act`: the _act of the engine whose submit() we were given."""
+        engine = getattr(self.submit, "__self__", None)
+        return getattr(engine, "_act", None)
+
+    @staticmethod
+    def _count(intents: Any) -> str:
+        n = len(intents) if isinstance(intents, (list, tuple)) else 0 if intents is None else 1
+        return f"{n} intent{'' if n == 1 else 's'}"
+
+    def dropped(self, result: CallResult) -> str:
+        if not result.ok:
+            return f"its error ({result.error}) was"
+        return f"its result ({self._count(result.value)}) was"
+
+    def coalesced(self, name: str) -> int:
+        """How many ticks this strategy's running version never saw because a newer one came first."""
+        live = self.live(name)
+        return live.mail.coalesced if live is not None and live.mail is not None else 0
+
+    def _save_state_if_changed(self, live: Live, here: bool = False) -> None:
+        """here: on the strategy's own thread (strategy_snapshot is called directly, not queued behind itself)."""
+        try:
+            text = json.dumps(live.ctx.state, sort_keys=True, default=str)
+        except (TypeError, ValueError, RuntimeError) as e:
+            log.warning("strategy %s: state not readable: %s", live.label, e)
+            return
         if text != getattr(live, "saved", None):
             live.saved = text  # type: ignore[attr-defined]
-            self.persist_state(live)
+            self.persist_state(live, self._snapshot_here(live) if here else None)
+
+    def _snapshot_here(self, live: Live) -> Optional[dict]:
+        fn = live.candidate.hooks.get("strategy_snapshot")
+        if fn is None:
+            return live.ctx.state
+        try:
+            value = fn(ctx=live.ctx) if "ctx" in inspect.signature(fn).parameters else fn()
+        except Exception as e:
+            self.emit("plugin_error", f"strategy {live.label}: strategy_snapshot raised {type(e).__name__}: {e}",
+                      "error", live.candidate.name, {"hook": "strategy_snapshot"})
+            return live.ctx.state
+        return value if isinstance(value, dict) else {"value": value} if value is not None else live.ctx.state
 
     def admit(self, alert: AlertRequest, require_known: bool) -> Asked:
         """Whether the alert's strategy may take it (error set if not), with the running version."""
