@@ -109,7 +109,7 @@ def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> list[dict]:
 
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
             broker_net: Optional[dict[tuple, int]], strategy: Optional[str] = None, product: Optional[str] = None,
-            skip: Callable[[dict], Optional[str]] = lambda p: None) -> Flattened:
+            skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False) -> Flattened:
     """Stop adding orders and exit each open position (all, one strategy's, or one product's)."""
     stopped = cancel_adding(db, why, product=product, strategy=strategy)
     created: list[str] = []
@@ -143,6 +143,8 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
         cancels += d.cancels
         if not d.orders and d.reason and "nothing to exit" not in d.reason:
             left.append(f"{where}: {d.status.value}: {d.reason}")
+    if quiet and not (created or cancels or stopped.cancelled_new or stopped.pending):
+        return Flattened((), (), 0, tuple(left))  # nothing done: a repeat says nothing
     Storage.add_event(db, "exit_all", f"{why}: {len(created)} exit orders, {stopped.cancelled_new} unsent orders "
                       f"cancelled, {len(stopped.pending)} working orders being cancelled"
                       + (f"; left alone: {'; '.join(left)}" if left else ""), "warning", strategy,

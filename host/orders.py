@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from dataclasses import replace
+from decimal import Decimal
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional, TypeVar
@@ -132,6 +134,34 @@ class OrderSender:
     def enqueue(self, order_id: str) -> None:
         """Queue a NEW order to send (anything else is never sent, so a queued duplicate is harmless)."""
         self._queue.put((self.send, order_id, None))
+
+    def enqueue_reprice(self, order_id: str, price: Decimal) -> None:
+        """Queue a ModifyOrder of a working order to a limit at `price` (an exit moved towards the market)."""
+        self._queue.put((self.reprice, order_id, price))
+
+    def reprice(self, order_id: str, price: Decimal) -> None:
+        """ModifyOrder to a limit at `price`; the trail says so first (the fill may come before the answer)."""
+        row = self.storage.one("select * from orders where id = ?", (order_id,))
+        if row is None or row["status"] not in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value) \
+                or not row["broker_order_id"]:
+            return
+        self.storage.write(lambda db: (
+            Storage.insert(db, "order_history", {"order_id": order_id, "at": utcnow(), "status": row["status"],
+                                                 "detail": f"moving to {price}: an unfilled exit, moved towards the "
+                                                           f"market"}),
+            Storage.add_event(db, "exit_repriced", f"exit {order_id} {row['side']} {row['qty']} {row['exchange']}:"
+                              f"{row['symbol']} ({row['strategy']}) not filled yet: moving it to {price}", "warning",
+                              row["strategy"], {"order_id": order_id, "price": str(price)})))
+        req = replace(request_for(row), order_type=OrderType.LMT, price=price)
+        try:
+            self.gateway.call("modify_order", self.gateway.broker.modify, row["broker_order_id"], req)
+        except BrokerError as e:
+            message = f"moving exit {order_id} to {price} failed: {e}"
+            self.storage.write(lambda db: Storage.add_event(db, "reprice_failed", message, "warning",
+                                                            row["strategy"], {"order_id": order_id}))
+            return
+        self.storage.write(lambda db: db.execute("update orders set price = ?, order_type = 'LMT' where id = ?",
+                                                 (str(price), order_id)))
 
     def enqueue_cancel(self, order_id: str, why: str) -> None:
         """Queue a cancel request for a working order, behind the orders already queued."""

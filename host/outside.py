@@ -9,14 +9,18 @@ once (by the broker's order and fill ids), from the broker's order and trade boo
 from __future__ import annotations
 
 import json
+import logging
 from decimal import Decimal
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import sqlite_utils
 
+from .flatten import OPEN_STATUSES
 from .models import BrokerOrder, Product, Side
 from .storage import Storage, utcnow
 from .watcher import move_position
+
+log = logging.getLogger(__name__)
 
 PRODUCTS = {p.value for p in Product}
 MANUAL = "manual"
@@ -76,3 +80,78 @@ def adopt_fill(db: sqlite_utils.Database, order: BrokerOrder, key: str, qty: int
         "product": order.product, "side": order.side.value if order.side else None, "qty": qty, "price": str(price),
         "at": utcnow(), "allocation": json.dumps(split if usable else f"not counted: product {order.product!r}")})
     return split
+
+
+class OutsideTrades:
+    """Polls the broker's positions and books; applies what was traded outside the host."""
+
+    def __init__(self, storage: Storage, positions: Callable[[], list], book: Callable[[], list[BrokerOrder]]):
+        self.storage = storage
+        self.broker_positions = positions
+        self.broker_book = book
+        self.blind: Optional[str] = None
+        self.broker_net: dict[tuple, int] = {}  # the broker's net per (exchange, symbol, product), last poll
+        self._manual_seen: dict[tuple, int] = {}
+
+    def poll(self) -> bool:
+        """Read positions (unreadable: blind, never "flat") and books; True if anything was adopted."""
+        try:
+            positions = self.broker_positions()
+        except Exception as e:
+            self.blind = f"{type(e).__name__}: {e}"
+            return False
+        self.blind = None
+        self.broker_net = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in positions}
+        try:
+            book: Optional[list[BrokerOrder]] = self.broker_book()
+        except Exception as e:  # without the books no outside trade can be told from our own: adopt nothing
+            log.warning("outside trades not checked: the broker's books are unreadable (%s)", e)
+            book = None
+        return self.adopt(book, positions)
+
+    def adopt(self, book: Optional[list[BrokerOrder]], broker_positions: list) -> bool:
+        """Apply fills of orders placed outside the host; then count what still differs, if nothing explains it.
+
+        An unexplained difference must be seen on two polls in a row, and is ignored where one of our
+        orders is unfinished (a fill may be at the broker a moment before the watcher has applied it).
+        """
+        if book is None:
+            self._manual_seen = {}
+            return False
+        moved = False
+        remarks = list({o.remarks for o in book if o.remarks})
+        ours: set[str] = set()
+        for i in range(0, len(remarks), 500):
+            chunk = remarks[i:i + 500]
+            ours |= {r["id"] for r in self.storage.rows(
+                f"select id from orders where id in ({','.join('?' * len(chunk))})", tuple(chunk))}
+        fills = foreign_fills(book, ours)
+        if fills:
+            adopted = self.storage.write(lambda db: [adopt_fill(db, *f) for f in fills])
+            moved = any(a is not None for a in adopted)
+        explained = {(o.exchange, o.symbol, o.product) for o in book if o.remarks not in ours}
+        mine: dict[tuple, int] = {}
+        for r in self.storage.rows("select exchange, symbol, product, sum(net_qty) n from positions "
+                                   "group by exchange, symbol, product"):
+            mine[(r["exchange"], r["symbol"], r["product"])] = r["n"]
+        working = {(r["exchange"], r["symbol"], r["product"]) for r in self.storage.rows(
+            f"select distinct exchange, symbol, product from orders where status in "
+            f"({','.join('?' * len(OPEN_STATUSES))})", OPEN_STATUSES)}
+        theirs = {(p.exchange, p.symbol, p.product.value): p for p in broker_positions}
+        diffs = {}
+        for key in (set(mine) | set(theirs)) - explained - working:
+            diff = (theirs[key].net_qty if key in theirs else 0) - mine.get(key, 0)
+            if diff:
+                diffs[key] = diff
+        confirmed = {k: d for k, d in diffs.items() if self._manual_seen.get(k) == d}
+        self._manual_seen = {k: d for k, d in diffs.items() if k not in confirmed}
+        for (ex, sym, prod), diff in confirmed.items():
+            bp = theirs.get((ex, sym, prod))
+            quote = self.storage.one("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym))
+            price = Decimal(quote["ltp"]) if quote else (bp.avg_price if bp else Decimal("0"))
+            side = Side.BUY if diff > 0 else Side.SELL
+            self.storage.write(lambda db: allocate(
+                db, ex, sym, prod, side, abs(diff), price, "found in the broker's positions (no order in today's "
+                "books explains it)"))
+            moved = True
+        return moved

@@ -71,6 +71,15 @@ class RiskDay:
     last_status: Optional[str] = None
     squared_off: bool = False
     strategy_stops: list = field(default_factory=list)
+    anchor: Decimal = ZERO  # the PnL the limit is measured from: 0, or the PnL when a breach was overridden
+    overridden_at: Optional[str] = None  # the trader resumed after today's breach (override_breach)
+    overridden_by: Optional[str] = None
+    estimated: bool = False  # the last PnL came from our own book while the broker's positions were unreadable
+
+    @property
+    def halted_by_breach(self) -> bool:
+        """A breach today that the trader has not overridden."""
+        return self.breached and self.overridden_at is None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str, sort_keys=True)
@@ -81,6 +90,7 @@ class RiskDay:
             d = json.loads(text)
             day = cls(**d)
             day.limit, day.peak, day.last_pnl = Decimal(d["limit"]), Decimal(d["peak"]), Decimal(d["last_pnl"])
+            day.anchor = Decimal(d.get("anchor", "0"))
             date.fromisoformat(day.day)
             if not isinstance(day.breached, bool) or not isinstance(day.warned, list):
                 raise ValueError("bad field types")
@@ -198,22 +208,25 @@ class RiskManager:
             actions += self._new_day(today, json.loads(stored))
             self._store(day)
             return actions
-        if pnl is None:
-            if day.blind is None:
-                day.blind = blind_reason or "positions cannot be read"
-                actions.append(Action("blind", f"risk is blind: {day.blind}; new entries are refused, the last "
-                                               f"known PnL {day.last_pnl} is kept", "error"))
-            self._store(day)
-            return actions
-        if day.blind is not None:
+        if blind_reason is not None and day.blind is None:
+            day.blind = blind_reason
+            actions.append(Action("blind", f"risk is blind: {day.blind}; new entries are refused, and the limits "
+                                           f"are checked on a PnL estimated from our own book and the feed's prices",
+                                  "error"))
+        elif blind_reason is None and day.blind is not None:
             actions.append(Action("sighted", f"positions can be read again; PnL {pnl}", "info"))
             day.blind = None
+        if pnl is None:  # no figure at all: keep the last one
+            self._store(day)
+            return actions
+        day.estimated = blind_reason is not None
         day.last_pnl = pnl
         day.peak = max(day.peak, pnl)
-        day.limit = max(day.limit, trailing_limit(self.limits.base, self.limits.step, day.peak))
-        data = {"pnl": str(pnl), "limit": str(day.limit), "peak": str(day.peak)}
-        if not day.breached and pnl <= day.limit:
-            day.breached, day.breached_at = True, utcnow()
+        day.limit = max(day.limit, day.anchor + trailing_limit(self.limits.base, self.limits.step,
+                                                               day.peak - day.anchor))
+        data = {"pnl": str(pnl), "limit": str(day.limit), "peak": str(day.peak), "estimated": day.estimated}
+        if not day.halted_by_breach and pnl <= day.limit:
+            day.breached, day.breached_at, day.overridden_at, day.overridden_by = True, utcnow(), None, None
             self._record_day(today, True, day)
             actions.append(Action("breach", f"daily max loss breached: PnL {pnl} <= limit {day.limit}; trading "
                                             f"halted for the day, pending orders cancelled, positions exited",
@@ -224,10 +237,10 @@ class RiskManager:
                 actions.append(Action("cooldown", f"{streak} trading days in a row with a breach: entries are "
                                                   f"refused until {until.isoformat()}", "error",
                                       {"until": until.isoformat(), "streak": streak}))
-        elif day.breached and (exposed() if callable(exposed) else exposed):
+        elif day.halted_by_breach and (exposed() if callable(exposed) else exposed):
             actions.append(Action("violation", f"positions reappeared after today's breach (PnL {pnl}); "
                                                f"flattening them again", "error", data))
-        elif not day.breached and pnl <= warning_level(day.limit, self.limits.base, self.limits.threshold) \
+        elif not day.halted_by_breach and pnl <= warning_level(day.limit, self.limits.base, self.limits.threshold) \
                 and str(day.limit) not in day.warned:
             day.warned.append(str(day.limit))
             actions.append(Action("warning", f"PnL {pnl} is near the daily limit {day.limit}", "warning", data))
@@ -251,6 +264,16 @@ class RiskManager:
             actions.append(Action("status", f"risk status: PnL {pnl}, limit {day.limit}, peak {day.peak}", "info", data))
         self._store(day)
         return actions
+
+    def override(self, today: date, by: str) -> RiskDay:
+        """The trader resumes after today's breach: the limit starts again from the current PnL."""
+        day = self.load_day(today)
+        day.overridden_at, day.overridden_by = utcnow(), by
+        day.anchor = day.peak = day.last_pnl
+        day.limit = day.last_pnl + self.limits.base
+        day.warned = []
+        self._store(day)
+        return day
 
     def repair(self, today: date) -> None:
         """Replace an unreadable day record (on an explicit resume); a breach recorded today is kept."""
@@ -333,6 +356,11 @@ class RiskGate:
             return f"risk is blind ({day.blind}): new entries are refused until positions can be read"
         if until:
             return f"loss-streak cooldown: entries are refused until {until.isoformat()}"
+        local = self.clock.local(self.now())
+        if (intent is not None and intent.product.value == "I" and self.limits.square_off is not None
+                and self.clock.is_trading_day(today) and local.time() >= self.limits.square_off):
+            return (f"MIS entries after the square-off time {self.limits.square_off:%H:%M} are refused: they would "
+                    f"never be squared off today (use NRML or CNC)")
         if strategy and strategy in day.strategy_stops:
             return f"strategy {strategy} hit its max loss today: stopped until the next trading day"
         if intent is not None and db is not None:

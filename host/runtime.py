@@ -133,8 +133,11 @@ class Runtime:
                             self.broker.apply_tick,
                             self.settings.ALERT_MAX_AGE_S, self.settings.REQUIRE_KNOWN_STRATEGY,
                             broker_positions=lambda: self.gateway.call("positions", self.broker.positions),
-                            risk_poll_s=self.settings.RISK_POLL_S, now=self.now)
+                            risk_poll_s=self.settings.RISK_POLL_S, now=self.now,
+                            tick_jump_pct=self.settings.TICK_JUMP_PCT, flatten_scope=self.settings.RISK_FLATTEN_SCOPE)
             engine.plugin_registries["notifier"] = self.notifiers
+            engine.risk.reprice_s, engine.risk.protection_pct = (self.settings.EXIT_REPRICE_S,
+                                                                 self.settings.MARKET_PROTECTION_PCT)
             self.sender.on_result = engine.order_changed
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
             engine.summary_time = self.settings.DAILY_SUMMARY_TIME

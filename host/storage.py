@@ -111,6 +111,12 @@ def _m7_exactly_once(db: sqlite_utils.Database) -> None:
     db["orders"].add_column("applied_qty", int)
     db["orders"].add_column("applied_value", str)
     db["orders"].add_column("cancel_requested", str)  # breach/exit-all/EXIT: cancel once the broker id is known
+    db["orders"].add_column("escalate", int)  # a breach or square-off exit: moved towards the market until it fills
+    db["orders"].add_column("reprices", int)
+    db["orders"].add_column("repriced_at", str)
+    # a position carried from an earlier day is valued from the previous close (avg_price); its entry was this
+    db["positions"].add_column("carried_qty", int)
+    db["positions"].add_column("carried_from", str)
     totals: dict[str, tuple[int, Decimal]] = {}
     for order_id, qty, price in db.execute("select order_id, qty, price from fills").fetchall():
         q, v = totals.get(order_id, (0, Decimal("0")))
@@ -273,6 +279,7 @@ class Storage:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.full_since: Optional[str] = None  # a write failed for a full disk (cleared by the next that works)
         self._lock = threading.RLock()
         self._readers_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
@@ -325,6 +332,7 @@ class Storage:
                     self.conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
                     if _is_full(e):
+                        self.full_since = self.full_since or utcnow()
                         raise _full(self.path, e) from e
                     if not _is_locked(e) or attempt == LOCK_RETRIES - 1:
                         raise
@@ -333,10 +341,12 @@ class Storage:
                     try:
                         result = fn(self.db)
                         self.conn.execute("COMMIT")
+                        self.full_since = None
                         return result
                     except BaseException as e:
                         self._rollback()
                         if _is_full(e):
+                            self.full_since = self.full_since or utcnow()
                             log.error("disk full: a write to %s was rolled back: %s", self.path, e)
                             raise _full(self.path, e) from e
                         if isinstance(e, sqlite3.OperationalError) and _is_locked(e) and attempt < LOCK_RETRIES - 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Optional
@@ -69,13 +70,20 @@ def risk(storage: Storage, gate: RiskGate) -> dict:
     except CorruptState as e:
         return {**record, "max_loss": limits.base, "peak_pnl": None, "breached": None, "warning": None,
                 "consecutive_loss_days": None, "cooldown_until": None, "blind": None, "error": str(e)}
-    limit = max(day.limit, trailing_limit(limits.base, limits.step, max(day.peak, pnl)))
+    limit = max(day.limit, day.anchor + trailing_limit(limits.base, limits.step, max(day.peak, pnl) - day.anchor))
+    carried = storage.rows("select carried_qty, carried_from, avg_price from positions where net_qty != 0 and "
+                           "carried_qty is not null and product != 'C'")
     counts = {r["strategy"]: r["n"] for r in storage.rows(
         "select strategy, count(*) n from orders where created_at >= ? and action != 'EXIT' group by strategy",
         (_day_start_utc(today),))}
     return {**record, "day": day.day, "max_loss": limit, "peak_pnl": max(day.peak, pnl), "breached": day.breached,
             "warning": pnl <= warning_level(limit, limits.base, limits.threshold), "consecutive_loss_days": streak,
             "cooldown_until": until.isoformat() if until else None, "blind": day.blind,
+            "breached_at": day.breached_at, "breach_overridden_by": day.overridden_by, "estimated": day.estimated,
+            "carried": {"positions": len(carried), "excluded_pnl": sum(  # gained or lost by the previous close
+                ((Decimal(r["avg_price"]) - Decimal(r["carried_from"])) * r["carried_qty"] for r in carried),
+                Decimal("0"))},
+            "ticks_held": int(storage.get_state("ticks_held") or 0),
             "strategies": {name: {"pnl": by_strategy.get(name, Decimal("0")), "orders_today": counts.get(name, 0),
                                   "stopped_today": name in day.strategy_stops,
                                   "max_orders_per_day": limits.max_orders_per_day or None}
@@ -100,6 +108,44 @@ def plugin_records(storage: Storage, kind: str) -> list[dict]:
     return [{"name": r["name"], "version": r["version"], "generation": r["generation"], "status": r["status"],
              "error": r["error"], "traceback": r["detail"], "file": r["file"], "digest": r["digest"],
              "updated_at": r["updated_at"], "history": json.loads(r["history"] or "[]")} for r in rows]
+
+
+ENGINE_STEP_MAX_S, RISK_EVAL_MAX_S = 5.0, 10.0
+
+
+def _age_s(storage: Storage, key: str) -> Optional[float]:
+    beat = storage.get_state(key)
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(beat)).total_seconds() if beat else None
+
+
+def _blind(storage: Storage) -> Optional[str]:
+    raw = storage.get_state("risk_day")
+    try:
+        return json.loads(raw).get("blind") if raw else None
+    except ValueError:
+        return None
+
+
+def health_problems(storage: Storage, settings: Any) -> list[str]:
+    """What makes the host unhealthy now: a stuck engine loop, risk not evaluating, no writes, a full disk."""
+    problems = []
+    age = _age_s(storage, HEARTBEAT_KEY)
+    if age is None or age > ENGINE_STEP_MAX_S:
+        problems.append(f"the engine loop has not completed a step for {age or 0:.0f} s")
+    age = _age_s(storage, "risk_heartbeat")
+    if age is None or age > RISK_EVAL_MAX_S:
+        problems.append(f"risk has not evaluated for {age or 0:.0f} s" if age is not None else "risk has not evaluated yet")
+    blind = _blind(storage)
+    if blind:
+        problems.append(f"risk is blind: the broker's positions cannot be read ({blind}); entries are refused and "
+                        f"the limits act on a PnL estimated from our own book")
+    if storage.full_since:
+        problems.append(f"the database cannot be written: the disk has been full since {storage.full_since}")
+    free_mb = shutil.disk_usage(storage.path.parent).free / 1e6
+    if free_mb < settings.DISK_MIN_FREE_MB:
+        problems.append(f"the disk of {storage.path.parent} has {free_mb:.0f} MB free, below DISK_MIN_FREE_MB="
+                        f"{settings.DISK_MIN_FREE_MB}")
+    return problems
 
 
 def engine_alive(storage: Storage, local_running: bool, max_age_s: float = 3.0) -> bool:

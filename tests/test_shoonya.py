@@ -77,7 +77,9 @@ def test_a_restart_restores_the_saved_token(live, sim):
 def test_a_broker_rejection_carries_its_reason(live, sim):
     login(live, sim)
     sim.sim.faults.reject_next = "RMS:Margin Exceeds,Required:55000.00, Available:1200.00"
-    oid = live.post(alert()).get_json()["orders"][0]["id"]
+    r = live.post(alert())
+    assert r.status_code == 200, r.get_json()
+    oid = r.get_json()["orders"][0]["id"]
     o = wait_for(lambda: (o := _order(live, oid))["status"] == "REJECTED" and o)
     assert "Margin Exceeds" in o["reason"]
 
@@ -227,7 +229,7 @@ def test_lot_and_tick_sizes_come_from_the_broker_s_symbol_files(live, sim):
     login(live, sim)
     wait_for(lambda: live.runtime.broker.instruments.get("NFO", SYMBOL))  # downloaded in the background
     r = live.post(alert(qty=50, alert_id="lots"))
-    assert r.status_code == 422
+    assert r.status_code == 422, r.get_json()
     assert "intent[0].qty: expected a multiple of the lot size 75 for NFO:NIFTY28APR26C24500, found 50" in r.get_json()["reason"]
     r = live.post(alert(qty=75, price="42.53", alert_id="ticks"))
     assert r.status_code == 422 and "tick size 0.05" in r.get_json()["reason"]

@@ -15,7 +15,6 @@ are printed (alerts by outcome, orders by status, fills, faults injected by kind
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -493,14 +492,6 @@ def counts(h: Host, sim: Any, answers: dict, resends: list, faults: Counter, out
 
 # ---- found by the soak: a late answer to the expired session undoes a new login ----
 
-RISK_ON_ITS_OWN_THREAD = importlib.util.find_spec("host.risk_actions") is not None  # the engine restructuring
-
-
-@pytest.mark.xfail(RISK_ON_ITS_OWN_THREAD, strict=True, reason=(
-    "host bug: ShoonyaBroker._call reports 'expired' for an answer to a request sent with the token a login has "
-    "just replaced, and set_session_state (last writer wins) records it; nothing but a login sets 'valid' again, so "
-    "entries are refused (423) although the session works. It shows since risk_actions.RiskLoop polls the "
-    "positions on its own thread, concurrently with the login command"))
 def test_a_late_answer_to_the_expired_session_does_not_undo_a_new_login(sim, tmp_path):
     """The positions poll asks the broker with the old token; the broker judges it expired on arrival, and its
     answer leaves only after the trader's new login has been checked valid. The host must stay 'valid'."""

@@ -93,6 +93,9 @@ class Broker(Protocol):
     def cancel(self, broker_order_id: str) -> None:
         """Ask the broker to cancel an open order."""
 
+    def modify(self, broker_order_id: str, req: OrderRequest) -> None:
+        """Change an open order to req's quantity, type and prices (ModifyOrder)."""
+
     def order_book(self) -> list[BrokerOrder]:
         """Today's orders; an empty list means the book is empty, never an error."""
 

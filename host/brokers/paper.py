@@ -49,6 +49,12 @@ class PaperBroker:
         except SimRejected as e:
             raise Rejected(str(e)) from None
 
+    def modify(self, broker_order_id: str, req: OrderRequest) -> None:
+        try:
+            self.engine.modify(broker_order_id, req.qty, req.order_type, req.price, req.trigger_price)
+        except SimRejected as e:
+            raise Rejected(str(e)) from None
+
     def order_book(self) -> list[BrokerOrder]:
         return self.engine.order_book()
 

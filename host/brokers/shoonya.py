@@ -162,6 +162,7 @@ class ShoonyaBroker:
         self.http = install_requests(timeout_s)
         self.api = NorenApi(host=api_url, websocket=ws_url)
         self.instruments = instruments
+        self._token_generation = 0  # bumped by each use_token
         self.protection_pct = protection_pct
         self.timeout_s = timeout_s
         self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
@@ -184,6 +185,7 @@ class ShoonyaBroker:
     def use_token(self, token: str, uid: str, actid: Optional[str] = None) -> None:
         """Restore a saved access token: both calls the library needs."""
         self.uid = uid
+        self._token_generation = self._token_generation + 1  # answers to older tokens are stale
         self.api.injectOAuthHeader(token, uid, actid or uid)
         self.api.set_credentials(token, uid, actid or uid)
 
@@ -220,6 +222,12 @@ class ShoonyaBroker:
 
     def cancel(self, broker_order_id: str) -> None:
         self._call("cancel_order", self.api.cancel_order, broker_order_id)
+
+    def modify(self, broker_order_id: str, req: OrderRequest) -> None:
+        self.limiter.wait(req.exchange)
+        self._call("modify_order", self.api.modify_order, broker_order_id, req.exchange, req.symbol, req.qty,
+                   req.order_type.value, str(req.price) if req.price is not None else "0",
+                   str(req.trigger_price) if req.trigger_price is not None else None)
 
     def order_book(self) -> list[BrokerOrder]:
         rows = self._list("get_order_book", self.api.get_order_book)
@@ -400,6 +408,7 @@ class ShoonyaBroker:
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the library; turn None, timeouts and odd replies into classified errors."""
+        generation = self._token_generation
         try:
             result = fn(*args)
         except requests.exceptions.RequestException as e:  # unreachable only if it never connected
@@ -415,16 +424,22 @@ class ShoonyaBroker:
             reply = self._last_json()
             emsg = str(reply.get("emsg", "")) if isinstance(reply, dict) else ""
             if "session expired" in emsg.lower() or "invalid session" in emsg.lower():
-                self.on_session("expired", emsg)
+                self._expired(generation, emsg)
                 raise SessionExpired(RECONNECT_HINT)
             raise Rejected(emsg or f"{what} failed: {reply!r}")
         if isinstance(result, dict) and result.get("stat") == "Not_Ok":
             emsg = str(result.get("emsg", ""))
             if "session expired" in emsg.lower():
-                self.on_session("expired", emsg)
+                self._expired(generation, emsg)
                 raise SessionExpired(RECONNECT_HINT)
             raise Rejected(emsg)
         return result
+
+    def _expired(self, generation: int, emsg: str) -> None:
+        """Say the session expired, unless the call was sent with a token that a login has since replaced
+        (a late answer to the old token must not undo the new login)."""
+        if generation == self._token_generation:
+            self.on_session("expired", emsg)
 
     def _last_json(self) -> Any:
         last = self.http.last

@@ -55,11 +55,13 @@ def require_token() -> Optional[tuple[Response, int]]:
 
 @bp.get("/healthz")
 def healthz():
+    """200 only while the engine steps, risk evaluates, the database takes writes and the disk has room."""
     rt = _rt()
     alive = views.engine_alive(rt.storage, rt.engine_running)
-    body = {"status": "ok" if alive else "unavailable", "engine": "running" if alive else "stopped",
-            "broker": rt.settings.BROKER, "version": __version__}
-    return jsonify(body), 200 if alive else 503
+    problems = views.health_problems(rt.storage, rt.settings) if alive else ["the engine is not running"]
+    body = {"status": "ok" if not problems else "unavailable", "engine": "running" if alive else "stopped",
+            "broker": rt.settings.BROKER, "version": __version__, "problems": problems}
+    return jsonify(body), 200 if not problems else 503
 
 
 def _paging() -> tuple[int, int]:
@@ -162,12 +164,29 @@ def halt():
     if mode not in modes:
         return _error(422, "invalid mode", errors=[{"field": "mode", "expected": " | ".join(modes), "found": shown(mode)}])
     reason = body.get("reason") if isinstance(body.get("reason"), str) else None
-    return _command("halt", {"mode": mode, "reason": reason, "by": "api"})
+    override = body.get("override_breach", False)
+    if not isinstance(override, bool):
+        return _error(422, "invalid override_breach", errors=[{"field": "override_breach", "expected": "true or false",
+                                                               "found": shown(override)}])
+    return _command("halt", {"mode": mode, "reason": reason, "by": "api", "override_breach": override})
 
 
 @bp.post("/api/exit-all")
 def exit_all():
     return _command("exit_all", {"by": "api"})
+
+
+@bp.post("/api/paper/faults")
+def paper_faults():
+    """Paper mode: rehearse a broker fault. {"positions_unreadable": "why"} (null clears it)."""
+    if not _rt().settings.paper:
+        abort(404, "paper faults exist only in paper mode (BROKER=paper)")
+    body = _json_object()
+    why = body.get("positions_unreadable") if isinstance(body, dict) else None
+    if not (why is None or isinstance(why, str)):
+        return _error(422, "invalid fault", errors=[{"field": "positions_unreadable", "expected": "a reason or null",
+                                                     "found": shown(why)}])
+    return _command("paper_fault", {"positions_unreadable": why})
 
 
 @bp.post("/api/paper/ticks")

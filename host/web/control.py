@@ -33,5 +33,6 @@ def send(kind: str, args: Any) -> Outcome:
     if result is None:
         return Outcome(504, f"the engine did not finish {kind} within {COMMAND_WAIT_S:g} s; see /api/events")
     if not result.pop("ok"):
-        return Outcome(404 if result.get("missing") else 500, result.get("error", "command failed"))
+        code = 409 if result.get("conflict") else 404 if result.get("missing") else 500
+        return Outcome(code, result.get("error", "command failed"))
     return Outcome(200, result=result)

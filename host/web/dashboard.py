@@ -326,7 +326,8 @@ def set_state() -> Response:
         flash(f"Not done: mode: expected {' | '.join(modes)}, found {mode!r}", "error")
         return redirect(url_for("dashboard.risk"))
     reason = (request.form.get("reason") or "").strip()[:200] or "set from the dashboard"
-    return _after(control.send("halt", {"mode": mode, "reason": reason, "by": "dashboard"}),
+    override = request.form.get("override_breach") == "true"
+    return _after(control.send("halt", {"mode": mode, "reason": reason, "by": "dashboard", "override_breach": override}),
                   f"Trading state set to {mode}.", "dashboard.risk")
 
 

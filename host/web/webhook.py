@@ -134,7 +134,8 @@ def _answer(rt: Any, record: AlertRecord, note: str = "") -> tuple[Response, int
     orders = []
     if record.orders:
         marks = ",".join("?" * len(record.orders))
-        orders = [order_record(r) for r in rt.storage.rows(f"select * from orders where id in ({marks})", record.orders)]
+        rows = {r["id"]: r for r in rt.storage.rows(f"select * from orders where id in ({marks})", record.orders)}
+        orders = [order_record(rows[oid]) for oid in record.orders if oid in rows]  # in the order of the legs
     fields: dict[str, Any] = {"alert_id": record.id, "client_alert_id": record.client_alert_id,
                               "reason": record.reason, "orders": orders}
     if record.notes:

@@ -495,8 +495,11 @@ class TelegramNotifier:
             f"{esc(p['name'])} v{esc(p['version'] or '—')} g{p['generation']} <b>{esc(p['status'])}</b>"
             + (f" — {esc(p['error'])}" if p["error"] else "")), "No strategies.")
 
-    async def _set_state(self, user: Any, mode: str, word: str) -> None:
-        result = await self._control(user, f"/{word}", "halt", {"mode": mode, "reason": f"/{word} from Telegram"})
+    async def _set_state(self, user: Any, mode: str, word: str, override: bool = False) -> None:
+        result = await self._control(user, f"/{word}", "halt", {"mode": mode, "reason": f"/{word} from Telegram",
+                                                                  "override_breach": override})
+        if word == "resume" and "override_breach" in str(result.get("error")):
+            result = {**result, "error": f"{result['error']} — send /resume override to do that"}
         await self._reply_result(result, f"Trading state is now <b>{esc(mode)}</b>.")
 
     async def cmd_halt(self, user: Any, args: list) -> None:
@@ -506,7 +509,8 @@ class TelegramNotifier:
         await self._set_state(user, "reduce_only", "reduceonly")
 
     async def cmd_resume(self, user: Any, args: list) -> None:
-        await self._set_state(user, "active", "resume")
+        """/resume; after today's breach, /resume override (the limit starts again from the current PnL)."""
+        await self._set_state(user, "active", "resume", override=args[:1] == ["override"])
 
     async def _plugin(self, user: Any, args: list, action: str) -> None:
         if len(args) != 1:

@@ -1,0 +1,87 @@
+"""Deciding: an intent passes the guard, then risk, then validation, and becomes NEW order rows (all or nothing)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+import sqlite_utils
+
+from . import flatten, guard, targets
+from .instruments import check_order, slices
+from .models import AlertStatus, Decision, ExecutionType, Intent, OrderType, Product, Side, TargetLeg
+from .orders import insert_order
+from .risk import RiskGate
+from .validation import validate_intent
+
+OPEN_STATUSES = flatten.OPEN_STATUSES
+
+
+def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
+    """The strategy's own positions and unfinished orders, read inside the deciding transaction."""
+    book = guard.StrategyBook(strategy)
+    for p in db.query("select exchange, symbol, product, net_qty from positions where strategy = ? and net_qty != 0",
+                      (strategy,)):
+        book.positions[(p["exchange"], p["symbol"], Product(p["product"]))] = p["net_qty"]
+    marks = ",".join("?" * len(OPEN_STATUSES))
+    for o in db.query(f"select exchange, symbol, product, side, qty, filled_qty from orders "
+                      f"where strategy = ? and status in ({marks})", (strategy, *OPEN_STATUSES)):
+        book.open_orders.append(guard.OpenOrder(o["exchange"], o["symbol"], Product(o["product"]), Side(o["side"]),
+                                                o["qty"] - (o["filled_qty"] or 0)))
+    return book
+
+
+
+class Decider:
+    """The one path from intents to orders, whoever asks (an alert, a plugin, a breach, a target)."""
+
+    def __init__(self, gate: RiskGate, params: Callable[[str], dict], on_waiting: Callable[[], None] = lambda: None):
+        self.gate = gate
+        self.params = params
+        self.on_waiting = on_waiting  # a follow-up target was stored (the engine looks for it)
+        self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
+
+    def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
+                 alert_id: Optional[str], version: Optional[str] = None) -> Decision:
+        """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes.
+
+        An EXIT also stops the strategy's own orders that would add to that symbol (the rest of a working
+        entry must not fill after the exit); a full exit then follows up on what they filled meanwhile.
+        """
+        book = load_book(db, strategy)
+        full_exits = {(i.exchange, i.symbol, i.product) for i in intents if i.action is ExecutionType.EXIT
+                      and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
+        checked = [guard.check(i, book) for i in intents]
+        notes = [c.note for c in checked if c.note]
+        blocked = [c.blocked for c in checked if c.blocked]
+        if blocked:
+            return Decision(AlertStatus.BLOCKED, "; ".join(blocked))
+        todo = [c for c in checked if c.intent is not None]
+        params = self.params(strategy)
+        refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
+        if refusals:
+            return Decision(AlertStatus.REFUSED, "; ".join(sorted(refusals)))
+        master = self.instruments() if self.instruments is not None else None
+        sliced = [(c, replace(c.intent, qty=q)) for c in todo for q in slices(master, c.intent)]
+        problems = [str(p) for n, (c, i) in enumerate(sliced) for p in validate_intent(i, f"intent[{n}]")]
+        if master is not None:
+            problems += [p for n, (c, i) in enumerate(sliced) for p in check_order(
+                master, i.exchange, i.symbol, i.qty, (i.price, i.trigger_price), f"intent[{n}]", c.reducing)]
+        if problems:
+            return Decision(AlertStatus.REJECTED, "; ".join(problems))
+        if len(sliced) > len(todo):
+            notes.append(f"{len(todo)} order(s) sent as {len(sliced)} slices under the freeze quantity")
+        orders = tuple(insert_order(db, i, strategy, alert_id, version) for _, i in sliced)
+        cancels: list[str] = []
+        for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in intents if i.action is ExecutionType.EXIT):
+            stopped = flatten.cancel_adding(db, f"EXIT of {strategy} in {ex}:{sym}", strategy=strategy, exchange=ex,
+                                    symbol=sym)
+            cancels += stopped.working
+            if stopped.pending and alert_id is not None:
+                for key in full_exits:
+                    if key[:2] == (ex, sym):  # what the stopped orders fill meanwhile is exited after them
+                        targets.store_waiting(db, alert_id, strategy, TargetLeg(ex, sym, key[2], OrderType.MKT, 0),
+                                              targets.REPLAN, stopped.pending)
+                        self.on_waiting()
+                notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
+        return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders, tuple(cancels))
+

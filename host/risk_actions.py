@@ -1,0 +1,312 @@
+"""What risk does, on its own thread and schedule: check the day's PnL against the limits, and act.
+
+Nothing else can hold it up: alerts and plugins run on the engine thread, and a failure here is
+logged and tried again on the next beat. What happens on a breach:
+
+1. the trading state becomes `halted` (by risk);
+2. every order that adds exposure is stopped, whatever its state (flatten.py);
+3. every position risk counts is exited: strategy-owned ones, and today's `manual` intraday/NRML ones
+   (RISK_FLATTEN_SCOPE); CNC never; the breach event lists what was left alone;
+4. positions that reappear are flattened again (a `violation`), unless the trader resumed with
+   `override_breach`; an exit the broker rejects is retried with back-off (1, 2, 4 ... 60 s), with
+   one error event per position.
+
+While positions cannot be read (blind), the PnL is estimated from our own book and the feed's prices,
+entries are refused, and a breach still acts.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Optional
+
+from . import flatten, views
+from .commands import Conflict
+from .decide import Decider
+from .market import IST
+from .models import AlertStatus, Decision, Side, TradingState
+from .outside import OutsideTrades
+from .pricing import DEFAULT_TICK, protected_limit
+from .risk import Action, RiskGate
+from .storage import Storage, utcnow
+
+log = logging.getLogger(__name__)
+RISK_EVERY_S = 0.25
+PNL_POINT_EVERY_S = 5.0  # at most this often a point of the day's PnL curve is stored
+RISK_HEARTBEAT_KEY = "risk_heartbeat"
+QUIET_S = 60.0  # a repeated violation or a bad parameter is said at most this often
+BACKOFF_MAX_S = 60.0
+SCOPES = ("strategies", "strategies+manual")
+
+
+class RiskLoop:
+    """The risk check and its actions, and the control commands (halt, exit-all), on their own thread."""
+
+    def __init__(self, storage: Storage, gate: RiskGate, decider: Decider, dispatch: Callable[[Decision, str], None],
+                 outside: OutsideTrades, params: Callable[[str], dict], now: Callable[[], datetime],
+                 risk_poll_s: float = 5.0, scope: str = "strategies+manual"):
+        self.storage, self.gate, self.decider, self.dispatch, self.outside = storage, gate, decider, dispatch, outside
+        self.params, self.now, self.risk_poll_s, self.scope = params, now, risk_poll_s, scope
+        self.commands: Callable[[], None] = lambda: None  # the control commands (set by the engine)
+        self.reprice: Callable[[str, Decimal], None] = lambda oid, price: None  # ModifyOrder (set by the engine)
+        self.reprice_s = Decimal("3")  # EXIT_REPRICE_S
+        self.protection_pct = Decimal("2")  # MARKET_PROTECTION_PCT: the size of each step
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()  # one check at a time, whoever asks
+        self._force_poll = True
+        self._last_poll = 0.0
+        self._last_beat = 0.0
+        self._pnl_point: tuple[float, Optional[Decimal]] = (0.0, None)
+        self._said: dict[str, float] = {}  # what was said when (quiet repeats)
+        self._backoff: dict[tuple, tuple[float, int]] = {}  # position key -> (next try, rejected exits in a row)
+
+    # ---- thread ----
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="risk", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def wake(self, poll: bool = False) -> None:
+        """Check now (prices or fills moved); with poll, read the broker's positions too."""
+        self._force_poll = self._force_poll or poll
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(RISK_EVERY_S)
+            self._wake.clear()
+            checked = True
+            for job in (self.commands, self.check, self.escalate):
+                try:
+                    job()
+                except Exception:  # one bad beat never stops risk: the next one tries again
+                    checked = False
+                    log.exception("risk: %s failed; trying again on the next beat", getattr(job, "__name__", job))
+            mono = time.monotonic()
+            if checked and mono - self._last_beat >= 1.0:  # /healthz: risk evaluated within the last seconds
+                self._last_beat = mono
+                try:  # a full disk is reported by /healthz; risk goes on
+                    self.storage.write(lambda db: Storage.put_state(db, RISK_HEARTBEAT_KEY, utcnow()))
+                except Exception as e:
+                    log.error("risk: heartbeat not stored (%s)", e)
+
+    # ---- the check ----
+    def check(self, poll: bool = False) -> None:
+        """Poll the broker now and then (now, with poll); compare the day's PnL with the limits; act."""
+        with self._lock:
+            mono = time.monotonic()
+            if poll or self._force_poll or mono - self._last_poll >= self.risk_poll_s:
+                self._force_poll, self._last_poll = False, mono
+                self.outside.poll()
+            now = self.now()
+            pnl, by_strategy = views.pnl_by_strategy(self.storage)
+            blind = self.outside.blind
+            actions = self.gate.manager.check(now, pnl, blind, self._exposed, by_strategy, self._caps(by_strategy))
+            self._record_pnl(now, pnl)
+            for action in actions:
+                self.act(action)
+
+    def _exposed(self) -> bool:
+        """Asked only after a breach: positions risk counts that no working exit covers."""
+        return bool(self._to_flatten(self.storage.rows(
+            "select p.* from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
+            "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
+            "o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
+            "('NEW','SUBMITTED','UNKNOWN','OPEN','PARTIAL')), 0)")))
+
+    def _to_flatten(self, rows: list[dict]) -> list[dict]:
+        return [p for p in rows if self._left_alone(p) is None]
+
+    def _caps(self, by_strategy: dict) -> dict[str, Decimal]:
+        """Each strategy's own max_loss; a value that is not a number is said (quietly) and ignored."""
+        caps = {}
+        for name in by_strategy:
+            raw = self.params(name).get("max_loss")
+            if raw in (None, "", 0):
+                continue
+            try:
+                caps[name] = Decimal(str(raw))
+                if not caps[name].is_finite():
+                    raise InvalidOperation
+            except (InvalidOperation, ValueError):
+                caps.pop(name, None)
+                self._say(f"param:{name}", "risk_param", f"strategy {name}: params.max_loss {raw!r} is not a number "
+                          f"of rupees; its own limit is off, the account's daily limit still applies", "error", name)
+        return caps
+
+    def _record_pnl(self, now: datetime, pnl: Decimal) -> None:
+        """Store a point of the day's PnL curve when it has changed, at most every PNL_POINT_EVERY_S."""
+        mono = time.monotonic()
+        last_at, last = self._pnl_point
+        if pnl == last or mono - last_at < PNL_POINT_EVERY_S:
+            return
+        self._pnl_point = (mono, pnl)
+        day = self.gate.clock.day(now).isoformat()
+        self.storage.write(lambda db: db.execute("insert into pnl_points (day, at, pnl) values (?, ?, ?)",
+                                                 (day, utcnow(), str(pnl))))
+
+    def _say(self, key: str, kind: str, message: str, severity: str, strategy: Optional[str] = None,
+             data: Optional[dict] = None) -> None:
+        """An event, at most once per QUIET_S for the same key."""
+        mono = time.monotonic()
+        if mono - self._said.get(key, -QUIET_S) < QUIET_S:
+            return
+        self._said[key] = mono
+        self.storage.write(lambda db: Storage.add_event(db, kind, message, severity, strategy, data))
+
+    def escalate(self) -> None:
+        """Breach and square-off exits not filled after EXIT_REPRICE_S are moved towards the market, one
+        protection step further each time (on the instrument's tick), until they fill."""
+        due = (datetime.now(timezone.utc) - timedelta(seconds=float(self.reprice_s))).isoformat(timespec="milliseconds")
+        for o in self.storage.rows("select o.*, q.ltp from orders o left join quotes q on q.exchange = o.exchange and "
+                                   "q.symbol = o.symbol where o.escalate = 1 and o.status in ('OPEN', 'PARTIAL') and "
+                                   "o.broker_order_id is not null and coalesce(o.repriced_at, o.created_at) <= ?",
+                                   (due,)):
+            if not o["ltp"]:
+                continue
+            n = (o["reprices"] or 0) + 1
+            master = self.decider.instruments() if self.decider.instruments is not None else None
+            inst = master.get(o["exchange"], o["symbol"]) if master is not None else None
+            price = protected_limit(Side(o["side"]), Decimal(o["ltp"]), self.protection_pct * (n + 1),
+                                    inst.tick_size if inst else DEFAULT_TICK)
+            self.storage.write(lambda db: db.execute("update orders set reprices = ?, repriced_at = ? where id = ?",
+                                                     (n, utcnow(), o["id"])))
+            self.reprice(o["id"], price)
+
+    # ---- control commands ----
+    def halt(self, args: dict) -> dict:
+        """halted | reduce_only | active; after today's breach, active needs override_breach."""
+        state, by = TradingState(args["mode"]), args.get("by") or "api"
+        if state is TradingState.ACTIVE:
+            today = self.gate.clock.day(self.now())
+            self.gate.manager.repair(today)  # an explicit resume also replaces an unreadable risk record
+            day = self.gate.manager.load_day(today)
+            if day.halted_by_breach and not args.get("override_breach"):
+                at = datetime.fromisoformat(day.breached_at).astimezone(IST).strftime("%H:%M") if day.breached_at \
+                    else "earlier"
+                raise Conflict(f"today's daily loss limit was breached at {at} (PnL {day.last_pnl}, limit "
+                               f"{day.limit}): to trade again today resume with override_breach=true; the limit then "
+                               f"starts again from the current PnL")
+            if day.halted_by_breach:
+                day = self.gate.manager.override(today, by)
+                self.storage.write(lambda db: Storage.add_event(
+                    db, "risk_override", f"today's breach overridden by {by}: trading resumes, and the daily limit "
+                    f"starts again from PnL {day.last_pnl} (new limit {day.limit})", "warning", None,
+                    {"by": by, "pnl": str(day.last_pnl), "limit": str(day.limit)}))
+        self.storage.write(lambda db: self.gate.set_state(db, state, args.get("reason") or "set by the user", by))
+        return {"state": state.value}
+
+    def exit_all(self, args: dict) -> dict:
+        """The trader's exit-all: every position in the book, every adding order."""
+        return self.flatten(f"exit-all by {args.get('by') or 'api'}", everything=True)
+
+    # ---- acting ----
+    def act(self, action: Action) -> None:
+        halted_by_risk = lambda: self.gate.state().get("by") == "risk"  # noqa: E731
+        if action.kind == "fail_closed":
+            if self.gate.trading_state is TradingState.ACTIVE:
+                self.storage.write(lambda db: self.gate.set_state(db, TradingState.REDUCE_ONLY, action.message, "risk"))
+            return  # said once, through the state change
+        if action.kind == "violation":
+            self._say("violation", "risk_violation", action.message, action.severity, None, action.data)
+            self.flatten("risk: positions after the breach", quiet=True)
+            return
+        self.storage.write(lambda db: Storage.add_event(db, f"risk_{action.kind}", action.message, action.severity,
+                                                        action.data.get("strategy"), action.data or None))
+        if action.kind == "breach":
+            self.storage.write(lambda db: self.gate.set_state(db, TradingState.HALTED, action.message, "risk"))
+            self.flatten("risk: daily max loss breached")
+        elif action.kind == "resume" and halted_by_risk():
+            self.storage.write(lambda db: self.gate.set_state(db, TradingState.ACTIVE, action.message, "risk"))
+        elif action.kind == "strategy_breach":
+            self.flatten(f"risk: strategy {action.data['strategy']} max loss", strategy=action.data["strategy"])
+        elif action.kind == "new_day":
+            self.storage.write(carry_over)
+        elif action.kind == "square_off":
+            self.flatten("risk: intraday square-off", product="I")
+
+    def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
+                quiet: bool = False, everything: bool = False) -> dict:
+        """Stop adding orders and exit what risk counts (everything, for the trader's exit-all); risk's own
+        exits escalate until they fill."""
+        done = self._flatten(why, strategy, product, quiet, everything)
+        if not everything and done["orders"]:
+            ids = done["orders"]
+            self.storage.write(lambda db: db.execute(
+                f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids))
+        return done
+
+    def _flatten(self, why: str, strategy: Optional[str], product: Optional[str], quiet: bool,
+                 everything: bool) -> dict:
+        try:  # the broker's net now, so that nothing closed outside is sold again; unreadable: no cap
+            net: Optional[dict] = {(p.exchange, p.symbol, p.product.value): p.net_qty
+                                   for p in self.outside.broker_positions()}
+        except Exception as e:
+            log.warning("%s: the broker's positions are unreadable (%s); exits are capped by our own book only", why, e)
+            net = None
+        skip = (lambda p: None) if everything else self._left_alone
+        done = self.storage.write(lambda db: flatten.flatten(
+            db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents, alert_id=None), net, strategy,
+            product, skip, quiet))
+        self.dispatch(Decision(AlertStatus.ACCEPTED, why, done.orders, done.cancels), why)
+        return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
+                "left": list(done.left)}
+
+    def _left_alone(self, p: dict) -> Optional[str]:
+        """Why risk leaves a position alone: CNC, manual positions out of scope, an exit backing off."""
+        if p["product"] == "C":
+            return "CNC holdings are outside risk (not in the PnL, never sold by it)"
+        if p["strategy"] == "manual" and self.scope == "strategies":
+            return "manual positions are outside RISK_FLATTEN_SCOPE=strategies"
+        if p["strategy"] == "manual" and not _touched_today(p):
+            return "a manual position from an earlier day is outside the risk scope"
+        key = (p["strategy"], p["exchange"], p["symbol"], p["product"])
+        wait, _ = self._backoff.get(key, (0.0, 0))
+        if time.monotonic() < wait:
+            return f"its last exit was rejected: tried again in {wait - time.monotonic():.0f} s"
+        return None
+
+    def exit_rejected(self, row: dict) -> None:
+        """An exit of ours was rejected: back off before the next one for that position; say it once."""
+        key = (row["strategy"], row["exchange"], row["symbol"], row["product"])
+        _, n = self._backoff.get(key, (0.0, 0))
+        delay = min(2.0 ** n, BACKOFF_MAX_S)
+        self._backoff[key] = (time.monotonic() + delay, n + 1)
+        self._say(f"rejected:{key}", "exit_rejected", f"exits of {row['strategy']} {row['exchange']}:{row['symbol']} "
+                  f"({row['product']}) are rejected by the broker ({row.get('reason')}); retrying with back-off, up "
+                  f"to every {BACKOFF_MAX_S:g} s: check the broker terminal", "error", row["strategy"],
+                  {"order_id": row["id"]})
+
+    def exit_filled(self, row: dict) -> None:
+        self._backoff.pop((row["strategy"], row["exchange"], row["symbol"], row["product"]), None)
+
+
+def _touched_today(p: dict) -> bool:
+    """A manual position changed today (Asia/Kolkata)."""
+    stamp = p.get("updated_at")
+    if not stamp:
+        return False
+    return datetime.fromisoformat(stamp).astimezone(IST).date() == datetime.now(timezone.utc).astimezone(IST).date()
+
+
+def carry_over(db: Any) -> None:
+    """A new day: realised PnL starts again, and each carried position is valued from the previous close
+    (the last price stored before the day began), so yesterday's gain or loss is not counted today."""
+    db.execute("delete from positions where net_qty = 0")
+    for p in list(db.query("select p.*, q.ltp from positions p left join quotes q on q.exchange = p.exchange and "
+                           "q.symbol = p.symbol")):
+        close = p["ltp"] or p["avg_price"]
+        db.execute("update positions set realized_pnl = '0', carried_qty = ?, carried_from = coalesce(carried_from, "
+                   "avg_price), avg_price = ? where strategy = ? and exchange = ? and symbol = ? and product = ?",
+                   (p["net_qty"], str(close), p["strategy"], p["exchange"], p["symbol"], p["product"]))

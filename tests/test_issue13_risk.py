@@ -1,0 +1,189 @@
+"""Risk that nothing can switch off (issue 13): each numbered case of the issue, on the running engine."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from host.brokers.base import BrokerError, Rejected
+from host.market import IST, MarketClock
+from host.models import Tick
+
+from conftest import SYMBOL, alert, wait_for
+from plugin_files import strategy_source, wait_strategy, write
+
+FUT = "NIFTY28APR26F"
+
+
+@pytest.fixture
+def risky(host_factory):
+    h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0", RISK_STATUS_UPDATE_MIN="0")
+    h.runtime.engine.risk_poll_s = 0.05
+    return h
+
+
+def _long(h, strategy="s1", qty=100, price="100", symbol=SYMBOL, product="M"):
+    h.tick(price, symbol=symbol)
+    r = h.post(alert(strategy=strategy, direction="BUY", qty=qty, price=price, tradingsymbol=symbol,
+                     product_type=product))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: h.net(strategy, symbol) == qty)
+
+
+def _events(h, kind):
+    return [e for e in h.api("/api/events", query_string={"limit": 500}).get_json()["items"] if e["kind"] == kind]
+
+
+def _risk(h):
+    return h.api("/api/risk").get_json()
+
+
+def test_1_blind_risk_still_breaches_and_flattens_on_an_estimated_pnl(risky):
+    _long(risky)
+    def unreadable():
+        raise BrokerError("PositionBook timed out")
+    risky.broker.positions = unreadable
+    wait_for(lambda: _risk(risky)["blind"])
+    risky.tick("89")  # -1100 against -1000, seen from our own book and the feed
+    wait_for(lambda: _risk(risky)["breached"], timeout=5)
+    assert _risk(risky)["state"] == "halted" and _risk(risky)["estimated"] is True
+    wait_for(lambda: risky.net() == 0)
+    assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 423
+
+
+def test_2a_a_poison_alert_fails_alone_and_the_loop_goes_on(risky):
+    storage = risky.runtime.storage
+    storage.write(lambda db: db["alerts"].insert({  # a value that slipped past validation (an older host stored it)
+        "id": "apoison", "received_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "strategy": "s1", "execution_type": "ENTRY", "status": "received", "orders": "[]",
+        "body": json.dumps({"strategy_name": "s1", "execution_type": "ENTRY", "legs": [
+            {"exchange": "NFO", "tradingsymbol": SYMBOL, "direction": "SELL", "qty": 75, "order_type": "LMT",
+             "product_type": "M", "price": "1e27x", "trigger_price": None}]})}))
+    risky.runtime.engine.wake()
+    t0 = time.monotonic()
+    assert risky.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    assert time.monotonic() - t0 < 1.0
+    bad = wait_for(lambda: (a := storage.one("select * from alerts where id = 'apoison'"))["status"] == "failed" and a)
+    assert "the host failed on this alert" in bad["reason"]
+    risky.api("/api/halt", "POST", json={"mode": "active"})
+    assert risky.post(alert(alert_id="after")).status_code == 200
+
+
+def test_2b_a_strategy_param_that_is_not_a_number_never_stops_risk(risky):
+    from pathlib import Path
+    write(Path(risky.settings.PLUGINS_DIR) / "strategies", "capped",
+          strategy_source("capped", meta_extra=', "params": {"max_loss": "5k"}'))
+    wait_strategy(risky, "capped", status="running")
+    _long(risky, strategy="capped")
+    risky.tick("89")
+    wait_for(lambda: _risk(risky)["breached"], timeout=5)
+    wait_for(lambda: risky.net("capped") == 0)
+    assert any("max_loss '5k' is not a number" in e["message"] for e in _events(risky, "risk_param"))
+
+
+def test_3_a_carried_position_counts_from_the_previous_close_not_its_entry(risky):
+    _long(risky, qty=100, price="100")
+    risky.tick("92")  # yesterday's close: -800 by its entry, which is yesterday's business
+    wait_for(lambda: Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-800"))
+    _next_trading_day(risky)
+    wait_for(lambda: _events(risky, "risk_new_day"))
+    risky.tick("89")  # today: -300 (by its entry it would be -1100, a breach)
+    wait_for(lambda: Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-300"))
+    r = _risk(risky)
+    assert r["breached"] is False and Decimal(str(r["carried"]["excluded_pnl"])) == Decimal("-800")
+    assert risky.net() == 100
+
+
+def test_4_a_breach_never_sells_cnc_holdings(risky):
+    _long(risky, strategy="investor", qty=10, price="1500", symbol="INFY-EQ", product="C")
+    _long(risky, qty=100, price="100")
+    risky.tick("89")
+    wait_for(lambda: risky.net() == 0)
+    assert risky.net("investor", "INFY-EQ") == 10
+    breach = [e for e in _events(risky, "exit_all") if "breached" in e["message"]][0]
+    assert "left alone" in breach["message"] and "CNC holdings are outside risk" in breach["message"]
+
+
+def test_6_rejected_exits_back_off_and_say_it_once(risky):
+    _long(risky)
+    real_place = risky.broker.place
+
+    def refuse_exits(req):
+        if req.side.value == "SELL":
+            raise Rejected("RMS: exits blocked for the test")
+        return real_place(req)
+    risky.broker.place = refuse_exits
+    risky.tick("89")
+    wait_for(lambda: _risk(risky)["breached"])
+    time.sleep(6)
+    exits = [o for o in risky.orders() if o["action"] == "EXIT"]
+    assert 2 <= len(exits) <= 5, [o["created_at"] for o in exits]  # 1, 2, 4 s apart, not 10 a second
+    assert len(_events(risky, "exit_rejected")) == 1
+
+
+def test_7_one_bad_tick_is_held_and_moves_nothing(risky):
+    _long(risky, qty=100, price="100")
+    engine = risky.runtime.engine
+    engine.on_ticks([Tick("NFO", SYMBOL, Decimal("200"))])  # a 2x print
+    wait_for(lambda: _risk(risky)["ticks_held"] == 1, timeout=3)
+    assert Decimal(str(_risk(risky)["peak_pnl"])) == 0
+    engine.on_ticks([Tick("NFO", SYMBOL, Decimal("100"))])
+    time.sleep(0.5)
+    assert _risk(risky)["breached"] is False
+    engine.on_ticks([Tick("NFO", SYMBOL, Decimal("130")), Tick("NFO", SYMBOL, Decimal("131"))])  # confirmed
+    wait_for(lambda: Decimal(str(_risk(risky)["day_pnl"])) == Decimal("3100"))
+
+
+def _next_trading_day(h, hour: int = 10, minute: int = 0) -> None:
+    """Move the host's clock to the next trading day, at hh:mm Asia/Kolkata."""
+    day = MarketClock().next_trading_day(datetime.now(timezone.utc).astimezone(IST).date())
+    target = datetime.combine(day, datetime.min.time().replace(hour=hour, minute=minute), IST)
+    h.runtime.clock_offset = target - datetime.now(timezone.utc)
+
+
+def test_8_an_mis_entry_after_the_square_off_time_is_refused(host_factory):
+    h = host_factory(SQUARE_OFF_TIME="15:15")
+    _next_trading_day(h, 15, 20)
+    r = h.post(alert(product_type="I"))
+    assert r.status_code == 423 and "after the square-off time 15:15" in r.get_json()["reason"]
+    assert h.post(alert(product_type="M", alert_id="nrml")).status_code == 200
+
+
+def test_9_resume_after_a_breach_needs_an_override_and_then_resumes_for_real(risky):
+    _long(risky)
+    risky.tick("89")
+    wait_for(lambda: risky.net() == 0 and _risk(risky)["state"] == "halted")
+    r = risky.api("/api/halt", "POST", json={"mode": "active"})
+    assert r.status_code == 409 and "breached" in r.get_json()["error"]
+    r = risky.api("/api/halt", "POST", json={"mode": "active", "override_breach": True})
+    assert r.status_code == 200, r.get_json()
+    assert any("overridden by api" in e["message"] for e in _events(risky, "risk_override"))
+    _long(risky, strategy="after", qty=75, price="89")
+    time.sleep(1.0)
+    assert risky.net("after") == 75  # not sold again as a "violation"
+    assert [o for o in risky.orders() if o["strategy"] == "after" and o["action"] == "EXIT"] == []
+
+
+def test_5_an_unfilled_breach_exit_is_moved_towards_the_market_until_it_fills(host_factory):
+    h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0", RISK_STATUS_UPDATE_MIN="0", EXIT_REPRICE_S="0.5")
+    _long(h)
+    broker = h.broker
+    real_place = broker.place
+
+    def stale_protection(req):  # the exit's limit is built on a stale, higher price: it rests above the market
+        from dataclasses import replace
+        from host.models import OrderType
+        if req.order_type is OrderType.MKT and req.side.value == "SELL":
+            req = replace(req, order_type=OrderType.LMT, price=Decimal("95"))
+        return real_place(req)
+    broker.place = stale_protection
+    h.tick("89")
+    exit_id = wait_for(lambda: next((o["id"] for o in h.orders() if o["action"] == "EXIT"), None))
+    wait_for(lambda: h.api(f"/api/orders/{exit_id}").get_json()["status"] == "OPEN")
+    o = wait_for(lambda: (o := h.api(f"/api/orders/{exit_id}").get_json())["status"] == "FILLED" and o, timeout=5)
+    assert any("moving to" in (x["detail"] or "") for x in o["history"])
+    assert Decimal(o["avg_price"]) <= Decimal("89") and h.net() == 0
+    assert _events(h, "exit_repriced")
