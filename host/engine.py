@@ -301,9 +301,14 @@ class Engine:
 
     # ---- alerts ----
     def _process_alerts(self) -> None:
+        waiting: set[str] = set()  # strategies in a call now: their alerts wait their turn, in order
         for row in self.storage.rows("select * from alerts where status = 'received' order by rowid"):
             if self._stopping.is_set():
                 return
+            if row["strategy"] in waiting or (self.strategies.working(row["strategy"])
+                                              and not self.strategies.live(row["strategy"]).caller.busy()):
+                waiting.add(row["strategy"])  # within its budget: asked again on the next step
+                continue
             try:
                 self._process_alert(row)
             except Exception as e:  # isolated to this alert: it fails with the error, the loop goes on

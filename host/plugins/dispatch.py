@@ -143,6 +143,11 @@ class Caller:
             log.exception("%s: reporting the late result of %s failed", self.label, job.hook)
 
     # ---- the caller's side ----
+    def working(self) -> bool:
+        """A call is running (within its budget or past it)."""
+        with self._lock:
+            return self._running is not None and self._running.started is not None
+
     def busy(self) -> Optional[str]:
         """Why no call can be made now: a call is running past its budget; None otherwise."""
         with self._lock:

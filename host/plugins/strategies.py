@@ -327,6 +327,11 @@ class StrategyRegistry(Registry):
         live = self.live(name)
         return dict(live.ctx.params) if live is not None and live.ctx is not None else {}
 
+    def working(self, name: str) -> bool:
+        """The strategy's thread is in a call now (its alerts wait their turn without holding up others)."""
+        live = self.live(name)
+        return live is not None and live.caller.working()
+
     def live(self, name: str) -> Optional[Live]:
         entry = self.entries.get(name)
         return entry.live if entry else None
