@@ -183,11 +183,24 @@ class Runtime:
                                         f"({', '.join('?' * len(done))})", tuple(done))
             return symbols | {(r["exchange"], r["symbol"]) for r in held + working}
 
+        self._learn_freezes(wanted)
         return ShoonyaFeed(self.broker, wanted, engine.on_ticks, engine.on_broker_update,
                            stall_s=self.settings.FEED_STALL_S,
                            market_open=lambda: any(clock.is_open(ex, self.now()) for ex in ("NSE", "MCX")),
                            emit=lambda kind, message, severity: self._emit(kind, message, severity, None, None),
                            on_open=engine.request_reconcile)
+
+    def _learn_freezes(self, wanted: Any, every_s: float = 10.0) -> None:
+        """Live mode, in the background: the freeze quantity of every symbol held, worked or watched (from
+        GetSecurityInfo), so that an exit above it is sliced before it is ever needed."""
+        def run() -> None:
+            while not self._stop_waiting.wait(every_s):
+                for exchange, symbol in sorted(wanted()):
+                    try:
+                        self.broker.learn_freeze(exchange, symbol)
+                    except Exception as e:  # the session may be out: try again on the next round
+                        log.debug("freeze quantity of %s:%s not learned: %s", exchange, symbol, e)
+        threading.Thread(target=run, name="freeze-quantities", daemon=True).start()
 
     def _emit(self, kind: str, message: str, severity: str, strategy: Optional[str], data: Optional[dict]) -> None:
         self.storage.write(lambda db: Storage.add_event(db, kind, message, severity, strategy, data))

@@ -235,3 +235,10 @@ def test_pnl_points_are_stored_as_the_pnl_moves(host):
     wait_for(lambda: host.runtime.storage.rows("select pnl from pnl_points where pnl != '0'"), timeout=10)
     html = host.client.get("/panel/pnl")
     assert html.status_code == 401  # the panel feed needs the session like the pages
+
+
+def test_the_broker_page_says_what_the_static_ip_rule_needs(host_factory):
+    h = host_factory(ALGO_ID="ALGO-42")
+    login(h.client)
+    page = h.client.get("/broker").get_data(as_text=True)
+    assert "static IP registered for your account" in page and "ALGO-42" in page

@@ -646,3 +646,18 @@ def test_killed_at_each_step_of_an_orders_life_one_order_at_the_broker_and_posit
         assert (broker_net(other, SYMBOL), broker_net(other, PUT)) == (75, 0)
     finally:
         other.stop()
+
+
+def test_2b_the_freeze_quantity_comes_from_getsecurityinfo_when_the_symbol_file_has_none(sim):
+    """Noren's symbol files carry no freeze column: the adapter learns frzqty, and exits are sliced under it."""
+    from dataclasses import replace as _replace
+    from host.instruments import Instruments, slices
+    from host.models import ExecutionType, Intent, OrderType, Product, Side
+    from test_market_protection import adapter
+    master = Instruments([_replace(i, freeze_qty=None) for i in Instruments.sample().by_symbol.values()])
+    broker = adapter(sim, master)
+    exit_intent = Intent("NFO", "NIFTY28APR26C24500", Side.SELL, 3600, OrderType.MKT, Product.NRML,
+                         action=ExecutionType.EXIT)
+    assert slices(broker.instruments, exit_intent) == [3600]  # unknown: one order the exchange would refuse
+    assert broker.learn_freeze("NFO", "NIFTY28APR26C24500") == 1800
+    assert slices(broker.instruments, exit_intent) == [1725, 1725, 150]

@@ -163,6 +163,7 @@ class ShoonyaBroker:
         self.api = NorenApi(host=api_url, websocket=ws_url)
         self.instruments = instruments
         self._token_generation = 0  # bumped by each use_token
+        self._no_freeze: set[tuple[str, str]] = set()  # symbols GetSecurityInfo gives no frzqty for
         self.protection_pct = protection_pct
         self.timeout_s = timeout_s
         self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
@@ -326,6 +327,21 @@ class ShoonyaBroker:
             raise Rejected(f"{what}: no time left to read a price for market protection")
         with self.http.bounded(left):
             return self._call(what, fn, *args)
+
+    def learn_freeze(self, exchange: str, symbol: str) -> Optional[int]:
+        """The freeze quantity of a symbol the symbol file gives none for (Noren's files have no such column):
+        GetSecurityInfo's frzqty, kept in the instrument master for the day. None when the broker has none."""
+        inst = self.instruments.get(exchange, symbol)
+        if inst is None or inst.freeze_qty is not None or (exchange, symbol) in self._no_freeze:
+            return inst.freeze_qty if inst is not None else None
+        info = self._call("get_security_info", self.api.get_security_info, exchange, inst.token)
+        freeze = _int(info.get("frzqty")) if isinstance(info, dict) else 0
+        if not freeze:
+            self._no_freeze.add((exchange, symbol))
+            return None
+        self.instruments.by_symbol[(exchange, symbol)] = replace(inst, freeze_qty=freeze)
+        self.instruments.by_token[(exchange, inst.token)] = self.instruments.by_symbol[(exchange, symbol)]
+        return freeze
 
     def _look_up(self, exchange: str, symbol: str, deadline: float) -> Instrument:
         """An instrument missing from the symbol file: its token from SearchScrip, its tick and lot from the answer

@@ -306,7 +306,7 @@ def risk() -> str:
 
 @bp.get("/broker")
 def broker() -> str:
-    return _page("broker.html", "Broker")
+    return _page("broker.html", "Broker", algo_id=_rt().settings.ALGO_ID)
 
 
 # ---- controls ----
