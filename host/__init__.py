@@ -10,10 +10,10 @@ import pluggy
 
 from .hookspecs import API_VERSION, PROJECT
 from .models import (AlertRequest, ExecutionType, Intent, Leg, Order, OrderSpec, OrderStatus, OrderType, Product,
-                     Side, Tick)
+                     Protection, Side, Tick)
 
 __version__ = "0.2.0"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = ["hookimpl", "API_VERSION", "AlertRequest", "ExecutionType", "Intent", "Leg", "Order", "OrderSpec",
-           "OrderStatus", "OrderType", "Product", "Side", "Tick", "__version__"]
+           "OrderStatus", "OrderType", "Product", "Protection", "Side", "Tick", "__version__"]

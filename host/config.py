@@ -193,6 +193,7 @@ VARS: tuple[Var, ...] = (
     Var("RISK_POLL_S", _int(1, 300), "5", "seconds between reads of the broker's positions"),
     Var("RISK_FLATTEN_SCOPE", _choice("strategies", "strategies+manual"), "strategies+manual", "what a breach exits: strategy-owned positions, and (strategies+manual) today's manual intraday/NRML ones; never CNC"),
     Var("TICK_JUMP_PCT", _decimal(Decimal("0"), Decimal("100"), "a percentage from 0 to 100 (0: off)"), "20", "a feed tick this far from the last one is held until a second tick confirms it"),
+    Var("TRAIL_MIN_INTERVAL_S", _decimal(Decimal("0"), Decimal("600"), "seconds from 0 to 600"), "1", "a trailing stop resting at the broker is moved (ModifyOrder) at most once in this many seconds"),
     Var("EXIT_REPRICE_S", _decimal(Decimal("0.5"), Decimal("60"), "seconds from 0.5 to 60"), "3", "a breach or square-off exit not filled after this long is moved towards the market, a step at a time"),
     Var("DISK_MIN_FREE_MB", _int(1, 1_000_000), "200", "/healthz answers 503 when DATA_DIR's disk has less free space than this"),
     Var("FEED_STALL_S", _int(2, 600), "30", "reconnect the broker feed after this many silent seconds in market hours"),

@@ -6,8 +6,9 @@ from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import flatten, guard, targets
+from . import flatten, guard, protect, targets
 from .instruments import check_order, slices
+from .pricing import DEFAULT_TICK
 from .models import AlertStatus, Decision, ExecutionType, Intent, OrderType, Product, Side, TargetLeg
 from .orders import insert_order
 from .risk import RiskGate
@@ -47,6 +48,8 @@ class Decider:
         An EXIT also stops the strategy's own orders that would add to that symbol (the rest of a working
         entry must not fill after the exit); a full exit then follows up on what they filled meanwhile.
         """
+        asked = intents  # EXITs of positions with a resting stop wait for its cancel (protect.hold_exits)
+        intents, held = protect.split_exits(db, strategy, list(intents))
         book = load_book(db, strategy)
         full_exits = {(i.exchange, i.symbol, i.product) for i in intents if i.action is ExecutionType.EXIT
                       and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
@@ -63,6 +66,8 @@ class Decider:
         master = self.instruments() if self.instruments is not None else None
         sliced = [(c, replace(c.intent, qty=q)) for c in todo for q in slices(master, c.intent)]
         problems = [str(p) for n, (c, i) in enumerate(sliced) for p in validate_intent(i, f"intent[{n}]")]
+        problems += [str(p) for n, (c, i) in enumerate(sliced) for p in protect.problems(
+            db, i, f"intent[{n}]", self._tick(master, i.exchange, i.symbol))]
         if master is not None:
             problems += [p for n, (c, i) in enumerate(sliced) for p in check_order(
                 master, i.exchange, i.symbol, i.qty, (i.price, i.trigger_price), f"intent[{n}]", c.reducing)]
@@ -71,8 +76,10 @@ class Decider:
         if len(sliced) > len(todo):
             notes.append(f"{len(todo)} order(s) sent as {len(sliced)} slices under the freeze quantity")
         orders = tuple(insert_order(db, i, strategy, alert_id, version) for _, i in sliced)
-        cancels: list[str] = []
-        for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in intents if i.action is ExecutionType.EXIT):
+        protect.record(db, strategy, alert_id, [(i, oid) for (_, i), oid in zip(sliced, orders)])
+        cancels, held_notes = protect.hold_exits(db, strategy, held)
+        notes += held_notes
+        for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in asked if i.action is ExecutionType.EXIT):
             stopped = flatten.cancel_adding(db, f"EXIT of {strategy} in {ex}:{sym}", strategy=strategy, exchange=ex,
                                     symbol=sym)
             cancels += stopped.working
@@ -83,5 +90,13 @@ class Decider:
                                               targets.REPLAN, stopped.pending)
                         self.on_waiting()
                 notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
-        return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders, tuple(cancels))
+        return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders, tuple(dict.fromkeys(cancels)))
+
+    @staticmethod
+    def _tick(master: Any, exchange: str, symbol: str) -> Optional[Any]:
+        """The tick a stop or target must be on: the instrument's, else (paper) 0.05 outside currencies."""
+        inst = master.get(exchange, symbol) if master is not None else None
+        if inst is not None and inst.tick_size:
+            return inst.tick_size
+        return None if exchange in ("CDS", "BCD") else DEFAULT_TICK
 

@@ -33,8 +33,9 @@ from .models import (AlertRequest, AlertStatus, BrokerOrder, Decision, Execution
 from .orders import OrderSender
 from .outside import OutsideTrades
 from .plugins.strategies import Asked, StrategyRegistry
+from .protect import Protector, from_json
 from .risk import RiskGate
-from .risk_actions import RiskLoop
+from .risk_actions import RISK_HEARTBEAT_KEY, RiskLoop
 from .storage import HEARTBEAT_KEY, Storage, dec, utcnow
 from .ticks import TickSanity
 from .watcher import Watcher
@@ -47,7 +48,8 @@ TICKS_HELD_KEY = "ticks_held"
 def alert_from_json(text: str) -> AlertRequest:
     d = json.loads(text)
     legs = tuple(Leg(l["exchange"], l["tradingsymbol"], Side(l["direction"]), l["qty"], OrderType(l["order_type"]),
-                     Product(l["product_type"]), dec(l["price"]), dec(l["trigger_price"])) for l in d["legs"])
+                     Product(l["product_type"]), dec(l["price"]), dec(l["trigger_price"]),
+                     protection=from_json(l.get("protection"))) for l in d["legs"])
     goals = tuple(TargetLeg(t["exchange"], t["tradingsymbol"], Product(t["product_type"]), OrderType(t["order_type"]),
                             t["position"], dec(t["price"])) for t in d.get("targets") or ())
     return AlertRequest(d["strategy_name"], ExecutionType(d["execution_type"]), legs, d.get("alert_id"), goals,
@@ -96,6 +98,10 @@ class Engine:
         self.risk.commands = lambda: self.commands.run(CONTROL)
         self.risk.reprice = sender.enqueue_reprice
         self.ticks = TickSanity(tick_jump_pct, self._stored_price)
+        self.protect = Protector(storage, self._dispatch,  # stops resting at the broker, targets, trailing
+                                 lambda db, name, intents: self.decider.evaluate(db, name, intents, alert_id=None),
+                                 sender.enqueue_modify,
+                                 lambda: self.decider.instruments() if self.decider.instruments else None)
         strategies.act = self._act  # what a strategy's tick, clock and order hooks return, acted on here
         self._events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
@@ -195,6 +201,7 @@ class Engine:
         if now - self._last_clock >= CLOCK_EVERY_S:
             self._last_clock = now
             self._isolated("clock", self._clock)
+            self._isolated("protection", self.protect.sync)
             self.risk.wake()
         if now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
@@ -249,6 +256,8 @@ class Engine:
                 except Exception:
                     log.exception("engine call failed")
         self._cancel_requested(changed)
+        if changed:
+            self._isolated("protection", lambda: self.protect.on_orders(changed))
         for row in changed:  # risk backs off an exit the broker keeps rejecting
             if row["action"] == ExecutionType.EXIT.value and row["status"] == OrderStatus.REJECTED.value:
                 self.risk.exit_rejected(row)
@@ -326,6 +335,9 @@ class Engine:
             self.storage.write(lambda db: self._record(db, row, decision))
         else:
             alert = alert_from_json(row["body"])
+            if alert.execution_type in (ExecutionType.EXIT, ExecutionType.POSITION) \
+                    and not getattr(self.broker, "book_is_synchronous", True):
+                self.outside.poll()  # the trader may have just closed it in the broker's app: read the books now
             asked = (self.strategies.admit(alert, self.require_known) if alert.execution_type is ExecutionType.POSITION
                      else self.strategies.route_alert(alert, self.require_known))
             if asked.error:
@@ -459,6 +471,7 @@ class Engine:
                 for t in ticks:
                     self.apply_tick(t.exchange, t.symbol, t.ltp)
             self._handle(self._drain())
+            self._isolated("protection", lambda: self.protect.on_ticks(ticks))
             self.risk.wake()  # risk sees the new prices on its own thread
             for t in ticks:
                 for live in self.strategies.subscribers(t):

@@ -38,8 +38,10 @@ def strategy_start(ctx):
 @hookspec(firstresult=True)
 def strategy_on_alert(ctx, alert):
     """A TradingView ENTRY, EXIT or ADJUST alert named this strategy. `alert` is an AlertRequest
-    (strategy, execution_type, legs, client_alert_id, notes). Return a list of Intent (or one, or
-    None). Without this hook the alert's legs are executed as given, like the built-in passthrough.
+    (strategy, execution_type, legs, client_alert_id, notes); each leg's `protection` holds the
+    stop, target, trailing and strategy MTM limits the alert carried (or None): keep them with
+    `Intent(**vars(leg), action=...)`, or set your own with `ctx.protect(intent, ...)`. Return a list
+    of Intent (or one, or None). Without this hook the alert's legs are executed as given, like the built-in passthrough.
     POSITION alerts never reach it: the host plans them from the strategy's own position."""
 
 

@@ -14,6 +14,7 @@ import sqlite_utils
 from .ids import new_id
 from .models import AlertRequest, AlertStatus, ExecutionType, Problem
 from .storage import Storage, utcnow
+from .protect import to_json
 from .validation import NAME_RE
 
 POLL_START_S = 0.002
@@ -49,7 +50,8 @@ def request_to_json(req: AlertRequest) -> str:
         "strategy_name": req.strategy, "execution_type": req.execution_type.value, "alert_id": req.client_alert_id,
         "legs": [{"exchange": l.exchange, "tradingsymbol": l.symbol, "direction": l.side.value, "qty": l.qty,
                   "order_type": l.order_type.value, "product_type": l.product.value,
-                  "price": _text(l.price), "trigger_price": _text(l.trigger_price)} for l in req.legs],
+                  "price": _text(l.price), "trigger_price": _text(l.trigger_price),
+                  "protection": to_json(getattr(l, "protection", None))} for l in req.legs],
         "targets": [{"exchange": t.exchange, "tradingsymbol": t.symbol, "product_type": t.product.value,
                      "order_type": t.order_type.value, "position": t.target, "price": _text(t.price)}
                     for t in req.targets],

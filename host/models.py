@@ -140,7 +140,46 @@ class OrderSpec:
     trigger_price: Optional[Decimal] = None
 
 
-Leg = OrderSpec  # one order request of an alert, as the sender described it
+@dataclass(frozen=True)
+class Protection:
+    """Exits that travel with an entry (see host/protect.py): a stop (absolute, points or percent from the
+    fill), a target, a trailing stop, and the strategy's MTM limits (rupees). Money and prices are Decimal."""
+
+    stop_loss: Optional[Decimal] = None
+    stop_loss_points: Optional[Decimal] = None
+    stop_loss_pct: Optional[Decimal] = None
+    target: Optional[Decimal] = None
+    target_points: Optional[Decimal] = None
+    target_pct: Optional[Decimal] = None
+    trailing_type: Optional[str] = None          # POINTS | PERCENT
+    trailing_value: Optional[Decimal] = None
+    trailing_activation_price: Optional[Decimal] = None
+    strategy_stoploss: Optional[Decimal] = None  # rupees of the strategy's MTM
+    strategy_target: Optional[Decimal] = None
+    strategy_trailing_step: Optional[Decimal] = None
+
+    @property
+    def has_stop(self) -> bool:
+        return any(v is not None for v in (self.stop_loss, self.stop_loss_points, self.stop_loss_pct))
+
+    @property
+    def has_target(self) -> bool:
+        return any(v is not None for v in (self.target, self.target_points, self.target_pct))
+
+    @property
+    def per_position(self) -> bool:
+        return self.has_stop or self.has_target or self.trailing_type is not None
+
+    @property
+    def strategy_limits(self) -> bool:
+        return self.strategy_stoploss is not None or self.strategy_target is not None
+
+
+@dataclass(frozen=True)
+class Leg(OrderSpec):
+    """One order request of an alert, as the sender described it (with the exits that travel with it)."""
+
+    protection: Optional[Protection] = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -172,6 +211,7 @@ class Intent(OrderSpec):
     """What a strategy asks for; the guard, risk and validation decide what becomes an order."""
 
     action: ExecutionType = field(kw_only=True)
+    protection: Optional[Protection] = field(default=None, kw_only=True)  # exits that travel with an entry
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,37 @@ class OrderSender:
         self.storage.write(lambda db: db.execute("update orders set price = ?, order_type = 'LMT' where id = ?",
                                                  (str(price), order_id)))
 
+    def enqueue_modify(self, order_id: str, qty: int, price: Optional[Decimal], trigger_price: Optional[Decimal]) -> None:
+        """Queue a ModifyOrder of a working order's quantity and prices (a resting stop resized or trailed)."""
+        self._queue.put((self.modify, order_id, (qty, price, trigger_price)))
+
+    def modify(self, order_id: str, change: tuple[int, Optional[Decimal], Optional[Decimal]]) -> None:
+        """ModifyOrder to (qty, price, trigger_price). A larger quantity is stored before the call (a fill of the
+        new quantity may arrive before the answer) and put back if the broker refuses; anything else after it."""
+        qty, price, trigger = change
+        row = self.storage.one("select * from orders where id = ?", (order_id,))
+        if row is None or row["status"] not in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value) \
+                or not row["broker_order_id"] or row["cancel_requested"]:
+            return
+        detail = f"modify: qty {row['qty']} -> {qty}, trigger {row['trigger_price']} -> {trigger}, price " \
+                 f"{row['price']} -> {price}"
+        store = lambda db: db.execute("update orders set qty = ?, price = ?, trigger_price = ? where id = ?",  # noqa: E731
+                                      (qty, _txt(price), _txt(trigger), order_id))
+        self.storage.write(lambda db: (Storage.insert(db, "order_history", {"order_id": order_id, "at": utcnow(),
+                                                                            "status": row["status"], "detail": detail}),
+                                       store(db) if qty > row["qty"] else None))
+        req = replace(request_for(row), qty=qty, price=price, trigger_price=trigger)
+        try:
+            self.gateway.call("modify_order", self.gateway.broker.modify, row["broker_order_id"], req)
+        except BrokerError as e:
+            message = f"ModifyOrder of {order_id} ({detail}) failed: {e}"
+            self.storage.write(lambda db: (
+                db.execute("update orders set qty = ? where id = ? and qty = ?", (row["qty"], order_id, qty))
+                if qty > row["qty"] and not isinstance(e, UnknownOutcome) else None,
+                Storage.add_event(db, "modify_failed", message, "warning", row["strategy"], {"order_id": order_id})))
+            return
+        self.storage.write(store)
+
     def enqueue_cancel(self, order_id: str, why: str) -> None:
         """Queue a cancel request for a working order, behind the orders already queued."""
         self._queue.put((self.cancel, order_id, why))

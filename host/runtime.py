@@ -138,6 +138,8 @@ class Runtime:
             engine.plugin_registries["notifier"] = self.notifiers
             engine.risk.reprice_s, engine.risk.protection_pct = (self.settings.EXIT_REPRICE_S,
                                                                  self.settings.MARKET_PROTECTION_PCT)
+            engine.protect.protection_pct, engine.protect.trail_interval_s = (self.settings.MARKET_PROTECTION_PCT,
+                                                                              self.settings.TRAIL_MIN_INTERVAL_S)
             self.sender.on_result = engine.order_changed
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
             engine.summary_time = self.settings.DAILY_SUMMARY_TIME

@@ -130,9 +130,27 @@ def _m7_exactly_once(db: sqlite_utils.Database) -> None:
                                 "allocation": str}, pk="fill_id")
 
 
+def _m8_protections(db: sqlite_utils.Database) -> None:
+    # exits that travel with an entry (host/protect.py): one row per position, its stop resting at the broker
+    db["protections"].create({
+        "strategy": str, "exchange": str, "symbol": str, "product": str, "side": str, "spec": str,
+        "entry_orders": str, "alert_id": str, "status": str, "stop": str, "target": str, "best": str,
+        "trail_active": int, "last_trail_at": str, "pending_exit": str, "exit_orders": str, "arm_after": str,
+        "reason": str, "created_at": str, "updated_at": str}, pk=("strategy", "exchange", "symbol", "product"))
+    db["protections"].create_index(["status"])
+    db["orders"].add_column("protection", str)  # a protective stop: the position it protects
+    db["orders"].add_column("noticed", int)     # its end has been acted on (hit, cancelled by hand, ...)
+    db["orders"].create_index(["protection"])
+    # a strategy's MTM limits (strategy_stoploss / strategy_target / strategy_trailing_step)
+    db["strategy_limits"].create({"strategy": str, "stoploss": str, "target": str, "trailing_step": str,
+                                  "base_pnl": str, "peak": str, "status": str, "alert_id": str, "reason": str,
+                                  "updated_at": str}, pk="strategy")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
-                                                                  _m6_position_targets, _m7_exactly_once)
+                                                                  _m6_position_targets, _m7_exactly_once,
+                                                                  _m8_protections)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

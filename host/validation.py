@@ -10,7 +10,9 @@ import unicodedata
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator, Optional
 
-from .models import (AlertRequest, ExecutionType, Intent, Leg, OrderType, Problem, Product, Side, TargetLeg)
+from .models import (AlertRequest, ExecutionType, Intent, Leg, OrderType, Problem, Product, Protection, Side,
+                     TargetLeg)
+from .protect import ALERT_FIELDS, LEG_FIELDS, static_problems
 
 EXCHANGES = ("NSE", "NFO", "BSE", "BFO", "MCX", "CDS", "NCO", "BCD")
 ORDER_TYPE_ALIASES = {"MKT": "MKT", "MARKET": "MKT", "LMT": "LMT", "LIMIT": "LMT", "SL-LMT": "SL-LMT",
@@ -32,16 +34,17 @@ LEG_KEYS = {  # accepted spellings of each leg field, first one canonical
     "market_position": ("market_position",),
     "position_size": ("position_size",),
 }
-# the original platform's exit fields: managed exits are not built yet, so they are refused, never dropped
+# the original platform's exit fields (protect.LEG_FIELDS on ENTRY/ADJUST legs, protect.ALERT_FIELDS on the
+# alert) are the contract; the other spellings traders use for the same things are refused, never ignored
 EXIT_FIELDS = ("stop_loss", "target", "stop_loss_points", "target_points", "stop_loss_pct", "target_pct",
                "trailing_type", "trailing_value", "trailing_activation_price", "strategy_stoploss", "strategy_target",
                "strategy_trailing_step",
-               # spellings traders use for the same things: refused too, never silently ignored
                "stoploss", "stop", "sl", "sl_price", "stop_price", "stop_loss_price", "take_profit", "takeprofit", "tp",
                "target_price", "profit_target", "trailing_stop", "trailing_sl", "trailing_stoploss", "trail",
                "trailing")
-KNOWN_ALERT_FIELDS = {"secret_key", "execution_type", "strategy_name", "exchange", "alert_id", "legs"}
-KNOWN_LEG_FIELDS = {name for names in LEG_KEYS.values() for name in names}
+KNOWN_ALERT_FIELDS = {"secret_key", "execution_type", "strategy_name", "exchange", "alert_id", "legs", *ALERT_FIELDS}
+KNOWN_LEG_FIELDS = {name for names in LEG_KEYS.values() for name in names} | set(LEG_FIELDS)
+PROTECTED_TYPES = (ExecutionType.ENTRY, ExecutionType.ADJUST)  # the types whose legs may carry exits
 NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}", re.ASCII)
 SYMBOL_RE = re.compile(r"[A-Za-z0-9_.&\-]{1,40}", re.ASCII)
 NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
@@ -237,7 +240,9 @@ def parse_alert(body: dict) -> tuple[Optional[AlertRequest], list[Problem]]:
         c.add("legs", f"a list of 1 to {MAX_LEGS} order legs", legs_raw if not isinstance(legs_raw, list)
               else f"{len(legs_raw)} legs")
     elif execution is not None:
-        read = _parse_target if execution is ExecutionType.POSITION else _parse_leg
+        limits = _strategy_limits(c, body, execution)
+        read = _parse_target if execution is ExecutionType.POSITION else (
+            lambda c, where, raw, top: _parse_leg(c, where, raw, top, execution, limits))
         for i, raw in enumerate(legs_raw):
             leg = read(c, f"legs[{i}]", raw, top_exchange)
             if leg is not None:
@@ -280,8 +285,11 @@ def _unknown(c: Collector, prefix: str, obj: dict, known: set[str]) -> None:
         if name in known:
             continue
         if name in EXIT_FIELDS:
-            c.add(f"{prefix}{name}", "no managed-exit fields: stop-loss, target and trailing are not supported yet, "
-                                     "and an alert is refused rather than run without them", value)
+            c.add(f"{prefix}{name}", "the contract's names: stop_loss, target, stop_loss_points, target_points, "
+                                     "stop_loss_pct, target_pct, trailing_type, trailing_value, "
+                                     "trailing_activation_price on a leg; strategy_stoploss, strategy_target, "
+                                     "strategy_trailing_step on the alert (an alert is refused rather than run "
+                                     "without the exit it asked for)", value)
         else:
             c.notes.append(f"{prefix}{name} ignored: not a field this host reads")
 
@@ -309,7 +317,50 @@ def _prices(c: Collector, where: str, f: dict, ot: Optional[OrderType]) -> tuple
     return price, trigger
 
 
-def _parse_leg(c: Collector, where: str, raw: Any, top_exchange: Any) -> Optional[Leg]:
+def _strategy_limits(c: Collector, body: dict, execution: ExecutionType) -> dict:
+    """strategy_stoploss, strategy_target, strategy_trailing_step: rupees of the strategy's MTM, on ENTRY/ADJUST."""
+    out = {}
+    for name in ALERT_FIELDS:
+        if body.get(name) is None:
+            continue
+        if execution not in PROTECTED_TYPES:
+            c.add(name, "no strategy MTM limits on an EXIT or POSITION alert (only on ENTRY or ADJUST)", body[name])
+            continue
+        n = number(body[name])
+        if n is None or n <= 0:
+            c.add(name, "an amount of rupees above 0", body[name])
+        else:
+            out[name] = n
+    return out
+
+
+def _protection(c: Collector, where: str, raw: dict, exchange: Optional[str], execution: ExecutionType,
+                limits: dict) -> Optional[Protection]:
+    """The exit fields of one leg (the contract's names), with the alert's strategy limits."""
+    given = {name: raw[name] for name in LEG_FIELDS if raw.get(name) is not None}
+    if given and execution not in PROTECTED_TYPES:
+        for name, value in given.items():
+            c.add(f"{where}.{name}", f"no stop, target or trailing on an {execution.value} leg (only on ENTRY or "
+                                     f"ADJUST)", value)
+        return None
+    values: dict[str, Any] = dict(limits)
+    for name, value in given.items():
+        if name == "trailing_type":
+            values[name] = c.choice(f"{where}.{name}", value, {"POINTS": "POINTS", "PERCENT": "PERCENT"},
+                                    "POINTS | PERCENT")
+        elif name in ("stop_loss", "target", "trailing_activation_price"):
+            values[name] = c.price(f"{where}.{name}", value, True, "an absolute price", exchange)
+        else:
+            n = number(value)
+            if n is None:
+                c.add(f"{where}.{name}", "a number above 0", value)
+            values[name] = n
+    values = {k: v for k, v in values.items() if v is not None}
+    return Protection(**values) if values else None
+
+
+def _parse_leg(c: Collector, where: str, raw: Any, top_exchange: Any, execution: ExecutionType = ExecutionType.ENTRY,
+               limits: Optional[dict] = None) -> Optional[Leg]:
     before = len(c.problems)
     f = _common(c, where, raw, top_exchange, "tradingsymbol, direction, qty, order_type, product_type")
     if f is None:
@@ -317,10 +368,19 @@ def _parse_leg(c: Collector, where: str, raw: Any, top_exchange: Any) -> Optiona
     side = c.choice(f"{where}.direction", f["direction"], SIDE_ALIASES, "BUY | SELL")
     qty = c.quantity(f"{where}.qty", f["qty"])
     price, trigger = _prices(c, where, f, f["order_type"])
+    protection = _protection(c, where, raw, f["exchange"], execution, limits or {})
     if len(c.problems) > before:
         return None
+    if protection is not None:  # the audit's rules; the LTP of a market entry and the tick are checked later
+        ot = f["order_type"]
+        ref = price if ot.needs_price else trigger if ot is OrderType.SL_MKT else None
+        c.problems += [p for p in static_problems(protection, Side(side), ref, where, "the entry price",
+                                                                     alert_where="")
+                       if p not in c.problems]
+        if len(c.problems) > before:
+            return None
     return Leg(f["exchange"], f["tradingsymbol"], Side(side), qty, f["order_type"], Product(f["product_type"]),
-               price, trigger)
+               price, trigger, protection=protection)
 
 
 def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Optional[TargetLeg]:
@@ -332,6 +392,7 @@ def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Opti
                                              "position_size)")
     if f is None:
         return None
+    _protection(c, where, raw, f["exchange"], ExecutionType.POSITION, {})  # exits ride on ENTRY/ADJUST legs only
     target = _target(c, where, f)
     if f["order_type"] is not None and f["order_type"].needs_trigger:
         c.add(f"{where}.order_type", "MKT or LMT for a position target", raw.get("order_type"))

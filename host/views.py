@@ -27,9 +27,12 @@ def alert_record(row: dict) -> dict:
             "decided_at": row["decided_at"], "source_ip": row["source_ip"]}
 
 
-def positions(storage: Storage, include_flat: bool = True) -> list[dict]:
+def positions(storage: Storage, include_flat: bool = True, protections: bool = True) -> list[dict]:
     rows = storage.rows("select p.*, q.ltp from positions p left join quotes q on q.exchange = p.exchange "
                         "and q.symbol = p.symbol order by p.strategy, p.exchange, p.symbol")
+    from .protect import position_fields
+    guards = position_fields(storage) if protections else {}  # the stop, target, trail level and resting stop order of each position
+    none = {"stop_loss": None, "target": None, "trailing": None, "protection_status": None, "stop_orders": []}
     out = []
     for r in rows:
         if not include_flat and r["net_qty"] == 0:
@@ -39,14 +42,15 @@ def positions(storage: Storage, include_flat: bool = True) -> list[dict]:
         out.append({"strategy": r["strategy"], "exchange": r["exchange"], "symbol": r["symbol"],
                     "product": r["product"], "net_qty": r["net_qty"], "avg_price": avg, "ltp": ltp,
                     "realized_pnl": dec(r["realized_pnl"]), "unrealized_pnl": unrealized,
-                    "updated_at": r["updated_at"]})
+                    "updated_at": r["updated_at"],
+                    **guards.get((r["strategy"], r["exchange"], r["symbol"], r["product"]), none)})
     return out
 
 
 def pnl_by_strategy(storage: Storage) -> tuple[Decimal, dict[str, Decimal]]:
     """The day's realised plus unrealised PnL, in total and per strategy; CNC holdings excluded."""
     by: dict[str, Decimal] = {}
-    for p in positions(storage):
+    for p in positions(storage, protections=False):
         if p["product"] != "C":
             by[p["strategy"]] = by.get(p["strategy"], Decimal("0")) + p["realized_pnl"] + p["unrealized_pnl"]
     return sum(by.values(), Decimal("0")), by

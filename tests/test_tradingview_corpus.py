@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import filecmp
+from decimal import Decimal
 import json
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from serverproc import ServerProcess
 HERE = Path(__file__).parent
 VENDORED = HERE / "corpus" / "tradingview"
 SHARED = HERE.parent.parent / "shared" / "corpus" / "tradingview"
-MANAGED_EXIT_FIELDS = {"legs[0].stop_loss", "legs[0].target", "legs[0].trailing_type", "legs[0].trailing_value"}
 PRICES = {"NIFTY28APR26C24500": "42.5", "NIFTY28APR26P23500": "40", "NIFTY29DEC26F": "26120", "INFY-EQ": "1500"}
 
 TARGETS = {"05-": 75, "06-": 75, "07-": -75, "08-": 0}
@@ -52,10 +52,6 @@ def test_every_corpus_payload_gets_its_answer(tmp_path):
             r = requests.post(s.url + "/webhook", data=text.encode(), headers={"Content-Type": kind}, timeout=10)
             answers[path.name] = r
             want = expect[path.name]["status"]
-            if path.name.startswith("14-") and r.status_code == 422:  # until managed exits exist: refused, named
-                named = {e["field"] for e in r.json()["errors"]}
-                assert MANAGED_EXIT_FIELDS <= named, r.json()
-                continue
             assert r.status_code == want, (path.name, expect[path.name]["why"], r.text)
             assert r.headers["Content-Type"].startswith("application/json"), path.name
             if path.name[:3] in TARGETS:  # each target is reached before the next one is sent
@@ -73,6 +69,16 @@ def test_every_corpus_payload_gets_its_answer(tmp_path):
         flows = [(o["side"], o["qty"]) for o in reversed(ema_orders())]
         assert flows == [("BUY", 75), ("SELL", 75), ("SELL", 75), ("BUY", 75)]
         assert net(s, "ema_trend_pos") == 0 and net(s, "bn_breakout") == -75
+        # 14: the stop, target and trailing travel with the entry: once it fills, the stop rests at the broker
+        assert answers["14-with-stop-and-target.json"].json()["status"] == "accepted"
+        assert s.api("/api/paper/ticks", "POST", json=[{"exchange": "NFO", "symbol": "NIFTY29DEC26F",
+                                                        "ltp": "26100"}]).status_code == 200
+        [guarded] = wait_for(lambda: [p for p in s.api("/api/positions").json()["items"]
+                                      if p["strategy"] == "protected_entry" and p["stop_orders"]
+                                      and p["stop_orders"][0]["status"] == "OPEN"], timeout=8)
+        assert guarded["net_qty"] == 75 and Decimal(str(guarded["target"])) == Decimal("26300")
+        assert Decimal(str(guarded["stop_orders"][0]["trigger_price"])) >= Decimal("26000")  # trails by 20 points
+        assert guarded["trailing"]["type"] == "POINTS"
         assert "Traceback" not in s.output()
     finally:
         s.stop()

@@ -1,0 +1,675 @@
+"""Protective exits: the stop, target and trailing stop that travel with an entry, and a strategy's MTM limits.
+
+One job, in one place:
+
+- **Contract.** An ENTRY/ADJUST leg (or a plugin's Intent, see `ctx.protect`) carries a `Protection`. Its rules
+  are checked here (`problems`), each with field, expected and found.
+- **One stop per position, resting at the broker.** As the entry's fills arrive, `Protector.sync` places (or
+  resizes with ModifyOrder) one SL-LMT order per position: trigger at the stop, limit one protection step
+  beyond, our id in remarks, sliced under the freeze quantity. The stops plus the position's other working
+  exits never exceed the position, so nothing can flip it.
+- **Target and trailing are watched on ticks.** A target cancels the stop first; the exit is sent only once
+  the broker has confirmed the cancel (a stop that filled instead ends it: no target exit). Trailing moves the
+  stop with ModifyOrder, only towards profit, at most once per TRAIL_MIN_INTERVAL_S.
+- **Every other exit goes around the stops.** `hold_exits` (called by the Decider for every EXIT, whoever asks:
+  an alert, exit-all, a breach, the square-off, a POSITION target) cancels the position's stop and keeps the
+  exit until the cancel is confirmed; what remains afterwards is protected again (a partial exit resizes).
+- **Strategy MTM limits** (`strategy_stoploss`, `strategy_target`, `strategy_trailing_step`, rupees measured
+  from when they were set) exit all of that strategy's positions, through the same path.
+- **State in SQLite** (`protections`, `strategy_limits`, `orders.protection`): after a restart each stop is
+  found again by its remarks (the watcher), never placed twice, and trailing goes on. A stop cancelled by hand
+  is an error event, and is placed again unless the position is flat.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any, Callable, Optional
+
+import sqlite_utils
+
+from . import flatten
+from .instruments import slices
+from .models import Decision, ExecutionType, Intent, OrderStatus, OrderType, Problem, Product, Protection, Side
+from .orders import insert_order
+from .pricing import DEFAULT_TICK, protected_limit, round_to_tick
+from .storage import Storage, dec, utcnow
+
+log = logging.getLogger(__name__)
+LIVE = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL", "LOST")  # a stop that may rest or yet be booked
+WORKING = ("OPEN", "PARTIAL")
+LEG_FIELDS = ("stop_loss", "stop_loss_points", "stop_loss_pct", "target", "target_points", "target_pct",
+              "trailing_type", "trailing_value", "trailing_activation_price")
+ALERT_FIELDS = ("strategy_stoploss", "strategy_target", "strategy_trailing_step")
+TRAILING_TYPES = ("POINTS", "PERCENT")
+PENDING, ACTIVE, EXITING, DONE = "pending", "active", "exiting", "done"
+REARM_AFTER_REJECT_S = 5.0
+MODIFY_WAIT_S = 5.0
+ONE = Decimal(1)
+
+
+# ---------------------------------------------------------------- the contract
+
+def _found(v: Any) -> str:
+    return "nothing" if v is None else f"{v} (number)" if isinstance(v, Decimal) else repr(v)
+
+
+def static_problems(p: Protection, side: Side, ref: Optional[Decimal], where: str, ref_name: str = "the entry",
+                    tick: Optional[Decimal] = None, alert_where: Optional[str] = None) -> list[Problem]:
+    """The audit's rules for one leg's protection: sides, stop before target and trailing, values, the tick.
+
+    `ref` is the entry's price (its limit, or the LTP for a market entry; None when unknown)."""
+    out: list[Problem] = []
+    add = lambda field, expected, found: out.append(Problem(f"{where}.{field}", expected, _found(found)))  # noqa: E731
+    long = side is Side.BUY
+    below, above = ("below", "above") if long else ("above", "below")
+    for name, forms in (("stop_loss", ("stop_loss", "stop_loss_points", "stop_loss_pct")),
+                        ("target", ("target", "target_points", "target_pct"))):
+        given = [f for f in forms if getattr(p, f) is not None]
+        if len(given) > 1:
+            add(given[1], f"only one of {', '.join(forms)}", getattr(p, given[1]))
+    for name in ("stop_loss_points", "target_points"):
+        v = getattr(p, name)
+        if v is not None and v <= 0:
+            add(name, "a number of points above 0", v)
+    for name in ("stop_loss_pct", "target_pct"):
+        v = getattr(p, name)
+        if v is not None and not 0 < v < 100:
+            add(name, "a percentage above 0 and below 100", v)
+    if p.stop_loss is not None and ref is not None and not (p.stop_loss < ref if long else p.stop_loss > ref):
+        add("stop_loss", f"a price {below} {ref_name} {ref} (a {side.value}'s stop loss is {below} it)", p.stop_loss)
+    if p.has_target and not p.has_stop:
+        add(next(f for f in ("target", "target_points", "target_pct") if getattr(p, f) is not None),
+            "a stop loss with it (stop_loss, stop_loss_points or stop_loss_pct): a target needs a stop loss",
+            p.target if p.target is not None else p.target_points if p.target_points is not None else p.target_pct)
+    if p.target is not None:
+        if ref is not None and not (p.target > ref if long else p.target < ref):
+            add("target", f"a price {above} {ref_name} {ref} (a {side.value}'s target is on the profit side)", p.target)
+        elif p.stop_loss is not None and not (p.target > p.stop_loss if long else p.target < p.stop_loss):
+            add("target", f"a price {above} the stop loss {p.stop_loss} (on the profit side)", p.target)
+    if p.trailing_type is not None:
+        if p.trailing_type not in TRAILING_TYPES:
+            add("trailing_type", "POINTS | PERCENT", p.trailing_type)
+        if not p.has_stop:
+            add("trailing_type", "a stop loss with it (stop_loss, stop_loss_points or stop_loss_pct): trailing moves "
+                                 "the stop", p.trailing_type)
+        if p.trailing_value is None or p.trailing_value <= 0:
+            add("trailing_value", "a value above 0 (points or percent to trail by)", p.trailing_value)
+        elif p.trailing_type == "PERCENT" and p.trailing_value >= 100:
+            add("trailing_value", "a percentage above 0 and below 100", p.trailing_value)
+        if p.trailing_activation_price is not None and ref is not None and not (
+                p.trailing_activation_price > ref if long else p.trailing_activation_price < ref):
+            add("trailing_activation_price", f"a price {above} {ref_name} {ref} (trailing starts once the price has "
+                                             f"moved there in profit)", p.trailing_activation_price)
+    else:
+        for name in ("trailing_value", "trailing_activation_price"):
+            if getattr(p, name) is not None:
+                add("trailing_type", f"POINTS | PERCENT ({name} needs it)", None)
+    if tick:
+        for name in ("stop_loss", "target", "trailing_activation_price"):
+            v = getattr(p, name)
+            if v is not None and v % tick:
+                add(name, f"a multiple of the instrument's tick size {tick}", v)
+    on = f"{where}." if alert_where is None else alert_where  # the strategy limits ride on the alert
+    for name in ALERT_FIELDS:
+        v = getattr(p, name)
+        if v is not None and v <= 0:
+            out.append(Problem(f"{on}{name}", "an amount of rupees above 0", _found(v)))
+    if p.strategy_trailing_step is not None and p.strategy_stoploss is None:
+        out.append(Problem(f"{on}strategy_trailing_step", "strategy_stoploss with it: the step raises that stop",
+                           _found(p.strategy_trailing_step)))
+    return out
+
+
+def problems(db: sqlite_utils.Database, intent: Intent, where: str, tick: Optional[Decimal]) -> list[Problem]:
+    """The rules for an intent's protection, with the LTP as the reference of a market entry."""
+    p = intent.protection
+    if p is None:
+        return []
+    if intent.action is ExecutionType.EXIT and p.per_position:
+        return [Problem(f"{where}.protection", "no stop, target or trailing on an EXIT (only on ENTRY or ADJUST)",
+                        "a protection")]
+    ref, name = intent.price, "the entry price"
+    if intent.order_type in (OrderType.MKT, OrderType.SL_MKT):
+        q = db.execute("select ltp from quotes where exchange = ? and symbol = ?",
+                       (intent.exchange, intent.symbol)).fetchone()
+        ref, name = (dec(q[0]) if q else None), "the LTP"
+        if intent.order_type is OrderType.SL_MKT and intent.trigger_price is not None:
+            ref, name = intent.trigger_price, "the entry's trigger price"
+    return static_problems(p, intent.side, ref, where, name, tick)
+
+
+def to_json(p: Optional[Protection]) -> Optional[dict]:
+    return None if p is None else {k: (str(v) if isinstance(v, Decimal) else v) for k, v in asdict(p).items()
+                                   if v is not None}
+
+
+def from_json(d: Optional[dict]) -> Optional[Protection]:
+    if not d:
+        return None
+    return Protection(**{k: (v if k == "trailing_type" else Decimal(v)) for k, v in d.items()})
+
+
+def _key(strategy: str, exchange: str, symbol: str, product: str) -> str:
+    return f"{strategy}|{exchange}|{symbol}|{product}"
+
+
+def _row_key(row: dict) -> str:
+    return _key(row["strategy"], row["exchange"], row["symbol"], row["product"])
+
+
+def strategy_pnl(db: sqlite_utils.Database, strategy: str) -> Decimal:
+    """The strategy's day PnL (realised + unrealised at the last price), CNC excluded, in Decimal."""
+    total = Decimal("0")
+    for r in db.query("select p.net_qty, p.avg_price, p.realized_pnl, q.ltp from positions p left join quotes q on "
+                      "q.exchange = p.exchange and q.symbol = p.symbol where p.strategy = ? and p.product != 'C'",
+                      (strategy,)):
+        total += dec(r["realized_pnl"]) or 0
+        if r["net_qty"] and r["ltp"] is not None:
+            total += (Decimal(r["ltp"]) - (dec(r["avg_price"]) or 0)) * r["net_qty"]
+    return total
+
+
+# ---------------------------------------------------------------- hooks of the Decider
+
+def _stop(db: sqlite_utils.Database, orders: list[dict], why: str) -> flatten.Stopped:
+    """Cancel stops of ours (marked first, so that their end is never taken for a cancel by hand)."""
+    if orders:
+        db.execute(f"update orders set cancel_requested = coalesce(cancel_requested, ?) where id in "
+                   f"({','.join('?' * len(orders))})", (why, *[o["id"] for o in orders]))
+    return flatten.stop(db, orders, why)
+
+
+def _live_stops(db: sqlite_utils.Database, key: str) -> list[dict]:
+    return list(db.query(f"select * from orders where protection = ? and status in ({','.join('?' * len(LIVE))}) "
+                         f"order by rowid", (key, *LIVE)))
+
+
+def _protected(db: sqlite_utils.Database, strategy: str, i: Intent) -> Optional[tuple[dict, list[dict]]]:
+    """The protection of the position an EXIT closes, with its live stops, if a stop may rest at the broker."""
+    rows = list(db.query("select * from protections where strategy = ? and exchange = ? and symbol = ? and "
+                         "status != ?", (strategy, i.exchange, i.symbol, DONE)))
+    rows = [r for r in rows if r["product"] == i.product.value] or rows
+    if not rows:
+        return None
+    stops = _live_stops(db, _row_key(rows[0]))
+    return (rows[0], stops) if stops else None
+
+
+def split_exits(db: sqlite_utils.Database, strategy: str, intents: list[Intent]) -> tuple[list[Intent], list[Intent]]:
+    """(intents to decide now, EXITs that must wait for their position's resting stop to be cancelled)."""
+    now, held = [], []
+    for i in intents:
+        (held if i.action is ExecutionType.EXIT and _protected(db, strategy, i) else now).append(i)
+    return now, held
+
+
+def hold_exits(db: sqlite_utils.Database, strategy: str, held: list[Intent]) -> tuple[list[str], list[str]]:
+    """EXITs of positions whose stop rests at the broker wait: the stop is cancelled first, and the exit is sent by
+    `Protector.sync` once the broker has confirmed the cancel (so the stop and the exit are never live together).
+    Returns the orders to cancel at the broker, and notes."""
+    cancels, notes = [], []
+    for i in held:
+        found = _protected(db, strategy, i)
+        if found is None:
+            continue
+        row, stops = found
+        why = f"EXIT of {strategy} {i.exchange}:{i.symbol}: the resting stop is cancelled first"
+        stopped = _stop(db, stops, why)
+        cancels += stopped.working
+        pending = json.loads(row["pending_exit"]) if row["pending_exit"] else None
+        qty = max(i.qty, pending["qty"]) if pending else i.qty
+        exit_ = pending if pending and pending["qty"] >= i.qty else {
+            "qty": qty, "order_type": i.order_type.value, "price": None if i.price is None else str(i.price)}
+        exit_["qty"] = qty
+        db.execute("update protections set pending_exit = ?, status = ?, updated_at = ? where strategy = ? and "
+                   "exchange = ? and symbol = ? and product = ?",
+                   (json.dumps(exit_), EXITING, utcnow(), row["strategy"], row["exchange"], row["symbol"],
+                    row["product"]))
+        notes.append(f"{i.exchange}:{i.symbol}: the resting stop loss is cancelled first; the exit of {qty} is sent "
+                     f"once the broker confirms the cancel")
+    return list(dict.fromkeys(cancels)), notes
+
+
+def record(db: sqlite_utils.Database, strategy: str, alert_id: Optional[str], placed: list[tuple[Intent, str]]) -> None:
+    """Store the protections of accepted intents (inside the deciding transaction): one per position."""
+    now = utcnow()
+    for intent, oid in placed:
+        p = intent.protection
+        if p is None or intent.action is ExecutionType.EXIT:
+            continue
+        if p.strategy_limits:
+            old = db.execute("select status, base_pnl, peak from strategy_limits where strategy = ?",
+                             (strategy,)).fetchone()
+            armed = old is not None and old[0] == "armed"
+            base = Decimal(old[1]) if armed else strategy_pnl(db, strategy)
+            Storage.insert(db, "strategy_limits", {
+                "strategy": strategy, "stoploss": _s(p.strategy_stoploss), "target": _s(p.strategy_target),
+                "trailing_step": _s(p.strategy_trailing_step), "base_pnl": str(base),
+                "peak": old[2] if armed else "0", "status": "armed", "alert_id": alert_id, "reason": None,
+                "updated_at": now}, upsert_pk=("strategy",))
+        if not p.per_position:
+            continue
+        key = (strategy, intent.exchange, intent.symbol, intent.product.value)
+        old = db.execute("select * from protections where strategy = ? and exchange = ? and symbol = ? and product = ?",
+                         key).fetchone()
+        cols = [c[0] for c in db.execute("select * from protections limit 0").description]
+        old = dict(zip(cols, old)) if old else None
+        same = old is not None and old["status"] != DONE and old["side"] == intent.side.value
+        entries = (json.loads(old["entry_orders"] or "[]") if same else []) + [oid]
+        spec = {k: v for k, v in (to_json(p) or {}).items() if k in LEG_FIELDS}
+        Storage.insert(db, "protections", {
+            "strategy": strategy, "exchange": intent.exchange, "symbol": intent.symbol,
+            "product": intent.product.value, "side": intent.side.value, "spec": json.dumps(spec),
+            "entry_orders": json.dumps(entries), "alert_id": alert_id,
+            "status": old["status"] if same and old["status"] != PENDING else PENDING,
+            "stop": None, "target": None, "best": old["best"] if same else None,
+            "trail_active": old["trail_active"] if same else 0, "last_trail_at": old["last_trail_at"] if same else None,
+            "pending_exit": old["pending_exit"] if same else None, "exit_orders": old["exit_orders"] if same else None,
+            "arm_after": None, "reason": None, "created_at": old["created_at"] if same else now, "updated_at": now},
+            upsert_pk=("strategy", "exchange", "symbol", "product"))
+
+
+def _s(v: Optional[Decimal]) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+# ---------------------------------------------------------------- price arithmetic
+
+def resolve(spec: Protection, side: Side, avg: Decimal, tick: Decimal) -> tuple[Optional[Decimal], Optional[Decimal]]:
+    """The stop and target prices of a position entered at `avg`, on the tick (a stop rounded away from the
+    price, so a relative stop never comes closer than asked)."""
+    sign = 1 if side is Side.BUY else -1
+    stop = spec.stop_loss
+    if stop is None and spec.stop_loss_points is not None:
+        stop = avg - sign * spec.stop_loss_points
+    elif stop is None and spec.stop_loss_pct is not None:
+        stop = avg * (1 - sign * spec.stop_loss_pct / 100)
+    target = spec.target
+    if target is None and spec.target_points is not None:
+        target = avg + sign * spec.target_points
+    elif target is None and spec.target_pct is not None:
+        target = avg * (1 + sign * spec.target_pct / 100)
+    stop = None if stop is None else max(round_to_tick(stop, tick, up=sign < 0), tick)
+    target = None if target is None else round_to_tick(target, tick, up=sign > 0)
+    return stop, target
+
+
+def trailed(spec: Protection, side: Side, best: Decimal, tick: Decimal) -> Decimal:
+    sign = 1 if side is Side.BUY else -1
+    if spec.trailing_type == "PERCENT":
+        price = best * (1 - sign * spec.trailing_value / 100)
+    else:
+        price = best - sign * spec.trailing_value
+    return max(round_to_tick(price, tick, up=sign < 0), tick)
+
+
+# ---------------------------------------------------------------- the engine's part
+
+class Protector:
+    """Keeps each protected position's stop resting at the broker; watches targets, trailing and MTM limits.
+
+    Runs on the engine thread: `on_orders` after broker updates, `on_ticks` after prices, `sync` every second.
+    Orders go out through the engine's dispatch (persisted first, our id in remarks); modifications through
+    the order sender (ModifyOrder, with the gateway's timeout)."""
+
+    def __init__(self, storage: Storage, dispatch: Callable[[Decision], None],
+                 evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], Decision],
+                 modify: Callable[..., None], instruments: Callable[[], Any] = lambda: None):
+        self.storage, self.dispatch, self.evaluate, self.modify = storage, dispatch, evaluate, modify
+        self.instruments = instruments
+        self.protection_pct = Decimal("2")   # MARKET_PROTECTION_PCT: the stop's limit is one step beyond it
+        self.trail_interval_s = Decimal("1")  # TRAIL_MIN_INTERVAL_S
+        self._modifying: dict[str, tuple[float, int, Optional[Decimal]]] = {}  # order -> (since, qty, trigger)
+
+    # ---- inputs ----
+    def on_orders(self, rows: list[dict]) -> None:
+        """Orders changed (fills of an entry, a stop's end): act on their positions."""
+        keys = {r["protection"] or _row_key(r) for r in rows}
+        if keys:
+            self.sync(keys)
+
+    def on_ticks(self, ticks: list) -> None:
+        """New prices: the best price for trailing, the target, the MTM limits."""
+        symbols = {(t.exchange, t.symbol): t.ltp for t in ticks}
+        watched = {(r["exchange"], r["symbol"]) for r in self.storage.rows(
+            "select distinct exchange, symbol from protections where status in (?, ?)", (ACTIVE, EXITING))}
+        if not watched & set(symbols):  # nothing protected in these symbols: no write on the tick path
+            self._limits()
+            return
+
+        def run(db: sqlite_utils.Database) -> tuple[set[str], list[str]]:
+            keys, cancels = set(), []
+            for p in db.query(f"select * from protections where status in (?, ?)", (ACTIVE, EXITING)):
+                ltp = symbols.get((p["exchange"], p["symbol"]))
+                if ltp is None:
+                    continue
+                keys.add(_row_key(p))
+                cancels += self._watch(db, p, ltp)
+            return keys, cancels
+        keys, cancels = self.storage.write(run)
+        if cancels:
+            self.dispatch(Decision(_accepted(), "target reached", (), tuple(cancels)))
+        if keys:
+            self.sync(keys)
+        else:
+            self._limits()
+
+    def _watch(self, db: sqlite_utils.Database, p: dict, ltp: Decimal) -> list[str]:
+        """The target, and the best price for trailing, of one position at a new price."""
+        spec, side = from_json(json.loads(p["spec"])), Side(p["side"])
+        sign = 1 if side is Side.BUY else -1
+        best = dec(p["best"])
+        if spec.trailing_type and (best is None or sign * (ltp - best) > 0):
+            db.execute("update protections set best = ? where strategy = ? and exchange = ? and symbol = ? and "
+                       "product = ?", (str(ltp), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+        target = dec(p["target"])
+        if p["status"] != ACTIVE or target is None or p["pending_exit"] or sign * (ltp - target) < 0:
+            return []
+        where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']})"
+        net = _net(db, p)
+        stopped = _stop(db, _live_stops(db, _row_key(p)), f"target {target} reached: one-cancels-other")
+        db.execute("update protections set pending_exit = ?, status = ?, updated_at = ? where strategy = ? and "
+                   "exchange = ? and symbol = ? and product = ?",
+                   (json.dumps({"qty": abs(net), "order_type": "MKT", "price": None, "why": "target"}), EXITING,
+                    utcnow(), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+        Storage.add_event(db, "target_hit", f"target {target} of {where} reached at {ltp}: the resting stop is "
+                          f"cancelled, then the position ({net:+d}) is exited", "info", p["strategy"],
+                          {"target": str(target), "ltp": str(ltp), "qty": net})
+        return stopped.working
+
+    # ---- the work ----
+    def sync(self, keys: Optional[set[str]] = None) -> None:
+        """Bring each protection in step: notice stop ends, release held exits, place/resize/move the stop."""
+        rows = self.storage.rows("select * from protections where status != ? order by created_at", (DONE,))
+        for p in rows:
+            if keys is not None and _row_key(p) not in keys:
+                continue
+            out = self.storage.write(lambda db, p=p: self._sync_one(db, p))
+            if out is None:
+                continue
+            decision, modifies = out
+            if decision.orders or decision.cancels:
+                self.dispatch(decision)
+            for args in modifies:
+                self._modifying[args[0]] = (time.monotonic(), args[1], args[3])
+                self.modify(*args)
+        self._limits()
+
+    def _tick(self, exchange: str, symbol: str) -> Decimal:
+        master = self.instruments()
+        inst = master.get(exchange, symbol) if master is not None else None
+        return inst.tick_size if inst is not None and inst.tick_size else DEFAULT_TICK
+
+    def _sync_one(self, db: sqlite_utils.Database, p: dict) -> Optional[tuple[Decision, list[tuple]]]:
+        key = _row_key(p)
+        where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']})"
+        upd: dict[str, Any] = {}
+        side = Side(p["side"])
+        sign = 1 if side is Side.BUY else -1
+        closing = side.opposite
+        spec = from_json(json.loads(p["spec"]))
+        pos = db.execute("select net_qty, avg_price from positions where strategy = ? and exchange = ? and "
+                         "symbol = ? and product = ?", (p["strategy"], p["exchange"], p["symbol"], p["product"])).fetchone()
+        net, avg = (pos[0], dec(pos[1])) if pos else (0, None)
+        stops = [dict(zip([c[0] for c in cur.description], r)) for cur in [db.execute(
+            "select * from orders where protection = ? order by rowid", (key,))] for r in cur.fetchall()]
+        live = [o for o in stops if o["status"] in LIVE]
+        self._notice(db, p, stops, net, where)
+        orders: list[str] = []
+        cancels: list[str] = []
+        modifies: list[tuple] = []
+
+        def done(why: str, severity: str = "info") -> tuple[Decision, list]:
+            stopped = _stop(db, live, f"protection of {where} ended: {why}")
+            upd.update(status=DONE, reason=why, pending_exit=None)
+            self._update(db, p, upd)
+            Storage.add_event(db, "protection_ended", f"protection of {where} ended: {why}", severity, p["strategy"],
+                              {"position": key})
+            return Decision(_accepted(), why, (), tuple(stopped.working)), []
+
+        if p["status"] == PENDING:
+            if net * sign > 0:
+                upd["status"] = p["status"] = ACTIVE
+            else:
+                entries = json.loads(p["entry_orders"] or "[]")
+                marks = ",".join("?" * len(entries)) or "''"
+                unfinished = db.execute(f"select count(*) from orders where id in ({marks}) and status not in "
+                                        f"('FILLED','CANCELLED','REJECTED','EXPIRED')", entries).fetchone()[0]
+                if not unfinished:
+                    return done("the entry ended without a fill")
+                return None
+        if net * sign <= 0:
+            return done("the position is flat" if net == 0 else "the position was reversed")
+        tick = self._tick(p["exchange"], p["symbol"])
+        stop = dec(p["stop"])
+        if stop is None:  # the first fill: relative stops and targets are measured from the fill price
+            stop, target = resolve(spec, side, avg or Decimal("0"), tick)
+            upd.update(stop=_s(stop), target=_s(target), best=p["best"] or _s(avg))
+            p["best"] = upd["best"]
+        # held exits: sent once no stop can fill any more
+        if p["pending_exit"]:
+            if live:
+                return self._finish(db, p, upd, orders, cancels, modifies)
+            pending = json.loads(p["pending_exit"])
+            qty = min(pending["qty"], abs(net))
+            upd.update(pending_exit=None, status=ACTIVE)
+            if qty > 0:
+                intent = Intent(p["exchange"], p["symbol"], closing, qty, OrderType(pending["order_type"]),
+                                Product(p["product"]), dec(pending.get("price")), action=ExecutionType.EXIT)
+                d = self.evaluate(db, p["strategy"], [intent])
+                orders += d.orders
+                cancels += d.cancels
+                if d.orders and intent.order_type is OrderType.MKT:  # moved towards the market until it fills
+                    db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(d.orders))})",
+                               d.orders)
+                upd["exit_orders"] = json.dumps(list(d.orders))
+                Storage.add_event(db, "protected_exit", f"{where}: the stop is no longer live; exit of {qty} sent "
+                                  f"({d.status.value}{': ' + d.reason if d.reason else ''})", "info", p["strategy"],
+                                  {"orders": list(d.orders)})
+        # trailing: towards profit only, at most once per TRAIL_MIN_INTERVAL_S
+        best = dec(p["best"])
+        if spec.trailing_type and best is not None and stop is not None:
+            active = bool(p["trail_active"]) or spec.trailing_activation_price is None or \
+                sign * (best - spec.trailing_activation_price) >= 0
+            if active and not p["trail_active"]:
+                upd["trail_active"] = 1
+            candidate = trailed(spec, side, best, tick) if active else stop
+            last = p["last_trail_at"]
+            due = last is None or (datetime.now(timezone.utc) - datetime.fromisoformat(last)).total_seconds() \
+                >= float(self.trail_interval_s)
+            if sign * (candidate - stop) >= tick and due:
+                Storage.add_event(db, "stop_moved", f"trailing stop of {where} moved from {stop} to {candidate} "
+                                  f"(best price {best})", "info", p["strategy"],
+                                  {"from": str(stop), "to": str(candidate), "position": key})
+                stop = candidate
+                upd.update(stop=_s(stop), last_trail_at=utcnow())
+        # the resting stop: sized to the position less its other working exits
+        others = db.execute(
+            f"select coalesce(sum(qty - coalesce(filled_qty, 0)), 0) from orders where strategy = ? and exchange = ? "
+            f"and symbol = ? and product = ? and side = ? and action != 'ENTRY' and protection is null and status in "
+            f"({','.join('?' * len(LIVE))})", (p["strategy"], p["exchange"], p["symbol"], p["product"],
+                                               closing.value, *LIVE)).fetchone()[0]
+        desired = max(abs(net) - others, 0)
+        if any(o["status"] not in WORKING or o["cancel_requested"] or self._busy(o) for o in live):
+            return self._finish(db, p, upd, orders, cancels, modifies)  # wait for the broker's answer
+        total = sum(o["qty"] - (o["filled_qty"] or 0) for o in live)
+        limit = protected_limit(closing, stop, self.protection_pct, tick)
+        want = {o["id"]: o["qty"] for o in live}
+        if desired == 0 and live:
+            cancels += _stop(db, live, f"{where}: other exits cover the position").working
+            live = []
+        elif desired > total:
+            after = p["arm_after"]
+            if after and datetime.fromisoformat(after) > datetime.now(timezone.utc):
+                return self._finish(db, p, upd, orders, cancels, modifies)
+            master = self.instruments()
+            grow = Intent(p["exchange"], p["symbol"], closing, live[-1]["qty"] + desired - total if live else
+                          desired, OrderType.SL_LMT, Product(p["product"]), limit, stop, action=ExecutionType.EXIT)
+            if live and len(slices(master, grow)) == 1:
+                want[live[-1]["id"]] = grow.qty
+            else:
+                new = replace(grow, qty=desired - total)
+                for q in slices(master, new):
+                    oid = insert_order(db, replace(new, qty=q), p["strategy"], p["alert_id"])
+                    db.execute("update orders set protection = ? where id = ?", (key, oid))
+                    orders.append(oid)
+                Storage.add_event(db, "stop_placing", f"{where}: stop loss {closing.value} {desired - total} "
+                                  f"SL-LMT trigger {stop} limit {limit} being placed", "info", p["strategy"],
+                                  {"position": key, "trigger": str(stop), "limit": str(limit)})
+        elif desired < total:
+            excess = total - desired
+            for o in reversed(live):
+                rest = o["qty"] - (o["filled_qty"] or 0)
+                if excess <= 0:
+                    break
+                if rest > excess:
+                    want[o["id"]] = o["qty"] - excess
+                    excess = 0
+                else:
+                    cancels += _stop(db, [o], f"{where}: the stop is resized to {desired}").working
+                    want.pop(o["id"])
+                    excess -= rest
+        for o in live:
+            if o["id"] not in want:
+                continue
+            if want[o["id"]] != o["qty"] or dec(o["trigger_price"]) != stop:
+                modifies.append((o["id"], want[o["id"]], limit, stop))
+        return self._finish(db, p, upd, orders, cancels, modifies)
+
+    def _finish(self, db: sqlite_utils.Database, p: dict, upd: dict, orders: list, cancels: list,
+                modifies: list) -> tuple[Decision, list]:
+        self._update(db, p, upd)
+        return Decision(_accepted(), "protection", tuple(orders), tuple(dict.fromkeys(cancels))), modifies
+
+    def _busy(self, o: dict) -> bool:
+        """A ModifyOrder of this stop is on its way (until the row shows it, or MODIFY_WAIT_S passed)."""
+        seen = self._modifying.get(o["id"])
+        if seen is None:
+            return False
+        since, qty, trigger = seen
+        if (o["qty"] == qty and dec(o["trigger_price"]) == trigger) or time.monotonic() - since > MODIFY_WAIT_S:
+            self._modifying.pop(o["id"], None)
+            return False
+        return True
+
+    @staticmethod
+    def _update(db: sqlite_utils.Database, p: dict, upd: dict) -> None:
+        if not upd:
+            return
+        upd["updated_at"] = utcnow()
+        db.execute(f"update protections set {', '.join(f'{k} = ?' for k in upd)} where strategy = ? and "
+                   f"exchange = ? and symbol = ? and product = ?",
+                   (*upd.values(), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+
+    def _notice(self, db: sqlite_utils.Database, p: dict, stops: list[dict], net: int, where: str) -> None:
+        """Say what happened to each stop once: resting, hit, cancelled by hand, rejected, expired."""
+        for o in stops:
+            state = o["noticed"] or 0
+            text = f"{o['side']} {o['qty']} SL-LMT trigger {o['trigger_price']} limit {o['price']} (order {o['id']})"
+            if state < 1 and o["status"] in WORKING:
+                db.execute("update orders set noticed = 1 where id = ?", (o["id"],))
+                Storage.add_event(db, "stop_placed", f"stop loss of {where} rests at the broker: {text}", "info",
+                                  p["strategy"], {"order_id": o["id"], "trigger": o["trigger_price"],
+                                                  "broker_order_id": o["broker_order_id"]})
+            if state >= 2 or not OrderStatus(o["status"]).terminal:
+                continue
+            db.execute("update orders set noticed = 2 where id = ?", (o["id"],))
+            if o["status"] == "FILLED":
+                Storage.add_event(db, "stop_hit", f"stop loss of {where} hit: {text} filled {o['filled_qty']} @ "
+                                  f"{o['avg_price']}; no target exit is sent", "warning", p["strategy"],
+                                  {"order_id": o["id"], "avg_price": o["avg_price"]})
+            elif o["status"] == "CANCELLED" and not o["cancel_requested"]:
+                again = "placed again" if net else "not placed again: the position is flat"
+                Storage.add_event(db, "stop_cancelled_outside", f"the stop loss of {where} was cancelled at the "
+                                  f"broker, not by the host ({text}): {again}", "error", p["strategy"],
+                                  {"order_id": o["id"]})
+            elif o["status"] in ("REJECTED", "EXPIRED"):
+                until = datetime.fromtimestamp(time.time() + REARM_AFTER_REJECT_S, timezone.utc).isoformat()
+                db.execute("update protections set arm_after = ? where strategy = ? and exchange = ? and symbol = ? "
+                           "and product = ?", (until, p["strategy"], p["exchange"], p["symbol"], p["product"]))
+                Storage.add_event(db, "stop_rejected" if o["status"] == "REJECTED" else "stop_expired",
+                                  f"the stop loss of {where} ended {o['status']} ({o['reason']}): placed again in "
+                                  f"{REARM_AFTER_REJECT_S:g} s", "error" if o["status"] == "REJECTED" else "warning",
+                                  p["strategy"], {"order_id": o["id"]})
+
+    # ---- a strategy's MTM limits ----
+    def _limits(self) -> None:
+        for lim in self.storage.rows("select * from strategy_limits where status = 'armed'"):
+            d = self.storage.write(lambda db, lim=lim: self._check_limit(db, lim))
+            if d is not None and (d.orders or d.cancels):
+                self.dispatch(d)
+
+    def _check_limit(self, db: sqlite_utils.Database, lim: dict) -> Optional[Decision]:
+        name = lim["strategy"]
+        mtm = strategy_pnl(db, name) - Decimal(lim["base_pnl"])
+        peak = max(Decimal(lim["peak"] or "0"), mtm)
+        stoploss, target, step = dec(lim["stoploss"]), dec(lim["target"]), dec(lim["trailing_step"])
+        floor = None
+        if stoploss is not None:
+            floor = -stoploss + ((peak / step).to_integral_value(ROUND_FLOOR) * step if step and peak > 0 else 0)
+        hit = None
+        if floor is not None and mtm <= floor:
+            hit = ("strategy_stoploss", f"MTM {mtm} reached the strategy stop {floor}")
+        elif target is not None and mtm >= target:
+            hit = ("strategy_target", f"MTM {mtm} reached the strategy target {target}")
+        if hit is None:
+            if peak != Decimal(lim["peak"] or "0"):
+                db.execute("update strategy_limits set peak = ? where strategy = ?", (str(peak), name))
+            return None
+        db.execute("update strategy_limits set status = 'hit', peak = ?, reason = ?, updated_at = ? where strategy = ?",
+                   (str(peak), hit[1], utcnow(), name))
+        Storage.add_event(db, f"{hit[0]}_hit", f"strategy {name}: {hit[1]}: all its positions are exited and its "
+                          f"resting stops cancelled", "warning", name, {"mtm": str(mtm), "peak": str(peak)})
+        done = flatten.flatten(db, f"{hit[0]} of {name}", lambda d, s, intents: self.evaluate(d, s, intents), None,
+                               strategy=name)
+        if done.orders:
+            db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(done.orders))})",
+                       done.orders)
+        return Decision(_accepted(), hit[1], done.orders, done.cancels)
+
+
+def _net(db: sqlite_utils.Database, p: dict) -> int:
+    row = db.execute("select net_qty from positions where strategy = ? and exchange = ? and symbol = ? and "
+                     "product = ?", (p["strategy"], p["exchange"], p["symbol"], p["product"])).fetchone()
+    return row[0] if row else 0
+
+
+def _accepted() -> Any:
+    from .models import AlertStatus
+    return AlertStatus.ACCEPTED
+
+
+# ---------------------------------------------------------------- what the API and the pages show
+
+def position_fields(storage: Storage) -> dict[tuple, dict]:
+    """Per position (strategy, exchange, symbol, product): its stop, target, trail level and resting stop order."""
+    out: dict[tuple, dict] = {}
+    for p in storage.rows("select * from protections where status != ?", (DONE,)):
+        spec = json.loads(p["spec"] or "{}")
+        key = _row_key(p)
+        resting = storage.rows(f"select id, broker_order_id, status, qty, filled_qty, trigger_price, price from "
+                               f"orders where protection = ? and status in ({','.join('?' * len(LIVE))}) "
+                               f"order by rowid", (key, *LIVE))
+        out[(p["strategy"], p["exchange"], p["symbol"], p["product"])] = {
+            "stop_loss": dec(p["stop"]), "target": dec(p["target"]),
+            "trailing": ({"type": spec["trailing_type"], "value": dec(spec.get("trailing_value")),
+                          "activation_price": dec(spec.get("trailing_activation_price")),
+                          "active": bool(p["trail_active"]), "best_price": dec(p["best"]),
+                          "level": dec(p["stop"]) if p["trail_active"] else None}
+                         if spec.get("trailing_type") else None),
+            "protection_status": p["status"],
+            "stop_orders": [{"id": o["id"], "broker_order_id": o["broker_order_id"], "status": o["status"],
+                             "qty": o["qty"] - (o["filled_qty"] or 0), "trigger_price": dec(o["trigger_price"]),
+                             "price": dec(o["price"])} for o in resting]}
+    return out
+
+
+def strategy_limit_records(storage: Storage) -> list[dict]:
+    return [{"strategy": r["strategy"], "stoploss": dec(r["stoploss"]), "target": dec(r["target"]),
+             "trailing_step": dec(r["trailing_step"]), "status": r["status"], "reason": r["reason"]}
+            for r in storage.rows("select * from strategy_limits order by strategy")]

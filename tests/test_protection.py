@@ -1,0 +1,499 @@
+"""Issue 14: exits that travel with the alert. Stops rest at the broker (SL-LMT, our id in remarks), targets
+and trailing are watched on ticks (one-cancels-other: the exit only after the stop's cancel is confirmed),
+strategy MTM limits, and every other exit goes around the stops. Paper mode and live mode (the real
+NorenRestApiPy against the Noren simulator), and a kill -9 of a real `strategy-host run`."""
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import requests
+
+from conftest import SYMBOL, alert, wait_for
+from test_e2e_gunicorn import noren_sim  # noqa: F401  (the Noren simulator as its own process)
+
+D = Decimal
+
+
+# ---- helpers ----
+
+def protected(h: Any, expect: int = 200, strategy: str = "s1", **leg: Any) -> dict:
+    fields = {"direction": "BUY", "qty": 75, "order_type": "LMT", "price": "42.5", **leg}
+    top = {k: fields.pop(k) for k in list(fields) if k.startswith("strategy_")}
+    body = {**alert(strategy=strategy, **fields), **top}
+    r = h.post(body)
+    assert r.status_code == expect, r.get_json()
+    return r.get_json()
+
+
+def stops(h: Any, status: tuple = ("NEW", "SUBMITTED", "OPEN", "PARTIAL", "UNKNOWN")) -> list[dict]:
+    marks = ",".join("?" * len(status))
+    return h.runtime.storage.rows(f"select * from orders where protection is not null and status in ({marks}) "
+                                  f"order by rowid", status)
+
+
+def all_stops(h: Any) -> list[dict]:
+    return h.runtime.storage.rows("select * from orders where protection is not null order by rowid")
+
+
+def resting(h: Any, qty: int = 75) -> dict:
+    """The one stop resting at the broker, once it covers qty."""
+    return wait_for(lambda: (s := stops(h, ("OPEN", "PARTIAL"))) and len(s) == 1 and s[0]["qty"] == qty
+                    and s[0]["broker_order_id"] and s[0], timeout=6)
+
+
+def paper_order(h: Any, remarks: str) -> Any:
+    [o] = [o for o in h.broker.engine._orders.values() if o.req.remarks == remarks]
+    return o
+
+
+def events(h: Any, kind: str) -> list[dict]:
+    return h.runtime.storage.rows("select * from events where kind = ? order by id", (kind,))
+
+
+def history_at(h: Any, oid: str, status: str) -> str:
+    return h.runtime.storage.one("select at from order_history where order_id = ? and status = ? order by id",
+                                 (oid, status))["at"]
+
+
+def exits(h: Any, strategy: str = "s1") -> list[dict]:
+    return h.runtime.storage.rows("select * from orders where action = 'EXIT' and protection is null and "
+                                  "strategy = ? order by rowid", (strategy,))
+
+
+@pytest.fixture
+def paper(host_factory):
+    h = host_factory(TRAIL_MIN_INTERVAL_S=0)
+    h.tick("42.5")
+    return h
+
+
+# ---- paper mode ----
+
+def test_entry_then_fill_rests_one_sl_lmt_with_our_remarks_and_the_target_exits_flat(paper):
+    h = paper
+    answer = protected(h, stop_loss="40", target="46")
+    entry = answer["orders"][0]["id"]
+    stop = resting(h)
+    assert stop["order_type"] == "SL-LMT" and stop["side"] == "SELL" and stop["action"] == "EXIT"
+    assert D(stop["trigger_price"]) == D("40") and D(stop["price"]) == D("39.2")  # one 2 % step beyond, on the tick
+    at_broker = paper_order(h, stop["id"])
+    assert at_broker.req.remarks == stop["id"] and at_broker.req.order_type.value == "SL-LMT"
+    assert D(str(h.position()["stop_loss"])) == D("40") and D(str(h.position()["target"])) == D("46")
+    h.tick("46")
+    wait_for(lambda: h.net() == 0, timeout=6)
+    h.settle()
+    [done] = all_stops(h)
+    assert done["status"] == "CANCELLED" and done["filled_qty"] == 0
+    [out] = exits(h)
+    assert out["status"] == "FILLED" and out["qty"] == 75
+    assert out["created_at"] >= history_at(h, done["id"], "CANCELLED")  # the exit only after the cancel
+    assert events(h, "target_hit") and not stops(h)
+    assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+    assert entry
+
+
+def test_price_to_the_stop_fills_it_and_no_target_exit_is_sent(paper):
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    stop = resting(h)
+    h.tick("39.5")
+    wait_for(lambda: h.net() == 0, timeout=6)
+    h.tick("47")
+    time.sleep(0.5)
+    h.settle()
+    assert [s["status"] for s in all_stops(h)] == ["FILLED"] and stop["id"] == all_stops(h)[0]["id"]
+    assert exits(h) == [] and not events(h, "target_hit") and events(h, "stop_hit")
+    assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_a_trailing_stop_ratchets_with_the_price_and_never_moves_back(paper):
+    h = paper
+    protected(h, stop_loss="40", trailing_type="POINTS", trailing_value="2")
+    stop = resting(h)
+    broker_trigger = lambda: paper_order(h, stop["id"]).req.trigger_price  # noqa: E731
+    wait_for(lambda: broker_trigger() == D("40.5"), timeout=5)   # trails from the fill at 42.5
+    for ltp, want in (("44", "42"), ("43", "42"), ("42.6", "42"), ("45.5", "43.5"), ("44", "43.5")):
+        h.tick(ltp)
+        wait_for(lambda: broker_trigger() == D(want), timeout=5)
+        time.sleep(0.1)
+        assert broker_trigger() == D(want), ltp
+    assert [s["id"] for s in all_stops(h)] == [stop["id"]]  # moved by ModifyOrder, never replaced
+    assert len(events(h, "stop_moved")) == 3
+    h.tick("43.4")
+    wait_for(lambda: h.net() == 0, timeout=5)
+
+
+def test_percent_trailing_waits_for_its_activation_price(paper):
+    h = paper
+    protected(h, stop_loss_points="2", trailing_type="PERCENT", trailing_value="5", trailing_activation_price="45")
+    stop = resting(h)
+    assert D(stop["trigger_price"]) == D("40.5")
+    h.tick("44.9")
+    time.sleep(0.4)
+    assert paper_order(h, stop["id"]).req.trigger_price == D("40.5")  # not active yet
+    h.tick("46")
+    wait_for(lambda: paper_order(h, stop["id"]).req.trigger_price == D("43.7"), timeout=5)  # 46 - 5 %, on the tick
+
+
+def test_a_partial_fill_protects_exactly_the_filled_quantity(paper):
+    h = paper
+    h.broker.engine.max_fill_qty = 25
+    protected(h, stop_loss="40")
+    stop = resting(h, 25)
+    assert paper_order(h, stop["id"]).req.qty == 25
+    h.tick("42.5")  # the entry fills 25 more
+    wait_for(lambda: h.net() == 50 and paper_order(h, stop["id"]).req.qty == 50, timeout=5)
+    h.broker.engine.max_fill_qty = None
+    h.tick("42.45")
+    wait_for(lambda: h.net() == 75 and paper_order(h, stop["id"]).req.qty == 75, timeout=5)
+    assert len(all_stops(h)) == 1
+
+
+def test_an_exit_alert_cancels_the_stop_before_the_exit(paper):
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    stop = resting(h)
+    r = h.post(alert("EXIT", direction="SELL", order_type="MKT", price="0"))
+    assert r.status_code == 200, r.get_json()
+    assert "cancelled first" in r.get_json()["reason"]
+    wait_for(lambda: h.net() == 0, timeout=6)
+    h.settle()
+    [out] = exits(h)
+    assert all_stops(h)[0]["status"] == "CANCELLED"
+    assert out["created_at"] >= history_at(h, stop["id"], "CANCELLED")
+    assert paper_order(h, stop["id"]).status.value == "CANCELLED"
+
+
+def test_a_partial_exit_resizes_the_stop(paper):
+    h = paper
+    protected(h, stop_loss="40")
+    resting(h)
+    assert h.post(alert("EXIT", direction="SELL", qty=25, order_type="MKT", price="0")).status_code == 200
+    wait_for(lambda: h.net() == 50, timeout=6)
+    left = resting(h, 50)
+    assert paper_order(h, left["id"]).req.qty == 50 and D(left["trigger_price"]) == D("40")
+
+
+def test_exit_all_cancels_the_resting_stops_first(paper):
+    h = paper
+    protected(h, stop_loss="40")
+    stop = resting(h)
+    assert h.api("/api/exit-all", "POST").status_code == 200
+    wait_for(lambda: h.net() == 0, timeout=6)
+    h.tick("39")  # the stop would have sold again against a closed position
+    time.sleep(0.3)
+    h.settle()
+    assert paper_order(h, stop["id"]).status.value == "CANCELLED"
+    assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_the_guard_counts_a_resting_stop_as_a_working_exit(paper):
+    h = paper
+    protected(h, stop_loss="40")
+    resting(h)
+    r = h.post(alert("ADJUST", direction="SELL", qty=25))
+    assert r.status_code == 200 and "exit orders already cover" in r.get_json()["reason"], r.get_json()
+    assert h.runtime.storage.rows("select * from orders where action = 'ADJUST'") == []
+
+
+def test_a_stop_cancelled_by_hand_is_an_error_and_is_placed_again(paper):
+    h = paper
+    protected(h, stop_loss="40")
+    stop = resting(h)
+    h.broker.engine.cancel(paper_order(h, stop["id"]).broker_order_id)
+    wait_for(lambda: events(h, "stop_cancelled_outside"), timeout=5)
+    again = wait_for(lambda: (s := stops(h, ("OPEN",))) and s[0]["id"] != stop["id"] and s[0], timeout=10)
+    assert again["qty"] == 75 and D(again["trigger_price"]) == D("40")
+    assert events(h, "stop_cancelled_outside")[0]["severity"] == "error"
+
+
+def test_strategy_mtm_stop_exits_only_that_strategy_and_cancels_its_stops(paper):
+    h = paper
+    protected(h, strategy="s1", stop_loss="30", strategy_stoploss="100")
+    protected(h, strategy="s2", stop_loss="30")
+    wait_for(lambda: len(stops(h, ("OPEN",))) == 2, timeout=6)
+    h.tick("41")  # s1: 75 x -1.5 = -112.5
+    wait_for(lambda: h.net("s1") == 0, timeout=8)
+    h.settle()
+    assert h.net("s2") == 75
+    by = {s["strategy"]: s["status"] for s in all_stops(h)}
+    assert by == {"s1": "CANCELLED", "s2": "OPEN"}
+    assert events(h, "strategy_stoploss_hit")
+
+
+def test_strategy_target_and_trailing_step(paper):
+    h = paper
+    protected(h, strategy="s1", stop_loss="30", strategy_target="150")
+    resting(h)
+    h.tick("44.5")  # +150
+    wait_for(lambda: h.net("s1") == 0, timeout=8)
+    assert events(h, "strategy_target_hit")
+
+
+def test_a_restart_adopts_the_stop_and_trailing_goes_on(host_factory):
+    h = host_factory(TRAIL_MIN_INTERVAL_S=0)
+    h.tick("42.5")
+    protected(h, stop_loss="40", trailing_type="POINTS", trailing_value="2")
+    stop = resting(h)
+    h.tick("44")
+    wait_for(lambda: paper_order(h, stop["id"]).req.trigger_price == D("42"), timeout=5)
+    h.restart()
+    h.tick("44")
+    time.sleep(0.5)
+    assert [s["id"] for s in all_stops(h)] == [stop["id"]]
+    h.tick("45")
+    wait_for(lambda: paper_order(h, stop["id"]).req.trigger_price == D("43"), timeout=5)
+    assert len([o for o in h.broker.engine._orders.values() if o.req.remarks == stop["id"]]) == 1
+
+
+def test_positions_api_and_pages_show_the_protection(paper, host_factory):
+    h = paper
+    protected(h, stop_loss="40", target="46", trailing_type="POINTS", trailing_value="5")
+    stop = resting(h)
+    p = h.position()
+    assert D(str(p["stop_loss"])) == D("40") and D(str(p["target"])) == D("46")
+    assert p["trailing"]["type"] == "POINTS" and p["stop_orders"][0]["id"] == stop["id"]
+    assert D(str(p["stop_orders"][0]["trigger_price"])) == D("40")
+    from test_dashboard import login
+    assert login(h.client).status_code == 302
+    page = h.client.get("/panel/positions").get_data(as_text=True)
+    assert stop["id"] in page and "40" in page and "46" in page
+    orders = h.client.get("/panel/orders").get_data(as_text=True)
+    assert "trigger 40" in orders
+
+
+def test_plugins_protect_through_ctx_protect_and_a_reload_keeps_it(host_factory, data_dir):
+    plugins = data_dir.parent / "plugins" / "strategies"
+    plugins.mkdir(parents=True, exist_ok=True)
+    source = '''
+from host import hookimpl
+from host.models import Intent, ExecutionType
+
+@hookimpl
+def strategy_meta():
+    return {"name": "guarded", "version": "VERSION", "api_version": 1}
+
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    return [ctx.protect(Intent(**{k: v for k, v in vars(l).items() if k != "protection"}, action=alert.execution_type),
+                        stop_loss_points="2.5", target_points="3") for l in alert.legs]
+'''
+    (plugins / "guarded.py").write_text(source.replace("VERSION", "1.0"))
+    h = host_factory(TRAIL_MIN_INTERVAL_S=0)
+    h.tick("42.5")
+    wait_for(lambda: any(s["name"] == "guarded" and s["status"] == "running"
+                         for s in h.api("/api/strategies").get_json()["items"]), timeout=5)
+    protected(h, strategy="guarded")
+    stop = resting(h)
+    assert D(stop["trigger_price"]) == D("40")
+    (plugins / "guarded.py").write_text(source.replace("VERSION", "2.0"))
+    wait_for(lambda: any(s["name"] == "guarded" and s["version"] == "2.0"
+                         for s in h.api("/api/strategies").get_json()["items"]), timeout=8)
+    h.tick("45.5")
+    wait_for(lambda: h.net("guarded") == 0, timeout=6)
+    assert events(h, "target_hit") and all_stops(h)[0]["status"] == "CANCELLED"
+
+
+# ---- every validation rule: 422 naming the field, the expected value and the value found ----
+
+RULES = [
+    ({"stop_loss": "43"}, "legs[0].stop_loss", "below the entry"),
+    ({"direction": "SELL", "stop_loss": "42"}, "legs[0].stop_loss", "above the entry"),
+    ({"stop_loss": "40", "target": "42"}, "legs[0].target", "profit side"),
+    ({"direction": "SELL", "stop_loss": "45", "target": "43"}, "legs[0].target", "profit side"),
+    ({"target": "46"}, "legs[0].target", "needs a stop loss"),
+    ({"target_points": "3"}, "legs[0].target_points", "needs a stop loss"),
+    ({"trailing_type": "POINTS", "trailing_value": "2"}, "legs[0].trailing_type", "trailing moves the stop"),
+    ({"stop_loss": "40", "trailing_type": "POINTS"}, "legs[0].trailing_value", "above 0"),
+    ({"stop_loss": "40", "trailing_type": "POINTS", "trailing_value": "0"}, "legs[0].trailing_value", "above 0"),
+    ({"stop_loss": "40", "trailing_type": "PERCENT", "trailing_value": "150"}, "legs[0].trailing_value", "below 100"),
+    ({"stop_loss": "40", "trailing_type": "LADDER", "trailing_value": "2"}, "legs[0].trailing_type", "POINTS | PERCENT"),
+    ({"stop_loss": "40", "trailing_value": "2"}, "legs[0].trailing_type", "needs it"),
+    ({"stop_loss": "40", "trailing_type": "POINTS", "trailing_value": "1", "trailing_activation_price": "41"},
+     "legs[0].trailing_activation_price", "profit"),
+    ({"stop_loss": "40", "stop_loss_points": "2"}, "legs[0].stop_loss_points", "only one of"),
+    ({"stop_loss_points": "-2"}, "legs[0].stop_loss_points", "above 0"),
+    ({"stop_loss_pct": "100"}, "legs[0].stop_loss_pct", "below 100"),
+    ({"stop_loss": "abc"}, "legs[0].stop_loss", "price"),
+    ({"strategy_stoploss": "-5"}, "strategy_stoploss", "above 0"),
+    ({"strategy_trailing_step": "50"}, "strategy_trailing_step", "strategy_stoploss"),
+    ({"stoploss": "40"}, "legs[0].stoploss", "contract's names"),  # a misspelling is refused, never ignored
+    ({"tp": "46"}, "legs[0].tp", "contract's names"),
+]
+
+
+@pytest.mark.parametrize("fields,field,words", RULES, ids=[r[1] + ":" + r[2] for r in RULES])
+def test_every_validation_rule_is_a_422_naming_field_expected_found(host, fields, field, words):
+    r = protected(host, expect=422, **fields)
+    named = {e["field"]: e for e in r["errors"]}
+    assert field in named, r
+    assert words in named[field]["expected"] and named[field]["found"], named[field]
+    assert host.orders() == []
+
+
+def test_exit_fields_on_exit_and_position_alerts_are_refused(host):
+    r = host.post(alert("EXIT", stop_loss="40"))
+    assert r.status_code == 422 and r.get_json()["errors"][0]["field"] == "legs[0].stop_loss"
+    body = {**alert("POSITION", position=75, order_type="MKT"), "strategy_stoploss": "100"}
+    body["legs"][0].update(stop_loss="40")
+    r = host.post(body)
+    fields = {e["field"] for e in r.get_json()["errors"]}
+    assert r.status_code == 422 and {"legs[0].stop_loss", "strategy_stoploss"} <= fields
+
+
+def test_a_market_entry_s_stop_is_checked_against_the_ltp_and_stops_are_on_the_tick(paper):
+    r = protected(paper, expect=422, order_type="MKT", price="0", stop_loss="43")
+    assert "intent[0].stop_loss: expected a price below the LTP 42.5" in r["reason"]
+    r = protected(paper, expect=422, stop_loss="40.03")
+    assert "intent[0].stop_loss: expected a multiple of the instrument's tick size 0.05" in r["reason"]
+    assert paper.orders() == []
+
+
+# ---- live mode: the real NorenRestApiPy against the Noren simulator ----
+
+@pytest.fixture
+def live(live_factory):
+    return live_factory(TRAIL_MIN_INTERVAL_S=0)
+
+
+@pytest.fixture
+def live_factory(sim, tmp_path):
+    from test_issue12_live import live_settings
+    from conftest import Host
+    started = []
+
+    def make(**env):
+        h = Host(live_settings(sim, tmp_path / f"var{len(started)}", **env), broker_timeout_s=1.0, unknown_grace_s=5.0)
+        started.append(h)
+        h.start()
+        wait_for(lambda: not h.api("/api/risk").get_json().get("blind"), timeout=5)
+        return h
+    yield make
+    for h in started:
+        h.stop()
+
+
+def sim_order(sim: Any, remarks: str) -> Any:
+    [o] = sim.sim.engine.find_all(remarks)
+    return sim.sim.engine.get(o.broker_order_id)
+
+
+def test_live_stop_rests_at_the_broker_then_the_target_exits_flat(live, sim):
+    h = live
+    protected(h, stop_loss="40", target="46")
+    stop = resting(h)
+    at_broker = sim_order(sim, stop["id"])
+    assert at_broker.req.order_type.value == "SL-LMT" and at_broker.req.trigger_price == D("40")
+    assert at_broker.req.remarks == stop["id"] and at_broker.status.value == "OPEN"
+    sim.sim.tick("NFO", SYMBOL, D("46"))
+    wait_for(lambda: h.net() == 0, timeout=8)
+    wait_for(lambda: sim_order(sim, stop["id"]).status.value == "CANCELLED", timeout=5)
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+    [out] = exits(h)
+    assert out["created_at"] >= history_at(h, stop["id"], "CANCELLED")
+
+
+def test_live_price_to_the_stop_fills_it_and_no_target_exit(live, sim):
+    h = live
+    protected(h, stop_loss="40", target="46")
+    stop = resting(h)
+    sim.sim.tick("NFO", SYMBOL, D("39.6"))
+    wait_for(lambda: h.net() == 0, timeout=8)
+    sim.sim.tick("NFO", SYMBOL, D("47"))
+    time.sleep(1)
+    assert sim_order(sim, stop["id"]).status.value == "FILLED" and exits(h) == []
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_live_trailing_ratchets_by_modify_order(live, sim):
+    h = live
+    protected(h, stop_loss="40", trailing_type="POINTS", trailing_value="2")
+    stop = resting(h)
+    trigger = lambda: sim_order(sim, stop["id"]).req.trigger_price  # noqa: E731
+    wait_for(lambda: trigger() == D("40.5"), timeout=6)
+    sim.sim.tick("NFO", SYMBOL, D("44"))
+    wait_for(lambda: trigger() == D("42"), timeout=6)
+    sim.sim.tick("NFO", SYMBOL, D("43"))
+    time.sleep(1)
+    assert trigger() == D("42") and len(sim.sim.engine.find_all(stop["id"])) == 1
+
+
+def test_live_partial_fill_protects_the_filled_quantity_and_exit_alert_cancels_first(live, sim):
+    h = live
+    sim.sim.engine.max_fill_qty = 75  # F&O fills come in whole lots: one lot of the two
+    protected(h, stop_loss="40", qty=150)
+    stop = resting(h, 75)
+    assert sim_order(sim, stop["id"]).req.qty == 75
+    sim.sim.engine.max_fill_qty = None
+    sim.sim.tick("NFO", SYMBOL, D("42.5"))
+    wait_for(lambda: h.net() == 150 and sim_order(sim, stop["id"]).req.qty == 150, timeout=8)
+    assert h.post(alert("EXIT", direction="SELL", qty=150, order_type="MKT", price="0")).status_code == 200
+    wait_for(lambda: h.net() == 0, timeout=8)
+    assert sim_order(sim, stop["id"]).status.value == "CANCELLED"
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_live_strategy_mtm_stop_exits_only_that_strategy(live, sim):
+    h = live
+    protected(h, strategy="s1", stop_loss="30", strategy_stoploss="100")
+    protected(h, strategy="s2", stop_loss="30")
+    wait_for(lambda: len(stops(h, ("OPEN",))) == 2, timeout=8)
+    sim.sim.tick("NFO", SYMBOL, D("41"))
+    wait_for(lambda: h.net("s1") == 0, timeout=10)
+    assert h.net("s2") == 75
+    assert {s["strategy"]: s["status"] for s in all_stops(h)} == {"s1": "CANCELLED", "s2": "OPEN"}
+
+
+# ---- kill -9 of a real `strategy-host run` (live, against a simulator process) ----
+
+@pytest.mark.slow
+def test_kill_9_with_a_stop_resting_then_restart_adopts_it_and_trailing_goes_on(tmp_path, noren_sim):
+    from urllib.parse import urlparse
+    from test_e2e_gunicorn import _alert
+    from serverproc import ServerProcess
+    urls, control = noren_sim
+    port = urlparse(urls["SHOONYA_API_URL"]).port
+    book = lambda: requests.post(urls["SHOONYA_API_URL"] + "OrderBook", data='jData={"uid":"FA12345"}',  # noqa
+                                 headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
+    env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
+           "SQUARE_OFF_TIME": "off", "TRAIL_MIN_INTERVAL_S": "0", "SHOONYA_SYMBOLS_URL": f"http://127.0.0.1:{port}/",
+           **urls}
+
+    def moved_to(ltp: str, trigger: str) -> bool:  # the feed subscribes held symbols within 2 s: tick until seen
+        control(action="tick", exchange="NFO", symbol=SYMBOL, ltp=ltp)
+        time.sleep(0.2)
+        return D(stop_at_broker()[0]["trgprc"]) == D(trigger)
+
+    def stop_at_broker() -> Any:
+        rows = [o for o in book() if isinstance(o, dict) and o.get("prctyp") == "SL-LMT"]
+        return rows if rows else None
+    servers = []
+    try:
+        s = ServerProcess(tmp_path, env=env).start()
+        servers.append(s)
+        secret = s.secrets()["WEBHOOK_SECRET"]
+        control(action="tick", exchange="NFO", symbol=SYMBOL, ltp="42.5")
+        body = _alert(secret, strategy="crash", direction="BUY")
+        body["legs"][0].update(stop_loss="40", trailing_type="POINTS", trailing_value="2")
+        r = s.webhook(body)
+        assert r.status_code == 200, r.text
+
+        first = wait_for(stop_at_broker, timeout=10)
+        assert len(first) == 1 and first[0]["remarks"].startswith("o")
+        wait_for(lambda: moved_to("44", "42"), timeout=15)
+        s.kill9()
+        s2 = ServerProcess(tmp_path, env=env).start()
+        servers.append(s2)
+        wait_for(lambda: moved_to("45", "43"), timeout=15)
+        after = stop_at_broker()
+        assert len(after) == 1 and after[0]["remarks"] == first[0]["remarks"]  # adopted, not placed again
+        positions = s2.api("/api/positions").json()["items"]
+        [p] = [p for p in positions if p["strategy"] == "crash"]
+        assert p["stop_orders"][0]["id"] == first[0]["remarks"]
+    finally:
+        for srv in servers:
+            srv.stop()
