@@ -42,7 +42,8 @@ class Decider:
         self.instruments: Optional[Callable[[], Any]] = None  # live mode: the instrument master
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
-                 alert_id: Optional[str], version: Optional[str] = None) -> Decision:
+                 alert_id: Optional[str], version: Optional[str] = None,
+                 broker_net: Optional[dict] = None) -> Decision:
         """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes.
 
         An EXIT also stops the strategy's own orders that would add to that symbol (the rest of a working
@@ -58,7 +59,13 @@ class Decider:
         blocked = [c.blocked for c in checked if c.blocked]
         if blocked:
             return Decision(AlertStatus.BLOCKED, "; ".join(blocked))
-        todo = [c for c in checked if c.intent is not None]
+        capped, cap_notes = flatten.cap_exits([c.intent for c in checked if c.intent is not None and c.reducing
+                                               and c.intent.action is ExecutionType.EXIT], broker_net)
+        exits = iter(capped)
+        todo = [c if not (c.intent is not None and c.reducing and c.intent.action is ExecutionType.EXIT)
+                else replace(c, intent=next(exits, None)) for c in checked if c.intent is not None]
+        todo = [c for c in todo if c.intent is not None and c.intent.qty > 0]
+        notes += cap_notes
         params = self.params(strategy)
         refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:

@@ -133,11 +133,18 @@ class Engine:
         for change in changes:
             change()
         self.daily.broker = self.broker
+        self.storage.keep_reserve()
         self._recover()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.running = True
         self._thread.start()
+        try:  # a first risk check before anything is answered, so that /healthz is true from the start
+            self.risk.check(poll=True)
+            self.storage.write(lambda db: (Storage.put_state(db, HEARTBEAT_KEY, utcnow()),
+                                           Storage.put_state(db, RISK_HEARTBEAT_KEY, utcnow())))
+        except Exception:
+            log.exception("the first risk check failed; risk tries again on its own thread")
         self.risk.start()
         self.inbox.wake = self.wake
 
@@ -206,6 +213,7 @@ class Engine:
         if now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
             held = self.ticks.held_count
+            self.storage.keep_reserve()  # again, once a full disk has space back
             self.storage.write(lambda db: (Storage.put_state(db, HEARTBEAT_KEY, utcnow()),
                                            Storage.put_state(db, TICKS_HELD_KEY, str(held))))
         if self._reconcile_again_at and now >= self._reconcile_again_at:
@@ -297,7 +305,8 @@ class Engine:
         """At start-up: reconcile with the broker's book, then send the orders it has never seen."""
         try:
             unsent = self.watcher.reconcile(self.broker_book(), set(), startup=True,
-                                            resend_max_age_s=self.max_alert_age_s)
+                                            resend_max_age_s=self.max_alert_age_s,
+                                            book_is_synchronous=getattr(self.broker, "book_is_synchronous", False))
         except Exception as e:
             # without the book we cannot tell what was sent: send nothing, retry on the next reconcile
             log.error("start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
@@ -335,9 +344,11 @@ class Engine:
             self.storage.write(lambda db: self._record(db, row, decision))
         else:
             alert = alert_from_json(row["body"])
+            net = None
             if alert.execution_type in (ExecutionType.EXIT, ExecutionType.POSITION) \
-                    and not getattr(self.broker, "book_is_synchronous", True):
+                    and not getattr(self.broker, "book_is_synchronous", False):
                 self.outside.poll()  # the trader may have just closed it in the broker's app: read the books now
+                net = None if self.outside.blind else dict(self.outside.broker_net)
             asked = (self.strategies.admit(alert, self.require_known) if alert.execution_type is ExecutionType.POSITION
                      else self.strategies.route_alert(alert, self.require_known))
             if asked.error:
@@ -347,13 +358,14 @@ class Engine:
                 decision = self.storage.write(lambda db: self._decide_targets(db, row, alert, asked.version))
             else:
                 decision = self.storage.write(
-                    lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version))
+                    lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version, net))
         self.inbox.decided("alerts", row["id"])
         self._dispatch(decision)
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
-                version: Optional[str]) -> Decision:
-        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version)
+                version: Optional[str], broker_net: Optional[dict] = None) -> Decision:
+        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version,
+                                         broker_net=broker_net)
         if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
         self._record(db, row, decision, version)
@@ -440,10 +452,11 @@ class Engine:
         return {"name": entry.name, "status": entry.status, "generation": entry.generation, "error": entry.error}
 
     def _cmd_ticks(self, args: dict) -> dict:
-        """Paper ticks from the API: the trader's own market moves, applied as given."""
+        """Paper ticks from the API: checked like the feed's (a jump needs a second tick to confirm it)."""
         ticks = [Tick(t["exchange"], t["symbol"], Decimal(t["ltp"])) for t in args["ticks"]]
-        self._apply_ticks(ticks, checked=True)
-        return {"applied": len(ticks)}
+        held = self.ticks.held_count
+        self._apply_ticks(ticks)
+        return {"applied": len(ticks) - (self.ticks.held_count - held), "held": self.ticks.held_count - held}
 
     def _cmd_paper_fault(self, args: dict) -> dict:
         """Paper mode: make the broker's positions unreadable (a reason), or readable again (None)."""

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Callable, Optional
 
@@ -105,6 +105,27 @@ def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> list[dict]:
                           f"{', '.join(p['strategy'] for p in shorts)} offset at the account: closed against each "
                           f"other at {price}, no broker order", "warning", None, {"qty": qty, "price": str(price)})
     return [p for rows in by_key.values() for p in rows if p["net_qty"]]
+
+
+def cap_exits(intents: list[Intent], broker_net: Optional[dict[tuple, int]]) -> tuple[list[Intent], list[str]]:
+    """EXITs (one for one) cut down so that none takes the account's net at the broker past zero (a position
+    closed outside a moment ago); the notes say so. No cap without a fresh read of the broker's positions."""
+    if broker_net is None:
+        return intents, []
+    out, notes, room = [], [], dict(broker_net)
+    for i in intents:
+        key = (i.exchange, i.symbol, i.product.value)
+        if i.action is not ExecutionType.EXIT:
+            out.append(i)
+            continue
+        net = room.get(key, 0)
+        closable = abs(net) if net and (net > 0) == (i.side is Side.SELL) else 0
+        qty = min(i.qty, closable)
+        if qty < i.qty:
+            notes.append(f"{i.exchange}:{i.symbol} exit capped from {i.qty} to {qty}: the broker's net is {net:+d}")
+        out.append(replace(i, qty=qty))  # 0: nothing left to close at the broker (the caller drops it)
+        room[key] = net + (qty if i.side is Side.BUY else -qty)
+    return out, notes
 
 
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],

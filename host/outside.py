@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from decimal import Decimal
 from typing import Callable, Iterable, Optional
 
@@ -92,9 +93,14 @@ class OutsideTrades:
         self.blind: Optional[str] = None
         self.broker_net: dict[tuple, int] = {}  # the broker's net per (exchange, symbol, product), last poll
         self._manual_seen: dict[tuple, int] = {}
+        self._lock = threading.Lock()  # the risk thread and the engine (before an EXIT) both poll
 
     def poll(self) -> bool:
         """Read positions (unreadable: blind, never "flat") and books; True if anything was adopted."""
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> bool:
         try:
             positions = self.broker_positions()
         except Exception as e:

@@ -278,8 +278,15 @@ class RiskLoop:
         return None
 
     def exit_rejected(self, row: dict) -> None:
-        """An exit of ours was rejected: back off before the next one for that position; say it once."""
+        """An exit was rejected: risk's own back off before the next one for that position (said once); a
+        trader's or strategy's EXIT is not retried, and the event says so."""
         key = (row["strategy"], row["exchange"], row["symbol"], row["product"])
+        if not row.get("escalate"):
+            self.storage.write(lambda db: Storage.add_event(
+                db, "exit_rejected", f"EXIT {row['id']} of {row['strategy']} {row['exchange']}:{row['symbol']} was "
+                f"rejected by the broker ({row.get('reason')}); it is NOT retried: send it again once the cause is "
+                f"fixed", "error", row["strategy"], {"order_id": row["id"]}))
+            return
         _, n = self._backoff.get(key, (0.0, 0))
         delay = min(2.0 ** n, BACKOFF_MAX_S)
         self._backoff[key] = (time.monotonic() + delay, n + 1)

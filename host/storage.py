@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -20,6 +22,8 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
 HEARTBEAT_KEY = "engine_heartbeat"
 LOCK_RETRIES = 20
+RESERVE_NAME = "space.reserve"
+RESERVE_BYTES = 2 << 20  # what a breach's flatten, a halt and a day of risk records need, and more
 
 
 def utcnow() -> str:
@@ -298,6 +302,7 @@ class Storage:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.full_since: Optional[str] = None  # a write failed for a full disk (cleared by the next that works)
+        self.reserve = self.path.parent / RESERVE_NAME  # space kept back for risk and exits on a full disk
         self._lock = threading.RLock()
         self._readers_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
@@ -337,7 +342,50 @@ class Storage:
         return conn
 
     # ---- transactions ----
+    # ---- the reserve: a full disk must not switch risk off ----
+    @property
+    def low_space(self) -> bool:
+        """The disk is nearly full: entries are refused, and risk, exits and control write into the reserve."""
+        try:
+            return shutil.disk_usage(self.path.parent).free < 2 * RESERVE_BYTES
+        except OSError:
+            return True
+
+    def keep_reserve(self) -> None:
+        """Make (or make again, once space is back) the reserve file; never fails."""
+        if self.reserve.exists():
+            return
+        try:
+            if shutil.disk_usage(self.path.parent).free < 3 * RESERVE_BYTES:
+                return
+            with open(self.reserve, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.warning("the disk reserve %s was not made: %s", self.reserve, e)
+            self.reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        """A write hit a full disk: give up the reserve so that the write can be tried once more."""
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.error("disk full under %s: the %d MB reserve was released so that risk, exits and halt keep "
+                  "working; new entries answer 507 until space is freed", self.path.parent, RESERVE_BYTES >> 20)
+        return True
+
     def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
+        """Run fn in one transaction (see _write); on a full disk, once, with the reserve given up."""
+        try:
+            return self._write(fn, durable)
+        except StorageFull:
+            if not self._release_reserve():
+                raise
+            return self._write(fn, durable)
+
+    def _write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
         """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop.
 
         A full disk raises StorageFull after the whole transaction is rolled back: nothing half-way.

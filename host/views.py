@@ -143,6 +143,9 @@ def health_problems(storage: Storage, settings: Any) -> list[str]:
     if blind:
         problems.append(f"risk is blind: the broker's positions cannot be read ({blind}); entries are refused and "
                         f"the limits act on a PnL estimated from our own book")
+    if storage.low_space:
+        problems.append(f"the disk of {storage.path.parent} is nearly full: the reserve kept for risk and exits "
+                        f"is in use, and new entries are refused (507) until space is freed")
     if storage.full_since:
         problems.append(f"the database cannot be written: the disk has been full since {storage.full_since}")
     free_mb = shutil.disk_usage(storage.path.parent).free / 1e6

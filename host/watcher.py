@@ -126,7 +126,7 @@ class Watcher:
         return self.storage.write(run)
 
     def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False,
-                  resend_max_age_s: float = 0) -> list[str]:
+                  resend_max_age_s: float = 0, book_is_synchronous: bool = False) -> list[str]:
         """Match every unfinished order of ours with the broker's book, by our id in remarks.
 
         Nothing that may have reached the broker is ever sent again: an order marked SUBMITTED (the
@@ -135,6 +135,8 @@ class Watcher:
         asks the trader to check the broker, and it is still looked for (a late booking moves it on).
         Only a NEW order, never handed to the broker, is returned at start-up to be sent now (if younger
         than resend_max_age_s). A DAY order from an earlier day that the new day's book lacks EXPIRED.
+        The one exception is a broker whose book is written in the same step as the order (the paper
+        broker, `book_is_synchronous`): at start-up, an order its book lacks was never placed, and is sent.
         """
         by_remarks: dict[str, BrokerOrder] = {}
         copies: dict[str, int] = {}
@@ -171,6 +173,14 @@ class Watcher:
                         Storage.add_event(db, "order_doubled", f"order {order['id']} is at the broker "
                                           f"{copies[order['id']]} times (same remarks): check the broker terminal",
                                           "error", order["strategy"], {"order_id": order["id"]})
+                elif startup and book_is_synchronous and order["status"] != OrderStatus.NEW.value \
+                        and order["status"] in (OrderStatus.SUBMITTED.value, OrderStatus.UNKNOWN.value) \
+                        and order["created_at"] >= too_old:
+                    db.execute("update orders set status = 'NEW', updated_at = ? where id = ?", (utcnow(), order["id"]))
+                    Storage.insert(db, "order_history", {"order_id": order["id"], "at": utcnow(), "status": "NEW",
+                                                         "detail": "not in the paper broker's book, which is written "
+                                                                   "with the order: it was never placed; sent now"})
+                    unsent.append(order["id"])
                 elif order["status"] == OrderStatus.NEW.value:
                     if order["created_at"] >= too_old:
                         unsent.append(order["id"])

@@ -235,9 +235,10 @@ def test_disk_full_webhook_answers_507_and_stores_nothing(tmp_path: Path) -> Non
             r = h.post(alert(strategy="s2", alert_id="while-full"))
             assert r.status_code == 507, (r.status_code, r.get_json())
             assert "full" in r.get_json()["error"]
+            # answered either way: into the space reserve (200), or 507 if the filler ate the reserve too
             halt = h.api("/api/halt", "POST", json={"mode": "halted", "reason": "disk test"})
-            assert halt.status_code in (507, 503), (halt.status_code, halt.get_json())
-            assert halt.status_code != 500
+            assert halt.status_code in (200, 507), (halt.status_code, halt.get_json())
+            h.api("/api/halt", "POST", json={"mode": "active"})
             for f in disk.glob("filler*"):
                 f.unlink()
             again = h.post(alert(strategy="s2", alert_id="while-full"))

@@ -150,5 +150,6 @@ def test_exit_all_cancels_working_entries_but_keeps_working_exits(host):
     assert [o["status"] for o in host.orders() if o["id"] == exit_lmt] == ["OPEN"]
     host.tick("80")  # the cancelled entry would have filled here
     host.tick("150")
+    host.tick("150")  # a jump that big is held until a second tick confirms it
     wait_for(lambda: host.net("alpha") == 0)
     assert host.net("beta") == 0

@@ -661,3 +661,26 @@ def test_2b_the_freeze_quantity_comes_from_getsecurityinfo_when_the_symbol_file_
     assert slices(broker.instruments, exit_intent) == [3600]  # unknown: one order the exchange would refuse
     assert broker.learn_freeze("NFO", "NIFTY28APR26C24500") == 1800
     assert slices(broker.instruments, exit_intent) == [1725, 1725, 150]
+
+
+def test_1b_an_exit_right_after_a_close_in_the_app_never_takes_the_account_short(live, sim):
+    """Found from outside: the trader closes in the app and TradingView's EXIT fires at the same moment."""
+    h = live()
+    held = entry(h, strategy="fast", direction="BUY", qty=75, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "fast", SYMBOL) == 75)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    answer = place(h, execution_type="EXIT", strategy="fast", direction="SELL", qty=75, order_type="MKT", price=None)
+    assert answer.get("orders", []) == [], answer  # the books were read before deciding
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0 and host_net(h, SYMBOL) == 0
+
+
+def test_a_rejected_exit_says_it_is_not_retried(live, sim):
+    h = live()
+    held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
+    wait_status(h, held, "FILLED")
+    control(sim, action="reject_next", reason="RMS: blocked for the test")
+    oid = place(h, execution_type="EXIT", strategy="rej", direction="SELL", qty=75, order_type="MKT", price=None)
+    wait_for(lambda: events(h, "exit_rejected"))
+    assert "NOT retried: send it again" in events(h, "exit_rejected")[0]["message"]

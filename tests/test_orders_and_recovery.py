@@ -1,6 +1,8 @@
 """Orders through the paper broker: matching, rejections, partial fills, timeouts, restart recovery."""
 from __future__ import annotations
 
+import pytest
+
 import time
 from decimal import Decimal
 
@@ -136,7 +138,24 @@ def _submitted_but_never_placed(h, age_s: float = 0) -> str:
     return oid
 
 
-def test_after_a_restart_a_submitted_order_is_never_sent_again_and_ends_lost(host_factory):
+@pytest.fixture
+def late_booking_broker(monkeypatch):
+    """The paper broker, but judged like a real one: its book may not show an order yet (late booking)."""
+    from host.brokers.paper import PaperBroker
+    monkeypatch.setattr(PaperBroker, "book_is_synchronous", False)
+
+
+def test_after_a_restart_a_paper_order_missing_from_its_book_is_sent_once(host):
+    """The paper broker writes its book with the order: an order it lacks was never placed."""
+    oid = _submitted_but_never_placed(host)
+    host.restart()
+    wait_for(lambda: _status(host, oid)["status"] == "FILLED" or _status(host, oid)["status"] == "OPEN")
+    host.restart()
+    host.settle()
+    assert [b.remarks for b in host.broker.order_book()] == [oid]
+
+
+def test_after_a_restart_a_submitted_order_is_never_sent_again_and_ends_lost(host_factory, late_booking_broker):
     """SUBMITTED means the request may have left: only the broker's books can say it was not booked."""
     h = host_factory(unknown_grace_s=1.0)
     oid = _submitted_but_never_placed(h)
@@ -160,7 +179,7 @@ def test_after_a_restart_an_old_never_sent_order_is_not_sent_late(host_factory):
     assert h.broker.engine.find(oid) is None
 
 
-def test_a_lost_order_booked_late_is_found_by_its_remarks(host_factory):
+def test_a_lost_order_booked_late_is_found_by_its_remarks(host_factory, late_booking_broker):
     h = host_factory(unknown_grace_s=1.0)
     h.tick("42.5")
     oid = _submitted_but_never_placed(h)

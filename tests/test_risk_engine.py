@@ -111,6 +111,7 @@ def test_a_strategy_over_its_max_loss_is_exited_alone(risky):
     _long(risky, strategy="fragile", qty=10, price="100")
     _long(risky, strategy="sturdy", qty=10, price="50", symbol="OTHER")
     risky.tick("75")  # fragile: -250
+    risky.tick("75")  # a 25 % jump is held until a second tick confirms it
     wait_for(lambda: risky.net("fragile") == 0)
     assert risky.net("sturdy", "OTHER") == 10
     r = risky.post(alert(strategy="fragile", tradingsymbol="THIRD"))

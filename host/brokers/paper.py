@@ -17,6 +17,8 @@ class PaperBroker:
 
     name = "paper"
 
+    book_is_synchronous = True  # its book is written in the same step as the order: absence proves never placed
+
     def __init__(self, path: Optional[Path], protection_pct: Decimal):
         self.engine = MatchingEngine(path)
         self.protection_pct = protection_pct

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..models import AlertStatus
+from ..models import AlertStatus, ExecutionType
 from ..inbox import AlertRecord, body_hash
 from ..storage import StorageFull
 from ..validation import parse_alert, unencodable, unique_keys
@@ -120,6 +120,10 @@ def webhook():
     if problems:
         aid = rt.inbox.store_rejected(body, problems, ip)
         return _reply("rejected", 422, alert_id=aid, errors=[p.as_dict() for p in problems])
+    if rt.storage.low_space and req.execution_type is not ExecutionType.EXIT:
+        return _reply("not_stored", 507, error=f"the disk holding {rt.storage.path.parent} is nearly full (the "
+                                               f"reserve kept for risk and exits is in use): only EXIT alerts are "
+                                               f"taken until space is freed")
     record = rt.inbox.store(req, body_hash(body), ip)
     if record.status == AlertStatus.DUPLICATE.value:
         return _answer(rt, record)
