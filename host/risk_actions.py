@@ -83,16 +83,23 @@ class RiskLoop:
         self._wake.set()
 
     def _run(self) -> None:
+        last_check = 0.0
         while not self._stopping.is_set():
             self._wake.wait(RISK_EVERY_S)
             self._wake.clear()
             checked = True
-            for job in (self.commands, self.check, self.escalate):
+            due = time.monotonic() - last_check >= RISK_EVERY_S  # a check reads every position: 4 a second at most
+            for job in (self.commands, self.check, self.escalate) if due else (self.commands,):
                 try:
                     job()
                 except Exception:  # one bad beat never stops risk: the next one tries again
                     checked = False
                     log.exception("risk: %s failed; trying again on the next beat", getattr(job, "__name__", job))
+            if not due:
+                self._wake.set()  # woken early (a command, a price): check once the quarter second is up
+                self._stopping.wait(RISK_EVERY_S - (time.monotonic() - last_check))
+                continue
+            last_check = time.monotonic()
             mono = time.monotonic()
             if checked and mono - self._last_beat >= 1.0:  # /healthz: risk evaluated within the last seconds
                 self._last_beat = mono
