@@ -48,6 +48,8 @@ ALERT_FIELDS = ("strategy_stoploss", "strategy_target", "strategy_trailing_step"
 TRAILING_TYPES = ("POINTS", "PERCENT")
 PENDING, ACTIVE, EXITING, DONE = "pending", "active", "exiting", "done"
 REARM_AFTER_REJECT_S = 5.0
+REARM_MAX_S = 300.0
+REARM_AFTER_OUTSIDE_CANCEL_S = 7.0  # longer than a poll of the broker's books (RISK_POLL_S, 5 s)
 MODIFY_WAIT_S = 5.0
 ONE = Decimal(1)
 
@@ -367,10 +369,17 @@ class Protector:
         if spec.trailing_type and (best is None or sign * (ltp - best) > 0):
             db.execute("update protections set best = ? where strategy = ? and exchange = ? and symbol = ? and "
                        "product = ?", (str(ltp), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+        where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']})"
+        for o in _live_stops(db, _row_key(p)):  # a gap through the stop: its limit cannot fill any more
+            limit = dec(o["price"])
+            if o["status"] in WORKING and not o["escalate"] and limit is not None and sign * (ltp - limit) < 0:
+                db.execute("update orders set escalate = 1 where id = ?", (o["id"],))
+                Storage.add_event(db, "stop_gapped", f"the price {ltp} of {where} is past its stop's limit {limit}: "
+                                  f"the stop (order {o['id']}) is moved towards the market until it fills", "error",
+                                  p["strategy"], {"order_id": o["id"], "ltp": str(ltp)})
         target = dec(p["target"])
         if p["status"] != ACTIVE or target is None or p["pending_exit"] or sign * (ltp - target) < 0:
             return []
-        where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']})"
         net = _net(db, p)
         stopped = _stop(db, _live_stops(db, _row_key(p)), f"target {target} reached: one-cancels-other")
         db.execute("update protections set pending_exit = ?, status = ?, updated_at = ? where strategy = ? and "
@@ -584,18 +593,29 @@ class Protector:
                                   f"{o['avg_price']}; no target exit is sent", "warning", p["strategy"],
                                   {"order_id": o["id"], "avg_price": o["avg_price"]})
             elif o["status"] == "CANCELLED" and not o["cancel_requested"]:
-                again = "placed again" if net else "not placed again: the position is flat"
+                # the broker may have closed the position too (its square-off cancels stops first): wait for
+                # the next read of its books before placing a stop again
+                self._arm_after(db, p, REARM_AFTER_OUTSIDE_CANCEL_S)
+                again = (f"placed again in {REARM_AFTER_OUTSIDE_CANCEL_S:g} s unless the broker's books show the "
+                         f"position closed" if net else "not placed again: the position is flat")
                 Storage.add_event(db, "stop_cancelled_outside", f"the stop loss of {where} was cancelled at the "
                                   f"broker, not by the host ({text}): {again}", "error", p["strategy"],
                                   {"order_id": o["id"]})
             elif o["status"] in ("REJECTED", "EXPIRED"):
-                until = datetime.fromtimestamp(time.time() + REARM_AFTER_REJECT_S, timezone.utc).isoformat()
-                db.execute("update protections set arm_after = ? where strategy = ? and exchange = ? and symbol = ? "
-                           "and product = ?", (until, p["strategy"], p["exchange"], p["symbol"], p["product"]))
+                failures = sum(1 for x in stops if x["status"] in ("REJECTED", "EXPIRED"))
+                wait = min(REARM_AFTER_REJECT_S * 2 ** (failures - 1), REARM_MAX_S)  # 5, 10, 20 ... 300 s
+                self._arm_after(db, p, wait)
                 Storage.add_event(db, "stop_rejected" if o["status"] == "REJECTED" else "stop_expired",
                                   f"the stop loss of {where} ended {o['status']} ({o['reason']}): placed again in "
-                                  f"{REARM_AFTER_REJECT_S:g} s", "error" if o["status"] == "REJECTED" else "warning",
+                                  f"{wait:g} s", "error" if o["status"] == "REJECTED" else "warning",
                                   p["strategy"], {"order_id": o["id"]})
+
+    @staticmethod
+    def _arm_after(db: sqlite_utils.Database, p: dict, wait_s: float) -> None:
+        until = datetime.fromtimestamp(time.time() + wait_s, timezone.utc).isoformat()
+        p["arm_after"] = until  # the row in hand too: it decides in this same step
+        db.execute("update protections set arm_after = ? where strategy = ? and exchange = ? and symbol = ? "
+                   "and product = ?", (until, p["strategy"], p["exchange"], p["symbol"], p["product"]))
 
     # ---- a strategy's MTM limits ----
     def _limits(self) -> None:

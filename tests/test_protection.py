@@ -110,6 +110,33 @@ def test_price_to_the_stop_fills_it_and_no_target_exit_is_sent(paper):
     assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
 
 
+def test_a_gap_through_the_stop_moves_it_towards_the_market_until_it_fills(paper):
+    """Found from outside: a price past the stop's limit left it resting, unfillable, shown as protected."""
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    h.tick("36")
+    h.tick("36")  # a gap: confirmed by a second print
+    wait_for(lambda: h.net() == 0, timeout=8)
+    assert events(h, "stop_gapped")
+
+
+def test_a_stop_the_broker_keeps_rejecting_backs_off(paper):
+    """Found from outside: a rejected stop was placed again at once, two at a time, with no end."""
+    h = paper
+    real_place = h.broker.place
+
+    def refuse_stops(req):
+        from host.brokers.base import Rejected
+        if req.order_type.value == "SL-LMT":
+            raise Rejected("RMS: price outside the circuit")
+        return real_place(req)
+    h.broker.place = refuse_stops
+    protected(h, stop_loss="40", target="46")
+    time.sleep(7)
+    assert 1 <= len(all_stops(h)) <= 2, [(o["status"], o["created_at"]) for o in all_stops(h)]
+
+
 def test_a_trailing_stop_ratchets_with_the_price_and_never_moves_back(paper):
     h = paper
     protected(h, stop_loss="40", trailing_type="POINTS", trailing_value="2")
