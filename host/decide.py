@@ -52,7 +52,7 @@ class Decider:
         asked = intents  # EXITs of positions with a resting stop wait for its cancel (protect.hold_exits)
         intents, held = protect.split_exits(db, strategy, list(intents))
         book = load_book(db, strategy)
-        full_exits = {(i.exchange, i.symbol, i.product) for i in intents if i.action is ExecutionType.EXIT
+        full_exits = {(i.exchange, i.symbol, i.product) for i in asked if i.action is ExecutionType.EXIT
                       and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
         checked = [guard.check(i, book) for i in intents]
         notes = [c.note for c in checked if c.note]

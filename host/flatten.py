@@ -17,7 +17,7 @@ import sqlite_utils
 
 from .models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
 from .orders import transition
-from .storage import Storage, dec
+from .storage import Storage, dec, utcnow
 from .watcher import move_position
 
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
@@ -133,6 +133,10 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
             skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False) -> Flattened:
     """Stop adding orders and exit each open position (all, one strategy's, or one product's)."""
     stopped = cancel_adding(db, why, product=product, strategy=strategy)
+    # a position target waiting to enter (a reversal's second half) must not enter after a flatten
+    db.execute("update position_targets set status = 'superseded', reason = ?, decided_at = ? where status = "
+               "'waiting' and (? is null or strategy = ?) and (? is null or product = ?)",
+               (f"dropped: {why}", utcnow(), strategy, strategy, product, product))
     created: list[str] = []
     cancels = list(stopped.working)
     left: list[str] = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import logging
 
 import pytest
@@ -309,3 +310,19 @@ def test_contradictory_position_forms_are_refused(host):
         body["legs"][0].pop("position")
         body["legs"][0].update(leg)
         assert host.post(body).status_code == 422, leg
+
+
+def test_exit_all_drops_a_reversal_waiting_to_enter(host):
+    """Found from outside: exit-all during a reversal, then the reversal's entry went out and left a short."""
+    host.tick("100", symbol=FUT)
+    host.post(target("75", strategy="xa"))
+    wait_for(lambda: host.net("xa", FUT) == 75)
+    host.post(target("-75", strategy="xa", order_type="LMT", price="101"))  # the exit rests above the market
+    wait_for(lambda: any(o["action"] == "EXIT" and o["status"] == "OPEN" for o in orders_of(host, "xa")))
+    assert host.api("/api/exit-all", "POST").status_code == 200
+    host.tick("102", symbol=FUT)  # the reversal's exit fills now
+    wait_for(lambda: host.net("xa", FUT) == 0)
+    time.sleep(0.5)
+    host.settle()
+    assert host.net("xa", FUT) == 0 and not [o for o in orders_of(host, "xa") if o["action"] == "ADJUST"
+                                             and o["side"] == "SELL"]
