@@ -82,6 +82,12 @@ def static_problems(p: Protection, side: Side, ref: Optional[Decimal], where: st
         v = getattr(p, name)
         if v is not None and not 0 < v < 100:
             add(name, "a percentage above 0 and below 100", v)
+    if ref is not None:  # relative prices that would land at or below zero
+        for name in ("stop_loss_points", "target_points"):
+            v = getattr(p, name)
+            falls = (name == "stop_loss_points") == long  # a long's stop, a short's target: below the entry
+            if v is not None and v > 0 and falls and v >= ref:
+                add(name, f"fewer points than {ref_name} {ref} (the price would be at or below zero)", v)
     if p.stop_loss is not None and ref is not None and not (p.stop_loss < ref if long else p.stop_loss > ref):
         add("stop_loss", f"a price {below} {ref_name} {ref} (a {side.value}'s stop loss is {below} it)", p.stop_loss)
     if p.has_target and not p.has_stop:
@@ -103,6 +109,10 @@ def static_problems(p: Protection, side: Side, ref: Optional[Decimal], where: st
             add("trailing_value", "a value above 0 (points or percent to trail by)", p.trailing_value)
         elif p.trailing_type == "PERCENT" and p.trailing_value >= 100:
             add("trailing_value", "a percentage above 0 and below 100", p.trailing_value)
+        elif p.trailing_type == "POINTS" and tick and p.trailing_value < tick:
+            add("trailing_value", f"at least one tick ({tick}) of points", p.trailing_value)
+        elif p.trailing_type == "POINTS" and ref is not None and p.trailing_value >= ref:
+            add("trailing_value", f"fewer points than {ref_name} {ref}", p.trailing_value)
         if p.trailing_activation_price is not None and ref is not None and not (
                 p.trailing_activation_price > ref if long else p.trailing_activation_price < ref):
             add("trailing_activation_price", f"a price {above} {ref_name} {ref} (trailing starts once the price has "

@@ -348,6 +348,9 @@ RULES = [
     ({"stop_loss": "abc"}, "legs[0].stop_loss", "price"),
     ({"strategy_stoploss": "-5"}, "strategy_stoploss", "above 0"),
     ({"strategy_trailing_step": "50"}, "strategy_trailing_step", "strategy_stoploss"),
+    ({"direction": "SELL", "stop_loss": "45", "target_points": "100"}, "legs[0].target_points", "at or below zero"),
+    ({"stop_loss_points": "1000"}, "legs[0].stop_loss_points", "at or below zero"),
+    ({"stop_loss": "40", "trailing_type": "POINTS", "trailing_value": "1e9"}, "legs[0].trailing_value", "fewer points"),
     ({"stoploss": "40"}, "legs[0].stoploss", "contract's names"),  # a misspelling is refused, never ignored
     ({"tp": "46"}, "legs[0].tp", "contract's names"),
 ]
@@ -359,6 +362,12 @@ def test_every_validation_rule_is_a_422_naming_field_expected_found(host, fields
     named = {e["field"]: e for e in r["errors"]}
     assert field in named, r
     assert words in named[field]["expected"] and named[field]["found"], named[field]
+    assert host.orders() == []
+
+
+def test_trailing_by_less_than_a_tick_is_refused(host):
+    r = protected(host, expect=422, stop_loss="40", trailing_type="POINTS", trailing_value="0.001")
+    assert "at least one tick" in json.dumps(r), r
     assert host.orders() == []
 
 
