@@ -25,11 +25,11 @@ from . import flatten, targets
 from .broker_session import load_token
 from .commands import CONTROL, Commands
 from .daily import Daily
-from .decide import Decider, load_book  # noqa: F401  (load_book: the guard's view of a strategy)
+from .decide import Decider
 from .inbox import Inbox
 from .market import IST
 from .models import (AlertRequest, AlertStatus, BrokerOrder, Decision, ExecutionType, Intent, Leg, Order, OrderStatus,
-                     OrderType, Product, Side, TargetLeg, Tick, TradingState)
+                     OrderType, Product, Side, TargetLeg, Tick)
 from .orders import OrderSender
 from .outside import OutsideTrades
 from .plugins.strategies import Asked, StrategyRegistry

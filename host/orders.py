@@ -187,9 +187,10 @@ class OrderSender:
             self.gateway.call("modify_order", self.gateway.broker.modify, row["broker_order_id"], req)
         except BrokerError as e:
             message = f"ModifyOrder of {order_id} ({detail}) failed: {e}"
+            refused = not isinstance(e, UnknownOutcome)  # an unknown outcome may have grown it: keep the larger qty
             self.storage.write(lambda db: (
                 db.execute("update orders set qty = ? where id = ? and qty = ?", (row["qty"], order_id, qty))
-                if qty > row["qty"] and not isinstance(e, UnknownOutcome) else None,
+                if qty > row["qty"] and refused else None,
                 Storage.add_event(db, "modify_failed", message, "warning", row["strategy"], {"order_id": order_id})))
             return
         self.storage.write(store)

@@ -356,7 +356,7 @@ class Protector:
 
         def run(db: sqlite_utils.Database) -> tuple[set[str], list[str]]:
             keys, cancels = set(), []
-            for p in db.query(f"select * from protections where status in (?, ?)", (ACTIVE, EXITING)):
+            for p in db.query("select * from protections where status in (?, ?)", (ACTIVE, EXITING)):
                 ltp = symbols.get((p["exchange"], p["symbol"]))
                 if ltp is None:
                     continue

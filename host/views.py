@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Optional
 
-from .risk import CorruptState, RiskGate, _day_start_utc, trailing_limit, warning_level
+from .risk import DAY_KEY, CorruptState, RiskGate, _day_start_utc, trailing_limit, warning_level
 from .storage import HEARTBEAT_KEY, Storage, dec
 
 ORDER_FIELDS = ("id", "alert_id", "strategy", "action", "exchange", "symbol", "side", "qty", "order_type", "price",
@@ -123,7 +123,7 @@ def _age_s(storage: Storage, key: str) -> Optional[float]:
 
 
 def _blind(storage: Storage) -> Optional[str]:
-    raw = storage.get_state("risk_day")
+    raw = storage.get_state(DAY_KEY)
     try:
         return json.loads(raw).get("blind") if raw else None
     except ValueError:
