@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import sqlite_utils
 
-from .models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
+from .models import AlertStatus, ExecutionType, Intent, OrderStatus, OrderType, Product, Side
 from .orders import transition
 from .storage import Storage, dec, utcnow
 from .watcher import move_position
@@ -140,6 +140,7 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
     created: list[str] = []
     cancels = list(stopped.working)
     left: list[str] = []
+    waiting: list[str] = []  # exits held until their resting stop's cancel is confirmed
     room = dict(broker_net or {})  # how far the account may still be taken towards zero, per instrument
     held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy, exchange, symbol")
             if (strategy is None or p["strategy"] == strategy) and (product is None or p["product"] == product)]
@@ -166,12 +167,24 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
                                                 Product(p["product"]), action=ExecutionType.EXIT)])
         created += d.orders
         cancels += d.cancels
-        if not d.orders and d.reason and "nothing to exit" not in d.reason:
+        if not d.orders and d.status is AlertStatus.ACCEPTED and _exit_held(db, p):
+            waiting.append(where)  # its resting stop is cancelled first; the exit follows the broker's confirmation
+        elif not d.orders and d.reason and "nothing to exit" not in d.reason:
             left.append(f"{where}: {d.status.value}: {d.reason}")
     if quiet and not (created or cancels or stopped.cancelled_new or stopped.pending):
         return Flattened((), (), 0, tuple(left))  # nothing done: a repeat says nothing
     Storage.add_event(db, "exit_all", f"{why}: {len(created)} exit orders, {stopped.cancelled_new} unsent orders "
                       f"cancelled, {len(stopped.pending)} working orders being cancelled"
+                      + (f"; {len(waiting)} exits sent once their resting stop is cancelled: {'; '.join(waiting)}"
+                         if waiting else "")
                       + (f"; left alone: {'; '.join(left)}" if left else ""), "warning", strategy,
-                      data={"orders": created, "cancelling": stopped.pending, "left": left})
+                      data={"orders": created, "cancelling": stopped.pending, "left": left,
+                            "after_stop_cancel": waiting})
     return Flattened(tuple(created), tuple(dict.fromkeys(cancels)), stopped.cancelled_new, tuple(left))
+
+
+def _exit_held(db: sqlite_utils.Database, p: dict) -> bool:
+    """The position's exit waits for its resting stop's cancel (protect.hold_exits stored it)."""
+    return db.execute("select 1 from protections where strategy = ? and exchange = ? and symbol = ? and product = ? "
+                      "and pending_exit is not null", (p["strategy"], p["exchange"], p["symbol"], p["product"])
+                      ).fetchone() is not None

@@ -152,6 +152,12 @@ def problems(db: sqlite_utils.Database, intent: Intent, where: str, tick: Option
         ref, name = (dec(q[0]) if q else None), "the LTP"
         if intent.order_type is OrderType.SL_MKT and intent.trigger_price is not None:
             ref, name = intent.trigger_price, "the entry's trigger price"
+        if ref is None:  # an absolute price cannot be checked against a market that has not printed yet
+            return [Problem(f"{where}.{f}", f"a price checked against the LTP, and no last price of {intent.exchange}:"
+                            f"{intent.symbol} is known yet: send stop_loss_points/stop_loss_pct (measured from the "
+                            f"fill), or a LIMIT entry", _found(getattr(p, f)))
+                    for f in ("stop_loss", "target", "trailing_activation_price") if getattr(p, f) is not None] \
+                + static_problems(p, intent.side, None, where, name, tick)
     return static_problems(p, intent.side, ref, where, name, tick)
 
 
@@ -186,6 +192,16 @@ def strategy_pnl(db: sqlite_utils.Database, strategy: str) -> Decimal:
     return total
 
 
+def rebase_limits(db: sqlite_utils.Database) -> None:
+    """A new day: armed strategy MTM limits count from the new day's MTM (after the carry-over), like every day limit."""
+    for lim in list(db.query("select strategy from strategy_limits where status = 'armed'")):
+        base = strategy_pnl(db, lim["strategy"])
+        db.execute("update strategy_limits set base_pnl = ?, peak = '0', updated_at = ? where strategy = ?",
+                   (str(base), utcnow(), lim["strategy"]))
+        Storage.add_event(db, "strategy_limits_rebased", f"strategy {lim['strategy']}: a new day; its MTM stop and "
+                          f"target count from now", "info", lim["strategy"], {"base_pnl": str(base)})
+
+
 # ---------------------------------------------------------------- hooks of the Decider
 
 def _stop(db: sqlite_utils.Database, orders: list[dict], why: str) -> flatten.Stopped:
@@ -197,8 +213,20 @@ def _stop(db: sqlite_utils.Database, orders: list[dict], why: str) -> flatten.St
 
 
 def _live_stops(db: sqlite_utils.Database, key: str) -> list[dict]:
-    return list(db.query(f"select * from orders where protection = ? and status in ({','.join('?' * len(LIVE))}) "
-                         f"order by rowid", (key, *LIVE)))
+    return [o for o in db.query(f"select * from orders where protection = ? and status in "
+                                f"({','.join('?' * len(LIVE))}) order by rowid", (key, *LIVE)) if not _vanished(o)]
+
+
+def _ended(db: sqlite_utils.Database, o: dict) -> bool:
+    """The stop's protection is over (or gone): nothing for it to protect."""
+    row = db.execute("select status from protections where strategy = ? and exchange = ? and symbol = ? and "
+                     "product = ?", (o["strategy"], o["exchange"], o["symbol"], o["product"])).fetchone()
+    return row is None or row[0] == DONE
+
+
+def _vanished(o: dict) -> bool:
+    """A stop that was at the broker and is gone from its book (LOST with a broker id): it protects nothing."""
+    return o["status"] == OrderStatus.LOST.value and bool(o["broker_order_id"])
 
 
 def _protected(db: sqlite_utils.Database, strategy: str, i: Intent) -> Optional[tuple[dict, list[dict]]]:
@@ -342,6 +370,12 @@ class Protector:
     def on_orders(self, rows: list[dict]) -> None:
         """Orders changed (fills of an entry, a stop's end): act on their positions."""
         keys = {r["protection"] or _row_key(r) for r in rows}
+        stray = [r for r in rows if r["protection"] and r["status"] in WORKING]
+        if stray:  # a stop found working after its protection ended (one that was missing, say): cancel it
+            cancels = self.storage.write(lambda db: _stop(db, [o for o in stray if _ended(db, o)],
+                                                          "its protection has ended").working)
+            if cancels:
+                self.dispatch(Decision(_accepted(), "stray stop", (), tuple(cancels)))
         if keys:
             self.sync(keys)
 
@@ -437,7 +471,7 @@ class Protector:
         net, avg = (pos[0], dec(pos[1])) if pos else (0, None)
         stops = [dict(zip([c[0] for c in cur.description], r)) for cur in [db.execute(
             "select * from orders where protection = ? order by rowid", (key,))] for r in cur.fetchall()]
-        live = [o for o in stops if o["status"] in LIVE]
+        live = [o for o in stops if o["status"] in LIVE and not _vanished(o)]
         self._notice(db, p, stops, net, where)
         orders: list[str] = []
         cancels: list[str] = []
@@ -470,6 +504,12 @@ class Protector:
             stop, target = resolve(spec, side, avg or Decimal("0"), tick)
             upd.update(stop=_s(stop), target=_s(target), best=p["best"] or _s(avg))
             p["best"] = upd["best"]
+            if avg is not None and stop is not None and sign * (avg - stop) <= 0 and not p["pending_exit"]:
+                # filled at or past the stop (a market entry that slipped): a stop there could never rest
+                p["pending_exit"] = json.dumps({"qty": abs(net), "order_type": "MKT", "price": None, "why": "stop"})
+                Storage.add_event(db, "stop_hit", f"{where} filled at {avg}, at or past its stop loss {stop}: the "
+                                  f"position ({net:+d}) is exited at once, no stop is placed", "warning", p["strategy"],
+                                  {"avg_price": str(avg), "stop": str(stop)})
         # held exits: sent once no stop can fill any more
         if p["pending_exit"]:
             if live:
@@ -595,6 +635,12 @@ class Protector:
                 Storage.add_event(db, "stop_placed", f"stop loss of {where} rests at the broker: {text}", "info",
                                   p["strategy"], {"order_id": o["id"], "trigger": o["trigger_price"],
                                                   "broker_order_id": o["broker_order_id"]})
+            if state < 2 and _vanished(o):
+                db.execute("update orders set noticed = 2 where id = ?", (o["id"],))
+                Storage.add_event(db, "stop_missing", f"the stop loss of {where} is gone from the broker's book "
+                                  f"({text}): placed again" + ("" if net else " unless the position is flat"),
+                                  "error", p["strategy"], {"order_id": o["id"]})
+                continue
             if state >= 2 or not OrderStatus(o["status"]).terminal:
                 continue
             db.execute("update orders set noticed = 2 where id = ?", (o["id"],))
@@ -682,9 +728,10 @@ def position_fields(storage: Storage) -> dict[tuple, dict]:
     for p in storage.rows("select * from protections where status != ?", (DONE,)):
         spec = json.loads(p["spec"] or "{}")
         key = _row_key(p)
-        resting = storage.rows(f"select id, broker_order_id, status, qty, filled_qty, trigger_price, price from "
-                               f"orders where protection = ? and status in ({','.join('?' * len(LIVE))}) "
-                               f"order by rowid", (key, *LIVE))
+        resting = [o for o in storage.rows(f"select id, broker_order_id, status, qty, filled_qty, trigger_price, "
+                                           f"price from orders where protection = ? and status in "
+                                           f"({','.join('?' * len(LIVE))}) order by rowid", (key, *LIVE))
+                   if not _vanished(o)]
         out[(p["strategy"], p["exchange"], p["symbol"], p["product"])] = {
             "stop_loss": dec(p["stop"]), "target": dec(p["target"]),
             "trailing": ({"type": spec["trailing_type"], "value": dec(spec.get("trailing_value")),

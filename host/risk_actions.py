@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Optional
 
-from . import flatten, views
+from . import flatten, protect, views
 from .commands import Conflict
 from .decide import Decider
 from .market import IST
@@ -324,3 +324,4 @@ def carry_over(db: Any) -> None:
         db.execute("update positions set realized_pnl = '0', carried_qty = ?, carried_from = coalesce(carried_from, "
                    "avg_price), avg_price = ? where strategy = ? and exchange = ? and symbol = ? and product = ?",
                    (p["net_qty"], str(close), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+    protect.rebase_limits(db)

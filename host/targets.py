@@ -41,8 +41,9 @@ def _signed(n: int) -> str:
 
 
 def _working(db: sqlite_utils.Database, strategy: str, leg: TargetLeg) -> list[dict]:
-    return list(db.query(f"select * from orders where strategy = ? and exchange = ? and symbol = ? and status in "
-                         f"({','.join('?' * len(flatten.OPEN_STATUSES))}) order by rowid",
+    """The strategy's unfinished orders in the symbol, its resting stops aside (an EXIT cancels those first)."""
+    return list(db.query(f"select * from orders where strategy = ? and exchange = ? and symbol = ? and protection "
+                         f"is null and status in ({','.join('?' * len(flatten.OPEN_STATUSES))}) order by rowid",
                          (strategy, leg.exchange, leg.symbol, *flatten.OPEN_STATUSES)))
 
 
@@ -89,11 +90,11 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg) -> TargetPlan
 
 
 def supersede(db: sqlite_utils.Database, strategy: str, symbols: set[tuple[str, str]], by_alert: str) -> None:
-    """Newer alerts win: waiting targets of this strategy in these symbols are dropped."""
+    """Newer alerts win: waiting targets of this strategy in these symbols are dropped (not the alert's own)."""
     for ex, sym in symbols:
         db.execute("update position_targets set status = 'superseded', reason = ?, decided_at = ? where "
-                   "status = ? and strategy = ? and exchange = ? and symbol = ?",
-                   (f"superseded by alert {by_alert}", utcnow(), WAITING, strategy, ex, sym))
+                   "status = ? and strategy = ? and exchange = ? and symbol = ? and alert_id != ?",
+                   (f"superseded by alert {by_alert}", utcnow(), WAITING, strategy, ex, sym, by_alert))
 
 
 def store_waiting(db: sqlite_utils.Database, alert_id: str, strategy: str, leg: TargetLeg, kind: str,

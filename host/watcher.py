@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Iterable, Optional
@@ -105,6 +106,7 @@ class Watcher:
         self.unknown_grace_s = unknown_grace_s
         self._foreign: set[str] = set()  # broker orders already reported as manual
         self._doubled: set[str] = set()  # our orders found more than once at the broker (reported once)
+        self._missing: dict[str, float] = {}  # working orders of ours absent from today's book: since when (monotonic)
 
     def apply(self, updates: Iterable[BrokerOrder]) -> list[dict]:
         """Apply broker updates in one transaction; return the rows of our orders that changed."""
@@ -167,6 +169,7 @@ class Watcher:
                     continue
                 found = by_remarks.get(order["id"])
                 if found is not None:
+                    self._missing.pop(order["id"], None)
                     apply_update(db, found)
                     if copies[order["id"]] > 1 and order["id"] not in self._doubled:
                         self._doubled.add(order["id"])
@@ -192,6 +195,9 @@ class Watcher:
                         end(db, order, OrderStatus.EXPIRED, "order_expired", f"a DAY order of {_day(order['created_at'])}"
                             f" is gone from the broker's book of {today}: expired at the close "
                             f"({order['filled_qty'] or 0} filled)")
+                    elif time.monotonic() - self._missing.setdefault(order["id"], time.monotonic()) \
+                            >= self.unknown_grace_s:
+                        self._vanished(db, order)
                 elif order["status"] in (OrderStatus.SUBMITTED.value, OrderStatus.UNKNOWN.value) \
                         and order["updated_at"] < cutoff:
                     end(db, order, OrderStatus.LOST, "order_lost", f"no trace in the broker's books "
@@ -199,6 +205,19 @@ class Watcher:
                         f"terminal (if it is there, the host finds it by its remarks)")
             return unsent
         return self.storage.write(run, durable=True)
+
+    def _vanished(self, db: sqlite_utils.Database, order: dict) -> None:
+        """A working order gone from today's book without an update: LOST (still looked for), and said loudly.
+        A stop loss of the host's is placed again (protect), so the position is not left unprotected."""
+        self._missing.pop(order["id"], None)
+        why = (f"was {order['status']} at the broker ({order['filled_qty'] or 0} filled) and has been missing from "
+               f"today's order book for {self.unknown_grace_s:g} s without an update: check the broker terminal")
+        db.execute("update orders set status = 'LOST', updated_at = ?, reason = ? where id = ?",
+                   (utcnow(), why, order["id"]))
+        Storage.insert(db, "order_history", {"order_id": order["id"], "at": utcnow(), "status": "LOST", "detail": why})
+        Storage.add_event(db, "order_missing", f"order {order['id']} ({order['strategy']} {order['side']} "
+                          f"{order['qty']} {order['exchange']}:{order['symbol']}) {why}", "error", order["strategy"],
+                          {"order_id": order["id"], "broker_order_id": order["broker_order_id"]})
 
 
 def _day(stamp: str) -> date:

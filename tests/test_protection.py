@@ -389,6 +389,116 @@ def test_a_market_entry_s_stop_is_checked_against_the_ltp_and_stops_are_on_the_t
     assert paper.orders() == []
 
 
+# ---- found from outside, second round ----
+
+def test_a_market_entry_with_an_absolute_stop_and_no_known_price_is_refused(host):
+    """Found from outside: with no LTP the stop-side check was skipped, and a BUY's stop above the market passed."""
+    r = protected(host, expect=422, order_type="MKT", price="0", stop_loss="45", target="50")
+    assert "intent[0].stop_loss: expected a price checked against the LTP" in r["reason"]
+    assert "no last price of NFO:" + SYMBOL in r["reason"] and "found 45" in r["reason"]
+    assert "intent[0].target:" in r["reason"] and host.orders() == []
+    assert protected(host, order_type="MKT", price="0", stop_loss_points="2")["orders"]  # relative: from the fill
+
+
+def test_a_market_entry_filled_past_its_stop_is_exited_at_once_with_no_stop_placed(paper):
+    """The LTP the check saw was stale; the fill came in below the stop: a stop there could never rest."""
+    h = paper
+    h.tick("41.5")
+    h.runtime.storage.write(lambda db: db.execute("update quotes set ltp = '42.5' where symbol = ?", (SYMBOL,)))
+    protected(h, order_type="MKT", price="0", stop_loss="42")
+    wait_for(lambda: events(h, "stop_hit"), timeout=6)
+    wait_for(lambda: h.net() == 0 and exits(h) and exits(h)[0]["status"] == "FILLED", timeout=6)
+    h.settle()
+    assert all_stops(h) == [] and "at or past its stop loss 42" in events(h, "stop_hit")[0]["message"]
+
+
+def test_a_position_alert_leaves_the_resting_stop_alone_and_it_is_resized(paper):
+    """Found from outside: a POSITION alert cancelled the protective stop like any working order, which then
+    read as a cancel by hand (an error, and a stop placed again)."""
+    from test_tradingview_alerts import target
+    h = paper
+    protected(h, stop_loss="40")
+    stop = resting(h)
+    r = h.post(target(150, strategy="s1", tradingsymbol=SYMBOL, order_type="MKT"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: h.net() == 150 and paper_order(h, stop["id"]).req.qty == 150, timeout=6)
+    assert [s["id"] for s in all_stops(h)] == [stop["id"]] and stops(h, ("OPEN",))[0]["qty"] == 150
+    r = h.post(target("flat", strategy="s1", tradingsymbol=SYMBOL, order_type="MKT", alert_id="flat"))
+    assert r.status_code == 200 and "cancelled first" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: h.net() == 0, timeout=6)
+    h.settle()
+    assert paper_order(h, stop["id"]).status.value == "CANCELLED"
+    assert not events(h, "stop_cancelled_outside") and not events(h, "stop_placing")[1:]
+
+
+def test_a_breach_counts_a_protected_position_as_exiting_not_left_alone(host_factory):
+    """Found from outside: the breach event listed a protected position as "left alone" while its exit waited
+    for the stop's cancel."""
+    h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0")
+    h.runtime.engine.risk_poll_s = 0.05
+    h.tick("100")
+    protected(h, qty=100, price="100", stop_loss="80")
+    resting(h, 100)
+    h.tick("89")
+    wait_for(lambda: h.net() == 0, timeout=8)
+    [breach] = [e for e in events(h, "exit_all") if "breached" in e["message"]]
+    assert "left alone" not in breach["message"], breach["message"]
+    assert "1 exits sent once their resting stop is cancelled" in breach["message"]
+
+
+def test_strategy_mtm_limits_count_from_the_new_day(host_factory):
+    """Found from outside: an armed strategy stop kept yesterday's base, so today's carry-over (realised PnL back
+    to zero) read as a loss of yesterday's profit and exited the strategy at the open."""
+    from test_issue13_risk import _next_trading_day
+    h = host_factory(TRAIL_MIN_INTERVAL_S=0)
+    h.runtime.engine.risk_poll_s = 0.05
+    h.tick("42.5")
+    assert h.post(alert(direction="BUY", alert_id="first")).status_code == 200
+    wait_for(lambda: h.net() == 75)
+    h.tick("44.5")
+    assert h.post(alert("EXIT", direction="SELL", order_type="MKT", price="0", alert_id="out")).status_code == 200
+    wait_for(lambda: h.net() == 0)  # +150 realised today
+    h.tick("42.5")
+    protected(h, stop_loss="30", strategy_stoploss="100")
+    resting(h)
+    _next_trading_day(h)
+    wait_for(lambda: events(h, "strategy_limits_rebased"), timeout=8)
+    h.tick("42.5")
+    time.sleep(0.5)
+    assert h.net() == 75 and not events(h, "strategy_stoploss_hit")
+    h.tick("41")  # today: 75 x -1.5 = -112.5
+    wait_for(lambda: h.net() == 0, timeout=8)
+    assert events(h, "strategy_stoploss_hit")
+
+
+def test_an_exit_while_the_entry_still_fills_also_exits_what_it_fills_afterwards(paper):
+    """The entry's cancel races its fill: an EXIT held for the stop's cancel follows up on the late fills."""
+    import threading
+    h = paper
+    engine = h.broker.engine
+    engine.max_fill_qty = 25
+    entry = protected(h, stop_loss="40")["orders"][0]["id"]
+    resting(h, 25)
+    real_cancel = h.broker.cancel
+
+    def racing(broker_order_id: str) -> None:
+        if broker_order_id != paper_order(h, entry).broker_order_id:
+            return real_cancel(broker_order_id)
+
+        def fill_late() -> None:  # the exchange fills the rest before it sees the cancel
+            time.sleep(0.5)
+            engine.max_fill_qty = None
+            engine.set_ltp("NFO", SYMBOL, D("42.5"))
+        threading.Thread(target=fill_late, daemon=True).start()
+    h.broker.cancel = racing
+    r = h.post(alert("EXIT", direction="SELL", qty=75, order_type="MKT", price="0"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: paper_order(h, entry).status.value == "FILLED", timeout=6)
+    wait_for(lambda: h.net() == 0 and engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0, timeout=8)
+    h.settle()
+    assert not stops(h, ("OPEN", "PARTIAL"))
+
+
 # ---- live mode: the real NorenRestApiPy against the Noren simulator ----
 
 @pytest.fixture
@@ -484,6 +594,37 @@ def test_live_strategy_mtm_stop_exits_only_that_strategy(live, sim):
     assert {s["strategy"]: s["status"] for s in all_stops(h)} == {"s1": "CANCELLED", "s2": "OPEN"}
 
 
+def test_live_a_stop_gone_from_the_book_is_placed_again_and_the_copy_cancelled_when_it_returns(live, sim):
+    """A book that loses a resting stop without an update: the position is not left unprotected."""
+    from test_issue12_live import control
+    h = live
+    protected(h, stop_loss="40")
+    stop = resting(h)
+    control(sim, action="hide_order", norenordno=stop["broker_order_id"])
+    again = wait_for(lambda: (s := stops(h, ("OPEN",))) and s[0]["id"] != stop["id"] and s[0], timeout=20)
+    assert again["qty"] == 75 and D(again["trigger_price"]) == D("40")
+    assert events(h, "order_missing") and events(h, "stop_missing")[0]["severity"] == "error"
+    assert h.position()["stop_orders"][0]["id"] == again["id"]
+    control(sim, action="hide_order", norenordno=stop["broker_order_id"], on=False)  # it was there all along
+    wait_for(lambda: len([o for o in sim.sim.engine.order_book() if o.status.value == "OPEN"]) == 1, timeout=20)
+    sim.sim.tick("NFO", SYMBOL, D("39.5"))
+    wait_for(lambda: h.net() == 0, timeout=8)
+    time.sleep(0.5)
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0  # one stop filled, never two
+
+
+def test_live_stops_above_the_freeze_quantity_rest_in_slices(live, sim):
+    h = live  # NIFTY options: lot 75, freeze 1800 (learnt from GetSecurityInfo), slices strictly below it
+    protected(h, qty=2250, stop_loss="40")  # the entry goes in slices, and so does its stop
+    wait_for(lambda: h.net() == 2250, timeout=10)
+    rest = wait_for(lambda: (s := stops(h, ("OPEN",))) and sum(o["qty"] for o in s) == 2250 and s, timeout=10)
+    assert len(rest) >= 2 and all(o["qty"] < 1800 and o["qty"] % 75 == 0 for o in rest), rest
+    assert all(sim_order(sim, o["id"]).req.qty == o["qty"] for o in rest)
+    sim.sim.tick("NFO", SYMBOL, D("39.5"))
+    wait_for(lambda: h.net() == 0, timeout=10)
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
 # ---- kill -9 of a real `strategy-host run` (live, against a simulator process) ----
 
 @pytest.mark.slow
@@ -533,3 +674,55 @@ def test_kill_9_with_a_stop_resting_then_restart_adopts_it_and_trailing_goes_on(
     finally:
         for srv in servers:
             srv.stop()
+
+
+@pytest.mark.slow
+def test_a_hot_reload_under_gunicorn_keeps_the_protection(tmp_path):
+    """`strategy-host run` (gunicorn): the strategy file changes while its stop rests; the new version takes
+    over, the stop is neither cancelled nor placed twice, and the target still exits one-cancels-other."""
+    from serverproc import ServerProcess
+    from test_e2e_gunicorn import _alert
+    folder = tmp_path / "plugins" / "strategies"
+    folder.mkdir(parents=True)
+    source = '''
+from host import hookimpl
+from host.models import Intent
+
+@hookimpl
+def strategy_meta():
+    return {"name": "guarded", "version": "VERSION", "api_version": 1}
+
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    return [ctx.protect(Intent(**{k: v for k, v in vars(l).items() if k != "protection"}, action=alert.execution_type),
+                        stop_loss_points="2.5", target_points="3") for l in alert.legs]
+'''
+    (folder / "guarded.py").write_text(source.replace("VERSION", "1.0"))
+    s = ServerProcess(tmp_path).start()
+    try:
+        def tick(ltp: str) -> None:
+            assert s.api("/api/paper/ticks", "POST", json=[{"exchange": "NFO", "symbol": SYMBOL, "ltp": ltp}]).ok
+
+        def version() -> str:
+            return next((x["version"] for x in s.api("/api/strategies").json()["items"] if x["name"] == "guarded"), "")
+
+        def position() -> dict:
+            return next((p for p in s.api("/api/positions").json()["items"] if p["strategy"] == "guarded"), {})
+        wait_for(lambda: version() == "1.0", timeout=10)
+        tick("42.5")
+        assert s.webhook(_alert(s.secrets()["WEBHOOK_SECRET"], strategy="guarded")).status_code == 200
+        first = wait_for(lambda: (p := position()) and p.get("stop_orders") and p["stop_orders"][0]["status"] == "OPEN"
+                         and p, timeout=10)
+        assert D(str(first["stop_loss"])) == D("40") and D(str(first["target"])) == D("45.5")
+        (folder / "guarded.py").write_text(source.replace("VERSION", "2.0"))
+        wait_for(lambda: version() == "2.0", timeout=10)
+        again = position()
+        assert again["stop_orders"] == first["stop_orders"] and again["net_qty"] == 75
+        tick("45.5")
+        wait_for(lambda: position().get("net_qty") == 0, timeout=10)
+        orders = s.api("/api/orders", params={"limit": 50}).json()["items"]
+        stop = [o for o in orders if o["id"] == first["stop_orders"][0]["id"]]
+        assert stop and stop[0]["status"] == "CANCELLED"
+        assert len([o for o in orders if o.get("order_type") == "SL-LMT"]) == 1
+    finally:
+        s.stop()

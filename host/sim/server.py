@@ -26,7 +26,7 @@ late); forbid_next {count, route}; stall_feed {on}; drop_ws; tick {exchange, sym
 book_late {seconds, reply: "late"|"none"}; drop_next {count, route}; manual_order {exchange, symbol, side, qty,
 prctyp, prc, trgprc, prd, blprc, bpprc, remarks}; square_off {products}; new_day {keep_sessions};
 quote {exchange, symbol, lc, uc, c, no_trades}; wrong_quote_next {count, lp}; instrument {exchange, symbol,
-freeze_qty, lot_size, tick_size}; freeze_inclusive {on}. docs/simulator.md has an example of each.
+freeze_qty, lot_size, tick_size}; freeze_inclusive {on}; hide_order {norenordno, on}. docs/simulator.md has an example of each.
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ class Faults:
     wrong_quote_next: int = 0       # GetQuotes answers another instrument's price
     wrong_quote_lp: str = "24512.35"
     freeze_inclusive: bool = False  # also refuse a quantity equal to the freeze quantity
+    hidden: set = field(default_factory=set)  # norenordno left out of OrderBook (the order still works)
 
     def take_late(self) -> Optional[tuple[float, str]]:
         if not self.book_late_s:
@@ -486,7 +487,8 @@ def _list(items: list) -> Response:
 
 
 def order_book(sim: NorenSim, data: dict, uid: str) -> Response:
-    orders = sorted(sim.engine.order_book(), key=lambda o: o.broker_order_id, reverse=True)
+    orders = sorted((o for o in sim.engine.order_book() if o.broker_order_id not in sim.faults.hidden),
+                    key=lambda o: o.broker_order_id, reverse=True)
     return _list([noren_order(sim, sim.engine.get(o.broker_order_id), uid) for o in orders])
 
 
@@ -645,6 +647,11 @@ def _drop_ws(sim: NorenSim, c: dict) -> None:
         hook("drop")
 
 
+def _hide_order(sim: NorenSim, c: dict) -> None:
+    """OrderBook leaves the order out (or shows it again), while it goes on working at the exchange."""
+    (sim.faults.hidden.add if c.get("on", True) else sim.faults.hidden.discard)(str(c["norenordno"]))
+
+
 CONTROLS: dict[str, Callable[[NorenSim, dict], Optional[dict]]] = {
     "expire_session": lambda sim, c: sim.expire_sessions(),
     "reject_next": _set_fault(reject_next=lambda c: c.get("reason", "RMS:Rejected by the simulator")),
@@ -666,4 +673,5 @@ CONTROLS: dict[str, Callable[[NorenSim, dict], Optional[dict]]] = {
                                    wrong_quote_lp=lambda c: str(c.get("lp", "24512.35"))),
     "instrument": _instrument_change,
     "freeze_inclusive": _set_fault(freeze_inclusive=lambda c: bool(c.get("on", True))),
+    "hide_order": _hide_order,
 }
