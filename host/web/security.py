@@ -1,4 +1,4 @@
-"""Dashboard sessions, login lockout, CSRF tokens and the security headers every answer carries."""
+"""Dashboard sessions (the cookie side), CSRF tokens, debug refusal and the security headers every answer carries."""
 from __future__ import annotations
 
 import hashlib
@@ -7,15 +7,15 @@ import ipaddress
 import secrets
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, current_app, request, session
+from flask import Flask, Response, current_app, g, request, session
 
 from ..config import ConfigError, Settings
 from ..models import Problem
-from ..storage import Storage, utcnow
+from .sessions import SessionStore, fingerprint
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -23,7 +23,7 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Signed session cookie, lifetime, debug refusal and the security headers."""
+    """Signed session cookie, server-side sessions, lifetime, debug refusal and the security headers."""
     refuse_debug_off_loopback(app, settings)
     key = hmac.new(settings.API_TOKEN.encode(), b"dashboard-session:" + settings.DASHBOARD_PASSWORD.encode(),
                    hashlib.sha256).hexdigest()  # a new password or token ends every session
@@ -31,6 +31,10 @@ def init_app(app: Flask, settings: Settings) -> None:
                       SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=settings.DASHBOARD_COOKIE_SECURE,
                       PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.DASHBOARD_SESSION_HOURS),
                       SESSION_REFRESH_EACH_REQUEST=False)
+    store = SessionStore(app.extensions["host"].storage, settings.DASHBOARD_SESSION_HOURS * 3600.0,
+                         fingerprint(settings))
+    store.purge()  # a new DASHBOARD_PASSWORD ends the sessions opened under the old one, here and now
+    app.extensions["sessions"] = store
     form_action = "'self'"
     if not settings.paper:  # "Connect broker" posts to us, and we redirect to the broker's authorize page
         parts = urlsplit(settings.SHOONYA_OAUTH_URL)
@@ -78,22 +82,52 @@ def refuse_debug_off_loopback(app: Flask, settings: Settings) -> None:
     app.run = run_on_loopback_only  # type: ignore[method-assign]
 
 
-# ---- sessions ----
+# ---- sessions: the signed cookie carries only the id of a row in dashboard_sessions ----
+def _sessions() -> SessionStore:
+    return current_app.extensions["sessions"]
+
+
 def logged_in() -> bool:
-    """A signed session from a login within the session lifetime."""
-    at = session.get("login_at")
-    if not session.get("user") or not isinstance(at, (int, float)):
-        return False
-    return time.time() - at < current_app.permanent_session_lifetime.total_seconds()
+    """The cookie names a session that still exists server-side (once per request)."""
+    if "logged_in" not in g:
+        sid = session.get("sid")
+        g.logged_in = isinstance(sid, str) and _sessions().valid(sid)
+    return g.logged_in
 
 
-def start_session() -> None:
+def start_session(address: str) -> None:
+    """A new session: any earlier id in this browser is forgotten (no fixation)."""
+    old = session.get("sid")
+    if isinstance(old, str):
+        _sessions().end(old)
     session.clear()
     session.permanent = True
-    session.update(user="trader", login_at=time.time(), csrf=secrets.token_urlsafe(32))
+    session["sid"] = _sessions().open(address)
+    g.logged_in = True
+
+
+def end_session() -> None:
+    """Logout: the row goes, so a copy of the cookie is worthless from now on."""
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        _sessions().end(sid)
+    session.clear()
+    g.logged_in = False
+
+
+def end_every_session(address: str) -> int:
+    """Log out everywhere: every session's row goes, this one's too."""
+    n = _sessions().end_all(address)
+    session.clear()
+    g.logged_in = False
+    return n
 
 
 def csrf_token() -> str:
+    """Bound to the session id once logged in (derived, so the cookie carries nothing else); before, random."""
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        return hmac.new(current_app.secret_key.encode(), b"csrf:" + sid.encode(), hashlib.sha256).hexdigest()
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
     return session["csrf"]
@@ -105,7 +139,7 @@ def csrf_problem() -> Optional[str]:
     if origin and origin != "null" and urlsplit(origin).netloc != request.host:
         return f"cross-site request refused: expected Origin {request.host_url.rstrip('/')}, found {origin}"
     given = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD) or ""
-    expected = session.get("csrf", "")
+    expected = csrf_token()
     if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         return (f"CSRF token missing or wrong: expected the page's token in the {CSRF_FIELD!r} field or the "
                 f"{CSRF_HEADER} header; reload the page and try again")
@@ -131,41 +165,6 @@ class RefreshLimiter:
                 self._buckets.clear()
             self._buckets[key] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
             return tokens >= 1
-
-
-# ---- login lockout (shared by every worker through the database) ----
-class LoginThrottle:
-    """Counts failed logins per address; too many within the lockout window lock that address out."""
-
-    def __init__(self, storage: Storage, attempts: int, lockout_s: int):
-        self.storage, self.attempts, self.lockout_s = storage, attempts, lockout_s
-
-    def _since(self) -> str:
-        return (datetime.now(timezone.utc) - timedelta(seconds=self.lockout_s)).isoformat(timespec="milliseconds")
-
-    def locked_for(self, address: str) -> int:
-        """Seconds this address must still wait; 0 when it may try."""
-        rows = self.storage.rows("select at from login_failures where address = ? and at > ? order by at desc",
-                                 (address, self._since()))
-        if len(rows) < self.attempts:
-            return 0
-        unlock = datetime.fromisoformat(rows[self.attempts - 1]["at"]) + timedelta(seconds=self.lockout_s)
-        return max(1, int((unlock - datetime.now(timezone.utc)).total_seconds() + 0.999))
-
-    def failed(self, address: str) -> int:
-        """Record a failure; the attempts left before the lockout."""
-        def run(db: Any) -> None:
-            db.execute("delete from login_failures where at < ?", (self._since(),))
-            db.execute("insert into login_failures (address, at) values (?, ?)", (address, utcnow()))
-            Storage.add_event(db, "login_failed", f"dashboard login failed from {address}", "warning")
-        self.storage.write(run)
-        n = self.storage.one("select count(*) n from login_failures where address = ? and at > ?",
-                             (address, self._since()))["n"]
-        return max(0, self.attempts - n)
-
-    def succeeded(self, address: str) -> None:
-        self.storage.write(lambda db: (db.execute("delete from login_failures where address = ?", (address,)),
-                                       Storage.add_event(db, "login", f"dashboard login from {address}")))
 
 
 def password_ok(given: str, expected: str) -> bool:
