@@ -84,21 +84,32 @@ class LoginThrottle:
         return min(2 ** min(failures - self.free, 30), self.delay_max_s)
 
     # ---- an attempt ----
+    def _refusal(self, db: sqlite_utils.Database, address: str, now: float) -> Optional[Verdict]:
+        """Why an attempt from this address must wait now, or None when it may go ahead."""
+        n, last = self._address(db, address, now)
+        wait = _seconds_until(last, self.window_s, now) if n >= self.address_attempts else 0
+        if wait:
+            return Verdict(None, wait, f"Too many failed logins from {address}. Locked out: try again in "
+                                       f"{duration(wait)} (or run `strategy-host unlock` on the server).")
+        n, last = self._global(db, now)
+        wait = _seconds_until(last, self._delay(n), now) if last else 0
+        if wait:
+            return Verdict(None, wait, f"Too many failed logins (from any address): logins are slowed down. "
+                                       f"Try again in {duration(wait)}.")
+        return None
+
     def begin(self, address: str) -> Verdict:
         """Refuse the attempt (with the wait), or reserve its row: it counts as a failure unless it succeeds."""
-        def run(db: sqlite_utils.Database) -> Verdict:
+        refused = self.storage.read(lambda db: self._refusal(db, address, time.time()))
+        if refused:  # a flood of refused attempts costs reads only, never the engine's write lock
+            return refused
+
+        def run(db: sqlite_utils.Database) -> Verdict:  # the check again, and the reservation, in one transaction
             now = time.time()
+            refused = self._refusal(db, address, now)
+            if refused:
+                return refused
             db.execute("delete from login_failures where at <= ?", (iso(now - max(ADDRESS_WINDOW_S, self.window_s)),))
-            n, last = self._address(db, address, now)
-            wait = _seconds_until(last, self.window_s, now) if n >= self.address_attempts else 0
-            if wait:
-                return Verdict(None, wait, f"Too many failed logins from {address}. Locked out: try again in "
-                                           f"{duration(wait)} (or run `strategy-host unlock` on the server).")
-            n, last = self._global(db, now)
-            wait = _seconds_until(last, self._delay(n), now) if last else 0
-            if wait:
-                return Verdict(None, wait, f"Too many failed logins (from any address): logins are slowed down. "
-                                           f"Try again in {duration(wait)}.")
             return Verdict(Storage.insert(db, "login_failures", {"address": address, "at": iso(now)}))
         return self.storage.write(run)
 

@@ -31,10 +31,6 @@ def init_app(app: Flask, settings: Settings) -> None:
                       SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=settings.DASHBOARD_COOKIE_SECURE,
                       PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.DASHBOARD_SESSION_HOURS),
                       SESSION_REFRESH_EACH_REQUEST=False)
-    store = SessionStore(app.extensions["host"].storage, settings.DASHBOARD_SESSION_HOURS * 3600.0,
-                         fingerprint(settings))
-    store.purge()  # a new DASHBOARD_PASSWORD ends the sessions opened under the old one, here and now
-    app.extensions["sessions"] = store
     form_action = "'self'"
     if not settings.paper:  # "Connect broker" posts to us, and we redirect to the broker's authorize page
         parts = urlsplit(settings.SHOONYA_OAUTH_URL)
@@ -84,14 +80,21 @@ def refuse_debug_off_loopback(app: Flask, settings: Settings) -> None:
 
 # ---- sessions: the signed cookie carries only the id of a row in dashboard_sessions ----
 def _sessions() -> SessionStore:
-    return current_app.extensions["sessions"]
+    """The app's session store, made at its first use (create_app opens no database)."""
+    store = current_app.extensions.get("sessions")
+    if store is None:
+        rt = current_app.extensions["host"]
+        store = SessionStore(rt.storage, rt.settings.DASHBOARD_SESSION_HOURS * 3600.0, fingerprint(rt.settings))
+        store.purge()  # sessions opened under an earlier DASHBOARD_PASSWORD (or API_TOKEN) are gone for good
+        current_app.extensions["sessions"] = store
+    return store
 
 
 def logged_in() -> bool:
     """The cookie names a session that still exists server-side (once per request)."""
     if "logged_in" not in g:
-        sid = session.get("sid")
-        g.logged_in = isinstance(sid, str) and _sessions().valid(sid)
+        store, sid = _sessions(), session.get("sid")
+        g.logged_in = isinstance(sid, str) and store.valid(sid)
     return g.logged_in
 
 
