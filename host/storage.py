@@ -158,6 +158,7 @@ def _m9_sessions(db: sqlite_utils.Database) -> None:
                                      "fingerprint": str}, pk="id")
     db["dashboard_sessions"].create_index(["expires_at"])
     db["login_failures"].create_index(["at"])  # the global slow-down counts every address's failures
+    db["login_failures"].add_column("device", str)  # a browser that logged in before has its own slow-down
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,

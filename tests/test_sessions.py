@@ -211,7 +211,7 @@ def test_an_address_is_locked_only_after_many_failures_and_unlock_clears_it(host
     assert r.status_code == 429 and "Locked out: try again in 10 min" in r.get_data(as_text=True)
     assert int(r.headers["Retry-After"]) > 590
     # the owner elsewhere is neither locked out nor slowed down by the locked address's failures
-    assert attempt(h.client).status_code == 302
+    assert attempt(h.app.test_client()).status_code == 302
     locked = events(h, "login_failed")[-1]
     assert locked["data"]["address"] == ATTACKER and locked["data"]["locked_s"] == 600 and ATTACKER in locked["message"]
     out = unlock_cli(data_dir)
@@ -223,3 +223,29 @@ def test_an_address_is_locked_only_after_many_failures_and_unlock_clears_it(host
 def test_unlock_without_a_database_says_so(tmp_path):
     out = unlock_cli(tmp_path / "none")
     assert out.returncode == 1 and "nothing is locked" in out.stderr and not (tmp_path / "none" / "host.sqlite").exists()
+
+
+def test_a_browser_that_logged_in_before_is_kept_out_by_no_stranger(host_factory):
+    h = host_factory(DASHBOARD_LOGIN_ATTEMPTS=3, DASHBOARD_ADDRESS_LOCK_ATTEMPTS=4, TRUST_PROXY_HEADERS="true")
+    owner, stranger = h.app.test_client(), h.app.test_client()
+    assert attempt(owner, address="127.0.0.1").status_code == 302  # through the proxy, like everyone
+    cookie = owner.get_cookie("strategy_host_device", path="/login")
+    assert cookie is not None and cookie.http_only
+    assert post(owner, "/logout").status_code == 302
+    for i in range(9):  # guesses through the same proxy address, then from rotating ones, timed to the delay
+        age_failures(h, 61)
+        assert attempt(stranger, "guess-guess", "127.0.0.1" if i < 4 else f"203.0.113.{i}").status_code in (401, 429)
+    assert failures(h) == 9
+    assert attempt(stranger, "guess-guess", address="127.0.0.1").status_code == 429  # the proxy address: locked
+    assert attempt(stranger, address="203.0.113.99").status_code == 429            # everyone else: slowed down
+    assert attempt(owner, address="127.0.0.1").status_code == 302  # the owner's browser: straight in
+    # a forged or foreign browser mark is nobody's
+    forged = h.app.test_client()
+    forged.set_cookie("strategy_host_device", "forged.value", path="/login")
+    assert attempt(forged, address="203.0.113.98").status_code == 429
+    # the owner's browser has its own slow-down: a stolen mark buys only that
+    assert post(owner, "/logout").status_code == 302
+    codes = [attempt(owner, "guess-guess", address="203.0.113.97").status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]
+    last = events(h, "login_failed")[-1]["data"]
+    assert last["known_browser"] is True and last["address"] == "203.0.113.97" and last["wait_s"] == 1

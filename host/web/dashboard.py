@@ -65,16 +65,16 @@ def login() -> Any:
     address = client_ip(_rt().settings.TRUST_PROXY_HEADERS)
     error, code, retry_after = None, 200, 0
     if request.method == "POST":
-        throttle = LoginThrottle(_rt().storage, _rt().settings)
-        verdict = throttle.begin(address)
+        throttle, device = LoginThrottle(_rt().storage, _rt().settings), security.known_device()
+        verdict = throttle.begin(address, device)
         if verdict.attempt is None:
             error, code, retry_after = verdict.message, 429, verdict.wait_s
         elif security.password_ok(request.form.get("password", ""), _rt().settings.DASHBOARD_PASSWORD):
             throttle.succeeded(verdict, address)
             security.start_session(address)
-            return redirect(_safe_next(request.args.get("next")))
+            return security.remember_device(redirect(_safe_next(request.args.get("next"))))
         else:
-            failure = throttle.failed(address)
+            failure = throttle.failed(address, device)
             error, code, retry_after = failure.message, failure.code, failure.retry_after
     response = Response(render_template("login.html", title="Log in", error=error), code)
     if retry_after:

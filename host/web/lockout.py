@@ -6,6 +6,8 @@ DASHBOARD_LOGIN_ATTEMPTS failures (from any address) within DASHBOARD_LOCKOUT_S,
 anywhere waits min(2^(n-k), DASHBOARD_LOGIN_DELAY_MAX_S) seconds after the last failure: rotating
 addresses buys no extra guesses, and the owner waits at most that long. One address is locked out only
 after DASHBOARD_ADDRESS_LOCK_ATTEMPTS failures within a day; its failures then no longer slow the others.
+A browser that logged in before (a signed cookie) is slowed only by its own failures: a stranger's
+guesses, however timed, never keep the owner out.
 """
 from __future__ import annotations
 
@@ -64,18 +66,22 @@ class LoginThrottle:
 
     # ---- counting ----
     def _address(self, db: sqlite_utils.Database, address: str, now: float) -> tuple[int, Optional[str]]:
-        """Failures from this address within a day, and the latest one."""
-        n, last = db.execute("select count(*), max(at) from login_failures where address = ? and at > ?",
-                             (address, iso(now - ADDRESS_WINDOW_S))).fetchone()
+        """Failures from this address (browsers not known) within a day, and the latest one."""
+        n, last = db.execute("select count(*), max(at) from login_failures where address = ? and device is null "
+                             "and at > ?", (address, iso(now - ADDRESS_WINDOW_S))).fetchone()
         return n, last
 
-    def _global(self, db: sqlite_utils.Database, now: float) -> tuple[int, Optional[str]]:
-        """Failures from any address not locked out, within the window, and the latest one."""
-        n, last = db.execute(
-            "select count(*), max(at) from login_failures where at > ? and address not in "
-            "(select address from login_failures where at > ? group by address having count(*) >= ?)",
-            (iso(now - self.window_s), iso(now - ADDRESS_WINDOW_S), self.address_attempts)).fetchone()
-        return n, last
+    def _shared(self, db: sqlite_utils.Database, device: Optional[str], now: float) -> tuple[int, Optional[str]]:
+        """The failures that slow this attempt, within the window, and the latest one: a known browser's own;
+        otherwise those of every address not locked out (rotating addresses changes nothing)."""
+        if device:
+            return db.execute("select count(*), max(at) from login_failures where device = ? and at > ?",
+                              (device, iso(now - self.window_s))).fetchone()
+        return db.execute(
+            "select count(*), max(at) from login_failures where device is null and at > ? and address not in "
+            "(select address from login_failures where device is null and at > ? group by address "
+            "having count(*) >= ?)", (iso(now - self.window_s), iso(now - ADDRESS_WINDOW_S),
+                                      self.address_attempts)).fetchone()
 
     def _delay(self, failures: int) -> int:
         """Seconds the next attempt waits after the latest of `failures` (0 while some are still free)."""
@@ -84,33 +90,38 @@ class LoginThrottle:
         return min(2 ** min(failures - self.free, 30), self.delay_max_s)
 
     # ---- an attempt ----
-    def _refusal(self, db: sqlite_utils.Database, address: str, now: float) -> Optional[Verdict]:
-        """Why an attempt from this address must wait now, or None when it may go ahead."""
-        n, last = self._address(db, address, now)
+    def _refusal(self, db: sqlite_utils.Database, address: str, device: Optional[str], now: float) -> Optional[Verdict]:
+        """Why this attempt must wait now, or None when it may go ahead."""
+        n, last = (0, None) if device else self._address(db, address, now)
         wait = _seconds_until(last, self.window_s, now) if n >= self.address_attempts else 0
         if wait:
             return Verdict(None, wait, f"Too many failed logins from {address}. Locked out: try again in "
                                        f"{duration(wait)} (or run `strategy-host unlock` on the server).")
-        n, last = self._global(db, now)
+        n, last = self._shared(db, device, now)
         wait = _seconds_until(last, self._delay(n), now) if last else 0
         if wait:
-            return Verdict(None, wait, f"Too many failed logins (from any address): logins are slowed down. "
+            whose = "in this browser" if device else "(from any address)"
+            return Verdict(None, wait, f"Too many failed logins {whose}: logins are slowed down. "
                                        f"Try again in {duration(wait)}.")
         return None
 
-    def begin(self, address: str) -> Verdict:
-        """Refuse the attempt (with the wait), or reserve its row: it counts as a failure unless it succeeds."""
-        refused = self.storage.read(lambda db: self._refusal(db, address, time.time()))
+    def begin(self, address: str, device: Optional[str] = None) -> Verdict:
+        """Refuse the attempt (with the wait), or reserve its row: it counts as a failure unless it succeeds.
+
+        `device` is a browser that logged in before (its signed cookie): it is slowed only by its own
+        failures, so that strangers' guesses can neither lock nor slow the owner out.
+        """
+        refused = self.storage.read(lambda db: self._refusal(db, address, device, time.time()))
         if refused:  # a flood of refused attempts costs reads only, never the engine's write lock
             return refused
 
         def run(db: sqlite_utils.Database) -> Verdict:  # the check again, and the reservation, in one transaction
             now = time.time()
-            refused = self._refusal(db, address, now)
+            refused = self._refusal(db, address, device, now)
             if refused:
                 return refused
             db.execute("delete from login_failures where at <= ?", (iso(now - max(ADDRESS_WINDOW_S, self.window_s)),))
-            return Verdict(Storage.insert(db, "login_failures", {"address": address, "at": iso(now)}))
+            return Verdict(Storage.insert(db, "login_failures", {"address": address, "at": iso(now), "device": device}))
         return self.storage.write(run)
 
     def succeeded(self, verdict: Verdict, address: str) -> None:
@@ -119,14 +130,16 @@ class LoginThrottle:
             db.execute("delete from login_failures where id = ?", (verdict.attempt,)),
             Storage.add_event(db, "login", f"dashboard login from {address}", data={"address": address})))
 
-    def failed(self, address: str) -> Failure:
+    def failed(self, address: str, device: Optional[str] = None) -> Failure:
         """The password was wrong (its row stays): the answer, and an event naming the address."""
         def run(db: sqlite_utils.Database) -> Failure:
             now = time.time()
-            from_address, _ = self._address(db, address, now)
-            n, _ = self._global(db, now)
+            from_address = 0 if device else self._address(db, address, now)[0]
+            n = self._shared(db, device, now)[0]
             delay = self._delay(n)
-            data = {"address": address, "failures": n, "from_address": from_address, "wait_s": delay}
+            whose = "in this browser" if device else "from any address"
+            data = {"address": address, "failures": n, "from_address": from_address, "wait_s": delay,
+                    "known_browser": bool(device)}
             if from_address >= self.address_attempts:
                 out = Failure(429, f"Wrong password. Too many failed logins from {address}: locked out for "
                                    f"{duration(self.window_s)}.", self.window_s)
@@ -134,9 +147,9 @@ class LoginThrottle:
                            f"locked out for {duration(self.window_s)}")
                 data["locked_s"] = self.window_s
             elif delay:
-                out = Failure(401, f"Wrong password. Too many failed logins: the next attempt, from any address, "
-                                   f"is possible in {duration(delay)}.", delay)
-                message = (f"dashboard login failed from {address}: {n} failures from any address, "
+                out = Failure(401, f"Wrong password. Too many failed logins: the next attempt {whose} is possible "
+                                   f"in {duration(delay)}.", delay)
+                message = (f"dashboard login failed from {address}: {n} failures {whose}, "
                            f"logins now wait {duration(delay)}")
             else:
                 left = self.free - n

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, g, request, session
+from itsdangerous import BadSignature, URLSafeSerializer
 
 from ..config import ConfigError, Settings
 from ..models import Problem
@@ -20,6 +21,7 @@ from .sessions import SessionStore, fingerprint
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 LOOPBACK_NAMES = ("localhost",)
+DEVICE_COOKIE, DEVICE_DAYS = "strategy_host_device", 365
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -124,6 +126,28 @@ def end_every_session(address: str) -> int:
     session.clear()
     g.logged_in = False
     return n
+
+
+def known_device() -> Optional[str]:
+    """This browser's id when it logged in here before (a cookie signed under the current password), else None."""
+    raw = request.cookies.get(DEVICE_COOKIE)
+    try:
+        device = _device_signer().loads(raw) if raw else None
+    except BadSignature:
+        return None
+    return device if isinstance(device, str) else None
+
+
+def remember_device(response: Response) -> Response:
+    """Mark this browser as one the owner logged in from: its logins are slowed only by its own failures."""
+    response.set_cookie(DEVICE_COOKIE, _device_signer().dumps(known_device() or secrets.token_urlsafe(16)),
+                        max_age=DEVICE_DAYS * 86400, path="/login", httponly=True, samesite="Lax",
+                        secure=current_app.config["SESSION_COOKIE_SECURE"])
+    return response
+
+
+def _device_signer() -> URLSafeSerializer:
+    return URLSafeSerializer(current_app.secret_key, salt="known-browser")
 
 
 def csrf_token() -> str:
