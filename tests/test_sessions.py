@@ -104,6 +104,20 @@ def test_sessions_expire_server_side(host):
     assert not signed_in(host.client)
 
 
+def test_a_shorter_session_lifetime_applies_to_sessions_already_open(host_factory):
+    old = host_factory()
+    assert attempt(old.client).status_code == 302
+    cookie = old.client.get_cookie(COOKIE).value
+    old.runtime.storage.write(lambda db: db.execute(
+        "update dashboard_sessions set created_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now', '-2 hours')"))
+    assert signed_in(old.client)  # 2 h into 12
+    old.stop()
+    old.runtime.storage.close()
+    new = host_factory(DASHBOARD_SESSION_HOURS=1)
+    new.client.set_cookie(COOKIE, cookie)
+    assert not signed_in(new.client) and session_rows(new) == 0
+
+
 def test_a_restart_keeps_a_valid_session_but_never_a_logged_out_one(host):
     assert attempt(host.client).status_code == 302
     cookie = host.client.get_cookie(COOKIE).value

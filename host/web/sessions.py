@@ -41,15 +41,17 @@ class SessionStore:
     def open(self, address: str) -> str:
         """A new session from `address`; the token goes into the signed cookie, only its hash is stored."""
         token, now = secrets.token_urlsafe(32), time.time()
-        self.storage.write(lambda db: Storage.insert(db, "dashboard_sessions", {
+        self.storage.write(lambda db: (self._forget_ended(db, now), Storage.insert(db, "dashboard_sessions", {
             "id": _row_id(token), "created_at": iso(now), "expires_at": iso(now + self.lifetime_s),
-            "address": address, "fingerprint": self.fingerprint}))
+            "address": address, "fingerprint": self.fingerprint})))
         return token
 
     def valid(self, token: str) -> bool:
-        """The session exists, has not expired and was opened under the current password."""
-        return self.storage.one("select 1 from dashboard_sessions where id = ? and fingerprint = ? and expires_at > ?",
-                                (_row_id(token), self.fingerprint, iso(time.time()))) is not None
+        """The session exists, was opened under the current password, and within the current lifetime."""
+        now = time.time()
+        return self.storage.one("select 1 from dashboard_sessions where id = ? and fingerprint = ? and expires_at > ? "
+                                "and created_at > ?", (_row_id(token), self.fingerprint, iso(now),
+                                                       iso(now - self.lifetime_s))) is not None
 
     def end(self, token: str) -> None:
         self.storage.write(lambda db: db.execute("delete from dashboard_sessions where id = ?", (_row_id(token),)))
@@ -65,11 +67,8 @@ class SessionStore:
 
     def purge(self) -> int:
         """Forget expired sessions and those opened under another password; the number removed."""
-        return self.storage.write(lambda db: db.execute(
-            "delete from dashboard_sessions where expires_at <= ? or fingerprint != ?",
-            (iso(time.time()), self.fingerprint)).rowcount)
+        return self.storage.write(lambda db: self._forget_ended(db, time.time()))
 
-    def count(self) -> int:
-        """Sessions that are still valid."""
-        return self.storage.one("select count(*) n from dashboard_sessions where fingerprint = ? and expires_at > ?",
-                                (self.fingerprint, iso(time.time())))["n"]
+    def _forget_ended(self, db: sqlite_utils.Database, now: float) -> int:
+        return db.execute("delete from dashboard_sessions where expires_at <= ? or created_at <= ? or fingerprint != ?",
+                          (iso(now), iso(now - self.lifetime_s), self.fingerprint)).rowcount
