@@ -170,6 +170,24 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """End the dashboard's login lockouts and slow-down (the host may be running: it reads them each attempt)."""
+    from .storage import Storage, database_is_empty
+    from .web.lockout import unlock
+    settings = _load(args.env)
+    if database_is_empty(settings.db_path):
+        print(f"no database at {settings.db_path}: nothing is locked", file=sys.stderr)
+        return 1
+    storage = Storage(settings.db_path)
+    try:
+        n = unlock(storage, "strategy-host unlock")
+    finally:
+        storage.close()
+    print(f"dashboard logins unlocked: {n} failed login{'s' if n != 1 else ''} forgotten, no address is locked "
+          f"out and logins are not slowed down")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="strategy-host", description="Strategy host for Shoonya (Noren OMS)")
     parser.add_argument("--version", action="version", version=f"strategy-host {__version__}")
@@ -200,6 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sim.add_argument("--session", action="append", metavar="UID:TOKEN",
                      help="a session that is valid from the start (for SHOONYA_AUTH=token)")
     sim.set_defaults(func=cmd_sim)
+    unlock = sub.add_parser("unlock", help="end the dashboard's login lockouts and slow-down")
+    unlock.add_argument("--env", help="config file (default: only the environment)")
+    unlock.set_defaults(func=cmd_unlock)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

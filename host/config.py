@@ -173,8 +173,11 @@ VARS: tuple[Var, ...] = (
     Var("REQUIRE_KNOWN_STRATEGY", _bool, "false", "reject alerts whose strategy has no plugin"),
     Var("DASHBOARD_COOKIE_SECURE", _bool, "false", "mark the session cookie Secure (serve over HTTPS)"),
     Var("DASHBOARD_SESSION_HOURS", _int(1, 720), "12", "hours a dashboard login lasts"),
-    Var("DASHBOARD_LOGIN_ATTEMPTS", _int(1, 100), "5", "failed logins from one address before it is locked out"),
-    Var("DASHBOARD_LOCKOUT_S", _int(1, 86400), "900", "seconds a locked-out address must wait"),
+    Var("DASHBOARD_LOGIN_ATTEMPTS", _int(1, 100), "5", "failed logins (from any address) within DASHBOARD_LOCKOUT_S before each further one must wait 1, 2, 4 ... s"),
+    Var("DASHBOARD_LOCKOUT_S", _int(1, 86400), "900", "seconds in which failed logins slow logins down, and a locked-out address must wait"),
+    # revocable sessions and a lockout that cannot be turned against the owner (host/web/lockout.py)
+    Var("DASHBOARD_LOGIN_DELAY_MAX_S", _int(1, 3600), "60", "the longest wait between failed logins (from any address)"),
+    Var("DASHBOARD_ADDRESS_LOCK_ATTEMPTS", _int(1, 100000), "50", "failed logins from one address within 24 h before it is locked out for DASHBOARD_LOCKOUT_S (`strategy-host unlock` ends it)"),
     Var("MARKET_PROTECTION_PCT", _decimal(Decimal("0.1"), Decimal("20"), "a percentage from 0.1 to 20"), "2", "market orders become limit orders this far through the LTP"),
     Var("LTP_MAX_AGE_S", _int(1, 60), "5", "a feed price older than this many seconds is not used to protect a market order (GetQuotes is asked instead)"),
     Var("SQUARE_OFF_TIME", _hhmm_or_off, "15:15", "intraday (MIS) square-off time, Asia/Kolkata, or off"),

@@ -151,10 +151,20 @@ def _m8_protections(db: sqlite_utils.Database) -> None:
                                   "updated_at": str}, pk="strategy")
 
 
+def _m9_sessions(db: sqlite_utils.Database) -> None:
+    # dashboard sessions kept server-side (host/web/sessions.py): the signed cookie carries only a random id,
+    # stored here as its SHA-256; logout, "log out everywhere" and a new password delete the rows
+    db["dashboard_sessions"].create({"id": str, "created_at": str, "expires_at": str, "address": str,
+                                     "fingerprint": str}, pk="id")
+    db["dashboard_sessions"].create_index(["expires_at"])
+    db["login_failures"].create_index(["at"])  # the global slow-down counts every address's failures
+    db["login_failures"].add_column("device", str)  # a browser that logged in before has its own slow-down
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
-                                                                  _m8_protections)
+                                                                  _m8_protections, _m9_sessions)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

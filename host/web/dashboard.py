@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any, Callable, Optional
 from urllib.parse import urlencode
 
-from flask import (Blueprint, Response, current_app, flash, redirect, render_template, request, session,
+from flask import (Blueprint, Response, current_app, flash, redirect, render_template, request,
                    url_for)
 from markupsafe import Markup
 
@@ -17,6 +17,7 @@ from ..models import OrderStatus, TradingState
 from ..risk import _day_start_utc, warning_level
 from ..storage import dec
 from . import charts, control, security
+from .lockout import LoginThrottle
 from .webhook import client_ip
 
 bp = Blueprint("dashboard", __name__)
@@ -32,11 +33,6 @@ NAV = (("dashboard.overview", "Overview"), ("dashboard.orders", "Orders"), ("das
 
 def _rt() -> Any:
     return current_app.extensions["host"]
-
-
-def _throttle() -> security.LoginThrottle:
-    s = _rt().settings
-    return security.LoginThrottle(_rt().storage, s.DASHBOARD_LOGIN_ATTEMPTS, s.DASHBOARD_LOCKOUT_S)
 
 
 @bp.before_request
@@ -67,31 +63,37 @@ def _refused(code: int, message: str) -> Response:
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     address = client_ip(_rt().settings.TRUST_PROXY_HEADERS)
-    throttle, error, code = _throttle(), None, 200
+    error, code, retry_after = None, 200, 0
     if request.method == "POST":
-        wait = throttle.locked_for(address)
-        if wait:
-            error, code = f"Too many failed logins from {address}. Locked out: try again in {_duration(wait)}.", 429
+        throttle, device = LoginThrottle(_rt().storage, _rt().settings), security.known_device()
+        verdict = throttle.begin(address, device)
+        if verdict.attempt is None:
+            error, code, retry_after = verdict.message, 429, verdict.wait_s
         elif security.password_ok(request.form.get("password", ""), _rt().settings.DASHBOARD_PASSWORD):
-            throttle.succeeded(address)
-            security.start_session()
-            return redirect(_safe_next(request.args.get("next")))
+            throttle.succeeded(verdict, address)
+            security.start_session(address)
+            return security.remember_device(redirect(_safe_next(request.args.get("next"))))
         else:
-            left = throttle.failed(address)
-            error, code = ((f"Wrong password. {left} attempt{'s' if left != 1 else ''} left before a lockout.", 401)
-                           if left else (f"Wrong password. Too many failed logins: locked out for "
-                                         f"{_duration(_rt().settings.DASHBOARD_LOCKOUT_S)}.", 429))
-    return Response(render_template("login.html", title="Log in", error=error), code)
+            failure = throttle.failed(address, device)
+            error, code, retry_after = failure.message, failure.code, failure.retry_after
+    response = Response(render_template("login.html", title="Log in", error=error), code)
+    if retry_after:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 @bp.post("/logout")
 def logout() -> Response:
-    session.clear()
+    security.end_session()
     return redirect(url_for("dashboard.login"))
 
 
-def _duration(seconds: int) -> str:
-    return f"{seconds} s" if seconds < 120 else f"{(seconds + 59) // 60} min"
+@bp.post("/logout-everywhere")
+def logout_everywhere() -> Response:
+    """Every session ends, in every browser (a stolen cookie too); this one logs in again."""
+    n = security.end_every_session(client_ip(_rt().settings.TRUST_PROXY_HEADERS))
+    flash(f"Logged out everywhere: {n} session{'s' if n != 1 else ''} ended.", "ok")
+    return redirect(url_for("dashboard.login"))
 
 
 def _safe_next(target: Optional[str]) -> str:

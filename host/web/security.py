@@ -1,4 +1,4 @@
-"""Dashboard sessions, login lockout, CSRF tokens and the security headers every answer carries."""
+"""Dashboard sessions (the cookie side), CSRF tokens, debug refusal and the security headers every answer carries."""
 from __future__ import annotations
 
 import hashlib
@@ -7,23 +7,25 @@ import ipaddress
 import secrets
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, current_app, request, session
+from flask import Flask, Response, current_app, g, request, session
+from itsdangerous import BadSignature, URLSafeSerializer
 
 from ..config import ConfigError, Settings
 from ..models import Problem
-from ..storage import Storage, utcnow
+from .sessions import SessionStore, fingerprint
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 LOOPBACK_NAMES = ("localhost",)
+DEVICE_COOKIE, DEVICE_DAYS = "strategy_host_device", 365
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Signed session cookie, lifetime, debug refusal and the security headers."""
+    """Signed session cookie, server-side sessions, lifetime, debug refusal and the security headers."""
     refuse_debug_off_loopback(app, settings)
     key = hmac.new(settings.API_TOKEN.encode(), b"dashboard-session:" + settings.DASHBOARD_PASSWORD.encode(),
                    hashlib.sha256).hexdigest()  # a new password or token ends every session
@@ -78,22 +80,81 @@ def refuse_debug_off_loopback(app: Flask, settings: Settings) -> None:
     app.run = run_on_loopback_only  # type: ignore[method-assign]
 
 
-# ---- sessions ----
+# ---- sessions: the signed cookie carries only the id of a row in dashboard_sessions ----
+def _sessions() -> SessionStore:
+    """The app's session store, made at its first use (create_app opens no database)."""
+    store = current_app.extensions.get("sessions")
+    if store is None:
+        rt = current_app.extensions["host"]
+        store = SessionStore(rt.storage, rt.settings.DASHBOARD_SESSION_HOURS * 3600.0, fingerprint(rt.settings))
+        store.purge()  # sessions opened under an earlier DASHBOARD_PASSWORD (or API_TOKEN) are gone for good
+        current_app.extensions["sessions"] = store
+    return store
+
+
 def logged_in() -> bool:
-    """A signed session from a login within the session lifetime."""
-    at = session.get("login_at")
-    if not session.get("user") or not isinstance(at, (int, float)):
-        return False
-    return time.time() - at < current_app.permanent_session_lifetime.total_seconds()
+    """The cookie names a session that still exists server-side (once per request)."""
+    if "logged_in" not in g:
+        store, sid = _sessions(), session.get("sid")
+        g.logged_in = isinstance(sid, str) and store.valid(sid)
+    return g.logged_in
 
 
-def start_session() -> None:
+def start_session(address: str) -> None:
+    """A new session: any earlier id in this browser is forgotten (no fixation)."""
+    old = session.get("sid")
+    if isinstance(old, str):
+        _sessions().end(old)
     session.clear()
     session.permanent = True
-    session.update(user="trader", login_at=time.time(), csrf=secrets.token_urlsafe(32))
+    session["sid"] = _sessions().open(address)
+    g.logged_in = True
+
+
+def end_session() -> None:
+    """Logout: the row goes, so a copy of the cookie is worthless from now on."""
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        _sessions().end(sid)
+    session.clear()
+    g.logged_in = False
+
+
+def end_every_session(address: str) -> int:
+    """Log out everywhere: every session's row goes, this one's too."""
+    n = _sessions().end_all(address)
+    session.clear()
+    g.logged_in = False
+    return n
+
+
+def known_device() -> Optional[str]:
+    """This browser's id when it logged in here before (a cookie signed under the current password), else None."""
+    raw = request.cookies.get(DEVICE_COOKIE)
+    try:
+        device = _device_signer().loads(raw) if raw else None
+    except BadSignature:
+        return None
+    return device if isinstance(device, str) else None
+
+
+def remember_device(response: Response) -> Response:
+    """Mark this browser as one the owner logged in from: its logins are slowed only by its own failures."""
+    response.set_cookie(DEVICE_COOKIE, _device_signer().dumps(known_device() or secrets.token_urlsafe(16)),
+                        max_age=DEVICE_DAYS * 86400, path="/login", httponly=True, samesite="Lax",
+                        secure=current_app.config["SESSION_COOKIE_SECURE"])
+    return response
+
+
+def _device_signer() -> URLSafeSerializer:
+    return URLSafeSerializer(current_app.secret_key, salt="known-browser")
 
 
 def csrf_token() -> str:
+    """Bound to the session id once logged in (derived, so the cookie carries nothing else); before, random."""
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        return hmac.new(current_app.secret_key.encode(), b"csrf:" + sid.encode(), hashlib.sha256).hexdigest()
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
     return session["csrf"]
@@ -105,7 +166,7 @@ def csrf_problem() -> Optional[str]:
     if origin and origin != "null" and urlsplit(origin).netloc != request.host:
         return f"cross-site request refused: expected Origin {request.host_url.rstrip('/')}, found {origin}"
     given = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD) or ""
-    expected = session.get("csrf", "")
+    expected = csrf_token()
     if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         return (f"CSRF token missing or wrong: expected the page's token in the {CSRF_FIELD!r} field or the "
                 f"{CSRF_HEADER} header; reload the page and try again")
@@ -131,41 +192,6 @@ class RefreshLimiter:
                 self._buckets.clear()
             self._buckets[key] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
             return tokens >= 1
-
-
-# ---- login lockout (shared by every worker through the database) ----
-class LoginThrottle:
-    """Counts failed logins per address; too many within the lockout window lock that address out."""
-
-    def __init__(self, storage: Storage, attempts: int, lockout_s: int):
-        self.storage, self.attempts, self.lockout_s = storage, attempts, lockout_s
-
-    def _since(self) -> str:
-        return (datetime.now(timezone.utc) - timedelta(seconds=self.lockout_s)).isoformat(timespec="milliseconds")
-
-    def locked_for(self, address: str) -> int:
-        """Seconds this address must still wait; 0 when it may try."""
-        rows = self.storage.rows("select at from login_failures where address = ? and at > ? order by at desc",
-                                 (address, self._since()))
-        if len(rows) < self.attempts:
-            return 0
-        unlock = datetime.fromisoformat(rows[self.attempts - 1]["at"]) + timedelta(seconds=self.lockout_s)
-        return max(1, int((unlock - datetime.now(timezone.utc)).total_seconds() + 0.999))
-
-    def failed(self, address: str) -> int:
-        """Record a failure; the attempts left before the lockout."""
-        def run(db: Any) -> None:
-            db.execute("delete from login_failures where at < ?", (self._since(),))
-            db.execute("insert into login_failures (address, at) values (?, ?)", (address, utcnow()))
-            Storage.add_event(db, "login_failed", f"dashboard login failed from {address}", "warning")
-        self.storage.write(run)
-        n = self.storage.one("select count(*) n from login_failures where address = ? and at > ?",
-                             (address, self._since()))["n"]
-        return max(0, self.attempts - n)
-
-    def succeeded(self, address: str) -> None:
-        self.storage.write(lambda db: (db.execute("delete from login_failures where address = ?", (address,)),
-                                       Storage.add_event(db, "login", f"dashboard login from {address}")))
 
 
 def password_ok(given: str, expected: str) -> bool:
