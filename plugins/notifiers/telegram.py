@@ -42,7 +42,8 @@ HELP = ("/status /pnl /positions /orders /risk /strategies\n/halt /reduceonly /r
 # event kind (or prefix) -> category, title
 KINDS: dict[str, tuple[str, str]] = {
     "host_started": ("system", "Host started"), "host_stopped": ("system", "Host stopped"),
-    "login_failed": ("system", "Dashboard login failed"),
+    "login_failed": ("system", "Dashboard login failed"), "logout_all": ("system", "Dashboard: logged out everywhere"),
+    "login_unlocked": ("system", "Dashboard logins unlocked"),
     "broker_session_valid": ("broker", "Broker session restored"),
     "broker_session_expired": ("broker", "Broker session lost"),
     "broker_session_expiring": ("broker", "Broker session expiring"),
