@@ -66,7 +66,7 @@ def _refused(code: int, message: str) -> Response:
 # ---- login ----
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    address = client_ip(_rt().settings.TRUST_PROXY_HEADERS)
+    address = client_ip()
     throttle, error, code = _throttle(), None, 200
     if request.method == "POST":
         wait = throttle.locked_for(address)
