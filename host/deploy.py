@@ -1,6 +1,7 @@
 """`strategy-host deploy`: the systemd unit, the settings and an HTTPS proxy config for a server, explained."""
 from __future__ import annotations
 
+import io
 import ipaddress
 import re
 import secrets
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+from dotenv import dotenv_values
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from . import __version__
+from .config import SECRET_NAMES
 from .web import MAX_BODY
 
 TRADINGVIEW_IPS = ("52.89.214.238", "34.212.75.30", "54.218.53.128", "52.32.178.7")
@@ -151,7 +154,10 @@ def _context(opts: DeployOptions, secret_values: dict[str, str]) -> dict:
         "version": __version__, "unit_name": UNIT_NAME, "unit_path": UNIT_PATH, "env_path": ENV_PATH,
         "env_file": ENV_PATH, "proxy_path": PROXY_PATHS[opts.proxy], "data_dir": data_dir,
         "plugins_dir": f"{data_dir}/plugins", "state_directory": data_dir[len("/var/lib/"):],
-        "webhook_ips": webhook_allowlist(opts), "extra_ips": bool(opts.webhook_ips),
+        "webhook_ips": webhook_allowlist(opts),
+        "allow_note": " and ".join(n for n, on in (("TradingView's senders", opts.tradingview_only),
+                                                    ("the addresses given with --webhook-ip", bool(opts.webhook_ips)))
+                                   if on),
         "cert": opts.cert or f"/etc/letsencrypt/live/{opts.domain}/fullchain.pem",
         "key": opts.key or f"/etc/letsencrypt/live/{opts.domain}/privkey.pem",
         "listen_prefix": f"{opts.listen_address}:" if opts.listen_address else "",
@@ -162,13 +168,13 @@ def _context(opts: DeployOptions, secret_values: dict[str, str]) -> dict:
 
 def render(opts: DeployOptions, name: str, secret_values: Optional[dict[str, str]] = None) -> str:
     """One template rendered with the checked options."""
-    values = secret_values or dict.fromkeys(("WEBHOOK_SECRET", "DASHBOARD_PASSWORD", "API_TOKEN"), SECRET_PLACEHOLDER)
+    values = secret_values or dict.fromkeys(SECRET_NAMES, SECRET_PLACEHOLDER)
     return _TEMPLATES.get_template(name).render(_context(check(opts), values))
 
 
 def new_secrets() -> dict[str, str]:
     """Fresh secrets for host.env (URL-safe: no quoting needed in systemd's EnvironmentFile)."""
-    return {n: secrets.token_urlsafe(24) for n in ("WEBHOOK_SECRET", "DASHBOARD_PASSWORD", "API_TOKEN")}
+    return {n: secrets.token_urlsafe(24) for n in SECRET_NAMES}
 
 
 def plan(opts: DeployOptions, secret_values: Optional[dict[str, str]] = None,
@@ -187,7 +193,7 @@ def plan(opts: DeployOptions, secret_values: Optional[dict[str, str]] = None,
                    f"{opts.proxy}: HTTPS for {opts.domain}, whole requests buffered, timeouts, a "
                    f"{MAX_BODY // 1024} KB body limit, "
                    + ("per-address rate limits on /webhook and /login, " if opts.proxy == "nginx" else "")
-                   + ("only TradingView's addresses on /webhook, " if webhook_allowlist(opts) else "")
+                   + ("an address allowlist on /webhook, " if webhook_allowlist(opts) else "")
                    + "the client's address passed to the host"),
     )
     return Plan(files, tuple(_steps(opts, plugins_source)))
@@ -229,6 +235,7 @@ class Written:
 
     path: Path
     outcome: str  # written | unchanged | kept | replaced
+    note: str = ""
 
 
 def conflicts(p: Plan, root: Path, force: bool) -> list[str]:
@@ -251,7 +258,7 @@ def write(p: Plan, root: Path, force: bool = False) -> list[Written]:
     for f in p.files:
         target = _target(root, f.path)
         if target.exists() and f.keep_existing:
-            done.append(Written(target, "kept"))
+            done.append(Written(target, "kept", _kept_differences(target, f.text)))
             continue
         if target.exists() and target.read_text(errors="replace") == f.text:
             done.append(Written(target, "unchanged"))
@@ -267,6 +274,14 @@ def write(p: Plan, root: Path, force: bool = False) -> list[Written]:
         tmp.replace(target)
         done.append(Written(target, outcome))
     return done
+
+
+def _kept_differences(kept: Path, wanted: str) -> str:
+    """The settings (never the secrets) whose kept value differs from what these options would write."""
+    old = dotenv_values(kept)
+    new = dotenv_values(stream=io.StringIO(wanted))
+    names = [k for k, v in new.items() if k not in SECRET_NAMES and old.get(k) != v]
+    return ", ".join(f"{k}={old.get(k)!r} (these options: {new[k]!r})" for k in names)
 
 
 def _target(root: Path, path: str) -> Path:
@@ -287,7 +302,10 @@ def caddy_has_request_buffers(caddy: Optional[str] = None) -> bool:
 
 
 def default_exec_path() -> str:
-    """The strategy-host script next to this Python (the virtualenv it is installed in)."""
+    """The strategy-host program being run, else the one next to this Python (its virtualenv)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "strategy-host" and argv0.is_file():
+        return str(argv0.absolute())
     return str(Path(sys.executable).parent / "strategy-host")
 
 

@@ -81,6 +81,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     for w in done:
         note = " (it holds your secrets: edit it, deploy never replaces it)" if w.outcome == "kept" else ""
         print(f"{w.outcome:>9}  {w.path}{note}")
+        if w.note:
+            print(f"  warning: {w.path} keeps other settings than these options: {w.note}; edit it to match")
     _explain(plan, opts, "wrote")
     return 0
 
