@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import os
 import re
 import secrets
 import shutil
@@ -55,8 +56,8 @@ class DeployOptions:
     https_port: int = 443
     header_timeout: int = 10
     body_timeout: int = 10
-    webhook_rate: int = 20
-    webhook_burst: int = 100
+    webhook_rate: int = 50
+    webhook_burst: int = 500
     login_rate: int = 30
     login_burst: int = 20
     caddy_request_buffers: bool = False
@@ -160,7 +161,8 @@ def _context(opts: DeployOptions, secret_values: dict[str, str]) -> dict:
                                    if on),
         "cert": opts.cert or f"/etc/letsencrypt/live/{opts.domain}/fullchain.pem",
         "key": opts.key or f"/etc/letsencrypt/live/{opts.domain}/privkey.pem",
-        "listen_prefix": f"{opts.listen_address}:" if opts.listen_address else "",
+        "listen_prefix": (f"[{opts.listen_address}]:" if ":" in opts.listen_address else f"{opts.listen_address}:")
+        if opts.listen_address else "",
         "max_body_kb": MAX_BODY // 1024, "public_port": public_port, "admin_off": opts.caddy_admin_off,
         "secrets": secret_values,
     }
@@ -269,8 +271,11 @@ def write(p: Plan, root: Path, force: bool = False) -> list[Written]:
             outcome = "replaced"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".new")
-        tmp.write_text(f.text)
-        tmp.chmod(f.mode)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, f.mode)  # secrets are never readable by others
+        with os.fdopen(fd, "w") as out:
+            out.write(f.text)
+        os.chmod(tmp, f.mode)
         tmp.replace(target)
         done.append(Written(target, outcome))
     return done

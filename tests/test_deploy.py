@@ -113,6 +113,11 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
     assert _verify(unit).returncode != 0
 
 
+def test_an_ipv6_listen_address_is_bracketed_for_nginx():
+    text = deploy.render(_opts(listen_address="::1", https_port=8443, http_port=8080), "nginx.conf")
+    assert "listen [::1]:8443 ssl;" in text and "listen [::1]:8080;" in text
+
+
 def test_the_unit_allows_writes_to_the_data_folder_only():
     text = deploy.render(_opts(data_dir="/var/lib/trader"), "strategy-host.service")
     assert re.findall(r"^ReadWritePaths=(.*)$", text, re.M) == ["/var/lib/trader"]

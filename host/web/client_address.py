@@ -59,3 +59,14 @@ def client_ip() -> str:
     proxies = s.TRUSTED_PROXIES if s.TRUST_PROXY_HEADERS else ()
     return resolve(request.remote_addr or "", request.headers.getlist("X-Forwarded-For"),
                    request.headers.get("X-Real-IP"), proxies)
+
+
+def unbelieved_forwarding() -> str:
+    """Why this request's X-Forwarded-For/X-Real-IP were not used although TRUST_PROXY_HEADERS=true, or ""."""
+    s = current_app.extensions["host"].settings
+    if not s.TRUST_PROXY_HEADERS or not (request.headers.get("X-Forwarded-For") or request.headers.get("X-Real-IP")):
+        return ""
+    peer = request.remote_addr or ""
+    if in_networks(parse_address(peer), s.TRUSTED_PROXIES):
+        return ""
+    return f" (its X-Forwarded-For/X-Real-IP are not believed: the peer {peer} is not in TRUSTED_PROXIES)"

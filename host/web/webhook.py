@@ -15,7 +15,7 @@ from ..inbox import AlertRecord, body_hash
 from ..storage import StorageFull
 from ..validation import parse_alert, unencodable, unique_keys
 from ..views import engine_alive, order_record
-from .client_address import client_ip, in_networks, parse_address
+from .client_address import client_ip, in_networks, parse_address, unbelieved_forwarding
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
@@ -81,7 +81,7 @@ def webhook():
     s = rt.settings
     ip = client_ip()
     if s.WEBHOOK_ALLOWED_IPS and not in_networks(parse_address(ip), s.WEBHOOK_ALLOWED_IPS):
-        return _reply("forbidden", 403, error=f"caller {ip} is not in WEBHOOK_ALLOWED_IPS")
+        return _reply("forbidden", 403, error=f"caller {ip} is not in WEBHOOK_ALLOWED_IPS{unbelieved_forwarding()}")
     raw = request.get_data(cache=False)
     parsed, why = _decode(raw)
     if why:
