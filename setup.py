@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["host", "host.*"]),
     include_package_data=True,
-    package_data={"host.web": ["templates/*.html", "static/*"]},
+    package_data={"host.web": ["templates/*.html", "static/*"], "host": ["deploy_templates/*"]},
     py_modules=["wsgi"],
     install_requires=[
         "pluggy>=1.5,<2",

@@ -1,4 +1,4 @@
-"""The command line: strategy-host run | check."""
+"""The command line: strategy-host run | check | sim | deploy."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import re
 import sys
 from typing import Optional
 
-from . import __version__
+from . import __version__, deploy_cli
 from .config import SECRET_NAMES, ConfigError, Settings, load
 from .locks import FileLock
 from .tradingview import WHY_POSITION, messages
@@ -221,6 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unlock = sub.add_parser("unlock", help="end the dashboard's login lockouts and slow-down")
     unlock.add_argument("--env", help="config file (default: only the environment)")
     unlock.set_defaults(func=cmd_unlock)
+    deploy_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -166,6 +166,8 @@ VARS: tuple[Var, ...] = (
     Var("WEBHOOK_ALLOWED_IPS", _ip_list, "", "if set, only these peers may call /webhook (TradingView: 52.89.214.238,34.212.75.30,54.218.53.128,52.32.178.7)"),
     Var("WEBHOOK_REQUIRE_SIGNATURE", _bool, "false", "require an X-Signature HMAC-SHA256 header"),
     Var("TRUST_PROXY_HEADERS", _bool, "false", "take the client address from X-Forwarded-For (only behind your own proxy)"),
+    Var("TRUSTED_PROXIES", _ip_list, "127.0.0.1,::1", "with TRUST_PROXY_HEADERS=true, X-Forwarded-For/X-Real-IP are "
+        "believed only from these peers (your proxy's address; IPs or CIDR networks)"),
     Var("DEDUPE_WINDOW_S", _int(0, 3600), "10", "an identical alert body inside this many seconds is a duplicate"),
     Var("ALERT_MAX_AGE_S", _int(1, 86400), "300", "an alert still waiting this many seconds after arrival is not executed (stale)"),
     Var("ORDER_LOST_AFTER_S", _int(5, 3600), "60", "an order sent but not found in the broker's books after this many seconds is marked LOST (never resent)"),

@@ -62,7 +62,7 @@ def _refused(code: int, message: str) -> Response:
 # ---- login ----
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    address = client_ip(_rt().settings.TRUST_PROXY_HEADERS)
+    address = client_ip()
     error, code, retry_after = None, 200, 0
     if request.method == "POST":
         throttle, device = LoginThrottle(_rt().storage, _rt().settings), security.known_device()
@@ -91,7 +91,7 @@ def logout() -> Response:
 @bp.post("/logout-everywhere")
 def logout_everywhere() -> Response:
     """Every session ends, in every browser (a stolen cookie too); this one logs in again."""
-    n = security.end_every_session(client_ip(_rt().settings.TRUST_PROXY_HEADERS))
+    n = security.end_every_session(client_ip())
     flash(f"Logged out everywhere: {n} session{'s' if n != 1 else ''} ended.", "ok")
     return redirect(url_for("dashboard.login"))
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 from decimal import Decimal
@@ -16,6 +15,7 @@ from ..inbox import AlertRecord, body_hash
 from ..storage import StorageFull
 from ..validation import parse_alert, unencodable, unique_keys
 from ..views import engine_alive, order_record
+from .client_address import client_ip, in_networks, parse_address, unbelieved_forwarding
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
@@ -27,23 +27,8 @@ STATUS_CODE = {AlertStatus.ACCEPTED.value: 200, AlertStatus.DUPLICATE.value: 200
 
 def _reply(status: str, code: int, **fields: Any) -> tuple[Response, int]:
     if code >= 400 and "error" in fields:  # a client's bad input: one line, never a traceback
-        log.info("webhook %s from %s: %s", code, request.remote_addr, fields["error"])
+        log.info("webhook %s from %s: %s", code, client_ip(), fields["error"])
     return jsonify({"status": status, **fields}), code
-
-
-def client_ip(trust_proxy: bool) -> str:
-    """The real peer; X-Forwarded-For only when our own proxy sets it (its last entry)."""
-    if trust_proxy and request.headers.get("X-Forwarded-For"):
-        return request.headers["X-Forwarded-For"].split(",")[-1].strip()
-    return request.remote_addr or ""
-
-
-def _ip_allowed(ip: str, allowed: tuple) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in allowed)
 
 
 def _reject_constant(name: str) -> Any:
@@ -86,7 +71,7 @@ def _decode(raw: bytes) -> tuple[Any, str]:
 @bp.errorhandler(StorageFull)
 def storage_full(e: StorageFull) -> tuple[Response, int]:
     """A full disk: nothing was stored (the transaction rolled back); 507, never a generic 500."""
-    log.error("webhook from %s not stored: %s", request.remote_addr, e)
+    log.error("webhook from %s not stored: %s", client_ip(), e)
     return jsonify({"status": "not_stored", "error": str(e)}), 507
 
 
@@ -94,9 +79,9 @@ def storage_full(e: StorageFull) -> tuple[Response, int]:
 def webhook():
     rt = current_app.extensions["host"]
     s = rt.settings
-    ip = client_ip(s.TRUST_PROXY_HEADERS)
-    if s.WEBHOOK_ALLOWED_IPS and not _ip_allowed(ip, s.WEBHOOK_ALLOWED_IPS):
-        return _reply("forbidden", 403, error=f"caller {ip} is not in WEBHOOK_ALLOWED_IPS")
+    ip = client_ip()
+    if s.WEBHOOK_ALLOWED_IPS and not in_networks(parse_address(ip), s.WEBHOOK_ALLOWED_IPS):
+        return _reply("forbidden", 403, error=f"caller {ip} is not in WEBHOOK_ALLOWED_IPS{unbelieved_forwarding()}")
     raw = request.get_data(cache=False)
     parsed, why = _decode(raw)
     if why:
