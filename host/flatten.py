@@ -79,12 +79,12 @@ def cancel_adding(db: sqlite_utils.Database, why: str, product: Optional[str] = 
     return stop(db, [o for o in adding_orders(db, **scope) if product is None or o["product"] == product], why)
 
 
-def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> list[dict]:
+def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> tuple[list[dict], list[tuple]]:
     """Strategies long and short the same instrument offset each other at the account: close them against
-    each other at the last price (no broker order can), and return the positions still to exit."""
+    each other at the last price (no broker order can). Returns the positions still to exit, and those crossed."""
     by_key: dict[tuple, list[dict]] = {}
     for p in held:
-        by_key.setdefault((p["exchange"], p["symbol"], p["product"]), []).append(dict(p))
+        by_key.setdefault((p["exchange"], p["symbol"], p["product"]), []).append({**p, "was": p["net_qty"]})
     for (ex, sym, prod), rows in by_key.items():
         longs = [p for p in rows if p["net_qty"] > 0]
         shorts = [p for p in rows if p["net_qty"] < 0]
@@ -104,7 +104,9 @@ def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> list[dict]:
                           f"{', '.join(p['strategy'] for p in longs)} and short by "
                           f"{', '.join(p['strategy'] for p in shorts)} offset at the account: closed against each "
                           f"other at {price}, no broker order", "warning", None, {"qty": qty, "price": str(price)})
-    return [p for rows in by_key.values() for p in rows if p["net_qty"]]
+    crossed = [(p["strategy"], p["exchange"], p["symbol"], p["product"]) for rows in by_key.values() for p in rows
+               if p["net_qty"] != p["was"]]
+    return [p for rows in by_key.values() for p in rows if p["net_qty"]], crossed
 
 
 def cap_exits(intents: list[Intent], broker_net: Optional[dict[tuple, int]]) -> tuple[list[Intent], list[str]]:
@@ -145,7 +147,9 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
     held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy, exchange, symbol")
             if (strategy is None or p["strategy"] == strategy) and (product is None or p["product"] == product)]
     if strategy is None:
-        held = _cross(db, held, why)
+        from .protect import cancel_stops  # (protect builds on flatten)
+        held, crossed = _cross(db, held, why)
+        cancels += cancel_stops(db, crossed, f"{why}: the position was closed against another strategy's")
     for p in held:
         key = (p["exchange"], p["symbol"], p["product"])
         where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']}) {p['net_qty']:+d}"

@@ -217,6 +217,22 @@ def _live_stops(db: sqlite_utils.Database, key: str) -> list[dict]:
                                 f"({','.join('?' * len(LIVE))}) order by rowid", (key, *LIVE)) if not _vanished(o)]
 
 
+def _overshoot(db: sqlite_utils.Database, p: dict, key: str, net: int) -> int:
+    """How far the protection's own stop took its position past zero: the last fill in the symbol was that stop."""
+    last = db.execute("select protection, filled_qty from orders where strategy = ? and exchange = ? and symbol = ? "
+                      "and product = ? and filled_qty > 0 order by updated_at desc, rowid desc limit 1",
+                      (p["strategy"], p["exchange"], p["symbol"], p["product"])).fetchone()
+    return min(abs(net), last[1]) if last is not None and last[0] == key else 0
+
+
+def cancel_stops(db: sqlite_utils.Database, positions: list[tuple[str, str, str, str]], why: str) -> list[str]:
+    """Cancel the live stops of these positions (strategy, exchange, symbol, product) now: to cancel at the broker."""
+    out: list[str] = []
+    for strategy, exchange, symbol, product in positions:
+        out += _stop(db, _live_stops(db, _key(strategy, exchange, symbol, product)), why).working
+    return out
+
+
 def _ended(db: sqlite_utils.Database, o: dict) -> bool:
     """The stop's protection is over (or gone): nothing for it to protect."""
     row = db.execute("select status from protections where strategy = ? and exchange = ? and symbol = ? and "
@@ -225,15 +241,18 @@ def _ended(db: sqlite_utils.Database, o: dict) -> bool:
 
 
 def _vanished(o: dict) -> bool:
-    """A stop that was at the broker and is gone from its book (LOST with a broker id): it protects nothing."""
-    return o["status"] == OrderStatus.LOST.value and bool(o["broker_order_id"])
+    """A LOST stop (never seen in the broker's book in time, or gone from it): it protects nothing. It is marked
+    to be cancelled should it turn up, and the position is protected again by a new one."""
+    return o["status"] == OrderStatus.LOST.value
 
 
 def _protected(db: sqlite_utils.Database, strategy: str, i: Intent) -> Optional[tuple[dict, list[dict]]]:
     """The protection of the position an EXIT closes, with its live stops, if a stop may rest at the broker."""
+    held = [r[0] for r in db.execute("select product from positions where strategy = ? and exchange = ? and "
+                                     "symbol = ? and net_qty != 0", (strategy, i.exchange, i.symbol))]
+    product = i.product.value if i.product.value in held or len(held) != 1 else held[0]  # as guard.position_product
     rows = list(db.query("select * from protections where strategy = ? and exchange = ? and symbol = ? and "
-                         "status != ?", (strategy, i.exchange, i.symbol, DONE)))
-    rows = [r for r in rows if r["product"] == i.product.value] or rows
+                         "product = ? and status != ?", (strategy, i.exchange, i.symbol, product, DONE)))
     if not rows:
         return None
     stops = _live_stops(db, _row_key(rows[0]))
@@ -241,10 +260,16 @@ def _protected(db: sqlite_utils.Database, strategy: str, i: Intent) -> Optional[
 
 
 def split_exits(db: sqlite_utils.Database, strategy: str, intents: list[Intent]) -> tuple[list[Intent], list[Intent]]:
-    """(intents to decide now, EXITs that must wait for their position's resting stop to be cancelled)."""
+    """(intents to decide now, exits that must wait for their position's resting stop to be cancelled).
+
+    An ADJUST that reduces a protected position is a trim: it waits like an EXIT, and the stop is resized after."""
     now, held = [], []
     for i in intents:
-        (held if i.action is ExecutionType.EXIT and _protected(db, strategy, i) else now).append(i)
+        found = i.action is not ExecutionType.ENTRY and i.protection is None and _protected(db, strategy, i)
+        if found and (i.action is ExecutionType.EXIT or Side(found[0]["side"]) is i.side.opposite):
+            held.append(i)
+        else:
+            now.append(i)
     return now, held
 
 
@@ -496,6 +521,8 @@ class Protector:
                 if not unfinished:
                     return done("the entry ended without a fill")
                 return None
+        if net * sign < 0 and (over := _overshoot(db, p, key, net)):
+            return self._close_overshoot(db, p, where, over, done)
         if net * sign <= 0:
             return done("the position is flat" if net == 0 else "the position was reversed")
         tick = self._tick(p["exchange"], p["symbol"])
@@ -600,6 +627,22 @@ class Protector:
                 modifies.append((o["id"], want[o["id"]], limit, stop))
         return self._finish(db, p, upd, orders, cancels, modifies)
 
+    def _close_overshoot(self, db: sqlite_utils.Database, p: dict, where: str, over: int,
+                         done: Callable[[str, str], tuple[Decision, list]]) -> tuple[Decision, list]:
+        """Our stop filled after its position was closed (its cancel came too late): it opened a position nobody
+        asked for. That part is exited at once, and said loudly."""
+        ended, _ = done("a stop filled after the position was closed", "error")
+        side = Side(p["side"])  # the overshoot is on the stop's side: closing it is the protected side again
+        d = self.evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, over, OrderType.MKT,
+                                                     Product(p["product"]), action=ExecutionType.EXIT)])
+        if d.orders:
+            db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(d.orders))})", d.orders)
+        Storage.add_event(db, "stop_overfilled", f"a stop loss of {where} filled after its position was closed "
+                          f"(its cancel came too late) and opened {over} the other way: that is exited at once "
+                          f"({d.status.value}{': ' + d.reason if d.reason else ''})", "error", p["strategy"],
+                          {"qty": over, "orders": list(d.orders)})
+        return Decision(_accepted(), "stop overfilled", tuple(d.orders), tuple(ended.cancels) + tuple(d.cancels)), []
+
     def _finish(self, db: sqlite_utils.Database, p: dict, upd: dict, orders: list, cancels: list,
                 modifies: list) -> tuple[Decision, list]:
         self._update(db, p, upd)
@@ -636,10 +679,12 @@ class Protector:
                                   p["strategy"], {"order_id": o["id"], "trigger": o["trigger_price"],
                                                   "broker_order_id": o["broker_order_id"]})
             if state < 2 and _vanished(o):
-                db.execute("update orders set noticed = 2 where id = ?", (o["id"],))
-                Storage.add_event(db, "stop_missing", f"the stop loss of {where} is gone from the broker's book "
-                                  f"({text}): placed again" + ("" if net else " unless the position is flat"),
-                                  "error", p["strategy"], {"order_id": o["id"]})
+                db.execute("update orders set noticed = 2, cancel_requested = coalesce(cancel_requested, ?) where "
+                           "id = ?", ("LOST: replaced by a new stop; cancelled if it turns up", o["id"]))
+                seen = "is gone from the broker's book" if o["broker_order_id"] else "never showed in the broker's book"
+                Storage.add_event(db, "stop_missing", f"the stop loss of {where} {seen} ({text}): a new stop is "
+                                  f"placed" + ("" if net else " unless the position is flat") + ", and this one is "
+                                  f"cancelled if it turns up", "error", p["strategy"], {"order_id": o["id"]})
                 continue
             if state >= 2 or not OrderStatus(o["status"]).terminal:
                 continue

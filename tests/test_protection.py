@@ -218,13 +218,22 @@ def test_exit_all_cancels_the_resting_stops_first(paper):
     assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
 
 
-def test_the_guard_counts_a_resting_stop_as_a_working_exit(paper):
+def test_a_reducing_adjust_trims_a_protected_position_and_the_stop_is_resized(paper):
+    """Found from outside: the resting stop counted as a working exit, so a trim by ADJUST was dropped (200,
+    nothing sent). It is a partial exit: the stop is cancelled first, the trim sent, the rest protected again."""
     h = paper
     protected(h, stop_loss="40")
-    resting(h)
-    r = h.post(alert("ADJUST", direction="SELL", qty=25))
-    assert r.status_code == 200 and "exit orders already cover" in r.get_json()["reason"], r.get_json()
-    assert h.runtime.storage.rows("select * from orders where action = 'ADJUST'") == []
+    stop = resting(h)
+    r = h.post(alert("ADJUST", direction="SELL", qty=25, order_type="MKT", price="0"))
+    assert r.status_code == 200 and "cancelled first" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: h.net() == 50, timeout=6)
+    left = resting(h, 50)
+    assert paper_order(h, stop["id"]).status.value == "CANCELLED" and D(left["trigger_price"]) == D("40")
+    r = h.post(alert("ADJUST", direction="SELL", qty=500, order_type="MKT", price="0", alert_id="too-much"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: h.net() == 0, timeout=6)  # an ADJUST never crosses zero
+    h.settle()
+    assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
 
 
 def test_a_stop_cancelled_by_hand_is_an_error_and_is_placed_again(paper):
@@ -497,6 +506,90 @@ def test_an_exit_while_the_entry_still_fills_also_exits_what_it_fills_afterwards
     wait_for(lambda: h.net() == 0 and engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0, timeout=8)
     h.settle()
     assert not stops(h, ("OPEN", "PARTIAL"))
+
+
+# ---- found from outside, third round ----
+
+def _lose_the_first_stop(h: Any) -> None:
+    """The stop's PlaceOrder gets no answer, and the broker never books it (UNKNOWN, then LOST, no broker id)."""
+    from host.brokers.base import UnknownOutcome
+    real_place, lost = h.broker.place, []
+
+    def place(req: Any) -> Any:
+        if req.order_type.value == "SL-LMT" and not lost:
+            lost.append(req)
+            raise UnknownOutcome("ReadTimeout: no answer from PlaceOrder")
+        return real_place(req)
+    h.broker.place = place
+
+
+@pytest.mark.parametrize("how", ["exit alert", "exit-all"])
+def test_a_lost_stop_is_replaced_and_never_holds_an_exit(host_factory, how):
+    """Found from outside: a LOST stop counted as resting, so no stop was placed again, the Positions page showed
+    one, and an EXIT (or exit-all) waited for ever for the cancel of an order the broker never had."""
+    h = host_factory(TRAIL_MIN_INTERVAL_S=0, unknown_grace_s=1.0)
+    h.tick("42.5")
+    _lose_the_first_stop(h)
+    protected(h, stop_loss="40")
+    wait_for(lambda: h.net() == 75 and events(h, "order_lost"), timeout=15)
+    again = resting(h)  # a new stop rests at the broker
+    assert [o.req.qty for o in h.broker.engine._orders.values() if o.req.order_type.value == "SL-LMT"] == [75]
+    assert [o["id"] for o in h.position()["stop_orders"]] == [again["id"]]
+    assert "never showed in the broker's book" in events(h, "stop_missing")[0]["message"]
+    if how == "exit alert":
+        assert h.post(alert("EXIT", direction="SELL", order_type="MKT", price="0", alert_id="out")).status_code == 200
+    else:
+        assert h.api("/api/exit-all", "POST").status_code == 200
+    wait_for(lambda: h.net() == 0, timeout=6)
+    h.settle()
+    assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_an_exit_of_one_product_never_closes_the_protected_position_of_another(paper):
+    """Found from outside: an EXIT of the unprotected MIS leg was held and sent for the protected NRML leg."""
+    h = paper
+    assert h.post(alert(direction="BUY", product_type="I", alert_id="mis")).status_code == 200
+    wait_for(lambda: any(p["product"] == "I" and p["net_qty"] == 75 for p in h.positions()), timeout=6)
+    assert h.post(alert("ADJUST", direction="BUY", product_type="M", stop_loss="40", alert_id="nrml")).status_code == 200
+    stop = resting(h)
+    r = h.post(alert("EXIT", direction="SELL", order_type="MKT", price="0", product_type="I", alert_id="out-mis"))
+    assert r.status_code == 200 and "cancelled first" not in (r.get_json()["reason"] or ""), r.get_json()
+    wait_for(lambda: {p["product"]: p["net_qty"] for p in h.positions()} == {"I": 0, "M": 75}
+             or {p["product"]: p["net_qty"] for p in h.positions() if p["net_qty"]} == {"M": 75}, timeout=6)
+    h.settle()
+    assert paper_order(h, stop["id"]).status.value == "OPEN"
+
+
+def test_exit_all_crossing_two_protected_strategies_cancels_both_stops_at_once(paper):
+    """Found from outside: crossed inside the host, both stops kept resting until a later sync; the next print
+    filled one and left the account short with every strategy shown flat."""
+    h = paper
+    protected(h, strategy="s1", stop_loss="40")                    # long 75, SELL stop 40
+    protected(h, strategy="s2", direction="SELL", stop_loss="45")  # short 75, BUY stop 45
+    wait_for(lambda: len(stops(h, ("OPEN",))) == 2, timeout=6)
+    assert h.api("/api/exit-all", "POST").status_code == 200
+    wait_for(lambda: h.net("s1") == 0 and h.net("s2") == 0, timeout=5)
+    h.tick("39.5")
+    time.sleep(0.5)
+    h.settle()
+    assert [s["status"] for s in all_stops(h)] == ["CANCELLED", "CANCELLED"]
+    assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_a_stop_that_fills_after_its_position_was_closed_has_its_overshoot_exited(paper):
+    """A cancel that comes too late: the stop fills against a closed position and opens one nobody asked for."""
+    h = paper
+    protected(h, strategy="s1", stop_loss="40")
+    protected(h, strategy="s2", direction="SELL", stop_loss="45")
+    s1_stop = wait_for(lambda: [s for s in stops(h, ("OPEN",)) if s["strategy"] == "s1"] or None, timeout=6)[0]
+    real_cancel = h.broker.cancel
+    h.broker.cancel = lambda bid: None if bid == s1_stop["broker_order_id"] else real_cancel(bid)  # lost on the way
+    assert h.api("/api/exit-all", "POST").status_code == 200
+    wait_for(lambda: h.net("s1") == 0 and h.net("s2") == 0, timeout=5)
+    h.tick("39.5")  # s1's stop fills: the account goes short 75
+    wait_for(lambda: events(h, "stop_overfilled"), timeout=6)
+    wait_for(lambda: h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0 and h.net("s1") == 0, timeout=8)
+    assert events(h, "stop_overfilled")[0]["severity"] == "error"
 
 
 # ---- live mode: the real NorenRestApiPy against the Noren simulator ----
