@@ -559,7 +559,7 @@ class Protector:
                                   {"orders": list(d.orders)})
         # trailing: towards profit only, at most once per TRAIL_MIN_INTERVAL_S
         best = dec(p["best"])
-        if spec.trailing_type and best is not None and stop is not None:
+        if spec.trailing_type and best is not None and stop is not None and not p["pending_exit"]:
             active = bool(p["trail_active"]) or spec.trailing_activation_price is None or \
                 sign * (best - spec.trailing_activation_price) >= 0
             if active and not p["trail_active"]:
