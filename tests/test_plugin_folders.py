@@ -133,6 +133,7 @@ def test_a_folder_deleted_and_copied_back_at_once_is_watched_again(host, loaded,
     for _ in range(3):  # the new directory may even get the old one's inode number
         shutil.rmtree(folder)
         shutil.copytree(saved, folder)
+    time.sleep(0.5)  # the events of the delete and the copy are settled: only a live watch sees the next save
     write(folder, "keeper", multiplier("keeper", "2.0", 3), atomic=True)
     wait_strategy(host, "keeper", status="running", version="2.0", timeout=2.0)
     assert not events(host, "plugin_removed")
