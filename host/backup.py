@@ -18,7 +18,8 @@ from .storage import BUSY_TIMEOUT_MS, RESERVE_BYTES, _is_full, database_is_empty
 log = logging.getLogger(__name__)
 FOLDER = "backups"
 KEEP = 14  # of each kind
-EVERY = timedelta(hours=24)  # a backup is due when the newest is older than this
+EVERY = timedelta(hours=24)  # a backup is due when the newest is older than this, once the market is closed
+LATEST = timedelta(hours=30)  # and while it is open too, once the newest is this old
 STALE = timedelta(hours=36)  # the dashboard warns when the newest is older than this
 RETRY_S = 3600.0  # after a skipped or failed daily backup
 STALE_TMP_S = 600.0  # a temp file untouched this long was left by a backup that died
@@ -99,7 +100,10 @@ def write(source: Union[Path, sqlite3.Connection], folder: Path, kind: str, min_
             pass
     conn = source if isinstance(source, sqlite3.Connection) else _open(source)
     try:
-        need = room_needed(conn)
+        try:
+            need = room_needed(conn)
+        except sqlite3.Error as e:
+            raise BackupSkipped(f"the database cannot be read for a backup ({e})") from None
         free = shutil.disk_usage(folder).free
         floor = max(min_free_mb * 1_000_000, 3 * RESERVE_BYTES)
         if free - need < floor:
@@ -172,8 +176,9 @@ def _mb(n: int) -> str:
 
 
 class DailyBackup:
-    """A backup whenever the newest is a day old (so at once on a start after a day without one), on its own
-    thread; the engine polls it once a second. A skipped or failed one is an error event, tried again later."""
+    """A backup when the newest is a day old and the market is closed (or 30 h old, open or not; at once when
+    there is none), on its own thread; the engine polls it once a second. One skipped or failed is an error
+    event, tried again an hour later."""
 
     def __init__(self, db_path: Path, folder: Path, min_free_mb: int,
                  emit: Callable[[str, str, str, Optional[dict]], None], every: timedelta = EVERY,
@@ -185,14 +190,21 @@ class DailyBackup:
         self._retry_at = 0.0
         self._thread: Optional[threading.Thread] = None
 
-    def poll(self) -> None:
+    def due(self, now: datetime, market_open: bool) -> bool:
+        """Whether a backup is due now; the market's hours are avoided while the newest is less than 30 h old."""
+        if self._last is None:
+            return True
+        age = now - self._last
+        return age >= self.every + (LATEST - EVERY if market_open else timedelta(0))
+
+    def poll(self, market_open: bool = False) -> None:
         """Start a backup if one is due and none is running (cheap: no file is read after the first call)."""
         if (self._thread is not None and self._thread.is_alive()) or time.monotonic() < self._retry_at:
             return
         if not self._read:
             made = newest(self.folder)
             self._last, self._read = (made.at if made else None), True
-        if self._last is not None and datetime.now(timezone.utc) - self._last < self.every:
+        if not self.due(datetime.now(timezone.utc), market_open):
             return
         self._thread = threading.Thread(target=self.run, name="daily-backup", daemon=True)
         self._thread.start()

@@ -27,10 +27,10 @@ class Daily:
         self._summary_day: Optional[str] = None  # the last day a summary went out
         self._preopen_day: Any = None
 
-    def backup_if_due(self) -> None:
+    def backup_if_due(self, now: datetime) -> None:
         """Start the daily database backup on its own thread when one is due (every day, trading or not)."""
         if self.backup is not None:
-            self.backup.poll()
+            self.backup.poll(any(self.gate.clock.is_open(ex, now) for ex in ("NSE", "MCX")))
 
     def preopen_check(self, now: datetime) -> None:
         """Once per trading day at the pre-open time: is the broker session valid? Say so either way."""

@@ -285,7 +285,7 @@ class Engine:
         self.daily.broker = self.broker
         self.daily.preopen_check(now)
         self.daily.summary(now)
-        self.daily.backup_if_due()
+        self.daily.backup_if_due(now)
         for live in self.strategies.with_hook("strategy_on_clock"):
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 

@@ -219,7 +219,8 @@ def backups_hint(db_path: Path, data_dir: Optional[Path] = None) -> str:
     """Where a copy to restore could be, with the newest one named when there is one."""
     folder = (data_dir or db_path.parent) / "backups"
     try:
-        copies = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        copies = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".sqlite"
+                         and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
     except OSError:
         copies = []
     where = f"{folder}/" + (f" (newest: {copies[-1].name})" if copies else " (none there now: use your own copy)")

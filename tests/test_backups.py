@@ -104,8 +104,21 @@ def test_the_running_host_backs_up_daily_on_its_own_thread(host):
     time.sleep(1.5)  # more clock ticks: one a day, not one a tick
     assert len([b for b in backup.listing(folder) if b.kind == "daily"]) == 1
     daily = host.runtime.engine.daily.backup
-    daily._last = datetime.now(timezone.utc) - timedelta(hours=25)  # a day later
+    daily._last = datetime.now(timezone.utc) - timedelta(hours=30)  # 30 h later, the market open or not
     wait_for(lambda: len([b for b in backup.listing(folder) if b.kind == "daily"]) == 2, timeout=5)
+
+
+def test_the_daily_backup_waits_for_the_market_to_close_but_never_past_30_h(tmp_path):
+    daily = backup.DailyBackup(tmp_path / "host.sqlite", tmp_path / "backups", 0, lambda *a: None)
+    now = datetime.now(timezone.utc)
+    assert daily.due(now, market_open=True)  # none yet: at once
+    daily._last = now - timedelta(hours=23)
+    assert not daily.due(now, market_open=False)
+    daily._last = now - timedelta(hours=25)
+    assert daily.due(now, market_open=False) and not daily.due(now, market_open=True)
+    daily._last = now - timedelta(hours=30)
+    assert daily.due(now, market_open=True)
+    assert backup.LATEST < backup.STALE  # the dashboard's warning never fires on a host that runs
 
 
 def test_a_daily_backup_without_room_is_an_error_event_and_the_engine_runs_on(host_factory):
