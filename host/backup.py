@@ -23,7 +23,7 @@ LATEST = timedelta(hours=30)  # and while it is open too, once the newest is thi
 STALE = timedelta(hours=36)  # the dashboard warns when the newest is older than this
 RETRY_S = 3600.0  # after a skipped or failed daily backup
 STALE_TMP_S = 600.0  # a temp file untouched this long was left by a backup that died
-NAME = re.compile(r"^host-(\d{8}T\d{6}\d{3}Z)(?:-\d+)?-(daily|manual|pre-migration-v\d+|before-restore)\.sqlite$")
+NAME = re.compile(r"^host-(\d{8}T\d{6})(\d{3})Z(?:-\d+)?-(daily|manual|pre-migration-v\d+|before-restore)\.sqlite$")
 STAMP = "%Y%m%dT%H%M%S"
 
 
@@ -65,9 +65,8 @@ def listing(folder: Path) -> list[BackupFile]:
             size = (folder / name).stat().st_size
         except OSError:
             continue
-        at = datetime.strptime(m.group(1)[:-4], STAMP).replace(
-            microsecond=int(m.group(1)[-4:-1]) * 1000, tzinfo=timezone.utc)
-        found.append(BackupFile(folder / name, at, m.group(2), size))
+        at = datetime.strptime(m.group(1), STAMP).replace(microsecond=int(m.group(2)) * 1000, tzinfo=timezone.utc)
+        found.append(BackupFile(folder / name, at, m.group(3), size))
     return sorted(found, key=lambda b: (b.at, b.path.name))
 
 

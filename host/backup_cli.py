@@ -44,18 +44,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Replace the database with a checked backup, with the host stopped; the replaced one is kept."""
     settings = _settings(args.env)
     try:
-        locks = restore.hold_stopped(settings.data_dir)
+        with restore.host_stopped(settings.data_dir, settings.db_path):
+            done = restore.restore(args.file, settings.db_path, settings.data_dir)
     except restore.RestoreRefused as e:
         print(e, file=sys.stderr)
         return 1
-    try:
-        done = restore.restore(args.file, settings.db_path, settings.data_dir)
-    except restore.RestoreRefused as e:
-        print(e, file=sys.stderr)
-        return 1
-    finally:
-        for lock in locks:
-            lock.release()
     c = done.checked
     print(f"restored {done.source.resolve()} into {done.db_path.resolve()}")
     print(f"  checked: PRAGMA integrity_check ok, strategy-host schema version {c.version}"

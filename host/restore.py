@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from . import backup
 from .locks import FileLock
-from .storage import MIGRATIONS, _schema, schema_gaps
+from .storage import MIGRATIONS, _schema, database_is_empty, schema_gaps
 
 HOST_LOCKS = ("host.lock", "engine.lock")  # held by `strategy-host run`, and by whichever process runs the engine
 
@@ -38,19 +39,30 @@ class Restored:
     kept: Optional[Path]  # the database that was replaced, as it was
 
 
-def hold_stopped(data_dir: Path) -> list[FileLock]:
-    """Take the locks a running host holds, so that none runs (or starts) during the restore; refuse if one runs."""
+@contextmanager
+def host_stopped(data_dir: Path, db_path: Path) -> Iterator[None]:
+    """Hold the locks a running host holds, so that none runs (or starts) meanwhile; refuse if one runs.
+
+    Lock files this made are removed again if no database came of it: they would mark a new DATA_DIR
+    as one where a host has run.
+    """
     held: list[FileLock] = []
-    for name in HOST_LOCKS:
-        lock = FileLock(Path(data_dir) / name)
-        if not lock.acquire():
-            for other in held:
-                other.release()
-            raise RestoreRefused(f"refusing to restore: strategy-host is running on {Path(data_dir).resolve()} "
-                                 f"(pid {lock.holder()} holds {lock.path}); stop it first (systemctl stop "
-                                 f"strategy-host, or Ctrl-C), then run the restore again. Nothing was changed.")
-        held.append(lock)
-    return held
+    made = [Path(data_dir) / name for name in HOST_LOCKS if not (Path(data_dir) / name).exists()]
+    try:
+        for name in HOST_LOCKS:
+            lock = FileLock(Path(data_dir) / name)
+            if not lock.acquire():
+                raise RestoreRefused(f"refusing to restore: strategy-host is running on {Path(data_dir).resolve()} "
+                                     f"(pid {lock.holder()} holds {lock.path}); stop it first (systemctl stop "
+                                     f"strategy-host, or Ctrl-C), then run the restore again. Nothing was changed.")
+            held.append(lock)
+        yield
+    finally:
+        for lock in held:
+            lock.release()
+        if database_is_empty(Path(db_path)):
+            for path in made:
+                path.unlink(missing_ok=True)
 
 
 def check(path: Path) -> Checked:
@@ -112,12 +124,12 @@ def restore(source: Path, db_path: Path, data_dir: Path) -> Restored:
 
 
 def _single_file_copy(src: Path, dest: Path) -> None:
-    """Copy a database (and its -wal, if any) to dest as one file, the WAL's commits folded in where possible."""
+    """Copy a database (and its -wal, if any) to dest as one file in rollback mode, the WAL's commits folded in
+    where possible (a damaged one is copied as it is)."""
     shutil.copyfile(src, dest)
     wal = Path(f"{src}-wal")
-    if not (wal.is_file() and wal.stat().st_size > 0):
-        return
-    shutil.copyfile(wal, f"{dest}-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        shutil.copyfile(wal, f"{dest}-wal")
     try:
         conn = sqlite3.connect(str(dest))
         try:

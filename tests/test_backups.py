@@ -231,3 +231,25 @@ def test_backup_and_restore_from_the_command_line_and_no_restore_while_the_host_
         assert [a["alert_key"] for a in server.api("/api/alerts").json()["items"]] == ["before-backup"]
     finally:
         server.stop()
+
+
+def test_a_raw_copy_with_its_wal_restores_and_a_refused_restore_leaves_a_new_data_dir_as_it_was(tmp_path, monkeypatch,
+                                                                                                capsys):
+    from host.cli import main
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "var"))
+    for name in ("WEBHOOK_SECRET", "API_TOKEN", "DASHBOARD_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    source = tmp_path / "copy" / "host.sqlite"
+    storage = Storage(source)  # a WAL database whose last commits are still in its -wal file, copied by hand
+    storage.write(lambda db: Storage.put_state(db, "marker", "from the copy"))
+    assert Path(f"{source}-wal").stat().st_size > 0
+    assert main(["restore", str(tmp_path / "nothing.sqlite")]) == 1
+    assert "found nothing" in capsys.readouterr().err
+    assert not (tmp_path / "var").exists() or not os.listdir(tmp_path / "var")  # no lock files marking a run
+    assert main(["restore", str(source)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "there was no database in place to keep" in out
+    storage.close()
+    restored = tmp_path / "var" / "host.sqlite"
+    assert one(restored, "select value from state where key = 'marker'") == ("from the copy",)
+    assert one(restored, "PRAGMA journal_mode") == ("delete",) and not Path(f"{restored}-wal").exists()
