@@ -90,7 +90,10 @@ def write(source: Union[Path, sqlite3.Connection], folder: Path, kind: str, min_
     written under a temp name, synced, then renamed. It is skipped (BackupSkipped) when it would leave less
     than DISK_MIN_FREE_MB free, so that a backup never eats the room trading needs.
     """
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackupSkipped(f"the backups folder {folder} cannot be made ({e})") from None
     for stale in folder.glob(".host-*.tmp"):  # an earlier backup killed half-way (not one being written now)
         try:
             if time.time() - stale.stat().st_mtime > STALE_TMP_S:
@@ -216,14 +219,20 @@ class DailyBackup:
             if not isinstance(e, BackupSkipped):
                 log.exception("the daily backup failed")
             self._retry_at = time.monotonic() + self.retry_s
-            self.emit("backup_failed", f"daily backup skipped: {e}; next try in {self.retry_s / 60:.0f} min",
+            self._say("backup_failed", f"daily backup skipped: {e}; next try in {self.retry_s / 60:.0f} min",
                       "error", {"folder": str(self.folder)})
             return None
         self._last = made.at
-        self.emit("backup", f"database backed up to {made.path} ({_mb(made.size)}, in "
+        self._say("backup", f"database backed up to {made.path} ({_mb(made.size)}, in "
                   f"{time.monotonic() - started:.1f} s); the newest {KEEP} daily backups are kept", "info",
                   {"file": str(made.path), "size": made.size})
         return made
+
+    def _say(self, kind: str, message: str, severity: str, data: dict) -> None:
+        try:
+            self.emit(kind, message, severity, data)
+        except Exception as e:  # a full disk takes the event too: the log still has it
+            log.error("%s (the event was not stored: %s)", message, e)
 
     def join(self, timeout: float = 30.0) -> None:
         if self._thread is not None:
