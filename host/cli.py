@@ -1,4 +1,4 @@
-"""The command line: strategy-host run | check | sim | deploy."""
+"""The command line: strategy-host run | check | sim | unlock | deploy | backup | restore."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import re
 import sys
 from typing import Optional
 
-from . import __version__, deploy_cli
+from . import __version__, backup_cli, deploy_cli
 from .config import SECRET_NAMES, ConfigError, Settings, load
 from .locks import FileLock
 from .tradingview import WHY_POSITION, messages
@@ -122,11 +122,13 @@ def _earlier_run(settings: Settings) -> list:
 
 def _database_problem(settings: Settings, marks: list, new_database: bool) -> str:
     """Why the database must not be used (one paragraph), or "" once it is checked and migrated."""
+    from .backup import folder_of
     from .storage import DatabaseUnusable, Storage, StorageFull, database_is_empty, refuse_lost_database
     try:
         refuse_lost_database(settings.db_path, marks, new_database)
         existed = not database_is_empty(settings.db_path)
-        storage = Storage(settings.db_path)  # PRAGMA quick_check, the schema, then the migrations
+        storage = Storage(settings.db_path, folder_of(settings.data_dir),  # PRAGMA quick_check, the schema, then
+                          settings.DISK_MIN_FREE_MB)  # a backup of a database with data, and the migrations
         if new_database and marks and not existed:
             storage.write(lambda db: Storage.add_event(
                 db, "database", f"started with a new, empty database (--new-database) in {settings.data_dir}",
@@ -222,6 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unlock.add_argument("--env", help="config file (default: only the environment)")
     unlock.set_defaults(func=cmd_unlock)
     deploy_cli.add_parser(sub)
+    backup_cli.register(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,4 @@
-"""Once a trading day: the pre-open check of the broker session, and the day's summary."""
+"""Once a trading day: the pre-open check of the broker session, and the day's summary; daily: a backup."""
 from __future__ import annotations
 
 from datetime import date, datetime
@@ -23,8 +23,14 @@ class Daily:
         self.summary_time: Any = None  # the time of the daily summary (DAILY_SUMMARY_TIME)
         self.gateway_call: Callable[..., Any] = lambda what, fn: fn()
         self.data_dir: Any = None
+        self.backup: Any = None  # the daily database backup (backup.DailyBackup; set by the runtime)
         self._summary_day: Optional[str] = None  # the last day a summary went out
         self._preopen_day: Any = None
+
+    def backup_if_due(self, now: datetime) -> None:
+        """Start the daily database backup on its own thread when one is due (every day, trading or not)."""
+        if self.backup is not None:
+            self.backup.poll(any(self.gate.clock.is_open(ex, now) for ex in ("NSE", "MCX")))
 
     def preopen_check(self, now: datetime) -> None:
         """Once per trading day at the pre-open time: is the broker session valid? Say so either way."""

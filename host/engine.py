@@ -3,7 +3,7 @@
 - deciding (guard, risk gate, validation, orders): decide.py; position targets: targets.py
 - risk, and what a breach does, on its own thread: risk_actions.py (flattening: flatten.py)
 - trades made outside the host: outside.py; commands: commands.py; tick sanity: ticks.py
-- the pre-open check and the daily summary: daily.py; orders: orders.py (sender), watcher.py (books)
+- the pre-open check, the daily summary and backup: daily.py (backup.py); orders: orders.py (sender), watcher.py (books)
 
 The engine thread takes alerts, broker updates, ticks, plugin calls and reconciliation, in that
 order, and isolates each item: one that raises is recorded as failed and the loop goes on.
@@ -285,6 +285,7 @@ class Engine:
         self.daily.broker = self.broker
         self.daily.preopen_check(now)
         self.daily.summary(now)
+        self.daily.backup_if_due(now)
         for live in self.strategies.with_hook("strategy_on_clock"):
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from functools import cached_property
 from typing import Any, Optional
 
-from . import __version__, views
+from . import __version__, backup, views
 from .brokers.base import Broker
 from .broker_session import load_token, set_session_state
 from .brokers.paper import PaperBroker
@@ -92,7 +92,8 @@ class Runtime:
     @cached_property
     def storage(self) -> Storage:
         """Opened on first use, so building the app touches no file."""
-        return self._storage or Storage(self.settings.db_path)
+        return self._storage or Storage(self.settings.db_path, backup.folder_of(self.settings.data_dir),
+                                        self.settings.DISK_MIN_FREE_MB)
 
     @cached_property
     def inbox(self) -> Inbox:
@@ -143,6 +144,9 @@ class Runtime:
             self.sender.on_result = engine.order_changed
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
             engine.summary_time = self.settings.DAILY_SUMMARY_TIME
+            engine.daily.backup = backup.DailyBackup(
+                self.settings.db_path, backup.folder_of(self.settings.data_dir), self.settings.DISK_MIN_FREE_MB,
+                lambda kind, message, severity, data: self._emit(kind, message, severity, None, data))
             if not self.settings.paper:  # feed updates can be lost around reconnects: read the book often
                 engine.reconcile_every_s = 2.0
                 engine.preopen = self.settings.SHOONYA_PREOPEN_CHECK
@@ -225,6 +229,8 @@ class Runtime:
         if self.engine is not None:
             self.reloader.stop()
             self.engine.stop(timeout)
+            if self.engine.daily.backup is not None:  # a backup being written is finished, not cut off
+                self.engine.daily.backup.join(timeout)
             self.sender.stop(timeout)
             self.engine.flush()
             self.strategies.shutdown()

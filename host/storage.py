@@ -214,11 +214,23 @@ def _schema(conn: sqlite3.Connection) -> dict[str, set[str]]:
     return {t: {r[1] for r in conn.execute(f"PRAGMA table_info([{t}])")} for t in tables}
 
 
+def schema_gaps(actual: dict[str, set[str]], version: int) -> list[str]:
+    """The tables and columns of schema `version` that `actual` (from _schema) lacks."""
+    missing = []
+    for table, columns in expected_schema(version).items():
+        if table not in actual:
+            missing.append(f"table {table}")
+        else:
+            missing += [f"column {table}.{c}" for c in sorted(columns - actual[table])]
+    return missing
+
+
 def backups_hint(db_path: Path, data_dir: Optional[Path] = None) -> str:
     """Where a copy to restore could be, with the newest one named when there is one."""
     folder = (data_dir or db_path.parent) / "backups"
     try:
-        copies = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        copies = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".sqlite"
+                         and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
     except OSError:
         copies = []
     where = f"{folder}/" + (f" (newest: {copies[-1].name})" if copies else " (none there now: use your own copy)")
@@ -244,12 +256,7 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
         raise DatabaseUnusable(f"refusing to start: the database {path} has schema version {version}, written by a "
                                f"newer strategy-host (this one knows {len(MIGRATIONS)}); run the newer version, or "
                                f"{backups_hint(path)}.")
-    missing = []
-    for table, columns in expected_schema(version).items():
-        if table not in actual:
-            missing.append(f"table {table}")
-        else:
-            missing += [f"column {table}.{c}" for c in sorted(columns - actual[table])]
+    missing = schema_gaps(actual, version)
     if missing:
         raise DatabaseUnusable(f"refusing to start: the database {path} (schema version {version}) lacks "
                                f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; it was changed "
@@ -308,8 +315,10 @@ class Storage:
     before it goes to the broker).
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, backups: Optional[Path] = None, min_free_mb: int = 200):
         self.path = Path(path)
+        self.backups = Path(backups) if backups is not None else self.path.parent / "backups"  # pre-migration copies
+        self.min_free_mb = min_free_mb  # DISK_MIN_FREE_MB: a backup that would leave less free is skipped
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.full_since: Optional[str] = None  # a write failed for a full disk (cleared by the next that works)
         self.reserve = self.path.parent / RESERVE_NAME  # space kept back for risk and exits on a full disk
@@ -461,7 +470,13 @@ class Storage:
         return found[0] if found else None
 
     def migrate(self) -> None:
-        """Apply every migration newer than PRAGMA user_version, each in its own transaction."""
+        """Apply every migration newer than PRAGMA user_version, each in its own transaction.
+
+        A database with data (schema version 1 or more) is backed up first; if it cannot be, the migration
+        goes on (the host must run to manage risk) and the reason is an error event.
+        """
+        version = self.schema_version
+        said = self._backup_before_migration(version) if 0 < version < len(MIGRATIONS) else None
         def step(db: sqlite_utils.Database) -> bool:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version >= len(MIGRATIONS):
@@ -472,6 +487,21 @@ class Storage:
             return True
         while self.write(step):
             pass
+        if said is not None:
+            self.write(lambda db: Storage.add_event(db, *said))
+
+    def _backup_before_migration(self, version: int) -> tuple[str, str, str]:
+        """A copy of the database as it is, before migrating it from `version`; the event that says so."""
+        from . import backup  # it builds on this module
+        try:
+            with self._lock:
+                made = backup.write(self.conn, self.backups, f"pre-migration-v{version}", self.min_free_mb)
+        except backup.BackupSkipped as e:
+            log.error("no backup before migrating %s from schema %d: %s", self.path, version, e)
+            return ("backup_failed", f"no backup before migrating the database from schema {version} to "
+                                     f"{len(MIGRATIONS)}: {e}", "error")
+        return ("backup", f"database backed up to {made.path} before migrating it from schema {version} to "
+                          f"{len(MIGRATIONS)}", "info")
 
     @property
     def schema_version(self) -> int:

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Optional
 
+from .plugins.reloader import missing_folders
 from .risk import DAY_KEY, CorruptState, RiskGate, _day_start_utc, trailing_limit, warning_level
 from .storage import HEARTBEAT_KEY, Storage, dec
 
@@ -152,6 +153,7 @@ def health_problems(storage: Storage, settings: Any) -> list[str]:
     if free_mb < settings.DISK_MIN_FREE_MB:
         problems.append(f"the disk of {storage.path.parent} has {free_mb:.0f} MB free, below DISK_MIN_FREE_MB="
                         f"{settings.DISK_MIN_FREE_MB}")
+    problems += [f"{said.get('message')} (since {said.get('since')})" for said in missing_folders(storage).values()]
     return problems
 
 

@@ -11,7 +11,7 @@ from flask import (Blueprint, Response, current_app, flash, redirect, render_tem
                    url_for)
 from markupsafe import Markup
 
-from .. import __version__, views
+from .. import __version__, backup, views
 from ..broker_session import session_state
 from ..models import OrderStatus, TradingState
 from ..risk import _day_start_utc, warning_level
@@ -264,7 +264,16 @@ def _broker(args: dict) -> dict:
     shown.append(("TELEGRAM_BOT_TOKEN", s.TELEGRAM_BOT_TOKEN))
     return {"paper": s.paper, "session": None if s.paper else session_state(_rt().storage),
             "oauth": not s.paper and s.SHOONYA_AUTH == "oauth", "user_id": s.USER_ID, "api_url": s.SHOONYA_API_URL,
-            "secrets": [(name, security.mask(value)) for name, value in shown]}
+            "secrets": [(name, security.mask(value)) for name, value in shown], "backups": _backups(s)}
+
+
+def _backups(s: Any) -> dict:
+    """The newest database backup, and whether it is too old (none in more than 36 h)."""
+    folder = backup.folder_of(s.data_dir)
+    last = backup.newest(folder)
+    age_h = (datetime.now(timezone.utc) - last.at).total_seconds() / 3600 if last else None
+    return {"folder": folder, "last": last, "age_h": age_h, "stale": last is None or last.at <
+            datetime.now(timezone.utc) - backup.STALE, "stale_h": backup.STALE.total_seconds() / 3600}
 
 
 # ---- pages ----
