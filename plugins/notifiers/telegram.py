@@ -44,6 +44,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "host_started": ("system", "Host started"), "host_stopped": ("system", "Host stopped"),
     "login_failed": ("system", "Dashboard login failed"), "logout_all": ("system", "Dashboard: logged out everywhere"),
     "login_unlocked": ("system", "Dashboard logins unlocked"),
+    "backup_failed": ("system", "DATABASE BACKUP FAILED"), "backup_": ("system", "Database backup"),
     "broker_session_valid": ("broker", "Broker session restored"),
     "broker_session_expired": ("broker", "Broker session lost"),
     "broker_session_expiring": ("broker", "Broker session expiring"),
