@@ -26,16 +26,27 @@ HEAD = b"POST /webhook HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json
 
 
 class Trickle:
-    """`count` connections each sending one byte a second, of headers or of a body, reopened when closed."""
+    """`headers` + `bodies` connections each sending one byte per `interval`, of headers or of a body.
 
-    def __init__(self, port: int, headers: int, bodies: int):
+    A connection the host closes is opened again when `reopen` (as an attacker would); `closes` records,
+    for each close, the kind, the seconds it was open and the first bytes the host answered.
+    """
+
+    def __init__(self, port: int, headers: int, bodies: int, interval: float = 1.0, reopen: bool = True):
         self.port = port
+        self.interval = interval
+        self.reopen = reopen
         self.kinds = ["headers"] * headers + ["body"] * bodies
         self.socks: list = [None] * len(self.kinds)
-        self.closed_by_host = 0
-        self.answered_408 = 0
+        self.opened_at = [0.0] * len(self.kinds)
+        self.closes: list[tuple[str, float, bytes]] = []
+        self.connected = threading.Event()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+
+    @property
+    def answered_408(self) -> int:
+        return sum(reply.startswith(b"HTTP/1.1 408") for _, _, reply in self.closes)
 
     def __enter__(self) -> "Trickle":
         self.thread.start()
@@ -45,7 +56,7 @@ class Trickle:
         self.stop.set()
         self.thread.join(10)
         for s in self.socks:
-            if s is not None:
+            if s:
                 s.close()
 
     def open(self, i: int) -> None:
@@ -56,6 +67,7 @@ class Trickle:
         else:
             s.send(HEAD + b"X-Pad: ")
         self.socks[i] = s
+        self.opened_at[i] = time.monotonic()
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -67,12 +79,13 @@ class Trickle:
                     except OSError:
                         continue
                     sel.register(self.socks[i], selectors.EVENT_READ, i)
-                    continue
-                try:
-                    s.send(b"a")
-                except OSError:
-                    self.drop(sel, i)
-            deadline = time.monotonic() + 1.0
+                elif s:
+                    try:
+                        s.send(b"a")
+                    except OSError:
+                        self.drop(sel, i, b"")
+            self.connected.set()
+            deadline = time.monotonic() + self.interval
             while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
                 for key, _ in sel.select(min(left, 0.1)):
                     self.read(sel, key.data)
@@ -85,15 +98,13 @@ class Trickle:
             return
         except OSError:
             data = b""
-        if data.startswith(b"HTTP/1.1 408"):
-            self.answered_408 += 1
-        self.drop(sel, i)
+        self.drop(sel, i, data)
 
-    def drop(self, sel: selectors.BaseSelector, i: int) -> None:
+    def drop(self, sel: selectors.BaseSelector, i: int, reply: bytes) -> None:
+        self.closes.append((self.kinds[i], time.monotonic() - self.opened_at[i], reply))
         sel.unregister(self.socks[i])
         self.socks[i].close()
-        self.socks[i] = None
-        self.closed_by_host += 1
+        self.socks[i] = None if self.reopen else False
 
 
 def webhooks(port: int, seconds: float, tag: str) -> tuple[list[float], int]:
@@ -145,9 +156,10 @@ def main() -> None:
         webhooks(port, 1.0, "warm")
         for n, (name, headers, bodies) in enumerate(phases):
             with Trickle(port, headers, bodies) as trickle:
-                time.sleep(1.5 if headers or bodies else 0)  # let them connect and start trickling
+                trickle.connected.wait(10)
+                time.sleep(1.0 if headers or bodies else 0)  # let them start trickling
                 latencies, failures = webhooks(port, args.seconds, f"p{n}-")
-            rows.append((name, latencies, failures, trickle.closed_by_host, trickle.answered_408))
+            rows.append((name, latencies, failures, len(trickle.closes), trickle.answered_408))
     finally:
         host.terminate()
         host.wait(40)

@@ -71,7 +71,7 @@ class Intake:
         self.pending = bytearray()
         self.head_len: Optional[int] = None
         self.need = 0
-        self.deadline = 0.0
+        self.started = self.deadline = 0.0
         self.continue_due = False
         self.closing = False
         self.drained = 0
@@ -80,7 +80,7 @@ class Intake:
     def begin(self, now: float) -> None:
         """Start waiting for the next request on this connection."""
         self.head_len, self.need, self._scanned, self.continue_due = None, 0, 0, False
-        self.deadline = now + self.limits.header_timeout
+        self.started, self.deadline = now, now + self.limits.header_timeout
 
     def wants(self) -> int:
         """How many bytes to read next: never past the end of a body whose length is known."""

@@ -29,6 +29,7 @@ FD_RESERVE = 256  # descriptors kept for the engine, SQLite, the broker and Tele
 EXPIRY_EVERY = 0.1  # seconds between passes over the connections being read
 REPORT_EVERY = 60.0  # seconds between log lines that count refused connections
 DRAIN_MAX = 64 * 1024  # bytes read and dropped from a closing connection before it is cut
+MIN_AGE = 0.25  # seconds a connection is read before the connection limit may shed it (a fast request is in)
 
 
 class Released:
@@ -41,6 +42,10 @@ class Released:
         chunk = bytes(self.data[:size])
         del self.data[:size]
         return chunk
+
+
+def _address(conn: TConn) -> Any:
+    return conn.client[0] if isinstance(conn.client, tuple) else conn.client
 
 
 def unsupported(cfg: Any) -> Optional[str]:
@@ -116,7 +121,7 @@ class BufferingThreadWorker(ThreadWorker):
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self.refused["no file descriptor left"] += 1
-                if not self._evict_oldest():
+                if not self._evict(min_age=0.0):
                     time.sleep(0.05)  # nothing to shed: do not spin on a listener we cannot accept from
                 return
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
@@ -129,7 +134,12 @@ class BufferingThreadWorker(ThreadWorker):
         conn.parser = RequestParser(self.cfg, conn.released, client_addr)
         conn.data_ready = True  # the thread must not wait on the socket: its parser reads `released`
         self._read_next(conn)
-        while self.nr_conns >= self.worker_connections and self._evict_oldest(spare=conn):
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """At the connection limit, shed requests that are still unfinished after MIN_AGE; otherwise gthread
+        stops accepting until there is room (new connections wait in the listen backlog)."""
+        while self.nr_conns >= self.worker_connections and self._evict(min_age=MIN_AGE):
             self.refused["connection limit"] += 1
 
     def enqueue_req(self, conn: TConn) -> None:
@@ -179,7 +189,7 @@ class BufferingThreadWorker(ThreadWorker):
             return
         intake.feed(data)
         self.buffered += len(data)
-        while self.buffered > self.limits.max_buffered and self._evict_oldest():
+        while self.buffered > self.limits.max_buffered and self._evict(min_age=0.0):
             self.refused["memory limit"] += 1
         if conn in self.reading:
             self._advance(conn)
@@ -248,13 +258,21 @@ class BufferingThreadWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
-    def _evict_oldest(self, spare: Optional[TConn] = None) -> bool:
-        """Close the connection that has been read the longest (a fast client's request is in within ms)."""
+    def _evict(self, min_age: float) -> bool:
+        """Close one connection still being read: one already closing, else the oldest read for at least
+        `min_age` s, from the address that holds the most (a fast client's request is in within ms)."""
+        now = time.monotonic()
+        counts: Counter = Counter()
         for conn in self.reading:
-            if conn is not spare:
+            if conn.intake.closing:
                 self._close(conn)
                 return True
-        return False
+            counts[_address(conn)] += 1
+        aged = [c for c in self.reading if now - c.intake.started >= min_age]
+        if not aged:
+            return False
+        self._close(max(aged, key=lambda c: counts[_address(c)]))  # max() keeps the oldest among equals
+        return True
 
     # deadlines -------------------------------------------------------------------------------------
 
@@ -268,6 +286,7 @@ class BufferingThreadWorker(ThreadWorker):
         if now >= self.next_expiry:
             self.next_expiry = now + EXPIRY_EVERY
             self._expire(now)
+            self._make_room()
         if now >= self.next_report:
             self.next_report = now + REPORT_EVERY
             self._report()
