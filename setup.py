@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "pluggy>=1.5,<2",
         "flask>=3.0,<4",
-        "gunicorn>=22,<28",
+        "gunicorn>=27,<28",  # host/http_worker.py subclasses gthread's ThreadWorker
         "NorenRestApiOAuth==0.0.41",
         "websocket-client>=1.6,<2",
         "websockets>=13,<18",

@@ -21,6 +21,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-webhook-secret"
@@ -47,9 +48,9 @@ def wait_up(port: int, timeout: float = 30) -> None:
     raise SystemExit(f"server on {port} did not come up")
 
 
-def start_host(workdir: Path, port: int) -> subprocess.Popen:
+def start_host(workdir: Path, port: int, extra_env: Optional[dict] = None) -> subprocess.Popen:
     env = {**os.environ, "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN, "DASHBOARD_PASSWORD": "bench-password",
-           "LOG_LEVEL": "WARNING"}
+           "LOG_LEVEL": "WARNING", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "host", "run", "--port", str(port)], cwd=workdir, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

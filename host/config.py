@@ -160,6 +160,10 @@ VARS: tuple[Var, ...] = (
     Var("PLUGINS_DIR", _str, "plugins", "folder with strategies/ and notifiers/"),
     Var("HOST", _str, "127.0.0.1", "address the server binds"),
     Var("PORT", _int(1, 65535), "8000", "port the server binds"),
+    Var("HTTP_HEADER_TIMEOUT_S", _int(1, 300), "10", "a request's headers must arrive within this many seconds, "
+        "or the connection is answered 408 and closed (slow clients hold no thread meanwhile)"),
+    Var("HTTP_BODY_TIMEOUT_S", _int(1, 600), "20", "a request's body must arrive within this many seconds "
+        "after its headers, or the connection is answered 408 and closed"),
     Var("WEBHOOK_SECRET", _secret(8), None, "secret_key every alert must carry", aliases=("WEBHOOK_SECRET_KEY",), secret=True),
     Var("DASHBOARD_PASSWORD", _secret(8), None, "dashboard login password", secret=True),
     Var("API_TOKEN", _secret(16), None, "Bearer token for /api", secret=True),

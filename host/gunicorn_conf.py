@@ -1,7 +1,7 @@
 """Gunicorn settings for `gunicorn -c python:host.gunicorn_conf wsgi:app` (what `strategy-host run` uses)."""
-from host.server import post_worker_init, worker_exit  # noqa: F401  (gunicorn reads these names)
+from host.server import WORKER_CLASS, post_worker_init, worker_exit  # noqa: F401  (gunicorn reads these names)
 
-worker_class = "gthread"
+worker_class = WORKER_CLASS
 workers = 1
 threads = 8
 graceful_timeout = 30

@@ -1,4 +1,4 @@
-"""Gunicorn serving: gthread workers; the engine starts in the worker that takes the engine lock."""
+"""Gunicorn serving: buffering gthread workers; the engine starts in the worker that takes the engine lock."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +9,7 @@ from gunicorn.app.base import BaseApplication
 from .config import Settings
 
 log = logging.getLogger(__name__)
+WORKER_CLASS = "host.http_worker.BufferingThreadWorker"  # gthread that reads whole requests before a thread
 
 
 def _runtime(worker: Any) -> Any:
@@ -18,6 +19,9 @@ def _runtime(worker: Any) -> Any:
 def post_worker_init(worker: Any) -> None:
     """Start the engine in this worker if it gets the lock; other workers stand by to take over."""
     rt = _runtime(worker)
+    if hasattr(worker, "configure"):  # host.http_worker.BufferingThreadWorker
+        from .http_intake import HttpLimits
+        worker.configure(HttpLimits.from_settings(rt.settings))
     from .runtime import EngineBusy
     try:
         rt.start_engine()
@@ -42,7 +46,7 @@ class HostServer(BaseApplication):
         self.app_factory = app_factory
         self.settings = settings
         self.defaults = {
-            "bind": f"{settings.HOST}:{settings.PORT}", "worker_class": "gthread", "workers": workers,
+            "bind": f"{settings.HOST}:{settings.PORT}", "worker_class": WORKER_CLASS, "workers": workers,
             "threads": threads, "graceful_timeout": 30, "timeout": 60, "keepalive": 5,
             "post_worker_init": post_worker_init, "worker_exit": worker_exit, "accesslog": None,
             "proc_name": "strategy-host",
