@@ -13,8 +13,8 @@ GROUP = -100555  # a group chat: Telegram allows ~20 messages a minute there, 1 
 REJECTED = "Order rejected"
 
 
-def group_host(tghost, tg):  # noqa: F811
-    h = tghost(TELEGRAM_CHAT_ID=str(GROUP))
+def group_host(tghost, tg, **settings):  # noqa: F811
+    h = tghost(TELEGRAM_CHAT_ID=str(GROUP), **settings)
     said(tg, "Host started")
     return h
 
@@ -30,11 +30,13 @@ def state(h) -> str:
     return h.runtime.gate.state()["state"]
 
 
-def acts(h, want: str, since: float, within: float = 1.0) -> float:
-    """Seconds from `since` until the trading state is `want`; fails past `within`."""
+def command_acts(h, tg, command: str, want: str, within: float = 1.0) -> float:  # noqa: F811
+    """Send a command; the trading state must be `want` within `within` seconds of it reaching the Bot API."""
+    pushed = time.monotonic()
+    tg.push_message(command, USER, GROUP)
     wait_for(lambda: state(h) == want, timeout=within + 1, interval=0.01)
-    took = time.monotonic() - since
-    assert took <= within, f"{want} after {took:.2f} s"
+    took = time.monotonic() - pushed
+    assert took <= within, f"{command}: {want} after {took:.2f} s"
     return took
 
 
@@ -81,22 +83,26 @@ def test_the_pace_keeps_room_for_replies_and_obeys_retry_after():
 
 
 def test_halt_acts_during_a_429_wait_and_its_reply_jumps_the_backlog(tghost, tg):  # noqa: F811
-    h = group_host(tghost, tg)
-    flood_s = 8
+    h = group_host(tghost, tg, TELEGRAM_CONFIRM_S="5")
+    h.post(alert())
+    h.settle()
+    flood_s = 12
     tg.flood(flood_s)
     flood_start, flood_end = time.monotonic(), tg.flood_until
     backlog(h, 30)
     wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)  # the bot is told to wait
+    tg.push_message("/exitall", USER, GROUP)  # its buttons would expire (5 s) before the wait ends
     tg.push_message("/status", USER, GROUP)  # its reply cannot go out either
     time.sleep(0.2)
-    pushed = time.monotonic()
-    tg.push_message("/halt", USER, GROUP)
-    acts(h, "halted", pushed)
+    command_acts(h, tg, "/halt", "halted")
     assert time.monotonic() < flood_end - 3  # done while the wait still holds every message
-    assert h.post(alert()).status_code == 423
+    assert h.post(alert(strategy="s2")).status_code == 423
     wait_for(lambda: REJECTED in "".join(delivered_texts(tg, flood_end)), timeout=flood_s + 10)
     after = delivered_texts(tg, flood_start)
-    assert first(after, "<b>Status</b>") < first(after, "now <b>halted") < first(after, REJECTED)
+    assert (first(after, "send /exitall again") < first(after, "<b>Status</b>") < first(after, "now <b>halted")
+            < first(after, REJECTED))
+    assert not any("reply_markup" in p for _, p in tg.delivered())  # no stale buttons
+    assert h.net() == -75
     halted_at = next(t for t, p in tg.delivered() if "now <b>halted" in p["text"])
     assert flood_end <= halted_at <= flood_end + 3  # after the wait it was told, and soon after it
     during = [t for t, _ in tg.statuses() if flood_start <= t < flood_end]
@@ -113,12 +119,8 @@ def test_commands_act_during_an_outage_of_sending_and_replies_follow(tghost, tg,
     wait_for(lambda: any(code in (0, 502) for _, code in tg.statuses()), timeout=5)
     tg.push_message("/status", USER, GROUP)
     time.sleep(0.2)
-    pushed = time.monotonic()
-    tg.push_message("/reduceonly", USER, GROUP)
-    acts(h, "reduce_only", pushed)
-    pushed = time.monotonic()
-    tg.push_message("/halt", USER, GROUP)
-    acts(h, "halted", pushed)
+    command_acts(h, tg, "/reduceonly", "reduce_only")
+    command_acts(h, tg, "/halt", "halted")
     assert time.monotonic() < end
     wait_for(lambda: any("now <b>halted" in t for t in delivered_texts(tg)), timeout=seconds + 8)
     wait_for(lambda: len(delivered_texts(tg, start)) > 3, timeout=8)  # and then what the outage held
@@ -157,19 +159,15 @@ def test_exitall_buttons_arrive_within_2_s_behind_50_notifications(tghost, tg): 
 
 def test_reduceonly_right_after_resume_acts_within_1_s(tghost, tg):  # noqa: F811
     h = group_host(tghost, tg)
-    tg.push_message("/halt", USER, GROUP)
-    wait_for(lambda: state(h) == "halted", timeout=3)
+    command_acts(h, tg, "/halt", "halted", within=3)
     backlog(h, 10)
-    pushed = time.monotonic()
-    tg.push_message("/resume", USER, GROUP)
-    acts(h, "active", pushed)
-    pushed = time.monotonic()
-    tg.push_message("/reduceonly", USER, GROUP)
-    acts(h, "reduce_only", pushed)
+    resumed = time.monotonic()
+    command_acts(h, tg, "/resume", "active")
+    command_acts(h, tg, "/reduceonly", "reduce_only")
     said(tg, "now <b>reduce_only", timeout=5)
-    texts = delivered_texts(tg, pushed - 1)
+    texts = delivered_texts(tg, resumed)
     assert first(texts, "now <b>active") < first(texts, "now <b>reduce_only")
-    tg.push_message("/halt", USER, STRANGER)  # a stranger's chat: still ignored, however fast
+    tg.push_message("/halt", STRANGER, GROUP)  # a stranger in the group: still ignored, however fast
     time.sleep(0.5)
     assert state(h) == "reduce_only"
     assert_honest_pace(tg)

@@ -152,6 +152,14 @@ class Reply:
         edit = saved.get("edit")
         return cls(str(saved["text"]), saved.get("markup"), (int(edit[0]), int(edit[1])) if edit else None)
 
+    @property
+    def nonce(self) -> Optional[str]:
+        """The confirmation its buttons answer (an /exitall question), if it has buttons."""
+        try:
+            return self.markup["inline_keyboard"][0][0]["callback_data"].partition(":")[2] or None
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return None
+
 
 class Pace:
     """When the next message may go to one chat: Telegram's flood limits, its retry_after, and our backoff."""
@@ -334,8 +342,13 @@ class TelegramNotifier:
         """Queue what an earlier version or run had not sent: notifications as text, replies as dicts."""
         for item in pending:
             if isinstance(item, dict):
+                try:
+                    reply = Reply.of(item)
+                except (KeyError, TypeError, ValueError, IndexError):
+                    self.log.warning("a saved reply could not be read; not sent: %.80r", item)
+                    continue
                 self._count(1)
-                self.replies.append(Reply.of(item))
+                self.replies.append(reply)
                 self._wake()
             else:
                 self._count(1)
@@ -379,11 +392,14 @@ class TelegramNotifier:
                     timer.cancel()
                 continue
             if reply:
-                item = self.replies.popleft()
-                if await self._deliver(item) is None:
+                item = self._fresh(self.replies.popleft())
+                delivered = await self._deliver(item)
+                if delivered is None:
                     self.replies.appendleft(item)  # sent again when Telegram lets us
                 else:
                     self._count(-1)
+                if delivered and item.nonce:  # the buttons' time counts from when they can be seen
+                    self.confirmations[item.nonce] = time.monotonic() + self.confirm_s
             else:
                 text, n = self.held or self._batch()
                 delivered = await self._deliver(Reply(text))
@@ -396,6 +412,15 @@ class TelegramNotifier:
                     self.dropped = 0
             if self.recovered_after is not None:
                 self._after_outage(self.recovered_after)
+
+    def _fresh(self, item: Reply) -> Reply:
+        """An /exitall question that waited past its time (a 429, an outage, a restart) is not shown with
+        live buttons: it says that nothing was done."""
+        if item.nonce is None or self.confirmations.get(item.nonce, 0.0) > time.monotonic():
+            return item
+        self.confirmations.pop(item.nonce, None)
+        return Reply("Your /exitall question could not be shown in time (Telegram was unreachable or asked us "
+                     "to wait). Nothing was done: send /exitall again.")
 
     def _batch(self) -> tuple[str, int]:
         """The oldest waiting notifications joined into one message, and how many."""
