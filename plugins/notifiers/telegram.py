@@ -313,7 +313,7 @@ class TelegramNotifier:
             self._release_baton()
 
     def _cancel(self) -> None:
-        for t in self.tasks:
+        for t in [*self.tasks, *self.side_calls]:
             t.cancel()
 
     def _wake(self) -> None:
