@@ -1,12 +1,15 @@
 """A fake Telegram Bot API server on loopback, for the real python-telegram-bot (its `base_url`): tests and benches.
 
 It keeps what the bot sent, serves updates to getUpdates with Telegram's offset rules (an update
-is confirmed by a later offset, and is served again until then), and can fail: an outage (502),
-a 429 with retry_after, and 409 for two pollers at once.
+is confirmed by a later offset, and is served again until then), and can fail: an outage (502, or the
+connection dropped unanswered) of every method or only of some (sendMessage down while getUpdates still
+delivers), 429s with retry_after (queued one by one, or a flood wait lasting some seconds), and 409 for
+two pollers at once. `received` has every request with its time and the status it got.
 """
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,12 +24,17 @@ class FakeTelegram:
     def __init__(self, token: str = TOKEN):
         self.token = token
         self.lock = threading.Condition()
-        self.calls: list[tuple[float, str, dict]] = []
         self.updates: list[dict] = []     # not yet confirmed
         self.served: list[int] = []       # every update id given to a poller (repeats show redelivery)
         self.next_update = 1000
         self.next_message = 1
-        self.down_until = 0.0             # before this monotonic time every call gets 502
+        self.calls: list[tuple[float, str, dict]] = []  # answered (2xx, 4xx): time, method, parameters
+        self.received: list[tuple[float, str, int, dict]] = []  # every request as it came: time, method,
+        #                                                          the status it got (0: dropped), parameters
+        self.down_until = 0.0             # before this monotonic time the outage's methods fail
+        self.down_methods: Optional[tuple[str, ...]] = None  # None: every method
+        self.down_how = "502"             # or "drop": the connection is closed without an answer
+        self.flood_until = 0.0            # before this, sendMessage and editMessageText get 429
         self.retry_after: list[int] = []  # the next sendMessage calls get 429 with these retry_after values
         self.slow_s = 0.0                 # every sendMessage answers this late
         self.bad_next = 0                 # the next sendMessage calls get 400 Bad Request
@@ -46,6 +54,9 @@ class FakeTelegram:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length).decode()
                 code, body = fake.handle(self.path, self.headers.get("Content-Type", ""), raw)
+                if code == 0:  # an outage that drops the connection: the client sees it closed unanswered
+                    self.close_connection = True
+                    return
                 data = json.dumps(body).encode()
                 try:
                     self.send_response(code)
@@ -99,8 +110,24 @@ class FakeTelegram:
         with self.lock:
             return [t for t, m, _ in self.calls if m == method]
 
-    def outage(self, seconds: float) -> None:
+    def outage(self, seconds: float, methods: Optional[tuple[str, ...]] = None, how: str = "502") -> None:
+        """For `seconds`, `methods` (default: all) fail: 502 Bad Gateway, or ("drop") no answer at all."""
+        self.down_methods, self.down_how = methods, how
         self.down_until = time.monotonic() + seconds
+
+    def flood(self, seconds: float) -> None:
+        """A flood wait: for `seconds` every message sent or edited gets 429 with the seconds left as retry_after."""
+        self.flood_until = time.monotonic() + seconds
+
+    def statuses(self, method: str = "sendMessage") -> list[tuple[float, int]]:
+        """(time, status) of every request for this method, refused ones included."""
+        with self.lock:
+            return [(t, code) for t, m, code, _ in self.received if m == method]
+
+    def delivered(self, method: str = "sendMessage") -> list[tuple[float, dict]]:
+        """(time, parameters) of the requests for this method that were answered 200, in order."""
+        with self.lock:
+            return [(t, p) for t, m, code, p in self.received if m == method and code == 200]
 
     # ---- the Bot API ----
     def handle(self, path: str, content_type: str, raw: str) -> tuple[int, dict]:
@@ -109,23 +136,37 @@ class FakeTelegram:
             return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
         method = path[len(prefix):].split("?")[0]
         params = self._params(content_type, raw)
-        if time.monotonic() < self.down_until:
-            return 502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}
+        came = time.monotonic()
+        code, body = self._answer(method, params)
         with self.lock:
-            self.calls.append((time.monotonic(), method, params))
+            self.received.append((came, method, code, params))
+        return code, body
+
+    def _answer(self, method: str, params: dict) -> tuple[int, dict]:
+        now = time.monotonic()
+        if now < self.down_until and (self.down_methods is None or method in self.down_methods):
+            return (0, {}) if self.down_how == "drop" else (502, {"ok": False, "error_code": 502,
+                                                                  "description": "Bad Gateway"})
+        with self.lock:
+            self.calls.append((now, method, params))
+        if method in ("sendMessage", "editMessageText") and now < self.flood_until:
+            return self._too_many(math.ceil(self.flood_until - now))
         if method == "sendMessage" and self.slow_s:
             time.sleep(self.slow_s)
         if method == "sendMessage" and self.bad_next:
             self.bad_next -= 1
             return 400, {"ok": False, "error_code": 400, "description": "Bad Request: can't parse entities"}
         if method == "sendMessage" and self.retry_after:
-            wait = self.retry_after.pop(0)
-            return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {wait}",
-                         "parameters": {"retry_after": wait}}
+            return self._too_many(self.retry_after.pop(0))
         handler = getattr(self, "m_" + method, None)
         if handler is None:
             return 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
         return 200, {"ok": True, "result": handler(params)}
+
+    @staticmethod
+    def _too_many(wait: int) -> tuple[int, dict]:
+        return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {wait}",
+                     "parameters": {"retry_after": wait}}
 
     @staticmethod
     def _params(content_type: str, raw: str) -> dict:

@@ -5,6 +5,10 @@ bounded queue means nothing on the trading path ever waits for Telegram. Message
 Telegram's per-chat rate, obey retry_after, retry transient failures with backoff, and a long
 outage collapses into one "N messages not sent" notice. Commands are taken only from
 TELEGRAM_ALLOWED_USERS in TELEGRAM_CHAT_ID, and go through the host's command path like the API.
+
+Commands never wait for sending: a command is read, done, and its reply queued, and the next command
+is read at once, whatever holds the outgoing messages (pacing, a 429's retry_after, an outage). One
+sender sends replies before notifications, within the same per-chat limits.
 """
 from __future__ import annotations
 
@@ -15,12 +19,15 @@ import secrets
 import threading
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.constants import FloodLimit
 from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter
 from telegram.request import HTTPXRequest
 
@@ -33,9 +40,17 @@ PLUGIN_ACTIONS = ("reload", "disable", "enable")  # /reload <strategy> and so on
 QUEUE_MAX = 200               # messages waiting; more are counted as dropped
 COLLAPSE_AFTER_S = 10.0       # an outage this long: what waited is summed up in one notice, not replayed
 BACKOFF_S = (1, 2, 4, 8, 15)  # between attempts while Telegram is unreachable
+REPLY_RETRY_S = 2.0           # ... but a waiting command reply is tried again at least this often
+POLL_RETRY_S = (0.5, 1, 2, 5)  # between long polls that failed: commands are read soon after an outage
 POLL_S = 10                   # long-poll timeout
 BATCH_CHARS = 3500            # waiting messages are joined into one, up to this size (Telegram: 4096)
-PRIVATE_GAP_S, GROUP_GAP_S = 1.0, 3.0  # Telegram: ~1 message/s per chat, 20/min in a group
+REPLY_MAX = 50                # command replies waiting; more are logged and not sent
+# Telegram's flood limits: ~1 message a second in a chat, ~20 a minute in a group. Notifications use at
+# most 16 of a group's 20 (one per 3.75 s), so that command replies always have room.
+CHAT_GAP_S = 1.0 / FloodLimit.MESSAGES_PER_SECOND_PER_CHAT
+GROUP_PER_MIN = int(FloodLimit.MESSAGES_PER_MINUTE_PER_GROUP)
+GROUP_NOTICES_PER_MIN = GROUP_PER_MIN - 4
+GROUP_NOTICE_GAP_S = 60.0 / GROUP_NOTICES_PER_MIN
 HELP = ("/status /pnl /positions /orders /risk /strategies\n/halt /reduceonly /resume /exitall\n"
         "/reload &lt;strategy&gt; /disable &lt;strategy&gt; /enable &lt;strategy&gt;")
 
@@ -129,6 +144,66 @@ def _seconds(retry_after: Any) -> float:
     return retry_after.total_seconds() if isinstance(retry_after, timedelta) else float(retry_after)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A command's answer: a new message (with buttons, as a keyboard dict), or an edit of one."""
+
+    text: str
+    markup: Optional[dict] = None
+    edit: Optional[tuple[int, int]] = None  # (chat id, message id) of the message to change
+
+    @classmethod
+    def of(cls, saved: dict) -> "Reply":
+        """From its saved form (asdict), as handed to the next version or the next start."""
+        edit = saved.get("edit")
+        return cls(str(saved["text"]), saved.get("markup"), (int(edit[0]), int(edit[1])) if edit else None)
+
+    @property
+    def nonce(self) -> Optional[str]:
+        """The confirmation its buttons answer (an /exitall question), if it has buttons."""
+        try:
+            return self.markup["inline_keyboard"][0][0]["callback_data"].partition(":")[2] or None
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return None
+
+
+class Pace:
+    """When the next message may go to one chat: Telegram's flood limits, its retry_after, and our backoff."""
+
+    def __init__(self, group: bool):
+        self.group = group
+        self.sent: deque[float] = deque(maxlen=GROUP_PER_MIN)  # the latest sends (monotonic)
+        self.hold_until = 0.0  # a 429's retry_after: nothing goes before this
+        self.retry_at = 0.0    # backoff after Telegram was unreachable
+        self.failed_at = 0.0
+        self.failures = 0
+
+    def ready_at(self, reply: bool, stopping: bool = False) -> float:
+        """The earliest time the next reply (or notification) may be sent."""
+        at = max(self.hold_until, min(self.retry_at, self.failed_at + REPLY_RETRY_S) if reply else self.retry_at)
+        if stopping or not self.sent:
+            return at
+        at = max(at, self.sent[-1] + (GROUP_NOTICE_GAP_S if self.group and not reply else CHAT_GAP_S))
+        if self.group:  # at most `room` messages in any 60 s
+            room = GROUP_PER_MIN if reply else GROUP_NOTICES_PER_MIN
+            if len(self.sent) >= room:
+                at = max(at, self.sent[-room] + 60.0)
+        return at
+
+    def delivered(self) -> None:
+        self.sent.append(time.monotonic())
+        self.retry_at = self.failed_at = 0.0
+        self.failures = 0
+
+    def refused(self, retry_after: float) -> None:
+        self.hold_until = time.monotonic() + retry_after
+
+    def unreachable(self) -> None:
+        self.failed_at = time.monotonic()
+        self.retry_at = self.failed_at + BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
+        self.failures += 1
+
+
 class TelegramNotifier:
     """One version's bot: a sender task, a receiver task, and the commands."""
 
@@ -146,11 +221,15 @@ class TelegramNotifier:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.thread: Optional[threading.Thread] = None
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"telegram-{ctx.version}")
-        self.queue: Optional[asyncio.Queue] = None
+        self.queue: deque[str] = deque()        # notifications, oldest first
+        self.replies: deque[Reply] = deque()    # command replies: sent before any notification
+        self.held: Optional[tuple[str, int]] = None  # notifications joined, waiting to be tried again
+        self.wake: Optional[asyncio.Event] = None
+        self.pace = Pace(self.chat.startswith("-"))
+        self.side_calls: set[asyncio.Task] = set()
         self.dropped = int(ctx.state.get("dropped", 0))
         self.outage_since: Optional[float] = None
         self.recovered_after: Optional[float] = None
-        self.last_sent: dict[str, float] = {}
         self.confirmations: dict[str, float] = {}  # /exitall nonce -> expiry (monotonic)
         self.tasks: list[asyncio.Task] = []
         self.handling: Optional[asyncio.Future] = None
@@ -158,7 +237,6 @@ class TelegramNotifier:
         self.stopping = False
         self.outstanding = 0  # messages offered and not yet sent or dropped
         self.count_lock = threading.Lock()
-        self.chat_locks: dict[str, asyncio.Lock] = {}
         self.ready = threading.Event()
 
     @property
@@ -196,6 +274,7 @@ class TelegramNotifier:
         if self.loop is None or self.thread is None:
             return
         self.stopping = True  # no more pacing: the last messages go out at once
+        self.loop.call_soon_threadsafe(self._wake)
         if reason == "shutdown":
             deadline = time.monotonic() + 0.7
             while time.monotonic() < deadline and self.outstanding > 0 and self.outage_since is None:
@@ -216,9 +295,8 @@ class TelegramNotifier:
             self.loop.close()
 
     async def _main(self) -> None:
-        self.queue = asyncio.Queue()
-        for text in self.ctx.state.pop("pending", []):  # what the previous version had not sent
-            self.queue.put_nowait(text)
+        self.wake = asyncio.Event()
+        self._restore(self.ctx.state.pop("pending", []))  # what the previous run had not sent
         base = dict(connect_timeout=5.0, write_timeout=10.0, pool_timeout=5.0)
         self.bot = Bot(self.token, base_url=self.api_url + "/bot", base_file_url=self.api_url + "/file/bot",
                        request=HTTPXRequest(connection_pool_size=4, read_timeout=10.0, **base),
@@ -237,25 +315,65 @@ class TelegramNotifier:
             self.ctx.state["pending"] = pending
             self.ctx.state["dropped"] = self.dropped
             self.ctx.baton.values["pending"] = pending  # the next version (a reload) sends them
+            self.ctx.baton.values["confirmations"] = dict(self.confirmations)  # and honours its buttons
             self._release_baton()
 
     def _cancel(self) -> None:
-        for t in self.tasks:
+        for t in [*self.tasks, *self.side_calls]:
             t.cancel()
 
+    def _wake(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
+
     def _enqueue(self, text: str) -> None:
-        if self.queue.qsize() >= QUEUE_MAX:
+        if len(self.queue) >= QUEUE_MAX:
             self.dropped += 1
             self._count(-1)
         else:
-            self.queue.put_nowait(text)
+            self.queue.append(text)
+            self._wake()
 
-    def _drain(self) -> list[str]:
-        out = []
-        while self.queue is not None and not self.queue.empty():
-            out.append(self.queue.get_nowait())
-        self._count(-len(out))
+    def _reply(self, text: str, markup: Optional[InlineKeyboardMarkup] = None,
+               edit: Optional[tuple[int, int]] = None) -> None:
+        """Queue a command's answer ahead of every notification; never waits."""
+        if len(self.replies) >= REPLY_MAX:
+            self.log.warning("a command reply was not sent: %d replies are already waiting for Telegram", REPLY_MAX)
+            return
+        self._count(1)
+        self.replies.append(Reply(text, markup.to_dict() if markup is not None else None, edit))
+        self._wake()
+
+    def _restore(self, pending: list) -> None:
+        """Queue what an earlier version or run had not sent: notifications as text, replies as dicts."""
+        for item in pending:
+            if isinstance(item, dict):
+                try:
+                    reply = Reply.of(item)
+                except (KeyError, TypeError, ValueError, IndexError):
+                    self.log.warning("a saved reply could not be read; not sent: %.80r", item)
+                    continue
+                self._count(1)
+                self.replies.append(reply)
+                self._wake()
+            else:
+                self._count(1)
+                self._enqueue(str(item))
+
+    def _drain(self) -> list:
+        """Take everything waiting (replies first), in the form _restore takes back."""
+        out: list = [asdict(r) for r in self.replies] + ([self.held[0]] if self.held else []) + list(self.queue)
+        self._count(-len(self.replies) - (self.held[1] if self.held else 0) - len(self.queue))
+        self.replies.clear()
+        self.queue.clear()
+        self.held = None
         return out
+
+    def _drain_notifications(self) -> int:
+        n = len(self.queue)
+        self.queue.clear()
+        self._count(-n)
+        return n
 
     async def _blocking(self, fn: Callable, *args: Any) -> Any:
         """Run a host call (it reads SQLite or waits for the engine) off the event loop."""
@@ -263,80 +381,115 @@ class TelegramNotifier:
 
     # ---- sending ----
     async def _sender(self) -> None:
+        """One sender for the chat: replies first, then notifications (a backlog joined), each when the
+        chat's pace allows; a reply queued meanwhile goes before the notification that was waiting."""
         while True:
-            text, n = await self.queue.get(), 1
-            while not self.queue.empty() and len(text) < BATCH_CHARS:  # a backlog goes out joined
-                nxt = self.queue.get_nowait()
-                if len(text) + len(nxt) + 2 > BATCH_CHARS:
-                    await self._send(text)
-                    self._count(-n)
-                    text, n = nxt, 1
+            self.wake.clear()
+            reply = bool(self.replies)
+            if not reply and not self.held and not self.queue:
+                await self.wake.wait()
+                continue
+            delay = self.pace.ready_at(reply, self.stopping) - time.monotonic()
+            if delay > 0:  # until then, or until something new comes (a reply goes before a notification)
+                timer = self.loop.call_later(delay, self.wake.set)  # not wait_for: 3.11's may swallow a cancel
+                try:
+                    await self.wake.wait()
+                finally:
+                    timer.cancel()
+                continue
+            if reply:
+                item = self._fresh(self.replies.popleft())
+                delivered = await self._deliver(item)
+                if delivered is None:
+                    self.replies.appendleft(item)  # sent again when Telegram lets us
                 else:
-                    text, n = text + "\n\n" + nxt, n + 1
-            await self._send(text)
-            self._count(-n)
-            if self.recovered_after is not None:
-                await self._after_outage(self.recovered_after)
-            if self.dropped:
-                await self._send(f"⚠️ <b>{self.dropped} message{'s' if self.dropped != 1 else ''} dropped</b>: "
+                    self._count(-1)
+                if delivered and item.nonce:  # the buttons' time counts from when they can be seen
+                    self.confirmations[item.nonce] = time.monotonic() + self.confirm_s
+            else:
+                text, n = self.held or self._batch()
+                delivered = await self._deliver(Reply(text))
+                self.held = (text, n) if delivered is None else None  # tried again as it is; more waits behind
+                if delivered is not None:
+                    self._count(-n)
+                if delivered and self.dropped:
+                    self._notice(f"⚠️ <b>{self.dropped} message{'s' if self.dropped != 1 else ''} dropped</b>: "
                                  f"more were waiting than the queue holds. The dashboard's events have them all.")
-                self.dropped = 0
+                    self.dropped = 0
+            if self.recovered_after is not None:
+                self._after_outage(self.recovered_after)
 
-    async def _send(self, text: str, chat: Optional[str] = None, markup: Any = None) -> Any:
-        """Deliver one message: pace it, obey retry_after, retry transient failures; never raise."""
-        chat = chat or self.chat
-        async with self.chat_locks.setdefault(chat, asyncio.Lock()):  # one message at a time per chat
-            return await self._send_paced(chat, text, markup)
+    def _fresh(self, item: Reply) -> Reply:
+        """An /exitall question that waited past its time (a 429, an outage, a restart) is not shown with
+        live buttons: it says that nothing was done."""
+        if item.nonce is None or self.confirmations.get(item.nonce, 0.0) > time.monotonic():
+            return item
+        self.confirmations.pop(item.nonce, None)
+        return Reply("Your /exitall question could not be shown in time (Telegram was unreachable or asked us "
+                     "to wait). Nothing was done: send /exitall again.")
 
-    async def _send_paced(self, chat: str, text: str, markup: Any) -> Any:
-        attempt = 0
-        while True:
-            await self._pace(chat)
-            try:
-                sent = await self.bot.send_message(chat, text, parse_mode="HTML", reply_markup=markup,
-                                                   disable_web_page_preview=True)
-            except RetryAfter as e:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    wait = _seconds(e.retry_after)
-                self.log.warning("Telegram asks us to wait %.0f s (rate limit)", wait)
-                await asyncio.sleep(wait)
-                continue
-            except (BadRequest, Forbidden, InvalidToken) as e:  # permanent: retrying cannot help
-                self.log.error("Telegram refused a message: %s", e)
-                return None
-            except NetworkError as e:  # transient (timeouts, 5xx, connection refused)
-                if self.outage_since is None:
-                    self.outage_since = time.monotonic()
-                    self.log.warning("Telegram unreachable (%s); retrying with backoff", e)
-                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
-                attempt += 1
-                continue
-            self.last_sent[chat] = time.monotonic()
-            if self.outage_since is not None:
-                self.recovered_after = time.monotonic() - self.outage_since
-                self.outage_since = None
-            return sent
+    def _batch(self) -> tuple[str, int]:
+        """The oldest waiting notifications joined into one message, and how many."""
+        text, n = self.queue.popleft(), 1
+        while self.queue and len(text) + len(self.queue[0]) + 2 <= BATCH_CHARS:
+            text, n = text + "\n\n" + self.queue.popleft(), n + 1
+        return text, n
 
-    async def _pace(self, chat: str) -> None:
-        gap = GROUP_GAP_S if chat.startswith("-") else PRIVATE_GAP_S
-        wait = self.last_sent.get(chat, 0.0) + gap - time.monotonic()
-        if wait > 0 and not self.stopping:
-            await asyncio.sleep(wait)
+    def _notice(self, text: str) -> None:
+        """A notice about the notifications themselves: next in line after the replies."""
+        self._count(1)
+        self.queue.appendleft(text)
 
-    async def _after_outage(self, lasted: float) -> None:
-        """Back after an outage: a long one is summed up in one notice instead of a flood."""
+    async def _deliver(self, item: Reply) -> Optional[bool]:
+        """Send (or edit) once: True when sent, False when refused for good (logged), None to try again
+        later (the chat's pace then says when)."""
+        markup = InlineKeyboardMarkup.de_json(item.markup, self.bot) if item.markup else None
+        try:
+            if item.edit:
+                await self.bot.edit_message_text(item.text, chat_id=item.edit[0], message_id=item.edit[1],
+                                                 parse_mode="HTML", reply_markup=markup)
+            else:
+                await self.bot.send_message(self.chat, item.text, parse_mode="HTML", reply_markup=markup,
+                                            disable_web_page_preview=True)
+        except RetryAfter as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wait = _seconds(e.retry_after)
+            self.log.warning("Telegram asks us to wait %.0f s (rate limit)", wait)
+            self.pace.refused(wait)
+            return None
+        except (BadRequest, Forbidden, InvalidToken) as e:  # permanent: retrying cannot help
+            self.log.error("Telegram refused a message: %s", e)
+            return False
+        except NetworkError as e:  # transient (timeouts, 5xx, connection refused)
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                self.log.warning("Telegram unreachable (%s); retrying with backoff", e)
+            self.pace.unreachable()
+            return None
+        except Exception as e:  # anything else (a migrated chat, an unexpected answer): logged, not retried
+            self.log.error("Telegram did not take a message: %s: %s", type(e).__name__, e)
+            return False
+        self.pace.delivered()
+        if self.outage_since is not None:
+            self.recovered_after = time.monotonic() - self.outage_since
+            self.outage_since = None
+        return True
+
+    def _after_outage(self, lasted: float) -> None:
+        """Back after an outage: a long one sums up the waiting notifications in one notice instead of a
+        flood; command replies are all still sent."""
         self.recovered_after = None
         self.log.info("Telegram reachable again after %.0f s", lasted)
         if lasted < COLLAPSE_AFTER_S:
             return
-        skipped = len(self._drain()) + self.dropped
+        skipped = self._drain_notifications() + self.dropped
         self.dropped = 0
         if skipped:
             link = self.ctx.host.link("/") if self.ctx.host else ""
-            await self._send(f"⚠️ <b>{skipped} message{'s' if skipped != 1 else ''} dropped</b> while Telegram was "
-                             f"unreachable for {lasted:.0f} s. They are all in the dashboard's events: "
-                             f'<a href="{esc(link)}">open it</a>')
+            self._notice(f"⚠️ <b>{skipped} message{'s' if skipped != 1 else ''} dropped</b> while Telegram was "
+                         f"unreachable for {lasted:.0f} s. They are all in the dashboard's events: "
+                         f'<a href="{esc(link)}">open it</a>')
 
     # ---- receiving ----
     async def _acquire_baton(self) -> None:
@@ -351,9 +504,9 @@ class TelegramNotifier:
             self.ctx.baton.lock.release()
 
     def _take_over(self) -> None:
-        """With the baton: what the previous version had not sent goes out first."""
-        for text in self.ctx.baton.values.pop("pending", []):
-            self._enqueue(text)
+        """With the baton: what the previous version had not sent goes out first, its buttons still work."""
+        self._restore(self.ctx.baton.values.pop("pending", []))
+        self.confirmations.update(self.ctx.baton.values.pop("confirmations", {}))
 
     def _offset(self) -> int:
         return max(int(self.ctx.baton.values.get("offset", 0)), int(self.ctx.state.get("offset", 0)))
@@ -376,10 +529,12 @@ class TelegramNotifier:
                 await asyncio.sleep(5)
                 continue
             except RetryAfter as e:
-                await asyncio.sleep(_seconds(e.retry_after))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    await asyncio.sleep(_seconds(e.retry_after))
                 continue
             except NetworkError:
-                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                await asyncio.sleep(POLL_RETRY_S[min(attempt, len(POLL_RETRY_S) - 1)])
                 attempt += 1
                 continue
             if updates:  # handled to the end even if this version is stopped meanwhile
@@ -414,6 +569,12 @@ class TelegramNotifier:
             if inbox_ids:
                 await self._blocking(self.ctx.host.inbox_done, inbox_ids[i])
 
+    def _aside(self, fn: Callable, *args: Any) -> None:
+        """A side call (answering a button press) that nothing waits for."""
+        task = asyncio.ensure_future(self._call(fn, *args))
+        self.side_calls.add(task)
+        task.add_done_callback(self.side_calls.discard)
+
     async def _call(self, fn: Callable, *args: Any, **kw: Any) -> Any:
         try:
             return await fn(*args, **kw)
@@ -447,7 +608,7 @@ class TelegramNotifier:
             return
         handler = getattr(self, f"cmd_{command}", None)
         if handler is None:
-            await self._send(f"Unknown command {esc(word)}. Commands:\n{HELP}")
+            self._reply(f"Unknown command {esc(word)}. Commands:\n{HELP}")
             return
         await handler(msg.from_user, args)
 
@@ -458,57 +619,57 @@ class TelegramNotifier:
                              {"user_id": user.id, "command": what})
         return await self._blocking(self.ctx.host.command, kind, {**args, "by": who})
 
-    async def _reply_result(self, result: dict, done: str) -> None:
-        await self._send(done if result.get("ok") else f"⚠️ Not done: {esc(result.get('error'))}")
+    def _reply_result(self, result: dict, done: str) -> None:
+        self._reply(done if result.get("ok") else f"⚠️ Not done: {esc(result.get('error'))}")
 
     async def cmd_start(self, user: Any, args: list) -> None:
-        await self._send(f"Commands:\n{HELP}")
+        self._reply(f"Commands:\n{HELP}")
 
     cmd_help = cmd_start
 
     async def cmd_status(self, user: Any, args: list) -> None:
         s = await self._blocking(self.ctx.host.status)
         orders = ", ".join(f"{k.lower()} {v}" for k, v in sorted(s["orders_today"].items())) or "none"
-        await self._send(f"<b>Status</b> · {esc(s['mode'])} · engine {'running' if s['engine'] else 'STOPPED'}\n"
-                         f"trading <b>{esc(s['trading_state'])}</b>" + (f" ({esc(s['reason'])})" if s["reason"] else "")
-                         + f"\nbroker session {esc(s['broker_session'])}\nday PnL {esc(inr(s['day_pnl'], signed=True))}"
-                         f"\nopen positions {s['open_positions']} · orders today: {esc(orders)}")
+        self._reply(f"<b>Status</b> · {esc(s['mode'])} · engine {'running' if s['engine'] else 'STOPPED'}\n"
+                    f"trading <b>{esc(s['trading_state'])}</b>" + (f" ({esc(s['reason'])})" if s["reason"] else "")
+                    + f"\nbroker session {esc(s['broker_session'])}\nday PnL {esc(inr(s['day_pnl'], signed=True))}"
+                    f"\nopen positions {s['open_positions']} · orders today: {esc(orders)}")
 
     async def cmd_pnl(self, user: Any, args: list) -> None:
         total, by = await self._blocking(self.ctx.host.pnl)
         lines = [f"<b>Day PnL {esc(inr(total, signed=True))}</b>"]
         lines += [f"• {esc(k)} {esc(inr(v, signed=True))}" for k, v in sorted(by.items())]
-        await self._send("\n".join(lines))
+        self._reply("\n".join(lines))
 
-    async def _listing(self, title: str, rows: list, line: Callable[[dict], str], empty: str) -> None:
+    def _listing(self, title: str, rows: list, line: Callable[[dict], str], empty: str) -> None:
         """A bold title and a line per row, or what to say when there are none."""
-        await self._send("\n".join([f"<b>{title}</b>"] + [f"• {line(r)}" for r in rows]) if rows else empty)
+        self._reply("\n".join([f"<b>{title}</b>"] + [f"• {line(r)}" for r in rows]) if rows else empty)
 
     async def cmd_positions(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.positions)
-        await self._listing("Open positions", rows[:30], lambda p: (
+        self._listing("Open positions", rows[:30], lambda p: (
             f"{esc(p['strategy'])} {esc(p['exchange'])}:{esc(p['symbol'])} {esc(qty(p['net_qty']))} "
             f"@ {esc(inr(p['avg_price']))} · LTP {esc(inr(p['ltp']))} · "
             f"{esc(inr(p['realized_pnl'] + p['unrealized_pnl'], signed=True))}"), "No open positions.")
 
     async def cmd_orders(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.orders, 10)
-        await self._listing("Latest orders", rows, lambda o: (
+        self._listing("Latest orders", rows, lambda o: (
             f"{esc(ist(o['created_at']))} {esc(o['strategy'])} {esc(o['side'])} {esc(o['qty'])} "
             f"{esc(o['symbol'])} <b>{esc(o['status'])}</b> {esc(o['filled_qty'])}/{esc(o['qty'])}"
             + (f" — {esc(o['reason'])}" if o["reason"] else "")), "No orders yet.")
 
     async def cmd_risk(self, user: Any, args: list) -> None:
         r = await self._blocking(self.ctx.host.risk)
-        await self._send(f"<b>Risk</b> · state <b>{esc(r['state'])}</b>\nday PnL {esc(inr(r['day_pnl'], signed=True))}"
-                         f" · limit {esc(inr(r['max_loss']))} · peak {esc(inr(r.get('peak_pnl') or Decimal(0), signed=True))}"
-                         f"\nbreached {'yes' if r.get('breached') else 'no'} · warning {'yes' if r.get('warning') else 'no'}"
-                         f" · loss days in a row {esc(r.get('consecutive_loss_days'))}"
-                         + (f"\ncooldown until {esc(r['cooldown_until'])}" if r.get("cooldown_until") else ""))
+        self._reply(f"<b>Risk</b> · state <b>{esc(r['state'])}</b>\nday PnL {esc(inr(r['day_pnl'], signed=True))}"
+                    f" · limit {esc(inr(r['max_loss']))} · peak {esc(inr(r.get('peak_pnl') or Decimal(0), signed=True))}"
+                    f"\nbreached {'yes' if r.get('breached') else 'no'} · warning {'yes' if r.get('warning') else 'no'}"
+                    f" · loss days in a row {esc(r.get('consecutive_loss_days'))}"
+                    + (f"\ncooldown until {esc(r['cooldown_until'])}" if r.get("cooldown_until") else ""))
 
     async def cmd_strategies(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.strategies)
-        await self._listing("Strategies", rows, lambda p: (
+        self._listing("Strategies", rows, lambda p: (
             f"{esc(p['name'])} v{esc(p['version'] or '—')} g{p['generation']} <b>{esc(p['status'])}</b>"
             + (f" — {esc(p['error'])}" if p["error"] else "")), "No strategies.")
 
@@ -517,7 +678,7 @@ class TelegramNotifier:
                                                                   "override_breach": override})
         if word == "resume" and "override_breach" in str(result.get("error")):
             result = {**result, "error": f"{result['error']} — send /resume override to do that"}
-        await self._reply_result(result, f"Trading state is now <b>{esc(mode)}</b>.")
+        self._reply_result(result, f"Trading state is now <b>{esc(mode)}</b>.")
 
     async def cmd_halt(self, user: Any, args: list) -> None:
         await self._set_state(user, "halted", "halt")
@@ -531,11 +692,11 @@ class TelegramNotifier:
 
     async def _plugin(self, user: Any, args: list, action: str) -> None:
         if len(args) != 1:
-            await self._send(f"Usage: /{action} &lt;strategy&gt;")
+            self._reply(f"Usage: /{action} &lt;strategy&gt;")
             return
         result = await self._control(user, f"/{action} {args[0]}", "plugin",
                                      {"kind": "strategy", "name": args[0], "action": action})
-        await self._reply_result(result, f"Strategy <b>{esc(args[0])}</b>: {action}{'ed' if action == 'reload' else 'd'}.")
+        self._reply_result(result, f"Strategy <b>{esc(args[0])}</b>: {action}{'ed' if action == 'reload' else 'd'}.")
 
     async def cmd_exitall(self, user: Any, args: list) -> None:
         """Ask first, with buttons that expire."""
@@ -544,9 +705,9 @@ class TelegramNotifier:
         self.confirmations[nonce] = time.monotonic() + self.confirm_s
         markup = InlineKeyboardMarkup([[InlineKeyboardButton("Yes, exit all", callback_data=f"exitall:{nonce}"),
                                         InlineKeyboardButton("Cancel", callback_data=f"cancel:{nonce}")]])
-        await self._send(f"<b>Exit all {len(positions)} open position{'s' if len(positions) != 1 else ''}?</b>\n"
-                         f"Working entry orders are cancelled too. This button expires in {self.confirm_s:.0f} s.",
-                         markup=markup)
+        self._reply(f"<b>Exit all {len(positions)} open position{'s' if len(positions) != 1 else ''}?</b>\n"
+                    f"Working entry orders are cancelled too. This button expires in {self.confirm_s:.0f} s.",
+                    markup=markup)
 
     async def _callback(self, query: Any) -> None:
         message = query.message
@@ -556,14 +717,14 @@ class TelegramNotifier:
         action, _, nonce = (query.data or "").partition(":")
         expiry = self.confirmations.pop(nonce, None)
         if expiry is None or time.monotonic() > expiry:
-            await self._call(query.answer, "This confirmation has expired: send /exitall again.")
-            await self._edit(message, "Exit all: the confirmation expired. Nothing was done.")
+            self._aside(query.answer, "This confirmation has expired: send /exitall again.")
+            self._edit(message, "Exit all: the confirmation expired. Nothing was done.")
             return
         if action == "cancel":
-            await self._call(query.answer, "Cancelled")
-            await self._edit(message, "Exit all cancelled. Nothing was done.")
+            self._aside(query.answer, "Cancelled")
+            self._edit(message, "Exit all cancelled. Nothing was done.")
             return
-        await self._call(query.answer, "Exiting all positions…")
+        self._aside(query.answer, "Exiting all positions…")  # the button stops spinning; the exit does not wait
         result = await self._control(query.from_user, "/exitall (confirmed)", "exit_all", {})
         if result.get("ok"):
             n = len(result.get("orders", []))
@@ -571,12 +732,12 @@ class TelegramNotifier:
                     f"{esc(result.get('cancelled', 0))} unsent orders cancelled. Fills will follow.")
         else:
             text = f"⚠️ Exit all not done: {esc(result.get('error'))}"
-        await self._edit(message, text)
+        self._edit(message, text)
 
-    async def _edit(self, message: Any, text: str) -> None:
+    def _edit(self, message: Any, text: str) -> None:
+        """The prompt is changed to say what happened (queued like a reply: it obeys the same limits)."""
         if message is not None:
-            await self._call(self.bot.edit_message_text, text, chat_id=message.chat.id,
-                             message_id=message.message_id, parse_mode="HTML")
+            self._reply(text, edit=(message.chat.id, message.message_id))
 
 
 _notifier: Optional[TelegramNotifier] = None
