@@ -259,19 +259,19 @@ def test_kill_9_between_place_and_ack_adopts_the_order_after_restart(server, nor
     s = server(env=env).start()
     secret = s.secrets()["WEBHOOK_SECRET"]
     control(action="tick", exchange="NFO", symbol="NIFTY28APR26C24500", ltp="42.5")
-    control(action="delay_next", seconds=4)  # the broker places the order, but its answer is late
+    control(action="delay_next", seconds=8)  # the broker places the order, but its answer is late (after our 5 s)
     control(action="stall_feed", on=True)     # and no order update comes over the feed either
     r = s.webhook(_alert(secret, strategy="crash", alert_id="crash-1"))
     assert r.status_code == 200, r.text
     oid = r.json()["orders"][0]["id"]
     try:
-        wait_for(lambda: s.api("/api/orders").json()["items"][0]["status"] == "SUBMITTED", timeout=3)
+        wait_for(lambda: s.api("/api/orders").json()["items"][0]["status"] == "SUBMITTED", timeout=4.5)
     except AssertionError:
         raise AssertionError(f"{s.api('/api/orders').json()['items']} {s.api('/api/events').json()['items'][:5]}")
     s.kill9()  # between the broker's placement and its acknowledgement
     control(action="stall_feed", on=False)
     s2 = server(env=env).start()
-    order = wait_for(lambda: (o := s2.api("/api/orders").json()["items"][0])["status"] == "FILLED" and o, timeout=10)
+    order = wait_for(lambda: (o := s2.api("/api/orders").json()["items"][0])["status"] == "FILLED" and o, timeout=20)
     assert order["id"] == oid and order["broker_order_id"]
     time.sleep(1.5)  # give a wrong resend time to happen
     book = requests.post(urls["SHOONYA_API_URL"] + "OrderBook", data='jData={"uid":"FA12345"}',
