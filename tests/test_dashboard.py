@@ -288,6 +288,9 @@ def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
     assert m, html
     assert m.group(1) == ist(h.api("/api/risk").get_json()["breached_at"])[:5]
     assert "near the limit" not in html
+    assert h.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    html = h.client.get("/panel/pnl").get_data(as_text=True)  # the words follow the state: never a stale "halted"
+    assert f"breached at {m.group(1)} — trading reduce-only: exits only" in html
     events = h.client.get("/panel/events?risk=1").get_data(as_text=True)
     assert "PnL −₹1,010.00 &lt;= limit −₹1,000.00" in events  # ₹ in the event, the stored text unchanged
     assert any("PnL -1010" in e["message"] for e in h.api("/api/events").get_json()["items"])

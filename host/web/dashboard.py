@@ -204,9 +204,11 @@ def _breach(r: dict) -> Optional[str]:
     if not r.get("breached"):
         return None
     at = datetime.fromisoformat(r["breached_at"]).astimezone(IST).strftime("%H:%M") if r.get("breached_at") else "—"
+    now = {"halted": "trading halted", "reduce_only": "trading reduce-only: exits only"}.get(r["state"],
+                                                                                          f"trading {r['state']}")
     if r.get("breach_overridden_by"):
-        return f"Daily loss limit breached at {at} — overridden by {r['breach_overridden_by']}, trading is {r['state']}"
-    return f"Daily loss limit breached at {at} — trading halted"
+        return f"Daily loss limit breached at {at} — overridden by {r['breach_overridden_by']}; {now}"
+    return f"Daily loss limit breached at {at} — {now}"
 
 
 @panel_data("positions")
