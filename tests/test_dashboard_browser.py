@@ -349,6 +349,10 @@ def test_each_page_shows_what_matters_without_sideways_scrolling(browser, server
         pg.wait_for_selector("h2:text(\"Today's orders\")")
         assert "today=1" in pg.url
         pg.goto(server.url + "/")
+        height = pg.evaluate("() => { document.getElementById('live-status').textContent = "
+                             "'not updating: HTTP 503 SERVICE UNAVAILABLE'; "
+                             "return document.querySelector('header.top').getBoundingClientRect().height; }")
+        assert height <= 80, f"the header grows to {height} px when the live status is long"
         pg.click("#account summary")
         visible_in_view(pg, "button:text('Log out everywhere')", "account menu")
         no_overflow(pg, "account menu open")
