@@ -38,7 +38,7 @@ def busy_day(orders: int) -> list[list[bytes]]:
                                              "product_type": "M"}]}).encode() for name, sym in pairs])
     return rounds
 
-PANELS = ("status", "pnl", "positions?open=1", "orders?today=1&limit=10", "events?limit=15", "orders",
+PANELS = ("status", "pnl", "positions?open=1", "orders?today=1&limit=10&compact=1", "events?limit=15", "orders",
           "alerts", "plugins?kind=strategy", "risk")
 
 

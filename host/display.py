@@ -2,6 +2,7 @@
 grouping, a real minus sign, Asia/Kolkata."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Optional
@@ -77,3 +78,39 @@ def ist(value: Any, with_date: bool = False) -> str:
     except ValueError:
         return str(value)
     return t.strftime("%d %b %H:%M:%S" if with_date else "%H:%M:%S")
+
+
+# A number is money when a money word comes just before it: "PnL -5234.5", "limit -5000", "@ 42.5",
+# "trigger 95", "filled at 101.25", "moved from 95.5 to 97". Quantities ("+75", "qty 75"), counts and
+# times ("at 14:05") are left alone.
+_MONEY_WORDS = r"PnL|MTM|limit|peak|lost|loss|profit|margin|trigger|price|LTP|avg|stop(?: loss)?|filled at|reached at|@"
+_MOVED = re.compile(r"(?P<word>moved from|moving (?:[\w-]+ ){0,2}to)(?P<gap> )(?P<num>[-−]?\d+(?:\.\d+)?)"
+                    r"(?:(?P<to> to )(?P<num2>[-−]?\d+(?:\.\d+)?))?(?![\d%]|[:.]\d)")
+_MONEY = re.compile(rf"(?<![\w.])(?P<word>{_MONEY_WORDS})(?P<gap>\s*(?:[:=]|<=|>=|of)?\s*)"
+                    r"(?P<num>[-−]?\d+(?:\.\d+)?)(?![\d%]|[:.]\d|\s*(?:s|ms|orders?|lots?|shares?|days?|x)\b)",
+                    re.IGNORECASE)
+
+
+def money_text(text: Any) -> str:
+    """Free text (a reason, an event) with its money shown as ₹ with Indian grouping; the stored text is unchanged."""
+    if text is None:
+        return ""
+
+    def rupees(m: re.Match) -> str:
+        second = f"{m['to']}{_rupee(m['num2'])}" if m.groupdict().get("num2") else ""
+        return f"{m['word']}{m['gap']}{_rupee(m['num'])}{second}"
+    return _MONEY.sub(rupees, _MOVED.sub(rupees, str(text)))
+
+
+def _rupee(num: str) -> str:
+    return inr(num.replace(MINUS, "-"))
+
+
+def order_price(order: dict) -> str:
+    """An order's prices as a trader reads them: 'MKT', '₹42.50', 'trigger ₹95.00 · limit ₹94.50', 'trigger ₹95.00 · MKT'."""
+    trigger = _decimal(order.get("trigger_price"))
+    price = _decimal(order.get("price"))
+    limit = inr(price) if price and str(order.get("order_type", "")).endswith("LMT") else "MKT"
+    if trigger is not None and trigger != 0:
+        return f"trigger {inr(trigger)} · {'limit ' + limit if limit != 'MKT' else limit}"
+    return limit

@@ -86,7 +86,8 @@ def notifier_meta():
 @hookspec(firstresult=True)
 def notifier_start(ctx):
     """Called once when this version starts; `ctx` has `settings` (secrets removed except the ones
-    the notifier is given), `logger` and `state`. Returns nothing."""
+    the notifier is given), `logger` and `state`. Returns nothing, or `{"idle": "why"}` when the
+    notifier cannot send (a missing token): its status is then `idle`, with that reason, not `running`."""
 
 
 @hookspec(firstresult=True)

@@ -74,6 +74,11 @@ class NotifierRegistry(Registry):
     def _snapshot(self, live: Live) -> Optional[dict]:
         return live.ctx.state if live.ctx is not None else None
 
+    def _idle(self, result: CallResult) -> Optional[str]:
+        """notifier_start returned {"idle": "why"}: it runs but sends nothing (Telegram without its token)."""
+        value = result.value
+        return str(value["idle"])[:300] if isinstance(value, dict) and value.get("idle") else None
+
 
 class EventPump:
     """Reads new events from the database and hands each to every running notifier."""

@@ -111,7 +111,9 @@ def day_summary(storage: Storage, gate: RiskGate) -> dict:
 def plugin_records(storage: Storage, kind: str) -> list[dict]:
     rows = storage.rows("select * from plugins where kind = ? order by name", (kind,))
     return [{"name": r["name"], "version": r["version"], "generation": r["generation"], "status": r["status"],
-             "error": r["error"], "traceback": r["detail"], "file": r["file"], "digest": r["digest"],
+             "reason": r["detail"] if r["status"] == "idle" else None,  # why an idle plugin does nothing
+             "error": r["error"], "traceback": r["detail"] if r["status"] != "idle" else None,
+             "file": r["file"], "digest": r["digest"],
              "updated_at": r["updated_at"], "history": json.loads(r["history"] or "[]")} for r in rows]
 
 

@@ -226,3 +226,130 @@ def test_the_broker_page_says_what_the_static_ip_rule_needs(host_factory):
     login(h.client)
     page = h.client.get("/broker").get_data(as_text=True)
     assert "static IP registered for your account" in page and "ALGO-42" in page
+
+
+# ---- issue 16: numbers a trader can read at a glance, status that tells the truth ----
+def test_money_in_reasons_and_events_reads_as_rupees_but_counts_and_times_do_not():
+    from host.display import money_text
+    assert money_text("daily max loss breached: PnL -123456.5 <= limit -100000; trading halted") == \
+        "daily max loss breached: PnL −₹1,23,456.50 <= limit −₹1,00,000.00; trading halted"
+    assert money_text("SELL 75 NFO:X @ 42.5 manual") == "SELL 75 NFO:X @ ₹42.50 manual"
+    assert money_text("SL-LMT trigger 95 limit 94.5 being placed") == "SL-LMT trigger ₹95.00 limit ₹94.50 being placed"
+    assert money_text("trailing stop of X moved from 95.5 to 97.25") == "trailing stop of X moved from ₹95.50 to ₹97.25"
+    for untouched in ("NFO:X: from +75 to flat", "already at target +75", "square-off at 15:15: exits",
+                      "expected a price from 0.01 to 10,000,000", "limit 20 orders", "retry in 5 s", None):
+        assert money_text(untouched) == (untouched or "")
+
+
+def test_order_prices_name_the_trigger_of_stop_orders():
+    from host.display import order_price
+    assert order_price({"order_type": "SL-LMT", "price": "94.5", "trigger_price": "95"}) == "trigger ₹95.00 · limit ₹94.50"
+    assert order_price({"order_type": "SL-MKT", "price": None, "trigger_price": "1234.5"}) == "trigger ₹1,234.50 · MKT"
+    assert order_price({"order_type": "LMT", "price": "42.5", "trigger_price": None}) == "₹42.50"
+    assert order_price({"order_type": "MKT", "price": "0", "trigger_price": "0"}) == "MKT"
+
+
+def test_gauge_labels_never_overlap_and_stay_inside():
+    marks = [("limit", "limit −₹5,000.00", 0.0), ("warning", "warning −₹4,000.00", 16.0), ("zero", "₹0", 80.0)]
+    labels = charts.gauge_labels(marks)
+    assert [(lb.name, lb.anchor) for lb in labels] == [("limit", "start"), ("warning", "start"), ("zero", "middle")]
+    assert labels[0].row != labels[1].row  # 16 % apart is too close for two long labels on a phone
+    assert labels[2].row == 0
+    right = charts.gauge_labels([("now", "now +₹12,000.00", 99.0)])[0]
+    assert right.anchor == "end"
+
+
+def test_the_day_chart_scale_includes_the_limit_line():
+    t0 = datetime(2026, 11, 24, 4, 0, tzinfo=timezone.utc)
+    c = charts.line([(t0, Decimal(0)), (t0 + timedelta(minutes=1), Decimal(100))], Decimal(-5000))
+    assert c.limit_y is not None and c.zero_y < c.limit_y <= charts.HEIGHT  # below zero, inside the picture
+    assert charts.line([], Decimal(-5000)).limit_y is not None
+
+
+def test_pnl_panel_labels_zero_warning_limit_and_now(dash):
+    html = dash.client.get("/panel/pnl").get_data(as_text=True)
+    for name, text in (("limit", "limit −₹5,000.00"), ("warning", "warning −₹4,000.00"), ("zero", "₹0"),
+                       ("now", "now ₹0.00")):
+        assert re.search(rf'class="label label-{name}[^"]*"[^>]*>{text}</text>', html), name
+    assert 'id="pnl-chart-limit"' in html
+
+
+def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
+    h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0")
+    h.runtime.engine.risk_poll_s = 0.05
+    login(h.client)
+    h.tick("100")
+    assert h.post(alert(direction="BUY", qty=100, price="100")).status_code == 200
+    h.settle()
+    h.tick("89.9")  # -1010 <= -1000
+    wait_for(lambda: h.api("/api/risk").get_json()["breached"])
+    html = h.client.get("/panel/pnl").get_data(as_text=True)
+    m = re.search(r"Daily loss limit breached at (\d\d:\d\d) — trading halted", html)
+    assert m, html
+    assert m.group(1) == ist(h.api("/api/risk").get_json()["breached_at"])[:5]
+    assert "near the limit" not in html
+    assert h.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    html = h.client.get("/panel/pnl").get_data(as_text=True)  # the words follow the state: never a stale "halted"
+    assert f"breached at {m.group(1)} — trading reduce-only: exits only" in html
+    events = h.client.get("/panel/events?risk=1").get_data(as_text=True)
+    assert "PnL −₹1,010.00 &lt;= limit −₹1,000.00" in events  # ₹ in the event, the stored text unchanged
+    assert any("PnL -1010" in e["message"] for e in h.api("/api/events").get_json()["items"])
+
+
+def test_positions_subtotals_sit_under_their_columns_and_the_overview_total_says_what_it_covers(dash):
+    dash.post(alert(strategy="a"))
+    dash.settle()
+    dash.tick("40")
+    html = dash.client.get("/panel/positions?open=1").get_data(as_text=True)
+    head = re.findall(r"<th[^>]*>([^<]+)</th>", html.split("<tbody>")[0])
+    foot = html.split("<tfoot>")[1]
+    row = re.search(r'<tr class="subtotal grand"[^>]*>(.*?)</tr>', foot, re.S).group(1)
+    span = int(re.search(r'colspan="(\d+)"', row).group(1))
+    cells = re.findall(r'<td class="num[^"]*" data-label="([^"]+)">([^<]+)</td>', row)
+    assert [head[span + i] for i in range(3)] == [label for label, _ in cells] == ["Realised", "Unrealised", "PnL"]
+    assert cells[2][1] == "+₹187.50"  # a short 75 from 42.50 to 40
+    assert "Total of these 1 open position" in row
+    assert "Day PnL +₹187.50 also counts positions closed today" in html
+
+
+def test_overview_says_how_many_of_todays_orders_it_lists(dash):
+    for i in range(12):
+        dash.post(alert(strategy=f"n{i}"))
+    dash.settle()
+    html = dash.client.get("/").get_data(as_text=True)
+    assert "10 of 12 orders today" in html and 'href="/orders?today=1"' in html
+    today = dash.client.get("/orders?today=1").get_data(as_text=True)
+    assert today.count('data-order="') == 12 and "Today's orders" in today
+
+
+def test_net_quantity_has_its_own_colours(dash):
+    dash.post(alert())
+    dash.settle()
+    html = dash.client.get("/panel/positions").get_data(as_text=True)
+    cell = re.search(r'<td class="num net-qty ([^"]+)"', html).group(1)
+    assert cell == "qty-short" and "gain" not in cell and "loss" not in cell
+    css = dash.client.get("/static/dashboard.css").get_data(as_text=True)
+    colour = lambda name: re.search(rf"--{name}: (#[0-9a-f]+)", css).group(1)  # noqa: E731
+    assert {colour("long"), colour("short")}.isdisjoint({colour("gain"), colour("loss")})
+
+
+def test_dashboard_logins_are_their_own_category_left_out_of_latest_events(dash):
+    html = dash.client.get("/panel/events?limit=15").get_data(as_text=True)
+    assert 'data-kind="login"' not in html and "1 dashboard login event not shown" in html
+    html = dash.client.get("/panel/events?limit=15&logins=1").get_data(as_text=True)
+    assert 'data-kind="login"' in html and '<span class="category">login</span>' in html
+
+
+def test_an_idle_notifier_says_idle_and_why_in_the_api_and_on_the_page(host_factory, tmp_path):
+    import shutil
+    from pathlib import Path
+    plugins = tmp_path / "plugins" / "notifiers"
+    plugins.mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "plugins" / "notifiers" / "telegram.py", plugins)
+    h = host_factory(PLUGINS_DIR=str(tmp_path / "plugins"))
+    login(h.client)
+    item = wait_for(lambda: next((n for n in h.api("/api/notifiers").get_json()["items"]
+                                  if n["name"] == "telegram" and n["status"] != "stopped"), None))
+    assert item["status"] == "idle" and "TELEGRAM_BOT_TOKEN" in item["reason"] and item["error"] is None
+    html = h.client.get("/panel/plugins?kind=notifier").get_data(as_text=True)
+    assert "badge-idle" in html and "badge-running" not in html and "TELEGRAM_BOT_TOKEN" in html

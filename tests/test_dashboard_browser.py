@@ -1,6 +1,7 @@
 """The dashboard in real headless Chromium (Playwright), against a real `strategy-host run` under gunicorn."""
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -104,6 +105,7 @@ def test_log_out_everywhere_ends_this_and_every_other_session(browser, page, ser
     try:
         other_page = other.new_page()
         log_in(other_page, server)
+        page.click("#account summary")  # the header's Account menu holds both log-out buttons
         page.click("text=Log out everywhere")
         page.wait_for_selector("#password")
         assert "sessions ended" in page.inner_text("main")
@@ -247,3 +249,147 @@ def test_every_page_in_the_browser(browser, server, viewport):
     pg.wait_for_selector("#live-status:text('live ·')")  # the panels refreshed at least once
     assert errors == []
     context.close()
+
+
+# ---- issue 16: a phone (390 px) and a desktop (1366 px) see what matters, nothing sideways ----
+PHONE, TABLET, DESKTOP = {"width": 390, "height": 844}, {"width": 800, "height": 1000}, {"width": 1366, "height": 900}
+OVERFLOW_JS = """() => {
+  const w = window.innerWidth, out = [];
+  if (document.documentElement.scrollWidth > w) out.push('page scrolls sideways: ' + document.documentElement.scrollWidth);
+  for (const el of document.body.querySelectorAll('*')) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0) continue;
+    if (r.width > w + 0.5 || r.right > w + 0.5 || r.left < -0.5)
+      out.push(el.tagName + (el.id ? '#' + el.id : '') + '.' + el.className + ' ' + Math.round(r.left) + '..' + Math.round(r.right));
+  }
+  return out.slice(0, 10);
+}"""
+
+
+def busy_day(server) -> dict:
+    """What a trader's morning leaves: a protected entry (its SL order rests), a rejected order, an invalid alert."""
+    if getattr(server, "busy_day", None):
+        return server.busy_day  # once per server: the guard would block the same entries again
+    protected = alert(server, symbol="NIFTY28APR26C26000", strategy="guarded", side="BUY", price="42.5")
+    assert protected.status_code == 200, protected.text
+    body = {"secret_key": server.secrets()["WEBHOOK_SECRET"], "execution_type": "ENTRY", "strategy_name": "guarded",
+            "exchange": "NFO", "legs": [{"tradingsymbol": "NIFTY28APR26C26100", "direction": "BUY", "qty": "75",
+                                         "order_type": "LMT", "price": "42.5", "product_type": "M", "stop_loss": "40"}]}
+    stop = requests.post(server.url + "/webhook", json=body, timeout=10)
+    assert stop.status_code == 200, stop.text
+    body["legs"] = [{"tradingsymbol": "NIFTY28APR26C26200", "direction": "BUY", "qty": "75", "order_type": "MKT",
+                     "product_type": "M"}]
+    unpriced = requests.post(server.url + "/webhook", json=body, timeout=10)  # no price yet: the broker rejects it
+    assert unpriced.status_code in (200, 502), unpriced.text
+    bad = alert(server, strategy="typo", price="forty")
+    assert bad.status_code == 422, bad.text
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        orders = server.api("/api/orders?limit=200").json()["items"]
+        sl = [o for o in orders if o["order_type"] == "SL-LMT" and o["status"] in ("OPEN", "SUBMITTED")]
+        if sl:
+            server.busy_day = {"stop": sl[0]}
+            return server.busy_day
+        time.sleep(0.1)
+    raise AssertionError(f"no resting stop order: {orders}")
+
+
+def no_overflow(pg, name: str) -> None:
+    problems = pg.evaluate(OVERFLOW_JS)
+    assert problems == [], f"{name}: {problems}"
+
+
+def visible_in_view(pg, selector: str, name: str) -> str:
+    """The element is shown, inside the viewport's width; its text is returned."""
+    el = pg.locator(selector).first
+    assert el.is_visible(), f"{name}: {selector} is not visible"
+    box, width = el.bounding_box(), pg.viewport_size["width"]
+    assert box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, f"{name}: {selector} at {box}"
+    return el.inner_text()
+
+
+@pytest.mark.parametrize("viewport", [PHONE, TABLET, DESKTOP], ids=["phone-390", "tablet-800", "desktop-1366"])
+def test_each_page_shows_what_matters_without_sideways_scrolling(browser, server, viewport):
+    stop = busy_day(server)["stop"]
+    context = browser.new_context(viewport=viewport)
+    pg = context.new_page()
+    pg.set_default_timeout(10_000)
+    tag = f"{'phone' if viewport is PHONE else 'desktop'}-{viewport['width']}"
+    try:
+        log_in(pg, server)
+        for name, path in {**PAGES, "exit-all": "/risk/exit-all"}.items():
+            pg.goto(server.url + path)
+            pg.wait_for_selector("main .panel")
+            header = pg.locator("header.top").bounding_box()
+            assert header["height"] <= 80, f"{name}: the header takes {header['height']} px"
+            no_overflow(pg, name)
+            shot(pg, f"{name}-{tag}")
+        pg.goto(server.url + "/orders")
+        row = f"tr[data-order='{stop['id']}']"
+        assert "trigger ₹40.00" in visible_in_view(pg, f"{row} .price", "orders")
+        assert visible_in_view(pg, f"{row} .badge", "orders") == "OPEN"
+        assert visible_in_view(pg, f"{row} .filled", "orders") == "0 / 75"
+        visible_in_view(pg, f"{row} .avg", "orders")
+        rejected = pg.locator("#orders-table tbody tr:has(.badge-rejected)").first
+        assert "no price" in visible_in_view(pg, f"#{rejected.get_attribute('id')} .reason", "orders")
+        pg.goto(server.url + "/alerts")
+        assert visible_in_view(pg, "#alerts-table tr:has(.badge-rejected) .decision", "alerts") == "rejected"
+        assert "legs[0].price" in visible_in_view(pg, "#alerts-table tr:has(.badge-rejected) .why", "alerts")
+        pg.goto(server.url + "/strategies")
+        for action in ("reload", "disable"):
+            visible_in_view(pg, f"button[aria-label='{action} passthrough']", "strategies")
+        status = visible_in_view(pg, "#notifier-telegram .plugin-status", "strategies")
+        assert status.startswith("idle") and "TELEGRAM_BOT_TOKEN" in status, status
+        pg.goto(server.url + "/positions")
+        assert "trigger ₹40.00" in visible_in_view(pg, "tr[data-symbol='NIFTY28APR26C26100'] .stop-order", "positions")
+        pg.goto(server.url + "/")
+        count = visible_in_view(pg, "#orders-count", "overview")
+        assert re.fullmatch(r"\d+ of \d+ orders today · all of them", count), count
+        pg.click("#orders-count a")
+        pg.wait_for_selector("h2:text(\"Today's orders\")")
+        assert "today=1" in pg.url
+        pg.goto(server.url + "/")
+        height = pg.evaluate("() => { document.getElementById('live-status').textContent = "
+                             "'not updating: HTTP 503 SERVICE UNAVAILABLE'; "
+                             "return document.querySelector('header.top').getBoundingClientRect().height; }")
+        assert height <= 80, f"the header grows to {height} px when the live status is long"
+        pg.click("#account summary")
+        visible_in_view(pg, "button:text('Log out everywhere')", "account menu")
+        no_overflow(pg, "account menu open")
+    finally:
+        context.close()
+
+
+def test_the_pnl_bar_names_zero_the_warning_the_limit_and_now_without_overlap(browser, server):
+    for viewport in (PHONE, DESKTOP):
+        context = browser.new_context(viewport=viewport)
+        pg = context.new_page()
+        try:
+            log_in(pg, server)
+            boxes = {}
+            for name in ("now", "limit", "warning", "zero"):
+                el = pg.locator(f"#pnl-gauge .label-{name}")
+                boxes[name] = el.bounding_box()
+                assert el.text_content().strip(), name
+            assert pg.text_content("#pnl-gauge .label-limit") == "limit −₹5,000.00"
+            assert pg.text_content("#pnl-gauge .label-zero") == "₹0"
+            names = list(boxes)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    p, q = boxes[a], boxes[b]
+                    apart = (p["x"] + p["width"] <= q["x"] or q["x"] + q["width"] <= p["x"]
+                             or p["y"] + p["height"] <= q["y"] or q["y"] + q["height"] <= p["y"])
+                    assert apart, (viewport["width"], a, p, b, q)
+            assert pg.locator("#pnl-chart-limit").count() == 1  # the day chart draws the limit
+        finally:
+            context.close()
+
+
+def test_dashboard_logins_stay_out_of_latest_events_until_asked_for(page, server):
+    log_in(page, server)
+    kinds = page.eval_on_selector_all("#events-list li", "els => els.map(e => e.dataset.kind)")
+    assert kinds and "login" not in kinds
+    page.click("#show-logins")
+    page.wait_for_selector("#events-list li[data-kind='login'] .category:text('login')")
+    page.click("#hide-logins")
+    page.wait_for_selector("#show-logins")

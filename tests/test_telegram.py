@@ -308,7 +308,8 @@ def test_without_a_token_the_plugin_idles_and_the_host_runs(host_factory, tmp_pa
     plugins.mkdir(parents=True)
     shutil.copy(REPO / "plugins" / "notifiers" / "telegram.py", plugins / "telegram.py")
     h = host_factory()
-    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["status"] == "running")
+    item = wait_for(lambda: next(iter(i for i in h.api("/api/notifiers").get_json()["items"] if i["status"] != "stopped"), None))
+    assert item["status"] == "idle" and "TELEGRAM_BOT_TOKEN" in item["reason"]  # not a green "running"
     assert h.post(alert()).status_code == 200
     assert h.client.post("/telegram/webhook", json={}).status_code == 404
 
@@ -340,3 +341,19 @@ def test_render_titles_links_and_what_is_never_sent():
     assert plugin.render(ev("risk_square_off", "warning"), link)[0] == "risk"  # a prefix finds new kinds
     for quiet in ("login", "telegram_command", "instruments"):
         assert plugin.render(ev(quiet), link) is None
+
+
+def test_orders_reply_shows_the_trigger_of_a_stop_order_and_rupees(tghost, tg):
+    h = tghost()
+    said(tg, "Host started")
+    h.tick("42.5")
+    r = h.post(alert(direction="BUY", stop_loss="40"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: any(o["order_type"] == "SL-LMT" and o["status"] == "OPEN"
+                         for o in h.api("/api/orders").get_json()["items"]), timeout=10)
+    tg.push_message("/orders", USER, CHAT)
+    text = said(tg, "Latest orders")
+    stop = next(line for line in text.splitlines() if "SL-LMT" in line)
+    assert "trigger ₹40.00 · limit ₹" in stop and "<b>OPEN</b> 0/75" in stop
+    entry = next(line for line in text.splitlines() if "LMT ₹42.50" in line)
+    assert "<b>FILLED</b> 75/75 avg ₹42.50" in entry

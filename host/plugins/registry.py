@@ -45,12 +45,15 @@ class Entry:
     detail: Optional[str] = None
     digest: Optional[str] = None  # of the last bytes tried, loaded or not
     history: list = field(default_factory=list)
+    idle: Optional[str] = None  # why a live version does nothing (a notifier without its token)
 
     @property
     def status(self) -> str:
         if self.disabled:
             return "disabled"
-        return "running" if self.live is not None else "error" if self.error else "stopped"
+        if self.live is not None:
+            return "idle" if self.idle else "running"
+        return "error" if self.error else "stopped"
 
 
 class Registry:
@@ -81,6 +84,10 @@ class Registry:
         raise NotImplementedError
 
     def _snapshot(self, live: Live) -> Optional[dict]:
+        return None
+
+    def _idle(self, result: CallResult) -> Optional[str]:
+        """Why a started version does nothing, from what its start hook returned; None when it works."""
         return None
 
     # ---- loading (any thread) ----
@@ -136,13 +143,16 @@ class Registry:
             self._failed(entry, f"{cand.name} v{cand.version}: start failed: {result.error}", result.detail, "start")
             return
         entry.live, entry.generation, entry.error, entry.detail = live, generation, None, None  # the swap
+        entry.idle = self._idle(result)
         self.pm.register(cand.module, name=f"{cand.name}.g{generation}")
         if old is not None:
             self._retire(old, "reload")
         # the event first: whoever sees the new status also finds its event
-        self.emit("plugin_loaded", f"{self.kind} {live.label} is running", "info",
-                  cand.name if self.kind == "strategy" else None, {"version": cand.version, "generation": generation})
-        self._save(entry, f"v{cand.version} running" + (" (reloaded)" if old else ""))
+        doing = f"idle: {entry.idle}" if entry.idle else "running"
+        self.emit("plugin_loaded", f"{self.kind} {live.label} is {doing}", "info",
+                  cand.name if self.kind == "strategy" else None, {"version": cand.version, "generation": generation,
+                                                                   "idle": entry.idle})
+        self._save(entry, f"v{cand.version} {doing}" + (" (reloaded)" if old else ""))
 
     def _failed(self, entry: Entry, error: str, detail: Optional[str], stage: str) -> None:
         entry.error, entry.detail = error, detail
@@ -184,7 +194,7 @@ class Registry:
         entry.disabled = disabled
         if disabled and entry.live is not None:
             self._retire(entry.live, "disabled")
-            entry.live = None
+            entry.live, entry.idle = None, None
         self.emit("plugin_" + ("disabled" if disabled else "enabled"), f"{self.kind} {name} {why}",
                   "warning" if disabled else "info", name if self.kind == "strategy" else None, None)
         self._save(entry, why)
@@ -273,7 +283,8 @@ class Registry:
                                "generation": entry.generation}] + entry.history)[:HISTORY]
         live = entry.live
         row = {"kind": self.kind, "name": entry.name, "version": live.candidate.version if live else None,
-               "generation": entry.generation, "status": entry.status, "error": entry.error, "detail": entry.detail,
+               "generation": entry.generation, "status": entry.status, "error": entry.error,
+               "detail": entry.idle if entry.status == "idle" else entry.detail,  # an idle plugin: why it is idle
                "file": str(entry.path) if entry.path else None, "digest": entry.digest, "updated_at": utcnow(),
                "history": json.dumps(entry.history)}
         self.storage.write(lambda db: Storage.insert(db, "plugins", row, upsert_pk=("kind", "name")))

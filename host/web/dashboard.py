@@ -13,8 +13,10 @@ from markupsafe import Markup
 
 from .. import __version__, backup, views
 from ..broker_session import session_state
+from ..market import IST
 from ..models import OrderStatus, TradingState
 from ..risk import _day_start_utc, warning_level
+from ..display import inr
 from ..storage import dec
 from . import charts, control, security
 from .lockout import LoginThrottle
@@ -26,6 +28,7 @@ ORDER_STATUSES = [s.value for s in OrderStatus]
 ALERT_STATUSES = ("accepted", "duplicate", "rejected", "blocked", "refused", "failed", "queued", "received")
 RISK_EVENT_KINDS = ("risk_breach", "risk_violation", "risk_strategy_breach", "risk_cooldown", "risk_warning",
                     "trading_state", "exit_all")
+ACCESS_EVENT_KINDS = ("login", "login_failed", "logout_all", "login_unlocked")  # dashboard logins: their own category
 NAV = (("dashboard.overview", "Overview"), ("dashboard.orders", "Orders"), ("dashboard.positions", "Positions"),
        ("dashboard.alerts", "Alerts"), ("dashboard.strategies", "Strategies"), ("dashboard.risk", "Risk"),
        ("dashboard.broker", "Broker"))
@@ -186,17 +189,43 @@ def _pnl(args: dict) -> dict:
     points = [(datetime.fromisoformat(p["at"]), dec(p["pnl"]))
               for p in rt.storage.rows("select at, pnl from pnl_points where day = ? order by id", (day,))]
     points.append((datetime.now(timezone.utc), pnl))  # the curve always ends at the PnL of this moment
-    return {"risk": r, "gauge": charts.gauge(pnl, limit, warn, peak), "warning_level": warn,
-            "chart": charts.line(points), "width": charts.WIDTH, "height": charts.HEIGHT}
+    g = charts.gauge(pnl, limit, warn, peak)
+    labels = charts.gauge_labels([("limit", f"limit {inr(limit)}", g.limit_x),
+                                  ("warning", f"warning {inr(warn)}", g.warning_x if warn is not None else None),
+                                  ("zero", "₹0", g.zero_x)])
+    now_label = charts.gauge_labels([("now", f"now {inr(pnl, True)}", g.pnl_x)])[0]
+    return {"risk": r, "gauge": g, "labels": labels, "now_label": now_label, "warning_level": warn,
+            "chart": charts.line(points, limit), "width": charts.WIDTH, "height": charts.HEIGHT,
+            "breach": _breach(r)}
+
+
+def _breach(r: dict) -> Optional[str]:
+    """What today's breach means now, in the panel's words; None when there was none."""
+    if not r.get("breached"):
+        return None
+    at = datetime.fromisoformat(r["breached_at"]).astimezone(IST).strftime("%H:%M") if r.get("breached_at") else "—"
+    now = {"halted": "trading halted", "reduce_only": "trading reduce-only: exits only"}.get(r["state"],
+                                                                                          f"trading {r['state']}")
+    if r.get("breach_overridden_by"):
+        return f"Daily loss limit breached at {at} — overridden by {r['breach_overridden_by']}; {now}"
+    return f"Daily loss limit breached at {at} — {now}"
 
 
 @panel_data("positions")
 def _positions(args: dict) -> dict:
     rows = views.positions(_rt().storage, include_flat=not args.get("open"))
-    totals: dict[str, Decimal] = {}
+    totals: dict[str, dict[str, Decimal]] = {}
     for p in rows:
-        totals[p["strategy"]] = totals.get(p["strategy"], Decimal(0)) + p["realized_pnl"] + p["unrealized_pnl"]
-    return {"positions": rows, "totals": totals, "total": sum(totals.values(), Decimal(0))}
+        p["pnl"] = p["realized_pnl"] + p["unrealized_pnl"]
+        for sums in (totals.setdefault(p["strategy"], _zero_sums()), totals.setdefault("", _zero_sums())):
+            for k in sums:
+                sums[k] += p[k]
+    return {"positions": rows, "totals": {k: v for k, v in totals.items() if k}, "total": totals.get("", _zero_sums()),
+            "day_pnl": views.day_pnl(_rt().storage) if args.get("open") else None}
+
+
+def _zero_sums() -> dict[str, Decimal]:
+    return {"realized_pnl": Decimal(0), "unrealized_pnl": Decimal(0), "pnl": Decimal(0)}
 
 
 @panel_data("orders")
@@ -217,7 +246,8 @@ def _orders(args: dict) -> dict:
                          "order by at", tuple(ids)):
             fills[f["order_id"]].append(f)
     return {"orders": [views.order_record(r) for r in rows], "history": history, "fills": fills,
-            "paging": _paging(args, total, limit), "compact": bool(args.get("today"))}
+            "paging": _paging(args, total, limit), "compact": bool(args.get("compact")), "today": bool(since),
+            "total": total}
 
 
 @panel_data("alerts")
@@ -231,13 +261,24 @@ def _alerts(args: dict) -> dict:
 @panel_data("events")
 def _events(args: dict) -> dict:
     limit, st = _limit(args, 20), _rt().storage
+    access = ",".join("?" * len(ACCESS_EVENT_KINDS))
+    hidden = 0
     if args.get("risk"):
         marks = ",".join("?" * len(RISK_EVENT_KINDS))
         rows = st.rows(f"select * from events where kind in ({marks}) order by id desc limit ?",
                        (*RISK_EVENT_KINDS, limit))
-    else:
+    elif args.get("logins"):
         rows = st.rows("select * from events order by id desc limit ?", (limit,))
-    return {"events": rows, "heading": args.get("heading") or "Latest events"}
+    else:  # dashboard logins are their own category, left out of the latest events unless asked for
+        rows = st.rows(f"select * from events where kind not in ({access}) order by id desc limit ?",
+                       (*ACCESS_EVENT_KINDS, limit))
+        oldest = rows[-1]["id"] if len(rows) == limit else 0  # among the span shown: the rowid range is cheap
+        hidden = st.one(f"select count(*) n from events where kind in ({access}) and id > ?",
+                        (*ACCESS_EVENT_KINDS, oldest))["n"]
+    for e in rows:
+        e["category"] = "login" if e["kind"] in ACCESS_EVENT_KINDS else None
+    return {"events": rows, "heading": args.get("heading") or "Latest events", "hidden_logins": hidden,
+            "logins": bool(args.get("logins")), "toggle": not args.get("risk")}
 
 
 @panel_data("plugins")
@@ -284,7 +325,7 @@ def _page(template: str, title: str, **context: Any) -> str:
 
 @bp.get("/")
 def overview() -> str:
-    return _page("overview.html", "Overview")
+    return _page("overview.html", "Overview", logins="1" if request.args.get("logins") else "")
 
 
 @bp.get("/orders")

@@ -32,7 +32,7 @@ from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, Networ
 from telegram.request import HTTPXRequest
 
 from host import hookimpl
-from host.display import inr, ist, qty
+from host.display import inr, ist, money_text, order_price, qty
 
 VERSION = "1.0"
 SEVERITY = {"info": 0, "warning": 1, "error": 2}
@@ -655,9 +655,11 @@ class TelegramNotifier:
     async def cmd_orders(self, user: Any, args: list) -> None:
         rows = await self._blocking(self.ctx.host.orders, 10)
         self._listing("Latest orders", rows, lambda o: (
-            f"{esc(ist(o['created_at']))} {esc(o['strategy'])} {esc(o['side'])} {esc(o['qty'])} "
-            f"{esc(o['symbol'])} <b>{esc(o['status'])}</b> {esc(o['filled_qty'])}/{esc(o['qty'])}"
-            + (f" — {esc(o['reason'])}" if o["reason"] else "")), "No orders yet.")
+            f"{esc(ist(o['created_at']))} {esc(o['strategy'])} {esc(o['side'])} {esc(qty(o['qty']))} "
+            f"{esc(o['symbol'])} {esc(o['order_type'])} {esc(order_price(o))} <b>{esc(o['status'])}</b> "
+            f"{esc(qty(o['filled_qty']))}/{esc(qty(o['qty']))}"
+            + (f" avg {esc(inr(o['avg_price']))}" if o["filled_qty"] else "")
+            + (f" — {esc(money_text(o['reason']))}" if o["reason"] else "")), "No orders yet.")
 
     async def cmd_risk(self, user: Any, args: list) -> None:
         r = await self._blocking(self.ctx.host.risk)
@@ -753,6 +755,9 @@ def notifier_start(ctx):
     global _notifier
     _notifier = TelegramNotifier(ctx)
     _notifier.start()
+    missing = [name for name, value in (("TELEGRAM_BOT_TOKEN", _notifier.token), ("TELEGRAM_CHAT_ID", _notifier.chat))
+               if not value]
+    return {"idle": f"{' and '.join(missing)} not set: nothing is sent"} if missing else None
 
 
 @hookimpl
