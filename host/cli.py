@@ -33,7 +33,7 @@ def _load(env: Optional[str], generate: bool = False) -> Settings:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        settings = load(args.env)
+        settings = load(args.env, strict=True)  # unknown names and empty values too: `run` only warns of most
     except ConfigError as e:
         print(f"{args.env or 'environment'}: {len(e.problems)} problem(s)")
         for p in e.problems:
