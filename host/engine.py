@@ -42,6 +42,7 @@ from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 CLOCK_EVERY_S = 1.0
+HEARD_MAX = 20_000  # orders whose last heard state is kept (strategy_on_order is called once per state)
 TICKS_HELD_KEY = "ticks_held"
 
 
@@ -118,6 +119,8 @@ class Engine:
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
         self._targets_waiting = True  # position targets may wait (cleared when none is found)
+        self._heard: dict[str, tuple[str, int]] = {}  # order id -> the state its strategy last heard of
+        self._after_start: set[str] = set()  # working orders at start: the first reconcile tells what changed
 
     @property
     def data_dir(self) -> Any:
@@ -134,6 +137,11 @@ class Engine:
             change()
         self.daily.broker = self.broker
         self.storage.keep_reserve()
+        # what strategies knew of their working orders before the stop; the first reconcile tells them what the
+        # start-up reconcile changed (on the engine thread, once risk has looked)
+        working = self._watched()
+        self._after_start = {r["id"] for r in working}
+        self._heard.update((r["id"], (r["status"], r["filled_qty"] or 0)) for r in working)
         self._recover()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -274,11 +282,23 @@ class Engine:
             elif row["action"] == ExecutionType.EXIT.value and row["status"] == OrderStatus.FILLED.value:
                 self.risk.exit_filled(row)
         if dispatch:
-            for row in changed:
-                live = self.strategies.live(row["strategy"])
-                if live is not None and "strategy_on_order" in live.candidate.hooks:
-                    self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_order",
-                                                                       order=Order.from_row(row)), "on_order")
+            self._tell_strategies(changed)
+
+    def _tell_strategies(self, rows: list[dict]) -> None:
+        """strategy_on_order, once per state (status, filled quantity) of an order, however many paths (the
+        broker's update, the sender's answer, a reconcile) report it; a protective stop's orders included."""
+        for row in rows:
+            state = (row["status"], row["filled_qty"] or 0)
+            if self._heard.get(row["id"]) == state:
+                continue
+            self._heard[row["id"]] = state
+            if len(self._heard) > HEARD_MAX:  # the oldest half: orders long finished
+                for oid in list(self._heard)[:HEARD_MAX // 2]:
+                    del self._heard[oid]
+            live = self.strategies.live(row["strategy"])
+            if live is not None and "strategy_on_order" in live.candidate.hooks:
+                self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_order",
+                                                                   order=Order.from_row(row)), "on_order")
 
     def _clock(self) -> None:
         now = self.now().astimezone(IST)
@@ -289,6 +309,21 @@ class Engine:
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 
     def _reconcile(self) -> None:
+        """Reconcile with the broker's book; the owning strategies hear what it changed."""
+        ids = sorted({r["id"] for r in self._watched()} | self._after_start)
+        self._after_start = set()
+        self._reconcile_book()
+        for at in range(0, len(ids), 500):
+            chunk = ids[at:at + 500]
+            self._tell_strategies(self.storage.rows(f"select * from orders where id in ({','.join('?' * len(chunk))}) "
+                                                    "order by rowid", tuple(chunk)))
+
+    def _watched(self) -> list[dict]:
+        """The orders a reconcile may change (unfinished, or LOST and still looked for): id, status, filled_qty."""
+        return self.storage.rows("select id, status, filled_qty from orders where status in ('NEW', 'SUBMITTED', "
+                                 "'UNKNOWN', 'OPEN', 'PARTIAL', 'LOST')")
+
+    def _reconcile_book(self) -> None:
         if self._recover_pending:
             self._recover()
             return
