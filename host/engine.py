@@ -23,6 +23,7 @@ import sqlite_utils
 
 from . import flatten, targets
 from .broker_session import load_token
+from .brokers.base import SessionExpired
 from .commands import CONTROL, Commands
 from .daily import Daily
 from .decide import Decider
@@ -42,6 +43,7 @@ from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 CLOCK_EVERY_S = 1.0
+SESSION_PROBE_S = 30.0  # an expired session: how often to ask the broker whether it is back
 HEARD_MAX = 20_000  # orders whose last heard state is kept (strategy_on_order is called once per state)
 TICKS_HELD_KEY = "ticks_held"
 
@@ -120,7 +122,8 @@ class Engine:
         self.on_session_restored: Callable[[], None] = lambda: None
         self._targets_waiting = True  # position targets may wait (cleared when none is found)
         self._heard: dict[str, tuple[str, int]] = {}  # order id -> the state its strategy last heard of
-        self._after_start: set[str] = set()  # working orders at start: the first reconcile tells what changed
+        self._after_start: set[str] = set()
+        self._session_probed = time.monotonic()  # the first probe a full SESSION_PROBE_S after the start  # working orders at start: the first reconcile tells what changed
 
     @property
     def data_dir(self) -> Any:
@@ -310,6 +313,8 @@ class Engine:
 
     def _reconcile(self) -> None:
         """Reconcile with the broker's book; the owning strategies hear what it changed."""
+        if not self._session_ready():
+            return
         ids = sorted({r["id"] for r in self._watched()} | self._after_start)
         self._after_start = set()
         self._reconcile_book()
@@ -317,6 +322,24 @@ class Engine:
             chunk = ids[at:at + 500]
             self._tell_strategies(self.storage.rows(f"select * from orders where id in ({','.join('?' * len(chunk))}) "
                                                     "order by rowid", tuple(chunk)))
+
+    def _session_ready(self) -> bool:
+        """False while the live broker's session is expired: reconciling waits for the login (which reconciles at
+        once), asking the broker only every SESSION_PROBE_S whether the session is back (a login elsewhere)."""
+        if not getattr(self.broker, "session_expired", False):
+            return True
+        now = time.monotonic()
+        if now - self._session_probed < SESSION_PROBE_S:
+            return False
+        self._session_probed = now
+        try:
+            valid = self.gateway_call("check_session", self.broker.check_session)
+        except Exception as e:
+            log.debug("broker session probe failed: %s", e)
+            return False
+        if valid:
+            self.on_session_restored()
+        return bool(valid)
 
     def _watched(self) -> list[dict]:
         """The orders a reconcile may change (unfinished, or LOST and still looked for): id, status, filled_qty."""
@@ -334,19 +357,24 @@ class Engine:
             try:
                 self.watcher.reconcile(self.broker_book(), set(self.sender.in_flight))
             except Exception as e:
-                log.warning("reconcile with the broker failed: %s", e)
+                (log.debug if isinstance(e, SessionExpired) else log.warning)("reconcile with the broker failed: %s", e)
             self._cancel_requested(self.storage.rows("select * from orders where cancel_requested is not null and "
                                                      "status in ('OPEN', 'PARTIAL')"))
 
     def _recover(self) -> None:
         """At start-up: reconcile with the broker's book, then send the orders it has never seen."""
+        if getattr(self.broker, "session_expired", False):  # waits for the login, which calls this again
+            self._recover_pending = True
+            return
         try:
             unsent = self.watcher.reconcile(self.broker_book(), set(), startup=True,
                                             resend_max_age_s=self.max_alert_age_s,
                                             book_is_synchronous=getattr(self.broker, "book_is_synchronous", False))
         except Exception as e:
-            # without the book we cannot tell what was sent: send nothing, retry on the next reconcile
-            log.error("start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
+            # without the book we cannot tell what was sent: send nothing, retry on the next reconcile; an
+            # expired session has said so once already (broker_session): not again at every try
+            (log.debug if isinstance(e, SessionExpired) else log.error)(
+                "start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
             self._recover_pending = True
             return
         self._recover_pending = False

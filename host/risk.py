@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import sqlite_utils
 
+from .broker_session import EXPIRED
 from .market import IST, MarketClock
 from .models import Intent, TradingState
 from .storage import Storage, utcnow
@@ -345,7 +346,7 @@ class RiskGate:
             return f"trading is {st['state']}{why}: only exits and reductions are allowed"
         session = self.storage.get_state("broker_session")
         if session and json.loads(session).get("state") == "expired":
-            return "broker session expired — reconnect at /broker/login"
+            return EXPIRED
         today = self.clock.day(self.now())
         try:
             day = self.manager.load_day(today)

@@ -56,9 +56,9 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
         try:
             broker.check_session()
         except Exception as e:  # the broker may be down at start: say so, do not die
-            set_session_state(storage, "expired", f"could not check the session at start: {e}")
+            broker.note_session("expired", f"could not check the session at start: {e}")
     else:
-        set_session_state(storage, "expired", "no saved session: log in at /broker/login")
+        broker.note_session("expired", "no saved session")
     return broker
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import requests
 
+from ..broker_session import EXPIRED
 from ..instruments import Instrument, Instruments
 from ..market import IST
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
@@ -26,7 +27,7 @@ from ..pricing import DEFAULT_TICK, protected_limit
 from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, transport_failure
 
 log = logging.getLogger(__name__)
-RECONNECT_HINT = "broker session expired — reconnect at /broker/login"
+RECONNECT_HINT = EXPIRED
 STATUS = {"COMPLETE": OrderStatus.FILLED, "REJECTED": OrderStatus.REJECTED, "CANCELED": OrderStatus.CANCELLED,
           "CANCELLED": OrderStatus.CANCELLED, "EXPIRED": OrderStatus.CANCELLED}
 PRODUCTS = frozenset(p.value for p in Product)
@@ -170,6 +171,7 @@ class ShoonyaBroker:
         self.limiter = RateLimiter(orders_per_s)  # per exchange segment
         self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
         self.on_session = on_session  # ("valid" | "expired", why)
+        self.session_expired = False  # the broker said so (or there is no session): calls wait for a login
         self.uid: Optional[str] = None
         self._ltp: dict[tuple[str, str], tuple[Decimal, float]] = {}  # (exchange, symbol) -> (ltp, monotonic when)
         self._limits: dict[tuple[str, str], tuple[date, Optional[Decimal], Optional[Decimal]]] = {}  # the day's lc, uc
@@ -197,8 +199,13 @@ class ShoonyaBroker:
         except SessionExpired:
             return False
         ok = isinstance(reply, dict) and reply.get("stat") == "Ok"
-        self.on_session("valid" if ok else "expired", "get_limits answered Ok" if ok else str(reply))
+        self.note_session("valid" if ok else "expired", "get_limits answered Ok" if ok else str(reply))
         return ok
+
+    def note_session(self, state: str, why: str) -> None:
+        """The session is "valid" or "expired": remember it, and say so (once per change)."""
+        self.session_expired = state == "expired"
+        self.on_session(state, why)
 
     # ---- the Broker protocol ----
     def start(self, on_update: Callable[[BrokerOrder], None]) -> None:
@@ -455,7 +462,7 @@ class ShoonyaBroker:
         """Say the session expired, unless the call was sent with a token that a login has since replaced
         (a late answer to the old token must not undo the new login)."""
         if generation == self._token_generation:
-            self.on_session("expired", emsg)
+            self.note_session("expired", emsg)
 
     def _last_json(self) -> Any:
         last = self.http.last
