@@ -244,6 +244,9 @@ VARS: tuple[Var, ...] = (
         "(default http://HOST:PORT)"),
     Var("DAILY_SUMMARY_TIME", _hhmm_or_off, "15:40", "when the day's summary goes out (Asia/Kolkata, trading days), "
         "or off"),
+    # market hours for entries (live): outside its exchange's session an entry is refused (423), unless this
+    Var("ALLOW_AMO", _bool, "false", "live: an order sent while its exchange is closed goes as an after-market order "
+        "(AMO) instead of an entry being refused with 423"),
 )
 VARS_BY_NAME = {v.name: v for v in VARS}
 

@@ -158,7 +158,8 @@ class ShoonyaBroker:
 
     def __init__(self, api_url: str, ws_url: str, instruments: Instruments, protection_pct: Decimal,
                  timeout_s: float = 5.0, orders_per_s: float = SEGMENT_ORDERS_PER_S, algo_id: str = "",
-                 on_session: Callable[[str, str], None] = lambda state, why: None, ltp_max_age_s: float = 5.0):
+                 on_session: Callable[[str, str], None] = lambda state, why: None, ltp_max_age_s: float = 5.0,
+                 after_market: Callable[[str], bool] = lambda exchange: False):
         from NorenRestApiPy.NorenApi import NorenApi
         self.http = install_requests(timeout_s)
         self.api = NorenApi(host=api_url, websocket=ws_url)
@@ -170,6 +171,7 @@ class ShoonyaBroker:
         self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
         self.limiter = RateLimiter(orders_per_s)  # per exchange segment
         self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
+        self.after_market = after_market  # (exchange) -> True: send as an AMO (ALLOW_AMO and the exchange closed)
         self.on_session = on_session  # ("valid" | "expired", why)
         self.session_expired = False  # the broker said so (or there is no session): calls wait for a login
         self.uid: Optional[str] = None
@@ -218,12 +220,13 @@ class ShoonyaBroker:
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
         self.limiter.wait(req.exchange)
+        amo = "YES" if self.after_market(req.exchange) else None
         reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
                            "B" if req.side is Side.BUY else "S",
                            req.product.value, req.exchange, req.symbol, req.qty, 0, req.order_type.value,
                            str(req.price) if req.price is not None else "0",  # the library sends str(price):
                            str(req.trigger_price) if req.trigger_price is not None else None,  # no floats
-                           "DAY", None, req.remarks)
+                           "DAY", amo, req.remarks)
         if not isinstance(reply, dict) or not reply.get("norenordno"):
             raise UnknownOutcome(f"place_order answered without an order number: {reply!r}")
         return str(reply["norenordno"])

@@ -97,6 +97,7 @@ class NorenSim:
     faults: Faults = field(default_factory=Faults)
     sessions: dict = field(default_factory=dict)   # token -> uid
     codes: dict = field(default_factory=dict)      # OAuth code -> client id
+    amo_orders: set = field(default_factory=set)   # norenordno of orders placed with amo "YES" (after-market)
     quotes: dict = field(default_factory=dict)     # (exchange, symbol) -> {"lc", "uc", "c", ...} as Decimal
     ws_hooks: list = field(default_factory=list)   # callbacks for the WebSocket side (drop, etc.)
     tick_hooks: list = field(default_factory=list)  # called with (exchange, symbol, ltp) on every price move
@@ -450,6 +451,8 @@ def place_order(sim: NorenSim, data: dict, uid: str) -> Response:
             return _drop()
         time.sleep(delay)  # nothing is booked yet: the book does not know the order until the answer leaves
     oid = _book(sim, ticket)
+    if data.get("amo") == "YES":
+        sim.amo_orders.add(oid)
     if sim.faults.delay_next_s:
         delay, sim.faults.delay_next_s = sim.faults.delay_next_s, 0.0
         time.sleep(delay)  # the order is placed; only the answer is late
