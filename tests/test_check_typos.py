@@ -8,7 +8,8 @@ import stat
 import pytest
 
 from host.cli import main
-from host.config import VARS, ConfigError, UnknownSetting, doubtful_names, load
+from host import config
+from host.config import VARS, ConfigError, load
 
 SECRETS = "WEBHOOK_SECRET=xxxxxxxxxxxx\nAPI_TOKEN=tttttttttttttttttttt\nDASHBOARD_PASSWORD=pppppppp\n"
 
@@ -55,7 +56,7 @@ def test_the_environment_is_checked_only_under_our_prefixes(tmp_path):
     with pytest.raises(ConfigError) as e:  # systemd's EnvironmentFile hands host.env over as the environment
         load(env, environ={"RISK_BASE_MAXLOSS": "-100", "PATH": "/bin", "HOME": "/root", "LANG": "C"})
     assert [p.field for p in e.value.problems] == ["RISK_BASE_MAXLOSS"]
-    found = doubtful_names(env, {"PATH": "/bin", "TERM": "xterm", "DASHBOARD_PASWORD": "x"})
+    found = config.doubtful_names(env, {"PATH": "/bin", "TERM": "xterm", "DASHBOARD_PASWORD": "x"})
     assert [p.field for p, _ in found] == ["DASHBOARD_PASWORD"]
 
 
@@ -64,7 +65,7 @@ def test_every_setting_and_old_name_is_known(tmp_path):
     names = [key for var in VARS for key in (var.name, *var.aliases)]
     path = tmp_path / "all.env"
     path.write_text("".join(f"{n}=x\n" for n in names))
-    assert not [p for p, _ in doubtful_names(str(path), {}) if isinstance(p, UnknownSetting)]
+    assert not [p for p, _ in config.doubtful_names(str(path), {}) if isinstance(p, config.UnknownSetting)]
 
 
 def test_an_empty_value_is_reported_not_silently_defaulted(tmp_path, capsys):

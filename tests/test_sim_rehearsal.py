@@ -12,7 +12,7 @@ import requests
 
 from conftest import TOKEN, Host, alert, make_settings
 from host.config import load
-from host.web.broker import authorize_url
+from host.web import broker as broker_login
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,9 +68,9 @@ def test_the_login_comes_back_to_the_host_that_started_it_whatever_its_port(sim,
 
 
 def test_the_real_broker_is_never_told_where_to_come_back():
-    real = authorize_url("https://api.shoonya.com/", "CID", "http://127.0.0.1:8000/broker/callback")
+    real = broker_login.authorize_url("https://api.shoonya.com/", "CID", "http://127.0.0.1:8000/broker/callback")
     assert real == "https://api.shoonya.com/?client_id=CID"
-    local = parse_qs(urlparse(authorize_url("http://127.0.0.1:9100/authorize", "CID", "http://x:1/cb")).query)
+    local = parse_qs(urlparse(broker_login.authorize_url("http://127.0.0.1:9100/authorize", "CID", "http://x:1/cb")).query)
     assert local == {"client_id": ["CID"], "redirect_uri": ["http://x:1/cb"]}
 
 
