@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,8 @@ from .storage import Storage, utcnow
 
 STATE_KEY = "broker_session"
 TOKEN_FILE = "shoonya_token.json"
+EXPIRED = "broker session expired — log in at /broker/login"
+log = logging.getLogger(__name__)
 
 
 def save_token(data_dir: Path, token: str, uid: str, actid: str) -> Path:
@@ -39,11 +42,11 @@ def session_state(storage: Storage) -> dict:
 
 
 def set_session_state(storage: Storage, state: str, why: str) -> None:
-    """Record the session state; an event only when it changes (notified once)."""
+    """Record the session state; an event and a log line only when it changes (said once, not at every call)."""
     if session_state(storage).get("state") == state:
         return
-    message = {"expired": "broker session expired — reconnect at /broker/login",
-               "valid": "broker session is valid"}.get(state, f"broker session {state}")
+    message = {"expired": EXPIRED, "valid": "broker session is valid"}.get(state, f"broker session {state}")
+    (log.warning if state == "expired" else log.info)("%s (%s)", message, why)
 
     def run(db: object) -> None:
         Storage.put_state(db, STATE_KEY, json.dumps({"state": state, "why": why, "at": utcnow()}))

@@ -6,12 +6,15 @@ import logging
 import os
 import re
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import __version__, backup_cli, deploy_cli
 from .config import SECRET_NAMES, ConfigError, Settings, load
 from .locks import FileLock
 from .tradingview import WHY_POSITION, messages
+
+if TYPE_CHECKING:
+    from .sim.runner import SimServer
 
 
 def _load(env: Optional[str], generate: bool = False) -> Settings:
@@ -33,7 +36,7 @@ def _load(env: Optional[str], generate: bool = False) -> Settings:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        settings = load(args.env)
+        settings = load(args.env, strict=True)  # unknown names and empty values too: `run` only warns of most
     except ConfigError as e:
         print(f"{args.env or 'environment'}: {len(e.problems)} problem(s)")
         for p in e.problems:
@@ -156,11 +159,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
         uid, _, token = user.partition(":")
         with sim.lock:
             sim.sessions[token] = uid
-    print(f"Noren simulator (strategy-host {__version__})")
-    print(f"  SHOONYA_API_URL={server.api_url}")
-    print(f"  SHOONYA_WS_URL={server.ws_url}")
-    print(f"  SHOONYA_OAUTH_URL={server.oauth_url}   (OAUTH_CLIENT_ID={sim.client_id}, OAUTH_SECRET={sim.client_secret})")
-    print(f"  test controls: POST http://{server.host}:{server.port}/sim/control")
+    print(f"Noren simulator (strategy-host {__version__}). A live host needs these in its env file "
+          f"(any USER_ID; the simulator's test secrets are not real ones):")
+    for line in sim_env(server, sim.client_id, sim.client_secret, args.session):
+        print(f"  {line}")
+    back = sim.redirect_url or "the dashboard that started the login (any port)"
+    print(f"Connect broker comes back to {back}.")
+    print(f"Test controls: POST http://{server.host}:{server.port}/sim/control; every control is in "
+          f"docs/simulator.md")
     sys.stdout.flush()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -170,6 +176,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
         pass
     server.stop()
     return 0
+
+
+def sim_env(server: "SimServer", client_id: str, client_secret: str, sessions: Optional[list] = None) -> list[str]:
+    """Every variable a live host needs to trade on this simulator, as env-file lines."""
+    base = f"http://{server.host}:{server.port}"
+    uid, _, token = (sessions or [""])[0].partition(":")
+    auth = ["SHOONYA_AUTH=token", f"SHOONYA_ACCESS_TOKEN={token}"] if token else \
+           ["SHOONYA_AUTH=oauth", f"OAUTH_CLIENT_ID={client_id}", f"OAUTH_SECRET={client_secret}"]
+    return ["BROKER=shoonya", f"USER_ID={uid or 'FA12345'}", *auth,
+            f"SHOONYA_API_URL={server.api_url}", f"SHOONYA_WS_URL={server.ws_url}",
+            f"SHOONYA_OAUTH_URL={server.oauth_url}", f"SHOONYA_SYMBOLS_URL={base}/"]
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
@@ -208,15 +225,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     check = sub.add_parser("check", help="validate a config file and list every problem")
     check.add_argument("--env", help="config file to check (default: only the environment)")
     check.set_defaults(func=cmd_check)
-    sim = sub.add_parser("sim", help="serve the Noren OMS simulator (REST and WebSocket) on loopback")
+    sim = sub.add_parser("sim", help="serve the Noren OMS simulator (REST and WebSocket) on loopback; see docs/simulator.md")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9100, help="REST port (default 9100)")
     sim.add_argument("--ws-port", type=int, default=0, help="WebSocket port (default: REST port + 1)")
     sim.add_argument("--data", help="SQLite file for the simulator's book (default: in memory)")
     sim.add_argument("--client-id", default="SIM-CLIENT")
     sim.add_argument("--client-secret", default="sim-secret")
-    sim.add_argument("--redirect-url", default="http://127.0.0.1:8000/broker/callback",
-                     help="where the authorize page sends the browser back")
+    sim.add_argument("--redirect-url", default=None,
+                     help="the one redirect URL registered for the client, as at the real broker (default: back to "
+                          "the host that started the login, whatever its port)")
     sim.add_argument("--session", action="append", metavar="UID:TOKEN",
                      help="a session that is valid from the start (for SHOONYA_AUTH=token)")
     sim.set_defaults(func=cmd_sim)

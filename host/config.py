@@ -128,10 +128,17 @@ def _secret(min_len: int) -> Callable[[str], str]:
 
 def _dates(v: str) -> frozenset:
     from datetime import date
-    try:
-        return frozenset(date.fromisoformat(p.strip()) for p in v.split(",") if p.strip())
-    except ValueError:
-        raise ValueError("a comma-separated list of dates YYYY-MM-DD") from None
+    days = []
+    for n, part in enumerate((p.strip() for p in v.split(",")), 1):
+        if not part:
+            continue
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", part):
+                raise ValueError
+            days.append(date.fromisoformat(part))
+        except ValueError:
+            raise ValueError(f"a comma-separated list of dates YYYY-MM-DD (entry {n}, {part!r}, is not one)") from None
+    return frozenset(days)
 
 
 def _url(v: str) -> str:
@@ -241,6 +248,9 @@ VARS: tuple[Var, ...] = (
         "(default http://HOST:PORT)"),
     Var("DAILY_SUMMARY_TIME", _hhmm_or_off, "15:40", "when the day's summary goes out (Asia/Kolkata, trading days), "
         "or off"),
+    # market hours for entries (live): outside its exchange's session an entry is refused (423), unless this
+    Var("ALLOW_AMO", _bool, "false", "live: an order sent while its exchange is closed goes as an after-market order "
+        "(AMO) instead of an entry being refused with 423"),
 )
 VARS_BY_NAME = {v.name: v for v in VARS}
 
@@ -307,11 +317,19 @@ def file_permission_warning(path: Path) -> Optional[str]:
 
 
 def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
-         generate_secrets: bool = False) -> Settings:
-    """Load and validate settings; raise ConfigError listing every problem."""
+         generate_secrets: bool = False, strict: bool = False) -> Settings:
+    """Load and validate settings; raise ConfigError listing every problem.
+
+    Names the host does not know and empty values are problems when `strict` (`check`) or for RISK_*
+    names (`run` refuses them); otherwise they are warnings."""
     environ = os.environ if environ is None else environ
     problems: list[Problem] = []
     warnings: list[str] = []
+    for finding, consequence in doubtful_names(env_file, environ):
+        if strict or finding.field.startswith(REFUSED_PREFIX):
+            problems.append(finding)
+        else:
+            warnings.append(f"{finding}; {consequence}")
     if env_file:
         p = Path(env_file)
         if not p.is_file():
@@ -352,6 +370,7 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
         except ValueError as e:
             found = "a value that is hidden because it is secret" if var.secret else repr(text)
             problems.append(Problem(var.name, str(e), found))
+    warnings += [w for w in map(file_permission_warning, private_files(values)) if w]
     if values.get("BROKER") == "shoonya":
         problems += _live_problems(values)
     problems += _telegram_problems(values)
@@ -396,3 +415,55 @@ def _write_secrets(path: Path, new: Mapping[str, str]) -> None:
         for k, v in new.items():
             f.write(f"{k}={v}\n")
     os.chmod(path, 0o600)
+
+
+# ---- names the host does not know, and empty values: what would silently weaken protection ----
+
+# Environment variables are checked only under the prefixes of our settings: the environment holds many
+# other programs' variables, but systemd's EnvironmentFile (strategy-host deploy) hands the whole host.env
+# to the host this way, so a typo there must be caught as it would be in an --env file.
+ENV_PREFIXES = ("RISK_", "SHOONYA_", "DASHBOARD_", "WEBHOOK_", "TELEGRAM_", "OAUTH_")
+REFUSED_PREFIX = "RISK_"  # `run` refuses to start with these unknown or empty: a risk limit would be lost
+
+
+@dataclass(frozen=True)
+class UnknownSetting(Problem):
+    """A variable the host does not know: it has no effect, so a typo would silently drop a setting."""
+
+    suggestion: str = ""
+
+    def __str__(self) -> str:
+        hint = f"did you mean `{self.suggestion}`?" if self.suggestion else "remove it, or check its spelling"
+        return f"`{self.field}` is not a setting ({self.found}); {hint}"
+
+
+def doubtful_names(env_file: Optional[str], environ: Mapping[str, str]) -> list[tuple[Problem, str]]:
+    """Unknown names (in the file, or prefixed like ours in the environment) and empty values of settings
+    that have a default, each with what `run` does about it when it is only a warning."""
+    import difflib
+    in_file = dotenv_values(env_file) if env_file else {}
+    known = {key for var in VARS for key in (var.name, *var.aliases)}
+    found: list[tuple[Problem, str]] = []
+    names = [(k, f"in {env_file}") for k in in_file] + \
+            [(k, "in the environment") for k in sorted(environ) if k.startswith(ENV_PREFIXES) and k not in in_file]
+    for name, where in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            found.append((UnknownSetting(name, "a setting the host knows", where, close[0] if close else ""),
+                          "it is ignored"))
+    merged = {**{k: (v or "") for k, v in in_file.items()}, **environ}
+    for var in VARS:
+        keys = [k for k in (var.name, *var.aliases) if k in merged]
+        if keys and var.default and all(not merged[k].strip() for k in keys):
+            where = "in the environment" if keys[0] in environ else f"in {env_file}"
+            found.append((Problem(var.name, f"a value ({var.doc}), or no line at all for the default {var.default}",
+                                  f"an empty value {where}"), f"the default {var.default} is used"))
+    return found
+
+
+def private_files(values: Mapping[str, Any]) -> list[Path]:
+    """The host's files that hold orders, positions or the broker token: only their owner may read them."""
+    data_dir = Path(values.get("DATA_DIR") or "var")
+    db = Path(values.get("ORDERS_DB_PATH") or data_dir / "host.sqlite")
+    paper = data_dir / "paper.sqlite"
+    return [f.with_name(f.name + s) for f in (db, paper) for s in ("", "-wal", "-shm")] + [data_dir / "shoonya_token.json"]

@@ -70,6 +70,7 @@ class Decider:
         refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:
             return Decision(AlertStatus.REFUSED, "; ".join(sorted(refusals)))
+        notes += list(dict.fromkeys(n for n in (self.gate.after_market(c.intent, c.reducing) for c in todo) if n))
         master = self.instruments() if self.instruments is not None else None
         sliced = [(c, replace(c.intent, qty=q)) for c in todo for q in slices(master, c.intent)]
         problems = [str(p) for n, (c, i) in enumerate(sliced) for p in validate_intent(i, f"intent[{n}]")]

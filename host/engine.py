@@ -23,6 +23,7 @@ import sqlite_utils
 
 from . import flatten, targets
 from .broker_session import load_token
+from .brokers.base import SessionExpired
 from .commands import CONTROL, Commands
 from .daily import Daily
 from .decide import Decider
@@ -42,6 +43,8 @@ from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 CLOCK_EVERY_S = 1.0
+SESSION_PROBE_S = 30.0  # an expired session: how often to ask the broker whether it is back
+HEARD_MAX = 20_000  # orders whose last heard state is kept (strategy_on_order is called once per state)
 TICKS_HELD_KEY = "ticks_held"
 
 
@@ -118,6 +121,9 @@ class Engine:
         self.broker: Any = None       # the live broker, for session commands (set by the runtime)
         self.on_session_restored: Callable[[], None] = lambda: None
         self._targets_waiting = True  # position targets may wait (cleared when none is found)
+        self._heard: dict[str, tuple[str, int]] = {}  # order id -> the state its strategy last heard of
+        self._after_start: set[str] = set()
+        self._session_probed = time.monotonic()  # the first probe a full SESSION_PROBE_S after the start  # working orders at start: the first reconcile tells what changed
 
     @property
     def data_dir(self) -> Any:
@@ -134,6 +140,11 @@ class Engine:
             change()
         self.daily.broker = self.broker
         self.storage.keep_reserve()
+        # what strategies knew of their working orders before the stop; the first reconcile tells them what the
+        # start-up reconcile changed (on the engine thread, once risk has looked)
+        working = self._watched()
+        self._after_start = {r["id"] for r in working}
+        self._heard.update((r["id"], (r["status"], r["filled_qty"] or 0)) for r in working)
         self._recover()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -274,11 +285,23 @@ class Engine:
             elif row["action"] == ExecutionType.EXIT.value and row["status"] == OrderStatus.FILLED.value:
                 self.risk.exit_filled(row)
         if dispatch:
-            for row in changed:
-                live = self.strategies.live(row["strategy"])
-                if live is not None and "strategy_on_order" in live.candidate.hooks:
-                    self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_order",
-                                                                       order=Order.from_row(row)), "on_order")
+            self._tell_strategies(changed)
+
+    def _tell_strategies(self, rows: list[dict]) -> None:
+        """strategy_on_order, once per state (status, filled quantity) of an order, however many paths (the
+        broker's update, the sender's answer, a reconcile) report it; a protective stop's orders included."""
+        for row in rows:
+            state = (row["status"], row["filled_qty"] or 0)
+            if self._heard.get(row["id"]) == state:
+                continue
+            self._heard[row["id"]] = state
+            if len(self._heard) > HEARD_MAX:  # the oldest half: orders long finished
+                for oid in list(self._heard)[:HEARD_MAX // 2]:
+                    del self._heard[oid]
+            live = self.strategies.live(row["strategy"])
+            if live is not None and "strategy_on_order" in live.candidate.hooks:
+                self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_order",
+                                                                   order=Order.from_row(row)), "on_order")
 
     def _clock(self) -> None:
         now = self.now().astimezone(IST)
@@ -290,6 +313,41 @@ class Engine:
             self._act(live.candidate.name, self.strategies.ask(live, "strategy_on_clock", now=now), "on_clock")
 
     def _reconcile(self) -> None:
+        """Reconcile with the broker's book; the owning strategies hear what it changed."""
+        if not self._session_ready():
+            return
+        ids = sorted({r["id"] for r in self._watched()} | self._after_start)
+        self._after_start = set()
+        self._reconcile_book()
+        for at in range(0, len(ids), 500):
+            chunk = ids[at:at + 500]
+            self._tell_strategies(self.storage.rows(f"select * from orders where id in ({','.join('?' * len(chunk))}) "
+                                                    "order by rowid", tuple(chunk)))
+
+    def _session_ready(self) -> bool:
+        """False while the live broker's session is expired: reconciling waits for the login (which reconciles at
+        once), asking the broker only every SESSION_PROBE_S whether the session is back (a login elsewhere)."""
+        if not getattr(self.broker, "session_expired", False):
+            return True
+        now = time.monotonic()
+        if now - self._session_probed < SESSION_PROBE_S:
+            return False
+        self._session_probed = now
+        try:
+            valid = self.gateway_call("check_session", self.broker.check_session)
+        except Exception as e:
+            log.debug("broker session probe failed: %s", e)
+            return False
+        if valid:
+            self.on_session_restored()
+        return bool(valid)
+
+    def _watched(self) -> list[dict]:
+        """The orders a reconcile may change (unfinished, or LOST and still looked for): id, status, filled_qty."""
+        return self.storage.rows("select id, status, filled_qty from orders where status in ('NEW', 'SUBMITTED', "
+                                 "'UNKNOWN', 'OPEN', 'PARTIAL', 'LOST')")
+
+    def _reconcile_book(self) -> None:
         if self._recover_pending:
             self._recover()
             return
@@ -300,19 +358,24 @@ class Engine:
             try:
                 self.watcher.reconcile(self.broker_book(), set(self.sender.in_flight))
             except Exception as e:
-                log.warning("reconcile with the broker failed: %s", e)
+                (log.debug if isinstance(e, SessionExpired) else log.warning)("reconcile with the broker failed: %s", e)
             self._cancel_requested(self.storage.rows("select * from orders where cancel_requested is not null and "
                                                      "status in ('OPEN', 'PARTIAL')"))
 
     def _recover(self) -> None:
         """At start-up: reconcile with the broker's book, then send the orders it has never seen."""
+        if getattr(self.broker, "session_expired", False):  # waits for the login, which calls this again
+            self._recover_pending = True
+            return
         try:
             unsent = self.watcher.reconcile(self.broker_book(), set(), startup=True,
                                             resend_max_age_s=self.max_alert_age_s,
                                             book_is_synchronous=getattr(self.broker, "book_is_synchronous", False))
         except Exception as e:
-            # without the book we cannot tell what was sent: send nothing, retry on the next reconcile
-            log.error("start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
+            # without the book we cannot tell what was sent: send nothing, retry on the next reconcile; an
+            # expired session has said so once already (broker_session): not again at every try
+            (log.debug if isinstance(e, SessionExpired) else log.error)(
+                "start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
             self._recover_pending = True
             return
         self._recover_pending = False

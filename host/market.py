@@ -10,6 +10,11 @@ SESSIONS = {ex: (time(9, 15), time(15, 30)) for ex in ("NSE", "NFO", "BSE", "BFO
 SESSIONS.update({ex: (time(9, 0), time(23, 30)) for ex in ("MCX", "NCO")})
 
 
+def session_of(exchange: str) -> tuple[time, time]:
+    """The exchange's regular session (Asia/Kolkata): open, close."""
+    return SESSIONS.get(exchange, SESSIONS["NSE"])
+
+
 @dataclass(frozen=True)
 class MarketClock:
     """Which days trade and when; every answer is in Asia/Kolkata, whatever the machine's zone."""
@@ -47,5 +52,5 @@ class MarketClock:
 
     def is_open(self, exchange: str, now: datetime) -> bool:
         local = self.local(now)
-        start, end = SESSIONS.get(exchange, SESSIONS["NSE"])
+        start, end = session_of(exchange)
         return self.is_trading_day(local.date()) and start <= local.time() < end

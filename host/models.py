@@ -248,6 +248,7 @@ class Order:
     trigger_price: Optional[Decimal]
     reason: Optional[str]
     alert_id: Optional[str]
+    protective: bool = False  # a stop the host rests at the broker for this strategy's position (stop_loss)
 
     @classmethod
     def from_row(cls, row: dict) -> "Order":
@@ -256,7 +257,7 @@ class Order:
         return cls(row["id"], row["strategy"], ExecutionType(row["action"]), row["exchange"], row["symbol"],
                    Side(row["side"]), row["qty"], OrderType(row["order_type"]), Product(row["product"]),
                    OrderStatus(row["status"]), row["filled_qty"] or 0, d(row["avg_price"]), d(row["price"]),
-                   d(row["trigger_price"]), row["reason"], row["alert_id"])
+                   d(row["trigger_price"]), row["reason"], row["alert_id"], bool(row.get("protection")))
 
 
 @dataclass(frozen=True)

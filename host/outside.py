@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import sqlite_utils
 
+from .brokers.base import SessionExpired
 from .flatten import OPEN_STATUSES
 from .models import BrokerOrder, Product, Side
 from .storage import Storage, utcnow
@@ -103,8 +104,8 @@ class OutsideTrades:
     def _poll(self) -> bool:
         try:
             positions = self.broker_positions()
-        except Exception as e:
-            self.blind = f"{type(e).__name__}: {e}"
+        except Exception as e:  # an expired session is said once by broker_session, with the login link
+            self.blind = "no valid broker session" if isinstance(e, SessionExpired) else f"{type(e).__name__}: {e}"
             return False
         self.blind = None
         self.broker_net = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in positions}

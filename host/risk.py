@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import sqlite_utils
 
-from .market import IST, MarketClock
+from .broker_session import EXPIRED
+from .market import IST, MarketClock, session_of
 from .models import Intent, TradingState
 from .storage import Storage, utcnow
 
@@ -32,12 +33,15 @@ class Limits:
     max_qty_per_symbol: int = 0
     strategy_max_loss: Decimal = ZERO
     square_off: Optional[time] = time(15, 15)
+    market_hours: bool = False  # live: entries only in their exchange's session ...
+    allow_amo: bool = False     # ... or, outside it, as after-market orders
 
     @classmethod
     def from_settings(cls, s: Any) -> "Limits":
         return cls(s.RISK_BASE_MAX_LOSS, s.RISK_TRAIL_STEP, s.RISK_WARNING_THRESHOLD, s.RISK_MAX_CONSECUTIVE_LOSS_DAYS,
                    s.RISK_STATUS_UPDATE_MIN, s.RISK_COOLDOWN_DAYS, s.RISK_MAX_ORDERS_PER_DAY, s.RISK_MAX_QTY_PER_ORDER,
-                   s.RISK_MAX_QTY_PER_SYMBOL, s.RISK_STRATEGY_MAX_LOSS, s.SQUARE_OFF_TIME)
+                   s.RISK_MAX_QTY_PER_SYMBOL, s.RISK_STRATEGY_MAX_LOSS, s.SQUARE_OFF_TIME,
+                   market_hours=not s.paper, allow_amo=s.ALLOW_AMO)
 
 
 def trailing_limit(base: Decimal, step: Decimal, peak: Decimal) -> Decimal:
@@ -345,7 +349,7 @@ class RiskGate:
             return f"trading is {st['state']}{why}: only exits and reductions are allowed"
         session = self.storage.get_state("broker_session")
         if session and json.loads(session).get("state") == "expired":
-            return "broker session expired — reconnect at /broker/login"
+            return EXPIRED
         today = self.clock.day(self.now())
         try:
             day = self.manager.load_day(today)
@@ -357,6 +361,12 @@ class RiskGate:
         if until:
             return f"loss-streak cooldown: entries are refused until {until.isoformat()}"
         local = self.clock.local(self.now())
+        if intent is not None and self.limits.market_hours and not self.limits.allow_amo \
+                and not self.clock.is_open(intent.exchange, local):
+            start, end = session_of(intent.exchange)
+            return (f"{intent.exchange} is closed (now {local:%a %d %b %H:%M} Asia/Kolkata): entries are taken in its "
+                    f"session {start:%H:%M}-{end:%H:%M} on trading days; exits are always sent. Set ALLOW_AMO=true "
+                    f"to send entries outside the session as after-market orders")
         if (intent is not None and intent.product.value == "I" and self.limits.square_off is not None
                 and self.clock.is_trading_day(today) and local.time() >= self.limits.square_off):
             return (f"MIS entries after the square-off time {self.limits.square_off:%H:%M} are refused: they would "
@@ -366,6 +376,14 @@ class RiskGate:
         if intent is not None and db is not None:
             return self._strategy_limits(strategy, intent, db, today, params or {})
         return None
+
+    def after_market(self, intent: Intent, reducing: bool) -> Optional[str]:
+        """The note for an entry that goes as an after-market order (ALLOW_AMO, its exchange closed), or None."""
+        if reducing or not (self.limits.market_hours and self.limits.allow_amo) \
+                or self.clock.is_open(intent.exchange, self.now()):
+            return None
+        start, _ = session_of(intent.exchange)
+        return f"{intent.exchange} is closed: sent as an after-market order (ALLOW_AMO), for the open at {start:%H:%M}"
 
     def _strategy_limits(self, strategy: Optional[str], intent: Intent, db: sqlite_utils.Database, today: date,
                          params: dict) -> Optional[str]:

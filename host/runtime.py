@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import __version__, backup, views
 from .brokers.base import Broker
@@ -33,7 +34,8 @@ class EngineBusy(RuntimeError):
     """Another process already runs the engine on this DATA_DIR."""
 
 
-def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) -> Broker:
+def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0,
+                after_market: Callable[[str], bool] = lambda exchange: False) -> Broker:
     if settings.paper:
         return PaperBroker(settings.data_dir / "paper.sqlite", settings.MARKET_PROTECTION_PCT)
     from .brokers.shoonya import ShoonyaBroker
@@ -42,6 +44,7 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
     broker = ShoonyaBroker(settings.SHOONYA_API_URL, settings.SHOONYA_WS_URL, master.load_cached(),
                            settings.MARKET_PROTECTION_PCT, timeout_s=timeout_s, algo_id=settings.ALGO_ID,
                            ltp_max_age_s=float(settings.LTP_MAX_AGE_S),
+                           after_market=after_market,
                            on_session=lambda state, why: set_session_state(storage, state, why))
 
     def refresh_instruments() -> None:  # downloads can be slow: never inside the worker's boot
@@ -56,9 +59,9 @@ def make_broker(settings: Settings, storage: Storage, timeout_s: float = 5.0) ->
         try:
             broker.check_session()
         except Exception as e:  # the broker may be down at start: say so, do not die
-            set_session_state(storage, "expired", f"could not check the session at start: {e}")
+            broker.note_session("expired", f"could not check the session at start: {e}")
     else:
-        set_session_state(storage, "expired", "no saved session: log in at /broker/login")
+        broker.note_session("expired", "no saved session")
     return broker
 
 
@@ -67,8 +70,9 @@ class Runtime:
 
     def __init__(self, settings: Settings, storage: Optional[Storage] = None, broker: Optional[Broker] = None,
                  broker_timeout_s: float = 5.0, unknown_grace_s: Optional[float] = None, plugin_budget_s: float = 1.0,
-                 breaker_limit: int = 5, watch_plugins: bool = True):
+                 breaker_limit: int = 5, watch_plugins: bool = True, market_hours: Optional[bool] = None):
         self.settings = settings
+        self.market_hours = market_hours  # None: live mode keeps entries to the exchange's session (tests: False)
         self._storage = storage
         self._broker = broker
         self.broker_timeout_s = broker_timeout_s
@@ -101,9 +105,17 @@ class Runtime:
 
     @cached_property
     def gate(self) -> RiskGate:
-        gate = RiskGate(self.storage, Limits.from_settings(self.settings), MarketClock(self.settings.MARKET_HOLIDAYS))
+        limits = Limits.from_settings(self.settings)
+        if self.market_hours is not None:
+            limits = replace(limits, market_hours=self.market_hours)
+        gate = RiskGate(self.storage, limits, MarketClock(self.settings.MARKET_HOLIDAYS))
         gate.now = self.now
         return gate
+
+    def _after_market(self, exchange: str) -> bool:
+        """An order to this exchange goes as an after-market order: ALLOW_AMO, live, and the exchange closed."""
+        limits = self.gate.limits
+        return limits.allow_amo and limits.market_hours and not self.gate.clock.is_open(exchange, self.now())
 
     def now(self) -> datetime:
         """The host's clock (tests move it with `clock_offset`)."""
@@ -119,7 +131,8 @@ class Runtime:
             raise EngineBusy(f"another strategy-host (pid {self.lock.holder()}) already runs the engine on "
                              f"{self.settings.data_dir.resolve()}; stop it or use another DATA_DIR")
         try:
-            self.broker = self._broker or make_broker(self.settings, self.storage, self.broker_timeout_s)
+            self.broker = self._broker or make_broker(self.settings, self.storage, self.broker_timeout_s,
+                                                      self._after_market)
             self.gateway = BrokerGateway(self.broker, self.broker_timeout_s)
             self.sender = OrderSender(self.storage, self.gateway)
             plugins = Path(self.settings.PLUGINS_DIR)

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import sqlite_utils
 
+from .filemode import create_private
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -326,6 +328,7 @@ class Storage:
         self._readers_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
+        create_private(self.path)
         try:
             self.conn = self._connect()
             self.conn.execute("PRAGMA journal_mode=WAL")

@@ -54,6 +54,7 @@ class Host:
 
     def __init__(self, settings: Settings, **runtime_kw: Any):
         self.settings = settings
+        runtime_kw.setdefault("market_hours", False)  # tests run at any hour (tests/test_market_hours.py: True)
         self.runtime_kw = runtime_kw
         self.runtime = Runtime(settings, **runtime_kw)
         self.app = create_app(settings, runtime=self.runtime)

@@ -255,7 +255,7 @@ def noren_sim(tmp_path):
 def test_kill_9_between_place_and_ack_adopts_the_order_after_restart(server, noren_sim):
     urls, control = noren_sim
     env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
-           "SQUARE_OFF_TIME": "off", **urls}
+           "SQUARE_OFF_TIME": "off", "ALLOW_AMO": "true", **urls}  # any hour: after-market orders when closed
     s = server(env=env).start()
     secret = s.secrets()["WEBHOOK_SECRET"]
     control(action="tick", exchange="NFO", symbol="NIFTY28APR26C24500", ltp="42.5")

@@ -569,7 +569,8 @@ def test_killed_at_each_step_of_an_orders_life_one_order_at_the_broker_and_posit
         env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": UID,
                "SHOONYA_ACCESS_TOKEN": sim.sim.new_session(UID), "SHOONYA_API_URL": sim.api_url,
                "SHOONYA_WS_URL": sim.ws_url, "SHOONYA_SYMBOLS_URL": f"http://127.0.0.1:{sim.port}/",
-               "SQUARE_OFF_TIME": "off", "RISK_POLL_S": "1"}
+               "SQUARE_OFF_TIME": "off", "RISK_POLL_S": "1",
+               "ALLOW_AMO": "true"}  # any hour: after-market orders when the exchange is closed
         servers: list[ServerProcess] = []
 
         def start() -> ServerProcess:

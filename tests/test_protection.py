@@ -299,7 +299,7 @@ def test_positions_api_and_pages_show_the_protection(paper, host_factory):
     page = h.client.get("/panel/positions").get_data(as_text=True)
     assert stop["id"] in page and "40" in page and "46" in page
     orders = h.client.get("/panel/orders").get_data(as_text=True)
-    assert "trigger 40" in orders
+    assert "trigger ₹40.00" in orders
 
 
 def test_plugins_protect_through_ctx_protect_and_a_reload_keeps_it(host_factory, data_dir):
@@ -731,6 +731,7 @@ def test_kill_9_with_a_stop_resting_then_restart_adopts_it_and_trailing_goes_on(
                                  headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
     env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
            "SQUARE_OFF_TIME": "off", "TRAIL_MIN_INTERVAL_S": "0", "SHOONYA_SYMBOLS_URL": f"http://127.0.0.1:{port}/",
+           "ALLOW_AMO": "true",  # any hour: after-market orders when the exchange is closed
            **urls}
 
     def moved_to(ltp: str, trigger: str) -> bool:  # the feed subscribes held symbols within 2 s: tick until seen

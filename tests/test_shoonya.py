@@ -49,7 +49,7 @@ def _order(h, oid):
 
 def test_entries_wait_for_the_daily_login_then_trade(live, sim):
     r = live.post(alert())
-    assert r.status_code == 423 and "broker session expired — reconnect at /broker/login" in r.get_json()["reason"]
+    assert r.status_code == 423 and "broker session expired — log in at /broker/login" in r.get_json()["reason"]
     assert login(live, sim)["broker_session"] == "valid"
     token_file = live.settings.data_dir / "shoonya_token.json"
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
@@ -102,9 +102,9 @@ def test_a_session_expiry_mid_day_refuses_entries_and_recovers_after_login(live,
     sim.sim.expire_sessions()
     oid = live.post(alert(tradingsymbol="NIFTY28APR26P24500", alert_id="during")).get_json()["orders"][0]["id"]
     o = wait_for(lambda: (o := _order(live, oid))["status"] == "REJECTED" and o)
-    assert o["reason"] == "sessionexpired: broker session expired — reconnect at /broker/login"
+    assert o["reason"] == "sessionexpired: broker session expired — log in at /broker/login"
     r = live.post(alert(tradingsymbol="BANKNIFTY28APR26P50000", alert_id="after"))
-    assert r.status_code == 423 and "reconnect at /broker/login" in r.get_json()["reason"]
+    assert r.status_code == 423 and "log in at /broker/login" in r.get_json()["reason"]
     events = live.api("/api/events").get_json()["items"]
     since_valid = events[:next(i for i, e in enumerate(events) if e["kind"] == "broker_session_valid")]
     assert [e["kind"] for e in since_valid].count("broker_session_expired") == 1  # notified once, not per call

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import requests
 
+from ..broker_session import EXPIRED
 from ..instruments import Instrument, Instruments
 from ..market import IST
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
@@ -26,7 +27,7 @@ from ..pricing import DEFAULT_TICK, protected_limit
 from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, transport_failure
 
 log = logging.getLogger(__name__)
-RECONNECT_HINT = "broker session expired — reconnect at /broker/login"
+RECONNECT_HINT = EXPIRED
 STATUS = {"COMPLETE": OrderStatus.FILLED, "REJECTED": OrderStatus.REJECTED, "CANCELED": OrderStatus.CANCELLED,
           "CANCELLED": OrderStatus.CANCELLED, "EXPIRED": OrderStatus.CANCELLED}
 PRODUCTS = frozenset(p.value for p in Product)
@@ -157,7 +158,8 @@ class ShoonyaBroker:
 
     def __init__(self, api_url: str, ws_url: str, instruments: Instruments, protection_pct: Decimal,
                  timeout_s: float = 5.0, orders_per_s: float = SEGMENT_ORDERS_PER_S, algo_id: str = "",
-                 on_session: Callable[[str, str], None] = lambda state, why: None, ltp_max_age_s: float = 5.0):
+                 on_session: Callable[[str, str], None] = lambda state, why: None, ltp_max_age_s: float = 5.0,
+                 after_market: Callable[[str], bool] = lambda exchange: False):
         from NorenRestApiPy.NorenApi import NorenApi
         self.http = install_requests(timeout_s)
         self.api = NorenApi(host=api_url, websocket=ws_url)
@@ -169,7 +171,9 @@ class ShoonyaBroker:
         self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
         self.limiter = RateLimiter(orders_per_s)  # per exchange segment
         self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
+        self.after_market = after_market  # (exchange) -> True: send as an AMO (ALLOW_AMO and the exchange closed)
         self.on_session = on_session  # ("valid" | "expired", why)
+        self.session_expired = False  # the broker said so (or there is no session): calls wait for a login
         self.uid: Optional[str] = None
         self._ltp: dict[tuple[str, str], tuple[Decimal, float]] = {}  # (exchange, symbol) -> (ltp, monotonic when)
         self._limits: dict[tuple[str, str], tuple[date, Optional[Decimal], Optional[Decimal]]] = {}  # the day's lc, uc
@@ -197,8 +201,13 @@ class ShoonyaBroker:
         except SessionExpired:
             return False
         ok = isinstance(reply, dict) and reply.get("stat") == "Ok"
-        self.on_session("valid" if ok else "expired", "get_limits answered Ok" if ok else str(reply))
+        self.note_session("valid" if ok else "expired", "get_limits answered Ok" if ok else str(reply))
         return ok
+
+    def note_session(self, state: str, why: str) -> None:
+        """The session is "valid" or "expired": remember it, and say so (once per change)."""
+        self.session_expired = state == "expired"
+        self.on_session(state, why)
 
     # ---- the Broker protocol ----
     def start(self, on_update: Callable[[BrokerOrder], None]) -> None:
@@ -211,12 +220,13 @@ class ShoonyaBroker:
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
         self.limiter.wait(req.exchange)
+        amo = "YES" if self.after_market(req.exchange) else None
         reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
                            "B" if req.side is Side.BUY else "S",
                            req.product.value, req.exchange, req.symbol, req.qty, 0, req.order_type.value,
                            str(req.price) if req.price is not None else "0",  # the library sends str(price):
                            str(req.trigger_price) if req.trigger_price is not None else None,  # no floats
-                           "DAY", None, req.remarks)
+                           "DAY", amo, req.remarks)
         if not isinstance(reply, dict) or not reply.get("norenordno"):
             raise UnknownOutcome(f"place_order answered without an order number: {reply!r}")
         return str(reply["norenordno"])
@@ -455,7 +465,7 @@ class ShoonyaBroker:
         """Say the session expired, unless the call was sent with a token that a login has since replaced
         (a late answer to the old token must not undo the new login)."""
         if generation == self._token_generation:
-            self.on_session("expired", emsg)
+            self.note_session("expired", emsg)
 
     def _last_json(self) -> Any:
         last = self.http.last

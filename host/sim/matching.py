@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import sqlite_utils
 
+from ..filemode import create_private
 from ..models import BrokerOrder, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
 from ..positions import PositionMath
 from ..pricing import tidy
@@ -130,6 +131,7 @@ class MatchingEngine:
         self._db = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            create_private(Path(path))
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5)
             self._db = sqlite_utils.Database(conn)  # used only under self._lock
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -50,6 +50,7 @@ from ..models import BrokerOrder, OrderRequest, OrderStatus, OrderType, Product,
 from .matching import MatchingEngine, SimOrder, SimRejected
 
 SESSION_EXPIRED = "Session Expired :  Invalid Session Key"
+DEFAULT_REDIRECT = "http://127.0.0.1:8000/broker/callback"  # a login that does not say where to come back
 NOREN_STATUS = {OrderStatus.OPEN: "OPEN", OrderStatus.PARTIAL: "OPEN", OrderStatus.FILLED: "COMPLETE",
                 OrderStatus.CANCELLED: "CANCELED", OrderStatus.REJECTED: "REJECTED"}
 SIDES = {"B": Side.BUY, "S": Side.SELL}
@@ -90,10 +91,13 @@ class NorenSim:
     instruments: Instruments = field(default_factory=Instruments.sample)
     client_id: str = "SIM-CLIENT"
     client_secret: str = "sim-secret"
-    redirect_url: str = "http://127.0.0.1:8000/broker/callback"
+    # the redirect URL registered for the OAuth client; None: the one the login asks for (redirect_uri, sent by a
+    # host whose authorize page is on loopback), else DEFAULT_REDIRECT
+    redirect_url: Optional[str] = None
     faults: Faults = field(default_factory=Faults)
     sessions: dict = field(default_factory=dict)   # token -> uid
     codes: dict = field(default_factory=dict)      # OAuth code -> client id
+    amo_orders: set = field(default_factory=set)   # norenordno of orders placed with amo "YES" (after-market)
     quotes: dict = field(default_factory=dict)     # (exchange, symbol) -> {"lc", "uc", "c", ...} as Decimal
     ws_hooks: list = field(default_factory=list)   # callbacks for the WebSocket side (drop, etc.)
     tick_hooks: list = field(default_factory=list)  # called with (exchange, symbol, ltp) on every price move
@@ -273,7 +277,12 @@ def create_sim_app(sim: NorenSim) -> Flask:
             return Response("unknown client_id", status=400)
         code = secrets.token_hex(8)
         sim.codes[code] = request.args["client_id"]
-        target = request.args.get("redirect_uri") or sim.redirect_url
+        asked = request.args.get("redirect_uri")
+        if asked and sim.redirect_url and asked != sim.redirect_url:
+            return Response(f"redirect_uri {asked} is not the redirect URL registered for this client "
+                            f"({sim.redirect_url}): start the simulator without --redirect-url, or open the "
+                            f"dashboard at that address", status=400, mimetype="text/plain")
+        target = asked or sim.redirect_url or DEFAULT_REDIRECT
         params = {"code": code, **({"state": request.args["state"]} if request.args.get("state") else {})}
         return redirect(f"{target}{'&' if '?' in target else '?'}{urlencode(params)}")
 
@@ -442,6 +451,8 @@ def place_order(sim: NorenSim, data: dict, uid: str) -> Response:
             return _drop()
         time.sleep(delay)  # nothing is booked yet: the book does not know the order until the answer leaves
     oid = _book(sim, ticket)
+    if data.get("amo") == "YES":
+        sim.amo_orders.add(oid)
     if sim.faults.delay_next_s:
         delay, sim.faults.delay_next_s = sim.faults.delay_next_s, 0.0
         time.sleep(delay)  # the order is placed; only the answer is late

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import secrets
 import time
+from typing import Optional
+from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, current_app, flash, jsonify, redirect, request, url_for
 
@@ -43,7 +46,8 @@ def login():
     nonce = secrets.token_urlsafe(24)
     started = json.dumps({"nonce": nonce, "at": time.time()})
     rt.storage.write(lambda db: rt.storage.put_state(db, STATE_KEY, started))
-    response = redirect(f"{s.SHOONYA_OAUTH_URL}?client_id={s.OAUTH_CLIENT_ID}")
+    response = redirect(authorize_url(s.SHOONYA_OAUTH_URL, s.OAUTH_CLIENT_ID, url_for("broker.callback",
+                                                                                     _external=True)))
     # the callback is accepted only in the browser that started the login
     response.set_cookie(COOKIE, nonce, max_age=LOGIN_WINDOW_S, httponly=True, samesite="Lax",
                         secure=s.DASHBOARD_COOKIE_SECURE, path="/broker")
@@ -88,3 +92,38 @@ def callback():
         flash(f"Broker connected: session {body['broker_session']}; the engine {body['engine']}.", "ok")
         return redirect(url_for("dashboard.broker"))
     return jsonify(body)
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def authorize_url(oauth_url: str, client_id: str, callback: str) -> str:
+    """The broker's authorize page. An authorize page on loopback is the simulator (`strategy-host sim`): it is
+    told to come back to this host, whatever its port. The real broker is never told: it sends the browser to
+    the redirect URL registered with it."""
+    query = {"client_id": client_id, **({"redirect_uri": callback} if _loopback(oauth_url) else {})}
+    return f"{oauth_url}{'&' if '?' in oauth_url else '?'}{urlencode(query)}"
+
+
+def redirect_problem(oauth_url: str, here: str) -> Optional[str]:
+    """Why a Connect broker click from the page at `here` cannot come back, or None."""
+    if _loopback(oauth_url) and not _loopback(here):
+        return (f"The broker's authorize page {oauth_url} is on this server's loopback address: your browser, "
+                f"on another machine, cannot open it. Open the dashboard on the server itself (or through an SSH "
+                f"tunnel to 127.0.0.1), or point SHOONYA_OAUTH_URL at an address the browser can reach.")
+    return None
+
+
+def redirect_hint(oauth_url: str, here: str, public_url: str = "") -> str:
+    """Where the login comes back to, as the broker page says it."""
+    if _loopback(oauth_url):
+        return f"The simulator sends you back to {here.rstrip('/')}/broker/callback."
+    callback = (public_url or here).rstrip("/") + "/broker/callback"
+    return (f"Shoonya sends you back to the redirect URL registered for your API key: register {callback}, and "
+            f"connect from the dashboard at that address (the login is accepted only in the browser, and at the "
+            f"address, that started it).")

@@ -18,7 +18,7 @@ from ..models import OrderStatus, TradingState
 from ..risk import _day_start_utc, warning_level
 from ..display import inr
 from ..storage import dec
-from . import charts, control, security
+from . import broker as broker_login, charts, control, security
 from .lockout import LoginThrottle
 from .webhook import client_ip
 
@@ -305,6 +305,8 @@ def _broker(args: dict) -> dict:
     shown.append(("TELEGRAM_BOT_TOKEN", s.TELEGRAM_BOT_TOKEN))
     return {"paper": s.paper, "session": None if s.paper else session_state(_rt().storage),
             "oauth": not s.paper and s.SHOONYA_AUTH == "oauth", "user_id": s.USER_ID, "api_url": s.SHOONYA_API_URL,
+            "login_problem": broker_login.redirect_problem(s.SHOONYA_OAUTH_URL, request.host_url),
+            "login_hint": broker_login.redirect_hint(s.SHOONYA_OAUTH_URL, request.host_url, s.PUBLIC_URL),
             "secrets": [(name, security.mask(value)) for name, value in shown], "backups": _backups(s)}
 
 

@@ -1,0 +1,61 @@
+"""Live mode before the daily login is quiet and clear: one event and one log line say "broker session expired —
+log in at /broker/login", not a line every 2 s; reconciling waits for the session, and runs once it is back."""
+from __future__ import annotations
+
+import logging
+import time
+
+import host.engine
+from conftest import alert, wait_for
+from test_shoonya import live_host, login
+
+SAID = "broker session expired — log in at /broker/login"
+
+
+def _count_book_reads(h) -> list:
+    broker, reads = h.runtime.broker, []
+    book = broker.order_book
+    broker.order_book = lambda: (reads.append(time.monotonic()), book())[1]
+    return reads
+
+
+def test_before_the_login_one_event_one_log_line_and_no_reconcile(sim, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    h = live_host(sim, tmp_path / "var")
+    try:
+        reads = _count_book_reads(h)
+        assert h.runtime.engine.reconcile_every_s == 2.0
+        time.sleep(4.5)  # two reconciles' worth
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO and "session expired" in r.getMessage()]
+        assert [r.getMessage() for r in lines] == [f"{SAID} (no saved session)"]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "reconcile" in r.getMessage()]
+        events = h.api("/api/events").get_json()["items"]
+        said = [e for e in events if SAID in e["message"]]
+        assert [e["kind"] for e in said] == ["broker_session_expired"], said
+        assert reads == []  # reconciling waits for the session: the book is not read
+        r = h.post(alert())
+        assert r.status_code == 423 and SAID in r.get_json()["reason"]
+        login(h, sim)  # the login reconciles at once, and trading starts
+        wait_for(lambda: reads, timeout=3)
+        assert h.post(alert(direction="BUY", qty=75, price="43")).status_code == 200
+    finally:
+        h.stop()
+
+
+def test_a_session_back_without_a_login_here_is_noticed_by_a_slow_probe(sim, tmp_path, monkeypatch):
+    monkeypatch.setattr(host.engine, "SESSION_PROBE_S", 0.5)
+    h = live_host(sim, tmp_path / "var")
+    try:
+        login(h, sim)
+        with sim.sim.lock:
+            saved = dict(sim.sim.sessions)
+        sim.sim.expire_sessions()
+        assert h.post(alert(alert_id="during")).status_code == 200  # its PlaceOrder finds the session expired
+        wait_for(lambda: h.runtime.broker.session_expired, timeout=3)
+        with sim.sim.lock:  # the broker takes the same token again (it was ended by mistake)
+            sim.sim.sessions.update(saved)
+        wait_for(lambda: not h.runtime.broker.session_expired, timeout=4)
+        reads = _count_book_reads(h)
+        wait_for(lambda: reads, timeout=4)  # reconciling again
+    finally:
+        h.stop()
