@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +42,8 @@ class FakeTelegram:
         self.bad_next = 0                 # the next sendMessage calls get 400 Bad Request
         self.pollers = 0
         self.conflicts = 0
+        self.current = threading.local()
+        self.polling: set = set()  # the connections of the long polls in progress  # the connection of the request this thread handles
         self.webhook: Optional[dict] = None
         self._server: Optional[ThreadingHTTPServer] = None
 
@@ -52,7 +56,12 @@ class FakeTelegram:
 
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length).decode()
+                data = self.rfile.read(length)
+                if len(data) < length:  # the client gave up mid-request: nothing arrived, as with Telegram
+                    self.close_connection = True
+                    return
+                raw = data.decode()
+                fake.current.sock = self.connection  # a long poll ends when its client hangs up, as Telegram's does
                 code, body = fake.handle(self.path, self.headers.get("Content-Type", ""), raw)
                 if code == 0:  # an outage that drops the connection: the client sees it closed unanswered
                     self.close_connection = True
@@ -224,23 +233,39 @@ class FakeTelegram:
         self.webhook = params
         return True
 
+    def _hung_up(self, sock: Any = None) -> bool:
+        """The client of this request (or of `sock`) closed its connection (a cancelled long poll)."""
+        sock = getattr(self.current, "sock", None) if sock is None else sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def m_getUpdates(self, params: dict) -> list:  # noqa: N802
         offset = int(params.get("offset") or 0)
         timeout = float(params.get("timeout") or 0)
         deadline = time.monotonic() + timeout
         with self.lock:
             self.pollers += 1
-            if self.pollers > 1:
+            mine = getattr(self.current, "sock", None)
+            if any(not self._hung_up(other) for other in self.polling):  # another live long poll: a conflict
                 self.conflicts += 1
+            self.polling.add(mine)
             try:
                 if offset:
                     self.updates = [u for u in self.updates if u["update_id"] >= offset]  # confirmed
-                while not self.updates and time.monotonic() < deadline:
+                while not self.updates and time.monotonic() < deadline and not self._hung_up():
                     self.lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
                     if offset:
                         self.updates = [u for u in self.updates if u["update_id"] >= offset]
+                if self._hung_up():
+                    return []  # nobody to answer: nothing is served
                 given = list(self.updates)
                 self.served += [u["update_id"] for u in given]
                 return given
             finally:
                 self.pollers -= 1
+                self.polling.discard(mine)

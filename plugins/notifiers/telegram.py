@@ -316,6 +316,10 @@ class TelegramNotifier:
             self.ctx.state["dropped"] = self.dropped
             self.ctx.baton.values["pending"] = pending  # the next version (a reload) sends them
             self.ctx.baton.values["confirmations"] = dict(self.confirmations)  # and honours its buttons
+            try:  # close our connections (a cancelled long poll among them) before the next version polls
+                await asyncio.wait_for(self.bot.shutdown(), timeout=1.0)
+            except Exception as e:  # noqa: BLE001  (best effort: the baton must be released)
+                self.log.debug("Telegram connections not closed cleanly: %s", type(e).__name__)
             self._release_baton()
 
     def _cancel(self) -> None:
