@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 from . import backup, ownership
 from .locks import FileLock
-from .storage import MIGRATIONS, _schema, database_is_empty, schema_gaps
+from .storage import MIGRATIONS, _schema, database_is_empty, foreign_code, foreign_code_problem, schema_gaps
 
 HOST_LOCKS = ("host.lock", "engine.lock")  # held by `strategy-host run`, and by whichever process runs the engine
 
@@ -67,8 +67,8 @@ def host_stopped(data_dir: Path, db_path: Path) -> Iterator[None]:
                 path.unlink(missing_ok=True)
 
 
-def check(path: Path) -> Checked:
-    """A full integrity check and our schema; RestoreRefused naming what is wrong."""
+def check(path: Path, shown: Optional[Path] = None) -> Checked:
+    """A full integrity check and our schema; RestoreRefused naming what is wrong (in `shown`, if path is a copy)."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -86,6 +86,9 @@ def check(path: Path) -> Checked:
             if missing:
                 raise RestoreRefused(f"it is not a strategy-host database of schema {version}: it lacks "
                                      f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            found = foreign_code(conn, version)
+            if found:
+                raise RestoreRefused(foreign_code_problem(found, shown or path))
             one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
             return Checked(version, one("select count(*) from orders"), one("select count(*) from alerts"),
                            one("select count(*) from positions where net_qty != 0"),
@@ -108,7 +111,7 @@ def restore(source: Path, db_path: Path, data_dir: Path) -> Restored:
     try:
         _single_file_copy(source, staged)  # the backup is never opened for writing; its -wal goes in, if any
         try:
-            checked = check(staged)
+            checked = check(staged, source)
         except RestoreRefused as e:
             raise RestoreRefused(f"refusing to restore {source}: {e}. Nothing was changed.") from None
         # the restored file takes the owner and mode of the database it replaces (or DATA_DIR's owner, 0600):

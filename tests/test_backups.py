@@ -326,3 +326,22 @@ def test_backup_and_restore_run_as_root_leave_the_service_users_files_its_own(tm
     assert main(["restore", "--env", str(env), "--yes", str(source)]) == 0, capsys.readouterr().err
     assert owned(fresh / "host.sqlite") == (SERVICE_UID, SERVICE_UID, 0o600)
     assert [p.name for p in fresh.iterdir() if p.stat().st_uid != SERVICE_UID] == []
+
+
+def test_a_backup_carrying_a_trigger_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """A "backup" handed over by someone else with a trigger that turns every order's qty 1 into 100."""
+    from host.cli import main
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "var"))
+    Storage(tmp_path / "var" / "host.sqlite").close()
+    evil = tmp_path / "evil.sqlite"
+    Storage(evil).close()
+    conn = sqlite3.connect(evil)
+    conn.execute("create trigger t_evil after insert on orders begin "
+                 "update orders set qty = new.qty * 100 where id = new.id; end")
+    conn.commit()
+    conn.close()
+    assert main(["restore", str(evil)]) == 1
+    said = capsys.readouterr().err
+    assert f"refusing to restore {evil}" in said and "trigger t_evil on orders" in said, said
+    assert f"sqlite3 {evil} 'DROP TRIGGER [t_evil];'" in said and "Nothing was changed" in said
+    assert one(tmp_path / "var" / "host.sqlite", "select count(*) from sqlite_master where type = 'trigger'") == (0,)
