@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from . import ownership
 from .storage import BUSY_TIMEOUT_MS, RESERVE_BYTES, _is_full, database_is_empty
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,18 @@ def write(source: Union[Path, sqlite3.Connection], folder: Path, kind: str, min_
     written under a temp name, synced, then renamed. It is skipped (BackupSkipped) when it would leave less
     than DISK_MIN_FREE_MB free, so that a backup never eats the room trading needs.
     """
+    conn = source if isinstance(source, sqlite3.Connection) else _open(source)  # no database: no folder made
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise BackupSkipped(f"the backups folder {folder} cannot be made ({e})") from None
-    for stale in folder.glob(".host-*.tmp"):  # an earlier backup killed half-way (not one being written now)
         try:
-            if time.time() - stale.stat().st_mtime > STALE_TMP_S:
-                stale.unlink()
-        except OSError:
-            pass
-    conn = source if isinstance(source, sqlite3.Connection) else _open(source)
-    try:
+            make_folder(folder)
+        except OSError as e:
+            raise BackupSkipped(f"the backups folder {folder} cannot be made ({e})") from None
+        for stale in folder.glob(".host-*.tmp"):  # an earlier backup killed half-way (not one being written now)
+            try:
+                if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                    stale.unlink()
+            except OSError:
+                pass
         try:
             need = room_needed(conn)
         except sqlite3.Error as e:
@@ -116,7 +117,7 @@ def write(source: Union[Path, sqlite3.Connection], folder: Path, kind: str, min_
         tmp = folder / f".{final.name}.tmp"
         try:
             conn.execute("VACUUM INTO ?", (str(tmp),))
-            os.chmod(tmp, 0o600)
+            ownership.follow(tmp, folder.parent, 0o600)
             fsync(tmp)
             os.replace(tmp, final)
             fsync(folder)
@@ -134,9 +135,16 @@ def write(source: Union[Path, sqlite3.Connection], folder: Path, kind: str, min_
     return made
 
 
+def make_folder(folder: Path) -> None:
+    """The backups folder, 0700, owned as DATA_DIR is (a backup run as root must not leave a folder root's)."""
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ownership.follow(folder, folder.parent)
+
+
 def new_name(folder: Path, kind: str) -> Path:
     """A backup's path in folder: its time (UTC, to the millisecond) and kind; never one that exists."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_folder(folder)
     now = datetime.now(timezone.utc)
     name = f"host-{now.strftime(STAMP)}{now.microsecond // 1000:03d}Z-{kind}.sqlite"
     path, n = folder / name, 1

@@ -5,22 +5,39 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+from dotenv import dotenv_values
 
 from . import backup, restore
 from .config import SECRET_NAMES, ConfigError, Settings, load
-from .storage import MIGRATIONS
+from .deploy import ENV_PATH
+from .storage import MIGRATIONS, database_is_empty
 
 
 def _settings(env: str | None) -> Settings:
     """Where DATA_DIR and the database are; secrets are not needed (a new server being restored has none yet)."""
     placeholders = {name: "x" * 32 for name in SECRET_NAMES}
     try:
-        return load(env, environ={**placeholders, **os.environ})
+        settings = load(env, environ={**placeholders, **os.environ})
     except ConfigError as e:
         print(f"configuration problems ({len(e.problems)}):", file=sys.stderr)
         for p in e.problems:
             print(f"  {p}", file=sys.stderr)
         raise SystemExit(2) from None
+    print(f"DATA_DIR {settings.data_dir.resolve()} ({data_dir_source(env)}); database {settings.db_path.resolve()}")
+    return settings
+
+
+def data_dir_source(env: str | None) -> str:
+    """Where DATA_DIR came from, in words: the environment wins over --env, and the default is ./var."""
+    if os.environ.get("DATA_DIR", "").strip():
+        return "from the environment variable DATA_DIR"
+    if env and (dotenv_values(env).get("DATA_DIR") or "").strip():
+        return f"from DATA_DIR in {env}"
+    hint = (f"; the server's config is {ENV_PATH}: add --env {ENV_PATH} (with sudo) for its DATA_DIR"
+            if Path(ENV_PATH).is_file() and env != ENV_PATH else "")
+    return f"the default: ./var in the current folder {Path.cwd()}, as neither --env nor the environment set DATA_DIR{hint}"
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -43,6 +60,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Replace the database with a checked backup, with the host stopped; the replaced one is kept."""
     settings = _settings(args.env)
+    if Path(args.file).is_file() and database_is_empty(settings.db_path) and not args.yes:
+        print(f"there is no database at {settings.db_path.resolve()}: nothing would be replaced, so this is either a "
+              f"new server (then run the same command again with --yes) or the wrong DATA_DIR (then name the "
+              f"host's config with --env, e.g. sudo strategy-host restore --env {ENV_PATH} FILE). Nothing was "
+              f"changed.", file=sys.stderr)
+        return 1
     try:
         with restore.host_stopped(settings.data_dir, settings.db_path):
             done = restore.restore(args.file, settings.db_path, settings.data_dir)
@@ -71,4 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("restore", help="replace the database with a backup FILE (the host must be stopped)")
     r.add_argument("file", metavar="FILE", help="a backup, e.g. var/backups/host-20250101T160000000Z-daily.sqlite")
     r.add_argument("--env", help="config file (for DATA_DIR and ORDERS_DB_PATH)")
+    r.add_argument("--yes", action="store_true",
+                   help="go on when DATA_DIR has no database yet (a new server); without it that is refused")
     r.set_defaults(func=cmd_restore)

@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ TRADINGVIEW_IPS = ("52.89.214.238", "34.212.75.30", "54.218.53.128", "52.32.178.
 UNIT_NAME = "strategy-host"
 ENV_PATH = "/etc/strategy-host/host.env"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}.service"
+HIDDEN_FROM_SERVICE = ("/home/", "/root/", "/run/user/")  # ProtectHome=yes hides them from the unit
 PROXY_PATHS = {"nginx": "/etc/nginx/sites-available/strategy-host.conf", "caddy": "/etc/caddy/Caddyfile"}
 PROXY_TEMPLATES = {"nginx": "nginx.conf", "caddy": "Caddyfile"}
 SECRET_PLACEHOLDER = "<generated when the file is written>"
@@ -108,7 +110,7 @@ def check(opts: DeployOptions) -> DeployOptions:
         raise DeployError(f"--data-dir: expected a folder under /var/lib/ (systemd's StateDirectory creates it "
                           f"for --user), found {opts.data_dir!r}")
     exec_path = _check_path("--exec", opts.exec_path)
-    if exec_path.startswith(("/home/", "/root/", "/run/user/")):
+    if exec_path.startswith(HIDDEN_FROM_SERVICE):
         raise DeployError(f"--exec: expected a path outside /home, /root and /run/user (the service runs with "
                           f"ProtectHome=yes and cannot see them), found {opts.exec_path!r}; install into a "
                           f"virtualenv such as /opt/strategy-host/venv")
@@ -293,17 +295,92 @@ def _target(root: Path, path: str) -> Path:
     return root / PurePosixPath(path).relative_to("/")
 
 
-def caddy_has_request_buffers(caddy: Optional[str] = None) -> bool:
-    """Caddy 2.6.3 and later spell request buffering `request_buffers` (Debian 12's 2.6.2: `buffer_requests`)."""
-    binary = caddy or shutil.which("caddy")
-    if not binary:
-        return False
+REQUEST_BUFFERS_SINCE = (2, 6, 4)  # `request_buffers` arrived in 2.6.4; `buffer_requests` (2.2 on) was later dropped
+CADDY_SPELLINGS = ("the Caddyfile's `buffer_requests` works with Caddy 2.2 to 2.6.x; `request_buffers unlimited` "
+                   "with Caddy 2.6.4 and later")
+
+
+def _version(text: str) -> Optional[tuple[int, int, int]]:
+    m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(x) for x in m.groups()) if m else None  # type: ignore[return-value]
+
+
+def _output(argv: list[str]) -> str:
     try:
-        out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=5).stdout
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
-    return bool(m) and tuple(int(x) for x in m.groups()) >= (2, 6, 3)
+        return ""
+
+
+def caddy_version(caddy: Optional[str] = None) -> tuple[Optional[tuple[int, int, int]], str]:
+    """The Caddy the config will meet, and how that was found: the installed one, else the one the printed step
+    `apt-get install caddy` would install (apt's candidate), else (None, why not)."""
+    binary = caddy or shutil.which("caddy")
+    if binary:
+        found = _version(_output([binary, "version"]))
+        if found:
+            return found, f"the installed {binary} is {'.'.join(map(str, found))}"
+    apt = shutil.which("apt-cache")
+    if apt:
+        m = re.search(r"Candidate:\s*(\S+)", _output([apt, "policy", "caddy"]))
+        found = _version(m.group(1)) if m else None
+        if found:
+            return found, f"caddy is not installed; apt-get would install {m.group(1)}"  # type: ignore[union-attr]
+    return None, "caddy is not installed and apt knows no caddy package"
+
+
+def caddy_has_request_buffers(caddy: Optional[str] = None) -> bool:
+    """Whether the Caddy found (installed, or the one apt would install) spells request buffering `request_buffers`."""
+    found = caddy_version(caddy)[0]
+    return found is not None and found >= REQUEST_BUFFERS_SINCE
+
+
+def exec_problem(exec_path: str) -> Optional[str]:
+    """Why the service could not start the --exec program (its interpreter, behind the shebang and its symlinks,
+    hidden by ProtectHome or unreadable for another user), or None; nothing is said about a path not here."""
+    script = Path(exec_path)
+    try:
+        first = script.read_bytes()[:256].split(b"\n", 1)[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not first.startswith("#!"):
+        return None
+    interpreter = first[2:].split()[0] if first[2:].split() else ""
+    if not interpreter:
+        return None
+    chain = [interpreter, os.path.realpath(interpreter)]
+    cfg = Path(interpreter).parent.parent / "pyvenv.cfg"  # a venv's Python lives in its `home`
+    if cfg.is_file():
+        home = (dotenv_values(cfg).get("home") or "").strip()
+        if home:
+            chain.append(os.path.realpath(home))
+    fix = ("install it where a system user can read it, with the system Python: sudo python3 -m venv "
+           "/opt/strategy-host/venv && sudo /opt/strategy-host/venv/bin/pip install /path/to/strategy-host, then "
+           "deploy --exec /opt/strategy-host/venv/bin/strategy-host")
+    for path in chain:
+        if path.startswith(HIDDEN_FROM_SERVICE):
+            return (f"--exec {exec_path} runs the Python {chain[0]}, which lives in {path}: the service runs with "
+                    f"ProtectHome=yes as its own user and cannot see it, so it would not start; {fix}")
+    for path in (exec_path, *chain):
+        blocked = _closed_to_others(Path(path))
+        if blocked:
+            return (f"--exec {exec_path} runs the Python {chain[0]}; {blocked} is closed to other users (mode "
+                    f"{Path(blocked).stat().st_mode & 0o777:04o}), so the service's user could not run it; {fix}")
+    return None
+
+
+def _closed_to_others(path: Path) -> Optional[str]:
+    """The first folder on the way to path that others may not enter (or path itself, if they may not read it)."""
+    for folder in reversed(path.parents):
+        try:
+            if not folder.stat().st_mode & stat.S_IXOTH:
+                return str(folder)
+        except OSError:
+            return None
+    try:
+        return None if path.stat().st_mode & stat.S_IROTH else str(path)
+    except OSError:
+        return None
 
 
 def default_exec_path() -> str:

@@ -60,6 +60,9 @@ def options(args: argparse.Namespace) -> DeployOptions:
 def cmd_deploy(args: argparse.Namespace) -> int:
     try:
         opts = options(args)
+        problem = deploy.exec_problem(opts.exec_path)
+        if problem:
+            raise DeployError(problem)
         plan = deploy.plan(opts, None if args.dry_run else deploy.new_secrets(), deploy.default_plugins_source())
     except DeployError as e:
         print(f"strategy-host deploy: {e}", file=sys.stderr)
@@ -92,6 +95,10 @@ def _explain(plan: deploy.Plan, opts: DeployOptions, verb: str) -> None:
     for f in plan.files:
         print(f"  {f.path}: {f.about}")
     if opts.proxy == "caddy":
+        seen = deploy.caddy_version()[1]
+        print(f"  note: {deploy.CADDY_SPELLINGS}; this one has "
+              f"`{'request_buffers unlimited' if opts.caddy_request_buffers else 'buffer_requests'}` ({seen}); "
+              f"`caddy validate` in the steps below says if the Caddy you end up with disagrees")
         print("  note: Debian's caddy has no per-address rate limiter; the host's login lockout still applies "
               "(use --proxy nginx for rate limits at the front)")
     print("\nThen, on the server:")

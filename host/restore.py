@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from . import backup
+from . import backup, ownership
 from .locks import FileLock
-from .storage import MIGRATIONS, _schema, database_is_empty, schema_gaps
+from .storage import MIGRATIONS, _schema, database_is_empty, foreign_code, foreign_code_problem, schema_gaps
 
 HOST_LOCKS = ("host.lock", "engine.lock")  # held by `strategy-host run`, and by whichever process runs the engine
 
@@ -56,6 +56,8 @@ def host_stopped(data_dir: Path, db_path: Path) -> Iterator[None]:
                                      f"(pid {lock.holder()} holds {lock.path}); stop it first (systemctl stop "
                                      f"strategy-host, or Ctrl-C), then run the restore again. Nothing was changed.")
             held.append(lock)
+            if lock.path in made:  # a lock file root made must stay openable by the service's user
+                ownership.follow(lock.path, Path(data_dir))
         yield
     finally:
         for lock in held:
@@ -65,8 +67,8 @@ def host_stopped(data_dir: Path, db_path: Path) -> Iterator[None]:
                 path.unlink(missing_ok=True)
 
 
-def check(path: Path) -> Checked:
-    """A full integrity check and our schema; RestoreRefused naming what is wrong."""
+def check(path: Path, shown: Optional[Path] = None) -> Checked:
+    """A full integrity check and our schema; RestoreRefused naming what is wrong (in `shown`, if path is a copy)."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -84,6 +86,9 @@ def check(path: Path) -> Checked:
             if missing:
                 raise RestoreRefused(f"it is not a strategy-host database of schema {version}: it lacks "
                                      f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            found = foreign_code(conn, version)
+            if found:
+                raise RestoreRefused(foreign_code_problem(found, shown or path))
             one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
             return Checked(version, one("select count(*) from orders"), one("select count(*) from alerts"),
                            one("select count(*) from positions where net_qty != 0"),
@@ -106,9 +111,13 @@ def restore(source: Path, db_path: Path, data_dir: Path) -> Restored:
     try:
         _single_file_copy(source, staged)  # the backup is never opened for writing; its -wal goes in, if any
         try:
-            checked = check(staged)
+            checked = check(staged, source)
         except RestoreRefused as e:
             raise RestoreRefused(f"refusing to restore {source}: {e}. Nothing was changed.") from None
+        # the restored file takes the owner and mode of the database it replaces (or DATA_DIR's owner, 0600):
+        # run as root, it would otherwise be root's, and the service's user could not open it
+        ownership.follow(staged, db_path if db_path.exists() else Path(data_dir),
+                         _mode(db_path) if db_path.exists() else 0o600)
         kept = _keep_current(db_path, backup.folder_of(data_dir))
         for companion in ("-wal", "-shm"):  # an old -wal applied to the restored file would corrupt it
             Path(f"{db_path}{companion}").unlink(missing_ok=True)
@@ -140,6 +149,10 @@ def _single_file_copy(src: Path, dest: Path) -> None:
         pass  # damaged: the copy is checked next, or kept as it was
 
 
+def _mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
 def _keep_current(db_path: Path, folder: Path) -> Optional[Path]:
     """A copy of the database being replaced, in the backups folder (None when there is nothing to keep)."""
     if not db_path.is_file() or db_path.stat().st_size == 0:
@@ -150,7 +163,9 @@ def _keep_current(db_path: Path, folder: Path) -> Optional[Path]:
         _single_file_copy(db_path, tmp)
         if Path(f"{tmp}-wal").exists():  # damaged and with a WAL: keep both, the pair is the database
             os.replace(f"{tmp}-wal", f"{kept}-wal")
-        os.chmod(tmp, 0o600)
+        ownership.follow(tmp, db_path, 0o600)
+        if Path(f"{kept}-wal").exists():
+            ownership.follow(Path(f"{kept}-wal"), db_path, 0o600)
         os.replace(tmp, kept)
     finally:
         tmp.unlink(missing_ok=True)

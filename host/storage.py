@@ -195,19 +195,51 @@ def _full(path: Path, e: BaseException) -> StorageFull:
                        f"{path.parent.resolve()} and send it again")
 
 
-_SCHEMAS: dict[int, dict[str, set[str]]] = {}
+_SCHEMAS: dict[int, tuple[dict[str, set[str]], frozenset[tuple[str, str, str]]]] = {}
 
 
-def expected_schema(version: int) -> dict[str, set[str]]:
-    """The tables and columns the first `version` migrations of this module create (on a scratch database)."""
+def _reference(version: int) -> tuple[dict[str, set[str]], frozenset[tuple[str, str, str]]]:
+    """The tables with their columns, and the triggers and views, that the first `version` migrations of this
+    module create (on a scratch database)."""
     version = min(version, len(_BUILTIN_MIGRATIONS))
     if version not in _SCHEMAS:
         db = sqlite_utils.Database(memory=True)
         for m in _BUILTIN_MIGRATIONS[:version]:
             m(db)
-        _SCHEMAS[version] = _schema(db.conn)
+        _SCHEMAS[version] = (_schema(db.conn), frozenset(_code_objects(db.conn)))
         db.close()
     return _SCHEMAS[version]
+
+
+def expected_schema(version: int) -> dict[str, set[str]]:
+    """The tables and columns the first `version` migrations of this module create."""
+    return _reference(version)[0]
+
+
+def _code_objects(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """(type, name, SQL with its spacing normalised) of every trigger and view: code that runs inside queries."""
+    return [(t, name, " ".join((sql or "").split())) for t, name, sql in conn.execute(
+        "select type, name, sql from sqlite_master where type in ('trigger', 'view') order by type, name")]
+
+
+def foreign_code(conn: sqlite3.Connection, version: int) -> list[str]:
+    """The triggers and views in the database that the migrations of schema `version` do not define (a trigger
+    in a handed-over "backup" could rewrite every order the host stores), e.g. ["trigger t_evil on orders"]."""
+    known = _reference(version)[1]
+    found = []
+    for kind, name, sql in _code_objects(conn):
+        if (kind, name, sql) not in known:
+            on = conn.execute("select tbl_name from sqlite_master where type = ? and name = ?", (kind, name)).fetchone()
+            found.append(f"{kind} {name}" + (f" on {on[0]}" if kind == "trigger" and on else ""))
+    return found
+
+
+def foreign_code_problem(found: list[str], path: Path) -> str:
+    """What to say about triggers and views we did not make, and how to get rid of them."""
+    drops = " ".join(f"DROP {f.split()[0].upper()} [{f.split()[1]}];" for f in found[:8])
+    return (f"it carries SQL {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}, which strategy-host's "
+            f"migrations do not define: code that would run inside the host's own writes (it could change every "
+            f"order stored). If you made them yourself and want them gone: sqlite3 {path} '{drops}'")
 
 
 def _schema(conn: sqlite3.Connection) -> dict[str, set[str]]:
@@ -263,6 +295,11 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
         raise DatabaseUnusable(f"refusing to start: the database {path} (schema version {version}) lacks "
                                f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; it was changed "
                                f"outside the host. {backups_hint(path).capitalize()}.")
+    found = foreign_code(conn, version)
+    if found:
+        raise DatabaseUnusable(f"refusing to start: the database {path} (schema version {version}) was changed "
+                               f"outside the host: {foreign_code_problem(found, path)}. Or "
+                               f"{backups_hint(path)}.")
 
 
 EARLIER_RUN_MARKS = ("secrets.env", "paper.sqlite", "engine.lock", "host.lock", "backups")

@@ -246,10 +246,102 @@ def test_a_raw_copy_with_its_wal_restores_and_a_refused_restore_leaves_a_new_dat
     assert main(["restore", str(tmp_path / "nothing.sqlite")]) == 1
     assert "found nothing" in capsys.readouterr().err
     assert not (tmp_path / "var").exists() or not os.listdir(tmp_path / "var")  # no lock files marking a run
-    assert main(["restore", str(source)]) == 0, capsys.readouterr().err
+    assert main(["restore", str(source)]) == 1  # no database in DATA_DIR: a new server, or the wrong folder?
+    said = capsys.readouterr()
+    assert f"DATA_DIR {tmp_path / 'var'} (from the environment variable DATA_DIR)" in said.out
+    assert "there is no database at" in said.err and "--yes" in said.err and "--env" in said.err
+    assert not (tmp_path / "var").exists() or not os.listdir(tmp_path / "var")
+    assert main(["restore", "--yes", str(source)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "there was no database in place to keep" in out
     storage.close()
     restored = tmp_path / "var" / "host.sqlite"
     assert one(restored, "select value from state where key = 'marker'") == ("from the copy",)
     assert one(restored, "PRAGMA journal_mode") == ("delete",) and not Path(f"{restored}-wal").exists()
+
+
+def test_restore_and_backup_in_a_folder_without_a_database_say_which_data_dir_and_change_nothing(tmp_path):
+    """`strategy-host restore FILE` from a shell in the wrong folder: it names ./var and where it came from."""
+    source = tmp_path / "copy.sqlite"
+    Storage(source).close()
+    shell = tmp_path / "shell"
+    shell.mkdir()
+    r = cli(shell, "restore", str(source))
+    assert r.returncode == 1, r.stdout
+    assert f"DATA_DIR {shell / 'var'} (the default: ./var in the current folder {shell}" in r.stdout
+    assert f"there is no database at {shell / 'var' / 'host.sqlite'}" in r.stderr and "--yes" in r.stderr
+    assert not (shell / "var").exists()
+    r = cli(shell, "backup")
+    assert r.returncode == 1 and "no backup written" in r.stderr and "DATA_DIR" in r.stdout
+    assert not (shell / "var" / "backups").exists()  # no empty backups folder left behind
+    env = tmp_path / "host.env"
+    env.write_text(f"DATA_DIR={tmp_path / 'data'}\n")
+    r = cli(shell, "restore", "--env", str(env), "--yes", str(source))
+    assert r.returncode == 0, r.stderr
+    assert f"DATA_DIR {tmp_path / 'data'} (from DATA_DIR in {env})" in r.stdout
+    assert (tmp_path / "data" / "host.sqlite").is_file() and not (shell / "var").exists()
+
+
+SERVICE_UID = 65534  # the service's own user on a server (nobody here); the command runs as root (sudo)
+
+
+def owned(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, st.st_mode & 0o777
+
+
+def test_backup_and_restore_run_as_root_leave_the_service_users_files_its_own(tmp_path, monkeypatch, capsys):
+    from host.cli import main
+    if os.geteuid() != 0:
+        pytest.fail("this test runs the commands as root (as CI does, and as sudo does on a server)")
+    for name in ("DATA_DIR", "WEBHOOK_SECRET", "API_TOKEN", "DASHBOARD_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "data"
+    storage = Storage(data / "host.sqlite")
+    storage.write(lambda db: Storage.put_state(db, "marker", "the service's"))
+    storage.close()
+    source = backup.write(data / "host.sqlite", tmp_path / "elsewhere", "manual", 0).path
+    for path in (data, data / "host.sqlite"):
+        os.chown(path, SERVICE_UID, SERVICE_UID)
+    os.chmod(data, 0o700)
+    os.chmod(data / "host.sqlite", 0o600)
+    env = tmp_path / "host.env"
+    env.write_text(f"DATA_DIR={data}\n")
+    assert main(["backup", "--env", str(env)]) == 0, capsys.readouterr().err
+    assert owned(data / "backups") == (SERVICE_UID, SERVICE_UID, 0o700)
+    [made] = backup.listing(data / "backups")
+    assert owned(made.path) == (SERVICE_UID, SERVICE_UID, 0o600)
+    assert main(["restore", "--env", str(env), str(source)]) == 0, capsys.readouterr().err
+    assert owned(data / "host.sqlite") == (SERVICE_UID, SERVICE_UID, 0o600)
+    [kept] = [b for b in backup.listing(data / "backups") if b.kind == "before-restore"]
+    assert owned(kept.path) == (SERVICE_UID, SERVICE_UID, 0o600)
+    for lock in ("host.lock", "engine.lock"):  # the service opens these read-write at start
+        assert owned(data / lock)[:2] == (SERVICE_UID, SERVICE_UID)
+    assert [p.name for p in data.iterdir() if p.stat().st_uid != SERVICE_UID] == []
+    # a new server: no database yet, DATA_DIR made by `install -d -o strategy-host`
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(mode=0o700)
+    os.chown(fresh, SERVICE_UID, SERVICE_UID)
+    env.write_text(f"DATA_DIR={fresh}\n")
+    assert main(["restore", "--env", str(env), "--yes", str(source)]) == 0, capsys.readouterr().err
+    assert owned(fresh / "host.sqlite") == (SERVICE_UID, SERVICE_UID, 0o600)
+    assert [p.name for p in fresh.iterdir() if p.stat().st_uid != SERVICE_UID] == []
+
+
+def test_a_backup_carrying_a_trigger_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """A "backup" handed over by someone else with a trigger that turns every order's qty 1 into 100."""
+    from host.cli import main
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "var"))
+    Storage(tmp_path / "var" / "host.sqlite").close()
+    evil = tmp_path / "evil.sqlite"
+    Storage(evil).close()
+    conn = sqlite3.connect(evil)
+    conn.execute("create trigger t_evil after insert on orders begin "
+                 "update orders set qty = new.qty * 100 where id = new.id; end")
+    conn.commit()
+    conn.close()
+    assert main(["restore", str(evil)]) == 1
+    said = capsys.readouterr().err
+    assert f"refusing to restore {evil}" in said and "trigger t_evil on orders" in said, said
+    assert f"sqlite3 {evil} 'DROP TRIGGER [t_evil];'" in said and "Nothing was changed" in said
+    assert one(tmp_path / "var" / "host.sqlite", "select count(*) from sqlite_master where type = 'trigger'") == (0,)

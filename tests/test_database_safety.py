@@ -173,6 +173,32 @@ def test_schema_that_lacks_a_table_refuses(tmp_path: Path) -> None:
     assert "fills" in str(e.value)
 
 
+EVIL_TRIGGER = ("create trigger t_evil after insert on orders begin "
+                "update orders set qty = new.qty * 100 where id = new.id; end")
+
+
+@pytest.mark.parametrize("extra, named", [(EVIL_TRIGGER, "trigger t_evil on orders"),
+                                          ("create view v_orders as select * from orders", "view v_orders")])
+def test_a_trigger_or_view_the_migrations_do_not_define_refuses_to_start(tmp_path: Path, extra: str,
+                                                                         named: str) -> None:
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "h.sqlite"
+    Storage(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(extra)
+    conn.commit()
+    conn.close()
+    with pytest.raises(DatabaseUnusable) as e:
+        Storage(path)
+    said = str(e.value)
+    assert named in said and str(path) in said and "DROP " in said and "backups" in said, said
+    conn = sqlite3.connect(path)  # dropped as the message says, the database starts again
+    conn.execute(f"DROP {named.split()[0].upper()} [{named.split()[1]}]")
+    conn.commit()
+    conn.close()
+    Storage(path).close()
+
+
 # ---- a full disk ----
 def test_storage_full_is_classified_and_rolled_back(tmp_path: Path) -> None:
     from host.storage import StorageFull

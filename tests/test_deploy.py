@@ -155,3 +155,65 @@ def test_the_nginx_site_passes_nginx_t(tmp_path):
     r = subprocess.run([nginx.binary, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c",
                         str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "[warn]" not in r.stderr, r.stderr
+
+
+def _fake_apt_cache(folder: Path, candidate: str) -> None:
+    folder.mkdir(exist_ok=True)
+    tool = folder / "apt-cache"
+    tool.write_text(f"#!/bin/sh\necho 'caddy:'\necho '  Installed: (none)'\necho '  Candidate: {candidate}'\n")
+    tool.chmod(0o755)
+
+
+@pytest.mark.parametrize("candidate, spelling", [("2.7.6-1", "request_buffers unlimited"),
+                                                 ("2.6.2-5", "buffer_requests")])
+def test_caddy_not_installed_yet_is_written_for_the_caddy_apt_will_install(tmp_path, monkeypatch, capsys,
+                                                                           candidate, spelling):
+    """The printed steps install Caddy after deploy: the Caddyfile must suit the one `apt-get install` brings."""
+    _fake_apt_cache(tmp_path / "bin", candidate)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no caddy on PATH
+    assert main(["deploy", "--domain", "trade.example.com", "--proxy", "caddy", "--dry-run",
+                 "--exec", "/opt/x/strategy-host"]) == 0
+    out = capsys.readouterr().out
+    caddyfile = out.split("==> /etc/caddy/Caddyfile", 1)[1].split("==>", 1)[0].split("strategy-host deploy would", 1)[0]
+    other = "buffer_requests" if spelling != "buffer_requests" else "request_buffers"
+    assert spelling in caddyfile and other not in caddyfile
+    assert f"apt-get would install {candidate}" in out and "Caddy 2.6.4 and later" in out and "2.2 to 2.6" in out
+
+
+def _script(folder: Path, interpreter: str) -> Path:
+    script = folder / "strategy-host"
+    script.write_text(f"#!{interpreter}\nimport sys\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_an_exec_whose_python_lives_under_root_or_home_is_refused_with_the_fix(tmp_path, capsys):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/root/.pyenv/versions/3.11.7/bin/python3.11")  # pyenv, as root
+    script = _script(venv / "bin", str(venv / "bin" / "python"))
+    assert main(["deploy", "--domain", "trade.example.com", "--dry-run", "--exec", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert "/root/.pyenv/versions/3.11.7/bin/python3.11" in err and "ProtectHome" in err
+    assert "/opt/strategy-host/venv" in err and "python3 -m venv" in err
+    copies = tmp_path / "copies"  # a venv made with --copies: its Python's home is still in /home
+    (copies / "bin").mkdir(parents=True)
+    shutil.copy("/bin/true", copies / "bin" / "python")
+    (copies / "pyvenv.cfg").write_text("home = /home/me/.pyenv/versions/3.11.7/bin\ninclude-system-site-packages = false\n")
+    problem = deploy.exec_problem(str(_script(copies / "bin", str(copies / "bin" / "python"))))
+    assert problem and "/home/me/.pyenv/versions/3.11.7/bin" in problem
+
+
+def test_an_exec_the_service_user_can_run_is_accepted_and_a_closed_folder_is_named():
+    import tempfile
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        folder = Path(d)
+        folder.chmod(0o755)
+        system = shutil.which("python3", path="/usr/bin:/bin")
+        assert system, "a system python3 is needed"
+        assert deploy.exec_problem(str(_script(folder, system))) is None
+        closed = folder / "closed"
+        closed.mkdir(mode=0o700)
+        os.symlink(system, closed / "python")
+        problem = deploy.exec_problem(str(_script(folder, str(closed / "python"))))
+        assert problem and f"{closed} is closed to other users (mode 0700)" in problem

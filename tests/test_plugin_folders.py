@@ -137,3 +137,31 @@ def test_a_folder_deleted_and_copied_back_at_once_is_watched_again(host, loaded,
     write(folder, "keeper", multiplier("keeper", "2.0", 3), atomic=True)
     wait_strategy(host, "keeper", status="running", version="2.0", timeout=2.0)
     assert not events(host, "plugin_removed")
+
+
+def test_plugins_dir_as_a_symlink_switched_to_another_release_is_loaded_within_2_s(host_factory, tmp_path):
+    """A release-plus-symlink deploy: `ln -sfn rel2 current` loads rel2; deleting rel1 then is no problem."""
+    for rel, version, factor in (("rel1", "1.0", 2), ("rel2", "2.0", 3)):
+        write(tmp_path / rel / "strategies", "keeper", multiplier("keeper", version, factor))
+        (tmp_path / rel / "notifiers").mkdir()
+    write(tmp_path / "rel1" / "strategies", "other", multiplier("other", "1.0", 1))  # not in rel2
+    current = tmp_path / "current"
+    current.symlink_to("rel1")
+    host = host_factory(PLUGINS_DIR=current)
+    wait_strategy(host, "keeper", status="running", version="1.0")
+    wait_strategy(host, "other", status="running")
+    switch = tmp_path / "current.new"
+    switch.symlink_to("rel2")
+    switch.replace(current)  # what `ln -sfn` and deploy tools do: an atomic rename over the old link
+    switched = time.monotonic()
+    wait_strategy(host, "keeper", status="running", version="2.0", timeout=2.0)
+    assert time.monotonic() - switched < 2.0
+    assert ordered_qty(host, "r1", 24400) == 30
+    wait_for(lambda: "other" not in strategies(host), timeout=3)  # absent from rel2: stopped, as a deleted file
+    assert [e for e in events(host, "plugin_folder_switched") if "rel2" in e["message"]]
+    shutil.rmtree(tmp_path / "rel1")  # the old release is cleaned up: PLUGINS_DIR itself is fine
+    stays(lambda: not [p for p in health(host) if "plugin folder" in p], seconds=1.0)
+    assert host.client.get("/healthz").status_code == 200
+    assert strategies(host)["keeper"]["status"] == "running"
+    write(current / "strategies", "keeper", multiplier("keeper", "2.1", 4), atomic=True)  # edits in rel2 are seen
+    wait_strategy(host, "keeper", version="2.1", timeout=2.0)

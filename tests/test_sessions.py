@@ -263,3 +263,18 @@ def test_a_browser_that_logged_in_before_is_kept_out_by_no_stranger(host_factory
     assert codes == [401, 401, 401, 429]
     last = events(h, "login_failed")[-1]["data"]
     assert last["known_browser"] is True and last["address"] == "203.0.113.97" and last["wait_s"] == 1
+
+
+def test_a_new_browser_kept_waiting_by_the_shared_slow_down_is_told_the_ways_out(host_factory):
+    """The global slow-down gives its slot to whoever arrives first: the page says what always works."""
+    h = host_factory(DASHBOARD_LOGIN_ATTEMPTS=2, TRUST_PROXY_HEADERS="true")
+    owner, stranger = h.app.test_client(), h.app.test_client()
+    assert attempt(owner, address="127.0.0.1").status_code == 302  # a browser that logged in before
+    assert post(owner, "/logout").status_code == 302
+    for i in range(2):
+        assert attempt(stranger, "guess-guess", address=f"203.0.113.{i}").status_code == 401
+    refused = attempt(h.app.test_client(), address="198.51.100.7")  # the owner on a new phone, right password
+    page = refused.get_data(as_text=True)
+    assert refused.status_code == 429 and "Try again in 1 s" in page
+    assert "a browser you logged in from before" in page and "strategy-host unlock" in page
+    assert attempt(owner, address="127.0.0.1").status_code == 302  # the way out the page names: straight in

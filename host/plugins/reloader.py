@@ -4,6 +4,11 @@ A folder that disappears (plugins/ or a kind's folder deleted, moved or replaced
 watch for good, so a guard thread checks each folder's identity (device, inode) four times a second:
 while a folder is missing its plugins keep running their last loaded versions; when it is back it is
 watched again and what is there is loaded.
+
+Folders are kept as configured, never resolved: when PLUGINS_DIR (or a kind's folder) is a symlink and
+it is switched to another directory (a release-plus-symlink deploy), the path now names another
+directory, which the guard sees as a replaced folder: the new target is watched and loaded, and plugins
+whose file is not there are stopped.
 """
 from __future__ import annotations
 
@@ -38,12 +43,17 @@ def identity(folder: Path) -> Optional[tuple[int, int]]:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
+def configured(folder: Path) -> Path:
+    """The folder as configured, made absolute but with its symlinks kept (they may be switched later)."""
+    return Path(os.path.abspath(folder))
+
+
 class Reloader(FileSystemEventHandler):
     """Turns file events into load attempts; `submit` runs a change on the engine thread, between events."""
 
     def __init__(self, registries: list[Registry], submit: Callable[[Callable[[], None]], None],
                  debounce_s: float = DEBOUNCE_S):
-        self.registries = {r.folder.resolve(): r for r in registries}
+        self.registries = {configured(r.folder): r for r in registries}
         self.submit = submit
         self.debounce_s = debounce_s
         self._timers: dict[Path, threading.Timer] = {}
@@ -51,6 +61,7 @@ class Reloader(FileSystemEventHandler):
         self._observer: Any = None
         self._stopped = threading.Event()
         self._watches: dict[Path, tuple[Any, tuple[int, int]]] = {}  # folder -> (its watch, the directory watched)
+        self._watched_as: dict[str, Path] = {}  # the real directory watched -> the folder as configured
         self._missing: dict[Path, dict] = {}  # folder -> what was said about it, and since when
         self._guard: Optional[threading.Thread] = None
 
@@ -95,8 +106,9 @@ class Reloader(FileSystemEventHandler):
         for p in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
             if p:
                 path = Path(p if isinstance(p, str) else p.decode())
-                if plugin_name(path) and path.parent.resolve() in self.registries:
-                    self._debounce(path)
+                folder = self._watched_as.get(str(path.parent))
+                if plugin_name(path) and folder is not None:
+                    self._debounce(folder / path.name)
 
     def _debounce(self, path: Path, delay_s: Optional[float] = None) -> None:
         with self._lock:
@@ -113,7 +125,7 @@ class Reloader(FileSystemEventHandler):
     def _settled(self, path: Path) -> None:
         with self._lock:
             self._timers.pop(path, None)
-        folder = path.parent.resolve()
+        folder = path.parent
         registry = self.registries[folder]
         if path.exists():
             outcome = registry.prepare(path)
@@ -138,6 +150,8 @@ class Reloader(FileSystemEventHandler):
 
     def _disarm(self, folder: Path) -> None:
         old = self._watches.pop(folder, None)
+        for real in [r for r, f in self._watched_as.items() if f == folder]:
+            del self._watched_as[real]
         if old is not None:
             try:
                 self._observer.unschedule(old[0])
@@ -150,12 +164,14 @@ class Reloader(FileSystemEventHandler):
         if found is None:
             return False
         self._disarm(folder)
+        real = os.path.realpath(folder)  # the directory behind any symlink, as it is now
         try:
-            watch = self._observer.schedule(self, str(folder), recursive=False)
+            watch = self._observer.schedule(self, real, recursive=False)
         except OSError as e:  # gone again in between: the next check tries again
             log.debug("watching %s: %s", folder, e)
             return False
         self._watches[folder] = (watch, found)
+        self._watched_as[real] = folder
         return True
 
     def _guard_folders(self) -> None:
@@ -175,11 +191,19 @@ class Reloader(FileSystemEventHandler):
                 if folder not in self._missing:
                     self._missing[folder] = {"message": self._say_missing(folder, registry), "since": utcnow()}
                     changed = True
-            elif not self._watching(folder, found) and self._arm(folder):
+            elif not self._watching(folder, found):
+                before = next((r for r, f in self._watched_as.items() if f == folder), None)
+                if not self._arm(folder):
+                    continue
+                now = os.path.realpath(folder)
                 if self._missing.pop(folder, None) is not None:
                     changed = True
                     registry.emit("plugin_folder_back", f"plugin folder {folder} is back: watching it again and "
                                   f"loading the {registry.kind} files in it", "info", None, {"folder": str(folder)})
+                elif before is not None and before != now:
+                    registry.emit("plugin_folder_switched", f"plugin folder {folder} now leads to {now} (was "
+                                  f"{before}): loading the {registry.kind} files there; plugins without a file "
+                                  f"there are stopped", "info", None, {"folder": str(folder), "target": now})
                 self._rescan(folder, registry)
         if changed:
             self._store_missing()
@@ -203,7 +227,7 @@ class Reloader(FileSystemEventHandler):
             self._debounce(path)
         for entry in list(registry.entries.values()):
             path = entry.path
-            if path is not None and path.parent.resolve() == folder and path not in present:
+            if path is not None and configured(path.parent) == folder and path not in present:
                 self._debounce(path, REAPPEAR_GRACE_S)
 
     def _store_missing(self) -> None:

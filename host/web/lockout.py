@@ -4,10 +4,16 @@ Each attempt first reserves its row in `login_failures` inside one write transac
 cannot all pass the same check); the row is dropped when the password was right. After
 DASHBOARD_LOGIN_ATTEMPTS failures (from any address) within DASHBOARD_LOCKOUT_S, the next attempt from
 anywhere waits min(2^(n-k), DASHBOARD_LOGIN_DELAY_MAX_S) seconds after the last failure: rotating
-addresses buys no extra guesses, and the owner waits at most that long. One address is locked out only
-after DASHBOARD_ADDRESS_LOCK_ATTEMPTS failures within a day; its failures then no longer slow the others.
-A browser that logged in before (a signed cookie) is slowed only by its own failures: a stranger's
-guesses, however timed, never keep the owner out.
+addresses buys no extra guesses. One address is locked out only after DASHBOARD_ADDRESS_LOCK_ATTEMPTS
+failures within a day; its failures then no longer slow the others.
+
+What is guaranteed to the owner: a browser that logged in before (a signed cookie) is slowed only by its
+own failures, so a stranger's guesses, however timed, never keep it out. A NEW browser shares the global
+slow-down: each time the wait ends, the slot goes to whichever attempt arrives first, so an attacker who
+keeps guessing (from rotating addresses) can keep a new browser out for as long as the attack lasts; its
+wait is not bounded by DASHBOARD_LOGIN_DELAY_MAX_S then. The ways out are a known browser, or
+`strategy-host unlock` on the server (it clears the slow-down; log in at once, as guesses start it again).
+The refusal says so.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from ..storage import Storage
 from .sessions import iso
 
 ADDRESS_WINDOW_S = 86400
+SHARED_WAY_OUT = ("While someone keeps guessing, a browser new to this dashboard may wait as long as the guessing "
+                  "lasts: log in from a browser you logged in from before (others' guesses do not slow it), or "
+                  "run `strategy-host unlock` on the server and log in at once.")
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,11 @@ class LoginThrottle:
         n, last = self._shared(db, device, now)
         wait = _seconds_until(last, self._delay(n), now) if last else 0
         if wait:
-            whose = "in this browser" if device else "(from any address)"
-            return Verdict(None, wait, f"Too many failed logins {whose}: logins are slowed down. "
-                                       f"Try again in {duration(wait)}.")
+            if device:
+                return Verdict(None, wait, f"Too many failed logins in this browser: logins are slowed down. "
+                                           f"Try again in {duration(wait)}.")
+            return Verdict(None, wait, f"Too many failed logins (from any address): logins are slowed down. "
+                                       f"Try again in {duration(wait)}. {SHARED_WAY_OUT}")
         return None
 
     def begin(self, address: str, device: Optional[str] = None) -> Verdict:
