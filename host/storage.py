@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import sqlite_utils
 
+from .group_sync import GroupSync, WalFile
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -303,9 +305,10 @@ class Storage:
     Writes go through one connection, one transaction at a time. Each thread reads on its own
     connection, so under WAL a reader waits neither for a writer's fsync nor for another reader
     (a dashboard refreshing its panels never holds up the engine). Commits are synchronous=NORMAL
-    (they survive a killed process); `durable=True` makes a commit FULL, which also syncs every
-    commit before it: used where a promise depends on it (an alert before its answer, an order
-    before it goes to the broker).
+    (they survive a killed process); `durable=True` returns only once the commit is on the disk
+    (which also syncs every commit before it): used where a promise depends on it (an alert before
+    its answer, an order before it goes to the broker). Durable commits made at the same time share
+    one fsync of the WAL, done outside the write lock (group_sync.py).
     """
 
     def __init__(self, path: Path | str):
@@ -319,7 +322,7 @@ class Storage:
         self._local = threading.local()
         try:
             self.conn = self._connect()
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            wal = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         except sqlite3.DatabaseError as e:
             if _is_full(e):
                 raise _full(self.path, e) from None
@@ -332,6 +335,9 @@ class Storage:
             self.conn.close()
             raise
         self.db = sqlite_utils.Database(self.conn)
+        # without WAL (a file system that cannot share memory), a durable commit stays synchronous=FULL
+        self._wal = WalFile(self.path) if wal else None
+        self.group = GroupSync(self._wal.sync) if self._wal else None
         self.migrate()
 
     def _reader(self) -> sqlite_utils.Database:
@@ -386,19 +392,46 @@ class Storage:
                   "working; new entries answer 507 until space is freed", self.path.parent, RESERVE_BYTES >> 20)
         return True
 
-    def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
-        """Run fn in one transaction (see _write); on a full disk, once, with the reserve given up."""
+    def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False,
+              on_commit: Optional[Callable[[T], None]] = None) -> T:
+        """Run fn in one transaction (see _write); on a full disk, once, with the reserve given up.
+
+        durable: return only once the commit is on the disk (group commit: see group_sync.py).
+        on_commit(result) runs right after COMMIT, under the write lock (so in commit order), before the sync.
+        """
+        after = on_commit or (lambda result: None)
+        grouped = durable and self.group is not None
+        if not grouped:
+            return self._write_once(fn, durable, after)
+        self.group.begin()
+        seq: list[int] = []  # set right after COMMIT, under the write lock: numbers follow the WAL's order
+
+        def committed(result: T) -> None:
+            seq.append(self.group.end(True))
+            after(result)
         try:
-            return self._write(fn, durable)
+            result = self._write_once(fn, False, committed)
+        finally:
+            if not seq:
+                self.group.end(False)
+        self.group.wait(seq[0])
+        return result
+
+    def _write_once(self, fn: Callable[[sqlite_utils.Database], T], durable: bool,
+                    committed: Callable[[T], None]) -> T:
+        try:
+            return self._write(fn, durable, committed)
         except StorageFull:
             if not self._release_reserve():
                 raise
-            return self._write(fn, durable)
+            return self._write(fn, durable, committed)
 
-    def _write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
+    def _write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool,
+               committed: Callable[[T], None]) -> T:
         """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop.
 
         A full disk raises StorageFull after the whole transaction is rolled back: nothing half-way.
+        `committed` runs right after COMMIT, still under the write lock.
         """
         for attempt in range(LOCK_RETRIES):
             with self._lock:
@@ -417,6 +450,7 @@ class Storage:
                     try:
                         result = fn(self.db)
                         self.conn.execute("COMMIT")
+                        committed(result)
                         self.full_since = None
                         return result
                     except BaseException as e:
@@ -480,6 +514,8 @@ class Storage:
     def close(self) -> None:
         with self._lock, self._readers_lock:
             self.conn.close()
+            if self._wal is not None:
+                self._wal.close()
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
