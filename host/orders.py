@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import sqlite_utils
 
+from .day_counts import count_order
 from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable, transport_failure
 from .ids import new_id
 from .models import Intent, OrderRequest, OrderStatus, OrderType, Product, Side
@@ -37,6 +38,7 @@ def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert
         "applied_qty": 0, "applied_value": "0",
     })
     Storage.insert(db, "order_history", {"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
+    count_order(db, strategy, intent.action.value, now)
     return oid
 
 

@@ -163,10 +163,19 @@ def _m9_sessions(db: sqlite_utils.Database) -> None:
     db["login_failures"].add_column("device", str)  # a browser that logged in before has its own slow-down
 
 
+def _m10_flat_cost(db: sqlite_utils.Database) -> None:
+    # issue 17: no per-alert query may grow with the day's (or all time's) orders
+    db["orders"].create_index(["strategy", "status"])                       # a strategy's book (decide.load_book)
+    db["orders"].create_index(["strategy", "exchange", "symbol", "status"])  # working qty (RISK_MAX_QTY_PER_SYMBOL)
+    db["orders"].create_index(["strategy", "created_at"])                   # the day's count, once per day (risk)
+    db["orders"].create_index(["created_at"])                               # the day's summary
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
-                                                                  _m8_protections, _m9_sessions)
+                                                                  _m8_protections, _m9_sessions,
+                                                                  _m10_flat_cost)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 
