@@ -42,7 +42,8 @@ from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 CLOCK_EVERY_S = 1.0
-ALERT_POLL_S = 0.1    # alerts are handed over as they are stored; this poll finds any stored elsewhere
+ALERT_POLL_S = 0.1    # alerts are handed over as they are stored, commands wake the engine; this poll finds
+                      # any stored elsewhere (another worker, the CLI)
 DECIDED_KEPT = 10000  # ids of alerts decided lately: one handed over and also found by the poll runs once
 TICKS_HELD_KEY = "ticks_held"
 
@@ -122,6 +123,8 @@ class Engine:
         self._targets_waiting = True  # position targets may wait (cleared when none is found)
         self._alerts_in: list[dict] = []  # alert rows handed over or found, not decided yet, in stored order
         self._alerts_polled = 0.0
+        self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
+        self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
 
     @property
@@ -170,6 +173,7 @@ class Engine:
         self._handle(self._drain(), dispatch=False)
 
     def wake(self) -> None:
+        self._commands_due = True  # a command may be waiting
         self._events.put(("wake", None))
         self.risk.wake()  # a control command may be waiting too
 
@@ -214,8 +218,10 @@ class Engine:
         if self._targets_waiting:
             self._isolated("position targets", self._release_targets)
         self._process_alerts()
-        self._isolated("commands", lambda: self.commands.run(self.commands.other_kinds() or ("-",)))
         now = time.monotonic()
+        if self._commands_due or now - self._commands_polled >= ALERT_POLL_S:
+            self._commands_due, self._commands_polled = False, now
+            self._isolated("commands", lambda: self.commands.run(self.commands.other_kinds() or ("-",)))
         if now - self._last_clock >= CLOCK_EVERY_S:
             self._last_clock = now
             self._isolated("clock", self._clock)
