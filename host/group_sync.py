@@ -65,6 +65,11 @@ class GroupSync:
         self._failed: Optional[BaseException] = None
         self.syncs = 0        # for benches and tests: how many fsyncs covered how many commits
 
+    @property
+    def failed(self) -> Optional[BaseException]:
+        """The fsync error that ended durability in this process, if any."""
+        return self._failed
+
     def begin(self) -> None:
         """A durable write is on its way (called before it takes the write lock)."""
         with self._cond:

@@ -126,6 +126,8 @@ def test_a_failed_fsync_is_never_answered_accepted_and_stays_failed(host):
         group._sync = real  # a later fsync that works proves nothing about the failed one
         with pytest.raises(NotDurable):
             host.runtime.storage.write(lambda db: None, durable=True)
+        health = host.client.get("/healthz")
+        assert health.status_code != 200 and "fsync" in health.get_data(as_text=True), health.get_data(as_text=True)
     finally:
         group._sync = real
         group._failed = None  # let the fixture stop the host
