@@ -1,6 +1,6 @@
 """Alert-to-broker-ack latency through the Shoonya adapter, against a bare NorenRestApiPy place_order.
 
-Usage: python bench/broker_roundtrip.py [--orders N]
+Usage: python bench/broker_roundtrip.py [--orders N] [--short]
 Starts `strategy-host sim` and `strategy-host run` (BROKER=shoonya, token session) on loopback, sends
 N webhook alerts spaced under the 10 orders/s limiter, and times each from the alert's arrival to
 the broker's acknowledgement (the order's first status after SUBMITTED). The floor is one bare
@@ -59,7 +59,10 @@ def pct(values: list[float], p: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--orders", type=int, default=50)
+    ap.add_argument("--short", action="store_true", help="5 orders: for CI (it checks that the bench runs)")
     args = ap.parse_args()
+    if args.short:
+        args.orders = 5
     work = Path(tempfile.mkdtemp(prefix="bench-broker-"))
     sim_port, ws_port, host_port = free_port(), free_port(), free_port()
     api_url = f"http://127.0.0.1:{sim_port}/NorenWClientAPI/"
@@ -112,6 +115,9 @@ def main() -> None:
           f"{statistics.median(ours) / statistics.median(floor):8.2f}x")
     print(f"{'alert-to-ack p99 (ms)':32}{pct(ours, 99) * ms:10.2f}{pct(floor, 99) * ms:10.2f}"
           f"{pct(ours, 99) / pct(floor, 99):8.2f}x")
+    aim = 1.5 * statistics.median(floor) + 0.001
+    print(f"aim: host p50 <= 1.5 x floor p50 + 1 ms = {aim * ms:.2f} ms: "
+          f"{'met' if statistics.median(ours) <= aim else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the dashboard's live refresh costs: each panel's HTML under gunicorn, against a bare Flask floor.
 
-Usage: python bench/dashboard_panels.py [--orders N] [--rounds R]
+Usage: python bench/dashboard_panels.py [--orders N] [--rounds R] [--alerts A] [--short]
 Loads a busy day through the webhook (N orders: 20 strategies x 5 symbols entering and exiting,
 so 100 positions), logs in like a browser, then fetches every panel R times (what one open page
 does every 2 s). Prints p50/p99 per panel beside the floor (a bare Flask JSON route on
@@ -88,7 +88,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--orders", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--alerts", type=int, default=300, help="webhook alerts timed beside each dashboard load")
+    ap.add_argument("--short", action="store_true", help="50 orders, 10 rounds, 20 alerts: for CI (it checks that "
+                                                          "the bench runs)")
     args = ap.parse_args()
+    if args.short:
+        args.orders, args.rounds, args.alerts = 50, 10, 20
     hp, bp = free_port(), free_port()
     with tempfile.TemporaryDirectory() as work:
         host, bare = start_host(Path(work), hp), start_bare(bp)
@@ -107,11 +112,11 @@ def main() -> None:
                 t = timed(s, f"http://127.0.0.1:{hp}/panel/{name}", args.rounds, gap_s=0.05)
                 print(f"panel {name:26s} p50 {statistics.median(t):6.2f} ms ({statistics.median(t) / f50:4.1f}x)"
                       f"  p99 {pct(t, 99):6.2f} ms")
-            quiet = measure(hp, "quiet", 300, 1)
+            quiet = measure(hp, "quiet", args.alerts, 1)
             print(f"webhook with no dashboard open{'':24s} p50 {quiet['p50'] * 1000:6.2f} ms  p99 {quiet['p99'] * 1000:6.2f} ms")
             for label, pause in (("4 overview pages open (every 2 s)", 2.0),
                                  ("4 pages refreshing nonstop (429 past 20/s)", 0.0)):
-                busy = with_dashboards(hp, 4, pause, lambda: measure(hp, f"b{int(pause)}", 300, 1))
+                busy = with_dashboards(hp, 4, pause, lambda: measure(hp, f"b{int(pause)}", args.alerts, 1))
                 print(f"webhook with {label:42s} p50 {busy['p50'] * 1000:6.2f} ms  p99 {busy['p99'] * 1000:6.2f} ms"
                       f"  ({busy['p50'] / quiet['p50']:.2f}x)")
         finally:

@@ -1,6 +1,6 @@
 """Save-to-live latency of a strategy plugin under `strategy-host run`, against a bare watchdog floor.
 
-Usage: python bench/plugin_reload.py [--saves N]
+Usage: python bench/plugin_reload.py [--saves N] [--short]
 Each save writes a new version atomically (temp file + rename, as editors do) and times until
 GET /api/strategies shows that version running. The floor is a bare watchdog observer on the
 same kind of folder noticing the same kind of save, measured in the same run.
@@ -81,7 +81,10 @@ def strategy_version(port: int) -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--saves", type=int, default=30)
+    ap.add_argument("--short", action="store_true", help="3 saves: for CI (it checks that the bench runs)")
     args = ap.parse_args()
+    if args.short:
+        args.saves = 3
     work = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     folder = work / "plugins" / "strategies"
     folder.mkdir(parents=True)

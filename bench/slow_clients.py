@@ -146,7 +146,7 @@ def main() -> None:
     env = {"GUNICORN_CMD_ARGS": f"--worker-class {args.worker_class}"} if args.worker_class else {}
     work = Path(tempfile.mkdtemp(prefix="bench-slow-"))
     port = free_port()
-    host = start_host(work, port, env)
+    host = start_host(work, port, **env)
     phases = [("alone", 0, 0), (f"{args.slow} slow headers", args.slow, 0), (f"{args.slow} slow bodies", 0, args.slow)]
     if args.flood:
         phases.append((f"{args.flood} slow, half each", args.flood // 2, args.flood - args.flood // 2))

@@ -1,7 +1,7 @@
 """Does Telegram ever hold up trading? Webhook latency with the Telegram notifier on, against the same
 host without it, in one run.
 
-Usage: python bench/telegram_overhead.py [--alerts N]
+Usage: python bench/telegram_overhead.py [--alerts N] [--short]
 Three hosts under gunicorn, one after another: no Telegram (the floor); Telegram answering in 5 ms;
 Telegram answering in 2 s (a slow network). Each gets N serial alerts; p50/p99 and the ratio to the floor.
 """
@@ -48,7 +48,10 @@ def run(work: Path, n: int, telegram: FakeTelegram | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--alerts", type=int, default=300)
+    ap.add_argument("--short", action="store_true", help="30 alerts: for CI (it checks that the bench runs)")
     args = ap.parse_args()
+    if args.short:
+        args.alerts = 30
     results = {}
     for label, delay in (("no Telegram (floor)", None), ("Telegram answering in 5 ms", 0.005),
                          ("Telegram answering in 2 s", 2.0)):

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 CLOCK_EVERY_S = 1.0
 SESSION_PROBE_S = 30.0  # an expired session: how often to ask the broker whether it is back
 HEARD_MAX = 20_000  # orders whose last heard state is kept (strategy_on_order is called once per state)
+ALERT_POLL_S = 0.1    # alerts are handed over as they are stored, commands wake the engine; this poll finds
+                      # any stored elsewhere (another worker, the CLI)
+DECIDED_KEPT = 10000  # ids of alerts decided lately: one handed over and also found by the poll runs once
 TICKS_HELD_KEY = "ticks_held"
 
 
@@ -122,8 +125,13 @@ class Engine:
         self.on_session_restored: Callable[[], None] = lambda: None
         self._targets_waiting = True  # position targets may wait (cleared when none is found)
         self._heard: dict[str, tuple[str, int]] = {}  # order id -> the state its strategy last heard of
-        self._after_start: set[str] = set()
-        self._session_probed = time.monotonic()  # the first probe a full SESSION_PROBE_S after the start  # working orders at start: the first reconcile tells what changed
+        self._after_start: set[str] = set()  # working orders at start: the first reconcile tells what changed
+        self._session_probed = time.monotonic()  # the first probe a full SESSION_PROBE_S after the start
+        self._alerts_in: list[dict] = []  # alert rows handed over or found, not decided yet, in stored order
+        self._alerts_polled = 0.0
+        self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
+        self._commands_polled = 0.0
+        self._decided: dict[str, None] = {}
 
     @property
     def data_dir(self) -> Any:
@@ -157,11 +165,13 @@ class Engine:
         except Exception:
             log.exception("the first risk check failed; risk tries again on its own thread")
         self.risk.start()
+        self.inbox.hand = self._hand
         self.inbox.wake = self.wake
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the event in hand, then stop; nothing accepted is dropped (it stays in the inbox)."""
         self.inbox.wake = None
+        self.inbox.hand = None
         self._stopping.set()
         self._events.put(("wake", None))
         if self._thread:
@@ -174,8 +184,13 @@ class Engine:
         self._handle(self._drain(), dispatch=False)
 
     def wake(self) -> None:
+        self._commands_due = True  # a command may be waiting
         self._events.put(("wake", None))
         self.risk.wake()  # a control command may be waiting too
+
+    def _hand(self, row: dict) -> None:
+        """A new alert row, just committed (called in commit order): decided on the engine thread."""
+        self._events.put(("alert", row))
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Run fn on the engine thread, between two events (plugin swaps use this)."""
@@ -214,8 +229,10 @@ class Engine:
         if self._targets_waiting:
             self._isolated("position targets", self._release_targets)
         self._process_alerts()
-        self._isolated("commands", lambda: self.commands.run(self.commands.other_kinds() or ("-",)))
         now = time.monotonic()
+        if self._commands_due or now - self._commands_polled >= ALERT_POLL_S:
+            self._commands_due, self._commands_polled = False, now
+            self._isolated("commands", lambda: self.commands.run(self.commands.other_kinds() or ("-",)))
         if now - self._last_clock >= CLOCK_EVERY_S:
             self._last_clock = now
             self._isolated("clock", self._clock)
@@ -254,6 +271,7 @@ class Engine:
 
     def _handle(self, items: list[tuple[str, Any]], dispatch: bool = True) -> None:
         """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
+        self._alerts_in += [row for kind, row in items if kind == "alert"]
         updates = [u for kind, u in items if kind == "update"]
         changed = self.watcher.apply(updates) if updates else []
         if changed:
@@ -385,14 +403,30 @@ class Engine:
 
     # ---- alerts ----
     def _process_alerts(self) -> None:
+        now = time.monotonic()
+        if now - self._alerts_polled >= ALERT_POLL_S:  # stored by another worker, or at start
+            self._alerts_polled = now
+            known = {r["id"] for r in self._alerts_in}
+            self._alerts_in += [r for r in self.storage.rows("select rowid seq, * from alerts where status = "
+                                                             "'received' order by rowid") if r["id"] not in known]
+            self._alerts_in.sort(key=lambda r: r["seq"])
+        if not self._alerts_in:
+            return
+        rows, self._alerts_in = self._alerts_in, []
         waiting: set[str] = set()  # strategies in a call now: their alerts wait their turn, in order
-        for row in self.storage.rows("select * from alerts where status = 'received' order by rowid"):
+        for row in rows:
             if self._stopping.is_set():
                 return
+            if row["id"] in self._decided:
+                continue  # handed over and found by the poll too: decided once
             if row["strategy"] in waiting or (self.strategies.working(row["strategy"])
                                               and not self.strategies.live(row["strategy"]).caller.busy()):
                 waiting.add(row["strategy"])  # within its budget: asked again on the next step
+                self._alerts_in.append(row)
                 continue
+            self._decided[row["id"]] = None
+            if len(self._decided) > DECIDED_KEPT:
+                del self._decided[next(iter(self._decided))]
             try:
                 self._process_alert(row)
             except Exception as e:  # isolated to this alert: it fails with the error, the loop goes on

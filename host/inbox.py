@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .storage import Storage, utcnow
 from .protect import to_json
 from .validation import NAME_RE
 
+log = logging.getLogger(__name__)
 POLL_START_S = 0.002
 POLL_MAX_S = 0.05
 
@@ -84,6 +86,7 @@ class Inbox:
         self._waiters: dict[str, threading.Event] = {}
         self._waiters_lock = threading.Lock()
         self.wake: Optional[Callable[[], None]] = None  # set while an engine runs in this process
+        self.hand: Optional[Callable[[dict], None]] = None  # the same engine's: a new alert row, in commit order
 
     # ---- alerts ----
     def store_rejected(self, body: dict, problems: list[Problem], source_ip: str) -> str:
@@ -105,18 +108,25 @@ class Inbox:
         return aid
 
     def store(self, req: AlertRequest, digest: str, source_ip: str) -> AlertRecord:
-        """Store a valid alert, or a duplicate of an earlier one, in one transaction."""
+        """Store a valid alert, or a duplicate of an earlier one, in one transaction.
+
+        A new alert is handed to a local engine as soon as it is committed (it decides while the commit is
+        synced; the order it makes waits for a later durable commit). The caller then waits with wait_alert.
+        """
+        aid = new_id("a")
+        self._expect("alerts", aid)  # before the commit: the engine may decide before this thread goes on
+        stored: dict = {}
+
         def run(db: sqlite_utils.Database) -> AlertRecord:
             now = utcnow()
             original = self._find_original(db, req, digest, now)
-            aid = new_id("a")
             row = {"id": aid, "received_at": now, "strategy": req.strategy, "execution_type": req.execution_type.value,
                    "client_alert_id": req.client_alert_id, "body_hash": digest, "body": request_to_json(req),
                    "source_ip": source_ip, "orders": "[]"}
             if original is None:
                 row.update(status=AlertStatus.RECEIVED.value, dedupe_key=None if req.client_alert_id is None
                            else dedupe_key(req.strategy, req.client_alert_id))
-                Storage.insert(db, "alerts", row)
+                stored.update(row, seq=Storage.insert(db, "alerts", row))
                 return AlertRecord(aid, AlertStatus.RECEIVED.value, None, (), None, (), req.client_alert_id, req.notes)
             why = (f"same alert_id {req.client_alert_id!r} as alert {original['id']}"
                    if req.client_alert_id is not None and original["client_alert_id"] == req.client_alert_id
@@ -129,7 +139,21 @@ class Inbox:
             return AlertRecord(aid, AlertStatus.DUPLICATE.value, row["reason"],
                                tuple(json.loads(original["orders"] or "[]")), original["id"], (), req.client_alert_id,
                                req.notes)
-        return self.storage.write(run, durable=True)  # stored durably before it is answered
+        def handed(record: AlertRecord) -> None:
+            hand = self.hand
+            if hand is not None and stored:
+                try:
+                    hand(dict(stored))
+                except Exception:  # the engine's poll finds it anyway
+                    log.exception("handing alert %s to the engine failed", aid)
+        try:
+            record = self.storage.write(run, durable=True, on_commit=handed)  # stored durably before it is answered
+        except BaseException:
+            self._forget("alerts", aid)
+            raise
+        if record.status != AlertStatus.RECEIVED.value:
+            self._forget("alerts", aid)
+        return record
 
     def _find_original(self, db: sqlite_utils.Database, req: AlertRequest, digest: str, now: str) -> Optional[dict]:
         if req.client_alert_id is not None:
@@ -162,16 +186,30 @@ class Inbox:
         return json.loads(row["result"]) if row["status"] != "pending" else None
 
     # ---- waiting ----
-    def _wait(self, table: str, key: str, timeout_s: float, done: Callable[[dict], bool]) -> dict:
-        event = threading.Event()
+    def _expect(self, table: str, key: str) -> threading.Event:
+        """The event a decision on this key will set (made once, before the key is stored)."""
         with self._waiters_lock:
-            self._waiters[f"{table}:{key}"] = event
+            return self._waiters.setdefault(f"{table}:{key}", threading.Event())
+
+    def _forget(self, table: str, key: str) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(f"{table}:{key}", None)
+
+    def _wait(self, table: str, key: str, timeout_s: float, done: Callable[[dict], bool]) -> dict:
+        """Wait for the engine's decision on a stored key."""
+        with self._waiters_lock:  # an event made before the key was stored (store) cannot miss the decision
+            expected = f"{table}:{key}" in self._waiters
+        event = self._expect(table, key)
         try:
-            if self.wake:
+            local = self.wake is not None
+            if local and not expected:  # it may have been decided before this event existed
+                row = self.storage.one(f"select * from {table} where id = ?", (key,))
+                if done(row) or timeout_s <= 0:
+                    return row
+            if self.wake and not (expected and self.hand):  # a handed alert needs no wake
                 self.wake()
             deadline = time.monotonic() + timeout_s
             pause = POLL_START_S
-            local = self.wake is not None
             if local and timeout_s > 0:  # a local engine sets the event when it has decided
                 event.wait(timeout_s)
             while True:
@@ -184,8 +222,7 @@ class Inbox:
                     event.clear()
                 pause = min(pause * 2, POLL_MAX_S)
         finally:
-            with self._waiters_lock:
-                self._waiters.pop(f"{table}:{key}", None)
+            self._forget(table, key)
 
     def decided(self, table: str, key: str) -> None:
         """Called by the engine after it commits a decision."""

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import sqlite_utils
 
+from .day_counts import count_order
 from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable, transport_failure
 from .ids import new_id
 from .models import Intent, OrderRequest, OrderStatus, OrderType, Product, Side
@@ -20,6 +21,7 @@ from .storage import Storage, dec, utcnow
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 BROKER_TIMEOUT_S = 5.0
+SEND_BATCH_MAX = 32  # NEW orders marked SUBMITTED in one durable commit before they are sent, in order
 
 
 def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert_id: Optional[str],
@@ -36,6 +38,7 @@ def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert
         "applied_qty": 0, "applied_value": "0",
     })
     Storage.insert(db, "order_history", {"order_id": oid, "at": now, "status": OrderStatus.NEW.value, "detail": None})
+    count_order(db, strategy, intent.action.value, now)
     return oid
 
 
@@ -112,7 +115,11 @@ class BrokerGateway:
 
 
 class OrderSender:
-    """Sends NEW orders to the broker, one at a time in the order they were decided."""
+    """Sends NEW orders to the broker, one at a time in the order they were decided.
+
+    The orders waiting together are marked SUBMITTED in one durable commit (one fsync) before the first of
+    them is sent; each is then placed in turn, unless a cancel was asked for it meanwhile.
+    """
 
     def __init__(self, storage: Storage, gateway: BrokerGateway, on_result: Callable[[str], None] = lambda oid: None):
         self.storage = storage
@@ -203,15 +210,30 @@ class OrderSender:
         return self._queue.empty() and not self.in_flight
 
     def _run(self) -> None:
+        held = None
         while True:
-            item = self._queue.get()
+            item, held = held or self._queue.get(), None
             if item is None:
                 return
             action, order_id, arg = item
+            if action == self.send:  # the sends queued right behind it go in the same batch
+                batch = [order_id]
+                while len(batch) < SEND_BATCH_MAX and held is None:
+                    try:
+                        following = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if following is not None and following[0] == self.send:
+                        batch.append(following[1])
+                    else:
+                        held = following or (None,)  # kept in its place: a cancel, a modify, or the stop
+                action, order_id, arg = self.send_batch, ",".join(batch), batch
             try:
                 action(order_id, arg)
             except Exception:  # never let one order kill the sender
                 log.exception("%s of order %s failed", action.__name__, order_id)
+            if held == (None,):
+                return
 
     def cancel(self, order_id: str, why: str) -> None:
         """Ask the broker to cancel a working order; the watcher records the outcome from its update."""
@@ -228,10 +250,35 @@ class OrderSender:
 
     def send(self, order_id: str, _: Any = None) -> None:
         """Mark SUBMITTED (persisted; only from NEW) then call the broker; record what came back."""
-        # durable: this commit also syncs the decision that created the order, before it leaves
-        row = self.storage.write(lambda db: mark_submitted(db, order_id), durable=True)
-        if row is None:
-            return
+        self.send_batch(order_id, [order_id])
+
+    def send_batch(self, _: str, order_ids: list[str]) -> None:
+        """Mark every order SUBMITTED in one durable commit (only from NEW), then place each in turn."""
+        self.in_flight.update(order_ids)  # SUBMITTED and not sent yet: reconciling must not call them lost
+        try:
+            # durable: this commit also syncs the decisions that created the orders, before they leave
+            rows = self.storage.write(lambda db: [r for r in (mark_submitted(db, oid) for oid in order_ids) if r],
+                                      durable=True)
+            for n, row in enumerate(rows):
+                if n and self._cancelled_before_sending(row):
+                    continue
+                self._place(row)
+        finally:
+            self.in_flight.difference_update(order_ids)
+
+    def _cancelled_before_sending(self, row: dict) -> bool:
+        """A cancel asked for (a breach, an exit-all) while the orders before it went out: it never leaves."""
+        why = self.storage.one("select cancel_requested from orders where id = ?", (row["id"],))["cancel_requested"]
+        if not why:
+            return False
+        reason = f"cancelled before it was sent: {why}"
+        self.storage.write(lambda db: transition(db, row["id"], OrderStatus.CANCELLED, reason, reason=reason))
+        self.on_result(row["id"])
+        return True
+
+    def _place(self, row: dict) -> None:
+        """Call the broker for one SUBMITTED order; record what came back."""
+        order_id = row["id"]
         self.in_flight.add(order_id)
         try:
             broker_id = self.gateway.call("place_order", self.gateway.broker.place, request_for(row))

@@ -11,7 +11,8 @@ from typing import Any, Optional
 import sqlite_utils
 
 from .broker_session import EXPIRED
-from .market import IST, MarketClock, session_of
+from .day_counts import day_start_utc, orders_on
+from .market import MarketClock, session_of
 from .models import Intent, TradingState
 from .storage import Storage, utcnow
 
@@ -113,8 +114,7 @@ class Action:
     data: dict = field(default_factory=dict)
 
 
-def _day_start_utc(d: date) -> str:
-    return datetime.combine(d, time(0), IST).astimezone(timezone.utc).isoformat(timespec="milliseconds")
+_day_start_utc = day_start_utc  # where a risk day starts, as stored timestamps (views use it too)
 
 
 class RiskManager:
@@ -402,8 +402,7 @@ class RiskGate:
                         f"{per_symbol} per symbol for strategy {strategy}")
         per_day = int(params.get("max_orders_per_day", self.limits.max_orders_per_day) or 0)
         if per_day:
-            n = db.execute("select count(*) from orders where strategy = ? and created_at >= ? and action != 'EXIT'",
-                           (strategy, _day_start_utc(today))).fetchone()[0]
+            n = orders_on(db, strategy, today)  # a running count: one lookup however busy the day
             if n >= per_day:
                 return f"strategy {strategy} reached its max of {per_day} orders today (RISK_MAX_ORDERS_PER_DAY)"
         return None

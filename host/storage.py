@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import sqlite_utils
+from sqlite_utils.db import dedupe_keys
+
+from .group_sync import GroupSync, WalFile
 
 from .filemode import create_private
 
@@ -163,10 +166,19 @@ def _m9_sessions(db: sqlite_utils.Database) -> None:
     db["login_failures"].add_column("device", str)  # a browser that logged in before has its own slow-down
 
 
+def _m10_flat_cost(db: sqlite_utils.Database) -> None:
+    # issue 17: no per-alert query may grow with the day's (or all time's) orders
+    db["orders"].create_index(["strategy", "status"])                       # a strategy's book (decide.load_book)
+    db["orders"].create_index(["strategy", "exchange", "symbol", "status"])  # working qty (RISK_MAX_QTY_PER_SYMBOL)
+    db["orders"].create_index(["strategy", "created_at"])                   # the day's count, once per day (risk)
+    db["orders"].create_index(["created_at"])                               # the day's summary
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
-                                                                  _m8_protections, _m9_sessions)
+                                                                  _m8_protections, _m9_sessions,
+                                                                  _m10_flat_cost)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 
@@ -343,15 +355,30 @@ def refuse_lost_database(db_path: Path, marks: list[Path], new_database: bool) -
         f"or, to start with a new, empty database on purpose, run `strategy-host run --new-database`.")
 
 
+class _Database(sqlite_utils.Database):
+    """sqlite-utils without the savepoint it wraps around every query: a SELECT has nothing to undo.
+
+    (Two more statements and their Python per read; the hot path reads a dozen times per alert.)
+    """
+
+    def query(self, sql: str, params: Any = None) -> Any:
+        if sql.lstrip()[:6].lower() != "select":
+            return super().query(sql, params)
+        cursor = self.conn.execute(sql, params if params is not None else ())
+        keys = dedupe_keys(d[0] for d in cursor.description)
+        return (dict(zip(keys, row)) for row in cursor)
+
+
 class Storage:
     """The process's write connection, shared under its lock, and one read connection per thread.
 
     Writes go through one connection, one transaction at a time. Each thread reads on its own
     connection, so under WAL a reader waits neither for a writer's fsync nor for another reader
     (a dashboard refreshing its panels never holds up the engine). Commits are synchronous=NORMAL
-    (they survive a killed process); `durable=True` makes a commit FULL, which also syncs every
-    commit before it: used where a promise depends on it (an alert before its answer, an order
-    before it goes to the broker).
+    (they survive a killed process); `durable=True` returns only once the commit is on the disk
+    (which also syncs every commit before it): used where a promise depends on it (an alert before
+    its answer, an order before it goes to the broker). Durable commits made at the same time share
+    one fsync of the WAL, done outside the write lock (group_sync.py).
     """
 
     def __init__(self, path: Path | str, backups: Optional[Path] = None, min_free_mb: int = 200):
@@ -368,7 +395,7 @@ class Storage:
         create_private(self.path)
         try:
             self.conn = self._connect()
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            wal = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         except sqlite3.DatabaseError as e:
             if _is_full(e):
                 raise _full(self.path, e) from None
@@ -380,7 +407,10 @@ class Storage:
         except DatabaseUnusable:
             self.conn.close()
             raise
-        self.db = sqlite_utils.Database(self.conn)
+        self.db = _Database(self.conn)
+        # without WAL (a file system that cannot share memory), a durable commit stays synchronous=FULL
+        self._wal = WalFile(self.path) if wal else None
+        self.group = GroupSync(self._wal.sync) if self._wal else None
         self.migrate()
 
     def _reader(self) -> sqlite_utils.Database:
@@ -390,7 +420,7 @@ class Storage:
             conn = self._connect()
             with self._readers_lock:
                 self._readers.append(conn)
-            reader = self._local.reader = sqlite_utils.Database(conn)
+            reader = self._local.reader = _Database(conn)
         return reader
 
     def _connect(self) -> sqlite3.Connection:
@@ -435,19 +465,46 @@ class Storage:
                   "working; new entries answer 507 until space is freed", self.path.parent, RESERVE_BYTES >> 20)
         return True
 
-    def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
-        """Run fn in one transaction (see _write); on a full disk, once, with the reserve given up."""
+    def write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False,
+              on_commit: Optional[Callable[[T], None]] = None) -> T:
+        """Run fn in one transaction (see _write); on a full disk, once, with the reserve given up.
+
+        durable: return only once the commit is on the disk (group commit: see group_sync.py).
+        on_commit(result) runs right after COMMIT, under the write lock (so in commit order), before the sync.
+        """
+        after = on_commit or (lambda result: None)
+        grouped = durable and self.group is not None
+        if not grouped:
+            return self._write_once(fn, durable, after)
+        self.group.begin()
+        seq: list[int] = []  # set right after COMMIT, under the write lock: numbers follow the WAL's order
+
+        def committed(result: T) -> None:
+            seq.append(self.group.end(True))
+            after(result)
         try:
-            return self._write(fn, durable)
+            result = self._write_once(fn, False, committed)
+        finally:
+            if not seq:
+                self.group.end(False)
+        self.group.wait(seq[0])
+        return result
+
+    def _write_once(self, fn: Callable[[sqlite_utils.Database], T], durable: bool,
+                    committed: Callable[[T], None]) -> T:
+        try:
+            return self._write(fn, durable, committed)
         except StorageFull:
             if not self._release_reserve():
                 raise
-            return self._write(fn, durable)
+            return self._write(fn, durable, committed)
 
-    def _write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool = False) -> T:
+    def _write(self, fn: Callable[[sqlite_utils.Database], T], durable: bool,
+               committed: Callable[[T], None]) -> T:
         """Run fn in one IMMEDIATE transaction; retry while the database is locked, never drop.
 
         A full disk raises StorageFull after the whole transaction is rolled back: nothing half-way.
+        `committed` runs right after COMMIT, still under the write lock.
         """
         for attempt in range(LOCK_RETRIES):
             with self._lock:
@@ -466,6 +523,7 @@ class Storage:
                     try:
                         result = fn(self.db)
                         self.conn.execute("COMMIT")
+                        committed(result)
                         self.full_since = None
                         return result
                     except BaseException as e:
@@ -550,6 +608,8 @@ class Storage:
     def close(self) -> None:
         with self._lock, self._readers_lock:
             self.conn.close()
+            if self._wal is not None:
+                self._wal.close()
             for conn in self._readers:
                 conn.close()
             self._readers.clear()

@@ -151,6 +151,10 @@ def health_problems(storage: Storage, settings: Any) -> list[str]:
                         f"is in use, and new entries are refused (507) until space is freed")
     if storage.full_since:
         problems.append(f"the database cannot be written: the disk has been full since {storage.full_since}")
+    if storage.group is not None and storage.group.failed is not None:
+        problems.append(f"the disk failed to confirm a write (fsync: {storage.group.failed}): nothing can be promised "
+                        f"durable; alerts answer 503 and no order is sent until the host is restarted and the disk "
+                        f"checked")
     free_mb = shutil.disk_usage(storage.path.parent).free / 1e6
     if free_mb < settings.DISK_MIN_FREE_MB:
         problems.append(f"the disk of {storage.path.parent} has {free_mb:.0f} MB free, below DISK_MIN_FREE_MB="

@@ -159,12 +159,14 @@ class MatchingEngine:
     def _save(self, orders: list[SimOrder], ltp_key: Optional[tuple[str, str]] = None) -> None:
         if self._db is None:
             return
-        with self._db.atomic():
+        with self._db.atomic():  # plain statements: sqlite-utils' upserts read the table's shape on every call
             if orders:
-                self._db["sim_orders"].upsert_all([{"id": o.broker_order_id, "data": o.to_json()} for o in orders], pk="id")
+                self._db.conn.executemany("insert into sim_orders (id, data) values (?, ?) on conflict (id) do update "
+                                          "set data = excluded.data", [(o.broker_order_id, o.to_json()) for o in orders])
             if ltp_key is not None:
-                self._db["sim_ltp"].upsert({"exchange": ltp_key[0], "symbol": ltp_key[1],
-                                            "ltp": str(self._ltp[ltp_key])}, pk=("exchange", "symbol"))
+                self._db.conn.execute("insert into sim_ltp (exchange, symbol, ltp) values (?, ?, ?) on conflict "
+                                      "(exchange, symbol) do update set ltp = excluded.ltp",
+                                      (ltp_key[0], ltp_key[1], str(self._ltp[ltp_key])))
 
     def _save_day(self) -> None:
         """After a day roll: the books are empty; the day, the carried positions and the holdings are kept."""

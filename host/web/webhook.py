@@ -12,6 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..models import AlertStatus, ExecutionType
 from ..inbox import AlertRecord, body_hash
+from ..group_sync import NotDurable
 from ..storage import StorageFull
 from ..validation import parse_alert, unencodable, unique_keys
 from ..views import engine_alive, order_record
@@ -73,6 +74,14 @@ def storage_full(e: StorageFull) -> tuple[Response, int]:
     """A full disk: nothing was stored (the transaction rolled back); 507, never a generic 500."""
     log.error("webhook from %s not stored: %s", client_ip(), e)
     return jsonify({"status": "not_stored", "error": str(e)}), 507
+
+
+@bp.errorhandler(NotDurable)
+def not_durable(e: NotDurable) -> tuple[Response, int]:
+    """The disk did not confirm the write: never answer accepted for what a power cut could lose."""
+    log.critical("webhook from %s not confirmed on disk: %s", client_ip(), e)
+    return jsonify({"status": "not_stored", "error": f"{e}: the alert may not have been kept; check the host's disk "
+                                                     f"and /api/alerts before sending it again"}), 503
 
 
 @bp.post("/webhook")

@@ -1,0 +1,133 @@
+"""Group commit (issue 17): concurrent durable writes share one fsync, and nothing is promised before it.
+
+A power cut is simulated by copying, at each fsync of the write-ahead log, exactly what that fsync put on
+the disk (no commit can slip in meanwhile), then opening a copy of the database with that log.
+"""
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import alert, wait_for
+from host.group_sync import NotDurable
+
+
+class PowerCut:
+    """What the disk holds after each fsync of the host's WAL; `disk()` opens the database as a cut would leave it."""
+
+    def __init__(self, storage: Any, folder: Path):
+        self.storage, self.folder = storage, folder
+        folder.mkdir()
+        storage.conn.execute("PRAGMA wal_autocheckpoint=0")  # the main file stays as copied below
+        storage.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        shutil.copyfile(storage.path, folder / "main")
+        self.count = self.opened = 0
+        self._real = storage.group._sync
+        storage.group._sync = self._sync
+
+    def _sync(self) -> None:
+        with self.storage._lock:  # no commit between the fsync and the copy: the copy is what is durable
+            self._real()
+            self.count += 1
+            shutil.copyfile(self.storage.path.with_name(self.storage.path.name + "-wal"), self.folder / f"wal{self.count}")
+
+    def disk(self, n: int) -> sqlite3.Connection:
+        """The database as a power cut right after fsync n would leave it."""
+        self.opened += 1
+        cut = self.folder / f"cut{self.opened}"
+        cut.mkdir()
+        shutil.copyfile(self.folder / "main", cut / "host.sqlite")
+        if n:
+            shutil.copyfile(self.folder / f"wal{n}", cut / "host.sqlite-wal")
+        return sqlite3.connect(str(cut / "host.sqlite"))
+
+
+def test_alerts_answered_accepted_by_8_concurrent_senders_survive_a_power_cut_right_after_the_answer(host, tmp_path):
+    cut = PowerCut(host.runtime.storage, tmp_path / "disk")
+    answered: list[tuple[str, int]] = []  # (alert id, the last fsync done when the answer was given)
+    lock = threading.Lock()
+
+    def sender(k: int) -> None:
+        client = host.app.test_client()
+        for i in range(15):
+            r = client.post("/webhook", json=alert("ENTRY", strategy=f"g{k}-{i}", alert_id=f"g{k}-{i}"))
+            assert r.status_code == 200 and r.get_json()["status"] == "accepted", r.get_json()
+            with lock:
+                answered.append((r.get_json()["alert_id"], cut.count))
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answered) == 120
+    assert cut.count < len(answered), "every alert had an fsync of its own: nothing was grouped"
+    for n in sorted({n for _, n in answered}):
+        db = cut.disk(n)
+        kept = {r[0] for r in db.execute("select id from alerts")}
+        db.close()
+        lost = [aid for aid, m in answered if m == n and aid not in kept]
+        assert not lost, f"answered accepted, gone after a power cut right after the answer: {lost}"
+
+
+def test_orders_waiting_together_are_marked_submitted_in_one_durable_commit_before_any_is_sent(host, tmp_path):
+    storage = host.runtime.storage
+    cut = PowerCut(storage, tmp_path / "disk")
+    broker = host.runtime.broker
+    real_place, gate = broker.place, threading.Event()
+    durable_marks: list[int] = []
+    sent_durably: list[bool] = []
+    real_write = storage.write
+
+    def write(fn: Any, durable: bool = False, on_commit: Any = None) -> Any:
+        if durable and threading.current_thread().name == "order-sender":
+            durable_marks.append(1)
+        return real_write(fn, durable, on_commit)
+
+    def place(req: Any) -> Any:
+        gate.wait(10)  # the first order is held at the broker while the next ones are decided
+        db = cut.disk(cut.count)
+        row = db.execute("select status from orders where id = ?", (req.remarks,)).fetchone()
+        db.close()
+        sent_durably.append(row is not None and row[0] == "SUBMITTED")
+        return real_place(req)
+    storage.write = write
+    broker.place = place
+    try:
+        assert host.post(alert("ENTRY", strategy="b0")).get_json()["status"] == "accepted"
+        wait_for(lambda: len(durable_marks) == 1)
+        for i in range(1, 6):
+            assert host.post(alert("ENTRY", strategy=f"b{i}")).get_json()["status"] == "accepted"
+        gate.set()
+        host.settle()
+    finally:
+        storage.write, broker.place = real_write, real_place
+    assert sent_durably == [True] * 6, sent_durably  # each was SUBMITTED on the disk before it left
+    assert len(durable_marks) == 2, f"{len(durable_marks)} durable commits for 1 + a batch of 5 orders"
+    assert {o["status"] for o in host.orders()} == {"FILLED"}
+
+
+def test_a_failed_fsync_is_never_answered_accepted_and_stays_failed(host):
+    group = host.runtime.storage.group
+    real, calls = group._sync, []
+
+    def broken() -> None:
+        calls.append(1)
+        raise OSError(5, "Input/output error")
+    group._sync = broken
+    try:
+        r = host.post(alert("ENTRY", strategy="eio"))
+        assert r.status_code == 503 and r.get_json()["status"] == "not_stored", r.get_json()
+        assert "disk" in r.get_json()["error"]
+        group._sync = real  # a later fsync that works proves nothing about the failed one
+        with pytest.raises(NotDurable):
+            host.runtime.storage.write(lambda db: None, durable=True)
+        health = host.client.get("/healthz")
+        assert health.status_code != 200 and "fsync" in health.get_data(as_text=True), health.get_data(as_text=True)
+    finally:
+        group._sync = real
+        group._failed = None  # let the fixture stop the host
