@@ -75,6 +75,7 @@ def live_at(sim, tmp_path):
         h.runtime.clock_offset = when.astimezone(timezone.utc) - datetime.now(timezone.utc)
         h.start()
         sim.sim.engine.set_ltp("NFO", SYMBOL, Decimal("42.5"))
+        wait_for(lambda: not h.api("/api/risk").get_json().get("blind"), timeout=5)  # positions read: not blind
         return h
     yield make
     for h in hosts:
