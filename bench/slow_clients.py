@@ -1,10 +1,13 @@
-"""Webhook latency while slow clients trickle headers or bodies at 1 byte/s, directly on the host's port.
+"""Webhook latency while slow clients trickle headers or bodies at 1 byte/s, or never read their answers,
+directly on the host's port.
 
-Usage: python bench/slow_clients.py [--slow 20] [--seconds 30] [--flood 200] [--worker-class CLASS] [--short]
+Usage: python bench/slow_clients.py [--slow 20] [--seconds 30] [--flood 200] [--readers 16]
+                                    [--worker-class CLASS] [--short]
 Prints p50/p99 of a normal webhook (sequential, one keep-alive connection, 20 a second) alone, then
-while --slow clients send headers at 1 byte/s, while --slow clients send bodies at 1 byte/s, and
-while --flood clients do both (half each), every phase --seconds long, with ratios to the baseline.
-A slow client the host closes reconnects at once, as an attacker would. `--worker-class gthread`
+while --slow clients send headers at 1 byte/s, while --slow clients send bodies at 1 byte/s, while
+--flood clients do both (half each), and while --readers clients each pipeline ~140 KB of GETs of the
+dashboard's stylesheet and read none of the answers, every phase --seconds long, with ratios to the
+baseline. A client the host closes reconnects at once, as an attacker would. `--worker-class gthread`
 measures plain gunicorn gthread for comparison. --short (for CI) runs short phases and asserts nothing.
 """
 from __future__ import annotations
@@ -107,6 +110,80 @@ class Trickle:
         self.socks[i] = None if self.reopen else False
 
 
+TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
+
+
+class NonReaders:
+    """`count` connections that each pipeline `pipelined` GETs of the dashboard's stylesheet and read no answer.
+
+    A connection the host closes is opened again when `reopen` (as an attacker would); `closes` records the
+    seconds each was open. That the host closed one is seen in the socket's TCP state (Linux), without reading.
+    """
+
+    REQUEST = b"GET /static/dashboard.css HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    def __init__(self, port: int, count: int, pipelined: int = 3000, reopen: bool = True, interval: float = 0.1):
+        self.port = port
+        self.pipelined = pipelined
+        self.reopen = reopen
+        self.interval = interval
+        self.socks: list = [None] * count
+        self.unsent = [b""] * count
+        self.opened_at = [0.0] * count
+        self.closes: list[float] = []
+        self.connected = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def __enter__(self) -> "NonReaders":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            if s:
+                s.close()
+
+    def open(self, i: int) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # take as little of the answers as TCP lets us
+        s.settimeout(5)
+        s.connect(("127.0.0.1", self.port))
+        s.setblocking(False)
+        self.socks[i], self.unsent[i], self.opened_at[i] = s, self.REQUEST * self.pipelined, time.monotonic()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for i, s in enumerate(self.socks):
+                if s is None:
+                    try:
+                        self.open(i)
+                    except OSError:
+                        continue
+                elif s and not self.push(i):
+                    self.closes.append(time.monotonic() - self.opened_at[i])
+                    s.close()
+                    self.socks[i] = None if self.reopen else False
+            self.connected.set()
+            self.stop.wait(self.interval)
+
+    def push(self, i: int) -> bool:
+        """Send what the host will take of the requests; False once the host has closed the connection."""
+        s = self.socks[i]
+        if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
+            return False
+        try:
+            sent = s.send(self.unsent[i]) if self.unsent[i] else 0
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        self.unsent[i] = self.unsent[i][sent:]
+        return True
+
+
 def webhooks(port: int, seconds: float, tag: str) -> tuple[list[float], int]:
     """Normal webhooks one after another over keep-alive for `seconds`; latencies and failures."""
     latencies: list[float] = []
@@ -137,6 +214,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slow", type=int, default=20, help="slow clients in the headers and the body phase")
     ap.add_argument("--flood", type=int, default=200, help="slow clients in the flood phase (0: skip it)")
+    ap.add_argument("--readers", type=int, default=16, help="clients in the phase that reads no answer (0: skip)")
     ap.add_argument("--seconds", type=float, default=30, help="length of each phase")
     ap.add_argument("--worker-class", help="a gunicorn worker class instead of the host's (e.g. gthread)")
     ap.add_argument("--short", action="store_true", help="4 s phases, 40 clients in the flood (for CI)")
@@ -147,19 +225,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-slow-"))
     port = free_port()
     host = start_host(work, port, env)
-    phases = [("alone", 0, 0), (f"{args.slow} slow headers", args.slow, 0), (f"{args.slow} slow bodies", 0, args.slow)]
+    phases = [("alone", lambda: Trickle(port, 0, 0)),
+              (f"{args.slow} slow headers", lambda: Trickle(port, args.slow, 0)),
+              (f"{args.slow} slow bodies", lambda: Trickle(port, 0, args.slow))]
     if args.flood:
-        phases.append((f"{args.flood} slow, half each", args.flood // 2, args.flood - args.flood // 2))
+        phases.append((f"{args.flood} slow, half each",
+                       lambda: Trickle(port, args.flood // 2, args.flood - args.flood // 2)))
+    if args.readers:
+        phases.append((f"{args.readers} never reading", lambda: NonReaders(port, args.readers)))
     rows = []
     try:
         wait_up(port)
         webhooks(port, 1.0, "warm")
-        for n, (name, headers, bodies) in enumerate(phases):
-            with Trickle(port, headers, bodies) as trickle:
-                trickle.connected.wait(10)
-                time.sleep(1.0 if headers or bodies else 0)  # let them start trickling
+        for n, (name, clients) in enumerate(phases):
+            with clients() as slow:
+                slow.connected.wait(10)
+                time.sleep(1.0 if n else 0)  # let them start trickling, or be answered until they take no more
                 latencies, failures = webhooks(port, args.seconds, f"p{n}-")
-            rows.append((name, latencies, failures, len(trickle.closes), trickle.answered_408))
+            rows.append((name, latencies, failures, len(slow.closes), getattr(slow, "answered_408", "-")))
     finally:
         host.terminate()
         host.wait(40)
@@ -167,12 +250,13 @@ def main() -> None:
     ms = 1000
     base = pct(rows[0][1], 50)
     print(f"worker: {args.worker_class or 'host default'}; {args.seconds:g} s per phase; webhooks sequential over "
-          f"keep-alive, one every {PACE * ms:.0f} ms; slow clients send 1 byte/s and reconnect when closed")
+          f"keep-alive, one every {PACE * ms:.0f} ms; slow clients send 1 byte/s (or read nothing) and "
+          f"reconnect when closed")
     print(f"{'phase':28}{'sent':>6}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}{'p50 ratio':>11}{'closed':>8}{'408s':>6}")
     for name, lat, failures, closed, answered in rows:
         p50 = pct(lat, 50)
         print(f"{name:28}{len(lat):6}{failures:8}{p50 * ms:9.2f}{pct(lat, 99) * ms:9.2f}{p50 / base:10.2f}x"
-              f"{closed:8}{answered:6}")
+              f"{closed:8}{answered!s:>6}")
 
 
 if __name__ == "__main__":

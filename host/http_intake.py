@@ -27,12 +27,15 @@ class HttpLimits:
     max_body: int = 64 * 1024  # bytes of body (the app's MAX_CONTENT_LENGTH)
     max_buffered: int = 16 * 1024 * 1024  # bytes held for unfinished requests, all connections together
     linger: float = 2.0  # seconds a closing connection is drained so the client reads our reply
+    send_timeout: float = 30.0  # seconds a client has to take an answer once it is ready
+    max_unsent: int = 32 * 1024 * 1024  # bytes of answers held for clients not reading them, all together
 
     @classmethod
     def from_settings(cls, settings: Any) -> "HttpLimits":
         from .web import MAX_BODY
         return cls(header_timeout=float(settings.HTTP_HEADER_TIMEOUT_S),
-                   body_timeout=float(settings.HTTP_BODY_TIMEOUT_S), max_body=MAX_BODY)
+                   body_timeout=float(settings.HTTP_BODY_TIMEOUT_S), max_body=MAX_BODY,
+                   send_timeout=float(settings.HTTP_SEND_TIMEOUT_S))
 
 
 @dataclass(frozen=True)
