@@ -28,30 +28,25 @@ PACE = 0.05  # seconds between normal webhooks
 HEAD = b"POST /webhook HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
 
 
-class Trickle:
-    """`headers` + `bodies` connections each sending one byte per `interval`, of headers or of a body.
+class Attack:
+    """`count` hostile connections, run by a thread of their own while in a `with` block.
 
-    A connection the host closes is opened again when `reopen` (as an attacker would); `closes` records,
-    for each close, the kind, the seconds it was open and the first bytes the host answered.
+    Every `interval` each open connection takes its next step; a connection the host closes is opened
+    again when `reopen` (as an attacker would); `closes` records each close.
     """
 
-    def __init__(self, port: int, headers: int, bodies: int, interval: float = 1.0, reopen: bool = True):
+    def __init__(self, port: int, count: int, interval: float, reopen: bool):
         self.port = port
         self.interval = interval
         self.reopen = reopen
-        self.kinds = ["headers"] * headers + ["body"] * bodies
-        self.socks: list = [None] * len(self.kinds)
-        self.opened_at = [0.0] * len(self.kinds)
-        self.closes: list[tuple[str, float, bytes]] = []
+        self.socks: list = [None] * count
+        self.opened_at = [0.0] * count
+        self.closes: list = []
         self.connected = threading.Event()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
-    @property
-    def answered_408(self) -> int:
-        return sum(reply.startswith(b"HTTP/1.1 408") for _, _, reply in self.closes)
-
-    def __enter__(self) -> "Trickle":
+    def __enter__(self) -> "Attack":
         self.thread.start()
         return self
 
@@ -62,112 +57,119 @@ class Trickle:
             if s:
                 s.close()
 
-    def open(self, i: int) -> None:
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for i, s in enumerate(self.socks):
+                if s is None:
+                    try:
+                        self.socks[i] = self.open(i)
+                    except OSError:
+                        continue
+                    self.opened_at[i] = time.monotonic()
+                elif s:
+                    self.step(i)
+            self.connected.set()
+            self.pause()
+
+    def drop(self, i: int) -> float:
+        """Close connection i (the host closed it); the seconds it was open."""
+        self.socks[i].close()
+        self.socks[i] = None if self.reopen else False
+        return time.monotonic() - self.opened_at[i]
+
+    def open(self, i: int) -> socket.socket:
+        raise NotImplementedError
+
+    def step(self, i: int) -> None:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        self.stop.wait(self.interval)
+
+
+class Trickle(Attack):
+    """`headers` + `bodies` connections each sending one byte per `interval`, of headers or of a body;
+    `closes` holds, for each close, the kind, the seconds it was open and the first bytes the host answered.
+    """
+
+    def __init__(self, port: int, headers: int, bodies: int, interval: float = 1.0, reopen: bool = True):
+        self.kinds = ["headers"] * headers + ["body"] * bodies
+        self.sel = selectors.DefaultSelector()
+        super().__init__(port, len(self.kinds), interval, reopen)
+
+    @property
+    def answered_408(self) -> int:
+        return sum(reply.startswith(b"HTTP/1.1 408") for _, _, reply in self.closes)
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.sel.close()
+
+    def open(self, i: int) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         s.setblocking(False)
         if self.kinds[i] == "body":  # the whole head at once, then the body a byte at a time
             s.send(HEAD + b"Content-Length: 10000\r\n\r\n")
         else:
             s.send(HEAD + b"X-Pad: ")
-        self.socks[i] = s
-        self.opened_at[i] = time.monotonic()
+        self.sel.register(s, selectors.EVENT_READ, i)
+        return s
 
-    def run(self) -> None:
-        sel = selectors.DefaultSelector()
-        while not self.stop.is_set():
-            for i, s in enumerate(self.socks):
-                if s is None:
-                    try:
-                        self.open(i)
-                    except OSError:
-                        continue
-                    sel.register(self.socks[i], selectors.EVENT_READ, i)
-                elif s:
-                    try:
-                        s.send(b"a")
-                    except OSError:
-                        self.drop(sel, i, b"")
-            self.connected.set()
-            deadline = time.monotonic() + self.interval
-            while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
-                for key, _ in sel.select(min(left, 0.1)):
-                    self.read(sel, key.data)
-        sel.close()
+    def step(self, i: int) -> None:
+        try:
+            self.socks[i].send(b"a")
+        except OSError:
+            self.closed(i, b"")
 
-    def read(self, sel: selectors.BaseSelector, i: int) -> None:
+    def pause(self) -> None:
+        """Read what the host answers until the next step."""
+        deadline = time.monotonic() + self.interval
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in self.sel.select(min(left, 0.1)):
+                self.read(key.data)
+
+    def read(self, i: int) -> None:
         try:
             data = self.socks[i].recv(4096)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        self.drop(sel, i, data)
+        self.closed(i, data)
 
-    def drop(self, sel: selectors.BaseSelector, i: int, reply: bytes) -> None:
-        self.closes.append((self.kinds[i], time.monotonic() - self.opened_at[i], reply))
-        sel.unregister(self.socks[i])
-        self.socks[i].close()
-        self.socks[i] = None if self.reopen else False
+    def closed(self, i: int, reply: bytes) -> None:
+        self.sel.unregister(self.socks[i])
+        self.closes.append((self.kinds[i], self.drop(i), reply))
 
 
 TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
 
 
-class NonReaders:
-    """`count` connections that each pipeline `pipelined` GETs of the dashboard's stylesheet and read no answer.
-
-    A connection the host closes is opened again when `reopen` (as an attacker would); `closes` records the
-    seconds each was open. That the host closed one is seen in the socket's TCP state (Linux), without reading.
+class NonReaders(Attack):
+    """`count` connections that each pipeline `pipelined` GETs of the dashboard's stylesheet and read no answer;
+    `closes` holds the seconds each was open. That the host closed one is seen in the socket's TCP state
+    (Linux), without reading.
     """
 
     REQUEST = b"GET /static/dashboard.css HTTP/1.1\r\nHost: bench\r\n\r\n"
 
     def __init__(self, port: int, count: int, pipelined: int = 3000, reopen: bool = True, interval: float = 0.1):
-        self.port = port
-        self.pipelined = pipelined
-        self.reopen = reopen
-        self.interval = interval
-        self.socks: list = [None] * count
+        super().__init__(port, count, interval, reopen)
         self.unsent = [b""] * count
-        self.opened_at = [0.0] * count
-        self.closes: list[float] = []
-        self.connected = threading.Event()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.requests = self.REQUEST * pipelined
 
-    def __enter__(self) -> "NonReaders":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        for s in self.socks:
-            if s:
-                s.close()
-
-    def open(self, i: int) -> None:
+    def open(self, i: int) -> socket.socket:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # take as little of the answers as TCP lets us
         s.settimeout(5)
         s.connect(("127.0.0.1", self.port))
         s.setblocking(False)
-        self.socks[i], self.unsent[i], self.opened_at[i] = s, self.REQUEST * self.pipelined, time.monotonic()
+        self.unsent[i] = self.requests
+        return s
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for i, s in enumerate(self.socks):
-                if s is None:
-                    try:
-                        self.open(i)
-                    except OSError:
-                        continue
-                elif s and not self.push(i):
-                    self.closes.append(time.monotonic() - self.opened_at[i])
-                    s.close()
-                    self.socks[i] = None if self.reopen else False
-            self.connected.set()
-            self.stop.wait(self.interval)
+    def step(self, i: int) -> None:
+        if not self.push(i):
+            self.closes.append(self.drop(i))
 
     def push(self, i: int) -> bool:
         """Send what the host will take of the requests; False once the host has closed the connection."""

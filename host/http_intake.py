@@ -133,10 +133,11 @@ class Intake:
                                f"found more")
             return None
         self.head_len = end + 4
-        headers = self._parse_head(bytes(self.pending[:self.head_len]))
-        if headers is None:
+        request = self._parse_head(bytes(self.pending[:self.head_len]))
+        if request is None:
             self.need = -1
             return None
+        headers = {name: value for name, value in request.headers}
         if "TRANSFER-ENCODING" in headers:
             return Refusal(411, "Length Required", "Transfer-Encoding is not accepted: expected a body with a "
                                                    "Content-Length header, found Transfer-Encoding: "
@@ -148,13 +149,12 @@ class Intake:
         self.need = length
         self.deadline = now + self.limits.body_timeout
         got = len(self.pending) - self.head_len
-        self.continue_due = (length > got and headers.get("EXPECT", "").lower() == "100-continue")
+        self.continue_due = length > got and request._expected_100_continue  # gunicorn's reading (not HTTP/1.0)
         return None
 
-    def _parse_head(self, head: bytes) -> Optional[dict[str, str]]:
-        """The head's headers as gunicorn's parser reads them (upper-case names), or None if it rejects them."""
+    def _parse_head(self, head: bytes) -> Any:
+        """The head as gunicorn's parser reads it (headers with upper-case names), or None if it rejects it."""
         try:
-            request = next(RequestParser(self.cfg, [head], self.client))
+            return next(RequestParser(self.cfg, [head], self.client))
         except Exception:  # any parse error: the thread's parser raises the same one and answers it
             return None
-        return {name: value for name, value in request.headers}

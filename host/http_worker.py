@@ -36,6 +36,8 @@ EXPIRY_EVERY = 0.1  # seconds between passes over the connections being read
 REPORT_EVERY = 60.0  # seconds between log lines that count refused connections
 DRAIN_MAX = 64 * 1024  # bytes read and dropped from a closing connection before it is cut
 MIN_AGE = 0.25  # seconds a connection is read before the connection limit may shed it (a fast request is in)
+SEND_BUFFER = 128 * 1024  # kernel send buffer of a client socket (Linux doubles it); its autotuning would let
+#                           each client that reads nothing pin ~4 MB of kernel memory, all TCP's on pressure
 
 
 class Released:
@@ -136,6 +138,10 @@ class BufferingThreadWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
+        try:
+            client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:
+            pass  # best effort: the answers are bounded in our memory all the same
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
         conn.intake = Intake(self.cfg, client_addr, self.limits)
         conn.released = Released()
