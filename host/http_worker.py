@@ -233,6 +233,7 @@ class BufferingThreadWorker(ThreadWorker):
         """gthread's handle, with the connection's Outbox standing in for its socket while the thread runs."""
         if self.reason_plain:
             return super().handle(conn)
+        conn.sock.setblocking(False)  # already so; the Outbox must never wait on it
         sock, conn.sock = conn.sock, conn.outbox
         try:
             return super().handle(conn)
