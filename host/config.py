@@ -171,6 +171,8 @@ VARS: tuple[Var, ...] = (
         "or the connection is answered 408 and closed (slow clients hold no thread meanwhile)"),
     Var("HTTP_BODY_TIMEOUT_S", _int(1, 600), "20", "a request's body must arrive within this many seconds "
         "after its headers, or the connection is answered 408 and closed"),
+    Var("HTTP_SEND_TIMEOUT_S", _int(1, 600), "30", "a client must take each answer within this many seconds "
+        "of it being ready, or the connection is closed (answers wait in memory, not in a thread)"),
     Var("WEBHOOK_SECRET", _secret(8), None, "secret_key every alert must carry", aliases=("WEBHOOK_SECRET_KEY",), secret=True),
     Var("DASHBOARD_PASSWORD", _secret(8), None, "dashboard login password", secret=True),
     Var("API_TOKEN", _secret(16), None, "Bearer token for /api", secret=True),

@@ -27,12 +27,15 @@ class HttpLimits:
     max_body: int = 64 * 1024  # bytes of body (the app's MAX_CONTENT_LENGTH)
     max_buffered: int = 16 * 1024 * 1024  # bytes held for unfinished requests, all connections together
     linger: float = 2.0  # seconds a closing connection is drained so the client reads our reply
+    send_timeout: float = 30.0  # seconds a client has to take an answer once it is ready
+    max_unsent: int = 32 * 1024 * 1024  # bytes of answers held for clients not reading them, all together
 
     @classmethod
     def from_settings(cls, settings: Any) -> "HttpLimits":
         from .web import MAX_BODY
         return cls(header_timeout=float(settings.HTTP_HEADER_TIMEOUT_S),
-                   body_timeout=float(settings.HTTP_BODY_TIMEOUT_S), max_body=MAX_BODY)
+                   body_timeout=float(settings.HTTP_BODY_TIMEOUT_S), max_body=MAX_BODY,
+                   send_timeout=float(settings.HTTP_SEND_TIMEOUT_S))
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,11 @@ class Intake:
                                f"found more")
             return None
         self.head_len = end + 4
-        headers = self._parse_head(bytes(self.pending[:self.head_len]))
-        if headers is None:
+        request = self._parse_head(bytes(self.pending[:self.head_len]))
+        if request is None:
             self.need = -1
             return None
+        headers = {name: value for name, value in request.headers}
         if "TRANSFER-ENCODING" in headers:
             return Refusal(411, "Length Required", "Transfer-Encoding is not accepted: expected a body with a "
                                                    "Content-Length header, found Transfer-Encoding: "
@@ -145,13 +149,12 @@ class Intake:
         self.need = length
         self.deadline = now + self.limits.body_timeout
         got = len(self.pending) - self.head_len
-        self.continue_due = (length > got and headers.get("EXPECT", "").lower() == "100-continue")
+        self.continue_due = length > got and request._expected_100_continue  # gunicorn's reading (not HTTP/1.0)
         return None
 
-    def _parse_head(self, head: bytes) -> Optional[dict[str, str]]:
-        """The head's headers as gunicorn's parser reads them (upper-case names), or None if it rejects them."""
+    def _parse_head(self, head: bytes) -> Any:
+        """The head as gunicorn's parser reads it (headers with upper-case names), or None if it rejects it."""
         try:
-            request = next(RequestParser(self.cfg, [head], self.client))
+            return next(RequestParser(self.cfg, [head], self.client))
         except Exception:  # any parse error: the thread's parser raises the same one and answers it
             return None
-        return {name: value for name, value in request.headers}

@@ -1,11 +1,16 @@
-"""The gunicorn worker: gthread, but a thread only ever sees a request that is already whole in memory.
+"""The gunicorn worker: gthread, but a thread only ever sees a request that is already whole in memory,
+and never waits for a client to take its answer.
 
 gunicorn's gthread worker gives a connection to a thread as soon as its first byte arrives; the thread
-then blocks reading the rest, so eight clients sending a byte a second hold all eight threads.
+then blocks reading the rest, so eight clients sending a byte a second hold all eight threads; and it
+blocks writing the answer, so eight clients that do not read hold them too.
 Here the worker's own selector loop reads every request (head, then Content-Length body) without
 blocking, under a header and a body deadline, and submits it to the thread pool only when it is
-complete. A thread never reads the socket: its parser reads the buffered bytes. Slow connections
-cost a little memory and a file descriptor, both bounded, and are answered 408 at their deadline.
+complete. A thread never reads the socket: its parser reads the buffered bytes. It writes its answer
+to an Outbox (host/http_outbox.py): what the socket does not take at once, the loop sends, under a
+send deadline; the connection's next request is read only once the answer is out (pipelined answers
+stay in order, and a client that does not read gets nothing more done). Slow connections cost a
+little memory and a file descriptor, both bounded; late requests are answered 408, late readers closed.
 Written against gunicorn 27's gthread (setup.py pins it).
 """
 from __future__ import annotations
@@ -24,12 +29,15 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .http_intake import CONTINUE, HttpLimits, Intake, Ready, Refusal
+from .http_outbox import Outbox
 
 FD_RESERVE = 256  # descriptors kept for the engine, SQLite, the broker and Telegram, whatever clients do
 EXPIRY_EVERY = 0.1  # seconds between passes over the connections being read
 REPORT_EVERY = 60.0  # seconds between log lines that count refused connections
 DRAIN_MAX = 64 * 1024  # bytes read and dropped from a closing connection before it is cut
 MIN_AGE = 0.25  # seconds a connection is read before the connection limit may shed it (a fast request is in)
+SEND_BUFFER = 128 * 1024  # kernel send buffer of a client socket (Linux doubles it); its autotuning would let
+#                           each client that reads nothing pin ~4 MB of kernel memory, all TCP's on pressure
 
 
 class Released:
@@ -70,7 +78,9 @@ class BufferingThreadWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.reason_plain = unsupported(self.cfg)
         self.reading: dict[TConn, None] = {}  # connections being read (or drained), oldest first
-        self.buffered = 0
+        self.writing: dict[TConn, None] = {}  # connections whose answer the loop is sending, oldest first
+        self.buffered = 0  # bytes of requests held, all connections together
+        self.unsent = 0  # bytes of answers held for the loop to send, all connections together
         self.refused: Counter = Counter()
         self.next_expiry = 0.0
         self.next_report = time.monotonic() + REPORT_EVERY
@@ -128,10 +138,15 @@ class BufferingThreadWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
+        try:
+            client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:
+            pass  # best effort: the answers are bounded in our memory all the same
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
         conn.intake = Intake(self.cfg, client_addr, self.limits)
         conn.released = Released()
         conn.parser = RequestParser(self.cfg, conn.released, client_addr)
+        conn.outbox = Outbox(client_sock)
         conn.data_ready = True  # the thread must not wait on the socket: its parser reads `released`
         self._read_next(conn)
         self._make_room()
@@ -139,7 +154,8 @@ class BufferingThreadWorker(ThreadWorker):
     def _make_room(self) -> None:
         """At the connection limit, shed requests that are still unfinished after MIN_AGE; otherwise gthread
         stops accepting until there is room (new connections wait in the listen backlog)."""
-        while self.nr_conns >= self.worker_connections and self._evict(min_age=MIN_AGE):
+        while self.nr_conns >= self.worker_connections and (self._evict(min_age=MIN_AGE)
+                                                            or self._evict(min_age=MIN_AGE, writers=True)):
             self.refused["connection limit"] += 1
 
     def enqueue_req(self, conn: TConn) -> None:
@@ -167,6 +183,7 @@ class BufferingThreadWorker(ThreadWorker):
 
     def _unwatch(self, conn: TConn) -> None:
         self.reading.pop(conn, None)
+        self.writing.pop(conn, None)
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
@@ -210,7 +227,25 @@ class BufferingThreadWorker(ThreadWorker):
             intake.continue_due = False
             self._send(conn, CONTINUE)
 
-    # connections go out ----------------------------------------------------------------------------
+    # a thread serves the request -------------------------------------------------------------------
+
+    def handle(self, conn: TConn) -> Any:
+        """gthread's handle, with the connection's Outbox standing in for its socket while the thread runs."""
+        if self.reason_plain:
+            return super().handle(conn)
+        conn.sock.setblocking(False)  # already so; the Outbox must never wait on it
+        sock, conn.sock = conn.sock, conn.outbox
+        try:
+            return super().handle(conn)
+        finally:
+            conn.sock = sock
+
+    def handle_request(self, req: Any, conn: TConn) -> Any:
+        if not self.reason_plain:
+            req._expected_100_continue = False  # the loop sent "100 Continue" while it waited for the body
+        return super().handle_request(req, conn)
+
+    # answers go out ---------------------------------------------------------------------------------
 
     def finish_request(self, conn: TConn, fs: futures.Future) -> None:
         if self.reason_plain:
@@ -219,6 +254,31 @@ class BufferingThreadWorker(ThreadWorker):
             keep = not fs.cancelled() and fs.result() is True and conn.trusted
         except Exception:
             keep = False
+        outbox = conn.outbox
+        if not outbox.data:
+            return self._answered(conn, fs, keep)
+        now = time.monotonic()
+        outbox.started = now
+        outbox.deadline = min(now + self.limits.send_timeout, max(self.stop_deadline, now + self.limits.linger))
+        self.unsent += len(outbox.data)
+        self.writing[conn] = None
+        conn.sock.setblocking(False)
+        self.poller.register(conn.sock, selectors.EVENT_WRITE, partial(self._on_writable, conn, fs, keep))
+        while self.unsent > self.limits.max_unsent and self._evict(min_age=0.0, writers=True):
+            self.refused["answer memory limit"] += 1
+
+    def _on_writable(self, conn: TConn, fs: futures.Future, keep: bool, _fileobj: Any) -> None:
+        try:
+            sent = conn.outbox.flush()
+        except OSError:
+            return self._close(conn)
+        self.unsent -= sent
+        if not conn.outbox.data:
+            self._unwatch(conn)
+            self._answered(conn, fs, keep)
+
+    def _answered(self, conn: TConn, fs: futures.Future, keep: bool) -> None:
+        """The answer is out: read the next request, keep the connection alive, or close it."""
         if not keep:
             self._linger(conn)  # gthread's graceful close would block this loop for up to 2 s
         elif conn.intake.pending:
@@ -255,20 +315,25 @@ class BufferingThreadWorker(ThreadWorker):
         self._unwatch(conn)
         self.buffered -= len(conn.intake.pending)
         conn.intake.pending.clear()
+        self.unsent -= len(conn.outbox.data)
+        conn.outbox.data.clear()
         self.nr_conns -= 1
         conn.close()
 
-    def _evict(self, min_age: float) -> bool:
-        """Close one connection still being read: one already closing, else the oldest read for at least
-        `min_age` s, from the address that holds the most (a fast client's request is in within ms)."""
+    def _evict(self, min_age: float, writers: bool = False) -> bool:
+        """Close one connection still being read (with `writers`: whose answer is still being sent): one
+        already closing, else the oldest read (or sent to) for at least `min_age` s, from the address that
+        holds the most (a fast client's request is in within ms, and it takes its answer as fast)."""
+        pool = self.writing if writers else self.reading
+        since = (lambda c: c.outbox.started) if writers else (lambda c: c.intake.started)
         now = time.monotonic()
         counts: Counter = Counter()
-        for conn in self.reading:
+        for conn in pool:
             if conn.intake.closing:
                 self._close(conn)
                 return True
             counts[_address(conn)] += 1
-        aged = [c for c in self.reading if now - c.intake.started >= min_age]
+        aged = [c for c in pool if now - since(c) >= min_age]
         if not aged:
             return False
         self._close(max(aged, key=lambda c: counts[_address(c)]))  # max() keeps the oldest among equals
@@ -283,6 +348,8 @@ class BufferingThreadWorker(ThreadWorker):
             self.stop_deadline = now + self.limits.linger
             for conn in self.reading:
                 conn.intake.deadline = min(conn.intake.deadline, self.stop_deadline)
+            for conn in self.writing:
+                conn.outbox.deadline = min(conn.outbox.deadline, self.stop_deadline)
         if now >= self.next_expiry:
             self.next_expiry = now + EXPIRY_EVERY
             self._expire(now)
@@ -292,6 +359,9 @@ class BufferingThreadWorker(ThreadWorker):
             self._report()
 
     def _expire(self, now: float) -> None:
+        for conn in [c for c in self.writing if c.outbox.deadline <= now]:
+            self.refused["answer not taken in time"] += 1
+            self._close(conn)  # mid-answer: nothing more can be said on this connection
         for conn in [c for c in self.reading if c.intake.deadline <= now]:
             intake = conn.intake
             if intake.closing or (intake.head_len is None and not intake.pending):
@@ -303,5 +373,6 @@ class BufferingThreadWorker(ThreadWorker):
     def _report(self) -> None:
         if self.refused:
             counts = ", ".join(f"{n} {why}" for why, n in self.refused.most_common())
-            self.log.warning("slow or oversized requests in the last %d s: %s", REPORT_EVERY, counts)
+            self.log.warning("slow or oversized requests, or answers not taken, in the last %d s: %s",
+                             REPORT_EVERY, counts)
             self.refused.clear()

@@ -87,3 +87,10 @@ def test_expect_100_continue_is_due_only_while_the_body_is_missing():
     assert feed(i, head) is None and i.continue_due
     i = intake()
     assert feed(i, head + b"abc") == Ready(len(head) + 3) and not i.continue_due
+
+
+def test_expect_100_continue_from_an_http_1_0_client_is_ignored():
+    """RFC 9110 section 10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored."""
+    head = b"POST / HTTP/1.0\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"
+    i = intake()
+    assert feed(i, head) is None and not i.continue_due

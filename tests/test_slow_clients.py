@@ -19,10 +19,10 @@ from serverproc import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from slow_clients import Trickle  # noqa: E402  (the bench's slow clients, so test and bench agree)
+from slow_clients import NonReaders, Trickle  # noqa: E402  (the bench's slow clients, so test and bench agree)
 
 pytestmark = pytest.mark.slow
-TIMEOUTS = {"HTTP_HEADER_TIMEOUT_S": "2", "HTTP_BODY_TIMEOUT_S": "2"}
+TIMEOUTS = {"HTTP_HEADER_TIMEOUT_S": "2", "HTTP_BODY_TIMEOUT_S": "2", "HTTP_SEND_TIMEOUT_S": "2"}
 
 
 @pytest.fixture
@@ -107,6 +107,48 @@ def test_clients_that_never_close_after_connection_close_do_not_stall_the_host(s
         for c in idle:
             c.close()
     assert max(took) < 1.0, took
+
+
+def test_clients_that_never_read_their_answers_hold_no_thread_and_are_closed_after_the_send_timeout(server):
+    """Ten connections pipeline ~140 KB of GETs each and read nothing: their answers wait in the worker's
+    memory, not in a thread blocked writing, and each connection is closed once an answer is stuck for 2 s."""
+    s = server()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    with NonReaders(s.port, 10, reopen=False) as hogs:
+        assert hogs.connected.wait(5)
+        time.sleep(1.0)  # every one has been answered until its socket took no more
+        took = [_timed_webhook(s.url, secret, n) for n in range(3)]
+        assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
+        assert not hogs.closes  # still open meanwhile
+        wait_for(lambda: len(hogs.closes) == 10, timeout=10)
+    assert max(took) < 1.0, took
+    assert all(1.5 < t < 6 for t in hogs.closes), hogs.closes
+    assert "Traceback" not in s.output()
+
+
+def test_a_client_that_reads_late_gets_every_pipelined_answer_whole_and_in_order(server):
+    s = server()
+    css = requests.get(s.url + "/static/dashboard.css", timeout=5).content
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+        c.sendall(b"GET /static/dashboard.css HTTP/1.1\r\nHost: h\r\n\r\n" * 80
+                  + b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        time.sleep(1.0)  # half the send timeout: the answers (880 KB, more than both sockets hold) wait for us
+        replies = _read_all(c)
+    assert replies.count(css) == 80 and len(css) > 10000
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", replies) == [b"200"] * 81
+    assert replies.rindex(css) < replies.rindex(b"HTTP/1.1 200")  # the health check's answer comes last
+
+
+def test_expect_100_continue_gets_one_interim_answer(server):
+    s = server()
+    body = json.dumps(_alert(s.secrets()["WEBHOOK_SECRET"], 7)).encode()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+        c.sendall(b"POST /webhook HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert c.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        c.sendall(body)
+        replies = _read_all(c)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", replies) == [b"200"], replies
 
 
 def test_keep_alive_pipelining_and_the_refusals_a_thread_never_sees(server):
