@@ -302,12 +302,9 @@ def test_positions_api_and_pages_show_the_protection(paper, host_factory):
     assert "trigger ₹40.00" in orders
 
 
-def test_plugins_protect_through_ctx_protect_and_a_reload_keeps_it(host_factory, data_dir):
-    plugins = data_dir.parent / "plugins" / "strategies"
-    plugins.mkdir(parents=True, exist_ok=True)
-    source = '''
+GUARDED = '''
 from host import hookimpl
-from host.models import Intent, ExecutionType
+from host.models import Intent
 
 @hookimpl
 def strategy_meta():
@@ -317,7 +314,13 @@ def strategy_meta():
 def strategy_on_alert(ctx, alert):
     return [ctx.protect(Intent(**{k: v for k, v in vars(l).items() if k != "protection"}, action=alert.execution_type),
                         stop_loss_points="2.5", target_points="3") for l in alert.legs]
-'''
+'''  # a strategy that protects every leg through ctx.protect
+
+
+def test_plugins_protect_through_ctx_protect_and_a_reload_keeps_it(host_factory, data_dir):
+    plugins = data_dir.parent / "plugins" / "strategies"
+    plugins.mkdir(parents=True, exist_ok=True)
+    source = GUARDED
     (plugins / "guarded.py").write_text(source.replace("VERSION", "1.0"))
     h = host_factory(TRAIL_MIN_INTERVAL_S=0)
     h.tick("42.5")
@@ -778,19 +781,7 @@ def test_a_hot_reload_under_gunicorn_keeps_the_protection(tmp_path):
     from test_e2e_gunicorn import _alert
     folder = tmp_path / "plugins" / "strategies"
     folder.mkdir(parents=True)
-    source = '''
-from host import hookimpl
-from host.models import Intent
-
-@hookimpl
-def strategy_meta():
-    return {"name": "guarded", "version": "VERSION", "api_version": 1}
-
-@hookimpl
-def strategy_on_alert(ctx, alert):
-    return [ctx.protect(Intent(**{k: v for k, v in vars(l).items() if k != "protection"}, action=alert.execution_type),
-                        stop_loss_points="2.5", target_points="3") for l in alert.legs]
-'''
+    source = GUARDED
     (folder / "guarded.py").write_text(source.replace("VERSION", "1.0"))
     s = ServerProcess(tmp_path).start()
     try:
