@@ -205,7 +205,8 @@ class Runtime:
         self._learn_freezes(wanted)
         return ShoonyaFeed(self.broker, wanted, engine.on_ticks, engine.on_broker_update,
                            stall_s=self.settings.FEED_STALL_S,
-                           market_open=lambda: any(clock.is_open(ex, self.now()) for ex in ("NSE", "MCX")),
+                           market_open=lambda: any(clock.is_open(ex, self.now())  # the exchanges we watch
+                                                   for ex in ({ex for ex, _ in wanted()} or {"NSE"})),
                            emit=lambda kind, message, severity: self._emit(kind, message, severity, None, None),
                            on_open=engine.request_reconcile)
 

@@ -97,6 +97,8 @@ class ShoonyaFeed:
                 if self.opens and now - last_refresh > 2.0:
                     last_refresh = now
                     self._subscribe(resubscribe=False)
+                if self._session_expired():
+                    continue  # one event already said so; the feed comes back after the login
                 if self.opens and now - self.last_frame > self.stall_s and self.market_open():
                     self._reconnect(f"no frame for {now - self.last_frame:.0f} s")
                 elif self._reopen_by and now > self._reopen_by:
@@ -129,7 +131,14 @@ class ShoonyaFeed:
             self._restart_socket()
         elif kind == "closed":
             self._reopen_by = time.monotonic() + 5.0
+            if self._session_expired():  # the broker ended the session: said once, as broker_session_expired
+                log.debug("feed closed while the broker session is expired")
+                return
             self.emit("feed_disconnected", "broker feed disconnected; the library reconnects", "warning")
+
+    def _session_expired(self) -> bool:
+        """The broker said the session is over: reconnecting cannot work until the trader logs in again."""
+        return bool(getattr(self.broker, "session_expired", False))
 
     def _instrument(self, exchange: str, symbol: str) -> Any:
         find = getattr(self.broker, "instrument", None)  # the symbol file, or found with SearchScrip
