@@ -30,6 +30,8 @@ def _load(env: Optional[str], generate: bool = False) -> Settings:
         print(f"configuration problems ({len(e.problems)}):", file=sys.stderr)
         for p in e.problems:
             print(f"  {p}", file=sys.stderr)
+        for w in e.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         print("run `strategy-host check --env FILE` after fixing them", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -41,6 +43,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.env or 'environment'}: {len(e.problems)} problem(s)")
         for p in e.problems:
             print(f"  {p}")
+        for w in e.warnings:
+            print(f"warning: {w}")
+        return 1
+    from .broker_mode import mode_problem
+    mixed = mode_problem(settings.BROKER, settings.db_path, settings.data_dir)
+    if mixed:
+        print(f"{args.env or 'environment'}: 1 problem(s)\n  {mixed}")
         return 1
     for w in settings.warnings:
         print(f"warning: {w}")
@@ -126,7 +135,11 @@ def _earlier_run(settings: Settings) -> list:
 def _database_problem(settings: Settings, marks: list, new_database: bool) -> str:
     """Why the database must not be used (one paragraph), or "" once it is checked and migrated."""
     from .backup import folder_of
+    from .broker_mode import mode_problem, record_mode
     from .storage import DatabaseUnusable, Storage, StorageFull, database_is_empty, refuse_lost_database
+    mixed = mode_problem(settings.BROKER, settings.db_path, settings.data_dir)
+    if mixed:
+        return mixed
     try:
         refuse_lost_database(settings.db_path, marks, new_database)
         existed = not database_is_empty(settings.db_path)
@@ -136,6 +149,7 @@ def _database_problem(settings: Settings, marks: list, new_database: bool) -> st
             storage.write(lambda db: Storage.add_event(
                 db, "database", f"started with a new, empty database (--new-database) in {settings.data_dir}",
                 "warning"))
+        record_mode(storage, settings.BROKER)
         storage.close()
         if new_database and existed:
             print(f"note: {settings.db_path} is in use and intact; --new-database changes nothing", file=sys.stderr)

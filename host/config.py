@@ -22,8 +22,9 @@ SECRET_NAMES = ("WEBHOOK_SECRET", "DASHBOARD_PASSWORD", "API_TOKEN")
 class ConfigError(Exception):
     """The configuration has problems; each one names the variable."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], warnings: tuple[str, ...] = ()):
         self.problems = problems
+        self.warnings = warnings  # shown with the problems, so fixing them reveals nothing new
         super().__init__("; ".join(str(p) for p in problems))
 
 
@@ -332,6 +333,11 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
             problems.append(finding)
         else:
             warnings.append(f"{finding}; {consequence}")
+    for finding, consequence in env_overrides(env_file, environ):
+        if finding.field.startswith(REFUSED_PREFIX):
+            problems.append(finding)
+        else:
+            warnings.append(f"{finding}; {consequence}")
     if env_file:
         p = Path(env_file)
         if not p.is_file():
@@ -359,7 +365,13 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
         _write_secrets(secrets_file, {n: raw[n] for n in missing})
         generated = missing
     values: dict[str, Any] = {}
+    later = [n for n in missing if strict and not generate_secrets]  # `check`: `run` makes them, not a problem
+    warnings += [f"{n} is not set: `run` generates one into {secrets_file} (mode 0600) on its first start"
+                 for n in later]
     for var in VARS:
+        if var.name in later:
+            values[var.name] = ""
+            continue
         text = raw.get(var.name, var.default)
         if text is None:
             problems.append(Problem(var.name, f"a value ({var.doc})", "nothing (variable not set)"))
@@ -376,8 +388,15 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
     if values.get("BROKER") == "shoonya":
         problems += _live_problems(values)
     problems += _telegram_problems(values)
+    for name in placeholder_secrets(values):
+        finding = Problem(name, "a secret of your own (`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
+                          "an example placeholder from the docs, which anyone can read")
+        if strict or values.get("BROKER") == "shoonya":
+            problems.append(finding)
+        else:
+            warnings.append(f"{finding}; paper mode runs with it, live mode refuses it")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, tuple(warnings))
     return Settings(values=values, source=env_file, warnings=tuple(warnings), generated_secrets=tuple(generated))
 
 
@@ -450,9 +469,13 @@ def doubtful_names(env_file: Optional[str], environ: Mapping[str, str]) -> list[
             [(k, "in the environment") for k in sorted(environ) if k.startswith(ENV_PREFIXES) and k not in in_file]
     for name, where in names:
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            close = [name.upper()] if name.upper() in known else \
+                difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
             found.append((UnknownSetting(name, "a setting the host knows", where, close[0] if close else ""),
                           "it is ignored"))
+    for name, lines in duplicate_keys(env_file).items():
+        found.append((Problem(name, "one line per setting", f"lines {', '.join(map(str, lines[:-1]))} and {lines[-1]} of {env_file}"),
+                      f"the last one (line {lines[-1]}) is used"))
     merged = {**{k: (v or "") for k, v in in_file.items()}, **environ}
     for var in VARS:
         keys = [k for k in (var.name, *var.aliases) if k in merged]
@@ -469,3 +492,54 @@ def private_files(values: Mapping[str, Any]) -> list[Path]:
     db = Path(values.get("ORDERS_DB_PATH") or data_dir / "host.sqlite")
     paper = data_dir / "paper.sqlite"
     return [f.with_name(f.name + s) for f in (db, paper) for s in ("", "-wal", "-shm")] + [data_dir / "shoonya_token.json"]
+
+
+# ---- what the file says is not what runs: the same name twice, the environment over the file, placeholders ----
+
+def duplicate_keys(env_file: Optional[str]) -> dict[str, list[int]]:
+    """Each name given on more than one line of the file, with its line numbers."""
+    if not env_file or not Path(env_file).is_file():
+        return {}
+    lines: dict[str, list[int]] = {}
+    for n, line in enumerate(Path(env_file).read_text(errors="replace").splitlines(), 1):
+        m = re.match(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=", line)
+        if m:
+            lines.setdefault(m.group(1), []).append(n)
+    return {k: v for k, v in lines.items() if len(v) > 1}
+
+
+def env_overrides(env_file: Optional[str], environ: Mapping[str, str]) -> list[tuple[Problem, str]]:
+    """Settings set in both the environment and the file to different values (the environment wins)."""
+    in_file = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
+    found = []
+    for var in VARS:
+        for key in (var.name, *var.aliases):
+            mine, theirs = in_file.get(key), environ.get(key)
+            if mine is None or not (theirs or "").strip() or mine.strip() == theirs.strip():  # an empty one is unused
+                continue
+            shown = ("(hidden: secret)", "(hidden: secret)") if var.secret else (repr(theirs), repr(mine))
+            found.append((Problem(key, f"one value (set it in {env_file} or in the environment, not both)",
+                                  f"{shown[0]} in the environment and {shown[1]} in {env_file}; the environment's "
+                                  f"value {shown[0]} wins"), "the environment's value is used"))
+    return found
+
+
+PLACEHOLDER_MARKS = ("change-me", "changeme", "example", "placeholder", "xxx")
+
+
+def example_values() -> set[str]:
+    """Every value in the shipped config_env/*.example files: published, so never a secret."""
+    folder = Path(__file__).resolve().parent.parent / "config_env"
+    return {v.strip() for f in sorted(folder.glob("*.example")) for v in dotenv_values(f).values() if v and v.strip()}
+
+
+def placeholder_secrets(values: Mapping[str, Any]) -> list[str]:
+    """The secrets whose value is an example placeholder (or any value from a shipped example file)."""
+    published = example_values()
+    out = []
+    for var in VARS:
+        text = str(values.get(var.name) or "") if var.secret else ""
+        low = text.lower()
+        if text and (any(m in low for m in PLACEHOLDER_MARKS) or ("<" in text and ">" in text) or text.strip() in published):
+            out.append(var.name)
+    return out

@@ -154,11 +154,25 @@ class OutsideTrades:
         self._manual_seen = {k: d for k, d in diffs.items() if k not in confirmed}
         for (ex, sym, prod), diff in confirmed.items():
             bp = theirs.get((ex, sym, prod))
-            quote = self.storage.one("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym))
-            price = Decimal(quote["ltp"]) if quote else (bp.avg_price if bp else Decimal("0"))
+            price, basis = self._unexplained_price(ex, sym, prod, bp)
             side = Side.BUY if diff > 0 else Side.SELL
             self.storage.write(lambda db: allocate(
-                db, ex, sym, prod, side, abs(diff), price, "found in the broker's positions (no order in today's "
-                "books explains it)"))
+                db, ex, sym, prod, side, abs(diff), price, f"found in the broker's positions (no order in today's "
+                f"books explains it; priced at {basis}, no fill price is known)"))
             moved = True
         return moved
+
+    def _unexplained_price(self, ex: str, sym: str, prod: str, bp) -> tuple[Decimal, str]:
+        """A price for a change no fill explains, and where it came from: never 0 while anything is known."""
+        quote = self.storage.one("select ltp from quotes where exchange = ? and symbol = ?", (ex, sym))
+        if quote and quote["ltp"] not in (None, "") and Decimal(quote["ltp"]) > 0:
+            return Decimal(quote["ltp"]), "the last traded price"
+        if bp is not None and bp.avg_price:
+            return bp.avg_price, "the broker's average price"
+        own = [(abs(r["net_qty"]), Decimal(r["avg_price"])) for r in self.storage.rows(
+            "select net_qty, avg_price from positions where exchange = ? and symbol = ? and product = ? and "
+            "net_qty != 0 and avg_price is not null and avg_price != ''", (ex, sym, prod))]
+        qty = sum(n for n, _ in own)
+        if qty:
+            return (sum(n * p for n, p in own) / qty).quantize(Decimal("0.01")), "the position's own average price"
+        return Decimal("0"), "0: no price is known for it"

@@ -289,8 +289,8 @@ def test_algo_id_is_a_setting_and_check_shows_the_static_ip_rule(tmp_path, capsy
     from host.config import load
     for k in ("BROKER", "PORT", "DATA_DIR", "ALGO_ID"):
         monkeypatch.delenv(k, raising=False)
-    base = f"DATA_DIR={tmp_path}\nWEBHOOK_SECRET=xxxxxxxxxxxx\nAPI_TOKEN={'t' * 20}\nDASHBOARD_PASSWORD=pppppppp\n"
-    environ = {"DATA_DIR": str(tmp_path), "WEBHOOK_SECRET": "x" * 12, "API_TOKEN": "t" * 20, "DASHBOARD_PASSWORD": "p" * 8}
+    base = f"DATA_DIR={tmp_path}\nWEBHOOK_SECRET=wwwwwwwwwwww\nAPI_TOKEN={'t' * 20}\nDASHBOARD_PASSWORD=pppppppp\n"
+    environ = {"DATA_DIR": str(tmp_path), "WEBHOOK_SECRET": "w" * 12, "API_TOKEN": "t" * 20, "DASHBOARD_PASSWORD": "p" * 8}
     assert load(None, environ=environ).ALGO_ID == ""
     assert load(None, environ={**environ, "ALGO_ID": "GENERIC42"}).ALGO_ID == "GENERIC42"
     env = tmp_path / "live.env"

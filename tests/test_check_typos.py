@@ -11,7 +11,7 @@ from host.cli import main
 from host import config
 from host.config import VARS, ConfigError, load
 
-SECRETS = "WEBHOOK_SECRET=xxxxxxxxxxxx\nAPI_TOKEN=tttttttttttttttttttt\nDASHBOARD_PASSWORD=pppppppp\n"
+SECRETS = "WEBHOOK_SECRET=wwwwwwwwwwww\nAPI_TOKEN=tttttttttttttttttttt\nDASHBOARD_PASSWORD=pppppppp\n"
 
 
 @pytest.fixture(autouse=True)

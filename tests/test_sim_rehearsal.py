@@ -36,7 +36,7 @@ def test_strategy_host_sim_prints_every_variable_a_live_host_needs(tmp_path):
             "SHOONYA_OAUTH_URL", "SHOONYA_SYMBOLS_URL"} <= set(names)
     assert (ROOT / "docs" / "simulator.md").is_file() and "/sim/control" in lines[-1]
     path = tmp_path / "live.env"
-    path.write_text("\n".join(printed) + f"\nDATA_DIR={tmp_path / 'var'}\nWEBHOOK_SECRET=xxxxxxxxxxxx\n"
+    path.write_text("\n".join(printed) + f"\nDATA_DIR={tmp_path / 'var'}\nWEBHOOK_SECRET=wwwwwwwwwwww\n"
                     f"API_TOKEN={'t' * 20}\nDASHBOARD_PASSWORD=pppppppp\n")
     os.chmod(path, 0o600)
     s = load(str(path), environ={}, strict=True)  # `check` finds nothing to say
