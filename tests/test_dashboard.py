@@ -144,6 +144,21 @@ def test_halt_resume_and_exit_all_from_the_risk_page(dash):
 
 
 # ---- pages ----
+def test_the_risk_page_says_what_halt_does_and_a_halt_lets_exits_through(dash):
+    assert dash.post(alert()).status_code == 200
+    dash.settle()
+    assert dash.net() == -75
+    token = csrf_of(dash.client.get("/risk").get_data(as_text=True))
+    dash.client.post("/risk/state", data={"mode": "halted", "csrf_token": token})
+    page = dash.client.get("/risk").get_data(as_text=True)
+    assert "exits included" not in page and "still let exits and reductions through" in page
+    assert dash.post(alert(strategy="s2")).status_code == 423  # an entry is refused
+    r = dash.post(alert("EXIT", direction="BUY", order_type="MKT", price="0"))
+    assert r.status_code == 200 and r.get_json()["orders"], r.get_json()  # what the page says: exits go through
+    dash.settle()
+    assert dash.net() == 0
+
+
 def test_every_page_renders_with_headers_and_no_secret(dash):
     dash.post(alert())
     dash.settle()
