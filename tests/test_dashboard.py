@@ -289,6 +289,16 @@ def test_pnl_panel_labels_zero_warning_limit_and_now(dash):
     assert 'id="pnl-chart-limit"' in html
 
 
+@pytest.mark.parametrize("step,trails", [("0", False), ("100", True)])
+def test_trailing_wording_shows_only_when_the_limit_trails(host_factory, step, trails):
+    h = host_factory(RISK_TRAIL_STEP=step)
+    login(h.client)
+    pnl = h.client.get("/panel/pnl").get_data(as_text=True)
+    limits = h.client.get("/panel/risk").get_data(as_text=True)
+    assert ("trails up with the peak" in pnl) is trails and ("the limit is fixed" in pnl) is not trails
+    assert ("Current limit (trailing)" in limits) is trails and ("Current limit</th>" in limits) is not trails
+
+
 def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
     h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0")
     h.runtime.engine.risk_poll_s = 0.05
