@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +158,15 @@ def test_the_risk_page_says_what_halt_does_and_a_halt_lets_exits_through(dash):
     assert r.status_code == 200 and r.get_json()["orders"], r.get_json()  # what the page says: exits go through
     dash.settle()
     assert dash.net() == 0
+
+
+def test_the_header_says_paper_and_calls_the_refresh_updating_not_live(dash):
+    html = dash.client.get("/").get_data(as_text=True)
+    header = html.split("<header", 1)[1].split("</header>", 1)[0]
+    assert re.search(r'class="mode mode-paper"[^>]*>paper</strong>', header), header
+    assert re.search(r'id="live-status"[^>]*>updating</span>', header) and ">live<" not in header
+    js = (Path(__file__).resolve().parent.parent / "host/web/static/live.js").read_text()
+    assert '"live · "' not in js and '"updated "' in js
 
 
 def test_every_page_renders_with_headers_and_no_secret(dash):
