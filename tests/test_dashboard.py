@@ -169,6 +169,24 @@ def test_the_header_says_paper_and_calls_the_refresh_updating_not_live(dash):
     assert '"live · "' not in js and '"updated "' in js
 
 
+def test_an_order_the_host_cancelled_shows_the_host_s_reason_and_keeps_the_broker_s_in_its_history(host):
+    host.tick("30")  # a SELL at 42.5 rests
+    r = host.post(alert())
+    assert r.status_code == 200, r.get_json()
+    oid = r.get_json()["orders"][0]["id"]
+    wait_for(lambda: host.api(f"/api/orders/{oid}").get_json()["status"] == "OPEN")
+    assert host.api("/api/exit-all", method="POST", json={}).status_code == 200
+    order = wait_for(lambda: (o := host.api(f"/api/orders/{oid}").get_json())["status"] == "CANCELLED" and o)
+    assert order["reason"].startswith("cancelled by the host: exit-all"), order["reason"]
+    assert "cancelled by user" in [h["detail"] for h in order["history"]]  # the broker's words, kept
+    login(host.client)
+    page = host.client.get("/orders").get_data(as_text=True)
+    assert '<small class="reason">cancelled by the host: exit-all' in page
+    assert '<small class="reason">cancelled by user' not in page  # only in the order's history
+    [event] = [e for e in host.api("/api/events").get_json()["items"] if oid in e["message"] and "cancelled" in e["message"]]
+    assert "cancelled by the host: exit-all" in event["message"]
+
+
 def test_every_page_renders_with_headers_and_no_secret(dash):
     dash.post(alert())
     dash.settle()
