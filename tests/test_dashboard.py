@@ -284,6 +284,25 @@ def test_money_in_reasons_and_events_reads_as_rupees_but_counts_and_times_do_not
         assert money_text(untouched) == (untouched or "")
 
 
+def test_on_a_page_an_amount_never_wraps_away_from_its_minus_sign_and_text_is_escaped():
+    from host.web.format import money_html
+    html = str(money_html("PnL -5000 <= limit -5000 <b>"))
+    assert html == ('PnL <span class="money">−₹5,000.00</span> &lt;= limit <span class="money">−₹5,000.00</span> '
+                    '&lt;b&gt;')
+    css = (Path(__file__).resolve().parent.parent / "host/web/static/dashboard.css").read_text()
+    assert re.search(r"\.money \{[^}]*white-space: nowrap", css) and re.search(r"\.net-qty small \{[^}]*nowrap", css)
+
+
+def test_a_closed_position_shows_no_average_price(dash):
+    assert dash.post(alert()).status_code == 200
+    dash.settle()
+    assert dash.post(alert("EXIT", direction="BUY", order_type="MKT", price="0")).status_code == 200
+    dash.settle()
+    assert dash.net() == 0
+    html = dash.client.get("/positions").get_data(as_text=True)
+    assert '<td class="num" data-label="Avg">—</td>' in html and "Avg\">₹0.00" not in html
+
+
 def test_order_prices_name_the_trigger_of_stop_orders():
     from host.display import order_price
     assert order_price({"order_type": "SL-LMT", "price": "94.5", "trigger_price": "95"}) == "trigger ₹95.00 · limit ₹94.50"
@@ -345,7 +364,7 @@ def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
     html = h.client.get("/panel/pnl").get_data(as_text=True)  # the words follow the state: never a stale "halted"
     assert f"breached at {m.group(1)} — trading reduce-only: exits only" in html
     events = h.client.get("/panel/events?risk=1").get_data(as_text=True)
-    assert "PnL −₹1,010.00 &lt;= limit −₹1,000.00" in events  # ₹ in the event, the stored text unchanged
+    assert 'PnL <span class="money">−₹1,010.00</span> &lt;= limit <span class="money">−₹1,000.00</span>' in events  # ₹ in the event, the stored text unchanged
     assert any("PnL -1010" in e["message"] for e in h.api("/api/events").get_json()["items"])
 
 
