@@ -37,16 +37,17 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
     # updates can arrive out of order (feed and book): an older one never lowers the fill count;
     # transition() keeps the status from moving back
     newer = update.filled_qty >= (order["filled_qty"] or 0)
+    reason = _reason(order, update)  # the order's history keeps the broker's own words (the detail)
     changed = transition(db, order["id"], update.status, update.reason,
                          filled_qty=update.filled_qty if newer else None, avg_price=update.avg_price if newer else None,
-                         broker_order_id=update.broker_order_id, reason=update.reason)
+                         broker_order_id=update.broker_order_id, reason=reason)
     if changed and update.status in EVENT_FOR:
         kind, severity = EVENT_FOR[update.status]
         now = _order_row(db, order["id"])
         words = {OrderStatus.FILLED: f"filled {now['filled_qty']} @ {now['avg_price']}",
                  OrderStatus.PARTIAL: f"partially filled {now['filled_qty']}/{order['qty']} @ {now['avg_price']}",
                  OrderStatus.REJECTED: f"rejected by the broker: {update.reason}",
-                 OrderStatus.CANCELLED: f"cancelled: {update.reason}"}[update.status]
+                 OrderStatus.CANCELLED: f"cancelled: {reason}"}[update.status]
         Storage.add_event(db, kind, f"{order['side']} {order['qty']} {order['exchange']}:{order['symbol']} "
                           f"({order['strategy']}, order {order['id']}) {words}", severity, order["strategy"],
                           {"order_id": order["id"], "broker_order_id": update.broker_order_id,
@@ -56,6 +57,14 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
                           f"({update.status.value}, {update.filled_qty} filled)", "warning", order["strategy"],
                           {"order_id": order["id"], "broker_order_id": update.broker_order_id})
     return _order_row(db, order["id"]) if changed or filled else None
+
+
+def _reason(order: dict, update: BrokerOrder) -> Optional[str]:
+    """The reason to show: for a cancel the host asked for (a breach, exit-all, a target), the host's why,
+    not the broker's "cancelled by user"."""
+    if update.status is OrderStatus.CANCELLED and order.get("cancel_requested"):
+        return f"cancelled by the host: {order['cancel_requested']}"
+    return update.reason
 
 
 def _apply_cumulative(db: sqlite_utils.Database, order: dict, update: BrokerOrder) -> bool:

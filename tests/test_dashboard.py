@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +145,48 @@ def test_halt_resume_and_exit_all_from_the_risk_page(dash):
 
 
 # ---- pages ----
+def test_the_risk_page_says_what_halt_does_and_a_halt_lets_exits_through(dash):
+    assert dash.post(alert()).status_code == 200
+    dash.settle()
+    assert dash.net() == -75
+    token = csrf_of(dash.client.get("/risk").get_data(as_text=True))
+    dash.client.post("/risk/state", data={"mode": "halted", "csrf_token": token})
+    page = dash.client.get("/risk").get_data(as_text=True)
+    assert "exits included" not in page and "still let exits and reductions through" in page
+    assert dash.post(alert(strategy="s2")).status_code == 423  # an entry is refused
+    r = dash.post(alert("EXIT", direction="BUY", order_type="MKT", price="0"))
+    assert r.status_code == 200 and r.get_json()["orders"], r.get_json()  # what the page says: exits go through
+    dash.settle()
+    assert dash.net() == 0
+
+
+def test_the_header_says_paper_and_calls_the_refresh_updating_not_live(dash):
+    html = dash.client.get("/").get_data(as_text=True)
+    header = html.split("<header", 1)[1].split("</header>", 1)[0]
+    assert re.search(r'class="mode mode-paper"[^>]*>paper</strong>', header), header
+    assert re.search(r'id="live-status"[^>]*>updating</span>', header) and ">live<" not in header
+    js = (Path(__file__).resolve().parent.parent / "host/web/static/live.js").read_text()
+    assert '"live · "' not in js and '"updated "' in js
+
+
+def test_an_order_the_host_cancelled_shows_the_host_s_reason_and_keeps_the_broker_s_in_its_history(host):
+    host.tick("30")  # a SELL at 42.5 rests
+    r = host.post(alert())
+    assert r.status_code == 200, r.get_json()
+    oid = r.get_json()["orders"][0]["id"]
+    wait_for(lambda: host.api(f"/api/orders/{oid}").get_json()["status"] == "OPEN")
+    assert host.api("/api/exit-all", method="POST", json={}).status_code == 200
+    order = wait_for(lambda: (o := host.api(f"/api/orders/{oid}").get_json())["status"] == "CANCELLED" and o)
+    assert order["reason"].startswith("cancelled by the host: exit-all"), order["reason"]
+    assert "cancelled by user" in [h["detail"] for h in order["history"]]  # the broker's words, kept
+    login(host.client)
+    page = host.client.get("/orders").get_data(as_text=True)
+    assert '<small class="reason">cancelled by the host: exit-all' in page
+    assert '<small class="reason">cancelled by user' not in page  # only in the order's history
+    [event] = [e for e in host.api("/api/events").get_json()["items"] if oid in e["message"] and "cancelled" in e["message"]]
+    assert "cancelled by the host: exit-all" in event["message"]
+
+
 def test_every_page_renders_with_headers_and_no_secret(dash):
     dash.post(alert())
     dash.settle()
@@ -241,6 +284,25 @@ def test_money_in_reasons_and_events_reads_as_rupees_but_counts_and_times_do_not
         assert money_text(untouched) == (untouched or "")
 
 
+def test_on_a_page_an_amount_never_wraps_away_from_its_minus_sign_and_text_is_escaped():
+    from host.web.format import money_html
+    html = str(money_html("PnL -5000 <= limit -5000 <b>"))
+    assert html == ('PnL <span class="money">−₹5,000.00</span> &lt;= limit <span class="money">−₹5,000.00</span> '
+                    '&lt;b&gt;')
+    css = (Path(__file__).resolve().parent.parent / "host/web/static/dashboard.css").read_text()
+    assert re.search(r"\.money \{[^}]*white-space: nowrap", css) and re.search(r"\.net-qty small \{[^}]*nowrap", css)
+
+
+def test_a_closed_position_shows_no_average_price(dash):
+    assert dash.post(alert()).status_code == 200
+    dash.settle()
+    assert dash.post(alert("EXIT", direction="BUY", order_type="MKT", price="0")).status_code == 200
+    dash.settle()
+    assert dash.net() == 0
+    html = dash.client.get("/positions").get_data(as_text=True)
+    assert '<td class="num" data-label="Avg">—</td>' in html and "Avg\">₹0.00" not in html
+
+
 def test_order_prices_name_the_trigger_of_stop_orders():
     from host.display import order_price
     assert order_price({"order_type": "SL-LMT", "price": "94.5", "trigger_price": "95"}) == "trigger ₹95.00 · limit ₹94.50"
@@ -274,6 +336,16 @@ def test_pnl_panel_labels_zero_warning_limit_and_now(dash):
     assert 'id="pnl-chart-limit"' in html
 
 
+@pytest.mark.parametrize("step,trails", [("0", False), ("100", True)])
+def test_trailing_wording_shows_only_when_the_limit_trails(host_factory, step, trails):
+    h = host_factory(RISK_TRAIL_STEP=step)
+    login(h.client)
+    pnl = h.client.get("/panel/pnl").get_data(as_text=True)
+    limits = h.client.get("/panel/risk").get_data(as_text=True)
+    assert ("trails up with the peak" in pnl) is trails and ("the limit is fixed" in pnl) is not trails
+    assert ("Current limit (trailing)" in limits) is trails and ("Current limit</th>" in limits) is not trails
+
+
 def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
     h = host_factory(RISK_BASE_MAX_LOSS="-1000", RISK_TRAIL_STEP="0")
     h.runtime.engine.risk_poll_s = 0.05
@@ -292,7 +364,7 @@ def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
     html = h.client.get("/panel/pnl").get_data(as_text=True)  # the words follow the state: never a stale "halted"
     assert f"breached at {m.group(1)} — trading reduce-only: exits only" in html
     events = h.client.get("/panel/events?risk=1").get_data(as_text=True)
-    assert "PnL −₹1,010.00 &lt;= limit −₹1,000.00" in events  # ₹ in the event, the stored text unchanged
+    assert 'PnL <span class="money">−₹1,010.00</span> &lt;= limit <span class="money">−₹1,000.00</span>' in events  # ₹ in the event, the stored text unchanged
     assert any("PnL -1010" in e["message"] for e in h.api("/api/events").get_json()["items"])
 
 

@@ -246,7 +246,7 @@ def test_every_page_in_the_browser(browser, server, viewport):
         if viewport["width"] < 500:  # nothing but the tables' own scroll boxes is wider than a phone
             assert pg.evaluate("document.documentElement.scrollWidth") <= viewport["width"], name
         shot(pg, f"{name}-{'phone' if viewport['width'] < 500 else 'desktop'}")
-    pg.wait_for_selector("#live-status:text('live ·')")  # the panels refreshed at least once
+    pg.wait_for_selector("#live-status:text('updated ')")  # the panels refreshed at least once
     assert errors == []
     context.close()
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from host.models import ExecutionType, Order, OrderStatus, OrderType, Product, Side
 from host.plugins.loader import load
-from conftest import wait_for
+from conftest import alert, wait_for
 from plugin_files import strategies, strategy_source, wait_strategy, write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,20 +56,35 @@ def test_every_example_loads_as_a_plugin_and_every_name_it_uses_is_imported(tmp_
     assert not missing, f"example {n} uses {missing}, which the imports in docs/plugins.md do not give:\n{BLOCKS[n]}"
 
 
-def _filled(side: Side, avg: str) -> Order:
-    return Order("o1", "s", ExecutionType.ENTRY, "NFO", "X", side, 75, OrderType.MKT, Product.NRML,
-                 OrderStatus.FILLED, 75, Decimal(avg), None, None, None, None)
+def _stop_example() -> str:
+    """The example in the strategy_on_order section that keeps a stop for every entry."""
+    section = PLUGINS_MD.split("### strategy_on_order", 1)[1].split("\n### ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[-1]
 
 
-def test_the_stop_loss_example_is_below_a_long_and_above_a_short(tmp_path):
-    [n] = [n for n, b in enumerate(BLOCKS) if "def strategy_on_order" in b]
-    cand, _ = _as_plugin(BLOCKS[n], tmp_path, n)
-    hook = cand.module.strategy_on_order
-    long_stop = hook(ctx=None, order=_filled(Side.BUY, "100"))
-    short_stop = hook(ctx=None, order=_filled(Side.SELL, "100"))
-    assert long_stop.side is Side.SELL and long_stop.trigger_price < Decimal("100")
-    assert short_stop.side is Side.BUY and short_stop.trigger_price > Decimal("100")
-    assert long_stop.action is short_stop.action is ExecutionType.EXIT
+@pytest.mark.parametrize("side,stop_side,below", [("BUY", "SELL", True), ("SELL", "BUY", False)])
+def test_the_stop_loss_example_rests_on_the_right_side_and_an_exit_alert_still_exits(host, side, stop_side, below):
+    name = "docstop"
+    source = PRELUDE + "\n" + _stop_example() + \
+        f'\n@hookimpl\ndef strategy_meta():\n    return {{"name": "{name}", "version": "1", "api_version": 1}}\n'
+    write(host.runtime.strategies.folder, name, source)
+    wait_strategy(host, name, status="running")
+    host.tick("42.5")
+    r = host.post(alert(strategy=name, direction=side, qty=75, order_type="LMT", price="42.5"))
+    assert r.status_code == 200, r.get_json()
+    held = 75 if side == "BUY" else -75
+    wait_for(lambda: host.net(name) == held, timeout=6)
+    live = ("NEW", "SUBMITTED", "OPEN", "PARTIAL")
+    [stop] = wait_for(lambda: [o for o in host.orders(strategy=name) if o["action"] == "EXIT"
+                               and o["status"] in live], timeout=6)
+    assert stop["side"] == stop_side and stop["qty"] == 75
+    assert (Decimal(stop["trigger_price"]) < Decimal("42.5")) is below
+    r = host.post(alert("EXIT", strategy=name, direction=stop_side, qty=75, order_type="MKT", price="0"))
+    assert r.status_code == 200 and "nothing to exit" not in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: host.net(name) == 0, timeout=6)
+    host.settle()
+    ended = {o["id"]: o["status"] for o in host.orders(strategy=name) if o["action"] == "EXIT"}
+    assert ended[stop["id"]] == "CANCELLED" and list(ended.values()).count("FILLED") == 1, ended
 
 
 def test_the_readme_intro_and_install_match_the_product():

@@ -322,7 +322,7 @@ def _backups(s: Any) -> dict:
 # ---- pages ----
 def _page(template: str, title: str, **context: Any) -> str:
     return render_template(template, title=title, nav=NAV, panel=render_panel, args=request.args.to_dict(),
-                           **context)
+                           paper=_rt().settings.paper, **context)
 
 
 @bp.get("/")

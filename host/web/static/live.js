@@ -39,7 +39,7 @@
     if (document.hidden) { return; }
     var panels = document.querySelectorAll("[data-live]");
     Promise.all(Array.prototype.map.call(panels, refresh)).then(function () {
-      say("live · " + new Date().toLocaleTimeString("en-IN", {timeZone: "Asia/Kolkata", hour12: false}) + " IST", false);
+      say("updated " + new Date().toLocaleTimeString("en-IN", {timeZone: "Asia/Kolkata", hour12: false}) + " IST", false);
     }, function (e) {
       say("not updating: " + e.message, true);
     });
