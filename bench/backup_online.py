@@ -39,7 +39,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--short", action="store_true", help="a 10 MB database and 1 s of writes (for CI)")
     args = ap.parse_args()
+    if args.short:
+        args.mb, args.seconds = 10, 1.0
     with tempfile.TemporaryDirectory() as tmp:
         storage = Storage(Path(tmp) / "host.sqlite")
         rows = args.mb * 1_000_000 // 500

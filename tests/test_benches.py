@@ -20,6 +20,8 @@ FIGURES = {
     "dashboard_panels.py": "p50",
     "plugin_reload.py": "save-to-live p50 (ms)",
     "telegram_overhead.py": "p50",
+    "backup_online.py": "during the backup",
+    "slow_clients.py": "20 slow bodies",
 }
 
 

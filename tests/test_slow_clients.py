@@ -212,13 +212,6 @@ def test_plain_gunicorn_with_our_config_uses_the_buffering_worker(tmp_path):
     assert "Using worker: host.http_worker.BufferingThreadWorker" in log.read_text()
 
 
-def test_the_bench_runs_in_its_short_mode():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "slow_clients.py"), "--short"], capture_output=True,
-                         text=True, timeout=90, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    assert "20 slow headers" in out.stdout and "20 slow bodies" in out.stdout and "x" in out.stdout
-
-
 def _read_all(c: socket.socket) -> bytes:
     data = b""
     while chunk := c.recv(65536):
