@@ -354,7 +354,7 @@ def test_after_a_breach_the_panel_says_breached_at_and_halted(host_factory):
     assert h.post(alert(direction="BUY", qty=100, price="100")).status_code == 200
     h.settle()
     h.tick("89.9")  # -1010 <= -1000
-    wait_for(lambda: h.api("/api/risk").get_json()["breached"])
+    wait_for(lambda: h.api("/api/risk").get_json()["breached"] and h.api("/api/risk").get_json()["state"] == "halted")
     html = h.client.get("/panel/pnl").get_data(as_text=True)
     m = re.search(r"Daily loss limit breached at (\d\d:\d\d) — trading halted", html)
     assert m, html

@@ -200,7 +200,10 @@ def test_plain_gunicorn_with_our_config_uses_the_buffering_worker(tmp_path):
                                  f"127.0.0.1:{port}", "wsgi:app"], cwd=tmp_path, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: _healthy(port), timeout=20)
+        try:
+            wait_for(lambda: _healthy(port), timeout=40)
+        except AssertionError:
+            raise AssertionError(f"gunicorn not healthy in 40 s:\n{log.read_text(errors='replace')[-3000:]}") from None
         with Trickle(port, headers=10, bodies=10, interval=0.25, reopen=False) as slow:
             assert slow.connected.wait(5)
             time.sleep(0.6)
