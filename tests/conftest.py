@@ -1,6 +1,7 @@
 """Shared fixtures: settings in a temp DATA_DIR, a running runtime, the Flask client, alert builders."""
 from __future__ import annotations
 
+import os
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -109,6 +110,16 @@ class Host:
         r = self.api("/api/paper/ticks", "POST", json=[{"exchange": exchange, "symbol": symbol, "ltp": ltp}])
         assert r.status_code == 200, r.get_json()
         return r
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """A test that runs the CLI in-process (`main(["run", ...])` sets STRATEGY_HOST_ENV, HOST, PORT for its
+    gunicorn) must not leave its environment to the hosts later tests start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
