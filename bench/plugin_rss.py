@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import flatten
+from . import flatten, guard
 from .instruments import slices
 from .models import Decision, ExecutionType, Intent, OrderStatus, OrderType, Problem, Product, Protection, Side
 from .orders import insert_order
@@ -248,9 +248,10 @@ def _vanished(o: dict) -> bool:
 
 def _protected(db: sqlite_utils.Database, strategy: str, i: Intent) -> Optional[tuple[dict, list[dict]]]:
     """The protection of the position an EXIT closes, with its live stops, if a stop may rest at the broker."""
-    held = [r[0] for r in db.execute("select product from positions where strategy = ? and exchange = ? and "
-                                     "symbol = ? and net_qty != 0", (strategy, i.exchange, i.symbol))]
-    product = i.product.value if i.product.value in held or len(held) != 1 else held[0]  # as guard.position_product
+    book = guard.StrategyBook(strategy, {(i.exchange, i.symbol, Product(r[0])): r[1] for r in db.execute(
+        "select product, net_qty from positions where strategy = ? and exchange = ? and symbol = ? and net_qty != 0",
+        (strategy, i.exchange, i.symbol))})
+    product = guard.position_product(i, book).value  # the position the guard will take the exit to close
     rows = list(db.query("select * from protections where strategy = ? and exchange = ? and symbol = ? and "
                          "product = ? and status != ?", (strategy, i.exchange, i.symbol, product, DONE)))
     if not rows:
@@ -683,8 +684,8 @@ class Protector:
                            "id = ?", ("LOST: replaced by a new stop; cancelled if it turns up", o["id"]))
                 seen = "is gone from the broker's book" if o["broker_order_id"] else "never showed in the broker's book"
                 Storage.add_event(db, "stop_missing", f"the stop loss of {where} {seen} ({text}): a new stop is "
-                                  f"placed" + ("" if net else " unless the position is flat") + ", and this one is "
-                                  f"cancelled if it turns up", "error", p["strategy"], {"order_id": o["id"]})
+                                  "placed" + ("" if net else " unless the position is flat") + ", and this one is "
+                                  "cancelled if it turns up", "error", p["strategy"], {"order_id": o["id"]})
                 continue
             if state >= 2 or not OrderStatus(o["status"]).terminal:
                 continue
