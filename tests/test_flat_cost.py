@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from decimal import Decimal
 
 from conftest import SYMBOL, alert
 from host.market import MarketClock
@@ -80,3 +81,86 @@ def test_the_days_order_count_is_kept_running_and_exits_do_not_count(host_factor
     stored = h.runtime.storage.get_state(f"orders_today:{today.isoformat()}:cap")
     actual = h.runtime.storage.one("select count(*) n from orders where strategy = 'cap' and action != 'EXIT'")["n"]
     assert counted == int(stored) == actual == 3
+
+
+def test_the_paper_books_cost_does_not_grow_with_the_days_finished_orders(monkeypatch):
+    """The engine reads the paper broker's whole order book at every reconcile, and its positions at every
+    risk poll: a finished order's view is made once, and its fills are added up once, not again at every read
+    (the 20,000th alert of a day cost up to 1.35x the first)."""
+    from host.models import OrderRequest, OrderStatus, OrderType, Product, Side
+    from host.sim import matching
+    from host.sim.matching import MatchingEngine
+
+    engine = MatchingEngine()
+    engine.set_ltp("NFO", "X", Decimal("10"))
+    for n in range(300):
+        engine.place(OrderRequest("NFO", "X", Side.BUY if n % 2 else Side.SELL, 1, OrderType.MKT, Product.MIS,
+                                  None, None, remarks=f"o{n}"))
+    engine.place(OrderRequest("NFO", "X", Side.BUY, 5, OrderType.LMT, Product.MIS, Decimal("9"), None,
+                              remarks="working"))
+    made = []
+    real = matching.BrokerOrder
+    monkeypatch.setattr(matching, "BrokerOrder", lambda *a, **k: made.append(a) or real(*a, **k))
+    first = engine.order_book()
+    assert len(first) == 301
+    made.clear()
+    again = engine.order_book()
+    assert made == [] and again == first  # nothing changed: nothing made again
+    applied = []
+    real_apply = matching.PositionRow.apply
+    monkeypatch.setattr(matching.PositionRow, "apply", lambda row, *a: applied.append(a) or real_apply(row, *a))
+    engine.position_book()
+    applied.clear()
+    assert engine.position_book()[("NFO", "X", "I")].math.net_qty == 0 and applied == []  # 300 finished fills kept
+
+    engine.max_fill_qty = 2
+    engine.set_ltp("NFO", "X", Decimal("9"))  # the working order fills 2 of 5
+    book = {o.remarks: o for o in engine.order_book()}
+    assert len(made) == 1 and book["working"].status is OrderStatus.PARTIAL and book["working"].filled_qty == 2
+    assert len(book["working"].fills) == 1
+    engine.max_fill_qty = None
+    engine.set_ltp("NFO", "X", Decimal("8.5"))
+    book = {o.remarks: o for o in engine.order_book()}
+    assert book["working"].status is OrderStatus.FILLED and book["working"].filled_qty == 5
+    assert book["working"].avg_price == Decimal("8.7") and len(book["working"].fills) == 2
+
+
+def test_the_paper_position_book_kept_for_finished_orders_equals_one_made_from_every_fill():
+    """position_book keeps what the day's finished orders add up to; after orders that finish out of turn,
+    partial fills, a carried position and a new day, it equals the book made again from every fill."""
+    import random
+    from dataclasses import asdict
+    from host.models import OrderRequest, OrderType, Product, Side
+    from host.positions import PositionMath
+    from host.sim.matching import MatchingEngine, PositionRow
+
+    def from_every_fill(engine: MatchingEngine) -> dict:
+        out = {k: PositionRow(q, p, math=PositionMath(q, p)) for k, (q, p) in engine.carry.items()}
+        for o in engine._orders.values():
+            for f in o.fills:
+                out.setdefault((o.req.exchange, o.req.symbol, o.product_code), PositionRow()).apply(
+                    o.req.side, f.qty, f.price)
+        return {k: asdict(r) for k, r in out.items()}
+
+    rng = random.Random(17)
+    engine = MatchingEngine()
+    engine.set_ltp("NFO", "X", Decimal("100"))
+    engine.set_ltp("NFO", "Y", Decimal("50"))
+    for step in range(400):
+        symbol = rng.choice("XY")
+        ltp = engine.ltp("NFO", symbol)
+        roll = rng.random()
+        if roll < 0.1:
+            engine.max_fill_qty = rng.choice([None, 1, 2])
+            engine.set_ltp("NFO", symbol, ltp + Decimal(rng.choice([-2, -1, 1, 2])))  # working ones fill
+        elif roll < 0.13:
+            engine.new_day()
+            engine.set_ltp("NFO", "X", Decimal("100"))
+            engine.set_ltp("NFO", "Y", Decimal("50"))
+        else:
+            side = rng.choice([Side.BUY, Side.SELL])
+            away = Decimal(rng.choice([0, 1])) * (-1 if side is Side.BUY else 1)  # some rest, some fill now
+            engine.place(OrderRequest("NFO", symbol, side, rng.randint(1, 5), OrderType.LMT,
+                                      rng.choice([Product.MIS, Product.NRML]), ltp + away, None, remarks=f"o{step}"))
+        assert {k: asdict(r) for k, r in engine.position_book().items()} == from_every_fill(engine), step
+    assert engine._finished[1], "no finished order was ever kept: the test did not exercise the kept part"

@@ -46,6 +46,10 @@ class SimOrder:
     parent: Optional[str] = None    # a cover/bracket leg: the main order's id
     leg: str = ""                   # "" main, "SL" stop-loss leg, "TGT" target leg
     offsets: tuple[Optional[Decimal], Optional[Decimal]] = (None, None)  # (blprc, bpprc) points from the fill
+    # the last view and what it was made from: the whole book is read at every reconcile, and a day's
+    # finished orders must not be made again each time (the cost would grow with the day)
+    _view: Optional[BrokerOrder] = field(default=None, init=False, repr=False, compare=False)
+    _view_of: tuple = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def product_code(self) -> str:
@@ -56,10 +60,15 @@ class SimOrder:
         return self.req.qty - self.filled_qty
 
     def view(self) -> BrokerOrder:
-        avg = tidy(self.value / self.filled_qty) if self.filled_qty else None
-        return BrokerOrder(self.broker_order_id, self.req.remarks, self.status, self.filled_qty, avg,
-                           self.reason, tuple(self.fills), self.req.exchange, self.req.symbol,
-                           self.prd or self.req.product.value, self.req.side)
+        """The order as the broker's book shows it (made again only once something it shows has changed)."""
+        of = (self.req, self.status, self.filled_qty, self.value, self.reason, len(self.fills), self.prd)
+        if self._view is None or self._view_of != of:
+            avg = tidy(self.value / self.filled_qty) if self.filled_qty else None
+            self._view = BrokerOrder(self.broker_order_id, self.req.remarks, self.status, self.filled_qty, avg,
+                                     self.reason, tuple(self.fills), self.req.exchange, self.req.symbol,
+                                     self.prd or self.req.product.value, self.req.side)
+            self._view_of = of
+        return self._view
 
     def to_json(self) -> str:
         r = self.req
@@ -91,6 +100,12 @@ def _d(v: Optional[str]) -> Optional[Decimal]:
     return None if v is None else Decimal(v)
 
 
+def _apply_fills(rows: dict[tuple[str, str, str], "PositionRow"], o: SimOrder) -> None:
+    key = (o.req.exchange, o.req.symbol, o.product_code)
+    for f in o.fills:
+        rows.setdefault(key, PositionRow()).apply(o.req.side, f.qty, f.price)
+
+
 @dataclass
 class PositionRow:
     """One row of the broker's position book: the carried quantity, today's buys and sells, the net."""
@@ -120,6 +135,8 @@ class MatchingEngine:
         self._by_remarks: dict[str, list[str]] = {}
         self._ltp: dict[tuple[str, str], Decimal] = {}
         self._listeners: list[UpdateListener] = []
+        # position_book's kept part: (the carry it started from, the leading finished orders' ids, their rows)
+        self._finished: tuple[dict, list[str], dict[tuple[str, str, str], PositionRow]] = ({}, [], {})
         self._seq = 0
         self.day: date = date.today()
         self.carry: dict[tuple[str, str, str], tuple[int, Decimal]] = {}   # NRML carried: (net qty, upload price)
@@ -329,13 +346,24 @@ class MatchingEngine:
             return [self._orders[oid].view() for oid in self._by_remarks.get(remarks, [])]
 
     def position_book(self) -> dict[tuple[str, str, str], PositionRow]:
-        """Account-level positions (the broker's truth): what was carried in, then every fill of today."""
+        """Account-level positions (the broker's truth): what was carried in, then every fill of today.
+
+        The day's leading run of finished orders (their fills can no longer change) is applied once and kept,
+        so that a poll costs what the orders still working cost, not the whole day's book."""
         with self._lock:
-            out = {k: PositionRow(q, p, math=PositionMath(q, p)) for k, (q, p) in self.carry.items()}
-            for o in self._orders.values():
-                key = (o.req.exchange, o.req.symbol, o.product_code)
-                for f in o.fills:
-                    out.setdefault(key, PositionRow()).apply(o.req.side, f.qty, f.price)
+            orders = list(self._orders.values())
+            carry, ids, rows = self._finished
+            if carry is not self.carry or len(ids) > len(orders) or (ids and (
+                    orders[0].broker_order_id != ids[0] or orders[len(ids) - 1].broker_order_id != ids[-1])):
+                carry, ids, rows = self.carry, [], {k: PositionRow(q, p, math=PositionMath(q, p))
+                                                    for k, (q, p) in self.carry.items()}
+            while len(ids) < len(orders) and orders[len(ids)].status.terminal:
+                _apply_fills(rows, orders[len(ids)])
+                ids.append(orders[len(ids)].broker_order_id)
+            self._finished = (carry, ids, rows)
+            out = {k: replace(r) for k, r in rows.items()}
+            for o in orders[len(ids):]:
+                _apply_fills(out, o)
             return out
 
     def positions(self) -> dict[tuple[str, str, str], PositionMath]:
