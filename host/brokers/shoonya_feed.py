@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -27,6 +28,7 @@ class ShoonyaFeed:
         self.stall_s, self.market_open, self.emit, self.on_open = stall_s, market_open, emit, on_open
         self._queue: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._stop = threading.Event()
+        self._socket_lock = threading.Lock()  # a socket is started, or the feed stopped, never both at once
         self._thread: Optional[threading.Thread] = None
         self.subscribed: set[str] = set()
         self.opens = 0
@@ -58,29 +60,58 @@ class ShoonyaFeed:
         self._thread.start()
 
     def _start_socket(self) -> None:
+        """Start the library's socket, unless the feed is stopped: a restart that comes after the stop (its own
+        close queues a 'closed' event) would start a reconnect loop that nothing ends."""
+        with self._socket_lock:
+            if self._stop.is_set():
+                return
+            self._start_websocket()
+
+    def _start_websocket(self) -> None:
         self.api.start_websocket(subscribe_callback=self._cb_tick, order_update_callback=self._cb_order,
                                  socket_open_callback=self._cb_open, socket_close_callback=self._cb_closed,
                                  socket_error_callback=self._cb_error)
 
     def stop(self, timeout: float = 2.0) -> None:
         """close_websocket() can block for ~10 s inside websocket-client: never wait on it unbounded."""
-        self._stop.set()
+        with self._socket_lock:  # after this, no socket is started: the one closed below is the last
+            self._stop.set()
         closer = threading.Thread(target=self._close_quietly, daemon=True)
         closer.start()
         closer.join(timeout)
         if self._thread:
             self._thread.join(timeout)
 
-    def _close_quietly(self) -> None:
-        # close_websocket() returns at once when the socket is down, without setting the stop event,
-        # and the library's reconnect loop then runs forever: set the event ourselves first
+    def _close_quietly(self, wait_s: float = 2.0) -> None:
+        """End the library's connection and its reconnect loop (bounded by wait_s while it is still connecting).
+
+        close_websocket() returns at once when the socket is down, without setting the stop event, and the
+        library's reconnect loop then runs forever: the event is set here first. The socket is then shut down,
+        not closed: a thread already waiting in epoll for a frame is woken by the shutdown, while a descriptor
+        closed under it would leave it waiting for good (websocket-client's own teardown closes it).
+        """
         stop_event = getattr(self.api, "_NorenApi__stop_event", None)
         if stop_event is not None:
             stop_event.set()
         ws = getattr(self.api, "_NorenApi__websocket", None)
+        thread = getattr(self.api, "_NorenApi__ws_thread", None)
+        if ws is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while True:
+            ws.keep_running = False
+            raw = getattr(getattr(ws, "sock", None), "sock", None)
+            if raw is not None:
+                try:
+                    raw.shutdown(socket.SHUT_RDWR)
+                except OSError:  # not connected (any more)
+                    pass
+                return
+            if thread is None or not thread.is_alive() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # still connecting: its socket is shut down as soon as it exists
         try:
-            if ws is not None:
-                ws.close()
+            ws.close()
         except Exception:  # closing a socket that is already gone
             pass
 
