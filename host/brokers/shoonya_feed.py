@@ -2,6 +2,7 @@
 a stall watchdog, de-duplicated order updates, sparse updates completed from SingleOrdHist."""
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import socket
@@ -9,10 +10,13 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+import websocket
+
 from ..models import BrokerOrder, FillReport, Tick
 from .shoonya import _dec, _int, broker_order
 
 log = logging.getLogger(__name__)
+WS_TIMEOUT_S = 10.0  # connect, handshake and each read of the feed socket (the library sets no timeout)
 
 
 class ShoonyaFeed:
@@ -23,7 +27,9 @@ class ShoonyaFeed:
                  stall_s: float = 30.0, market_open: Callable[[], bool] = lambda: True,
                  emit: Callable[[str, str, str], None] = lambda kind, message, severity: None,
                  on_open: Callable[[], None] = lambda: None):
-        self.broker, self.api = broker, broker.api
+        self.broker = broker
+        self.ws_api: Any = None  # this connection's own copy of the library (see _start_websocket)
+        self._generation = 0     # which connection's open/close/error events count: the newest one's only
         self.wanted, self.on_ticks, self.on_update = wanted, on_ticks, on_update
         self.stall_s, self.market_open, self.emit, self.on_open = stall_s, market_open, emit, on_open
         self._queue: "queue.Queue[tuple[str, Any]]" = queue.Queue()
@@ -39,6 +45,11 @@ class ShoonyaFeed:
         self.restarts = 0
 
     # the library's callbacks run on its WebSocket thread: they only enqueue
+    @property
+    def api(self) -> Any:
+        """The broker's REST client, as it stands now (a login replaces its token)."""
+        return self.broker.api
+
     def _cb_open(self) -> None:
         self._queue.put(("open", None))
 
@@ -68,9 +79,25 @@ class ShoonyaFeed:
             self._start_websocket()
 
     def _start_websocket(self) -> None:
-        self.api.start_websocket(subscribe_callback=self._cb_tick, order_update_callback=self._cb_order,
-                                 socket_open_callback=self._cb_open, socket_close_callback=self._cb_closed,
-                                 socket_error_callback=self._cb_error)
+        """A new connection on its own shallow copy of the library object, with the current token.
+
+        NorenApi's reconnect loop reads its stop event and WebSocketApp from the object each time round, and
+        start_websocket() replaces both: a thread of an earlier connection still connecting (its connect cannot
+        be interrupted) would otherwise take up the new event and run the new socket too. On its own copy it
+        sees only its own, set, event. Its open, close and error events are no longer this feed's business;
+        its ticks and order updates are real and still counted.
+        """
+        websocket.setdefaulttimeout(WS_TIMEOUT_S)  # the library sets none: a connect could hang for minutes
+        self._generation += 1
+        generation = self._generation
+
+        def current(event: Callable[..., None]) -> Callable[..., None]:
+            return lambda *a: event(*a) if generation == self._generation else None
+        self.ws_api = copy.copy(self.broker.api)
+        self.ws_api.start_websocket(subscribe_callback=self._cb_tick, order_update_callback=self._cb_order,
+                                    socket_open_callback=current(self._cb_open),
+                                    socket_close_callback=current(self._cb_closed),
+                                    socket_error_callback=current(self._cb_error))
 
     def stop(self, timeout: float = 2.0) -> None:
         """close_websocket() can block for ~10 s inside websocket-client: never wait on it unbounded."""
@@ -90,11 +117,11 @@ class ShoonyaFeed:
         not closed: a thread already waiting in epoll for a frame is woken by the shutdown, while a descriptor
         closed under it would leave it waiting for good (websocket-client's own teardown closes it).
         """
-        stop_event = getattr(self.api, "_NorenApi__stop_event", None)
+        stop_event = getattr(self.ws_api, "_NorenApi__stop_event", None)
         if stop_event is not None:
             stop_event.set()
-        ws = getattr(self.api, "_NorenApi__websocket", None)
-        thread = getattr(self.api, "_NorenApi__ws_thread", None)
+        ws = getattr(self.ws_api, "_NorenApi__websocket", None)
+        thread = getattr(self.ws_api, "_NorenApi__ws_thread", None)
         if ws is None:
             return
         deadline = time.monotonic() + wait_s
@@ -195,8 +222,8 @@ class ShoonyaFeed:
         todo = keys if resubscribe else keys - self.subscribed
         if resubscribe:
             self.subscribed = set()
-            self._send(lambda: self.api.subscribe_orders())
-        if todo and self._send(lambda: self.api.subscribe(sorted(todo))):
+            self._send(lambda: self.ws_api.subscribe_orders())
+        if todo and self._send(lambda: self.ws_api.subscribe(sorted(todo))):
             self.subscribed = self.subscribed | todo
 
     def _send(self, fn: Callable[[], None]) -> bool:
@@ -222,13 +249,13 @@ class ShoonyaFeed:
     def _restart_socket(self) -> None:
         """Stop the library's socket and its reconnect loop for good, then start a new connection.
 
-        Closing its WebSocketApp alone does not always bring the library back, and start_websocket()
-        replaces the attributes its old loop reads: so stop that loop first, with a bound.
+        Closing its WebSocketApp alone does not always bring the library back: stop its loop first, with a
+        bound. A thread that outlives the bound (a connect that hangs) ends by itself: it has its own copy.
         """
         self.last_frame = time.monotonic()
         self._reopen_by = time.monotonic() + 5.0
         self.restarts += 1
-        old_thread = getattr(self.api, "_NorenApi__ws_thread", None)
+        old_thread = getattr(self.ws_api, "_NorenApi__ws_thread", None)
         self._close_quietly()
         if old_thread is not None:
             old_thread.join(3.0)

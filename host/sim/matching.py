@@ -48,8 +48,9 @@ class SimOrder:
     offsets: tuple[Optional[Decimal], Optional[Decimal]] = (None, None)  # (blprc, bpprc) points from the fill
     # the last view and what it was made from: the whole book is read at every reconcile, and a day's
     # finished orders must not be made again each time (the cost would grow with the day)
-    _view: Optional[BrokerOrder] = field(default=None, init=False, repr=False, compare=False)
-    _view_of: tuple = field(default=(), init=False, repr=False, compare=False)
+    # (what it was made from, the view), in one attribute: a reader outside the lock (the Noren simulator's
+    # routes) and the lock-holder may both store one, and a pair stored in two steps could be torn for good
+    _view: Optional[tuple[tuple, BrokerOrder]] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def product_code(self) -> str:
@@ -62,13 +63,15 @@ class SimOrder:
     def view(self) -> BrokerOrder:
         """The order as the broker's book shows it (made again only once something it shows has changed)."""
         of = (self.req, self.status, self.filled_qty, self.value, self.reason, len(self.fills), self.prd)
-        if self._view is None or self._view_of != of:
-            avg = tidy(self.value / self.filled_qty) if self.filled_qty else None
-            self._view = BrokerOrder(self.broker_order_id, self.req.remarks, self.status, self.filled_qty, avg,
-                                     self.reason, tuple(self.fills), self.req.exchange, self.req.symbol,
-                                     self.prd or self.req.product.value, self.req.side)
-            self._view_of = of
-        return self._view
+        kept = self._view
+        if kept is not None and kept[0] == of:
+            return kept[1]
+        avg = tidy(self.value / self.filled_qty) if self.filled_qty else None
+        view = BrokerOrder(self.broker_order_id, self.req.remarks, self.status, self.filled_qty, avg, self.reason,
+                           tuple(self.fills), self.req.exchange, self.req.symbol, self.prd or self.req.product.value,
+                           self.req.side)
+        self._view = (of, view)  # made after `of` was read: never older than what it is kept for
+        return view
 
     def to_json(self) -> str:
         r = self.req
