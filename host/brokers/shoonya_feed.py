@@ -44,12 +44,12 @@ class ShoonyaFeed:
         self._reopen_by = 0.0  # after a close: the library must reconnect by then, or we restart the socket
         self.restarts = 0
 
-    # the library's callbacks run on its WebSocket thread: they only enqueue
     @property
     def api(self) -> Any:
         """The broker's REST client, as it stands now (a login replaces its token)."""
         return self.broker.api
 
+    # the library's callbacks run on its WebSocket thread: they only enqueue
     def _cb_open(self) -> None:
         self._queue.put(("open", None))
 

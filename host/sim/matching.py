@@ -46,9 +46,8 @@ class SimOrder:
     parent: Optional[str] = None    # a cover/bracket leg: the main order's id
     leg: str = ""                   # "" main, "SL" stop-loss leg, "TGT" target leg
     offsets: tuple[Optional[Decimal], Optional[Decimal]] = (None, None)  # (blprc, bpprc) points from the fill
-    # the last view and what it was made from: the whole book is read at every reconcile, and a day's
-    # finished orders must not be made again each time (the cost would grow with the day)
-    # (what it was made from, the view), in one attribute: a reader outside the lock (the Noren simulator's
+    # (what it was made from, the last view): the whole book is read at every reconcile, and a day's finished
+    # orders must not be made again each time. One attribute: a reader outside the lock (the Noren simulator's
     # routes) and the lock-holder may both store one, and a pair stored in two steps could be torn for good
     _view: Optional[tuple[tuple, BrokerOrder]] = field(default=None, init=False, repr=False, compare=False)
 
