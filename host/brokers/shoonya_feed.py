@@ -17,6 +17,8 @@ from .shoonya import _dec, _int, broker_order
 
 log = logging.getLogger(__name__)
 WS_TIMEOUT_S = 10.0  # connect, handshake and each read of the feed socket (the library sets no timeout)
+REOPEN_FIRST_S, REOPEN_MAX_S = 5.0, 60.0  # a feed still down after a close is restarted after 5, 10, 20 ... 60 s
+SEND_WAIT_S = 2.0    # how long a subscription may wait for its connection (the library's own wait is endless)
 
 
 class ShoonyaFeed:
@@ -42,6 +44,8 @@ class ShoonyaFeed:
         self.last_frame = time.monotonic()
         self._seen: set[tuple] = set()
         self._reopen_by = 0.0  # after a close: the library must reconnect by then, or we restart the socket
+        self._reopen_wait = REOPEN_FIRST_S  # doubles with each restart that does not bring the feed back
+        self._up = False       # open since the last close: a close while down (a refused reconnect) says nothing new
         self.restarts = 0
 
     @property
@@ -93,11 +97,30 @@ class ShoonyaFeed:
 
         def current(event: Callable[..., None]) -> Callable[..., None]:
             return lambda *a: event(*a) if generation == self._generation else None
-        self.ws_api = copy.copy(self.broker.api)
+        api = copy.copy(self.broker.api)
+        api._NorenApi__ws_send = self._bounded_sender(api)
+        self.ws_api = api
         self.ws_api.start_websocket(subscribe_callback=self._cb_tick, order_update_callback=self._cb_order,
                                     socket_open_callback=current(self._cb_open),
                                     socket_close_callback=current(self._cb_closed),
                                     socket_error_callback=current(self._cb_error))
+
+    def _bounded_sender(self, api: Any) -> Callable[..., Any]:
+        """The library's __ws_send for one connection's copy, with an end to its wait.
+
+        NorenApi's own waits, with no bound, until its connection is up: on a copy that is never connected
+        again (a restart or a stop came first), the waiting thread would poll every 50 ms for good. This one
+        gives up after SEND_WAIT_S, or at once when the copy is no longer the feed's connection.
+        """
+        def send(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + SEND_WAIT_S
+            while not getattr(api, "_NorenApi__websocket_connected", False):
+                if api is not self.ws_api or self._stop.is_set() or time.monotonic() > deadline:
+                    raise ConnectionError("the broker feed is not connected")
+                time.sleep(0.05)
+            with api._NorenApi__ws_mutex:
+                return api._NorenApi__websocket.send(*args, **kwargs)
+        return send
 
     def stop(self, timeout: float = 2.0) -> None:
         """close_websocket() can block for ~10 s inside websocket-client: never wait on it unbounded."""
@@ -161,8 +184,13 @@ class ShoonyaFeed:
                     self._reconnect(f"no frame for {now - self.last_frame:.0f} s")
                 elif self._reopen_by and now > self._reopen_by:
                     # the library's own reconnect can stick ("socket is already opened"): at any hour
-                    self.emit("feed_restarted", "broker feed did not come back by itself: starting a new "
-                                                "connection", "warning")
+                    if self._reopen_wait == REOPEN_FIRST_S:  # once per outage; then less and less often
+                        self.emit("feed_restarted", "broker feed did not come back by itself: starting a new "
+                                                    "connection", "warning")
+                    else:
+                        log.info("broker feed still down: a new connection (next try in %.0f s)",
+                                 min(self._reopen_wait * 2, REOPEN_MAX_S))
+                    self._reopen_wait = min(self._reopen_wait * 2, REOPEN_MAX_S)
                     self._restart_socket()
             except Exception:
                 log.exception("feed: %s handling failed", kind)
@@ -171,7 +199,7 @@ class ShoonyaFeed:
         if kind in ("tick", "om", "open"):
             self.last_frame = time.monotonic()
         if kind == "open":
-            self._reopen_by = 0.0
+            self._reopen_by, self._reopen_wait, self._up = 0.0, REOPEN_FIRST_S, True
             self.opens += 1
             self._subscribe(resubscribe=True)
             self.on_open()  # updates sent while we were away are lost: read the order book now
@@ -188,7 +216,10 @@ class ShoonyaFeed:
         elif kind == "restart":
             self._restart_socket()
         elif kind == "closed":
-            self._reopen_by = time.monotonic() + 5.0
+            if not self._up:  # the library's reconnects failing while the broker is away: said once already
+                return
+            self._up = False
+            self._reopen_by = time.monotonic() + self._reopen_wait
             if self._session_expired():  # the broker ended the session: said once, as broker_session_expired
                 log.debug("feed closed while the broker session is expired")
                 return
@@ -222,20 +253,28 @@ class ShoonyaFeed:
         todo = keys if resubscribe else keys - self.subscribed
         if resubscribe:
             self.subscribed = set()
-            self._send(lambda: self.ws_api.subscribe_orders())
-        if todo and self._send(lambda: self.ws_api.subscribe(sorted(todo))):
+            self._send(lambda api: api.subscribe_orders())
+        if todo and self._send(lambda api: api.subscribe(sorted(todo))):
             self.subscribed = self.subscribed | todo
 
-    def _send(self, fn: Callable[[], None]) -> bool:
-        """subscribe() blocks while the socket is down: give it a bound. True if it returned in time."""
+    def _send(self, fn: Callable[[Any], None]) -> bool:
+        """Send on the current connection, if it is up; True if it went out in time. Never waits for a
+        connection that is down: every open sends all subscriptions again, and the 2 s refresh the rest."""
+        api = self.ws_api
+        if api is None or not getattr(api, "_NorenApi__websocket_connected", False):
+            return False
         done = threading.Event()
 
         def run() -> None:
-            fn()
-            done.set()
-        t = threading.Thread(target=run, daemon=True)
+            try:
+                fn(api)
+            except Exception as e:  # the connection went down meanwhile: the next open sends it again
+                log.debug("feed: a subscription did not go out: %s", e)
+            else:
+                done.set()
+        t = threading.Thread(target=run, name="shoonya-feed-send", daemon=True)
         t.start()
-        return done.wait(2.0)
+        return done.wait(SEND_WAIT_S)
 
     def reconnect(self, why: str) -> None:
         """Reconnect (and authenticate with the current token); done on the feed's own thread."""
@@ -253,7 +292,7 @@ class ShoonyaFeed:
         bound. A thread that outlives the bound (a connect that hangs) ends by itself: it has its own copy.
         """
         self.last_frame = time.monotonic()
-        self._reopen_by = time.monotonic() + 5.0
+        self._reopen_by = time.monotonic() + self._reopen_wait
         self.restarts += 1
         old_thread = getattr(self.ws_api, "_NorenApi__ws_thread", None)
         self._close_quietly()
