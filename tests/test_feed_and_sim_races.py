@@ -1,7 +1,6 @@
 """Races found by breaking 16d0bba (kept SimOrder views) and 3404cc1 (the feed's socket shutdown) from outside."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from decimal import Decimal
@@ -9,6 +8,8 @@ from decimal import Decimal
 from host.models import OrderRequest, OrderStatus, OrderType, Product, Side
 from host.sim import matching
 from host.sim.matching import MatchingEngine, SimOrder
+
+from feed_network import BrokerNetwork
 
 
 class _PausingFills(list):
@@ -89,7 +90,6 @@ def test_a_restart_while_the_broker_is_slow_to_accept_leaves_one_library_connect
     (a SYN lost in a network blip: ~2 min of retries); 5 s later the watchdog restarts; the old connect then
     gets through."""
     from types import SimpleNamespace
-    from websocket import _http
     from conftest import SYMBOL, noren_login, wait_for
     from host.brokers.shoonya_feed import ShoonyaFeed
 
@@ -100,24 +100,15 @@ def test_a_restart_while_the_broker_is_slow_to_accept_leaves_one_library_connect
     want: set = set()
     feed = ShoonyaFeed(broker, wanted=lambda: set(want), on_ticks=lambda ticks: None, on_update=lambda u: None,
                        stall_s=600)
-    real_open, release, hung = _http._open_socket, threading.Event(), threading.Event()
-    state = {"hang_next": False}
-
-    def open_socket(*a, **k):
-        if state["hang_next"]:
-            state["hang_next"] = False
-            hung.set()
-            release.wait(30)  # the SYN is answered at last
-        return real_open(*a, **k)
-    monkeypatch.setattr(_http, "_open_socket", open_socket)
+    net = BrokerNetwork(monkeypatch)
     feed.start()
     try:
         wait_for(lambda: feed.opens >= 1, timeout=5)
-        state["hang_next"] = True
+        net.hang_next = True
         sim.sim.ws_hooks[0]("drop")        # the broker drops the connection (as /sim/control drop_ws)
-        assert hung.wait(5)
+        assert net.hung.wait(5)
         wait_for(lambda: feed.restarts >= 1 and feed.opens >= 2, timeout=15)  # the watchdog's new connection
-        release.set()                       # the old connect completes now
+        net.release.set()                   # the old connect completes now
         time.sleep(1.0)
         threads = _library_threads() - before
         connected = feed.ws_api._NorenApi__websocket_connected  # the healthy connection's own copy
@@ -128,7 +119,7 @@ def test_a_restart_while_the_broker_is_slow_to_accept_leaves_one_library_connect
             f"library threads {len(threads)}, library says connected {connected}, "
             f"restarts {restarts} -> {feed.restarts}, subscribed {feed.subscribed}")
     finally:
-        release.set()
+        net.release.set()
         feed.stop()
 
 
@@ -140,7 +131,6 @@ def test_a_stop_while_the_library_is_connecting_leaves_no_library_thread_behind(
     from host.brokers import shoonya_feed
     monkeypatch.setattr(shoonya_feed, "WS_TIMEOUT_S", 3.0)
     from types import SimpleNamespace
-    from websocket import _http
     from conftest import noren_login, wait_for
     from host.brokers.shoonya_feed import ShoonyaFeed
 
@@ -148,27 +138,18 @@ def test_a_stop_while_the_library_is_connecting_leaves_no_library_thread_behind(
     api = noren_login(sim)
     feed = ShoonyaFeed(SimpleNamespace(api=api, session_expired=False, instrument=lambda ex, sym: None),
                        wanted=set, on_ticks=lambda ticks: None, on_update=lambda u: None, stall_s=600)
-    real_open, release, hung = _http._open_socket, threading.Event(), threading.Event()
-    state = {"hang_next": False}
-
-    def open_socket(addrinfo_list, sockopt, timeout):
-        if state["hang_next"]:  # a SYN nobody answers: the connect ends only with its timeout
-            state["hang_next"] = False
-            hung.set()
-            release.wait(timeout)
-            raise socket.timeout("timed out")
-        return real_open(addrinfo_list, sockopt, timeout)
-    monkeypatch.setattr(_http, "_open_socket", open_socket)
+    net = BrokerNetwork(monkeypatch)
+    net.honour_timeout = True  # a SYN nobody answers: the connect ends only with its timeout
     feed.start()
     try:
         wait_for(lambda: feed.opens >= 1, timeout=5)
-        state["hang_next"] = True
+        net.hang_next = True
         sim.sim.ws_hooks[0]("drop")  # the broker drops; the library's reconnect hangs in connect()
-        assert hung.wait(5)
+        assert net.hung.wait(5)
         started = time.monotonic()
         feed.stop()
         took = time.monotonic() - started
         assert took < 4.5, took       # stop()'s bound holds
         wait_for(lambda: not (_library_threads() - before), timeout=5)
     finally:
-        release.set()
+        net.release.set()

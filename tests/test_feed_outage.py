@@ -1,12 +1,12 @@
 """The live feed through a broker outage: subscriptions, restarts, a new login and stop, on copies of NorenApi."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from types import SimpleNamespace
 
 from conftest import SYMBOL, noren_login, wait_for
+from feed_network import BrokerNetwork
 
 
 def _send_threads() -> set[threading.Thread]:
@@ -18,6 +18,25 @@ def _send_threads() -> set[threading.Thread]:
 def _library(feed):
     """The library object the feed's current connection runs on (before 1cc78ed: the broker's own)."""
     return getattr(feed, "ws_api", None) or feed.api
+
+
+def _started(sim, monkeypatch, **kw):
+    """A feed started on the simulator behind a network that can fail: (the wanted symbols, feed, network)."""
+    want: set = set()
+    _, feed = _feed(sim, want, stall_s=600, **kw)
+    net = BrokerNetwork(monkeypatch)
+    feed.start()
+    return want, feed, net
+
+
+def _outage(sim, feed, net: BrokerNetwork, want: set, mode: str) -> None:
+    """A connected feed; the broker goes away, its connects failing as `mode`; a new position's symbol is
+    wanted (its stop-loss needs ticks)."""
+    wait_for(lambda: feed.opens >= 1, timeout=5)
+    net.mode = mode
+    sim.sim.ws_hooks[0]("drop")
+    wait_for(lambda: not _library(feed)._NorenApi__websocket_connected, timeout=5)
+    want.add(("NFO", SYMBOL))
 
 
 def _feed(sim, want: set, **kw):
@@ -40,25 +59,10 @@ def test_a_subscribe_that_waited_through_an_outage_does_not_spin_for_good_on_an_
     strategy's): an hour's outage leaves ~1800 of them, waking ~36,000 times a second on a 2-core box that
     runs the engine, the order sender and gunicorn. Steps: connected feed; the broker goes away (connect
     a network outage, connects time out); a new symbol is wanted; the feed restarts twice; the broker comes back."""
-    from websocket import _http
     before = _send_threads()
-    want: set = set()
-    broker, feed = _feed(sim, want, stall_s=600)
-    real_open, state = _http._open_socket, {"down": False}
-
-    def open_socket(*a, **k):
-        if state["down"]:  # a SYN nobody answers (a network outage): the connect ends with its timeout
-            time.sleep(2.0)
-            raise socket.timeout("timed out")
-        return real_open(*a, **k)
-    monkeypatch.setattr(_http, "_open_socket", open_socket)
-    feed.start()
+    want, feed, net = _started(sim, monkeypatch)
     try:
-        wait_for(lambda: feed.opens >= 1, timeout=5)
-        state["down"] = True
-        sim.sim.ws_hooks[0]("drop")                      # the network goes away
-        wait_for(lambda: not _library(feed)._NorenApi__websocket_connected, timeout=5)
-        want.add(("NFO", SYMBOL))                        # a new position's symbol: its stop-loss needs ticks
+        _outage(sim, feed, net, want, "timeout")         # a network outage: connects end with their timeout
         time.sleep(2.5)                                  # the 2 s refresh asks for it on the dead connection
         for _ in range(2):                               # the watchdog / a login restart the connection
             restarts = feed.restarts
@@ -66,7 +70,7 @@ def test_a_subscribe_that_waited_through_an_outage_does_not_spin_for_good_on_an_
             wait_for(lambda: feed.restarts > restarts, timeout=20)
             time.sleep(2.5)                              # the 2 s refresh asks again on the new copy
         waiting = _send_threads() - before
-        state["down"] = False                            # the broker is back
+        net.mode = "up"                                  # the broker is back
         feed.reconnect("broker back")
         wait_for(lambda: feed.opens >= 2 and "NFO|43212" in feed.subscribed, timeout=15)
         time.sleep(3.0)
@@ -74,7 +78,7 @@ def test_a_subscribe_that_waited_through_an_outage_does_not_spin_for_good_on_an_
         assert not left, (f"{len(left)} of {len(waiting)} subscribe threads asked during the outage still spin "
                           f"after the feed reconnected and subscribed")
     finally:
-        state["down"] = False
+        net.mode = "up"
         feed.stop()
 
 
@@ -106,27 +110,13 @@ def test_stop_during_an_outage_ends_the_subscribe_threads_too(sim, monkeypatch):
     """stop() bounds its own waits, but a subscribe waiting for the socket (NorenApi.__ws_send spins until the
     copy's __websocket_connected turns True) is on a copy that is stopped for good: the thread never ends.
     A host that stops and restarts its engine in one process (a settings reload, tests) keeps them all."""
-    from websocket import _http
     before = _send_threads()
-    want: set = set()
-    broker, feed = _feed(sim, want, stall_s=600)
-    real_open, state = _http._open_socket, {"down": False}
-
-    def open_socket(*a, **k):
-        if state["down"]:
-            raise ConnectionRefusedError(111, "Connection refused")
-        return real_open(*a, **k)
-    monkeypatch.setattr(_http, "_open_socket", open_socket)
-    feed.start()
+    want, feed, net = _started(sim, monkeypatch)
     try:
-        wait_for(lambda: feed.opens >= 1, timeout=5)
-        state["down"] = True
-        sim.sim.ws_hooks[0]("drop")
-        wait_for(lambda: not _library(feed)._NorenApi__websocket_connected, timeout=5)
-        want.add(("NFO", SYMBOL))
+        _outage(sim, feed, net, want, "refused")
         time.sleep(2.5)  # the 2 s refresh asks for it on the dead connection
     finally:
-        state["down"] = False
+        net.mode = "up"
         feed.stop()
     time.sleep(3.0)
     left = _send_threads() - before
@@ -140,24 +130,10 @@ def test_a_restart_is_handled_within_seconds_while_connects_are_refused(sim, mon
     feed_disconnected warning event once handled): the queue grows ~20 per event handled, so a restart (a
     login's reconnect, the stall watchdog's) waits behind it for as long as the outage lasts, and every
     warning of the backlog is written out when it drains."""
-    from websocket import _http
-    want: set = set()
     emitted: list[str] = []
-    broker, feed = _feed(sim, want, stall_s=600, emit=lambda kind, message, severity: emitted.append(kind))
-    real_open, state = _http._open_socket, {"down": False}
-
-    def open_socket(*a, **k):
-        if state["down"]:
-            raise ConnectionRefusedError(111, "Connection refused")
-        return real_open(*a, **k)
-    monkeypatch.setattr(_http, "_open_socket", open_socket)
-    feed.start()
+    want, feed, net = _started(sim, monkeypatch, emit=lambda kind, message, severity: emitted.append(kind))
     try:
-        wait_for(lambda: feed.opens >= 1, timeout=5)
-        state["down"] = True
-        sim.sim.ws_hooks[0]("drop")
-        wait_for(lambda: not _library(feed)._NorenApi__websocket_connected, timeout=5)
-        want.add(("NFO", SYMBOL))
+        _outage(sim, feed, net, want, "refused")
         time.sleep(4.0)
         restarts = feed.restarts
         feed.reconnect("a new broker session")
@@ -166,5 +142,5 @@ def test_a_restart_is_handled_within_seconds_while_connects_are_refused(sim, mon
         said = [kind for kind in emitted if kind == "feed_disconnected"]
         assert len(said) <= 2, f"{len(said)} feed_disconnected events for one outage (one per refused connect)"
     finally:
-        state["down"] = False
+        net.mode = "up"
         feed.stop()
