@@ -49,13 +49,14 @@ class Daily:
         message = ("pre-open check: the broker session is valid" if valid else
                    f"pre-open check: the broker session is NOT valid ({why}): log in at /broker/login before the open")
         self.storage.write(lambda db: Storage.add_event(db, "preopen_check", message, "info" if valid else "error",
-                                                        data={"valid": valid, "login": "/broker/login"}))
+                                                        data={"valid": valid, "day": day.isoformat(),
+                                                              "login": "/broker/login"}))
         opened = self._session_opened_on()
         if valid and opened is not None and opened < day:
             self.storage.write(lambda db: Storage.add_event(
                 db, "broker_session_expiring", f"the broker session still answers but was opened on {opened}; "
                 "Shoonya sessions end daily: log in again at /broker/login before the open", "warning",
-                data={"opened": opened.isoformat(), "login": "/broker/login"}))
+                data={"opened": opened.isoformat(), "day": day.isoformat(), "login": "/broker/login"}))
 
     def _session_opened_on(self) -> Optional[date]:
         """The day (Asia/Kolkata) the saved broker token was obtained, if a token was saved by a login."""

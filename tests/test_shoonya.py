@@ -248,22 +248,27 @@ def test_a_failed_symbol_download_keeps_the_last_copy(sim, tmp_path):
 
 
 def _next_preopen_event(live, kind: str) -> dict:
-    """Move the host's clock to 09:01 IST on the next trading day; the first event of that kind."""
+    """Move the host's clock to 09:01 IST on the next trading day; the first event of that kind for that day
+    (a host started on a trading day after the check's time has already checked today)."""
     from datetime import datetime, time as dtime, timedelta, timezone
     from host.market import IST, MarketClock
     day = datetime.now(IST).date() + timedelta(days=1)
     while not MarketClock().is_trading_day(day):
         day += timedelta(days=1)
     live.runtime.clock_offset = datetime.combine(day, dtime(9, 1), IST) - datetime.now(timezone.utc)
-    return wait_for(lambda: next((e for e in live.api("/api/events").get_json()["items"]
-                                  if e["kind"] == kind), None), timeout=4)
+    return wait_for(lambda: next(iter(_preopen_events(live, kind, day.isoformat())), None), timeout=4)
+
+
+def _preopen_events(live, kind: str, day: str) -> list[dict]:
+    return [e for e in live.api("/api/events").get_json()["items"]
+            if e["kind"] == kind and (e["data"] or {}).get("day") == day]
 
 
 def test_the_pre_open_check_says_when_the_session_is_not_valid(live, sim):
     check = _next_preopen_event(live, "preopen_check")
     assert "NOT valid" in check["message"] and "/broker/login" in check["message"]
     time.sleep(1.5)  # once a day, not once a second
-    assert [e["kind"] for e in live.api("/api/events").get_json()["items"]].count("preopen_check") == 1
+    assert len(_preopen_events(live, "preopen_check", check["data"]["day"])) == 1
 
 
 def test_the_pre_open_check_warns_of_a_session_from_an_earlier_day(live, sim):
