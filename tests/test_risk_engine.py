@@ -91,7 +91,8 @@ def test_a_blind_broker_refuses_entries_and_says_so_once(risky):
     assert risky.post(alert("EXIT")).status_code == 200  # exits are still allowed
     risky.broker.fail_positions = None
     wait_for(lambda: risky.api("/api/risk").get_json()["blind"] is None)
-    assert len(_events(risky, "risk_blind")) == 1 and _events(risky, "risk_sighted")
+    wait_for(lambda: _events(risky, "risk_sighted"))  # the day record is stored first, then its event
+    assert len(_events(risky, "risk_blind")) == 1
     assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 200
 
 
