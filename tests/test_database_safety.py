@@ -234,21 +234,16 @@ def tiny_disk(tmp_path: Path, size: str = "8m") -> Iterator[Path]:
 
 
 def fill(disk: Path) -> Path:
-    """Write a file until the disk has no space left."""
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        chunk = b"\0" * 65536
+    """Write files until the disk has no space left (closing a file whose last write failed raises ENOSPC too)."""
+    for name, size in (("filler", 65536), ("filler2", 512)):  # the second takes the last partial block
         try:
-            while True:
-                f.write(chunk)
-                f.flush()
+            with open(disk / name, "wb") as f:
+                while True:
+                    f.write(b"\0" * size)
+                    f.flush()
         except OSError as e:
-            assert e.errno == errno.ENOSPC
-    with contextlib.suppress(OSError), open(disk / "filler2", "wb") as f:  # the last partial block
-        while True:
-            f.write(b"\0" * 512)
-            f.flush()
-    return filler
+            assert e.errno == errno.ENOSPC, e
+    return disk / "filler"
 
 
 def test_disk_full_webhook_answers_507_and_stores_nothing(tmp_path: Path) -> None:
