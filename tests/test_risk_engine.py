@@ -121,10 +121,9 @@ def test_a_strategy_over_its_max_loss_is_exited_alone(risky):
 
 def test_intraday_square_off_exits_mis_positions_only(host_factory):
     h = host_factory(SQUARE_OFF_TIME="15:15", RISK_STATUS_UPDATE_MIN="0")
-    clock = MarketClock()
-    day = datetime.now(IST).date()
-    while not clock.is_trading_day(day):
-        day += timedelta(days=1)
+    # the next trading day, 10:00: a host started on a trading day after 15:15 has squared off today already
+    day = MarketClock().next_trading_day(datetime.now(IST).date())
+    h.runtime.clock_offset = datetime.combine(day, time(10, 0), IST) - datetime.now(timezone.utc)
     h.tick("100")
     h.tick("100", symbol="NRMLSYM")
     h.post(alert(strategy="intraday", direction="BUY", qty=10, product_type="MIS", price="100"))
