@@ -30,8 +30,11 @@ def _ticks(host, prices):
         host.tick(str(p), symbol="NIFTYBEES-EQ", exchange="NSE")
 
 
+NEVER = ('"exit_at": "15:10"', '"exit_at": "24:00"')  # "HH:MM" >= "24:00" never: no exit by the clock at any hour
+
+
 def test_ma_cross_enters_on_a_cross_and_exits_at_its_stop(host):
-    install(host, "strategies", "ma_cross")
+    install(host, "strategies", "ma_cross", replace=NEVER)  # after 15:10 IST its clock hook would exit first
     wait_strategy(host, "ma_cross", status="running")
     _ticks(host, [100, 99, 98, 97, 96, 95])  # falling: no cross yet
     assert host.orders() == []
