@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -35,8 +36,11 @@ def free_port() -> int:
 
 def post(url: str, body: bytes, headers: dict | None = None) -> dict:
     req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # the host's own reason, not a traceback
+        raise SystemExit(f"{url} answered {e.code}: {e.read().decode(errors='replace')}") from None
 
 
 def wait_up(url: str) -> None:
@@ -73,7 +77,8 @@ def main() -> None:
            "SHOONYA_API_URL": api_url, "SHOONYA_WS_URL": f"ws://127.0.0.1:{ws_port}/NorenWSAPI/",
            "SHOONYA_SYMBOLS_URL": f"http://127.0.0.1:{sim_port}/", "WEBHOOK_SECRET": "bench-webhook-secret",
            "API_TOKEN": "bench-api-token-0123456789", "DASHBOARD_PASSWORD": "bench-password", "LOG_LEVEL": "WARNING",
-           "SQUARE_OFF_TIME": "off", "SHOONYA_PREOPEN_CHECK": "off"}
+           "SQUARE_OFF_TIME": "off", "SHOONYA_PREOPEN_CHECK": "off",
+           "ALLOW_AMO": "true"}  # any hour: outside the session the entries go as after-market orders, same path
     host = None
     try:
         wait_up(f"http://127.0.0.1:{sim_port}/authorize")
