@@ -50,8 +50,8 @@ def positions(storage: Storage, include_flat: bool = True, protections: bool = T
 
 def pnl_by_strategy(storage: Storage) -> tuple[Decimal, dict[str, Decimal]]:
     """The day's realised plus unrealised PnL, in total and per strategy; CNC holdings excluded."""
-    # the risk loop asks 4 times a second: only the columns it adds up, as tuples (a day of many positions
-    # made the dict per row and its protections a tenth of the worker's time)
+    # the risk loop asks 4 times a second: only the columns it adds up, as tuples (a dict per row of every
+    # position, with its Decimals, took a tenth of the worker's time on a day of 2,000 positions)
     rows = storage.read(lambda db: db.conn.execute(
         "select p.strategy, p.net_qty, p.avg_price, p.realized_pnl, q.ltp from positions p left join quotes q "
         "on q.exchange = p.exchange and q.symbol = p.symbol where p.product != 'C'").fetchall())
