@@ -153,3 +153,18 @@ def test_a_stop_while_the_library_is_connecting_leaves_no_library_thread_behind(
         wait_for(lambda: not (_library_threads() - before), timeout=5)
     finally:
         net.release.set()
+
+
+def test_a_subscription_that_fails_does_not_hold_the_feed_loop():
+    """A send that fails at once (the connection dropped between the check and the send) returns at once."""
+    from types import SimpleNamespace
+    from host.brokers.shoonya_feed import ShoonyaFeed
+    feed = ShoonyaFeed(SimpleNamespace(api=None), wanted=lambda: set(), on_ticks=lambda ticks: None,
+                       on_update=lambda u: None)
+    feed.ws_api = SimpleNamespace(_NorenApi__websocket_connected=True)
+
+    def dropped(api):
+        raise ConnectionError("the broker feed is not connected")
+    t0 = time.monotonic()
+    assert feed._send(dropped) is False
+    assert time.monotonic() - t0 < 0.5  # the feed thread goes on handling ticks and updates

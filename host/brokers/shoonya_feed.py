@@ -110,7 +110,8 @@ class ShoonyaFeed:
 
         NorenApi's own waits, with no bound, until its connection is up: on a copy that is never connected
         again (a restart or a stop came first), the waiting thread would poll every 50 ms for good. This one
-        gives up after SEND_WAIT_S, or at once when the copy is no longer the feed's connection.
+        gives up after SEND_WAIT_S, or at once when the copy is no longer the feed's connection or the feed
+        has stopped.
         """
         def send(*args: Any, **kwargs: Any) -> Any:
             deadline = time.monotonic() + SEND_WAIT_S
@@ -263,18 +264,19 @@ class ShoonyaFeed:
         api = self.ws_api
         if api is None or not getattr(api, "_NorenApi__websocket_connected", False):
             return False
-        done = threading.Event()
+        done, sent = threading.Event(), []
 
         def run() -> None:
             try:
                 fn(api)
+                sent.append(True)
             except Exception as e:  # the connection went down meanwhile: the next open sends it again
                 log.debug("feed: a subscription did not go out: %s", e)
-            else:
-                done.set()
+            finally:
+                done.set()  # a failure ends the wait too: the feed loop is not held for SEND_WAIT_S
         t = threading.Thread(target=run, name="shoonya-feed-send", daemon=True)
         t.start()
-        return done.wait(SEND_WAIT_S)
+        return done.wait(SEND_WAIT_S) and bool(sent)
 
     def reconnect(self, why: str) -> None:
         """Reconnect (and authenticate with the current token); done on the feed's own thread."""
