@@ -569,9 +569,14 @@ def test_exit_all_crossing_two_protected_strategies_cancels_both_stops_at_once(p
     h = paper
     protected(h, strategy="s1", stop_loss="40")                    # long 75, SELL stop 40
     protected(h, strategy="s2", direction="SELL", stop_loss="45")  # short 75, BUY stop 45
-    wait_for(lambda: len(stops(h, ("OPEN",))) == 2, timeout=6)
-    assert h.api("/api/exit-all", "POST").status_code == 200
+    resting_two = wait_for(lambda: len(s := stops(h, ("OPEN",))) == 2 and s, timeout=6)
+    both = [s["id"] for s in resting_two]
+    r = h.api("/api/exit-all", "POST")
+    assert r.status_code == 200
+    assert sorted(r.get_json()["cancelling"]) == sorted(both), r.get_json()  # both cancels sent in the same step
     wait_for(lambda: h.net("s1") == 0 and h.net("s2") == 0, timeout=5)
+    # the price moves once the cancels have reached the broker (one moving before that is the overshoot test below)
+    wait_for(lambda: [s["status"] for s in all_stops(h)] == ["CANCELLED", "CANCELLED"], timeout=3)
     h.tick("39.5")
     time.sleep(0.5)
     h.settle()
