@@ -56,7 +56,10 @@ def test_stop_orders_trigger(host):
     sl_lmt = _one_order(host.post(alert(direction="BUY", order_type="SL-LMT", price="106", trigger_price="105", qty=10)))
     sl_mkt = _one_order(host.post(alert(direction="SELL", order_type="SL-MKT", price=None, trigger_price="95",
                                         qty=10, tradingsymbol="OTHER", strategy="s2")))
+    # the webhook's answer means decided, not placed: the ticks below must reach orders resting at the broker
+    wait_for(lambda: _status(host, sl_lmt)["status"] == _status(host, sl_mkt)["status"] == "OPEN")
     host.tick("104")
+    host.settle()
     assert _status(host, sl_lmt)["status"] == "OPEN"
     host.tick("105.5")
     wait_for(lambda: _status(host, sl_lmt)["status"] == "FILLED")
