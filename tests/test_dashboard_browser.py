@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import wait_for
 from serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -132,6 +133,9 @@ def test_alert_order_and_position_appear_without_reload(page, server):
 def test_paper_price_moves_the_pnl_chart(page, server):
     r = alert(server, symbol="NIFTY28APR26C25000", strategy="chart", price="50")
     assert r.status_code == 200, r.text
+    # the alert's 200 means decided, not filled: the price moves once the short is on the books
+    wait_for(lambda: any(p["strategy"] == "chart" and p["net_qty"] == -75
+                         for p in server.api("/api/positions").json()["items"]), timeout=10)
     log_in(page, server)
     before_path = page.get_attribute("#pnl-curve", "d")
     before_pnl = page.inner_text("#day-pnl")
