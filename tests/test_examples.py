@@ -26,8 +26,12 @@ def test_passthrough_example_executes_legs_as_given(host):
 
 
 def _ticks(host, prices):
+    """One at a time: ma_cross sees each price before the next is sent (a busy strategy is given only a
+    symbol's latest tick, so prices sent back to back can coalesce and the averages never cross)."""
     for p in prices:
         host.tick(str(p), symbol="NIFTYBEES-EQ", exchange="NSE")
+        wait_for(lambda: (live := host.runtime.strategies.live("ma_cross")) is not None
+                 and live.ctx.state.get("prices", [])[-1:] == [str(p)], timeout=5)
 
 
 NEVER = ('"exit_at": "15:10"', '"exit_at": "24:00"')  # "HH:MM" >= "24:00" never: no exit by the clock at any hour
