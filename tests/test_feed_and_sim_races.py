@@ -4,7 +4,9 @@ from __future__ import annotations
 import threading
 import time
 from decimal import Decimal
+from types import SimpleNamespace
 
+from host.brokers.shoonya_feed import ShoonyaFeed
 from host.models import OrderRequest, OrderStatus, OrderType, Product, Side
 from host.sim import matching
 from host.sim.matching import MatchingEngine, SimOrder
@@ -157,8 +159,6 @@ def test_a_stop_while_the_library_is_connecting_leaves_no_library_thread_behind(
 
 def test_a_subscription_that_fails_does_not_hold_the_feed_loop():
     """A send that fails at once (the connection dropped between the check and the send) returns at once."""
-    from types import SimpleNamespace
-    from host.brokers.shoonya_feed import ShoonyaFeed
     feed = ShoonyaFeed(SimpleNamespace(api=None), wanted=lambda: set(), on_ticks=lambda ticks: None,
                        on_update=lambda u: None)
     feed.ws_api = SimpleNamespace(_NorenApi__websocket_connected=True)
