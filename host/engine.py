@@ -129,6 +129,7 @@ class Engine:
         self._session_probed = time.monotonic()  # the first probe a full SESSION_PROBE_S after the start
         self._alerts_in: list[dict] = []  # alert rows handed over or found, not decided yet, in stored order
         self._alerts_polled = 0.0
+        self._look_now = False  # another process stored an alert: poll the inbox on the next step
         self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
         self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
@@ -187,6 +188,13 @@ class Engine:
         self._commands_due = True  # a command may be waiting
         self._events.put(("wake", None))
         self.risk.wake()  # a control command may be waiting too
+
+    def stored_elsewhere(self) -> None:
+        """Another process stored an alert or a command (wakeups.py): look at the inbox now, not at the poll."""
+        if self._look_now:
+            return  # one look is already due: a burst (or a flood) of wake-ups costs one
+        self._look_now = True
+        self.wake()
 
     def _hand(self, row: dict) -> None:
         """A new alert row, just committed (called in commit order): decided on the engine thread."""
@@ -404,8 +412,8 @@ class Engine:
     # ---- alerts ----
     def _process_alerts(self) -> None:
         now = time.monotonic()
-        if now - self._alerts_polled >= ALERT_POLL_S:  # stored by another worker, or at start
-            self._alerts_polled = now
+        if self._look_now or now - self._alerts_polled >= ALERT_POLL_S:  # stored by another worker, or at start
+            self._look_now, self._alerts_polled = False, now
             known = {r["id"] for r in self._alerts_in}
             self._alerts_in += [r for r in self.storage.rows("select rowid seq, * from alerts where status = "
                                                              "'received' order by rowid") if r["id"] not in known]

@@ -87,6 +87,8 @@ class Inbox:
         self._waiters_lock = threading.Lock()
         self.wake: Optional[Callable[[], None]] = None  # set while an engine runs in this process
         self.hand: Optional[Callable[[dict], None]] = None  # the same engine's: a new alert row, in commit order
+        self.tell: Optional[Callable[[str, str], None]] = None  # no engine here: tell the engine's process (wakeups)
+        self.answered: Optional[Callable[[str, str], None]] = None  # the engine is here: tell the process that asked
 
     # ---- alerts ----
     def store_rejected(self, body: dict, problems: list[Problem], source_ip: str) -> str:
@@ -208,6 +210,8 @@ class Inbox:
                     return row
             if self.wake and not (expected and self.hand):  # a handed alert needs no wake
                 self.wake()
+            elif not local and self.tell and timeout_s > 0:  # the engine runs in another process
+                self.tell(table, key)
             deadline = time.monotonic() + timeout_s
             pause = POLL_START_S
             if local and timeout_s > 0:  # a local engine sets the event when it has decided
@@ -225,11 +229,14 @@ class Inbox:
             self._forget(table, key)
 
     def decided(self, table: str, key: str) -> None:
-        """Called by the engine after it commits a decision."""
+        """Called by the engine after it commits a decision (and by wake-ups, for one made elsewhere)."""
         with self._waiters_lock:
             event = self._waiters.get(f"{table}:{key}")
         if event:
             event.set()
+        answered = self.answered
+        if answered is not None:
+            answered(table, key)
 
 
 def _ago(now: str, seconds: int) -> str:

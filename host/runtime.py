@@ -20,6 +20,7 @@ from .inbox import Inbox
 from .locks import FileLock
 from .orders import BrokerGateway, OrderSender
 from .market import MarketClock
+from .wakeups import EngineWakeups, WorkerWakeups
 from .risk import Limits, RiskGate
 from .storage import Storage
 from .notify import EventPump, NotifierRegistry
@@ -92,6 +93,8 @@ class Runtime:
         self.gateway: Optional[BrokerGateway] = None
         self.sender: Optional[OrderSender] = None
         self._stop_waiting = threading.Event()
+        self._worker_wakeups: Optional[WorkerWakeups] = None
+        self._engine_wakeups: Optional[EngineWakeups] = None
 
     @cached_property
     def storage(self) -> Storage:
@@ -101,7 +104,10 @@ class Runtime:
 
     @cached_property
     def inbox(self) -> Inbox:
-        return Inbox(self.storage, self.settings.DEDUPE_WINDOW_S, self.settings.ALERT_ID_TTL_S)
+        inbox = Inbox(self.storage, self.settings.DEDUPE_WINDOW_S, self.settings.ALERT_ID_TTL_S)
+        self._worker_wakeups = WorkerWakeups(self.settings.data_dir, inbox.decided)
+        inbox.tell = self._worker_wakeups.tell  # used only while the engine runs in another process
+        return inbox
 
     @cached_property
     def gate(self) -> RiskGate:
@@ -177,6 +183,8 @@ class Runtime:
             self.sender.start()
             engine.start(self.reloader.scan())
             self.engine = engine
+            self._engine_wakeups = EngineWakeups(self.settings.data_dir, engine.stored_elsewhere)
+            self.inbox.answered = self._engine_wakeups.decided
             if self.watch_plugins:
                 self.reloader.start()
             self.pump = EventPump(self.storage, self.notifiers)
@@ -260,4 +268,10 @@ class Runtime:
             self.gateway.shutdown()
             self.engine = None
             log.info("engine stopped")
+        if "inbox" in self.__dict__:  # never made: nothing to undo (and no database to open for it)
+            self.inbox.answered = None
+        for wakeups in (self._engine_wakeups, self._worker_wakeups):
+            if wakeups is not None:
+                wakeups.close()
+        self._engine_wakeups = None
         self.lock.release()
