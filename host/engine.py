@@ -68,6 +68,16 @@ def _forward(to: str, name: str) -> property:
                     lambda self, value: setattr(getattr(self, to), name, value))
 
 
+def _undecided_alerts(db: sqlite_utils.Database) -> tuple[list[dict], int]:
+    """The alerts waiting for a decision, in stored order, and the last alert's rowid, from one snapshot."""
+    db.execute("begin")
+    try:
+        rows = list(db.query("select rowid seq, * from alerts where status = 'received' order by rowid"))
+        return rows, db.execute("select coalesce(max(rowid), 0) from alerts").fetchone()[0]
+    finally:
+        db.execute("commit")
+
+
 class Engine:
     """Schedules the work: the engine thread for alerts, updates, ticks and plugins; risk's own thread."""
 
@@ -130,6 +140,7 @@ class Engine:
         self._alerts_in: list[dict] = []  # alert rows handed over or found, not decided yet, in stored order
         self._alerts_polled = 0.0
         self._look_now = False  # another process stored an alert: poll the inbox on the next step
+        self._seen_seq = 0  # every alert up to this rowid is known here (found by a poll, or handed over)
         self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
         self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
@@ -189,12 +200,15 @@ class Engine:
         self._events.put(("wake", None))
         self.risk.wake()  # a control command may be waiting too
 
-    def stored_elsewhere(self) -> None:
+    def stored_elsewhere(self, table: str) -> None:
         """Another process stored an alert or a command (wakeups.py): look at the inbox now, not at the poll."""
+        if table == "commands":
+            self.wake()  # the engine's kinds on its next step, the control ones (halt, exit-all) on risk's thread
+            return
         if self._look_now:
-            return  # one look is already due: a burst (or a flood) of wake-ups costs one
+            return  # a look is due already: a burst (or a flood) of wake-ups puts one event in the queue
         self._look_now = True
-        self.wake()
+        self._events.put(("wake", None))
 
     def _hand(self, row: dict) -> None:
         """A new alert row, just committed (called in commit order): decided on the engine thread."""
@@ -279,7 +293,12 @@ class Engine:
 
     def _handle(self, items: list[tuple[str, Any]], dispatch: bool = True) -> None:
         """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
-        self._alerts_in += [row for kind, row in items if kind == "alert"]
+        for kind, row in items:
+            if kind == "alert":
+                self._alerts_in.append(row)
+                if row["seq"] > self._seen_seq + 1:  # a gap: another process stored one before it, its wake-up
+                    self._look_now = True            # lost or late: the look decides them in rowid order
+                self._seen_seq = max(self._seen_seq, row["seq"])
         updates = [u for kind, u in items if kind == "update"]
         changed = self.watcher.apply(updates) if updates else []
         if changed:
@@ -415,9 +434,10 @@ class Engine:
         if self._look_now or now - self._alerts_polled >= ALERT_POLL_S:  # stored by another worker, or at start
             self._look_now, self._alerts_polled = False, now
             known = {r["id"] for r in self._alerts_in}
-            self._alerts_in += [r for r in self.storage.rows("select rowid seq, * from alerts where status = "
-                                                             "'received' order by rowid") if r["id"] not in known]
+            found, top = self.storage.read(_undecided_alerts)
+            self._alerts_in += [r for r in found if r["id"] not in known]
             self._alerts_in.sort(key=lambda r: r["seq"])
+            self._seen_seq = max(self._seen_seq, top)
         if not self._alerts_in:
             return
         rows, self._alerts_in = self._alerts_in, []

@@ -73,6 +73,7 @@ class BufferingThreadWorker(ThreadWorker):
     """gthread whose selector loop reads whole requests under deadlines before any thread sees them."""
 
     limits = HttpLimits()
+    takes_connections = True  # False in the engine's worker while other workers serve (server.post_worker_init)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -97,6 +98,10 @@ class BufferingThreadWorker(ThreadWorker):
     def configure(self, limits: HttpLimits) -> None:
         """Use these limits (the host's settings); called from post_worker_init."""
         self.limits = limits
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's switch for its listeners, held off for good in a worker that takes no connections."""
+        super().set_accept_enabled(enabled and self.takes_connections)
 
     def init_process(self) -> None:
         self.worker_connections = self._connection_limit()

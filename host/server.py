@@ -17,7 +17,12 @@ def _runtime(worker: Any) -> Any:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Start the engine in this worker if it gets the lock; other workers stand by to take over."""
+    """Start the engine in this worker if it gets the lock; other workers stand by to take over.
+
+    With several workers, the engine's worker takes no connections: the others serve every request, so
+    a burst of webhooks never competes with the engine for its process (one Python thread at a time).
+    A worker that takes the engine over later (its holder died, or a reload) goes on serving as well.
+    """
     rt = _runtime(worker)
     if hasattr(worker, "configure"):  # host.http_worker.BufferingThreadWorker
         from .http_intake import HttpLimits
@@ -28,6 +33,11 @@ def post_worker_init(worker: Any) -> None:
     except EngineBusy:
         worker.log.info("engine runs in another worker; this worker accepts webhooks and stands by")
         rt.start_engine_when_free()
+        return
+    if worker.cfg.workers > 1 and hasattr(worker, "takes_connections"):
+        worker.takes_connections = False
+        worker.log.info("the engine runs in this worker, which takes no connections: the other %d worker(s) "
+                        "serve every request", worker.cfg.workers - 1)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -101,7 +101,7 @@ class _Socket:
 class EngineWakeups:
     """In the engine's process: wake the engine for what others stored; tell each asker its decision."""
 
-    def __init__(self, data_dir: Path | str, stored_elsewhere: Callable[[], None]):
+    def __init__(self, data_dir: Path | str, stored_elsewhere: Callable[[str], None]):
         self._stored_elsewhere = stored_elsewhere
         self._askers: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -121,7 +121,7 @@ class EngineWakeups:
                 self._askers.move_to_end(f"{table}:{key}")
                 while len(self._askers) > ASKERS_KEPT:
                     self._askers.popitem(last=False)
-        self._stored_elsewhere()
+        self._stored_elsewhere(table)
 
     def decided(self, table: str, key: str) -> None:
         """The engine committed its decision on this key: tell the process that asked, if one did."""

@@ -123,16 +123,51 @@ def test_kill_9_loses_nothing_accepted_and_runs_nothing_twice(server):
     assert len(positions) == len(bodies) and {p["net_qty"] for p in positions} == {75}
 
 
-def test_two_workers_share_one_engine(server):
+def _client_connections(pid: int, port: int) -> int:
+    """Established TCP connections on the server's port held open by this process (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
+            count += 1
+    return count
+
+
+def test_two_workers_share_one_engine(server, tmp_path):
     s = server("--workers", "2").start()
     secret = s.secrets()["WEBHOOK_SECRET"]
+    sessions = [requests.Session() for _ in range(8)]  # kept alive: each connection stays with its worker
+    send = lambda i: sessions[i % 8].post(s.url + "/webhook", json=_alert(secret, strategy=f"w{i}"), timeout=10)
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda i: s.webhook(_alert(secret, strategy=f"w{i}")).status_code, range(40)))
-    assert set(codes) <= {200, 202} and codes.count(200) >= 30
+        answers = list(pool.map(send, range(40)))
+    # every alert is decided while its request waits: the engine is woken, not found by its 0.1 s poll
+    assert [a.status_code for a in answers] == [200] * 40, [a.json() for a in answers if a.status_code != 200]
+    assert all(a.elapsed.total_seconds() < 1.5 for a in answers), max(a.elapsed for a in answers)
+    # the engine's worker serves none of them: the other worker holds every client connection
+    engine_pid = int((tmp_path / "var" / "engine.lock").read_text())
+    other = _other_worker(s.proc.pid, engine_pid)
+    assert _client_connections(engine_pid, s.port) == 0 and _client_connections(other, s.port) >= 8
+    for session in sessions:
+        session.close()
     orders = wait_for(lambda: (items := s.api("/api/orders", params={"limit": 100}).json()["items"])
                       and len(items) == 40 and all(o["status"] == "FILLED" for o in items) and items, timeout=15)
     assert len({o["strategy"] for o in orders}) == 40
-    assert s.output().count("engine started") == 1
+    assert s.output().count("engine started") == 1 and s.output().count("takes no connections") == 1
+
+
+def _other_worker(master: int, engine_pid: int) -> int:
+    children = open(f"/proc/{master}/task/{master}/children").read().split()
+    workers = [int(c) for c in children if int(c) != engine_pid]
+    assert len(workers) == 1, children
+    return workers[0]
 
 
 def test_importing_wsgi_starts_nothing(tmp_path):

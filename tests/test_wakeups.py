@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -59,21 +60,21 @@ def test_without_wake_ups_the_poll_still_finds_the_alert(host, monkeypatch):
 
 def test_forged_and_foreign_datagrams_do_nothing_but_wake(tmp_path):
     woken = []
-    ew = EngineWakeups(tmp_path, lambda: woken.append(1))
+    ew = EngineWakeups(tmp_path, woken.append)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         for junk in (b"", b"x" * 500, b"\xff\xfe", b"orders:1", b"alerts:", b"alerts:a\nb", b"alerts:ok"):
             s.sendto(junk, engine_address(tmp_path))
         wait_for(lambda: woken)
         time.sleep(0.1)
-        assert len(woken) == 1  # only the well-formed one
+        assert woken == ["alerts"]  # only the well-formed one
     finally:
         ew.close()
     assert parse(b"commands:17") == ("commands", "17") and parse(b"alerts:a\tb") is None
 
 
 def test_the_engine_remembers_a_bounded_number_of_askers(tmp_path):
-    ew = EngineWakeups(tmp_path, lambda: None)
+    ew = EngineWakeups(tmp_path, lambda table: None)
     try:
         for i in range(ASKERS_KEPT + 50):
             ew._on_message("alerts", f"a{i}", b"\0nobody")
@@ -84,7 +85,7 @@ def test_the_engine_remembers_a_bounded_number_of_askers(tmp_path):
 
 def test_a_worker_hears_the_decision_for_its_key(tmp_path):
     heard = []
-    ew = EngineWakeups(tmp_path, lambda: None)
+    ew = EngineWakeups(tmp_path, lambda table: None)
     ww = WorkerWakeups(tmp_path, lambda t, k: heard.append((t, k)))
     try:
         ww.tell("alerts", "a1")
@@ -97,3 +98,22 @@ def test_a_worker_hears_the_decision_for_its_key(tmp_path):
     finally:
         ww.close()
         ew.close()
+
+
+def test_alerts_of_one_strategy_are_decided_in_stored_order_across_workers(host, slow_poll, monkeypatch):
+    """An alert stored by another worker (its wake-up lost) is decided before a later one stored here."""
+    time.sleep(0.3)  # past the engine's first look at the inbox, at its start
+    decided, inbox = [], host.runtime.inbox
+    real = inbox.decided
+    monkeypatch.setattr(inbox, "decided", lambda t, k: (decided.append(k), real(t, k)))
+    rt, client = _standby(host)
+    rt.inbox.tell = None  # the datagram lost (best effort): only the database says it is there
+    try:
+        other = threading.Thread(target=client.post, args=("/webhook",), kwargs={"json": alert("ENTRY", strategy="ord", price="41")})
+        other.start()
+        first = wait_for(lambda: host.runtime.storage.one("select id from alerts where strategy = 'ord'"))["id"]
+        r = host.post(alert("ENTRY", strategy="ord", price="43"))
+        other.join(5)
+        assert first in decided and decided.index(first) < decided.index(r.get_json()["alert_id"]), decided
+    finally:
+        rt.stop(timeout=5)
