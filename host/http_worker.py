@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from concurrent import futures
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import TConn, ThreadWorker
@@ -35,6 +35,8 @@ FD_RESERVE = 256  # descriptors kept for the engine, SQLite, the broker and Tele
 EXPIRY_EVERY = 0.1  # seconds between passes over the connections being read
 REPORT_EVERY = 60.0  # seconds between log lines that count refused connections
 DRAIN_MAX = 64 * 1024  # bytes read and dropped from a closing connection before it is cut
+SERVING_CHECK_S = 0.5  # seconds between looks, in a worker that takes no connections, at whether another serves
+SERVING_GRACE_S = 3.0  # ...and how long none may serve before it does (the others boot within it at a start)
 MIN_AGE = 0.25  # seconds a connection is read before the connection limit may shed it (a fast request is in)
 SEND_BUFFER = 128 * 1024  # kernel send buffer of a client socket (Linux doubles it); its autotuning would let
 #                           each client that reads nothing pin ~4 MB of kernel memory, all TCP's on pressure
@@ -74,6 +76,9 @@ class BufferingThreadWorker(ThreadWorker):
 
     limits = HttpLimits()
     takes_connections = True  # False in the engine's worker while other workers serve (server.post_worker_init)
+    others_serve: Callable[[], bool] = staticmethod(lambda: True)  # another worker takes connections now
+    _serving_checked = float("-inf")
+    _alone_since: Optional[float] = None  # no other worker has taken connections since then
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -100,8 +105,21 @@ class BufferingThreadWorker(ThreadWorker):
         self.limits = limits
 
     def set_accept_enabled(self, enabled: bool) -> None:
-        """gthread's switch for its listeners, held off for good in a worker that takes no connections."""
-        super().set_accept_enabled(enabled and self.takes_connections)
+        """gthread's switch for its listeners, held off in a worker that takes no connections while another serves."""
+        super().set_accept_enabled(enabled and (self.takes_connections or not self._others_serve_now()))
+
+    def _others_serve_now(self) -> bool:
+        now = time.monotonic()
+        if now >= self._serving_checked + SERVING_CHECK_S:
+            self._serving_checked = now
+            self._alone_since = None if self.others_serve() else (self._alone_since or now)
+        return self._alone_since is None or now - self._alone_since < SERVING_GRACE_S
+
+    def _review_accepting(self) -> None:
+        """The engine's worker takes connections while no other worker does (one fewer after SIGTTOU, or one
+        being replaced), and stops again once one does; gthread itself asks only when its limit is crossed."""
+        if not self.takes_connections and self.alive and self.nr_conns < self.worker_connections:
+            self.set_accept_enabled(True)
 
     def init_process(self) -> None:
         self.worker_connections = self._connection_limit()
@@ -348,6 +366,7 @@ class BufferingThreadWorker(ThreadWorker):
 
     def murder_pending(self) -> None:
         super().murder_pending()
+        self._review_accepting()
         now = time.monotonic()
         if not self.alive and self.stop_deadline == float("inf"):
             self.stop_deadline = now + self.limits.linger

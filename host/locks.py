@@ -45,3 +45,31 @@ class FileLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+class ServingMark:
+    """A shared flock that every worker taking connections holds; the engine's worker asks if one is held."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: Optional[int] = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
+
+    def hold(self) -> None:
+        """This process takes connections: held until it exits (the kernel drops it even on kill -9)."""
+        fcntl.flock(self._open(), fcntl.LOCK_SH)  # waits only while a `held_elsewhere` test holds it (microseconds)
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process takes connections (call only where `hold` never was)."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False

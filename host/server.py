@@ -21,21 +21,26 @@ def post_worker_init(worker: Any) -> None:
 
     With several workers, the engine's worker takes no connections: the others serve every request, so
     a burst of webhooks never competes with the engine for its process (one Python thread at a time).
-    A worker that takes the engine over later (its holder died, or a reload) goes on serving as well.
+    A worker that takes the engine over later (its holder died, or a reload) goes on serving as well. While
+    no other worker serves (SIGTTOU left only this one, or one is being replaced), this one does.
     """
     rt = _runtime(worker)
     if hasattr(worker, "configure"):  # host.http_worker.BufferingThreadWorker
         from .http_intake import HttpLimits
         worker.configure(HttpLimits.from_settings(rt.settings))
+    from .locks import ServingMark
     from .runtime import EngineBusy
+    serving = ServingMark(rt.settings.data_dir / "serving.lock")
     try:
         rt.start_engine()
     except EngineBusy:
         worker.log.info("engine runs in another worker; this worker accepts webhooks and stands by")
+        serving.hold()
         rt.start_engine_when_free()
         return
     if worker.cfg.workers > 1 and hasattr(worker, "takes_connections"):
-        worker.takes_connections = False
+        worker.takes_connections = False  # while another worker serves: with none left, this one does
+        worker.others_serve = serving.held_elsewhere
         worker.log.info("the engine runs in this worker, which takes no connections: the other %d worker(s) "
                         "serve every request", worker.cfg.workers - 1)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -168,6 +169,37 @@ def _other_worker(master: int, engine_pid: int) -> int:
     workers = [int(c) for c in children if int(c) != engine_pid]
     assert len(workers) == 1, children
     return workers[0]
+
+
+def test_one_worker_fewer_after_the_engine_worker_died_still_serves(server, tmp_path):
+    """kill -9 of the engine's worker: its replacement takes the engine (and no connections), the older
+    worker serves. SIGTTOU then stops the oldest worker: the engine's worker must take the connections."""
+    s = server("--workers", "2").start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    lock = tmp_path / "var" / "engine.lock"
+    dead = int(lock.read_text())
+    os.kill(dead, signal.SIGKILL)
+    engine = wait_for(lambda: (pid := int(lock.read_text() or 0)) not in (0, dead) and _children(s.proc.pid)[-1:] == [pid]
+                      and len(_children(s.proc.pid)) == 2 and pid, timeout=20)
+    os.kill(s.proc.pid, signal.SIGTTOU)  # gunicorn stops the oldest worker: the one that served
+    wait_for(lambda: _children(s.proc.pid) == [engine], timeout=20)
+    assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
+    r = requests.post(s.url + "/webhook", json=_alert(secret, strategy="ttou"), timeout=10)
+    assert r.status_code == 200, r.text
+    os.kill(s.proc.pid, signal.SIGTTIN)  # one more again: it serves, and the engine's worker stops taking any
+    wait_for(lambda: s.output().count("this worker accepts webhooks and stands by") == 2, timeout=20)
+    time.sleep(3.5)  # the engine's worker looks every 0.5 s (after its select, up to 1 s)
+    sessions = [requests.Session() for _ in range(4)]
+    for i in range(8):
+        assert sessions[i % 4].get(s.url + "/healthz", timeout=5).status_code == 200
+    assert _client_connections(_other_worker(s.proc.pid, engine), s.port) == 4  # each session's, none with the engine
+    for session in sessions:
+        session.close()
+
+
+def _children(master: int) -> list[int]:
+    """The master's workers, oldest first."""
+    return [int(c) for c in open(f"/proc/{master}/task/{master}/children").read().split()]
 
 
 def test_importing_wsgi_starts_nothing(tmp_path):
