@@ -27,6 +27,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
+            "pytest-xdist>=3.5,<4",
             "playwright>=1.45,<2",
             "hypothesis>=6.100,<7",
         ],
