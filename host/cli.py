@@ -230,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--host", help="bind address (overrides HOST)")
     run.add_argument("--port", type=int, help="port (overrides PORT)")
     run.add_argument("--workers", type=int, default=1, help="gunicorn workers (default 1; the engine runs in one)")
-    run.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
+    run.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
     run.add_argument("--gunicorn-conf", help="a gunicorn config file whose settings override ours")
     run.add_argument("--new-database", action="store_true",
                      help="start with a new, empty database although DATA_DIR shows an earlier run "

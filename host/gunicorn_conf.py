@@ -3,5 +3,5 @@ from host.server import WORKER_CLASS, post_worker_init, worker_exit  # noqa: F40
 
 worker_class = WORKER_CLASS
 workers = 1
-threads = 8
+threads = 4  # more let a burst of webhooks starve the engine and sender of the GIL (README, "Serving")
 graceful_timeout = 30

@@ -56,7 +56,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 class HostServer(BaseApplication):
     """Gunicorn with our defaults; GUNICORN_CMD_ARGS and a config file (--gunicorn-conf) override them."""
 
-    def __init__(self, app_factory: Any, settings: Settings, workers: int = 1, threads: int = 8,
+    def __init__(self, app_factory: Any, settings: Settings, workers: int = 1, threads: int = 4,
                  config_file: Optional[str] = None):
         self.app_factory = app_factory
         self.settings = settings

@@ -10,7 +10,7 @@ from conftest import make_settings
 def test_defaults_are_the_buffering_gthread_worker_with_our_hooks(tmp_path, monkeypatch):
     monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
     cfg = HostServer(lambda: None, make_settings(tmp_path, PORT=8123)).cfg
-    assert cfg.worker_class is BufferingThreadWorker and cfg.workers == 1 and cfg.threads == 8
+    assert cfg.worker_class is BufferingThreadWorker and cfg.workers == 1 and cfg.threads == 4
     assert cfg.bind == ["127.0.0.1:8123"]
     assert cfg.post_worker_init is post_worker_init and cfg.worker_exit is worker_exit
 

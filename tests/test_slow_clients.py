@@ -56,7 +56,7 @@ def test_a_webhook_answers_at_once_while_slow_clients_hold_forty_connections(ser
     secret = s.secrets()["WEBHOOK_SECRET"]
     with Trickle(s.port, headers=20, bodies=20, interval=0.25, reopen=False) as slow:
         assert slow.connected.wait(5)
-        time.sleep(0.6)  # every slow connection has sent bytes: plain gthread has given all 8 threads away
+        time.sleep(0.6)  # every slow connection has sent bytes: plain gthread has given all its threads away
         took = [_timed_webhook(s.url, secret, n) for n in range(3)]
         assert not slow.closes  # they were all still open meanwhile
     assert max(took) < 1.0, took
