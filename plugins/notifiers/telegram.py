@@ -297,12 +297,12 @@ class TelegramNotifier:
     async def _main(self) -> None:
         self.wake = asyncio.Event()
         self._restore(self.ctx.state.pop("pending", []))  # what the previous run had not sent
+        for name in ("httpx", "telegram"):  # their INFO and DEBUG lines carry the token in URLs: before the
+            logging.getLogger(name).setLevel(logging.WARNING)  # Bot is made (it logs its URLs at DEBUG)
         base = dict(connect_timeout=5.0, write_timeout=10.0, pool_timeout=5.0)
         self.bot = Bot(self.token, base_url=self.api_url + "/bot", base_file_url=self.api_url + "/file/bot",
                        request=HTTPXRequest(connection_pool_size=4, read_timeout=10.0, **base),
                        get_updates_request=HTTPXRequest(connection_pool_size=1, read_timeout=POLL_S + 10.0, **base))
-        for name in ("httpx", "telegram"):  # their INFO and DEBUG lines carry the token in URLs
-            logging.getLogger(name).setLevel(logging.WARNING)
         self.tasks = [asyncio.ensure_future(self._sender())]
         self.tasks.append(asyncio.ensure_future(self._poll() if self.mode == "polling" else self._webhook_inbox()))
         self.ready.set()
