@@ -36,6 +36,7 @@ def post_worker_init(worker: Any) -> None:
     except EngineBusy:
         worker.log.info("engine runs in another worker; this worker accepts webhooks and stands by")
         serving.hold()
+        worker.serving_mark = serving  # its descriptor holds the shared lock for this process's life
         rt.start_engine_when_free()
         return
     if worker.cfg.workers > 1 and hasattr(worker, "takes_connections"):
