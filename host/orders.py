@@ -50,21 +50,29 @@ def transition(db: sqlite_utils.Database, order_id: str, status: OrderStatus, de
                **fields: Any) -> bool:
     """Move an order forward in the status machine, never backwards; True if anything changed."""
     row = _order_row(db, order_id)
-    if row is None:
-        return False
+    return row is not None and advance(db, row, status, detail, **fields) is not None
+
+
+def advance(db: sqlite_utils.Database, row: dict, status: OrderStatus, detail: Optional[str] = None,
+            **fields: Any) -> Optional[dict]:
+    """transition() for an order row read in this transaction: the row as it is now, or None if unchanged.
+
+    `row` is kept in step with what is written (a late ack's broker id included)."""
     current = OrderStatus(row["status"])
     if current.terminal or status.rank < current.rank:
         if fields.get("broker_order_id") and not row["broker_order_id"]:  # a late ack still tells us the id
-            db.execute("update orders set broker_order_id = ? where id = ?", (fields["broker_order_id"], order_id))
-        return False
+            db.execute("update orders set broker_order_id = ? where id = ?", (fields["broker_order_id"], row["id"]))
+            row["broker_order_id"] = fields["broker_order_id"]
+        return None
     changes = {k: _txt(v) if k == "avg_price" else v for k, v in fields.items() if v is not None}
     if status is current and all(str(row[k]) == str(v) for k, v in changes.items()):
-        return False
+        return None
     changes.update(status=status.value, updated_at=utcnow())
-    db.execute(f"update orders set {', '.join(f'{k} = ?' for k in changes)} where id = ?", (*changes.values(), order_id))
-    Storage.insert(db, "order_history", {"order_id": order_id, "at": changes["updated_at"], "status": status.value,
+    db.execute(f"update orders set {', '.join(f'{k} = ?' for k in changes)} where id = ?", (*changes.values(), row["id"]))
+    Storage.insert(db, "order_history", {"order_id": row["id"], "at": changes["updated_at"], "status": status.value,
                                          "detail": detail or (f"filled {changes['filled_qty']}" if "filled_qty" in changes else None)})
-    return True
+    row.update(changes)
+    return row
 
 
 def _order_row(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
@@ -77,12 +85,16 @@ def mark_submitted(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     """NEW -> SUBMITTED in one step; the row to send, or None if it is no longer NEW (cancelled by a
     breach or an exit-all, or sent already): such an order is never sent."""
     now = utcnow()
-    if db.execute("update orders set status = ?, updated_at = ? where id = ? and status = ?",
-                  (OrderStatus.SUBMITTED.value, now, order_id, OrderStatus.NEW.value)).rowcount != 1:
+    cur = db.execute("update orders set status = ?, updated_at = ? where id = ? and status = ? returning *",
+                     (OrderStatus.SUBMITTED.value, now, order_id, OrderStatus.NEW.value))
+    values = cur.fetchone()
+    if values is None:
         return None
+    row = dict(zip((c[0] for c in cur.description), values, strict=True))
+    cur.fetchall()  # the statement is done before the next one
     Storage.insert(db, "order_history", {"order_id": order_id, "at": now, "status": OrderStatus.SUBMITTED.value,
                                          "detail": None})
-    return _order_row(db, order_id)
+    return row
 
 
 def request_for(row: dict) -> OrderRequest:

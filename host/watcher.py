@@ -11,7 +11,7 @@ import sqlite_utils
 
 from .market import IST
 from .models import BrokerOrder, OrderStatus, Side
-from .orders import _order_row, transition
+from .orders import _order_row, advance, transition
 from .positions import PositionMath
 from .storage import Storage, dec, utcnow
 
@@ -33,19 +33,19 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
     for fill in update.fills:
         db.execute("insert or ignore into fills (fill_id, order_id, qty, price, at) values (?, ?, ?, ?, ?)",
                    (fill.fill_id, order["id"], fill.qty, str(fill.price), utcnow()))
-    filled = _apply_cumulative(db, order, update)
+    row = dict(order)  # kept in step with what is written below; `order` stays as the update found it
+    filled = _apply_cumulative(db, row, update)
     # updates can arrive out of order (feed and book): an older one never lowers the fill count;
-    # transition() keeps the status from moving back
+    # advance() keeps the status from moving back
     newer = update.filled_qty >= (order["filled_qty"] or 0)
     reason = _reason(order, update)  # the order's history keeps the broker's own words (the detail)
-    changed = transition(db, order["id"], update.status, update.reason,
-                         filled_qty=update.filled_qty if newer else None, avg_price=update.avg_price if newer else None,
-                         broker_order_id=update.broker_order_id, reason=reason)
+    changed = advance(db, row, update.status, update.reason,
+                      filled_qty=update.filled_qty if newer else None, avg_price=update.avg_price if newer else None,
+                      broker_order_id=update.broker_order_id, reason=reason) is not None
     if changed and update.status in EVENT_FOR:
         kind, severity = EVENT_FOR[update.status]
-        now = _order_row(db, order["id"])
-        words = {OrderStatus.FILLED: f"filled {now['filled_qty']} @ {now['avg_price']}",
-                 OrderStatus.PARTIAL: f"partially filled {now['filled_qty']}/{order['qty']} @ {now['avg_price']}",
+        words = {OrderStatus.FILLED: f"filled {row['filled_qty']} @ {row['avg_price']}",
+                 OrderStatus.PARTIAL: f"partially filled {row['filled_qty']}/{order['qty']} @ {row['avg_price']}",
                  OrderStatus.REJECTED: f"rejected by the broker: {update.reason}",
                  OrderStatus.CANCELLED: f"cancelled: {reason}"}[update.status]
         Storage.add_event(db, kind, f"{order['side']} {order['qty']} {order['exchange']}:{order['symbol']} "
@@ -56,7 +56,7 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
         Storage.add_event(db, "order_found", f"order {order['id']}, marked LOST, is at the broker after all "
                           f"({update.status.value}, {update.filled_qty} filled)", "warning", order["strategy"],
                           {"order_id": order["id"], "broker_order_id": update.broker_order_id})
-    return _order_row(db, order["id"]) if changed or filled else None
+    return row if changed or filled else None
 
 
 def _reason(order: dict, update: BrokerOrder) -> Optional[str]:
@@ -89,8 +89,9 @@ def _apply_cumulative(db: sqlite_utils.Database, order: dict, update: BrokerOrde
         price = update.avg_price or dec(order["avg_price"]) or Decimal("0")
     move_position(db, (order["strategy"], order["exchange"], order["symbol"], order["product"]),
                    Side(order["side"]), delta, price)
+    order.update(applied_qty=target, applied_value=str(applied_value + price * delta))
     db.execute("update orders set applied_qty = ?, applied_value = ? where id = ?",
-               (target, str(applied_value + price * delta), order["id"]))
+               (order["applied_qty"], order["applied_value"], order["id"]))
     if fills_qty < target:
         log.warning("order %s: the broker reports %s filled but only %s arrived as fills; the position takes the "
                     "broker's total", order["id"], target, fills_qty)

@@ -1,0 +1,103 @@
+"""Less work per order on the hot path (issue 17): an order's row is read once per step, and the row the
+step hands on (to the engine, risk and the strategies) is the row as stored, whatever the broker sends."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import SYMBOL
+from host.models import BrokerOrder, ExecutionType, FillReport, Intent, OrderStatus, OrderType, Product, Side
+from host.orders import insert_order, mark_submitted, transition
+from host.storage import Storage
+from host.watcher import Watcher
+
+ORDER_READ = "select * from orders where id"
+
+
+@pytest.fixture
+def storage(tmp_path):
+    s = Storage(tmp_path / "h.sqlite")
+    yield s
+    s.close()
+
+
+def _order(storage: Storage, qty: int = 150, ack: bool = True) -> str:
+    intent = Intent("NFO", SYMBOL, Side.BUY, qty, OrderType.LMT, Product.NRML, Decimal("43"), action=ExecutionType.ENTRY)
+    oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
+    if ack:
+        storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id="B1"))
+    return oid
+
+
+def _traced(storage: Storage, fn):
+    """fn's result and the statements the write connection ran for it."""
+    seen: list[str] = []
+    storage.conn.set_trace_callback(lambda sql: seen.append(" ".join(sql.split())))
+    try:
+        return fn(), seen
+    finally:
+        storage.conn.set_trace_callback(None)
+
+
+def _stored(storage: Storage, oid: str) -> dict:
+    return storage.one("select * from orders where id = ?", (oid,))
+
+
+def test_a_fill_reads_its_order_once_and_hands_on_the_row_as_stored(storage):
+    oid = _order(storage)
+    w = Watcher(storage)
+    fill = BrokerOrder("B1", oid, OrderStatus.FILLED, 150, Decimal("42.75"),
+                       fills=(FillReport("F1", 100, Decimal("42.5")), FillReport("F2", 50, Decimal("43.25"))))
+    changed, seen = _traced(storage, lambda: w.apply([fill]))
+    reads = [s for s in seen if s.startswith(ORDER_READ)]
+    assert len(reads) == 1, seen  # it was read four times: before the fill, in transition, for the event, after
+    assert changed == [_stored(storage, oid)]
+    assert (changed[0]["status"], changed[0]["filled_qty"], changed[0]["applied_qty"]) == ("FILLED", 150, 150)
+
+
+def test_marking_an_order_submitted_is_one_statement_and_its_history(storage):
+    oid = _order(storage, ack=False)
+    row, seen = _traced(storage, lambda: storage.write(lambda db: mark_submitted(db, oid)))
+    assert row == _stored(storage, oid) and row["status"] == "SUBMITTED"
+    assert [s.split()[0].lower() for s in seen] == ["begin", "update", "insert", "commit"], seen
+    again, _ = _traced(storage, lambda: storage.write(lambda db: mark_submitted(db, oid)))
+    assert again is None  # not NEW any more: never sent twice
+
+
+def test_a_late_ack_after_the_fill_keeps_the_broker_id_in_the_row_handed_on(storage):
+    oid = _order(storage, ack=False)
+    w = Watcher(storage)
+    w.apply([BrokerOrder("", oid, OrderStatus.FILLED, 150, Decimal("43"))])  # the fill came without the id
+    changed = w.apply([BrokerOrder("B9", oid, OrderStatus.OPEN, 0, None)])  # the ack, late: status stays FILLED
+    stored = _stored(storage, oid)
+    assert (stored["status"], stored["broker_order_id"]) == ("FILLED", "B9")
+    assert changed == []  # nothing a strategy must hear: the status and fill did not move
+
+
+STATUSES = [OrderStatus.OPEN, OrderStatus.PARTIAL, OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.REJECTED,
+            OrderStatus.UNKNOWN]
+update = st.builds(
+    lambda status, filled, price, bid, reason, fills: (status, filled, price, bid, reason, fills),
+    st.sampled_from(STATUSES), st.integers(0, 150),
+    st.one_of(st.none(), st.decimals(min_value=Decimal("0.05"), max_value=Decimal("500"), places=2)),
+    st.sampled_from(["B1", "", "B2"]), st.one_of(st.none(), st.sampled_from(["rms: margin", "cancelled by user"])),
+    st.lists(st.tuples(st.sampled_from(["F1", "F2", "F3"]), st.integers(1, 75),
+                       st.decimals(min_value=Decimal("1"), max_value=Decimal("99"), places=2)), max_size=2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(updates=st.lists(update, min_size=1, max_size=6))
+def test_any_run_of_broker_updates_hands_on_only_rows_as_stored(tmp_path_factory, updates):
+    storage = Storage(tmp_path_factory.mktemp("db") / "h.sqlite")
+    try:
+        oid = _order(storage)
+        w = Watcher(storage)
+        for status, filled, price, bid, reason, fills in updates:
+            reports = tuple(FillReport(f, q, p) for f, q, p in fills)
+            changed = w.apply([BrokerOrder(bid, oid, status, filled, price, reason, reports)])
+            if changed:
+                assert changed == [_stored(storage, oid)]
+    finally:
+        storage.close()
