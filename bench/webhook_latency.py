@@ -12,6 +12,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -73,11 +74,13 @@ def start_host(workdir: Path, port: int, **env: str) -> subprocess.Popen:
 
 
 def start_bare(port: int, workdir: Path | None = None) -> subprocess.Popen:
-    conf = (workdir or Path(tempfile.mkdtemp(prefix="bench-bare-"))) / "bare_gunicorn_conf.py"
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="bench-bare-"))
+    conf = workdir / "bare_gunicorn_conf.py"
     conf.write_text(BARE_CONF)
     return subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"127.0.0.1:{port}",
                              "--log-level", "warning", "--chdir", str(ROOT / "bench"), "bare_app:app"],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=_env(BARE_DB=str(workdir / "bare.sqlite")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def body(i: int, tag: str) -> bytes:
@@ -87,7 +90,13 @@ def body(i: int, tag: str) -> bytes:
                                                     "product_type": "M"}]}).encode()
 
 
-def run_senders(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[float], float, list[int]]:
+def blocked_body(i: int) -> bytes:
+    """An ENTRY for a strategy holding its position already: the guard blocks it (409), so no order is made."""
+    return json.dumps({**json.loads(body(0, "hold")), "alert_id": f"b{i}"}).encode()
+
+
+def run_senders(port: int, bodies: list[bytes], concurrency: int,
+                path: str = "/webhook") -> tuple[list[float], float, list[int]]:
     """Send every body over keep-alive connections from `concurrency` threads; latencies, wall time, statuses."""
     latencies: list[float] = []
     statuses: list[int] = []
@@ -102,7 +111,7 @@ def run_senders(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[
             if i is None:
                 break
             t0 = time.perf_counter()
-            conn.request("POST", "/webhook", bodies[i], {"Content-Type": "application/json"})
+            conn.request("POST", path, bodies[i], {"Content-Type": "application/json"})
             resp = conn.getresponse()
             resp.read()
             dt = time.perf_counter() - t0
@@ -124,12 +133,20 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def measure(port: int, tag: str, n: int, concurrency: int) -> dict:
-    run_senders(port, [body(i, f"{tag}warm") for i in range(50)], 1)  # warm up
-    serial, _, st1 = run_senders(port, [body(i, f"{tag}s") for i in range(n)], 1)
-    conc, wall, st2 = run_senders(port, [body(i, f"{tag}c") for i in range(n)], concurrency)
+def measure(port: int, tag: str, n: int, concurrency: int, path: str = "/webhook") -> dict:
+    run_senders(port, [body(i, f"{tag}warm") for i in range(50)], 1, path)  # warm up
+    serial, _, st1 = run_senders(port, [body(i, f"{tag}s") for i in range(n)], 1, path)
+    conc, wall, st2 = run_senders(port, [body(i, f"{tag}c") for i in range(n)], concurrency, path)
     bad = [s for s in st1 + st2 if s != 200]
     return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad)}
+
+
+def measure_blocked(port: int, n: int) -> dict:
+    """Serial alerts that the guard blocks: the host's cost of an alert without the order life after it."""
+    run_senders(port, [body(0, "hold")], 1)
+    latencies, _, statuses = run_senders(port, [blocked_body(i) for i in range(n)], 1)
+    bad = [s for s in statuses if s != 409]
+    return {"p50": pct(latencies, 50), "p99": pct(latencies, 99), "bad": len(bad)}
 
 
 def alert_to_fill(db: Path, strategy_like: str = "%") -> list[float]:
@@ -156,14 +173,17 @@ def main() -> None:
         wait_up(bare_port)
         wait_up(host_port)
         floor = measure(bare_port, "f", args.alerts, args.concurrency)
+        contract = measure(bare_port, "k", args.alerts, args.concurrency, "/webhook-contract")
         ours = measure(host_port, "h", args.alerts, args.concurrency)
         time.sleep(1.0)  # let the last fills land
         fills = alert_to_fill(work / "var" / "host.sqlite")
         burst = alert_to_fill(work / "var" / "host.sqlite", "hc%")
+        blocked = measure_blocked(host_port, args.alerts)
     finally:
         for p in (bare, host):
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
     ms = 1000
     print(f"alerts: {args.alerts} serial + {args.alerts} with {args.concurrency} concurrent senders, keep-alive")
     print(f"{'':28}{'host':>10}{'floor':>10}{'ratio':>8}")
@@ -177,7 +197,18 @@ def main() -> None:
     if burst:
         print(f"{'alert-to-fill p99, burst':28}{pct(burst, 99) * ms:10.2f}   ({len(burst)} alerts from "
               f"{args.concurrency} concurrent senders)")
-    print(f"non-200 answers: host {ours['bad']}, floor {floor['bad']}; fills measured: {len(fills)}")
+    print("the contract's least (bare route + one durable commit + a decision on one thread), and the host")
+    print("without the order life (alerts its guard blocks), each against the bare route:")
+    print(f"{'contract floor p50 (ms)':28}{contract['p50'] * ms:10.2f}{floor['p50'] * ms:10.2f}"
+          f"{contract['p50'] / floor['p50']:8.2f}x")
+    print(f"{'contract floor p99 (ms)':28}{contract['p99'] * ms:10.2f}{floor['p99'] * ms:10.2f}"
+          f"{contract['p99'] / floor['p99']:8.2f}x")
+    print(f"{'contract floor alerts/s':28}{contract['rate']:10.0f}{floor['rate']:10.0f}"
+          f"{contract['rate'] / floor['rate']:8.2f}x")
+    print(f"{'host p50, blocked (ms)':28}{blocked['p50'] * ms:10.2f}{floor['p50'] * ms:10.2f}"
+          f"{blocked['p50'] / floor['p50']:8.2f}x")
+    print(f"non-200 answers: host {ours['bad']}, floor {floor['bad']}, contract floor {contract['bad']}; "
+          f"blocked alerts not answered 409: {blocked['bad']}; fills measured: {len(fills)}")
 
 
 if __name__ == "__main__":
