@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 from dataclasses import replace
 from decimal import Decimal
@@ -21,6 +22,7 @@ from .storage import Storage, dec, utcnow
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 BROKER_TIMEOUT_S = 5.0
+RETURNING_SINCE = (3, 35, 0)  # UPDATE ... RETURNING; an older SQLite (Ubuntu 20.04: 3.31) reads the row after
 SEND_BATCH_MAX = 32  # NEW orders marked SUBMITTED in one durable commit before they are sent, in order
 
 
@@ -76,22 +78,28 @@ def advance(db: sqlite_utils.Database, row: dict, status: OrderStatus, detail: O
 
 
 def _order_row(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
-    cur = db.execute("select * from orders where id = ?", (order_id,))
+    return _first(db.execute("select * from orders where id = ?", (order_id,)))
+
+
+def _first(cur: sqlite3.Cursor) -> Optional[dict]:
+    """A statement's first row as a dict, or None; the statement is run to its end before the next one."""
     values = cur.fetchone()
-    return None if values is None else dict(zip((c[0] for c in cur.description), values, strict=True))
+    row = None if values is None else dict(zip((c[0] for c in cur.description), values, strict=True))
+    cur.fetchall()
+    return row
 
 
 def mark_submitted(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     """NEW -> SUBMITTED in one step; the row to send, or None if it is no longer NEW (cancelled by a
     breach or an exit-all, or sent already): such an order is never sent."""
     now = utcnow()
-    cur = db.execute("update orders set status = ?, updated_at = ? where id = ? and status = ? returning *",
+    returning = sqlite3.sqlite_version_info >= RETURNING_SINCE
+    cur = db.execute("update orders set status = ?, updated_at = ? where id = ? and status = ?"
+                     + (" returning *" if returning else ""),
                      (OrderStatus.SUBMITTED.value, now, order_id, OrderStatus.NEW.value))
-    values = cur.fetchone()
-    if values is None:
+    row = _first(cur) if returning else _order_row(db, order_id) if cur.rowcount == 1 else None
+    if row is None:
         return None
-    row = dict(zip((c[0] for c in cur.description), values, strict=True))
-    cur.fetchall()  # the statement is done before the next one
     Storage.insert(db, "order_history", {"order_id": order_id, "at": now, "status": OrderStatus.SUBMITTED.value,
                                          "detail": None})
     return row

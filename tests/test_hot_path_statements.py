@@ -101,3 +101,25 @@ def test_any_run_of_broker_updates_hands_on_only_rows_as_stored(tmp_path_factory
                 assert changed == [_stored(storage, oid)]
     finally:
         storage.close()
+
+
+def test_an_older_sqlite_without_returning_still_marks_and_hands_on_the_stored_row(storage, monkeypatch):
+    """SQLite before 3.35 (Ubuntu 20.04's 3.31, a pyenv Python built there) has no UPDATE ... RETURNING: every
+    send failed with a syntax error, and the orders (exits too) stayed NEW with only a log line."""
+    import sqlite3
+
+    import sqlite_utils
+    execute = sqlite_utils.Database.execute
+
+    def old_sqlite(db, sql, parameters=None):
+        if "returning" in sql.lower():
+            raise sqlite3.OperationalError('near "returning": syntax error')
+        return execute(db, sql, parameters)
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite_utils.Database, "execute", old_sqlite)
+    oid = _order(storage, ack=False)
+    row = storage.write(lambda db: mark_submitted(db, oid), durable=True)
+    assert row == _stored(storage, oid) and row["status"] == "SUBMITTED"
+    assert storage.one("select count(*) n from order_history where order_id = ? and status = 'SUBMITTED'",
+                       (oid,))["n"] == 1
+    assert storage.write(lambda db: mark_submitted(db, oid)) is None  # not NEW any more: never sent twice
