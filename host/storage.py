@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -367,8 +368,14 @@ class _Database(sqlite_utils.Database):
         if sql.lstrip()[:6].lower() != "select":
             return super().query(sql, params)
         cursor = self.conn.execute(sql, params if params is not None else ())
-        keys = dedupe_keys(d[0] for d in cursor.description)
+        keys = _row_keys(tuple(d[0] for d in cursor.description))
         return (dict(zip(keys, row)) for row in cursor)
+
+
+@functools.lru_cache(maxsize=512)
+def _row_keys(names: tuple[str, ...]) -> tuple[str, ...]:
+    """sqlite-utils' row keys (a repeated column name gets a suffix), worked out once per column list."""
+    return tuple(dedupe_keys(names))
 
 
 class Storage:
