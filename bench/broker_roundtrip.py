@@ -120,9 +120,14 @@ def main() -> None:
           f"{statistics.median(ours) / statistics.median(floor):8.2f}x")
     print(f"{'alert-to-ack p99 (ms)':32}{pct(ours, 99) * ms:10.2f}{pct(floor, 99) * ms:10.2f}"
           f"{pct(ours, 99) / pct(floor, 99):8.2f}x")
+    # the host stores whole milliseconds: a median of differences of two such times is whole (or half)
+    # milliseconds too, while their mean is not biased by it (each time is cut at a random point of its ms)
+    print(f"{'alert-to-ack mean (ms)':32}{statistics.fmean(ours) * ms:10.2f}{statistics.fmean(floor) * ms:10.2f}"
+          f"{statistics.fmean(ours) / statistics.fmean(floor):8.2f}x")
     aim = 1.5 * statistics.median(floor) + 0.001
     print(f"aim: host p50 <= 1.5 x floor p50 + 1 ms = {aim * ms:.2f} ms: "
-          f"{'met' if statistics.median(ours) <= aim else 'NOT met'}")
+          f"{'met' if statistics.median(ours) <= aim else 'NOT met'}; with means: host {statistics.fmean(ours) * ms:.2f} "
+          f"ms against {(1.5 * statistics.fmean(floor) + 0.001) * ms:.2f} ms")
 
 
 if __name__ == "__main__":
