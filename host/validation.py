@@ -6,7 +6,6 @@ and nothing with a control character or an unfilled TradingView placeholder gets
 from __future__ import annotations
 
 import re
-import unicodedata
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator, Optional
 
@@ -49,6 +48,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}", re.ASCII)
 SYMBOL_RE = re.compile(r"[A-Za-z0-9_.&\-]{1,40}", re.ASCII)
 NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
 PLACEHOLDER_RE = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc), all of them
+SURROGATE_RE = re.compile(r"[\ud800-\udfff]")  # a lone surrogate (JSON's \ud800 escape without its pair)
 NSE_SERIES_RE = re.compile(r".+-[A-Z0-9]{2}", re.ASCII)  # INFY-EQ, GOLDBEES-BE: a series is already named
 MAX_LEGS = 20
 MAX_QTY = 10_000_000
@@ -91,14 +92,29 @@ def strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
         yield path, value
 
 
+def texts(value: Any) -> str:
+    """Every key and string value in a JSON value, joined by spaces: one quick look before naming a path.
+
+    Whatever a pattern finds in one of them, it finds here too (it may find more, across two of them)."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            out += map(str, v)
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+        elif isinstance(v, str):
+            out.append(v)
+    return " ".join(out)
+
+
 def unencodable(value: Any) -> Optional[str]:
     """The path of the first string that is not valid Unicode text (a lone surrogate), or None."""
-    for where, text in strings(value):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "body"
-    return None
+    if not SURROGATE_RE.search(texts(value)):
+        return None  # the common case: no path to name
+    return next((where or "body" for where, text in strings(value) if SURROGATE_RE.search(text)), None)
 
 
 def shown(value: Any) -> str:
@@ -208,9 +224,17 @@ def _is_no_price(value: Any) -> bool:
 
 def screen(body: dict) -> list[Problem]:
     """Problems anywhere in the body: control characters, and TradingView placeholders left unfilled."""
+    everything = texts(body)
+    if not (CONTROL_RE.search(everything) or PLACEHOLDER_RE.search(everything)):
+        return []  # the common case: no path to name
+    return screen_each(body)
+
+
+def screen_each(body: dict) -> list[Problem]:
+    """screen(), string by string, each problem named by its path."""
     c = Collector()
     for where, text in strings(body):
-        if any(unicodedata.category(ch) == "Cc" for ch in text):
+        if CONTROL_RE.search(text):
             c.add(where, "text without control characters (newline, tab, NUL ...)", text)
         elif PLACEHOLDER_RE.search(text):
             c.add(where, "a value; this alert type does not fill the TradingView placeholder "
