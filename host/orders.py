@@ -66,7 +66,8 @@ def advance(db: sqlite_utils.Database, row: dict, status: OrderStatus, detail: O
             db.execute("update orders set broker_order_id = ? where id = ?", (fields["broker_order_id"], row["id"]))
             row["broker_order_id"] = fields["broker_order_id"]
         return None
-    changes = {k: _txt(v) if k == "avg_price" else v for k, v in fields.items() if v is not None}
+    changes = {k: _txt(v) if k == "avg_price" else v for k, v in fields.items()
+               if v is not None and (v or k != "broker_order_id")}  # a blank id never hides the known one
     if status is current and all(str(row[k]) == str(v) for k, v in changes.items()):
         return None
     changes.update(status=status.value, updated_at=utcnow())
@@ -103,6 +104,15 @@ def mark_submitted(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     Storage.insert(db, "order_history", {"order_id": order_id, "at": now, "status": OrderStatus.SUBMITTED.value,
                                          "detail": None})
     return row
+
+
+def _acked_already(row: Optional[dict], broker_id: str) -> bool:
+    """The broker's update got there first (OPEN or beyond, with this id): the ack would write nothing.
+
+    Statuses only move forward and a known id stays, so what a read outside the transaction finds here
+    stays true inside one."""
+    return row is not None and row["broker_order_id"] == broker_id \
+        and OrderStatus(row["status"]).rank >= OrderStatus.OPEN.rank
 
 
 def request_for(row: dict) -> OrderRequest:
@@ -313,7 +323,10 @@ class OrderSender:
                                            Storage.add_event(db, "order_unknown", f"order {order_id}: {reason}",
                                                              "warning", row["strategy"], {"order_id": order_id})))
         else:
-            self.storage.write(lambda db: transition(db, order_id, OrderStatus.OPEN, None, broker_order_id=broker_id))
+            if not _acked_already(self.storage.one("select status, broker_order_id from orders where id = ?",
+                                                   (order_id,)), broker_id):
+                self.storage.write(lambda db: transition(db, order_id, OrderStatus.OPEN, None,
+                                                         broker_order_id=broker_id))
         finally:
             self.in_flight.discard(order_id)
         self.on_result(order_id)
