@@ -1,6 +1,7 @@
 """The client's real address: forwarded headers are believed only when they come from a trusted proxy."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable, Optional, Sequence, Union
 
@@ -8,12 +9,18 @@ from flask import current_app, request
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+MAX_ADDRESS = 64  # characters: longer is no address (and is not kept in the cache)
 MAX_HOPS = 32  # trusted hops walked back at most; a longer chain stops at the last one checked
 
 
 def parse_address(text: str) -> Optional[Address]:
     """An IP address (IPv4-mapped IPv6 as IPv4, [v6] brackets allowed), or None for anything else."""
     t = text.strip()
+    return _parsed(t) if len(t) <= MAX_ADDRESS else None
+
+
+@functools.lru_cache(maxsize=1024)  # the same few peers (TradingView's, a proxy's) call again and again
+def _parsed(t: str) -> Optional[Address]:
     if t.startswith("[") and t.endswith("]"):
         t = t[1:-1]
     try:
