@@ -5,9 +5,6 @@ disk) and is given a sequence number; it then waits until a sync that began afte
 One waiter leads: it lingers up to LINGER_S while other durable writes are still on their way to their
 commit, then fdatasyncs the WAL once for all of them. This is what synchronous=FULL does after each
 commit, done once per group, outside the write lock (other writers go on while the disk works).
-A commit made while a sync is on its way is not covered by it: its waiter leads a sync of its own at
-once, beside the first, rather than waiting for the first to end (the order about to go to the broker
-does not queue behind the fsync of the alert before it).
 An fsync that fails is sticky: no later sync can prove the earlier data reached the disk.
 """
 from __future__ import annotations
@@ -34,31 +31,21 @@ class WalFile:
         self.path = db_path.with_name(db_path.name + "-wal")
         self._fd: Optional[int] = None
         self._ino: Optional[int] = None
-        self._lock = threading.Lock()  # syncs may run side by side: each syncs its own copy of the descriptor
 
     def sync(self) -> None:
         """fdatasync the WAL (and, the first time a WAL file is seen, its directory entry)."""
-        with self._lock:
-            st = os.stat(self.path)
-            if self._fd is None or st.st_ino != self._ino:
-                self._close()
-                self._fd, self._ino = os.open(self.path, os.O_RDONLY), st.st_ino
-                dfd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)  # a new WAL file's name must survive a power cut too
-                finally:
-                    os.close(dfd)
-            fd = os.dup(self._fd)  # a reopen meanwhile cannot close it, nor hand its number to another file
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        st = os.stat(self.path)
+        if self._fd is None or st.st_ino != self._ino:
+            self.close()
+            self._fd, self._ino = os.open(self.path, os.O_RDONLY), st.st_ino
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)  # a new WAL file's name must survive a power cut too
+            finally:
+                os.close(dfd)
+        os.fdatasync(self._fd)
 
     def close(self) -> None:
-        with self._lock:
-            self._close()
-
-    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -74,8 +61,7 @@ class GroupSync:
         self._committed = 0   # durable commits done (their frames are in the WAL file)
         self._synced = 0      # every commit up to this one is on the disk
         self._coming = 0      # durable writes begun and not yet committed (companions worth waiting for)
-        self._covering = 0    # the highest commit that a sync on its way now will cover
-        self._gathering = False  # a leader lingers: its sync will cover every commit made until it begins
+        self._leading = False
         self._failed: Optional[BaseException] = None
         self.syncs = 0        # for benches and tests: how many fsyncs covered how many commits
 
@@ -104,17 +90,15 @@ class GroupSync:
             while self._synced < seq:
                 if self._failed is not None:
                     raise NotDurable(f"the disk did not confirm the write ({self._failed})") from self._failed
-                if self._gathering or seq <= self._covering:  # a sync that will begin, or began, after this commit
+                if self._leading:
                     self._cond.wait()
                     continue
-                self._gathering, target = True, seq
+                self._leading = True
                 try:
                     deadline = time.monotonic() + self.linger_s
                     while self._coming and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(left)
-                    target = self._committed  # every commit so far: the sync below begins after them all
-                    self._covering = max(self._covering, target)
-                    self._gathering = False
+                    target = self._committed
                     self._cond.release()
                     try:
                         self._sync()
@@ -127,9 +111,6 @@ class GroupSync:
                     if self._failed is None:
                         self._synced = max(self._synced, target)
                         self.syncs += 1
-                    target = 0
                 finally:
-                    self._gathering = False
-                    if target:  # interrupted before its sync was done: what it would have covered is led anew
-                        self._covering = self._synced
+                    self._leading = False
                     self._cond.notify_all()

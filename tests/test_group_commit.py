@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,70 +131,3 @@ def test_a_failed_fsync_is_never_answered_accepted_and_stays_failed(host):
     finally:
         group._sync = real
         group._failed = None  # let the fixture stop the host
-
-
-# ---- the sync on its way does not hold up a commit it cannot cover ----
-
-def _waiting(group: Any, seq: int) -> threading.Thread:
-    t = threading.Thread(target=group.wait, args=(seq,), daemon=True)
-    t.start()
-    return t
-
-
-def test_a_commit_made_while_a_sync_is_on_its_way_leads_its_own_at_once():
-    from host.group_sync import GroupSync
-    started: list[int] = []
-    disk = threading.Event()  # the first fsync takes until the test lets it end
-
-    def sync() -> None:
-        started.append(1)
-        if len(started) == 1:
-            disk.wait(5)
-    group = GroupSync(sync, linger_s=0)
-    group.begin()
-    first = _waiting(group, group.end(True))  # an alert's commit: its fsync is slow
-    wait_for(lambda: len(started) == 1, timeout=2)
-    group.begin()
-    second = _waiting(group, group.end(True))  # an order's SUBMITTED mark, committed after that fsync began
-    second.join(2)
-    try:
-        assert not second.is_alive(), "the second commit waited for a sync that began before it"
-        assert len(started) == 2 and first.is_alive()  # its own fsync ran; the first is still on the disk
-    finally:
-        disk.set()
-    first.join(2)
-    assert not first.is_alive() and group.syncs == 2
-
-
-def test_commits_made_while_the_leader_lingers_share_its_one_sync():
-    from host.group_sync import GroupSync
-    calls: list[int] = []
-    group = GroupSync(lambda: calls.append(1), linger_s=1.0)
-    group.begin()
-    group.begin()  # a companion on its way: the leader lingers for it
-    first = _waiting(group, group.end(True))
-    time.sleep(0.1)  # the leader lingers (up to 1 s) for the companion
-    second = _waiting(group, group.end(True))
-    for t in (first, second):
-        t.join(2)
-        assert not t.is_alive()
-    assert calls == [1]
-
-
-def test_a_sync_interrupted_by_an_error_that_is_not_the_disks_lets_the_next_waiter_lead():
-    from host.group_sync import GroupSync
-    calls: list[int] = []
-
-    def sync() -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("interrupted")
-    group = GroupSync(sync, linger_s=0)
-    group.begin()
-    seq = group.end(True)
-    with pytest.raises(RuntimeError):
-        group.wait(seq)
-    again = _waiting(group, seq)
-    again.join(2)
-    assert not again.is_alive() and calls == [1, 1]  # led anew: nothing waits for the sync that never was
-    assert group.failed is None
