@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +19,45 @@ from host.group_sync import NotDurable
 
 
 class PowerCut:
-    """What the disk holds after each fsync of the host's WAL; `disk()` opens the database as a cut would leave it."""
+    """What the disk holds after each fsync of the host's WAL; `disk()` opens the database as a cut would leave it.
+
+    An fsync promises only what was written before it was called: its image is the WAL as it stood after
+    the last durable commit made before the call (the log only grows here), whatever is written while it
+    runs. Syncs run as in the host: beside each other and beside the writers.
+    """
 
     def __init__(self, storage: Any, folder: Path):
         self.storage, self.folder = storage, folder
         folder.mkdir()
-        storage.conn.execute("PRAGMA wal_autocheckpoint=0")  # the main file stays as copied below
+        storage.conn.execute("PRAGMA wal_autocheckpoint=0")  # the main file stays as copied below; the log only grows
         storage.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         shutil.copyfile(storage.path, folder / "main")
+        self.wal = storage.path.with_name(storage.path.name + "-wal")
         self.count = self.opened = 0
-        self._real = storage.group._sync
-        storage.group._sync = self._sync
+        self.now = 0  # the image a power cut right now would leave (the largest of the syncs done)
+        self._now_size = 0
+        self._sizes = {0: 0}  # durable commit number -> the WAL's size right after it
+        self._lock = threading.Lock()
+        group = storage.group
+        self._real, self._real_end = group._sync, group.end
+        group._sync, group.end = self._sync, self._end
+
+    def _end(self, committed: bool) -> int:
+        if committed:  # right after COMMIT, under the write lock: numbered before a sync can count it
+            self._sizes[self.storage.group._committed + 1] = self.wal.stat().st_size
+        return self._real_end(committed)
 
     def _sync(self) -> None:
-        with self.storage._lock:  # no commit between the fsync and the copy: the copy is what is durable
-            self._real()
+        size = self._sizes[self.storage.group._committed]  # what was written before this call
+        self._real()
+        with self._lock:
             self.count += 1
-            shutil.copyfile(self.storage.path.with_name(self.storage.path.name + "-wal"), self.folder / f"wal{self.count}")
+            n = self.count
+        with open(self.wal, "rb") as src, open(self.folder / f"wal{n}", "wb") as dst:
+            dst.write(src.read(size))
+        with self._lock:
+            if size >= self._now_size:
+                self.now, self._now_size = n, size
 
     def disk(self, n: int) -> sqlite3.Connection:
         """The database as a power cut right after fsync n would leave it."""
@@ -58,7 +81,7 @@ def test_alerts_answered_accepted_by_8_concurrent_senders_survive_a_power_cut_ri
             r = client.post("/webhook", json=alert("ENTRY", strategy=f"g{k}-{i}", alert_id=f"g{k}-{i}"))
             assert r.status_code == 200 and r.get_json()["status"] == "accepted", r.get_json()
             with lock:
-                answered.append((r.get_json()["alert_id"], cut.count))
+                answered.append((r.get_json()["alert_id"], cut.now))
     threads = [threading.Thread(target=sender, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
@@ -90,7 +113,7 @@ def test_orders_waiting_together_are_marked_submitted_in_one_durable_commit_befo
 
     def place(req: Any) -> Any:
         gate.wait(10)  # the first order is held at the broker while the next ones are decided
-        db = cut.disk(cut.count)
+        db = cut.disk(cut.now)
         row = db.execute("select status from orders where id = ?", (req.remarks,)).fetchone()
         db.close()
         sent_durably.append(row is not None and row[0] == "SUBMITTED")
@@ -131,3 +154,45 @@ def test_a_failed_fsync_is_never_answered_accepted_and_stays_failed(host):
     finally:
         group._sync = real
         group._failed = None  # let the fixture stop the host
+
+
+# ---- one leader at a time: companions share its sync, and an interrupted one hands over ----
+
+def _waiting(group: Any, seq: int) -> threading.Thread:
+    t = threading.Thread(target=group.wait, args=(seq,), daemon=True)
+    t.start()
+    return t
+
+
+def test_commits_made_while_the_leader_lingers_share_its_one_sync():
+    from host.group_sync import GroupSync
+    calls: list[int] = []
+    group = GroupSync(lambda: calls.append(1), linger_s=1.0)
+    group.begin()
+    group.begin()  # a companion on its way: the leader lingers for it
+    first = _waiting(group, group.end(True))
+    time.sleep(0.1)  # the leader lingers (up to 1 s) for the companion
+    second = _waiting(group, group.end(True))
+    for t in (first, second):
+        t.join(2)
+        assert not t.is_alive()
+    assert calls == [1]
+
+
+def test_a_sync_interrupted_by_an_error_that_is_not_the_disks_lets_the_next_waiter_lead():
+    from host.group_sync import GroupSync
+    calls: list[int] = []
+
+    def sync() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("interrupted")
+    group = GroupSync(sync, linger_s=0)
+    group.begin()
+    seq = group.end(True)
+    with pytest.raises(RuntimeError):
+        group.wait(seq)
+    again = _waiting(group, seq)
+    again.join(2)
+    assert not again.is_alive() and calls == [1, 1]  # led anew: nothing waits for the sync that never was
+    assert group.failed is None
