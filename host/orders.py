@@ -106,15 +106,6 @@ def mark_submitted(db: sqlite_utils.Database, order_id: str) -> Optional[dict]:
     return row
 
 
-def _acked_already(row: Optional[dict], broker_id: str) -> bool:
-    """The broker's update got there first (OPEN or beyond, with this id): the ack would write nothing.
-
-    Statuses only move forward and a known id stays, so what a read outside the transaction finds here
-    stays true inside one."""
-    return row is not None and row["broker_order_id"] == broker_id \
-        and OrderStatus(row["status"]).rank >= OrderStatus.OPEN.rank
-
-
 def request_for(row: dict) -> OrderRequest:
     """The broker request for a stored order row; our id is the remarks."""
     return OrderRequest(row["exchange"], row["symbol"], Side(row["side"]), row["qty"], OrderType(row["order_type"]),
@@ -323,10 +314,7 @@ class OrderSender:
                                            Storage.add_event(db, "order_unknown", f"order {order_id}: {reason}",
                                                              "warning", row["strategy"], {"order_id": order_id})))
         else:
-            if not _acked_already(self.storage.one("select status, broker_order_id from orders where id = ?",
-                                                   (order_id,)), broker_id):
-                self.storage.write(lambda db: transition(db, order_id, OrderStatus.OPEN, None,
-                                                         broker_order_id=broker_id))
+            self.storage.write(lambda db: transition(db, order_id, OrderStatus.OPEN, None, broker_order_id=broker_id))
         finally:
             self.in_flight.discard(order_id)
         self.on_result(order_id)

@@ -136,28 +136,3 @@ def test_a_blank_broker_id_in_an_update_never_hides_the_known_one(storage):
     w.apply([BrokerOrder("", oid, OrderStatus.PARTIAL, 50, Decimal("43"))])
     stored = _stored(storage, oid)
     assert (stored["status"], stored["filled_qty"], stored["broker_order_id"]) == ("PARTIAL", 50, "B1")
-
-
-def test_the_ack_writes_nothing_when_the_brokers_fill_got_there_first(storage):
-    from host.orders import BrokerGateway, OrderSender
-    oid = _order(storage, ack=False)
-
-    class FillFirst:
-        """A broker whose fill update is applied before its answer to PlaceOrder comes back."""
-        name = "fill-first"
-
-        def place(self, req):
-            Watcher(storage).apply([BrokerOrder("B7", req.remarks, OrderStatus.FILLED, req.qty, Decimal("43"))])
-            return "B7"
-    gateway = BrokerGateway(FillFirst())
-    try:
-        _, seen = _traced(storage, lambda: OrderSender(storage, gateway).send_batch(oid, [oid]))
-    finally:
-        gateway.shutdown()
-    stored = _stored(storage, oid)
-    assert (stored["status"], stored["broker_order_id"], stored["filled_qty"]) == ("FILLED", "B7", 150)
-    writes = [s for s in seen if s.lower().startswith("begin immediate")]
-    assert len(writes) == 2, seen  # SUBMITTED, then the fill: the ack has nothing to add
-    history = [r["status"] for r in storage.rows("select status from order_history where order_id = ? order by id",
-                                                 (oid,))]
-    assert history == ["NEW", "SUBMITTED", "FILLED"]
