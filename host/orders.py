@@ -278,14 +278,33 @@ class OrderSender:
         self.in_flight.update(order_ids)  # SUBMITTED and not sent yet: reconciling must not call them lost
         try:
             # durable: this commit also syncs the decisions that created the orders, before they leave
-            rows = self.storage.write(lambda db: [r for r in (mark_submitted(db, oid) for oid in order_ids) if r],
-                                      durable=True)
+            try:
+                rows = self.storage.write(lambda db: [r for r in (mark_submitted(db, oid) for oid in order_ids) if r],
+                                          durable=True)
+            except Exception as e:
+                self._not_sent(order_ids, e)
+                raise
             for n, row in enumerate(rows):
                 if n and self._cancelled_before_sending(row):
                     continue
                 self._place(row)
         finally:
             self.in_flight.difference_update(order_ids)
+
+    def _not_sent(self, order_ids: list[str], error: Exception) -> None:
+        """Marking the orders SUBMITTED failed (a failing disk, a full one): none left; the trader is told."""
+        why = f"{type(error).__name__}: {error}"
+        try:
+            marks = ",".join("?" * len(order_ids))
+            rows = self.storage.rows(f"select id, strategy, side, qty, exchange, symbol, status from orders "
+                                     f"where id in ({marks}) and status in ('NEW', 'SUBMITTED')", tuple(order_ids))
+            self.storage.write(lambda db: [Storage.add_event(
+                db, "order_not_sent", f"order {r['id']} ({r['strategy']} {r['side']} {r['qty']} {r['exchange']}:"
+                f"{r['symbol']}) was NOT sent to the broker: it could not be recorded as sent ({why}). Check the "
+                f"host's disk; a restart sends it if it is younger than ALERT_MAX_AGE_S, else marks it rejected",
+                "error", r["strategy"], {"order_id": r["id"], "status": r["status"]}) for r in rows])
+        except Exception as e:  # the database itself is failing: the log is all that is left
+            log.critical("orders %s were not sent (%s), and that could not be recorded: %s", order_ids, why, e)
 
     def _cancelled_before_sending(self, row: dict) -> bool:
         """A cancel asked for (a breach, an exit-all) while the orders before it went out: it never leaves."""

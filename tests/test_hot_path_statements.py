@@ -136,3 +136,35 @@ def test_a_blank_broker_id_in_an_update_never_hides_the_known_one(storage):
     w.apply([BrokerOrder("", oid, OrderStatus.PARTIAL, 50, Decimal("43"))])
     stored = _stored(storage, oid)
     assert (stored["status"], stored["filled_qty"], stored["broker_order_id"]) == ("PARTIAL", 50, "B1")
+
+
+def test_an_order_that_could_not_be_marked_submitted_is_never_sent_and_the_trader_is_told(storage):
+    import sqlite3
+    from host.orders import BrokerGateway, OrderSender
+    oid = _order(storage, ack=False)
+    placed: list[str] = []
+
+    class Broker:
+        name = "watching"
+
+        def place(self, req):
+            placed.append(req.remarks)
+            return "B1"
+    real = storage.write
+
+    def failing(fn, durable=False, on_commit=None):
+        if durable:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(fn, durable, on_commit)
+    storage.write = failing
+    gateway = BrokerGateway(Broker())
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            OrderSender(storage, gateway).send_batch(oid, [oid])
+    finally:
+        gateway.shutdown()
+        storage.write = real
+    assert placed == [] and _stored(storage, oid)["status"] == "NEW"  # never at the broker
+    events = storage.rows("select kind, severity, message from events where kind = 'order_not_sent'")
+    assert len(events) == 1 and events[0]["severity"] == "error", events
+    assert oid in events[0]["message"] and "disk I/O error" in events[0]["message"]
