@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BROKER_TIMEOUT_S = 5.0
 RETURNING_SINCE = (3, 35, 0)  # UPDATE ... RETURNING; an older SQLite (Ubuntu 20.04: 3.31) reads the row after
+NEXT_AFTER_NOT_SENT = {  # what a restart does with an order whose SUBMITTED mark failed (watcher.reconcile)
+    OrderStatus.NEW.value: "a restart sends it if it is younger than ALERT_MAX_AGE_S, else marks it rejected",
+    OrderStatus.SUBMITTED.value: "its mark was written but not confirmed on the disk: it is looked for in the "
+                                 "broker's book and marked LOST if it is not there"}
 SEND_BATCH_MAX = 32  # NEW orders marked SUBMITTED in one durable commit before they are sent, in order
 
 
@@ -301,8 +305,8 @@ class OrderSender:
             self.storage.write(lambda db: [Storage.add_event(
                 db, "order_not_sent", f"order {r['id']} ({r['strategy']} {r['side']} {r['qty']} {r['exchange']}:"
                 f"{r['symbol']}) was NOT sent to the broker: it could not be recorded as sent ({why}). Check the "
-                f"host's disk; a restart sends it if it is younger than ALERT_MAX_AGE_S, else marks it rejected",
-                "error", r["strategy"], {"order_id": r["id"], "status": r["status"]}) for r in rows])
+                f"host's disk; {NEXT_AFTER_NOT_SENT[r['status']]}", "error", r["strategy"],
+                {"order_id": r["id"], "status": r["status"]}) for r in rows])
         except Exception as e:  # the database itself is failing: the log is all that is left
             log.critical("orders %s were not sent (%s), and that could not be recorded: %s", order_ids, why, e)
 

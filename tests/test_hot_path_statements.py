@@ -168,3 +168,27 @@ def test_an_order_that_could_not_be_marked_submitted_is_never_sent_and_the_trade
     events = storage.rows("select kind, severity, message from events where kind = 'order_not_sent'")
     assert len(events) == 1 and events[0]["severity"] == "error", events
     assert oid in events[0]["message"] and "disk I/O error" in events[0]["message"]
+
+
+def test_a_submitted_mark_the_disk_did_not_confirm_is_reported_as_not_sent_too(storage):
+    from host.group_sync import NotDurable
+    from host.orders import BrokerGateway, OrderSender
+    oid = _order(storage, ack=False)
+    real = storage.write
+
+    def unconfirmed(fn, durable=False, on_commit=None):
+        result = real(fn, False, on_commit)  # committed, then the fsync fails
+        if durable:
+            raise NotDurable("the disk did not confirm the write (EIO)")
+        return result
+    storage.write = unconfirmed
+    gateway = BrokerGateway(object())  # never called: nothing is placed
+    try:
+        with pytest.raises(NotDurable):
+            OrderSender(storage, gateway).send_batch(oid, [oid])
+    finally:
+        gateway.shutdown()
+        storage.write = real
+    assert _stored(storage, oid)["status"] == "SUBMITTED"
+    [event] = storage.rows("select message from events where kind = 'order_not_sent'")
+    assert oid in event["message"] and "LOST" in event["message"]
