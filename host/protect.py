@@ -47,6 +47,7 @@ LEG_FIELDS = ("stop_loss", "stop_loss_points", "stop_loss_pct", "target", "targe
 ALERT_FIELDS = ("strategy_stoploss", "strategy_target", "strategy_trailing_step")
 TRAILING_TYPES = ("POINTS", "PERCENT")
 PENDING, ACTIVE, EXITING, DONE = "pending", "active", "exiting", "done"
+NOT_DONE = (PENDING, ACTIVE, EXITING)  # named, not "!= done": the status index finds them, however many ended
 REARM_AFTER_REJECT_S = 5.0
 REARM_MAX_S = 300.0
 REARM_AFTER_OUTSIDE_CANCEL_S = 7.0  # longer than a poll of the broker's books (RISK_POLL_S, 5 s)
@@ -464,7 +465,7 @@ class Protector:
     # ---- the work ----
     def sync(self, keys: Optional[set[str]] = None) -> None:
         """Bring each protection in step: notice stop ends, release held exits, place/resize/move the stop."""
-        rows = self.storage.rows("select * from protections where status != ? order by created_at", (DONE,))
+        rows = _not_done(self.storage)
         for p in rows:
             if keys is not None and _row_key(p) not in keys:
                 continue
@@ -768,10 +769,16 @@ def _accepted() -> Any:
 
 # ---------------------------------------------------------------- what the API and the pages show
 
+def _not_done(storage: Storage) -> list[dict]:
+    """The protections still at work, oldest first (read through the status index: ended ones cost nothing)."""
+    return storage.rows(f"select * from protections where status in ({','.join('?' * len(NOT_DONE))}) "
+                        f"order by created_at", NOT_DONE)
+
+
 def position_fields(storage: Storage) -> dict[tuple, dict]:
     """Per position (strategy, exchange, symbol, product): its stop, target, trail level and resting stop order."""
     out: dict[tuple, dict] = {}
-    for p in storage.rows("select * from protections where status != ?", (DONE,)):
+    for p in _not_done(storage):
         spec = json.loads(p["spec"] or "{}")
         key = _row_key(p)
         resting = [o for o in storage.rows(f"select id, broker_order_id, status, qty, filled_qty, trigger_price, "

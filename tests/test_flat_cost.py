@@ -169,3 +169,36 @@ def test_the_paper_position_book_kept_for_finished_orders_equals_one_made_from_e
                                       rng.choice([Product.MIS, Product.NRML]), ltp + away, None, remarks=f"o{step}"))
         assert {k: asdict(r) for k, r in engine.position_book().items()} == from_every_fill(engine), step
     assert engine._finished[1], "no finished order was ever kept: the test did not exercise the kept part"
+
+
+def test_ended_protections_cost_nothing_to_the_ones_at_work(tmp_path):
+    """Every symbol ever traded with a stop keeps its ended row: a year of weekly options is thousands of them."""
+    from host.protect import Protector, position_fields
+    from host.storage import Storage
+    storage = Storage(tmp_path / "h.sqlite")
+    try:
+        protector = Protector(storage, dispatch=lambda d: None, evaluate=lambda *a: None, modify=lambda *a: None)
+
+        def steps() -> int:
+            counted = [0]
+
+            def count() -> int:
+                counted[0] += 1
+                return 0
+            conn = storage._reader().conn
+            conn.set_progress_handler(count, 100)
+            try:
+                protector.sync()
+                position_fields(storage)
+            finally:
+                conn.set_progress_handler(None, 100)
+            return counted[0]
+        quiet = steps()
+        storage.write(lambda db: db.conn.executemany(
+            "insert into protections (strategy, exchange, symbol, product, side, spec, status, created_at) "
+            "values ('s', 'NFO', ?, 'M', 'BUY', '{}', 'done', '2026-01-01T00:00:00.000+00:00')",
+            [(f"NIFTY{i}CE",) for i in range(5000)]))
+        busy = steps()
+        assert busy <= quiet * 1.2 + 3, f"SQLite VM steps (x100): {quiet} with no ended protections, {busy} with 5,000"
+    finally:
+        storage.close()
