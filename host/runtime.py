@@ -203,12 +203,7 @@ class Runtime:
         def wanted() -> set[tuple[str, str]]:
             symbols = {tuple(s.split(":", 1)) for live in self.strategies.running()
                        for s in live.candidate.meta.get("symbols", [])}
-            held = self.storage.rows("select distinct exchange, symbol from positions where net_qty != 0")
-            from .models import OrderStatus  # and every symbol with a working order, whatever its position
-            done = [st.value for st in OrderStatus if st.terminal]
-            working = self.storage.rows("select distinct exchange, symbol from orders where status not in "
-                                        f"({', '.join('?' * len(done))})", tuple(done))
-            return symbols | {(r["exchange"], r["symbol"]) for r in held + working}
+            return symbols | views.traded_symbols(self.storage)  # held, or with a working order
 
         self._learn_freezes(wanted)
         return ShoonyaFeed(self.broker, wanted, engine.on_ticks, engine.on_broker_update,

@@ -48,6 +48,18 @@ def positions(storage: Storage, include_flat: bool = True, protections: bool = T
     return out
 
 
+def traded_symbols(storage: Storage) -> set[tuple[str, str]]:
+    """(exchange, symbol) of every open position and every unfinished order (the live feed's subscriptions).
+
+    The statuses are named, not "not finished": the status index finds them however many orders have ended."""
+    from .models import OrderStatus
+    unfinished = tuple(st.value for st in OrderStatus if not st.terminal)
+    held = storage.rows("select distinct exchange, symbol from positions where net_qty != 0")
+    working = storage.rows(f"select distinct exchange, symbol from orders where status in "
+                           f"({', '.join('?' * len(unfinished))})", unfinished)
+    return {(r["exchange"], r["symbol"]) for r in held + working}
+
+
 def pnl_by_strategy(storage: Storage) -> tuple[Decimal, dict[str, Decimal]]:
     """The day's realised plus unrealised PnL, in total and per strategy; CNC holdings excluded."""
     # the risk loop asks 4 times a second: only the columns it adds up, as tuples (a dict per row of every

@@ -171,6 +171,22 @@ def test_the_paper_position_book_kept_for_finished_orders_equals_one_made_from_e
     assert engine._finished[1], "no finished order was ever kept: the test did not exercise the kept part"
 
 
+def _reader_steps(storage, fn) -> int:
+    """SQLite VM steps (in hundreds) that fn takes on this thread's read connection."""
+    counted = [0]
+
+    def count() -> int:
+        counted[0] += 1
+        return 0
+    conn = storage._reader().conn
+    conn.set_progress_handler(count, 100)
+    try:
+        fn()
+    finally:
+        conn.set_progress_handler(None, 100)
+    return counted[0]
+
+
 def test_ended_protections_cost_nothing_to_the_ones_at_work(tmp_path):
     """Every symbol ever traded with a stop keeps its ended row: a year of weekly options is thousands of them."""
     from host.protect import Protector, position_fields
@@ -180,19 +196,7 @@ def test_ended_protections_cost_nothing_to_the_ones_at_work(tmp_path):
         protector = Protector(storage, dispatch=lambda d: None, evaluate=lambda *a: None, modify=lambda *a: None)
 
         def steps() -> int:
-            counted = [0]
-
-            def count() -> int:
-                counted[0] += 1
-                return 0
-            conn = storage._reader().conn
-            conn.set_progress_handler(count, 100)
-            try:
-                protector.sync()
-                position_fields(storage)
-            finally:
-                conn.set_progress_handler(None, 100)
-            return counted[0]
+            return _reader_steps(storage, lambda: (protector.sync(), position_fields(storage)))
         quiet = steps()
         storage.write(lambda db: db.conn.executemany(
             "insert into protections (strategy, exchange, symbol, product, side, spec, status, created_at) "
@@ -200,5 +204,33 @@ def test_ended_protections_cost_nothing_to_the_ones_at_work(tmp_path):
             [(f"NIFTY{i}CE",) for i in range(5000)]))
         busy = steps()
         assert busy <= quiet * 1.2 + 3, f"SQLite VM steps (x100): {quiet} with no ended protections, {busy} with 5,000"
+    finally:
+        storage.close()
+
+
+def test_the_feeds_symbols_cost_the_same_after_a_year_of_finished_orders(tmp_path):
+    """The live feed asks every 2 s which symbols to watch: finished orders must not be read for it."""
+    from host.storage import Storage
+    from host.views import traded_symbols
+    storage = Storage(tmp_path / "h.sqlite")
+    try:
+        def one_order(oid: str, status: str, symbol: str) -> tuple:
+            return (oid, symbol, status, "2026-01-01T00:00:00.000+00:00")
+        insert = ("insert into orders (id, strategy, action, exchange, symbol, side, qty, order_type, product, status, "
+                  "filled_qty, created_at, updated_at, applied_qty, applied_value) values "
+                  "(?, 's', 'ENTRY', 'NFO', ?, 'BUY', 75, 'LMT', 'M', ?, 0, ?, '', 0, '0')")
+        storage.write(lambda db: db.conn.executemany(insert, [one_order("w1", "OPEN", "WORKING"),
+                                                              one_order("l1", "LOST", "LOSTSYM")]))
+
+        def steps() -> int:
+            found: list[set] = []
+            n = _reader_steps(storage, lambda: found.append(traded_symbols(storage)))
+            assert found == [{("NFO", "WORKING"), ("NFO", "LOSTSYM")}]
+            return n
+        quiet = steps()
+        storage.write(lambda db: db.conn.executemany(insert, [one_order(f"f{i}", "FILLED", f"OLD{i % 300}")
+                                                              for i in range(20000)]))
+        busy = steps()
+        assert busy <= quiet * 1.2 + 3, f"SQLite VM steps (x100): {quiet} with 2 orders, {busy} with 20,000 finished"
     finally:
         storage.close()
