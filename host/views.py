@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Optional
 
+from .models import OrderStatus
 from .plugins.reloader import missing_folders
 from .risk import DAY_KEY, CorruptState, RiskGate, _day_start_utc, trailing_limit, warning_level
 from .storage import HEARTBEAT_KEY, Storage, dec
@@ -14,6 +15,7 @@ from .storage import HEARTBEAT_KEY, Storage, dec
 ORDER_FIELDS = ("id", "alert_id", "strategy", "action", "exchange", "symbol", "side", "qty", "order_type", "price",
                 "trigger_price", "product", "status", "filled_qty", "avg_price", "broker_order_id", "reason",
                 "created_at", "updated_at", "strategy_version")
+UNFINISHED = tuple(st.value for st in OrderStatus if not st.terminal)  # named: the status index finds them
 
 
 def order_record(row: dict) -> dict:
@@ -52,11 +54,9 @@ def traded_symbols(storage: Storage) -> set[tuple[str, str]]:
     """(exchange, symbol) of every open position and every unfinished order (the live feed's subscriptions).
 
     The statuses are named, not "not finished": the status index finds them however many orders have ended."""
-    from .models import OrderStatus
-    unfinished = tuple(st.value for st in OrderStatus if not st.terminal)
     held = storage.rows("select distinct exchange, symbol from positions where net_qty != 0")
     working = storage.rows(f"select distinct exchange, symbol from orders where status in "
-                           f"({', '.join('?' * len(unfinished))})", unfinished)
+                           f"({', '.join('?' * len(UNFINISHED))})", UNFINISHED)
     return {(r["exchange"], r["symbol"]) for r in held + working}
 
 
