@@ -133,12 +133,44 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def measure(port: int, tag: str, n: int, concurrency: int, path: str = "/webhook") -> dict:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its children (gunicorn's master and workers)."""
+    tick, parents = os.sysconf("SC_CLK_TCK"), {pid}
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats.append((int(entry), int(fields[1]), int(fields[11]) + int(fields[12])))
+    grew = True
+    while grew:  # descendants at any depth
+        grew = False
+        for own, parent, _ in stats:
+            if parent in parents and own not in parents:
+                parents.add(own)
+                grew = True
+    return sum(ticks for own, _, ticks in stats if own in parents) / tick
+
+
+def measure(port: int, tag: str, n: int, concurrency: int, path: str = "/webhook", pid: int = 0) -> dict:
     run_senders(port, [body(i, f"{tag}warm") for i in range(50)], 1, path)  # warm up
     serial, _, st1 = run_senders(port, [body(i, f"{tag}s") for i in range(n)], 1, path)
+    time.sleep(SETTLE_S)
+    idle0 = tree_cpu_s(pid)  # what the server spends doing nothing (the host's loops), taken off below
+    time.sleep(SETTLE_S)
+    cpu0 = tree_cpu_s(pid)
+    idle_rate = (cpu0 - idle0) / SETTLE_S
     conc, wall, st2 = run_senders(port, [body(i, f"{tag}c") for i in range(n)], concurrency, path)
+    time.sleep(SETTLE_S)  # the order life after the last answers
+    cpu = (tree_cpu_s(pid) - cpu0 - idle_rate * (wall + SETTLE_S)) / n
     bad = [s for s in st1 + st2 if s != 200]
-    return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad)}
+    return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad), "cpu": cpu}
+
+
+SETTLE_S = 0.5  # before and after the concurrent senders, for the CPU figures
 
 
 def measure_blocked(port: int, n: int) -> dict:
@@ -172,9 +204,9 @@ def main() -> None:
     try:
         wait_up(bare_port)
         wait_up(host_port)
-        floor = measure(bare_port, "f", args.alerts, args.concurrency)
-        contract = measure(bare_port, "k", args.alerts, args.concurrency, "/webhook-contract")
-        ours = measure(host_port, "h", args.alerts, args.concurrency)
+        floor = measure(bare_port, "f", args.alerts, args.concurrency, pid=bare.pid)
+        contract = measure(bare_port, "k", args.alerts, args.concurrency, "/webhook-contract", pid=bare.pid)
+        ours = measure(host_port, "h", args.alerts, args.concurrency, pid=host.pid)
         time.sleep(1.0)  # let the last fills land
         fills = alert_to_fill(work / "var" / "host.sqlite")
         burst = alert_to_fill(work / "var" / "host.sqlite", "hc%")
@@ -190,6 +222,8 @@ def main() -> None:
     print(f"{'webhook p50 (ms)':28}{ours['p50'] * ms:10.2f}{floor['p50'] * ms:10.2f}{ours['p50'] / floor['p50']:8.2f}x")
     print(f"{'webhook p99 (ms)':28}{ours['p99'] * ms:10.2f}{floor['p99'] * ms:10.2f}{ours['p99'] / floor['p99']:8.2f}x")
     print(f"{'alerts/s (concurrent)':28}{ours['rate']:10.0f}{floor['rate']:10.0f}{ours['rate'] / floor['rate']:8.2f}x")
+    print(f"{'CPU per alert (ms)':28}{ours['cpu'] * ms:10.2f}{floor['cpu'] * ms:10.2f}{ours['cpu'] / floor['cpu']:8.2f}x"
+          f"   (all threads, the order life included; one GIL runs the Python of them all)")
     if fills:
         print(f"{'alert-to-fill p50 (ms)':28}{statistics.median(fills) * ms:10.2f}{'':10}"
               f"{statistics.median(fills) / floor['p50']:8.2f}x of floor p50")
@@ -205,6 +239,8 @@ def main() -> None:
           f"{contract['p99'] / floor['p99']:8.2f}x")
     print(f"{'contract floor alerts/s':28}{contract['rate']:10.0f}{floor['rate']:10.0f}"
           f"{contract['rate'] / floor['rate']:8.2f}x")
+    print(f"{'contract floor CPU/alert (ms)':28}{contract['cpu'] * ms:10.2f}{floor['cpu'] * ms:10.2f}"
+          f"{contract['cpu'] / floor['cpu']:8.2f}x")
     print(f"{'host p50, blocked (ms)':28}{blocked['p50'] * ms:10.2f}{floor['p50'] * ms:10.2f}"
           f"{blocked['p50'] / floor['p50']:8.2f}x")
     print(f"non-200 answers: host {ours['bad']}, floor {floor['bad']}, contract floor {contract['bad']}; "
