@@ -100,21 +100,25 @@ def main() -> None:
             t0 = time.perf_counter()
             api.place_order("B", "M", "NFO", SYMBOL, 75, 0, "LMT", price=40.0, remarks=remarks)
             return time.perf_counter() - t0
-        floor = []
+        floor, sent = [], {}
         for i in range(args.orders):  # resting limit orders: the ack is the broker's answer, not a fill
             body = {"secret_key": "bench-webhook-secret", "execution_type": "ENTRY", "strategy_name": f"b{i}",
                     "exchange": "NFO", "legs": [{"tradingsymbol": SYMBOL, "direction": "BUY", "qty": 75,
                                                  "order_type": "LMT", "price": "40", "product_type": "M"}]}
+            sent[f"b{i}"] = time.time()
             post(f"http://127.0.0.1:{host_port}/webhook", json.dumps(body).encode())
             time.sleep(GAP_S / 2)
             floor.append(bare(f"floor-{i}"))  # the same pause before it as before each alert's order
             time.sleep(GAP_S / 2)
         time.sleep(1.0)
         db = sqlite3.connect(str(work / "var" / "host.sqlite"))
-        rows = db.execute("select a.received_at, min(h.at) from alerts a join orders o on o.alert_id = a.id "
-                          "join order_history h on h.order_id = o.id and h.status in ('OPEN','PARTIAL','FILLED') "
+        rows = db.execute("select a.strategy, a.received_at, min(h.at) from alerts a join orders o on o.alert_id = "
+                          "a.id join order_history h on h.order_id = o.id and h.status in ('OPEN','PARTIAL','FILLED') "
                           "group by a.id").fetchall()
-        ours = [(datetime.fromisoformat(h) - datetime.fromisoformat(a)).total_seconds() for a, h in rows]
+        ours = [(datetime.fromisoformat(h) - datetime.fromisoformat(a)).total_seconds() for _, a, h in rows]
+        # from the moment the client sent the alert: the HTTP receive, parsing and checks included. The ack's
+        # stamp is cut to its millisecond: half of one is added back, the mean of what the cut takes off
+        whole = [datetime.fromisoformat(h).timestamp() + 0.0005 - sent[name] for name, _, h in rows]
         hot = [bare(f"hot-{i}") for i in range(args.orders)]
     finally:
         for p in (host, sim):
@@ -135,10 +139,16 @@ def main() -> None:
           f"{statistics.fmean(ours) / statistics.fmean(floor):8.2f}x")
     print(f"{'bare place_order back to back':32}{'':10}{statistics.median(hot) * ms:10.2f}   p50; mean "
           f"{statistics.fmean(hot) * ms:.2f} ms (for reference: not the alerts' pace)")
-    aim = 1.5 * statistics.median(floor) + 0.001
-    print(f"aim: host p50 <= 1.5 x floor p50 + 1 ms = {aim * ms:.2f} ms: "
-          f"{'met' if statistics.median(ours) <= aim else 'NOT met'}; with means: host {statistics.fmean(ours) * ms:.2f} "
-          f"ms against {(1.5 * statistics.fmean(floor) + 0.001) * ms:.2f} ms")
+    print(f"{'client send to ack mean (ms)':32}{statistics.fmean(whole) * ms:10.2f}{statistics.fmean(floor) * ms:10.2f}"
+          f"{statistics.fmean(whole) / statistics.fmean(floor):8.2f}x")
+    print("host: from the alert's received_at (stamped as it is stored, after its HTTP receive and checks) to its")
+    print("order's first status after SUBMITTED; 'client send' starts when the bench sends the alert.")
+    aim = 1.5 * statistics.fmean(floor) + 0.001
+    for label, values in (("received_at to ack", ours), ("client send to ack", whole)):
+        mean = statistics.fmean(values)
+        print(f"aim, on means (the stamps are whole ms, a median is biased by them): {label} {mean * ms:.2f} ms "
+              f"<= 1.5 x floor + 1 ms = {aim * ms:.2f} ms: {'met' if mean <= aim else 'NOT met'} "
+              f"(margin {(aim - mean) * ms:+.2f} ms)")
 
 
 if __name__ == "__main__":
