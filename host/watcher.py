@@ -13,6 +13,7 @@ from .market import IST
 from .models import BrokerOrder, OrderStatus, Side
 from .orders import _order_row, advance, transition
 from .positions import PositionMath
+from .pricing import tidy
 from .storage import Storage, dec, utcnow
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,18 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
                    (fill.fill_id, order["id"], fill.qty, str(fill.price), utcnow()))
     row = dict(order)  # kept in step with what is written below; `order` stays as the update found it
     filled = _apply_cumulative(db, row, update)
+    # the count the position now follows: the broker's total, or its fills if more of them came in
+    count, price = _filled(order, row, update)
     # updates can arrive out of order (feed and book): an older one never lowers the fill count;
     # advance() keeps the status from moving back
-    newer = update.filled_qty >= (order["filled_qty"] or 0)
+    newer = count >= (order["filled_qty"] or 0)
     reason = _reason(order, update)  # the order's history keeps the broker's own words (the detail)
     changed = advance(db, row, update.status, update.reason,
-                      filled_qty=update.filled_qty if newer else None, avg_price=update.avg_price if newer else None,
+                      filled_qty=count if newer else None, avg_price=price if newer else None,
                       broker_order_id=update.broker_order_id, reason=reason) is not None
+    late = not changed and OrderStatus(order["status"]).terminal and count > (order["filled_qty"] or 0)
+    if late:
+        _late_fill(db, row, count, price)
     if changed and update.status in EVENT_FOR:
         kind, severity = EVENT_FOR[update.status]
         words = {OrderStatus.FILLED: f"filled {row['filled_qty']} @ {row['avg_price']}",
@@ -56,7 +62,30 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
         Storage.add_event(db, "order_found", f"order {order['id']}, marked LOST, is at the broker after all "
                           f"({update.status.value}, {update.filled_qty} filled)", "warning", order["strategy"],
                           {"order_id": order["id"], "broker_order_id": update.broker_order_id})
-    return row if changed or filled else None
+    return row if changed or filled or late else None
+
+
+def _filled(order: dict, row: dict, update: BrokerOrder) -> tuple[int, Optional[Decimal]]:
+    """The order's fill count and average price after this update: the broker's, unless the fills applied to
+    the position (a trade book ahead of a row without its count) show more than it and than the order knew."""
+    applied = row["applied_qty"] or 0
+    if applied <= max(update.filled_qty, order["filled_qty"] or 0):
+        return update.filled_qty, update.avg_price
+    return applied, tidy(Decimal(row["applied_value"]) / applied)
+
+
+def _late_fill(db: sqlite_utils.Database, row: dict, count: int, price: Optional[Decimal]) -> None:
+    """A fill reported after the order ended (a cancel seen before its fill): counted, the status kept."""
+    before = row["filled_qty"] or 0
+    row.update(filled_qty=count, avg_price=str(price) if price is not None else row["avg_price"])
+    db.execute("update orders set filled_qty = ?, avg_price = ? where id = ?", (count, row["avg_price"], row["id"]))
+    Storage.insert(db, "order_history", {"order_id": row["id"], "at": utcnow(), "status": row["status"],
+                                         "detail": f"late fill: filled {count} (was {before}) after it was "
+                                                   f"{row['status']}"})
+    Storage.add_event(db, "order_late_fill", f"{row['side']} {row['qty']} {row['exchange']}:{row['symbol']} "
+                      f"({row['strategy']}, order {row['id']}) was {row['status']} with {before} filled, but the broker "
+                      f"reports {count} filled @ {row['avg_price']}: the position counts them", "warning",
+                      row["strategy"], {"order_id": row["id"], "filled_qty": count, "was": before})
 
 
 def _reason(order: dict, update: BrokerOrder) -> Optional[str]:

@@ -86,6 +86,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "stop_missing": ("orders", "STOP LOSS GONE FROM THE BROKER'S BOOK"),
     "stop_overfilled": ("orders", "STOP FILLED AFTER ITS POSITION CLOSED"),
     "order_missing": ("orders", "Order gone from the broker's book"), "order_not_sent": ("orders", "ORDER NOT SENT"),
+    "order_late_fill": ("orders", "FILL REPORTED AFTER THE ORDER ENDED"),
     "strategy_limits_rebased": ("risk", "Strategy MTM limits count from the new day"),
     "strategy_stoploss_hit": ("risk", "Strategy MTM stop hit"), "strategy_target_hit": ("risk", "Strategy MTM target hit"),
     "risk_warning": ("risk", "Risk warning"), "risk_breach": ("risk", "DAILY MAX LOSS BREACHED"),
