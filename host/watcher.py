@@ -152,19 +152,25 @@ class Watcher:
         updates = list(updates)
         if not updates:
             return []
+        told: set[str] = set()  # in this transaction: remembered only once it commits (a retry tells again)
+
         def run(db: sqlite_utils.Database) -> list[dict]:
             changed = []
+            told.clear()
             for u in updates:
                 row = apply_update(db, u)
                 if row is not None:
                     changed.append(row)
-                elif u.broker_order_id not in self._foreign and _order_row(db, u.remarks) is None:
-                    self._foreign.add(u.broker_order_id)
+                elif u.broker_order_id not in self._foreign and u.broker_order_id not in told \
+                        and _order_row(db, u.remarks) is None:
+                    told.add(u.broker_order_id)
                     Storage.add_event(db, "manual_order", f"broker order {u.broker_order_id} ({u.status.value}, "
                                       f"remarks {u.remarks!r}) was not placed by this host: it is counted as a manual "
                                       f"trade", "warning", "manual", {"broker_order_id": u.broker_order_id})
             return changed
-        return self.storage.write(run)
+        changed = self.storage.write(run)
+        self._foreign |= told
+        return changed
 
     def reconcile(self, book: list[BrokerOrder], in_flight: set[str], startup: bool = False,
                   resend_max_age_s: float = 0, book_is_synchronous: bool = False) -> list[str]:
@@ -198,8 +204,11 @@ class Watcher:
                                   "error" if status is OrderStatus.LOST else "warning", order["strategy"],
                                   {"order_id": order["id"]})
 
+        doubled: set[str] = set()  # told in this transaction: remembered only once it commits
+
         def run(db: sqlite_utils.Database) -> list[str]:
             unsent = []
+            doubled.clear()
             marks = ",".join("?" * len(statuses))
             rows = list(db.query(f"select * from orders where status in ({marks}) or (status = 'LOST' and "
                                  f"updated_at >= ?) order by rowid", (*statuses, lost_since)))
@@ -211,7 +220,7 @@ class Watcher:
                     self._missing.pop(order["id"], None)
                     apply_update(db, found)
                     if copies[order["id"]] > 1 and order["id"] not in self._doubled:
-                        self._doubled.add(order["id"])
+                        doubled.add(order["id"])
                         Storage.add_event(db, "order_doubled", f"order {order['id']} is at the broker "
                                           f"{copies[order['id']]} times (same remarks): check the broker terminal",
                                           "error", order["strategy"], {"order_id": order["id"]})
@@ -243,7 +252,9 @@ class Watcher:
                         f"{self.unknown_grace_s:g} s after it was sent; it is NOT sent again: check the broker "
                         f"terminal (if it is there, the host finds it by its remarks)")
             return unsent
-        return self.storage.write(run, durable=True)
+        unsent = self.storage.write(run, durable=True)
+        self._doubled |= doubled
+        return unsent
 
     def _vanished(self, db: sqlite_utils.Database, order: dict) -> None:
         """A working order gone from today's book without an update: LOST (still looked for), and said loudly.
