@@ -45,9 +45,12 @@ def apply_update(db: sqlite_utils.Database, update: BrokerOrder) -> Optional[dic
     changed = advance(db, row, update.status, update.reason,
                       filled_qty=count if newer else None, avg_price=price if newer else None,
                       broker_order_id=update.broker_order_id, reason=reason) is not None
-    late = not changed and OrderStatus(order["status"]).terminal and count > (order["filled_qty"] or 0)
+    ended = not changed and OrderStatus(order["status"]).terminal
+    late = ended and count > (order["filled_qty"] or 0)
     if late:
         _late_fill(db, row, count, price)
+    elif ended and count == (order["filled_qty"] or 0) and price is not None and price != dec(order["avg_price"]):
+        _repriced(db, row, price)  # the broker's own average for the count it reported: it has the last word
     if changed and update.status in EVENT_FOR:
         kind, severity = EVENT_FOR[update.status]
         words = {OrderStatus.FILLED: f"filled {row['filled_qty']} @ {row['avg_price']}",
@@ -69,23 +72,40 @@ def _filled(order: dict, row: dict, update: BrokerOrder) -> tuple[int, Optional[
     """The order's fill count and average price after this update: the broker's, unless the fills applied to
     the position (a trade book ahead of a row without its count) show more than it and than the order knew."""
     applied = row["applied_qty"] or 0
-    if applied <= max(update.filled_qty, order["filled_qty"] or 0):
-        return update.filled_qty, update.avg_price
+    broker = min(update.filled_qty, order["qty"])  # a count above the quantity is never the order's
+    if applied <= max(broker, order["filled_qty"] or 0):
+        return broker, update.avg_price
     return applied, tidy(Decimal(row["applied_value"]) / applied)
 
 
 def _late_fill(db: sqlite_utils.Database, row: dict, count: int, price: Optional[Decimal]) -> None:
-    """A fill reported after the order ended (a cancel seen before its fill): counted, the status kept."""
+    """A fill reported after the order ended (a cancel seen before its fill): counted, the status kept.
+
+    Louder for a stop or an exit: the position it leaves is one nobody asked for."""
     before = row["filled_qty"] or 0
-    row.update(filled_qty=count, avg_price=str(price) if price is not None else row["avg_price"])
-    db.execute("update orders set filled_qty = ?, avg_price = ? where id = ?", (count, row["avg_price"], row["id"]))
-    Storage.insert(db, "order_history", {"order_id": row["id"], "at": utcnow(), "status": row["status"],
+    row.update(filled_qty=count, updated_at=utcnow(), avg_price=str(price) if price is not None else row["avg_price"])
+    db.execute("update orders set filled_qty = ?, avg_price = ?, updated_at = ? where id = ?",
+               (count, row["avg_price"], row["updated_at"], row["id"]))
+    Storage.insert(db, "order_history", {"order_id": row["id"], "at": row["updated_at"], "status": row["status"],
                                          "detail": f"late fill: filled {count} (was {before}) after it was "
                                                    f"{row['status']}"})
+    at = f"@ {price}" if price is not None else "(the broker gave no average price)"
+    exit_like = bool(row["protection"]) or row["action"] == "EXIT"
     Storage.add_event(db, "order_late_fill", f"{row['side']} {row['qty']} {row['exchange']}:{row['symbol']} "
                       f"({row['strategy']}, order {row['id']}) was {row['status']} with {before} filled, but the broker "
-                      f"reports {count} filled @ {row['avg_price']}: the position counts them", "warning",
-                      row["strategy"], {"order_id": row["id"], "filled_qty": count, "was": before})
+                      f"reports {count} filled {at}: the position counts them"
+                      + ("; this stop or exit filled after it ended: check the position" if exit_like else ""),
+                      "error" if exit_like else "warning", row["strategy"],
+                      {"order_id": row["id"], "filled_qty": count, "was": before})
+
+
+def _repriced(db: sqlite_utils.Database, row: dict, price: Decimal) -> None:
+    """A finished order's average price as the broker gives it for the same count (it was missing or a guess)."""
+    row.update(avg_price=str(price), updated_at=utcnow())
+    db.execute("update orders set avg_price = ?, updated_at = ? where id = ?", (row["avg_price"], row["updated_at"],
+                                                                                row["id"]))
+    Storage.insert(db, "order_history", {"order_id": row["id"], "at": row["updated_at"], "status": row["status"],
+                                         "detail": f"average price {price}, as the broker reports it"})
 
 
 def _reason(order: dict, update: BrokerOrder) -> Optional[str]:
