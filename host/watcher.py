@@ -73,9 +73,10 @@ def _filled(order: dict, row: dict, update: BrokerOrder) -> tuple[int, Optional[
     the position (a trade book ahead of a row without its count) show more than it and than the order knew."""
     applied = row["applied_qty"] or 0
     broker = min(update.filled_qty, order["qty"])  # a count above the quantity is never the order's
-    if applied <= max(broker, order["filled_qty"] or 0):
+    value = dec(row["applied_value"])
+    if applied <= max(broker, order["filled_qty"] or 0) or value is None:
         return broker, update.avg_price
-    return applied, tidy(Decimal(row["applied_value"]) / applied)
+    return applied, tidy(value / applied)
 
 
 def _late_fill(db: sqlite_utils.Database, row: dict, count: int, price: Optional[Decimal]) -> None:
