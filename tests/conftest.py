@@ -177,3 +177,14 @@ def noren_api(sim):
 
 def D(v: Any) -> Decimal:
     return Decimal(str(v))
+
+
+def open_order(storage: Any, qty: int = 150, side: str = "BUY", action: str = "ENTRY", broker_id: str = "B1") -> str:
+    """A limit order of strategy s1 in SYMBOL, stored and acknowledged (OPEN, broker id `broker_id`): its id."""
+    from host.models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
+    from host.orders import insert_order, transition
+    intent = Intent("NFO", SYMBOL, Side(side), qty, OrderType.LMT, Product.NRML, Decimal("43"),
+                    action=ExecutionType(action))
+    oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
+    storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id=broker_id))
+    return oid

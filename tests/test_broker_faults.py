@@ -16,11 +16,10 @@ import pytest
 import requests
 
 from host.brokers.base import UnknownOutcome, Unreachable
-from host.models import BrokerOrder, ExecutionType, Intent, OrderRequest, OrderStatus, OrderType, Product, Side
-from host.orders import insert_order, transition
+from host.models import BrokerOrder, OrderRequest, OrderStatus, OrderType, Product, Side
 from host.storage import Storage
 
-from conftest import SYMBOL, Host, alert, make_settings, wait_for
+from conftest import SYMBOL, Host, alert, make_settings, open_order, wait_for
 
 UID = "FA12345"
 
@@ -192,16 +191,9 @@ def storage(tmp_path):
     s.close()
 
 
-def _order(storage: Storage, qty: int = 150) -> str:
-    intent = Intent("NFO", SYMBOL, Side.BUY, qty, OrderType.LMT, Product.NRML, Decimal("43"), action=ExecutionType.ENTRY)
-    oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
-    storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id="B1"))
-    return oid
-
-
 def test_an_older_partial_update_never_lowers_filled_qty(storage):
     from host.watcher import Watcher
-    oid = _order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.PARTIAL, 100, Decimal("42.6"))])
     w.apply([BrokerOrder("B1", oid, OrderStatus.PARTIAL, 50, Decimal("42.5"))])  # older, arrives late
@@ -211,7 +203,7 @@ def test_an_older_partial_update_never_lowers_filled_qty(storage):
 
 def test_a_cancel_carrying_an_older_fill_count_keeps_the_larger_one(storage):
     from host.watcher import Watcher
-    oid = _order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.PARTIAL, 100, Decimal("42.6"))])
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 50, Decimal("42.5"), "cancelled at the broker")])

@@ -7,9 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import SYMBOL
-from host.models import BrokerOrder, ExecutionType, FillReport, Intent, OrderStatus, OrderType, Product, Side
-from host.orders import insert_order, transition
+from conftest import open_order
+from host.models import BrokerOrder, FillReport, OrderStatus
 from host.storage import Storage
 from host.watcher import Watcher
 
@@ -19,13 +18,6 @@ def storage(tmp_path):
     s = Storage(tmp_path / "h.sqlite")
     yield s
     s.close()
-
-
-def _open_order(storage: Storage, qty: int = 150) -> str:
-    intent = Intent("NFO", SYMBOL, Side.BUY, qty, OrderType.LMT, Product.NRML, Decimal("43"), action=ExecutionType.ENTRY)
-    oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
-    storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id="B1"))
-    return oid
 
 
 def _order(storage: Storage, oid: str) -> dict:
@@ -42,7 +34,7 @@ def _events(storage: Storage, kind: str) -> list[dict]:
 
 
 def test_a_fill_reported_after_the_cancel_is_counted_on_the_order_too(storage):
-    oid = _open_order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 0, None, "cancelled at the broker")])
     assert (_order(storage, oid)["status"], _order(storage, oid)["filled_qty"]) == ("CANCELLED", 0)
@@ -64,7 +56,7 @@ def test_a_fill_reported_after_the_cancel_is_counted_on_the_order_too(storage):
 
 
 def test_trades_without_a_fill_count_on_the_row_count_on_the_order(storage):
-    oid = _open_order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     # a cancelled row whose fill count is blank (0) while the trade book shows 50 filled
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 0, None, "cancelled at the broker",
@@ -75,7 +67,7 @@ def test_trades_without_a_fill_count_on_the_row_count_on_the_order(storage):
 
 
 def test_a_late_fill_never_lowers_a_count_or_moves_a_filled_order(storage):
-    oid = _open_order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.FILLED, 150, Decimal("42.6"))])
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 100, Decimal("42.5"))])  # older, and lower
@@ -89,7 +81,7 @@ def test_a_late_fill_never_lowers_a_count_or_moves_a_filled_order(storage):
 def test_a_late_count_without_a_price_never_keeps_the_old_price_and_takes_the_brokers_later(storage):
     """CANCELLED 30 @ 100 (fill F1), then a cancelled row saying 50 filled with no average (its trades not
     yet in), then the full view: 50 @ 76 (F1 30 @ 100, F2 20 @ 40). The order must end at 76."""
-    oid = _open_order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 30, Decimal("100"), "x",
                          fills=(FillReport("F1", 30, Decimal("100")),))])
@@ -107,7 +99,7 @@ def test_a_late_count_without_a_price_never_keeps_the_old_price_and_takes_the_br
 
 def test_a_late_count_with_no_price_is_priced_when_the_broker_gives_it(storage):
     """CANCELLED 0, then CANCELLED 50 with a blank average, then CANCELLED 50 @ 42.5: avg_price stays None."""
-    oid = _open_order(storage)
+    oid = open_order(storage)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 0, None, "x")])
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 50, None, "x")])
@@ -121,7 +113,7 @@ def test_a_late_count_with_no_price_is_priced_when_the_broker_gives_it(storage):
 def test_a_hostile_count_above_the_quantity_never_lands_on_a_finished_order(storage):
     """qty 150, CANCELLED 0, then the feed says CANCELLED 500 filled, then 900: the position is capped at 150;
     the order's count must not pass qty (and not differ from the position's applied_qty)."""
-    oid = _open_order(storage, qty=150)
+    oid = open_order(storage, qty=150)
     w = Watcher(storage)
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 0, None, "x")])
     w.apply([BrokerOrder("B1", oid, OrderStatus.CANCELLED, 500, Decimal("42"), "x")])
@@ -160,9 +152,7 @@ def test_fill_follower_places_one_stop_for_an_entry_whose_fill_count_grows_after
 
 
 def test_a_late_fill_of_an_exit_is_an_error_that_says_check_the_position(storage):
-    intent = Intent("NFO", SYMBOL, Side.SELL, 75, OrderType.MKT, Product.NRML, None, action=ExecutionType.EXIT)
-    oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
-    storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id="B7"))
+    oid = open_order(storage, qty=75, side="SELL", action="EXIT", broker_id="B7")
     w = Watcher(storage)
     w.apply([BrokerOrder("B7", oid, OrderStatus.CANCELLED, 0, None, "x")])
     w.apply([BrokerOrder("B7", oid, OrderStatus.CANCELLED, 75, Decimal("41"), "x")])

@@ -4,13 +4,10 @@ told, once."""
 from __future__ import annotations
 
 import sqlite3
-from decimal import Decimal
-
 import pytest
 
-from conftest import SYMBOL
-from host.models import BrokerOrder, ExecutionType, Intent, OrderStatus, OrderType, Product, Side
-from host.orders import insert_order, transition
+from conftest import open_order
+from host.models import BrokerOrder, OrderStatus
 from host.storage import Storage
 from host.watcher import Watcher
 
@@ -53,9 +50,7 @@ def test_an_order_from_outside_is_told_after_a_retried_write(storage, monkeypatc
 
 
 def test_a_doubled_order_is_told_after_a_retried_write(storage, monkeypatch):
-    intent = Intent("NFO", SYMBOL, Side.BUY, 75, OrderType.LMT, Product.NRML, Decimal("43"), action=ExecutionType.ENTRY)
-    oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
-    storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id="B1"))
+    oid = open_order(storage, qty=75)
     failed = _fail_once(monkeypatch, "order_doubled")
     w = Watcher(storage)
     book = [BrokerOrder("B1", oid, OrderStatus.OPEN, 0, None), BrokerOrder("B2", oid, OrderStatus.OPEN, 0, None)]
