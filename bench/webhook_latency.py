@@ -29,6 +29,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-webhook-secret"
 TOKEN = "bench-api-token-0123456789"
+SETTLE_S = 0.5  # after the serial senders and after the concurrent ones, for the CPU figures
+IDLE_S = 2.0  # the server's idle CPU is measured over this long (the host's loops run every 0.1 to 2 s)
 
 
 def free_port() -> int:
@@ -175,9 +177,6 @@ def measure(port: int, tag: str, n: int, concurrency: int, path: str = "/webhook
     bad = [s for s in st1 + st2 if s != 200]
     return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad), "cpu": cpu}
 
-
-SETTLE_S = 0.5  # after the serial senders and after the concurrent ones, for the CPU figures
-IDLE_S = 2.0  # the server's idle CPU is measured over this long (the host's loops run every 0.1 to 2 s)
 
 
 def measure_blocked(port: int, n: int) -> dict:

@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 import sqlite_utils
 
 from .market import IST
-from .models import BrokerOrder, OrderStatus, Side
+from .models import BrokerOrder, ExecutionType, OrderStatus, Side
 from .orders import _order_row, advance, transition
 from .positions import PositionMath
 from .pricing import tidy
@@ -91,7 +91,7 @@ def _late_fill(db: sqlite_utils.Database, row: dict, count: int, price: Optional
                                          "detail": f"late fill: filled {count} (was {before}) after it was "
                                                    f"{row['status']}"})
     at = f"@ {price}" if price is not None else "(the broker gave no average price)"
-    exit_like = bool(row["protection"]) or row["action"] == "EXIT"
+    exit_like = bool(row["protection"]) or row["action"] == ExecutionType.EXIT.value
     Storage.add_event(db, "order_late_fill", f"{row['side']} {row['qty']} {row['exchange']}:{row['symbol']} "
                       f"({row['strategy']}, order {row['id']}) was {row['status']} with {before} filled, but the broker "
                       f"reports {count} filled {at}: the position counts them"
