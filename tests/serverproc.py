@@ -92,5 +92,15 @@ class ServerProcess:
         headers = {"Authorization": f"Bearer {self.secrets()['API_TOKEN']}"}
         return requests.request(method, self.url + path, headers=headers, timeout=10, **kw)
 
+    def explain(self) -> str:
+        """The host's orders, latest events and log tail: what a failed wait needs to say."""
+        parts = []
+        for path in ("/api/orders", "/api/events"):
+            try:
+                parts.append(f"{path}: {self.api(path, params={'limit': 20}).json().get('items')}")
+            except (requests.RequestException, ValueError) as exc:
+                parts.append(f"{path}: unavailable ({exc})")
+        return "\n".join(parts + ["log tail:", self.output()[-4000:]])
+
     def webhook(self, body: dict) -> requests.Response:
         return requests.post(self.url + "/webhook", json=body, timeout=10)

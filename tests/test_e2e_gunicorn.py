@@ -6,6 +6,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -314,9 +315,19 @@ def noren_sim(tmp_path):
         if "SHOONYA_OAUTH_URL" in urls:
             break
     control = f"http://127.0.0.1:{port}/sim/control"
+    log = tmp_path / "noren-sim.log"  # the rest of its output, read as it comes: a full pipe would stall it
+
+    def copy() -> None:
+        with open(log, "a") as out:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+    drain = threading.Thread(target=copy, daemon=True)
+    drain.start()
     yield urls, lambda **c: requests.post(control, json=c, timeout=5).json()
     os.killpg(proc.pid, 15)
     proc.wait(10)
+    drain.join(5)
 
 
 def test_kill_9_between_place_and_ack_adopts_the_order_after_restart(server, noren_sim):

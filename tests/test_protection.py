@@ -735,8 +735,15 @@ def test_kill_9_with_a_stop_resting_then_restart_adopts_it_and_trailing_goes_on(
     from serverproc import ServerProcess
     urls, control = noren_sim
     port = urlparse(urls["SHOONYA_API_URL"]).port
-    book = lambda: requests.post(urls["SHOONYA_API_URL"] + "OrderBook", data='jData={"uid":"FA12345"}',  # noqa
-                                 headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
+
+    def book() -> list:
+        """The simulator's order book: an empty book is Not_Ok "no data"; any other answer fails, saying what."""
+        answer = requests.post(urls["SHOONYA_API_URL"] + "OrderBook", data='jData={"uid":"FA12345"}',
+                               headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
+        if isinstance(answer, dict) and answer.get("emsg") == "no data":
+            return []
+        assert isinstance(answer, list), f"the simulator's OrderBook answered {answer!r}"
+        return answer
     env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
            "SQUARE_OFF_TIME": "off", "TRAIL_MIN_INTERVAL_S": "0", "SHOONYA_SYMBOLS_URL": f"http://127.0.0.1:{port}/",
            "ALLOW_AMO": "true",  # any hour: after-market orders when the exchange is closed
@@ -761,7 +768,11 @@ def test_kill_9_with_a_stop_resting_then_restart_adopts_it_and_trailing_goes_on(
         r = s.webhook(body)
         assert r.status_code == 200, r.text
 
-        first = wait_for(stop_at_broker, timeout=10)
+        try:
+            first = wait_for(stop_at_broker, timeout=10)
+        except AssertionError as exc:
+            sim_log = (tmp_path / "noren-sim.log").read_text()[-3000:]
+            raise AssertionError(f"{exc}\nbroker book: {book()}\n{s.explain()}\nsimulator: {sim_log}") from None
         assert len(first) == 1 and first[0]["remarks"].startswith("o")
         wait_for(lambda: moved_to("44", "42"), timeout=15)
         s.kill9()
