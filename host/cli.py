@@ -173,14 +173,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
         uid, _, token = user.partition(":")
         with sim.lock:
             sim.sessions[token] = uid
-    print(f"Noren simulator (strategy-host {__version__}). A live host needs these in its env file "
-          f"(any USER_ID; the simulator's test secrets are not real ones):")
-    for line in sim_env(server, sim.client_id, sim.client_secret, args.session):
-        print(f"  {line}")
     back = sim.redirect_url or "the dashboard that started the login (any port)"
-    print(f"Connect broker comes back to {back}.")
-    print(f"Test controls: POST http://{server.host}:{server.port}/sim/control; every control is in "
-          f"docs/simulator.md")
+    banner = [f"Noren simulator (strategy-host {__version__}). A live host needs these in its env file "
+              f"(any USER_ID; the simulator's test secrets are not real ones):",
+              *(f"  {line}" for line in sim_env(server, sim.client_id, sim.client_secret, args.session)),
+              f"Connect broker comes back to {back}.",
+              f"Test controls: POST http://{server.host}:{server.port}/sim/control; every control is in "
+              f"docs/simulator.md"]
+    # one write: its WebSocket thread logs to the same terminal or pipe already, and a log line landing inside
+    # a printed line (print writes the text and its newline apart when unbuffered) corrupts the URL a trader
+    # pastes, e.g. SHOONYA_API_URL=http://127.0.0.1:9000/NorenWClientTP/2026-11-30
+    sys.stdout.write("\n".join(banner) + "\n")
     sys.stdout.flush()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

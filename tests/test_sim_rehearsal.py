@@ -2,6 +2,7 @@
 redirect follows the host that started the login, and a Connect broker click that cannot come back says so."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,39 @@ def test_a_connect_broker_click_that_cannot_come_back_says_so(sim, tmp_path):
         assert "The simulator sends you back to http://127.0.0.1:8000/broker/callback" in html
     finally:
         h.stop()
+
+
+RECORDER = """
+import json, sys
+class Chunks:
+    '''stdout that shows each write apart (as JSON lines on stderr), to see how the banner is written.'''
+    def write(self, text):
+        sys.__stderr__.write(json.dumps(text) + "\\n")
+        sys.__stderr__.flush()
+        return len(text)
+    def flush(self):
+        pass
+sys.stdout = Chunks()
+from host.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_each_line_the_simulator_prints_is_written_whole(tmp_path):
+    """Its WebSocket thread logs to the same pipe: a line written in pieces (text, then newline) can take a log
+    line inside it, and the URL a trader pastes (or a test reads) ends in the log's date."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", RECORDER, "sim", "--port", "0", "--session", "FA12345:tok"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    chunks: list[str] = []
+    try:
+        while "docs/simulator.md" not in "".join(chunks):
+            line = proc.stderr.readline()
+            assert line, f"the simulator stopped: {chunks}"
+            if line.startswith('"'):  # a write to stdout; anything else is its log
+                chunks.append(json.loads(line))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert any("SHOONYA_API_URL=" in c for c in chunks)
+    assert all(c.endswith("\n") for c in chunks), f"lines written in pieces: {chunks}"
