@@ -30,7 +30,7 @@ from .market import IST
 from .models import AlertStatus, Decision, Side, TradingState
 from .outside import OutsideTrades
 from .pricing import DEFAULT_TICK, protected_limit
-from .risk import Action, RiskGate
+from .risk import Action, CorruptState, RiskGate
 from .storage import Storage, utcnow
 
 log = logging.getLogger(__name__)
@@ -285,10 +285,11 @@ class RiskLoop:
         return None
 
     def exit_rejected(self, row: dict) -> None:
-        """An exit was rejected: risk's own back off before the next one for that position (said once); a
-        trader's or strategy's EXIT is not retried, and the event says so."""
+        """An exit was rejected: while today's breach holds, risk flattens again, backing off for that position
+        (said once); any other exit (a trader's, a strategy's, a stop's or target's, a square-off) is not
+        retried, and the event says so."""
         key = (row["strategy"], row["exchange"], row["symbol"], row["product"])
-        if not row.get("escalate"):
+        if not (row.get("escalate") and self._breach_holds()):
             self.storage.write(lambda db: Storage.add_event(
                 db, "exit_rejected", f"EXIT {row['id']} of {row['strategy']} {row['exchange']}:{row['symbol']} was "
                 f"rejected by the broker ({row.get('reason')}); it is NOT retried: send it again once the cause is "
@@ -301,6 +302,13 @@ class RiskLoop:
                   f"({row['product']}) are rejected by the broker ({row.get('reason')}); retrying with back-off, up "
                   f"to every {BACKOFF_MAX_S:g} s: check the broker terminal", "error", row["strategy"],
                   {"order_id": row["id"]})
+
+    def _breach_holds(self) -> bool:
+        """Today's breach stands (not overridden): the only state in which risk sends exits again by itself."""
+        try:
+            return self.gate.manager.load_day(self.gate.clock.day(self.now())).halted_by_breach
+        except CorruptState:
+            return False
 
     def exit_filled(self, row: dict) -> None:
         self._backoff.pop((row["strategy"], row["exchange"], row["symbol"], row["product"]), None)

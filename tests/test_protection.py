@@ -195,6 +195,30 @@ def test_an_exit_alert_cancels_the_stop_before_the_exit(paper):
     assert paper_order(h, stop["id"]).status.value == "CANCELLED"
 
 
+def test_a_rejected_exit_of_a_protected_position_says_it_is_not_retried_and_is_not(paper):
+    """Found from outside: the trader's EXIT of a protected position (sent once its stop is cancelled) was rejected
+    and the event said "retrying with back-off"; nothing ever retried it. Only risk's own exits after a breach are
+    retried: this one says it is not, and the stop is placed again."""
+    from host.brokers.base import Rejected
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    real_place = h.broker.place
+
+    def refuse_exits(req):
+        if req.order_type.value != "SL-LMT":
+            raise Rejected("RMS: no price for a market order")
+        return real_place(req)
+    h.broker.place = refuse_exits
+    assert h.post(alert("EXIT", direction="SELL", order_type="MKT", price="0")).status_code == 200
+    wait_for(lambda: events(h, "exit_rejected"), timeout=6)
+    again = wait_for(lambda: (s := stops(h, ("OPEN",))) and s[0], timeout=10)  # protected again
+    time.sleep(3)  # a retry with back-off would have come within 1 + 2 s
+    [said] = events(h, "exit_rejected")
+    assert "NOT retried" in said["message"] and "retrying" not in said["message"], said["message"]
+    assert len(exits(h)) == 1 and h.net() == 75 and again["qty"] == 75
+
+
 def test_a_partial_exit_resizes_the_stop(paper):
     h = paper
     protected(h, stop_loss="40")
