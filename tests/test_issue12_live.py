@@ -61,11 +61,12 @@ def live_settings(sim: Any, data_dir: Path, api_url: Optional[str] = None, auth:
     if auth == "oauth":
         from host.broker_session import save_token
         save_token(data_dir, token, UID, UID)
-    return make_settings(data_dir, BROKER="shoonya", SHOONYA_AUTH=auth, USER_ID=UID, SHOONYA_ACCESS_TOKEN=token,
-                         OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
-                         SHOONYA_API_URL=api_url or sim.api_url, SHOONYA_WS_URL=sim.ws_url,
-                         SHOONYA_OAUTH_URL=sim.oauth_url, SHOONYA_SYMBOLS_URL=f"http://127.0.0.1:{sim.port}/",
-                         RISK_POLL_S=1, **env)
+    defaults = dict(BROKER="shoonya", SHOONYA_AUTH=auth, USER_ID=UID, SHOONYA_ACCESS_TOKEN=token,
+                    OAUTH_CLIENT_ID=sim.sim.client_id, OAUTH_SECRET=sim.sim.client_secret,
+                    SHOONYA_API_URL=api_url or sim.api_url, SHOONYA_WS_URL=sim.ws_url,
+                    SHOONYA_OAUTH_URL=sim.oauth_url, SHOONYA_SYMBOLS_URL=f"http://127.0.0.1:{sim.port}/",
+                    RISK_POLL_S=1)
+    return make_settings(data_dir, **{**defaults, **env})
 
 
 @pytest.fixture

@@ -668,6 +668,21 @@ def test_live_stop_rests_at_the_broker_then_the_target_exits_flat(live, sim):
     assert out["created_at"] >= history_at(h, stop["id"], "CANCELLED")
 
 
+def test_live_without_the_symbol_file_a_held_symbol_still_gets_prices_and_its_target_exits(live_factory, sim):
+    """Found from outside: when the day's symbol file could not be downloaded, the feed subscribed nothing for a
+    held symbol (no token), so no price ever came: no target, no trailing, no gap handling, a loss limit that saw
+    0. The feed now asks the broker's SearchScrip for the token."""
+    from serverproc import free_port
+    h = live_factory(TRAIL_MIN_INTERVAL_S=0, SHOONYA_SYMBOLS_URL=f"http://127.0.0.1:{free_port()}/")  # nothing there
+    assert h.broker.instruments.get("NFO", SYMBOL) is None
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    wait_for(lambda: h.runtime.feed.subscribed, timeout=10)  # the held symbol, by the token SearchScrip gave
+    sim.sim.tick("NFO", SYMBOL, D("46"))
+    wait_for(lambda: h.net() == 0, timeout=10)
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0 and len(exits(h)) == 1
+
+
 def test_live_price_to_the_stop_fills_it_and_no_target_exit(live, sim):
     h = live
     protected(h, stop_loss="40", target="46")

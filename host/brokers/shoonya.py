@@ -34,6 +34,7 @@ PRODUCTS = frozenset(p.value for p in Product)
 # SEBI's retail-algo rule: fewer than 10 orders a second in each exchange segment (Noren's `exch`:
 # NSE, NFO, BSE, BFO, MCX, CDS...); evenly spaced at 8, network jitter cannot bunch 10 into a second
 SEGMENT_ORDERS_PER_S = 8.0
+FIND_TIMEOUT_S = 2.0  # a SearchScrip for the feed: it runs on the feed's thread, which waits for it
 
 
 class TimeoutRequests:
@@ -280,6 +281,18 @@ class ShoonyaBroker:
     def instrument(self, exchange: str, symbol: str) -> Optional[Instrument]:
         """From the symbol file, or found earlier with SearchScrip (no broker call here)."""
         return self.instruments.get(exchange, symbol) or self._found.get((exchange, symbol))
+
+    def find_instrument(self, exchange: str, symbol: str, timeout_s: float = FIND_TIMEOUT_S) -> Optional[Instrument]:
+        """The instrument, asking SearchScrip now if neither the symbol file nor an earlier lookup has it (the feed
+        needs a held symbol's token for its prices); None when the broker does not know it or cannot be asked."""
+        inst = self.instrument(exchange, symbol)
+        if inst is not None:
+            return inst
+        try:
+            return self._look_up(exchange, symbol, time.monotonic() + timeout_s)
+        except Exception as e:  # unknown, refused, timed out, or no session: the caller says what it lacks
+            log.info("SearchScrip for %s:%s: %s", exchange, symbol, e)
+            return None
 
     def instrument_by_token(self, exchange: str, token: str) -> Optional[Instrument]:
         return self.instruments.token(exchange, token) or self._found_by_token.get((exchange, token))

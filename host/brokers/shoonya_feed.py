@@ -18,6 +18,7 @@ from .shoonya import _dec, _int, broker_order
 log = logging.getLogger(__name__)
 WS_TIMEOUT_S = 10.0  # connect, handshake and each read of the feed socket (the library sets no timeout)
 REOPEN_FIRST_S, REOPEN_MAX_S = 5.0, 60.0  # a feed still down after a close is restarted after 5, 10, 20 ... 60 s
+FIND_AGAIN_S = 60.0  # a wanted symbol the broker could not find is looked up again this often
 SEND_WAIT_S = 2.0    # how long a subscription may wait for its connection (the library's own wait is endless)
 
 
@@ -39,6 +40,7 @@ class ShoonyaFeed:
         self._socket_lock = threading.Lock()  # a socket is started, or the feed stopped, never both at once
         self._thread: Optional[threading.Thread] = None
         self.subscribed: set[str] = set()
+        self._unfound: dict[tuple[str, str], float] = {}  # wanted symbols with no token: when to ask again
         self.opens = 0
         self.reconnects = 0
         self.last_frame = time.monotonic()
@@ -242,10 +244,30 @@ class ShoonyaFeed:
         """Every symbol `wanted()` names (the runtime's: strategies' symbols, held, with working orders)."""
         keys = set()
         for exchange, symbol in self.wanted():
-            inst = self._instrument(exchange, symbol)
+            inst = self._instrument(exchange, symbol) or self._find(exchange, symbol)
             if inst is not None:
                 keys.add(f"{exchange}|{inst.token}")
         return keys
+
+    def _find(self, exchange: str, symbol: str) -> Any:
+        """A wanted symbol the symbol file lacks (its download failed, say): its token from the broker, asked at
+        most every FIND_AGAIN_S; without one it gets no prices, and that is said once."""
+        find = getattr(self.broker, "find_instrument", None)
+        key = (exchange, symbol)
+        if find is None or time.monotonic() < self._unfound.get(key, 0.0):
+            return None
+        inst = find(exchange, symbol)
+        if inst is not None:
+            self._unfound.pop(key, None)
+            return inst
+        if key not in self._unfound:
+            self.emit("feed_symbol_unknown", f"no prices for {exchange}:{symbol}: it is not in the symbol file and "
+                                             f"the broker's SearchScrip did not find it (asked again every "
+                                             f"{FIND_AGAIN_S:g} s). Until then its stop trailing, target, gap "
+                                             f"handling and its part of the loss limit have no price to act on: "
+                                             f"watch it in the broker terminal", "error")
+        self._unfound[key] = time.monotonic() + FIND_AGAIN_S
+        return None
 
     def _subscribe(self, resubscribe: bool) -> None:
         """Send subscriptions; after a (re)connect all of them, since the library does not resend any.
