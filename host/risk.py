@@ -233,8 +233,8 @@ class RiskManager:
             day.breached, day.breached_at, day.overridden_at, day.overridden_by = True, utcnow(), None, None
             self._record_day(today, True, day)
             actions.append(Action("breach", f"daily max loss breached: PnL {pnl} <= limit {day.limit}; trading "
-                                            f"halted for the day, pending orders cancelled, positions exited",
-                                  "error", data))
+                                            f"halted for the day; pending orders are being cancelled and positions "
+                                            f"exited (each order's events say when it is done)", "error", data))
             streak = self.streak(today)
             until = self.cooldown_until(today)
             if until:

@@ -122,6 +122,8 @@ def test_6_rejected_exits_back_off_and_say_it_once(risky):
     exits = [o for o in risky.orders() if o["action"] == "EXIT"]
     assert 2 <= len(exits) <= 5, [o["created_at"] for o in exits]  # 1, 2, 4 s apart, not 10 a second
     assert len(_events(risky, "exit_rejected")) == 1
+    [breach] = _events(risky, "risk_breach")  # it never claims the exits done: here every one was rejected
+    assert "being cancelled and positions exited" in breach["message"], breach["message"]
 
 
 def test_7_one_bad_tick_is_held_and_moves_nothing(risky):
