@@ -483,7 +483,7 @@ class Engine:
                 decision = Decision(asked.status, asked.error)
                 self.storage.write(lambda db: self._record(db, row, decision))
             elif alert.execution_type is ExecutionType.POSITION:
-                decision = self.storage.write(lambda db: self._decide_targets(db, row, alert, asked.version))
+                decision = self.storage.write(lambda db: self._decide_targets(db, row, alert, asked.version, net))
             else:
                 decision = self.storage.write(
                     lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version, net))
@@ -500,15 +500,17 @@ class Engine:
         return decision
 
     def _decide_targets(self, db: sqlite_utils.Database, row: dict, alert: AlertRequest,
-                        version: Optional[str]) -> Decision:
-        """A POSITION alert: only the difference from the strategy's own position is sent (see targets)."""
-        decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version))
+                        version: Optional[str], broker_net: Optional[dict] = None) -> Decision:
+        """A POSITION alert: only the difference from the strategy's own position is sent (see targets); its
+        exits capped at the broker's net, as an EXIT alert's are (a position closed in the broker's app)."""
+        decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version, broker_net))
         self._targets_waiting = True
         self._record(db, row, decision, version)
         return decision
 
-    def _evaluator(self, version: Optional[str] = None) -> targets.Evaluate:
-        return lambda db, strategy, intents, alert_id: self.decider.evaluate(db, strategy, intents, alert_id, version)
+    def _evaluator(self, version: Optional[str] = None, broker_net: Optional[dict] = None) -> targets.Evaluate:
+        return lambda db, strategy, intents, alert_id: self.decider.evaluate(db, strategy, intents, alert_id, version,
+                                                                             broker_net=broker_net)
 
     def _release_targets(self) -> None:
         """Position targets whose wait is over (exits filled, cancels done): plan them again, send or drop."""

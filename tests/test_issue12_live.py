@@ -678,6 +678,27 @@ def test_1b_an_exit_right_after_a_close_in_the_app_never_takes_the_account_short
     assert broker_net(sim, SYMBOL) == 0 and host_net(h, SYMBOL) == 0
 
 
+def test_1c_a_position_target_right_after_a_close_in_the_app_never_takes_the_account_short(live, sim):
+    """Found from outside: the trader sells 75 of 150 in the app, the order book does not show it yet, and a
+    POSITION alert (target 0) comes: it sold 150 (the EXIT alert is capped at the broker's net; this was not)."""
+    h = live()
+    held = entry(h, strategy="pos", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "pos", SYMBOL) == 150)
+    manual = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)["norenordno"]
+    control(sim, action="hide_order", norenordno=manual)  # the book lags; the position book already shows it
+    body = alert("POSITION", strategy="pos")
+    body["legs"] = [{"tradingsymbol": SYMBOL, "position": "0", "order_type": "MKT", "product_type": "M"}]
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    assert [o["qty"] for o in r.get_json()["orders"]] == [75], r.get_json()
+    assert "capped from 150 to 75" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
