@@ -312,7 +312,7 @@ def noren_sim(tmp_path):
         if "=" in line and line.strip().startswith("SHOONYA_"):
             key, _, rest = line.strip().partition("=")
             urls[key] = rest.split()[0]
-        if "SHOONYA_OAUTH_URL" in urls:
+        if "SHOONYA_SYMBOLS_URL" in urls:  # the last line (before it, a host would ask the real broker for its files)
             break
     control = f"http://127.0.0.1:{port}/sim/control"
     log = tmp_path / "noren-sim.log"  # the rest of its output, read as it comes: a full pipe would stall it
