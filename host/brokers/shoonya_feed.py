@@ -262,7 +262,7 @@ class ShoonyaFeed:
             return inst
         if key not in self._unfound:
             self.emit("feed_symbol_unknown", f"no prices for {exchange}:{symbol}: it is not in the symbol file and "
-                                             f"the broker's SearchScrip did not find it (asked again every "
+                                             f"the broker's SearchScrip did not find it or did not answer (asked again every "
                                              f"{FIND_AGAIN_S:g} s). Until then its stop trailing, target, gap "
                                              f"handling and its part of the loss limit have no price to act on: "
                                              f"watch it in the broker terminal", "error")
