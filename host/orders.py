@@ -27,7 +27,7 @@ NEXT_AFTER_NOT_SENT = {  # what a restart does with an order whose SUBMITTED mar
     OrderStatus.NEW.value: "a restart sends it if it is younger than ALERT_MAX_AGE_S, else marks it rejected",
     OrderStatus.SUBMITTED.value: "its mark was written but not confirmed on the disk: it is looked for in the "
                                  "broker's book and marked LOST if it is not there"}
-SEND_BATCH_MAX = 32  # NEW orders marked SUBMITTED in one durable commit before they are sent, in order
+SEND_BATCH_MAX = 32  # NEW orders taken together; the ones ready at once share one durable SUBMITTED commit
 
 
 def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert_id: Optional[str],
@@ -142,8 +142,9 @@ class BrokerGateway:
 class OrderSender:
     """Sends NEW orders to the broker, one at a time in the order they were decided.
 
-    The orders waiting together are marked SUBMITTED in one durable commit (one fsync) before the first of
-    them is sent; each is then placed in turn, unless a cancel was asked for it meanwhile.
+    Each order is prepared (a market order's price, the rate limit's slot) before it is marked SUBMITTED. The
+    orders ready together are marked in one durable commit (one fsync), then placed in turn, unless a cancel
+    was asked for one meanwhile.
     """
 
     def __init__(self, storage: Storage, gateway: BrokerGateway, on_result: Callable[[str], None] = lambda oid: None):
@@ -278,22 +279,59 @@ class OrderSender:
         self.send_batch(order_id, [order_id])
 
     def send_batch(self, _: str, order_ids: list[str]) -> None:
-        """Mark every order SUBMITTED in one durable commit (only from NEW), then place each in turn."""
+        """Send the orders in turn. Each is prepared first (its price, its rate-limit slot), and the ones ready
+        together are marked SUBMITTED in one durable commit right before they are placed: an order marked sent
+        is never left waiting, so a process that dies leaves the rest NEW, and the restart sends them.
+
+        A broker whose book is written with the order (paper) needs no preparation, and a restart sends an order
+        it marked and never placed (watcher.reconcile): the whole batch is marked at once, with no read first."""
         self.in_flight.update(order_ids)  # SUBMITTED and not sent yet: reconciling must not call them lost
         try:
-            # durable: this commit also syncs the decisions that created the orders, before they leave
-            try:
-                rows = self.storage.write(lambda db: [r for r in (mark_submitted(db, oid) for oid in order_ids) if r],
-                                          durable=True)
-            except Exception as e:
-                self._not_sent(order_ids, e)
-                raise
-            for n, row in enumerate(rows):
-                if n and self._cancelled_before_sending(row):
-                    continue
-                self._place(row)
+            if getattr(self.gateway.broker, "book_is_synchronous", False):
+                self._mark_and_place({oid: None for oid in order_ids})
+                return
+            marks = ",".join("?" * len(order_ids))
+            rows = {r["id"]: r for r in self.storage.rows(f"select * from orders where id in ({marks}) and status = "
+                                                          f"'NEW'", tuple(order_ids))}
+            todo = [rows[oid] for oid in order_ids if oid in rows]
+            while todo:
+                ready, todo = self._prepare(todo)
+                self._mark_and_place(ready)
         finally:
             self.in_flight.difference_update(order_ids)
+
+    def _prepare(self, rows: list[dict]) -> tuple[dict[str, Optional[OrderRequest]], list[dict]]:
+        """Prepare orders until one would wait: ({id: request} of the ones ready to go now, the rest)."""
+        broker, ready = self.gateway.broker, {}
+        for n, row in enumerate(rows):
+            req = request_for(row)
+            waits = broker.would_wait(req)
+            if ready and waits:
+                return ready, rows[n:]
+            try:  # only a preparation that waits or asks the broker needs the gateway's thread and timeout
+                ready[row["id"]] = self.gateway.call("prepare_order", broker.prepare, req) if waits \
+                    else broker.prepare(req)
+            except Exception as e:  # refused, timed out, or a bug of the adapter's: nothing was sent
+                self._refused(row, e if isinstance(e, Rejected) else f"{type(e).__name__}: {e}; nothing was sent")
+        return ready, []
+
+    def _mark_and_place(self, ready: dict[str, Optional[OrderRequest]]) -> None:
+        """One durable commit marks them SUBMITTED (only from NEW; it also syncs the decisions that made them),
+        then each is placed (None: prepared now, for a broker that needs no preparation), unless a cancel was
+        asked for it meanwhile."""
+        if not ready:
+            return
+        ids = list(ready)
+        try:
+            marked = self.storage.write(lambda db: [r for r in (mark_submitted(db, oid) for oid in ids) if r],
+                                        durable=True)
+        except Exception as e:
+            self._not_sent(ids, e)
+            raise
+        for n, row in enumerate(marked):
+            if n and self._cancelled_before_sending(row):
+                continue
+            self._place(row, ready[row["id"]] or self.gateway.broker.prepare(request_for(row)))
 
     def _not_sent(self, order_ids: list[str], error: Exception) -> None:
         """Marking the orders SUBMITTED failed (a failing disk, a full one): none left; the trader is told."""
@@ -320,17 +358,24 @@ class OrderSender:
         self.on_result(row["id"])
         return True
 
-    def _place(self, row: dict) -> None:
+    def _refused(self, row: dict, why: Any) -> None:
+        """The broker refused the order, or it could not be sent (nothing reached the broker): REJECTED."""
+        order_id, reason = row["id"], str(why)
+        self.storage.write(lambda db: transition(db, order_id, OrderStatus.REJECTED, reason, reason=reason) and
+                           Storage.add_event(db, "order_rejected", f"order {order_id} rejected: {reason}", "warning",
+                                             row["strategy"], {"order_id": order_id}))
+        self.on_result(order_id)
+
+    def _place(self, row: dict, req: OrderRequest) -> None:
         """Call the broker for one SUBMITTED order; record what came back."""
         order_id = row["id"]
         self.in_flight.add(order_id)
         try:
-            broker_id = self.gateway.call("place_order", self.gateway.broker.place, request_for(row))
+            broker_id = self.gateway.call("place_order", self.gateway.broker.place, req)
         except (Rejected, Unreachable, SessionExpired) as e:
-            reason = f"{type(e).__name__.lower()}: {e}" if not isinstance(e, Rejected) else str(e)
-            self.storage.write(lambda db: (transition(db, order_id, OrderStatus.REJECTED, reason, reason=reason),
-                                           Storage.add_event(db, "order_rejected", f"order {order_id} rejected: {reason}",
-                                                             "warning", row["strategy"], {"order_id": order_id})))
+            self.in_flight.discard(order_id)
+            self._refused(row, f"{type(e).__name__.lower()}: {e}" if not isinstance(e, Rejected) else e)
+            return
         except (UnknownOutcome, BrokerError) as e:
             reason = f"outcome unknown: {e}; the watcher will look for it in the broker's book, it is not resent"
             self.storage.write(lambda db: (transition(db, order_id, OrderStatus.UNKNOWN, reason, reason=reason),

@@ -388,3 +388,63 @@ def _healthy(port: int) -> bool:
         return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_kill_9_while_the_orders_of_an_alert_wait_for_their_slots_sends_the_rest_once_after_restart(server, noren_sim):
+    """Found from outside: the four orders of one alert were marked SUBMITTED together, then sent 8 a second.
+    A kill -9 after the first left the other three marked sent and never sent: LOST a minute later, while an EXIT
+    was refused as already covered. Now the unsent ones are still NEW: the restart sends each, once."""
+    urls, control = noren_sim
+    env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
+           "SQUARE_OFF_TIME": "off", "ALLOW_AMO": "true", **urls}
+    s = server(env=env).start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    body = _alert(secret, strategy="legs", alert_id="legs-1")
+    body["legs"] = [{"tradingsymbol": sym, "direction": "BUY", "qty": qty, "order_type": "LMT", "price": price,
+                     "product_type": "M"} for sym, qty, price in (("NIFTY28APR26C24500", 75, "42.5"),
+                                                                  ("NIFTY28APR26P24500", 75, "40"),
+                                                                  ("NIFTY28APR26F", 75, "24500"),
+                                                                  ("BANKNIFTY28APR26P50000", 35, "300"))]
+    r = s.webhook(body)
+    assert r.status_code == 200, r.text
+    oids = [o["id"] for o in r.json()["orders"]]
+    assert len(oids) == 4
+    wait_for(lambda: _broker_book(urls), timeout=4, interval=0.005)  # the first is at the broker...
+    s.kill9()  # ...and the next ones wait for their slots (8 a second)
+    sent_before = {o["remarks"] for o in _broker_book(urls)}
+    assert len(sent_before) < 4, "all four were sent before the kill: the test did not hit the gap"
+    s2 = server(env=env).start()
+    try:
+        wait_for(lambda: sorted(o["remarks"] for o in _broker_book(urls)) == sorted(oids), timeout=15)
+    except AssertionError:
+        raise AssertionError(f"broker book {[o['remarks'] for o in _broker_book(urls)]}, ours {oids}\n{s2.explain()}")
+    time.sleep(1.5)  # give a wrong resend time to happen
+    assert sorted(o["remarks"] for o in _broker_book(urls)) == sorted(oids)  # each once
+    statuses = {o["id"]: o["status"] for o in s2.api("/api/orders").json()["items"]}
+    assert all(statuses[oid] in ("OPEN", "PARTIAL", "FILLED") for oid in oids), statuses
+
+
+def test_kill_9_while_a_market_order_waits_for_its_quote_sends_it_once_after_restart(server, noren_sim):
+    """Found from outside: the SUBMITTED mark came before GetQuotes, so a kill -9 in the 12-120 ms before PlaceOrder
+    left an order marked sent that had never left (LOST, never sent). Now it is NEW until its price is in hand."""
+    urls, control = noren_sim
+    env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
+           "SQUARE_OFF_TIME": "off", "ALLOW_AMO": "true", **urls}
+    s = server(env=env).start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    control(action="stall_feed", on=True)  # the broker has a price, the host's feed none: GetQuotes is asked
+    control(action="tick", exchange="NFO", symbol="NIFTY28APR26C24500", ltp="42.5")
+    control(action="slow_next", seconds=2, route="GetQuotes")
+    r = s.webhook(_alert(secret, strategy="quote", alert_id="quote-1", order_type="MKT", price="0"))
+    assert r.status_code == 200, r.text
+    [oid] = [o["id"] for o in r.json()["orders"]]
+    time.sleep(0.5)  # the host waits for GetQuotes
+    s.kill9()
+    assert _broker_book(urls) == []
+    s2 = server(env=env).start()
+    try:
+        wait_for(lambda: [o["remarks"] for o in _broker_book(urls)] == [oid], timeout=15)
+    except AssertionError:
+        raise AssertionError(f"broker book {_broker_book(urls)}\n{s2.explain()}")
+    time.sleep(1.5)  # give a wrong resend time to happen
+    assert [o["remarks"] for o in _broker_book(urls)] == [oid]

@@ -147,6 +147,12 @@ def test_an_order_that_could_not_be_marked_submitted_is_never_sent_and_the_trade
     class Broker:
         name = "watching"
 
+        def would_wait(self, req):
+            return False
+
+        def prepare(self, req):
+            return req
+
         def place(self, req):
             placed.append(req.remarks)
             return "B1"
@@ -182,7 +188,15 @@ def test_a_submitted_mark_the_disk_did_not_confirm_is_reported_as_not_sent_too(s
             raise NotDurable("the disk did not confirm the write (EIO)")
         return result
     storage.write = unconfirmed
-    gateway = BrokerGateway(object())  # never called: nothing is placed
+    class Unplaceable:
+        name = "unplaceable"
+
+        def would_wait(self, req):
+            return False
+
+        def prepare(self, req):
+            return req
+    gateway = BrokerGateway(Unplaceable())  # no place(): nothing may be placed
     try:
         with pytest.raises(NotDurable):
             OrderSender(storage, gateway).send_batch(oid, [oid])

@@ -707,3 +707,50 @@ def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     oid = place(h, execution_type="EXIT", strategy="rej", direction="SELL", qty=75, order_type="MKT", price=None)
     wait_for(lambda: events(h, "exit_rejected"))
     assert "NOT retried: send it again" in events(h, "exit_rejected")[0]["message"]
+
+
+def _marked_and_acked(h: Host, oid: str) -> tuple[datetime, datetime, datetime]:
+    """When the order was made (NEW), marked sent (SUBMITTED) and first heard of from the broker, from its history."""
+    rows = h.runtime.storage.rows("select status, at from order_history where order_id = ? order by rowid", (oid,))
+    at = {}
+    for r in rows:
+        at.setdefault("BROKER" if r["status"] in ("OPEN", "PARTIAL", "FILLED") else r["status"],
+                      datetime.fromisoformat(r["at"]))
+    return at["NEW"], at["SUBMITTED"], at["BROKER"]
+
+
+def test_2c_a_market_order_is_marked_sent_only_once_its_price_is_in_hand(live, sim):
+    """Found from outside: the SUBMITTED mark came before GetQuotes, so a kill -9 while the quote was slow left an
+    order marked sent that never left, LOST a minute later. It stays NEW until PlaceOrder can go at once."""
+    h = live()
+    control(sim, action="stall_feed", on=True)  # the broker has a price; the host's feed has none
+    control(sim, action="tick", exchange="NFO", symbol=PUT, ltp="43")
+    control(sim, action="slow_next", seconds=0.4, route="GetQuotes")
+    oid = entry(h, strategy="slowquote", direction="BUY", qty=75, order_type="MKT", price=None, tradingsymbol=PUT)
+    wait_status(h, oid, "OPEN", "FILLED")
+    made, marked, acked = _marked_and_acked(h, oid)
+    assert marked - made >= timedelta(seconds=0.35), (made, marked)  # the slow quote came before the mark
+    assert acked - marked < timedelta(seconds=0.25), (marked, acked)  # and PlaceOrder right after it
+    assert len(booked(sim, oid)) == 1
+
+
+def test_2d_each_order_of_a_batch_is_marked_sent_right_before_its_own_placeorder(live, sim):
+    """Found from outside: the orders of one alert (legs, freeze slices) were all marked SUBMITTED in one commit,
+    then sent 8 a second; a kill -9 meanwhile left the unsent ones marked sent, never sent, LOST. Each is now
+    marked when its rate-limit slot has come, so a death leaves the rest NEW, and a restart sends them."""
+    h = live()
+    legs = [{"tradingsymbol": s, "direction": "BUY", "qty": q, "order_type": "LMT", "price": p, "product_type": "M"}
+            for s, q, p in ((SYMBOL, 75, "42.5"), (PUT, 75, "40"), (FUT, 75, "24500"), (BNF, 35, "300"))]
+    body = alert(strategy="legs")
+    body["legs"] = legs
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    oids = [o["id"] for o in r.get_json()["orders"]]
+    assert len(oids) == 4
+    for oid in oids:
+        wait_status(h, oid, "OPEN", "FILLED", "PARTIAL")
+    times = [_marked_and_acked(h, oid) for oid in oids]
+    assert max(t[2] for t in times) - min(t[2] for t in times) >= timedelta(seconds=0.3)  # the rate limit spaced them
+    for oid, (_, marked, acked) in zip(oids, times):
+        assert acked - marked < timedelta(seconds=0.1), (oid, marked, acked)
+        assert len(booked(sim, oid)) == 1

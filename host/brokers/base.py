@@ -87,8 +87,16 @@ class Broker(Protocol):
     def stop(self) -> None:
         """Disconnect; must return within a few seconds."""
 
+    def would_wait(self, req: OrderRequest) -> bool:
+        """True if prepare(req) would wait (for a rate-limit slot) or ask the broker (for a price)."""
+
+    def prepare(self, req: OrderRequest) -> OrderRequest:
+        """What place() is to send for req, after what must come first: a market order's protected price and the
+        rate limit's wait. Rejected when it cannot be sent. It is called before the order is marked SUBMITTED,
+        so a process that dies in it leaves the order NEW (sent at the restart), never marked sent and unsent."""
+
     def place(self, req: OrderRequest) -> str:
-        """Place an order carrying req.remarks; return the broker order id."""
+        """Send a prepared order carrying req.remarks now (a market order is still protected); the broker id."""
 
     def cancel(self, broker_order_id: str) -> None:
         """Ask the broker to cancel an open order."""

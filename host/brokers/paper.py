@@ -30,6 +30,12 @@ class PaperBroker:
     def stop(self) -> None:
         pass
 
+    def would_wait(self, req: OrderRequest) -> bool:
+        return False
+
+    def prepare(self, req: OrderRequest) -> OrderRequest:
+        return req  # in process: no rate limit, and its market protection is part of placing
+
     def place(self, req: OrderRequest) -> str:
         if req.order_type is OrderType.MKT:
             ltp = self.engine.ltp(req.exchange, req.symbol) or req.price

@@ -87,6 +87,11 @@ class RateLimiter:
         self._next: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    def busy(self, key: str = "") -> bool:
+        """True if a call for key now would have to wait."""
+        with self._lock:
+            return self._next.get(key, 0.0) > time.monotonic()
+
     def wait(self, key: str = "") -> None:
         with self._lock:
             now = time.monotonic()
@@ -171,6 +176,7 @@ class ShoonyaBroker:
         self.timeout_s = timeout_s
         self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
         self.limiter = RateLimiter(orders_per_s)  # per exchange segment
+        self._slotted: set[str] = set()  # remarks of prepared orders: their rate-limit slot is taken
         self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
         self.after_market = after_market  # (exchange) -> True: send as an AMO (ALLOW_AMO and the exchange closed)
         self.on_session = on_session  # ("valid" | "expired", why)
@@ -217,10 +223,27 @@ class ShoonyaBroker:
     def stop(self) -> None:
         pass
 
-    def place(self, req: OrderRequest) -> str:
+    def would_wait(self, req: OrderRequest) -> bool:
+        """A market order without a fresh feed price inside the day's limits asks GetQuotes; a slot may be taken."""
+        return (req.order_type is OrderType.MKT and self._feed_price(req) is None) or self.limiter.busy(req.exchange)
+
+    def prepare(self, req: OrderRequest) -> OrderRequest:
+        """The protected limit of a market order, then its slot in the segment's rate limit: PlaceOrder can go at
+        once (an order placed without being prepared waits for its slot in place)."""
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
         self.limiter.wait(req.exchange)
+        self._slotted.add(req.remarks)
+        return req
+
+    def place(self, req: OrderRequest) -> str:
+        """PlaceOrder, within the rate limit; a market order not prepared is protected here."""
+        if req.order_type is OrderType.MKT:
+            req = self._protect(req)
+        if req.remarks in self._slotted:
+            self._slotted.discard(req.remarks)
+        else:
+            self.limiter.wait(req.exchange)
         amo = "YES" if self.after_market(req.exchange) else None
         reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
                            "B" if req.side is Side.BUY else "S",
@@ -322,11 +345,7 @@ class ShoonyaBroker:
         deadline = time.monotonic() + budget
         inst = self.instrument(req.exchange, req.symbol)
         lower, upper = self.circuit_limits(req.exchange, req.symbol)
-        price = self.fresh_ltp(req.exchange, req.symbol)
-        if price is not None and not _inside(price, lower, upper):
-            log.warning("feed price %s for %s is outside the day's circuit limits %s-%s: asking GetQuotes",
-                        price, where, lower, upper)
-            price = None
+        price = self._feed_price(req, warn=True)
         if price is None:
             try:
                 if inst is None:
@@ -342,6 +361,17 @@ class ShoonyaBroker:
         tick = inst.tick_size if inst else DEFAULT_TICK
         return replace(req, order_type=OrderType.LMT,
                        price=protected_limit(req.side, price, self.protection_pct, tick, lower, upper))
+
+    def _feed_price(self, req: OrderRequest, warn: bool = False) -> Optional[Decimal]:
+        """The feed's fresh price, if it is inside the day's circuit limits (else GetQuotes is asked)."""
+        price = self.fresh_ltp(req.exchange, req.symbol)
+        lower, upper = self.circuit_limits(req.exchange, req.symbol)
+        if price is not None and not _inside(price, lower, upper):
+            if warn:
+                log.warning("feed price %s for %s:%s is outside the day's circuit limits %s-%s: asking GetQuotes",
+                            price, req.exchange, req.symbol, lower, upper)
+            return None
+        return price
 
     def _lookup(self, deadline: float, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """A read for market protection, bounded by what is left of its budget."""
