@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Callable, Iterable, Optional
 
@@ -18,6 +19,7 @@ import sqlite_utils
 
 from .brokers.base import SessionExpired
 from .flatten import OPEN_STATUSES
+from .market import IST
 from .models import BrokerOrder, Product, Side
 from .storage import Storage, utcnow
 from .watcher import move_position
@@ -70,18 +72,91 @@ def foreign_fills(book: Iterable[BrokerOrder], ours: set[str]) -> list[tuple[Bro
     return out
 
 
-def adopt_fill(db: sqlite_utils.Database, order: BrokerOrder, key: str, qty: int, price: Decimal) -> Optional[list]:
-    """Apply one outside fill, once; the split, or None if it was seen before."""
-    if db.execute("select 1 from outside_fills where fill_id = ?", (key,)).fetchone():
+def _today_from() -> str:
+    """The start of today's trading day (Asia/Kolkata) as a stored timestamp: the broker's books are the day's."""
+    start = datetime.now(IST).replace(hour=0, minute=0, second=0, microsecond=0)
+    return start.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _counted_before(db: sqlite_utils.Database, order: BrokerOrder, qty: int) -> int:
+    """How much of `qty` today's differences found in the positions (same instrument and side) have counted
+    already; that much is taken off what they have left."""
+    counted = 0
+    if qty <= 0:
+        return 0
+    for row in list(db.query("select fill_id, unexplained_left from outside_fills where exchange = ? and symbol = ? "
+                             "and product = ? and side = ? and unexplained_left > 0 and at >= ? order by at",
+                             (order.exchange, order.symbol, order.product, order.side.value, _today_from()))):
+        take = min(qty - counted, row["unexplained_left"])
+        db.execute("update outside_fills set unexplained_left = unexplained_left - ? where fill_id = ?",
+                   (take, row["fill_id"]))
+        counted += take
+        if counted == qty:
+            break
+    return counted
+
+
+def _seen(db: sqlite_utils.Database, key: str) -> bool:
+    return db.execute("select 1 from outside_fills where fill_id = ?", (key,)).fetchone() is not None
+
+
+def _surplus(db: sqlite_utils.Database, fills: list[tuple[BrokerOrder, str, int, Decimal]],
+             broker_net: dict[tuple, int]) -> dict[tuple, int]:
+    """Per instrument: how far counting all these new fills would take the host's net past the broker's, in the
+    fills' direction. Only that much can be a fill the positions showed (and the host counted) before the books
+    did; a trade made after that difference moved the broker's net too, and is counted in full."""
+    incoming: dict[tuple, int] = {}
+    for order, key, qty, _ in fills:
+        if order.side is not None and not _seen(db, key):
+            k = (order.exchange, order.symbol, order.product)
+            incoming[k] = incoming.get(k, 0) + order.side.sign * qty
+    out = {}
+    for k, n in incoming.items():
+        mine = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
+                          "product = ?", k).fetchone()[0]
+        past = (mine + n - broker_net.get(k, 0)) * (1 if n > 0 else -1)
+        out[k] = max(0, min(abs(n), past))
+    return out
+
+
+def adopt_fill(db: sqlite_utils.Database, order: BrokerOrder, key: str, qty: int, price: Decimal,
+               surplus: Optional[dict[tuple, int]] = None) -> Optional[list]:
+    """Apply one outside fill, once; the split, or None if it was seen before. Of the `surplus` (_surplus), what
+    today's differences in the positions counted already is not counted again."""
+    if _seen(db, key):
         return None
     usable = order.exchange and order.symbol and order.side is not None and order.product in PRODUCTS
-    split = allocate(db, order.exchange, order.symbol, order.product, order.side, qty, price,
-                     f"by broker order {order.broker_order_id} (placed outside the host)") if usable else []
+    k = (order.exchange, order.symbol, order.product)
+    counted = _counted_before(db, order, min(qty, surplus.get(k, 0))) if usable and surplus else 0
+    if counted:
+        surplus[k] -= counted
+    if counted:
+        where = f"{order.exchange}:{order.symbol} ({order.product})"
+        Storage.add_event(db, "outside_fill_counted", f"{order.side.value} {counted} {where} @ {price} by broker "
+                          f"order {order.broker_order_id} (placed outside the host) was counted already, from the "
+                          f"broker's positions before its order book showed it: not counted again", "info", None,
+                          {"broker_order_id": order.broker_order_id, "qty": counted, "price": str(price)})
+    split = allocate(db, order.exchange, order.symbol, order.product, order.side, qty - counted, price,
+                     f"by broker order {order.broker_order_id} (placed outside the host)") \
+        if usable and qty > counted else []
     db["outside_fills"].insert({
         "fill_id": key, "broker_order_id": order.broker_order_id, "exchange": order.exchange, "symbol": order.symbol,
         "product": order.product, "side": order.side.value if order.side else None, "qty": qty, "price": str(price),
         "at": utcnow(), "allocation": json.dumps(split if usable else f"not counted: product {order.product!r}")})
     return split
+
+
+def _count_unexplained(db: sqlite_utils.Database, ex: str, sym: str, prod: str, side: Side, qty: int, price: Decimal,
+                       basis: str) -> None:
+    """Count a difference no order in today's books explains, and keep it: the order's fill, if the books show
+    it later, is then not counted a second time (_counted_before)."""
+    split = allocate(db, ex, sym, prod, side, qty, price, f"found in the broker's positions (no order in today's "
+                     f"books explains it; priced at {basis}, no fill price is known)")
+    now = utcnow()
+    db["outside_fills"].insert({"fill_id": f"positions:{ex}:{sym}:{prod}:{now}", "broker_order_id": None,
+                                "exchange": ex, "symbol": sym, "product": prod, "side": side.value, "qty": qty,
+                                "price": str(price), "at": now, "allocation": json.dumps(split),
+                                "unexplained_left": qty})
 
 
 class OutsideTrades:
@@ -134,7 +209,12 @@ class OutsideTrades:
                 f"select id from orders where id in ({','.join('?' * len(chunk))})", tuple(chunk))}
         fills = foreign_fills(book, ours)
         if fills:
-            adopted = self.storage.write(lambda db: [adopt_fill(db, *f) for f in fills])
+            net = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in broker_positions}
+
+            def run(db: sqlite_utils.Database) -> list:
+                surplus = _surplus(db, fills, net)
+                return [adopt_fill(db, *f, surplus=surplus) for f in fills]
+            adopted = self.storage.write(run)
             moved = any(a is not None for a in adopted)
         explained = {(o.exchange, o.symbol, o.product) for o in book if o.remarks not in ours}
         mine: dict[tuple, int] = {}
@@ -156,9 +236,7 @@ class OutsideTrades:
             bp = theirs.get((ex, sym, prod))
             price, basis = self._unexplained_price(ex, sym, prod, bp)
             side = Side.BUY if diff > 0 else Side.SELL
-            self.storage.write(lambda db: allocate(
-                db, ex, sym, prod, side, abs(diff), price, f"found in the broker's positions (no order in today's "
-                f"books explains it; priced at {basis}, no fill price is known)"))
+            self.storage.write(lambda db: _count_unexplained(db, ex, sym, prod, side, abs(diff), price, basis))
             moved = True
         return moved
 

@@ -177,11 +177,17 @@ def _m10_flat_cost(db: sqlite_utils.Database) -> None:
     db["orders"].create_index(["created_at"])                               # the day's summary
 
 
+def _m11_unexplained_left(db: sqlite_utils.Database) -> None:
+    # a difference found in the broker's positions before its order showed in the books is counted at once; the
+    # order's fill, when the books show it, takes off what is left of it here instead of being counted again
+    db["outside_fills"].add_column("unexplained_left", int)
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
                                                                   _m8_protections, _m9_sessions,
-                                                                  _m10_flat_cost)
+                                                                  _m10_flat_cost, _m11_unexplained_left)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

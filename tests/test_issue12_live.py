@@ -754,3 +754,36 @@ def test_2d_each_order_of_a_batch_is_marked_sent_right_before_its_own_placeorder
     for oid, (_, marked, acked) in zip(oids, times):
         assert acked - marked < timedelta(seconds=0.1), (oid, marked, acked)
         assert len(booked(sim, oid)) == 1
+
+
+def test_1d_an_app_trade_the_order_book_shows_late_is_counted_once(live, sim):
+    """Found from outside: the position book showed a trade made in the broker's app before the order book did.
+    The difference was counted (as 'manual') after two polls, and the order's fill again when the book showed
+    it: the host held +150 where the broker held +75, and the loss limit counted a position nobody had."""
+    h = live()
+    control(sim, action="tick", exchange="NFO", symbol=PUT, ltp="40")
+    manual = control(sim, action="manual_order", exchange="NFO", symbol=PUT, side="B", qty=75)["norenordno"]
+    assert broker_net(sim, PUT) == 75
+    control(sim, action="hide_order", norenordno=manual)  # the order book lags; the position book shows it
+    wait_for(lambda: host_net(h, PUT) == 75, timeout=6)  # found in the positions: counted once, as 'manual'
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    wait_for(lambda: h.runtime.storage.one("select 1 from outside_fills where broker_order_id = ?", (manual,)),
+             timeout=6)  # the order's fill has been read from the books
+    time.sleep(1.5)  # two more polls
+    assert (host_net(h, PUT), broker_net(sim, PUT)) == (75, 75)
+    assert net(h, "manual", PUT) == 75
+
+
+def test_1e_a_trade_after_an_unexplained_difference_is_counted_in_full(live, sim):
+    """The other side of 1d: a position no order in the books explains (bought before the host knew the account,
+    the books never show it), then a new trade in the app of the same side. The new one moved the broker's net
+    too: it is counted in full, never taken for the earlier difference."""
+    h = live()
+    control(sim, action="tick", exchange="NFO", symbol=PUT, ltp="40")
+    old = control(sim, action="manual_order", exchange="NFO", symbol=PUT, side="B", qty=75)["norenordno"]
+    control(sim, action="hide_order", norenordno=old)  # never in the books the host reads
+    wait_for(lambda: host_net(h, PUT) == 75, timeout=6)
+    control(sim, action="manual_order", exchange="NFO", symbol=PUT, side="B", qty=75)
+    wait_for(lambda: host_net(h, PUT) == 150, timeout=6)
+    time.sleep(1.5)  # two more polls
+    assert (host_net(h, PUT), broker_net(sim, PUT)) == (150, 150)
