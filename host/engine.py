@@ -306,7 +306,9 @@ class Engine:
         for kind, oid in items:
             if kind == "order":
                 row = self.storage.one("select * from orders where id = ?", (oid,))
-                if row is not None:
+                if row is not None and row["status"] == OrderStatus.NEW.value:
+                    self._recover_pending = True  # held for the broker login: the recovery after it sends it
+                elif row is not None:
                     changed.append(row)
         ticks = [t for kind, batch in items if kind == "ticks" for t in batch]
         if ticks and (self._in_ticks or not dispatch):
@@ -423,9 +425,18 @@ class Engine:
                 "start-up reconcile failed; unsent orders wait until the broker answers: %s", e)
             self._recover_pending = True
             return
+        if unsent and not getattr(self.broker, "book_is_synchronous", False):
+            self.outside.poll()  # the trader may have closed a position in the app meanwhile: exits are capped
+            if self.outside.blind:  # without the broker's positions, no exit is sent late: tried again shortly
+                log.warning("unsent orders wait: the broker's positions cannot be read (%s)", self.outside.blind)
+                self._recover_pending = True
+                return
+            net = dict(self.outside.broker_net)
+            unsent = self.storage.write(lambda db: flatten.cap_unsent_exits(db, unsent, net))
         self._recover_pending = False
         for oid in unsent:
-            log.info("order %s was never handed to the broker before the last stop; sending it now", oid)
+            log.info("order %s was never handed to the broker (the host stopped, or the broker session was over); "
+                     "sending it now", oid)
             self.sender.enqueue(oid)
 
     # ---- alerts ----

@@ -130,6 +130,38 @@ def cap_exits(intents: list[Intent], broker_net: Optional[dict[tuple, int]]) -> 
     return out, notes
 
 
+def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], broker_net: dict[tuple, int]) -> list[str]:
+    """Exits stored and never sent (a restart, a login after the session ended), cut down as cap_exits does when
+    they are sent late: the trader may have closed the position in the broker's app meanwhile. An exit cut to
+    nothing is rejected; the orders still to send, in their order."""
+    rows = {r["id"]: r for r in db.query(f"select * from orders where id in ({','.join('?' * len(order_ids))})",
+                                         tuple(order_ids))}
+    room, keep = dict(broker_net), []
+    for oid in order_ids:
+        o = rows.get(oid)
+        if o is None or o["action"] != ExecutionType.EXIT.value:
+            keep.append(oid)
+            continue
+        key, side = (o["exchange"], o["symbol"], o["product"]), Side(o["side"])
+        net = room.get(key, 0)
+        qty = min(o["qty"], abs(net) if net and (net > 0) == (side is Side.SELL) else 0)
+        room[key] = net + side.sign * qty
+        if qty == o["qty"]:
+            keep.append(oid)
+            continue
+        why = (f"not sent late: the broker's net in {o['exchange']}:{o['symbol']} is now {net:+d}, so this exit "
+               f"is cut from {o['qty']} to {qty}" + (" and not sent" if not qty else ""))
+        if qty:
+            db.execute("update orders set qty = ? where id = ? and status = 'NEW'", (qty, oid))
+            Storage.insert(db, "order_history", {"order_id": oid, "at": utcnow(), "status": "NEW", "detail": why})
+            keep.append(oid)
+        else:
+            transition(db, oid, OrderStatus.REJECTED, why, reason=why)
+        Storage.add_event(db, "exit_capped", f"order {oid} ({o['strategy']}): {why}", "warning", o["strategy"],
+                          {"order_id": oid, "qty": qty})
+    return keep
+
+
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
             broker_net: Optional[dict[tuple, int]], strategy: Optional[str] = None, product: Optional[str] = None,
             skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False) -> Flattened:

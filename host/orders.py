@@ -16,7 +16,7 @@ import sqlite_utils
 from .day_counts import count_order
 from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable, transport_failure
 from .ids import new_id
-from .models import Intent, OrderRequest, OrderStatus, OrderType, Product, Side
+from .models import ExecutionType, Intent, OrderRequest, OrderStatus, OrderType, Product, Side
 from .storage import Storage, dec, utcnow
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,8 @@ class OrderSender:
             try:  # only a preparation that waits or asks the broker needs the gateway's thread and timeout
                 ready[row["id"]] = self.gateway.call("prepare_order", broker.prepare, req) if waits \
                     else broker.prepare(req)
+            except SessionExpired as e:  # nothing can be placed until the login
+                self._session_over(row, e)
             except Exception as e:  # refused, timed out, or a bug of the adapter's: nothing was sent
                 self._refused(row, e if isinstance(e, Rejected) else f"{type(e).__name__}: {e}; nothing was sent")
         return ready, []
@@ -366,13 +368,44 @@ class OrderSender:
                                              row["strategy"], {"order_id": order_id}))
         self.on_result(order_id)
 
+    def _session_over(self, row: dict, e: SessionExpired, marked: bool = False) -> None:
+        """The broker session is over, so the order was not placed. An exit is held for the login; anything else
+        is rejected (risk refuses new entries until the login, with the same words)."""
+        if row["action"] == ExecutionType.EXIT.value:
+            self._held_for_login(row, str(e), marked)
+        else:
+            self._refused(row, f"sessionexpired: {e}")
+
+    def _held_for_login(self, row: dict, why: str, marked: bool = False) -> None:
+        """An exit not placed because the broker session is over: it stays (or, answered so by PlaceOrder, goes
+        back to) NEW, and the recovery after the login sends it, if its alert is young enough then."""
+        order_id = row["id"]
+        message = (f"order {order_id} ({row['strategy']} {row['side']} {row['qty']} {row['exchange']}:{row['symbol']}) "
+                   f"was NOT placed: {why}. It is held, and sent when the broker session is back, if that is within "
+                   f"ALERT_MAX_AGE_S of its alert; after that it is not sent")
+
+        def hold(db: sqlite_utils.Database) -> None:
+            if marked:  # the broker refused it for the session, so nothing was placed: NEW again, said in its history
+                if db.execute("update orders set status = 'NEW', updated_at = ? where id = ? and status = 'SUBMITTED'",
+                              (utcnow(), order_id)).rowcount != 1:
+                    return
+                Storage.insert(db, "order_history", {"order_id": order_id, "at": utcnow(), "status": "NEW",
+                                                     "detail": f"PlaceOrder answered: {why}; nothing was placed"})
+            Storage.add_event(db, "order_held", message, "warning", row["strategy"], {"order_id": order_id})
+        self.storage.write(hold)
+        self.on_result(order_id)
+
     def _place(self, row: dict, req: OrderRequest) -> None:
         """Call the broker for one SUBMITTED order; record what came back."""
         order_id = row["id"]
         self.in_flight.add(order_id)
         try:
             broker_id = self.gateway.call("place_order", self.gateway.broker.place, req)
-        except (Rejected, Unreachable, SessionExpired) as e:
+        except SessionExpired as e:
+            self.in_flight.discard(order_id)
+            self._session_over(row, e, marked=True)
+            return
+        except (Rejected, Unreachable) as e:
             self.in_flight.discard(order_id)
             self._refused(row, f"{type(e).__name__.lower()}: {e}" if not isinstance(e, Rejected) else e)
             return

@@ -257,8 +257,9 @@ class Watcher:
                     if order["created_at"] >= too_old:
                         unsent.append(order["id"])
                     else:
-                        end(db, order, OrderStatus.REJECTED, "order_lost", "never reached the broker before the host "
-                            f"stopped, and is older than ALERT_MAX_AGE_S={resend_max_age_s:g} s; not sent late")
+                        end(db, order, OrderStatus.REJECTED, "order_lost", "never reached the broker (the host stopped, "
+                            f"or the broker session was over, before it was sent), and is older than "
+                            f"ALERT_MAX_AGE_S={resend_max_age_s:g} s; not sent late")
                 elif order["status"] in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value):
                     if _day(order["created_at"]) < today:
                         end(db, order, OrderStatus.EXPIRED, "order_expired", f"a DAY order of {_day(order['created_at'])}"

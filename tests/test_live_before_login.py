@@ -6,9 +6,10 @@ import logging
 import time
 
 import pytest
+import requests
 
 import host.engine
-from conftest import alert, wait_for
+from conftest import SYMBOL, D, alert, wait_for
 from test_shoonya import live_host, login
 
 SAID = "broker session expired — log in at /broker/login"
@@ -87,5 +88,60 @@ def test_a_session_ended_during_the_day_does_not_flood_feed_warnings(sim, tmp_pa
         login(h, sim)  # after the login the feed comes back
         wait_for(lambda: len([e for e in h.api("/api/events", query_string={"limit": 200}).get_json()["items"]
                               if e["kind"] == "feed_connected"]) >= 2, timeout=15)
+    finally:
+        h.stop()
+
+
+def test_an_exit_during_an_expired_session_is_held_and_sent_once_after_the_login(sim, tmp_path):
+    """Found from outside: an EXIT while the broker session was over was answered 200, then rejected
+    ("sessionexpired") and never sent again: the position stayed open after the trader logged in. The broker
+    placed nothing, so the order is held (NEW) and sent by the recovery after the login, once."""
+    h = live_host(sim, tmp_path / "var", RISK_POLL_S=1)
+    try:
+        login(h, sim)
+        sim.sim.tick("NFO", SYMBOL, D("42.5"))
+        entry = h.post(alert(direction="BUY", qty=75, price="43", alert_id="in"))
+        assert entry.status_code == 200, entry.get_json()
+        wait_for(lambda: h.api("/api/positions").get_json()["items"], timeout=5)
+        sim.sim.expire_sessions()
+        r = h.post(alert("EXIT", direction="SELL", qty=75, price="42", alert_id="out"))
+        assert r.status_code == 200, r.get_json()
+        [oid] = [o["id"] for o in r.get_json()["orders"]]
+        held = wait_for(lambda: [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "order_held"],
+                        timeout=5)
+        assert oid in held[0]["message"] and "NOT placed" in held[0]["message"], held
+        assert h.api(f"/api/orders/{oid}").get_json()["status"] == "NEW"
+        assert sim.sim.engine.find_all(oid) == []
+        login(h, sim)
+        wait_for(lambda: h.api(f"/api/orders/{oid}").get_json()["status"] == "FILLED", timeout=8)
+        time.sleep(1.0)
+        assert len(sim.sim.engine.find_all(oid)) == 1
+        assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+    finally:
+        h.stop()
+
+
+def test_an_exit_held_for_the_login_is_not_sent_if_the_trader_closed_the_position_in_the_app_meanwhile(sim, tmp_path):
+    """The held exit goes out late: it is capped at the broker's net then, as an EXIT alert is when it comes, so a
+    position the trader closed in the broker's app while the host was logged out is not sold again (short)."""
+    h = live_host(sim, tmp_path / "var", RISK_POLL_S=1)
+    try:
+        login(h, sim)
+        sim.sim.tick("NFO", SYMBOL, D("42.5"))
+        assert h.post(alert(direction="BUY", qty=75, price="43", alert_id="in")).status_code == 200
+        wait_for(lambda: h.api("/api/positions").get_json()["items"], timeout=5)
+        sim.sim.expire_sessions()
+        r = h.post(alert("EXIT", direction="SELL", qty=75, price="42", alert_id="out"))
+        [oid] = [o["id"] for o in r.get_json()["orders"]]
+        wait_for(lambda: [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "order_held"], timeout=5)
+        requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5, json={
+            "action": "manual_order", "exchange": "NFO", "symbol": SYMBOL, "side": "S", "qty": 75}).raise_for_status()
+        assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+        login(h, sim)
+        order = wait_for(lambda: (o := h.api(f"/api/orders/{oid}").get_json())["status"] == "REJECTED" and o, timeout=8)
+        assert "broker's net" in order["reason"] and "+0" in order["reason"], order
+        time.sleep(1.0)
+        assert sim.sim.engine.find_all(oid) == []
+        assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
     finally:
         h.stop()

@@ -37,8 +37,9 @@ def test_a_breach_halts_flattens_and_refuses_entries_but_not_exits(risky):
     assert risky.api("/api/risk").get_json()["breached"] is False
     risky.tick("89.9")  # -1010 <= -1000
     wait_for(lambda: risky.api("/api/risk").get_json()["breached"])
-    risk = risky.api("/api/risk").get_json()
-    assert risk["state"] == "halted" and risk["state_by"] == "risk"
+    # the day's breach and the halt are two writes: the state follows within the same beat
+    risk = wait_for(lambda: (r := risky.api("/api/risk").get_json())["state"] == "halted" and r, timeout=2)
+    assert risk["state_by"] == "risk"
     wait_for(lambda: risky.net() == 0)  # flattened through the normal order path
     exit_order = next(o for o in risky.orders() if o["action"] == "EXIT")
     assert exit_order["order_type"] == "MKT" and exit_order["status"] == "FILLED"

@@ -225,11 +225,15 @@ class ShoonyaBroker:
 
     def would_wait(self, req: OrderRequest) -> bool:
         """A market order without a fresh feed price inside the day's limits asks GetQuotes; a slot may be taken."""
-        return (req.order_type is OrderType.MKT and self._feed_price(req) is None) or self.limiter.busy(req.exchange)
+        return not self.session_expired and ((req.order_type is OrderType.MKT and self._feed_price(req) is None)
+                                             or self.limiter.busy(req.exchange))
 
     def prepare(self, req: OrderRequest) -> OrderRequest:
         """The protected limit of a market order, then its slot in the segment's rate limit: PlaceOrder can go at
-        once (an order placed without being prepared waits for its slot in place)."""
+        once (an order placed without being prepared waits for its slot in place). SessionExpired while the
+        broker has said the session is over: nothing can be placed until the login."""
+        if self.session_expired:
+            raise SessionExpired(RECONNECT_HINT)
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
         self.limiter.wait(req.exchange)
