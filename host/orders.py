@@ -27,7 +27,7 @@ NEXT_AFTER_NOT_SENT = {  # what a restart does with an order whose SUBMITTED mar
     OrderStatus.NEW.value: "a restart sends it if it is younger than ALERT_MAX_AGE_S, else marks it rejected",
     OrderStatus.SUBMITTED.value: "its mark was written but not confirmed on the disk: it is looked for in the "
                                  "broker's book and marked LOST if it is not there"}
-SEND_BATCH_MAX = 32  # NEW orders taken together; the ones ready at once share one durable SUBMITTED commit
+SEND_BATCH_MAX = 32  # NEW orders taken together (paper: they share one durable SUBMITTED commit)
 
 
 def insert_order(db: sqlite_utils.Database, intent: Intent, strategy: str, alert_id: Optional[str],
@@ -142,9 +142,8 @@ class BrokerGateway:
 class OrderSender:
     """Sends NEW orders to the broker, one at a time in the order they were decided.
 
-    Each order is prepared (a market order's price, the rate limit's slot) before it is marked SUBMITTED. The
-    orders ready together are marked in one durable commit (one fsync), then placed in turn, unless a cancel
-    was asked for one meanwhile.
+    Each order is prepared (a market order's price, its rate-limit turn) before it is marked SUBMITTED, and
+    placed right after the mark. With the paper broker the orders waiting together share one mark (one fsync).
     """
 
     def __init__(self, storage: Storage, gateway: BrokerGateway, on_result: Callable[[str], None] = lambda oid: None):
@@ -279,61 +278,52 @@ class OrderSender:
         self.send_batch(order_id, [order_id])
 
     def send_batch(self, _: str, order_ids: list[str]) -> None:
-        """Send the orders in turn. Each is prepared first (its price, its rate-limit slot), and the ones ready
-        together are marked SUBMITTED in one durable commit right before they are placed: an order marked sent
-        is never left waiting, so a process that dies leaves the rest NEW, and the restart sends them.
+        """Send the orders in turn, each marked SUBMITTED (durably) right before its own PlaceOrder, once its price
+        and its rate-limit turn are in hand: an order marked sent never waits behind another, so a process that
+        dies leaves the rest NEW, and the restart sends them.
 
         A broker whose book is written with the order (paper) needs no preparation, and a restart sends an order
-        it marked and never placed (watcher.reconcile): the whole batch is marked at once, with no read first."""
+        it marked and never placed (watcher.reconcile): there the whole batch shares one mark (one fsync)."""
         self.in_flight.update(order_ids)  # SUBMITTED and not sent yet: reconciling must not call them lost
         try:
             if getattr(self.gateway.broker, "book_is_synchronous", False):
-                self._mark_and_place({oid: None for oid in order_ids})
+                self._mark_and_place(order_ids, {})
                 return
-            marks = ",".join("?" * len(order_ids))
-            rows = {r["id"]: r for r in self.storage.rows(f"select * from orders where id in ({marks}) and status = "
-                                                          f"'NEW'", tuple(order_ids))}
-            todo = [rows[oid] for oid in order_ids if oid in rows]
-            while todo:
-                ready, todo = self._prepare(todo)
-                self._mark_and_place(ready)
+            for n, oid in enumerate(order_ids):
+                req = self._prepare(oid)
+                if req is not None:
+                    self._mark_and_place([oid], {oid: req}, unsent=order_ids[n + 1:])
         finally:
             self.in_flight.difference_update(order_ids)
 
-    def _prepare(self, rows: list[dict]) -> tuple[dict[str, Optional[OrderRequest]], list[dict]]:
-        """Prepare orders until one would wait: ({id: request} of the ones ready to go now, the rest)."""
-        broker, ready = self.gateway.broker, {}
-        for n, row in enumerate(rows):
-            req = request_for(row)
-            waits = broker.would_wait(req)
-            if ready and waits:
-                return ready, rows[n:]
-            try:  # only a preparation that waits or asks the broker needs the gateway's thread and timeout
-                ready[row["id"]] = self.gateway.call("prepare_order", broker.prepare, req) if waits \
-                    else broker.prepare(req)
-            except SessionExpired as e:  # nothing can be placed until the login
-                self._session_over(row, e)
-            except Exception as e:  # refused, timed out, or a bug of the adapter's: nothing was sent
-                self._refused(row, e if isinstance(e, Rejected) else f"{type(e).__name__}: {e}; nothing was sent")
-        return ready, []
+    def _prepare(self, order_id: str) -> Optional[OrderRequest]:
+        """The request to place for an order still NEW (read now: a breach or an exit-all may have cancelled it
+        while the ones before it went out), after its price and its rate-limit turn; None if it is not to go."""
+        row = self.storage.one("select * from orders where id = ? and status = 'NEW'", (order_id,))
+        if row is None:
+            return None
+        try:
+            return self.gateway.call("prepare_order", self.gateway.broker.prepare, request_for(row))
+        except SessionExpired as e:  # nothing can be placed until the login
+            self._session_over(row, e)
+        except Exception as e:  # refused, timed out, or a bug of the adapter's: PlaceOrder was not called
+            self._refused(row, e if isinstance(e, Rejected) else f"{type(e).__name__}: {e}; nothing was sent")
+        return None
 
-    def _mark_and_place(self, ready: dict[str, Optional[OrderRequest]]) -> None:
-        """One durable commit marks them SUBMITTED (only from NEW; it also syncs the decisions that made them),
-        then each is placed (None: prepared now, for a broker that needs no preparation), unless a cancel was
-        asked for it meanwhile."""
-        if not ready:
-            return
-        ids = list(ready)
+    def _mark_and_place(self, ids: list[str], prepared: dict[str, OrderRequest], unsent: list[str] = ()) -> None:
+        """One durable commit marks the orders SUBMITTED (only from NEW; it also syncs the decisions that made
+        them), then each is placed (prepared now if it was not: a broker that needs no preparation), unless a
+        cancel was asked for it meanwhile. If the mark fails, these and the `unsent` that follow are reported."""
         try:
             marked = self.storage.write(lambda db: [r for r in (mark_submitted(db, oid) for oid in ids) if r],
                                         durable=True)
         except Exception as e:
-            self._not_sent(ids, e)
+            self._not_sent([*ids, *unsent], e)
             raise
         for n, row in enumerate(marked):
             if n and self._cancelled_before_sending(row):
                 continue
-            self._place(row, ready[row["id"]] or self.gateway.broker.prepare(request_for(row)))
+            self._place(row, prepared.get(row["id"]) or self.gateway.broker.prepare(request_for(row)))
 
     def _not_sent(self, order_ids: list[str], error: Exception) -> None:
         """Marking the orders SUBMITTED failed (a failing disk, a full one): none left; the trader is told."""

@@ -147,9 +147,6 @@ def test_an_order_that_could_not_be_marked_submitted_is_never_sent_and_the_trade
     class Broker:
         name = "watching"
 
-        def would_wait(self, req):
-            return False
-
         def prepare(self, req):
             return req
 
@@ -190,9 +187,6 @@ def test_a_submitted_mark_the_disk_did_not_confirm_is_reported_as_not_sent_too(s
     storage.write = unconfirmed
     class Unplaceable:
         name = "unplaceable"
-
-        def would_wait(self, req):
-            return False
 
         def prepare(self, req):
             return req

@@ -787,3 +787,51 @@ def test_1e_a_trade_after_an_unexplained_difference_is_counted_in_full(live, sim
     wait_for(lambda: host_net(h, PUT) == 150, timeout=6)
     time.sleep(1.5)  # two more polls
     assert (host_net(h, PUT), broker_net(sim, PUT)) == (150, 150)
+
+
+def test_2e_an_order_never_waits_marked_sent_behind_another_segments_slow_placeorder(live, sim):
+    """Found in review: legs in two segments (each with a free rate-limit turn) shared one SUBMITTED mark, so the
+    NSE leg waited, marked sent, behind the NFO leg's slow PlaceOrder: a kill -9 then left it LOST, never sent."""
+    h = live(timeout_s=5.0)
+    control(sim, action="delay_next", seconds=1.0)  # the NFO leg is booked at once, answered a second late
+    control(sim, action="stall_feed", on=True)      # and no update over the feed says so meanwhile
+    body = alert(strategy="xseg", direction="BUY", qty=75, price="42.5")
+    body["legs"].append({"exchange": "NSE", "tradingsymbol": "RELIANCE-EQ", "direction": "BUY", "qty": 1,
+                         "order_type": "LMT", "price": "2900", "product_type": "M"})
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    nfo, nse = [o["id"] for o in r.get_json()["orders"]]
+    wait_for(lambda: booked(sim, nfo), timeout=3)
+    time.sleep(0.3)  # the NFO answer is still 0.7 s away
+    assert (order(h, nfo)["status"], order(h, nse)["status"]) == ("SUBMITTED", "NEW")
+    wait_status(h, nse, "OPEN", "FILLED", "PARTIAL")
+    assert len(booked(sim, nse)) == 1 and len(booked(sim, nfo)) == 1
+
+
+def test_2f_a_failed_mark_reports_every_order_of_the_alert_left_unsent(live, sim):
+    """Found in review: with one mark per order, a failed mark (a disk error) stopped the batch, and the legs after
+    it stayed NEW with no word. Each unsent order is reported (order_not_sent), and nothing reaches the broker."""
+    import sqlite3
+    import threading
+    h = live(timeout_s=5.0)
+    storage, armed = h.runtime.storage, [1]
+    real = storage.write
+
+    def failing(fn, durable=False, on_commit=None):
+        if durable and armed[0] and threading.current_thread().name == "order-sender":
+            armed[0] = 0
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(fn, durable, on_commit)
+    body = alert(strategy="legs3")
+    body["legs"] = [{"tradingsymbol": s, "direction": "BUY", "qty": 75, "order_type": "LMT", "price": p,
+                     "product_type": "M"} for s, p in ((SYMBOL, "42.5"), (PUT, "40"), (FUT, "24500"))]
+    storage.write = failing
+    try:
+        r = h.post(body)
+        assert r.status_code == 200, r.get_json()
+        oids = [o["id"] for o in r.get_json()["orders"]]
+        told = wait_for(lambda: len(e := events(h, "order_not_sent")) == 3 and e, timeout=5)
+    finally:
+        storage.write = real
+    assert sorted(e["data"] and __import__("json").loads(e["data"])["order_id"] for e in told) == sorted(oids)
+    assert all(order(h, oid)["status"] == "NEW" and booked(sim, oid) == [] for oid in oids)

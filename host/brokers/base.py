@@ -87,13 +87,11 @@ class Broker(Protocol):
     def stop(self) -> None:
         """Disconnect; must return within a few seconds."""
 
-    def would_wait(self, req: OrderRequest) -> bool:
-        """True if prepare(req) would wait (for a rate-limit slot) or ask the broker (for a price)."""
-
     def prepare(self, req: OrderRequest) -> OrderRequest:
         """What place() is to send for req, after what must come first: a market order's protected price and the
-        rate limit's wait. Rejected when it cannot be sent. It is called before the order is marked SUBMITTED,
-        so a process that dies in it leaves the order NEW (sent at the restart), never marked sent and unsent."""
+        wait for the rate limit. Rejected when it cannot be sent. It is called before the order is marked
+        SUBMITTED, so a process that dies in it leaves the order NEW (sent at the restart), never marked sent
+        and unsent."""
 
     def place(self, req: OrderRequest) -> str:
         """Send a prepared order carrying req.remarks now (a market order is still protected); the broker id."""

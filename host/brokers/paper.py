@@ -30,9 +30,6 @@ class PaperBroker:
     def stop(self) -> None:
         pass
 
-    def would_wait(self, req: OrderRequest) -> bool:
-        return False
-
     def prepare(self, req: OrderRequest) -> OrderRequest:
         return req  # in process: no rate limit, and its market protection is part of placing
 

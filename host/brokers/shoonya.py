@@ -87,10 +87,12 @@ class RateLimiter:
         self._next: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def busy(self, key: str = "") -> bool:
-        """True if a call for key now would have to wait."""
+    def until_free(self, key: str = "") -> None:
+        """Sleep until a call for key would not wait, taking no turn (the call itself takes it, when it is made)."""
         with self._lock:
-            return self._next.get(key, 0.0) > time.monotonic()
+            left = self._next.get(key, 0.0) - time.monotonic()
+        if left > 0:
+            time.sleep(left)
 
     def wait(self, key: str = "") -> None:
         with self._lock:
@@ -176,7 +178,6 @@ class ShoonyaBroker:
         self.timeout_s = timeout_s
         self.ltp_max_age_s = ltp_max_age_s  # an older feed price is not used to protect a market order
         self.limiter = RateLimiter(orders_per_s)  # per exchange segment
-        self._slotted: set[str] = set()  # remarks of prepared orders: their rate-limit slot is taken
         self.algo_id = algo_id  # SEBI algo id sent with every order; empty: none
         self.after_market = after_market  # (exchange) -> True: send as an AMO (ALLOW_AMO and the exchange closed)
         self.on_session = on_session  # ("valid" | "expired", why)
@@ -223,31 +224,22 @@ class ShoonyaBroker:
     def stop(self) -> None:
         pass
 
-    def would_wait(self, req: OrderRequest) -> bool:
-        """A market order without a fresh feed price inside the day's limits asks GetQuotes; a slot may be taken."""
-        return not self.session_expired and ((req.order_type is OrderType.MKT and self._feed_price(req) is None)
-                                             or self.limiter.busy(req.exchange))
-
     def prepare(self, req: OrderRequest) -> OrderRequest:
-        """The protected limit of a market order, then its slot in the segment's rate limit: PlaceOrder can go at
-        once (an order placed without being prepared waits for its slot in place). SessionExpired while the
-        broker has said the session is over: nothing can be placed until the login."""
+        """The protected limit of a market order, then the wait until the segment's rate limit lets PlaceOrder go
+        at once (place takes the turn, at the moment of the call). SessionExpired while the broker has said the
+        session is over: nothing can be placed until the login."""
         if self.session_expired:
             raise SessionExpired(RECONNECT_HINT)
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
-        self.limiter.wait(req.exchange)
-        self._slotted.add(req.remarks)
+        self.limiter.until_free(req.exchange)
         return req
 
     def place(self, req: OrderRequest) -> str:
-        """PlaceOrder, within the rate limit; a market order not prepared is protected here."""
+        """PlaceOrder, spaced by the rate limit; a market order not prepared is protected here."""
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
-        if req.remarks in self._slotted:
-            self._slotted.discard(req.remarks)
-        else:
-            self.limiter.wait(req.exchange)
+        self.limiter.wait(req.exchange)
         amo = "YES" if self.after_market(req.exchange) else None
         reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
                            "B" if req.side is Side.BUY else "S",
