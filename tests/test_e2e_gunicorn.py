@@ -448,3 +448,36 @@ def test_kill_9_while_a_market_order_waits_for_its_quote_sends_it_once_after_res
         raise AssertionError(f"broker book {_broker_book(urls)}\n{s2.explain()}")
     time.sleep(1.5)  # give a wrong resend time to happen
     assert [o["remarks"] for o in _broker_book(urls)] == [oid]
+
+
+def test_kill_9_before_an_exit_left_then_a_close_in_the_app_the_restart_sends_no_short(server, noren_sim):
+    """An EXIT still NEW at a kill -9 (its quote was slow), and the trader closes the position in the broker's app
+    before the host is back: the restart sends orders late, so the exit is capped at the broker's net (now 0) and
+    rejected, never sent: the account is not taken short."""
+    urls, control = noren_sim
+    env = {"BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA12345", "SHOONYA_ACCESS_TOKEN": "e2e-token",
+           "SQUARE_OFF_TIME": "off", "ALLOW_AMO": "true", **urls}
+    s = server(env=env).start()
+    secret = s.secrets()["WEBHOOK_SECRET"]
+    control(action="tick", exchange="NFO", symbol="NIFTY28APR26C24500", ltp="42.5")
+    r = s.webhook(_alert(secret, strategy="late", alert_id="late-in", price="43"))
+    assert r.status_code == 200, r.text
+    wait_for(lambda: s.api("/api/positions").json()["items"], timeout=10)
+    control(action="stall_feed", on=True)  # no fresh feed price: the exit asks GetQuotes, which is slow
+    control(action="slow_next", seconds=2, route="GetQuotes")
+    r = s.webhook(_alert(secret, strategy="late", alert_id="late-out", execution="EXIT", direction="SELL",
+                         order_type="MKT", price="0"))
+    assert r.status_code == 200, r.text
+    [oid] = [o["id"] for o in r.json()["orders"]]
+    time.sleep(0.5)
+    s.kill9()
+    control(action="manual_order", exchange="NFO", symbol="NIFTY28APR26C24500", side="S", qty=75)
+    s2 = server(env=env).start()
+    order = wait_for(lambda: (o := s2.api(f"/api/orders/{oid}").json()).get("status") == "REJECTED" and o, timeout=15)
+    assert "broker's net" in order["reason"], order
+    time.sleep(1.5)
+    assert oid not in [o["remarks"] for o in _broker_book(urls)]
+    net = [p for p in requests.post(urls["SHOONYA_API_URL"] + "PositionBook", data='jData={"uid":"FA12345"}',
+                                    headers={"Authorization": "Bearer e2e-token"}, timeout=5).json()
+           if p.get("tsym") == "NIFTY28APR26C24500"]
+    assert [int(p["netqty"]) for p in net] == [0], net
