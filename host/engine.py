@@ -303,6 +303,9 @@ class Engine:
         changed = self.watcher.apply(updates) if updates else []
         if changed:
             self.risk.wake()
+        if self.watcher.outside_filled:  # a trade in the broker's app: read the books now, not at the next poll,
+            self.watcher.outside_filled = False  # so that a stop for more than is left is resized before it is hit
+            self.risk.wake(poll=True)  # (the protections are synced on the clock, each second)
         for kind, oid in items:
             if kind == "order":
                 row = self.storage.one("select * from orders where id = ?", (oid,))

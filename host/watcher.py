@@ -167,6 +167,7 @@ class Watcher:
         self._foreign: set[str] = set()  # broker orders already reported as manual
         self._doubled: set[str] = set()  # our orders found more than once at the broker (reported once)
         self._missing: dict[str, float] = {}  # working orders of ours absent from today's book: since when (monotonic)
+        self.outside_filled = False  # an update showed a fill of an order from outside: the books are to be read now
 
     def apply(self, updates: Iterable[BrokerOrder]) -> list[dict]:
         """Apply broker updates in one transaction; return the rows of our orders that changed."""
@@ -182,8 +183,11 @@ class Watcher:
                 row = apply_update(db, u)
                 if row is not None:
                     changed.append(row)
-                elif u.broker_order_id not in self._foreign and u.broker_order_id not in told \
-                        and _order_row(db, u.remarks) is None:
+                    continue
+                outside = _order_row(db, u.remarks) is None
+                if outside and u.filled_qty:
+                    self.outside_filled = True
+                if outside and u.broker_order_id not in self._foreign and u.broker_order_id not in told:
                     told.add(u.broker_order_id)
                     Storage.add_event(db, "manual_order", f"broker order {u.broker_order_id} ({u.status.value}, "
                                       f"remarks {u.remarks!r}) was not placed by this host: it is counted as a manual "

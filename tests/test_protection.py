@@ -866,3 +866,20 @@ def test_a_hot_reload_under_gunicorn_keeps_the_protection(tmp_path):
         assert len([o for o in orders if o.get("order_type") == "SL-LMT"]) == 1
     finally:
         s.stop()
+
+
+def test_live_a_partial_close_in_the_app_resizes_the_stop_before_the_next_position_poll(live_factory, sim):
+    """Found from outside: the trader sold half in the broker's app, and the stop (still for the whole) was hit
+    before the next position poll (RISK_POLL_S): it sold the whole, taking the account short. The app's fill comes
+    over the feed at once: the books are read then, and the stop is resized within a couple of seconds."""
+    h = live_factory(TRAIL_MIN_INTERVAL_S=0, RISK_POLL_S=60)
+    protected(h, qty=150, stop_loss="40")
+    stop = resting(h, qty=150)
+    sim.sim.tick("NFO", SYMBOL, D("42.5"))
+    requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5, json={
+        "action": "manual_order", "exchange": "NFO", "symbol": SYMBOL, "side": "S", "qty": 75}).raise_for_status()
+    wait_for(lambda: sim_order(sim, stop["id"]).req.qty == 75, timeout=4)  # well before the 60 s poll
+    sim.sim.tick("NFO", SYMBOL, D("39.6"))  # through the stop
+    wait_for(lambda: sim_order(sim, stop["id"]).status.value == "FILLED", timeout=6)
+    time.sleep(1.0)
+    assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
