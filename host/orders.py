@@ -27,6 +27,7 @@ NEXT_AFTER_NOT_SENT = {  # what a restart does with an order whose SUBMITTED mar
     OrderStatus.NEW.value: "a restart sends it if it is younger than ALERT_MAX_AGE_S, else marks it rejected",
     OrderStatus.SUBMITTED.value: "its mark was written but not confirmed on the disk: it is looked for in the "
                                  "broker's book and marked LOST if it is not there"}
+FOUND = (OrderStatus.OPEN, OrderStatus.PARTIAL, OrderStatus.FILLED)  # statuses only the broker's book can give
 SEND_BATCH_MAX = 32  # NEW orders taken together (paper: they share one durable SUBMITTED commit)
 
 
@@ -74,6 +75,9 @@ def advance(db: sqlite_utils.Database, row: dict, status: OrderStatus, detail: O
                if v is not None and (v or k != "broker_order_id")}  # a blank id never hides the known one
     if status is current and all(str(row[k]) == str(v) for k, v in changes.items()):
         return None
+    if current in (OrderStatus.UNKNOWN, OrderStatus.LOST) and status in FOUND and "reason" not in changes \
+            and row.get("reason"):  # "outcome unknown ..." is no longer true: the book has it
+        changes["reason"] = f"found in the broker's book after it was {current.value} (see its history)"
     changes.update(status=status.value, updated_at=utcnow())
     db.execute(f"update orders set {', '.join(f'{k} = ?' for k in changes)} where id = ?", (*changes.values(), row["id"]))
     Storage.insert(db, "order_history", {"order_id": row["id"], "at": changes["updated_at"], "status": status.value,

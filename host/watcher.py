@@ -190,8 +190,8 @@ class Watcher:
                 if outside and u.broker_order_id not in self._foreign and u.broker_order_id not in told:
                     told.add(u.broker_order_id)
                     Storage.add_event(db, "manual_order", f"broker order {u.broker_order_id} ({u.status.value}, "
-                                      f"remarks {u.remarks!r}) was not placed by this host: it is counted as a manual "
-                                      f"trade", "warning", "manual", {"broker_order_id": u.broker_order_id})
+                                      f"remarks {u.remarks!r}) was not placed by this host: its fills close strategies' "
+                                      f"positions first (closed_outside), and the rest counts as strategy 'manual'", "warning", "manual", {"broker_order_id": u.broker_order_id})
             return changed
         changed = self.storage.write(run)
         self._foreign |= told

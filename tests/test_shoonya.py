@@ -123,6 +123,7 @@ def test_a_placeorder_timeout_is_resolved_as_one_order(live, sim):
     assert "UNKNOWN" in [h["status"] for h in live.api(f"/api/orders/{oid}").get_json()["history"]]
     placed = [b for b in sim.sim.engine.order_book() if b.remarks == oid]
     assert len(placed) == 1 and o["broker_order_id"] == placed[0].broker_order_id
+    assert o["reason"] == "found in the broker's book after it was UNKNOWN (see its history)"  # not "outcome unknown"
 
 
 def test_an_ip_whitelist_refusal_is_a_clear_rejection(live, sim):
