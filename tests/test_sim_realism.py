@@ -55,6 +55,16 @@ def test_a_second_order_with_the_same_remarks_is_booked_as_a_second_order(sim, n
     assert sum(int(p["netqty"]) for p in noren_api.get_positions()) == 150  # both filled: the account is long 150
 
 
+
+def test_a_stop_on_a_contract_without_a_price_names_the_simulators_own_tick_control(sim, noren_api):
+    """Found from outside: the Noren simulator's refusal told a live tester to use the paper mode's /api/paper/ticks."""
+    noren_api.place_order("S", "M", "NFO", "NIFTY28APR26P24500", 75, 0, "SL-LMT", price="40", trigger_price="40.5",
+                          remarks="stop-1")
+    [row] = [r for r in noren_api.get_order_book() if r.get("remarks") == "stop-1"]
+    assert row["status"] == "REJECTED" and "/sim/control" in row["rejreason"], row
+    assert "/api/paper" not in row["rejreason"], row
+
+
 # ---- 2. late booking ----
 
 def test_a_late_booking_answers_only_when_booked_and_the_book_is_empty_until_then(sim):

@@ -131,7 +131,8 @@ class PositionRow:
 class MatchingEngine:
     """A thread-safe order book for one trading day against last traded prices, optionally persisted to SQLite."""
 
-    def __init__(self, path: Optional[Path] = None):
+    def __init__(self, path: Optional[Path] = None, price_from: str = "/api/paper/ticks"):
+        self.price_from = price_from  # where a price comes from, named when an order needs one and there is none
         self._lock = threading.RLock()
         self._orders: dict[str, SimOrder] = {}
         self._by_remarks: dict[str, list[str]] = {}
@@ -259,7 +260,7 @@ class MatchingEngine:
                 # a limit price may stand in for the market; a stop order cannot be judged without one
                 if req.order_type is not OrderType.LMT:
                     raise SimRejected(f"no price for {req.exchange}:{req.symbol}: send a tick to "
-                                      f"/api/paper/ticks before a {req.order_type.value} order")
+                                      f"{self.price_from} before a {req.order_type.value} order")
                 self._ltp[key] = req.price
             o = SimOrder(self._next_id(), req, prd=prd, offsets=offsets)
             self._add(o)

@@ -89,7 +89,8 @@ class Faults:
 class NorenSim:
     """The simulator's state: the book, the sessions, the OAuth clients and the faults."""
 
-    engine: MatchingEngine = field(default_factory=MatchingEngine)
+    engine: MatchingEngine = field(default_factory=lambda: MatchingEngine(price_from='POST /sim/control {"action": '
+                                                                                   '"tick", ...}'))
     instruments: Instruments = field(default_factory=Instruments.sample)
     client_id: str = "SIM-CLIENT"
     client_secret: str = "sim-secret"
