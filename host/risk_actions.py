@@ -35,6 +35,7 @@ from .storage import Storage, utcnow
 
 log = logging.getLogger(__name__)
 RISK_EVERY_S = 0.25
+WOKEN_POLL_MIN_S = 1.0  # a burst of fills from the broker's app reads the broker's books once a second at most
 PNL_POINT_EVERY_S = 5.0  # at most this often a point of the day's PnL curve is stored
 RISK_HEARTBEAT_KEY = "risk_heartbeat"
 QUIET_S = 60.0  # a repeated violation or a bad parameter is said at most this often
@@ -113,7 +114,8 @@ class RiskLoop:
         """Poll the broker now and then (now, with poll); compare the day's PnL with the limits; act."""
         with self._lock:
             mono = time.monotonic()
-            if poll or self._force_poll or mono - self._last_poll >= self.risk_poll_s:
+            if poll or (self._force_poll and mono - self._last_poll >= WOKEN_POLL_MIN_S) \
+                    or mono - self._last_poll >= self.risk_poll_s:
                 self._force_poll, self._last_poll = False, mono
                 self.outside.poll()
             now = self.now()

@@ -185,3 +185,25 @@ def strategy_on_tick(ctx, tick):
     t.join()
     wait_for(lambda: engine._events.empty(), timeout=20)
     assert deepest[0] == 1
+
+
+def test_fills_from_the_brokers_app_read_the_books_at_once_and_at_most_once_a_second(host_factory):
+    """A fill of an order from outside makes risk read the broker's books now (not at the next RISK_POLL_S), and a
+    burst of them reads them about once a second, never at every fill."""
+    import time as clock
+    h = host_factory(RISK_POLL_S="60")
+    h.tick("100")
+    reads = []
+    positions = h.broker.positions
+    h.broker.positions = lambda: (reads.append(clock.monotonic()), positions())[1]
+    clock.sleep(0.5)
+    assert reads == []  # the 60 s poll is not due
+    started = clock.monotonic()
+    for n in range(40):  # 40 fills from the app over 2 s
+        h.broker.place(OrderRequest("NFO", SYMBOL, Side.BUY, 1, OrderType.LMT, Product.NRML, Decimal("100"),
+                                    remarks=f"app-{n}"))
+        clock.sleep(0.05)
+    clock.sleep(1.2)
+    assert reads and reads[0] - started < 0.6, reads  # the first fill: at once
+    assert 2 <= len(reads) <= 4, [round(r - started, 2) for r in reads]  # about once a second, not 40
+    wait_for(lambda: h.net("manual") == 40, timeout=3)
