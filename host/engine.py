@@ -328,8 +328,8 @@ class Engine:
         if changed:
             self._isolated("protection", lambda: self.protect.on_orders(changed))
         for row in changed:  # risk backs off an exit the broker keeps rejecting
-            if row.get("protection"):
-                continue  # a resting stop: protect.py says what became of it
+            if row.get("protection") or self.protect.target_exits.pop(row["id"], None):
+                continue  # a resting stop, or a target's exit: protect.py says what became of it
             if row["action"] == ExecutionType.EXIT.value and row["status"] == OrderStatus.REJECTED.value:
                 self.risk.exit_rejected(row)
             elif row["action"] == ExecutionType.EXIT.value and row["status"] == OrderStatus.FILLED.value:

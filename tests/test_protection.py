@@ -883,3 +883,34 @@ def test_live_a_partial_close_in_the_app_resizes_the_stop_before_the_next_positi
     wait_for(lambda: sim_order(sim, stop["id"]).status.value == "FILLED", timeout=6)
     time.sleep(1.0)
     assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+
+
+def test_a_rejected_target_exit_waits_before_it_is_tried_again_not_at_every_tick(paper):
+    """Found from outside: while the broker rejected exits, every tick at the target cancelled the stop, sent an
+    exit (rejected) and placed the stop again: 8 ticks, 8 exits, 9 stops, 8 errors. The target now waits 5, 10,
+    20 ... s after a rejection, said once each time; the stop stays meanwhile."""
+    from host.brokers.base import Rejected
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    real_place = h.broker.place
+
+    def refuse_exits(req):
+        if req.order_type.value != "SL-LMT":
+            raise Rejected("RMS: exits blocked")
+        return real_place(req)
+    h.broker.place = refuse_exits
+    for price in ("46", "46.5", "47", "46.2", "46.8", "47.1", "46.4", "46.9"):
+        h.tick(price)
+        time.sleep(0.3)
+    again = resting(h)  # protected again
+    assert len(exits(h)) == 1, [(o["id"], o["status"]) for o in exits(h)]
+    [said] = events(h, "target_exit_rejected")
+    assert "tried again in 5 s" in said["message"] and "RMS: exits blocked" in said["message"], said["message"]
+    assert events(h, "exit_rejected") == []  # not also "NOT retried"
+    time.sleep(5.0)
+    h.tick("46.6")
+    wait_for(lambda: len(exits(h)) == 2, timeout=3)  # tried again after the wait
+    wait_for(lambda: len(events(h, "target_exit_rejected")) == 2, timeout=3)
+    assert "tried again in 10 s" in events(h, "target_exit_rejected")[1]["message"]
+    assert again["qty"] == 75 and h.net() == 75
