@@ -19,8 +19,9 @@ import sqlite_utils
 
 from .brokers.base import SessionExpired
 from .flatten import OPEN_STATUSES
+from .ids import new_id
 from .market import IST
-from .models import BrokerOrder, Product, Side
+from .models import TERMINAL_STATUSES, BrokerOrder, Product, Side
 from .storage import Storage, utcnow
 from .watcher import move_position
 
@@ -97,39 +98,39 @@ def _counted_before(db: sqlite_utils.Database, order: BrokerOrder, qty: int) -> 
 
 
 def _seen(db: sqlite_utils.Database, key: str) -> bool:
+    """This outside fill has been applied (or recorded as not counted) before."""
     return db.execute("select 1 from outside_fills where fill_id = ?", (key,)).fetchone() is not None
 
 
-def _surplus(db: sqlite_utils.Database, fills: list[tuple[BrokerOrder, str, int, Decimal]],
-             broker_net: dict[tuple, int]) -> dict[tuple, int]:
-    """Per instrument: how far counting all these new fills would take the host's net past the broker's, in the
-    fills' direction. Only that much can be a fill the positions showed (and the host counted) before the books
-    did; a trade made after that difference moved the broker's net too, and is counted in full."""
-    incoming: dict[tuple, int] = {}
-    for order, key, qty, _ in fills:
-        if order.side is not None and not _seen(db, key):
-            k = (order.exchange, order.symbol, order.product)
-            incoming[k] = incoming.get(k, 0) + order.side.sign * qty
-    out = {}
-    for k, n in incoming.items():
-        mine = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
-                          "product = ?", k).fetchone()[0]
-        past = (mine + n - broker_net.get(k, 0)) * (1 if n > 0 else -1)
-        out[k] = max(0, min(abs(n), past))
-    return out
+def _left(db: sqlite_utils.Database, key: tuple) -> int:
+    """How much of today's differences counted from the positions in one instrument no fill has matched yet."""
+    return db.execute("select coalesce(sum(unexplained_left), 0) from outside_fills where exchange = ? and symbol = ? "
+                      "and product = ? and unexplained_left > 0 and at >= ?", (*key, _today_from())).fetchone()[0]
+
+
+def _surplus(db: sqlite_utils.Database, key: tuple, fills: list[tuple[BrokerOrder, str, int, Decimal]],
+             broker_net: int) -> dict[Side, int]:
+    """Per side, how much of one instrument's new fills the host has counted already (from the positions, before
+    the books showed them): as far as counting them all would take the host's net past the broker's. A trade
+    made after that difference moved the broker's net too, and is counted in full."""
+    buys = sum(q for o, _, q, _ in fills if o.side is Side.BUY)
+    sells = sum(q for o, _, q, _ in fills if o.side is Side.SELL)
+    mine = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
+                      "product = ?", key).fetchone()[0]
+    excess = mine + buys - sells - broker_net
+    return {Side.BUY: max(0, min(buys, excess)), Side.SELL: max(0, min(sells, -excess))}
 
 
 def adopt_fill(db: sqlite_utils.Database, order: BrokerOrder, key: str, qty: int, price: Decimal,
-               surplus: Optional[dict[tuple, int]] = None) -> Optional[list]:
+               surplus: Optional[dict[Side, int]] = None) -> Optional[list]:
     """Apply one outside fill, once; the split, or None if it was seen before. Of the `surplus` (_surplus), what
     today's differences in the positions counted already is not counted again."""
     if _seen(db, key):
         return None
     usable = order.exchange and order.symbol and order.side is not None and order.product in PRODUCTS
-    k = (order.exchange, order.symbol, order.product)
-    counted = _counted_before(db, order, min(qty, surplus.get(k, 0))) if usable and surplus else 0
+    counted = _counted_before(db, order, min(qty, surplus.get(order.side, 0))) if usable and surplus else 0
     if counted:
-        surplus[k] -= counted
+        surplus[order.side] -= counted
     if counted:
         where = f"{order.exchange}:{order.symbol} ({order.product})"
         Storage.add_event(db, "outside_fill_counted", f"{order.side.value} {counted} {where} @ {price} by broker "
@@ -153,7 +154,7 @@ def _count_unexplained(db: sqlite_utils.Database, ex: str, sym: str, prod: str, 
     split = allocate(db, ex, sym, prod, side, qty, price, f"found in the broker's positions (no order in today's "
                      f"books explains it; priced at {basis}, no fill price is known)")
     now = utcnow()
-    db["outside_fills"].insert({"fill_id": f"positions:{ex}:{sym}:{prod}:{now}", "broker_order_id": None,
+    db["outside_fills"].insert({"fill_id": f"positions:{ex}:{sym}:{prod}:{now}:{new_id('u')}", "broker_order_id": None,
                                 "exchange": ex, "symbol": sym, "product": prod, "side": side.value, "qty": qty,
                                 "price": str(price), "at": now, "allocation": json.dumps(split),
                                 "unexplained_left": qty})
@@ -169,6 +170,8 @@ class OutsideTrades:
         self.blind: Optional[str] = None
         self.broker_net: dict[tuple, int] = {}  # the broker's net per (exchange, symbol, product), last poll
         self._manual_seen: dict[tuple, int] = {}
+        self._proposed: dict[tuple, tuple] = {}  # fills taken as counted already, as the last read proposed it
+        self.unsure = False  # a difference or a fill waits for the next read to be confirmed: read again soon
         self._lock = threading.Lock()  # the risk thread and the engine (before an EXIT) both poll
 
     def poll(self) -> bool:
@@ -194,8 +197,10 @@ class OutsideTrades:
     def adopt(self, book: Optional[list[BrokerOrder]], broker_positions: list) -> bool:
         """Apply fills of orders placed outside the host; then count what still differs, if nothing explains it.
 
-        An unexplained difference must be seen on two polls in a row, and is ignored where one of our
-        orders is unfinished (a fill may be at the broker a moment before the watcher has applied it).
+        An unexplained difference must be seen on two polls in a row, and is ignored where one of our orders
+        may have fills the host has not applied yet (_unsettled), or an outside order is still working or its
+        fills wait. An outside fill some of which the positions counted already (_surplus) is taken so only
+        when two reads in a row agree, and not while our own fills in that instrument are unsettled.
         """
         if book is None:
             self._manual_seen = {}
@@ -207,31 +212,59 @@ class OutsideTrades:
             chunk = remarks[i:i + 500]
             ours |= {r["id"] for r in self.storage.rows(
                 f"select id from orders where id in ({','.join('?' * len(chunk))})", tuple(chunk))}
+        net = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in broker_positions}
+        unsettled = self._unsettled(book)
         fills = foreign_fills(book, ours)
+        pending: set[tuple] = set()  # instruments whose new outside fills wait for a later poll
         if fills:
-            net = {(p.exchange, p.symbol, p.product.value): p.net_qty for p in broker_positions}
+            proposed: dict[tuple, tuple] = {}
 
             def run(db: sqlite_utils.Database) -> list:
-                surplus = _surplus(db, fills, net)
-                return [adopt_fill(db, *f, surplus=surplus) for f in fills]
+                proposed.clear()
+                pending.clear()
+                fresh: dict[tuple, list] = {}
+                out = []
+                for f in fills:
+                    o = f[0]
+                    if o.side is None or not (o.exchange and o.symbol) or o.product not in PRODUCTS:
+                        out.append(adopt_fill(db, *f))  # recorded as not counted
+                    elif not _seen(db, f[1]):
+                        fresh.setdefault((o.exchange, o.symbol, o.product), []).append(f)
+                for key, group in fresh.items():
+                    if not _left(db, key):
+                        out += [adopt_fill(db, *f) for f in group]
+                        continue
+                    if key in unsettled:  # our own fills are not all applied: the host's net is not the truth yet
+                        pending.add(key)
+                        continue
+                    surplus = _surplus(db, key, group, net.get(key, 0))
+                    proposal = (tuple(sorted(f[1] for f in group)), surplus[Side.BUY], surplus[Side.SELL])
+                    if any(surplus.values()) and self._proposed.get(key) != proposal:
+                        proposed[key] = proposal  # only what two reads in a row agree on is taken as counted
+                        pending.add(key)
+                        continue
+                    out += [adopt_fill(db, *f, surplus=surplus) for f in group]
+                return out
             adopted = self.storage.write(run)
+            self._proposed = dict(proposed)
             moved = any(a is not None for a in adopted)
-        explained = {(o.exchange, o.symbol, o.product) for o in book if o.remarks not in ours}
+        else:
+            self._proposed = {}
+        explained = pending | {(o.exchange, o.symbol, o.product) for o in book
+                               if o.remarks not in ours and o.status not in TERMINAL_STATUSES}
         mine: dict[tuple, int] = {}
         for r in self.storage.rows("select exchange, symbol, product, sum(net_qty) n from positions "
                                    "group by exchange, symbol, product"):
             mine[(r["exchange"], r["symbol"], r["product"])] = r["n"]
-        working = {(r["exchange"], r["symbol"], r["product"]) for r in self.storage.rows(
-            f"select distinct exchange, symbol, product from orders where status in "
-            f"({','.join('?' * len(OPEN_STATUSES))})", OPEN_STATUSES)}
         theirs = {(p.exchange, p.symbol, p.product.value): p for p in broker_positions}
         diffs = {}
-        for key in (set(mine) | set(theirs)) - explained - working:
+        for key in (set(mine) | set(theirs)) - explained - unsettled:
             diff = (theirs[key].net_qty if key in theirs else 0) - mine.get(key, 0)
             if diff:
                 diffs[key] = diff
         confirmed = {k: d for k, d in diffs.items() if self._manual_seen.get(k) == d}
         self._manual_seen = {k: d for k, d in diffs.items() if k not in confirmed}
+        self.unsure = bool(self._manual_seen or pending)
         for (ex, sym, prod), diff in confirmed.items():
             bp = theirs.get((ex, sym, prod))
             price, basis = self._unexplained_price(ex, sym, prod, bp)
@@ -239,6 +272,15 @@ class OutsideTrades:
             self.storage.write(lambda db: _count_unexplained(db, ex, sym, prod, side, abs(diff), price, basis))
             moved = True
         return moved
+
+    def _unsettled(self, book: list[BrokerOrder]) -> set[tuple]:
+        """Instruments where one of our unfinished orders may have fills the host has not applied yet: the book
+        shows more filled than we applied, or does not show the order at all (sent, not booked yet)."""
+        filled = {o.remarks: o.filled_qty for o in book if o.remarks}
+        rows = self.storage.rows(f"select id, exchange, symbol, product, applied_qty from orders where status in "
+                                 f"({','.join('?' * len(OPEN_STATUSES))})", OPEN_STATUSES)
+        return {(r["exchange"], r["symbol"], r["product"]) for r in rows
+                if filled.get(r["id"]) is None or filled[r["id"]] != (r["applied_qty"] or 0)}
 
     def _unexplained_price(self, ex: str, sym: str, prod: str, bp) -> tuple[Decimal, str]:
         """A price for a change no fill explains, and where it came from: never 0 while anything is known."""

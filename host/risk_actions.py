@@ -114,8 +114,9 @@ class RiskLoop:
         """Poll the broker now and then (now, with poll); compare the day's PnL with the limits; act."""
         with self._lock:
             mono = time.monotonic()
-            if poll or (self._force_poll and mono - self._last_poll >= WOKEN_POLL_MIN_S) \
-                    or mono - self._last_poll >= self.risk_poll_s:
+            soon = self._force_poll or self.outside.unsure  # woken by an app fill, or a read to confirm
+            since = mono - self._last_poll
+            if poll or (soon and since >= WOKEN_POLL_MIN_S) or since >= self.risk_poll_s:
                 self._force_poll, self._last_poll = False, mono
                 self.outside.poll()
             now = self.now()
