@@ -324,11 +324,12 @@ class Engine:
                     fn()
                 except Exception:
                     log.exception("engine call failed")
+        changed = list({row["id"]: row for row in changed}.values())  # the watcher's and the sender's, once each
         self._cancel_requested(changed)
         if changed:
             self._isolated("protection", lambda: self.protect.on_orders(changed))
         for row in changed:  # risk backs off an exit the broker keeps rejecting
-            if row.get("protection") or self.protect.target_exits.pop(row["id"], None):
+            if row.get("protection") or row["id"] in self.protect.target_exits:
                 continue  # a resting stop, or a target's exit: protect.py says what became of it
             if row["action"] == ExecutionType.EXIT.value and row["status"] == OrderStatus.REJECTED.value:
                 self.risk.exit_rejected(row)

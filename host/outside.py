@@ -21,7 +21,7 @@ from .brokers.base import SessionExpired
 from .flatten import OPEN_STATUSES
 from .ids import new_id
 from .market import IST
-from .models import TERMINAL_STATUSES, BrokerOrder, Product, Side
+from .models import BrokerOrder, Product, Side
 from .storage import Storage, utcnow
 from .watcher import move_position
 
@@ -238,7 +238,7 @@ class OutsideTrades:
                         pending.add(key)
                         continue
                     surplus = _surplus(db, key, group, net.get(key, 0))
-                    proposal = (tuple(sorted(f[1] for f in group)), surplus[Side.BUY], surplus[Side.SELL])
+                    proposal = (surplus[Side.BUY], surplus[Side.SELL])  # new fills may come meanwhile: the amounts
                     if any(surplus.values()) and self._proposed.get(key) != proposal:
                         proposed[key] = proposal  # only what two reads in a row agree on is taken as counted
                         pending.add(key)
@@ -250,8 +250,7 @@ class OutsideTrades:
             moved = any(a is not None for a in adopted)
         else:
             self._proposed = {}
-        explained = pending | {(o.exchange, o.symbol, o.product) for o in book
-                               if o.remarks not in ours and o.status not in TERMINAL_STATUSES}
+        explained = pending | self._fills_to_come(book, ours)
         mine: dict[tuple, int] = {}
         for r in self.storage.rows("select exchange, symbol, product, sum(net_qty) n from positions "
                                    "group by exchange, symbol, product"):
@@ -272,6 +271,21 @@ class OutsideTrades:
             self.storage.write(lambda db: _count_unexplained(db, ex, sym, prod, side, abs(diff), price, basis))
             moved = True
         return moved
+
+    def _fills_to_come(self, book: list[BrokerOrder], ours: set[str]) -> set[tuple]:
+        """Instruments where an outside order shows more filled than its fills counted so far (the trade book
+        lags the order book): what differs there is likely those fills. A resting order with nothing filled, or
+        one whose fills are all counted, explains nothing."""
+        outside = [o for o in book if o.remarks not in ours and o.filled_qty > 0]
+        if not outside:
+            return set()
+        counted: dict[str, int] = {}
+        for i in range(0, len(outside), 500):
+            chunk = [o.broker_order_id for o in outside[i:i + 500]]
+            for r in self.storage.rows(f"select broker_order_id, sum(qty) n from outside_fills where broker_order_id "
+                                       f"in ({','.join('?' * len(chunk))}) group by broker_order_id", tuple(chunk)):
+                counted[r["broker_order_id"]] = r["n"]
+        return {(o.exchange, o.symbol, o.product) for o in outside if o.filled_qty > counted.get(o.broker_order_id, 0)}
 
     def _unsettled(self, book: list[BrokerOrder]) -> set[tuple]:
         """Instruments where one of our unfinished orders may have fills the host has not applied yet: the book

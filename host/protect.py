@@ -393,16 +393,17 @@ class Protector:
         self.trail_interval_s = Decimal("1")  # TRAIL_MIN_INTERVAL_S
         self._modifying: dict[str, tuple[float, int, Optional[Decimal]]] = {}  # order -> (since, qty, trigger)
         # a target whose exit the broker rejected: tried again only after a back-off (the process's memory)
-        self._target_wait: dict[str, tuple[float, int]] = {}  # protection key -> (monotonic until, rejections)
-        self.target_exits: dict[str, bool] = {}  # rejected target exits said here (risk does not say them again)
-        self._target_sent: set[str] = set()  # exits sent because a target was reached (not yet ended)
+        # key -> (monotonic until, failures, the protection's created_at: a new position's target never waits)
+        self._target_wait: dict[str, tuple[float, int, str]] = {}
+        self.target_exits: set[str] = set()  # target exits that ended unfilled, said here (never by risk too)
+        self._target_sent: dict[str, str] = {}  # exits sent because a target was reached -> its protection's created_at
 
     # ---- inputs ----
     def on_orders(self, rows: list[dict]) -> None:
         """Orders changed (fills of an entry, a stop's end): act on their positions."""
         keys = {r["protection"] or _row_key(r) for r in rows}
-        self._target_rejections([r for r in rows if not r["protection"] and r["action"] == ExecutionType.EXIT.value
-                                 and r["status"] in (OrderStatus.REJECTED.value, OrderStatus.FILLED.value)])
+        self._target_ends([r for r in rows if not r["protection"] and r["action"] == ExecutionType.EXIT.value
+                           and OrderStatus(r["status"]).terminal])
         stray = [r for r in rows if r["protection"] and r["status"] in WORKING]
         if stray:  # a stop found working after its protection ended (one that was missing, say): cancel it
             cancels = self.storage.write(lambda db: _stop(db, [o for o in stray if _ended(db, o)],
@@ -412,26 +413,38 @@ class Protector:
         if keys:
             self.sync(keys)
 
-    def _target_rejections(self, exits: list[dict]) -> None:
-        """A target's exit rejected: the target waits 5, 10, 20 ... 300 s before it cancels the stop and exits
-        again (not at every tick at the target), said once each time; a fill ends the wait."""
+    def _target_ends(self, exits: list[dict]) -> None:
+        """A target's exit that ended unfilled (rejected, cancelled): the target waits (_target_waits) and it is said
+        once; a filled one ends the wait."""
         for o in exits:
+            since = self._target_sent.pop(o["id"], None)
+            if o["status"] == OrderStatus.FILLED.value:  # an exit works again: the target does not wait
+                self._target_wait.pop(_row_key(o), None)
+                continue
+            if since is None:
+                continue
             key = _row_key(o)
-            if o["status"] == OrderStatus.FILLED.value:
-                self._target_wait.pop(key, None)
-                self._target_sent.discard(o["id"])
-                continue
-            if o["id"] not in self._target_sent:
-                continue
-            self._target_sent.discard(o["id"])
-            n = self._target_wait.get(key, (0.0, 0))[1] + 1
-            wait = min(REARM_AFTER_REJECT_S * 2 ** (n - 1), REARM_MAX_S)
-            self._target_wait[key] = (time.monotonic() + wait, n)
-            self.target_exits[o["id"]] = True
-            message = (f"the target exit of {o['strategy']} {o['exchange']}:{o['symbol']} ({o['product']}) was rejected "
-                       f"({o['reason']}): the stop is placed again, and the target is tried again in {wait:g} s")
+            self.target_exits.add(o["id"])
+            wait = self._target_waits(key, since)
+            message = (f"the target exit of {o['strategy']} {o['exchange']}:{o['symbol']} ({o['product']}) ended "
+                       f"{o['status']} ({o['reason']}): the stop is placed again, and the target is tried again in "
+                       f"{wait:g} s")
             self.storage.write(lambda db: Storage.add_event(db, "target_exit_rejected", message, "error",
                                                             o["strategy"], {"order_id": o["id"], "wait_s": wait}))
+
+    def _target_waiting(self, p: dict) -> bool:
+        """This protection's target is waiting after its exit ended unfilled."""
+        until, _, of = self._target_wait.get(_row_key(p), (0.0, 0, ""))
+        return of == p["created_at"] and until > time.monotonic()
+
+    def _target_waits(self, key: str, since: str) -> float:
+        """The target of this protection (its created_at) waits 5, 10, 20 ... 300 s before it cancels the stop and
+        exits again, not at every tick at the target; the wait, in seconds."""
+        until, n, of = self._target_wait.get(key, (0.0, 0, since))
+        n = n + 1 if of == since else 1
+        wait = min(REARM_AFTER_REJECT_S * 2 ** (n - 1), REARM_MAX_S)
+        self._target_wait[key] = (time.monotonic() + wait, n, since)
+        return wait
 
     def on_ticks(self, ticks: list) -> None:
         """New prices: the best price for trailing, the target, the MTM limits."""
@@ -477,7 +490,7 @@ class Protector:
                                   p["strategy"], {"order_id": o["id"], "ltp": str(ltp)})
         target = dec(p["target"])
         if p["status"] != ACTIVE or target is None or p["pending_exit"] or sign * (ltp - target) < 0 \
-                or self._target_wait.get(_row_key(p), (0.0, 0))[0] > time.monotonic():
+                or self._target_waiting(p):
             return []
         net = _net(db, p)
         stopped = _stop(db, _live_stops(db, _row_key(p)), f"target {target} reached: one-cancels-other")
@@ -584,8 +597,13 @@ class Protector:
                     db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(d.orders))})",
                                d.orders)
                 upd["exit_orders"] = json.dumps(list(d.orders))
-                if pending.get("why") == "target":
-                    self._target_sent.update(d.orders)
+                if pending.get("why") == "target" and d.orders:
+                    self._target_sent.update({oid: p["created_at"] for oid in d.orders})
+                elif pending.get("why") == "target":  # the host refused it (guard, risk, validation): no order
+                    wait = self._target_waits(_row_key(p), p["created_at"])
+                    Storage.add_event(db, "target_exit_rejected", f"the target exit of {where} was not sent "
+                                      f"({d.status.value}: {d.reason}): the stop is placed again, and the target is "
+                                      f"tried again in {wait:g} s", "error", p["strategy"], {"wait_s": wait})
                 Storage.add_event(db, "protected_exit", f"{where}: the stop is no longer live; exit of {qty} sent "
                                   f"({d.status.value}{': ' + d.reason if d.reason else ''})", "info", p["strategy"],
                                   {"orders": list(d.orders)})

@@ -65,6 +65,7 @@ class RiskLoop:
         self._pnl_point: tuple[float, Optional[Decimal]] = (0.0, None)
         self._said: dict[str, float] = {}  # what was said when (quiet repeats)
         self._backoff: dict[tuple, tuple[float, int]] = {}  # position key -> (next try, rejected exits in a row)
+        self._rejections_told: set[str] = set()  # exits whose rejection was acted on (each once, however it came)
 
     # ---- thread ----
     def start(self) -> None:
@@ -291,6 +292,9 @@ class RiskLoop:
         """An exit was rejected: while today's breach holds, risk flattens again, backing off for that position
         (said once); any other exit (a trader's, a strategy's, a stop's or target's, a square-off) is not
         retried, and the event says so."""
+        if row["id"] in self._rejections_told:  # the sender's answer, then the broker's update of the same order
+            return
+        self._rejections_told.add(row["id"])
         key = (row["strategy"], row["exchange"], row["symbol"], row["product"])
         if not (row.get("escalate") and self._breach_holds()):
             self.storage.write(lambda db: Storage.add_event(

@@ -3,7 +3,8 @@
 Found in review (each failed before): an app trade the order book showed late, counted from the positions, and
 then: the host's own fill not applied yet (o1); another app trade between the positions read and the book read
 (o2); an app trade the other way in the same read (o3); a resting stop of ours in the instrument (o9: the
-difference was never counted, the stop never resized, and a price through it took the account short).
+difference was never counted, the stop never resized, and a price through it took the account short); a resting
+app order in the instrument (c10) and steady app trading after a counted difference (c3b) did the same.
 """
 from __future__ import annotations
 
@@ -107,3 +108,46 @@ def test_o9_app_sell_the_book_shows_late_with_a_resting_stop(live, sim):
     time.sleep(2)
     assert broker_net(sim, SYMBOL) >= 0
 
+
+
+def test_c10_a_resting_app_order_does_not_hold_back_a_difference_and_the_stop_is_resized(live, sim):
+    """Found in review: a resting app BUY LMT far below the market in the same instrument made the instrument
+    look 'explained' for as long as it rested, so an app sell the book showed late was never counted, the stop
+    stayed 150, and a price through it took the account short. Only an outside order with fills still to be
+    counted holds a difference back."""
+    from test_protection import protected, resting, stops
+    h = live(TRAIL_MIN_INTERVAL_S=0)
+    sim.sim.tick("NFO", SYMBOL, D("42.5"))
+    protected(h, qty=150, stop_loss="40")
+    resting(h, qty=150)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="B", qty=75, prctyp="LMT", prc="30")
+    sell = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)["norenordno"]
+    control(sim, action="hide_order", norenordno=sell)
+    wait_for(lambda: [s["qty"] for s in stops(h)] == [75], timeout=8)
+    sim.sim.tick("NFO", SYMBOL, D("39.6"))  # through the stop
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=6)
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0
+
+
+def test_c3b_steady_app_trading_after_a_counted_difference_still_resizes_the_stop(live, sim):
+    """Found in review: with a difference counted earlier (75 left to match), each read saw new app fills, so two
+    reads never agreed and every fill stayed pending all the while: the stop stayed 300 while the trader sold
+    225, and a price through it took the account 150 short. Two reads now agree on the amounts, not the fills."""
+    from test_protection import protected, resting, stops
+    h = live(TRAIL_MIN_INTERVAL_S=0)
+    sim.sim.tick("NFO", SYMBOL, D("42.5"))
+    hidden = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="B", qty=75)["norenordno"]
+    control(sim, action="hide_order", norenordno=hidden)
+    wait_for(lambda: host_net(h, SYMBOL) == 75, timeout=6)
+    protected(h, qty=300, stop_loss="40")
+    resting(h, qty=300)
+    control(sim, action="hide_order", norenordno=hidden, on=False)
+    for side in ["S", "S", "S"] + ["B", "S"] * 4:
+        control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side=side, qty=75)
+        time.sleep(0.8)
+    sim.sim.tick("NFO", SYMBOL, D("39.6"))  # through the stop, the trader still active
+    wait_for(lambda: not [s for s in stops(h) if s["status"] in ("OPEN", "PARTIAL")], timeout=6)
+    time.sleep(2.0)
+    assert broker_net(sim, SYMBOL) >= 0
+    assert diff_nets(h, sim) == {}

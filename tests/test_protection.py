@@ -914,3 +914,46 @@ def test_a_rejected_target_exit_waits_before_it_is_tried_again_not_at_every_tick
     wait_for(lambda: len(events(h, "target_exit_rejected")) == 2, timeout=3)
     assert "tried again in 10 s" in events(h, "target_exit_rejected")[1]["message"]
     assert again["qty"] == 75 and h.net() == 75
+
+
+def test_a_targets_wait_ends_with_its_position_and_a_new_position_exits_at_its_own_target(paper):
+    """Found in review: the wait after a rejected target exit was kept by instrument, so a new position there had
+    its target ignored for up to 5 minutes. The wait belongs to the protection it was set for."""
+    from host.brokers.base import Rejected
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    real_place, refusing = h.broker.place, [True]
+
+    def refuse_exits(req):
+        if refusing and req.order_type.value != "SL-LMT":
+            raise Rejected("RMS: exits blocked")
+        return real_place(req)
+    h.broker.place = refuse_exits
+    h.tick("46")
+    wait_for(lambda: len(events(h, "target_exit_rejected")) == 1, timeout=3)
+    resting(h)
+    refusing.clear()
+    h.tick("39.5")  # the stop fills: flat, the protection done
+    wait_for(lambda: h.net() == 0, timeout=4)
+    h.settle()
+    h.tick("42.5")
+    protected(h, stop_loss="40", target="46", alert_id="second-entry")
+    resting(h)
+    h.tick("46")
+    wait_for(lambda: h.net() == 0, timeout=3)  # within the first position's 5 s wait
+
+
+def test_live_a_target_exit_the_broker_rejects_is_said_once(live_factory, sim):
+    """Found in review: a target exit rejected at the broker was said twice, 'tried again in 5 s' and risk's 'NOT
+    retried', because the sender's answer and the broker's update each brought the rejected order. Once now."""
+    h = live_factory(TRAIL_MIN_INTERVAL_S=0)
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5,
+                  json={"action": "reject_next", "reason": "RED:Margin Shortfall"}).raise_for_status()
+    sim.sim.tick("NFO", SYMBOL, D("46"))
+    wait_for(lambda: len(events(h, "target_exit_rejected")) == 1, timeout=4)
+    resting(h)
+    time.sleep(1.5)  # the broker's update of the rejected order comes too
+    assert events(h, "exit_rejected") == [] and len(events(h, "target_exit_rejected")) == 1
