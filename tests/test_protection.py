@@ -29,6 +29,19 @@ def protected(h: Any, expect: int = 200, strategy: str = "s1", **leg: Any) -> di
     return r.get_json()
 
 
+def refuse_exits(h: Any, reason: str = "RMS: exits blocked") -> list:
+    """The broker rejects every order but a stop (SL-LMT) while the returned list is not empty (clear() it)."""
+    from host.brokers.base import Rejected
+    real_place, refusing = h.broker.place, [True]
+
+    def place(req: Any) -> str:
+        if refusing and req.order_type.value != "SL-LMT":
+            raise Rejected(reason)
+        return real_place(req)
+    h.broker.place = place
+    return refusing
+
+
 def stops(h: Any, status: tuple = ("NEW", "SUBMITTED", "OPEN", "PARTIAL", "UNKNOWN")) -> list[dict]:
     marks = ",".join("?" * len(status))
     return h.runtime.storage.rows(f"select * from orders where protection is not null and status in ({marks}) "
@@ -199,17 +212,10 @@ def test_a_rejected_exit_of_a_protected_position_says_it_is_not_retried_and_is_n
     """Found from outside: the trader's EXIT of a protected position (sent once its stop is cancelled) was rejected
     and the event said "retrying with back-off"; nothing ever retried it. Only risk's own exits after a breach are
     retried: this one says it is not, and the stop is placed again."""
-    from host.brokers.base import Rejected
     h = paper
     protected(h, stop_loss="40", target="46")
     resting(h)
-    real_place = h.broker.place
-
-    def refuse_exits(req):
-        if req.order_type.value != "SL-LMT":
-            raise Rejected("RMS: no price for a market order")
-        return real_place(req)
-    h.broker.place = refuse_exits
+    refuse_exits(h, "RMS: no price for a market order")
     assert h.post(alert("EXIT", direction="SELL", order_type="MKT", price="0")).status_code == 200
     wait_for(lambda: events(h, "exit_rejected"), timeout=6)
     again = wait_for(lambda: (s := stops(h, ("OPEN",))) and s[0], timeout=10)  # protected again
@@ -889,17 +895,10 @@ def test_a_rejected_target_exit_waits_before_it_is_tried_again_not_at_every_tick
     """Found from outside: while the broker rejected exits, every tick at the target cancelled the stop, sent an
     exit (rejected) and placed the stop again: 8 ticks, 8 exits, 9 stops, 8 errors. The target now waits 5, 10,
     20 ... s after a rejection, said once each time; the stop stays meanwhile."""
-    from host.brokers.base import Rejected
     h = paper
     protected(h, stop_loss="40", target="46")
     resting(h)
-    real_place = h.broker.place
-
-    def refuse_exits(req):
-        if req.order_type.value != "SL-LMT":
-            raise Rejected("RMS: exits blocked")
-        return real_place(req)
-    h.broker.place = refuse_exits
+    refuse_exits(h)
     for price in ("46", "46.5", "47", "46.2", "46.8", "47.1", "46.4", "46.9"):
         h.tick(price)
         time.sleep(0.3)
@@ -919,17 +918,10 @@ def test_a_rejected_target_exit_waits_before_it_is_tried_again_not_at_every_tick
 def test_a_targets_wait_ends_with_its_position_and_a_new_position_exits_at_its_own_target(paper):
     """Found in review: the wait after a rejected target exit was kept by instrument, so a new position there had
     its target ignored for up to 5 minutes. The wait belongs to the protection it was set for."""
-    from host.brokers.base import Rejected
     h = paper
     protected(h, stop_loss="40", target="46")
     resting(h)
-    real_place, refusing = h.broker.place, [True]
-
-    def refuse_exits(req):
-        if refusing and req.order_type.value != "SL-LMT":
-            raise Rejected("RMS: exits blocked")
-        return real_place(req)
-    h.broker.place = refuse_exits
+    refusing = refuse_exits(h)
     h.tick("46")
     wait_for(lambda: len(events(h, "target_exit_rejected")) == 1, timeout=3)
     resting(h)
