@@ -430,13 +430,13 @@ class Engine:
             self._recover_pending = True
             return
         if unsent and not getattr(self.broker, "book_is_synchronous", False):
-            self.outside.poll()  # the trader may have closed a position in the app meanwhile: exits are capped
-            if self.outside.blind:  # without the broker's positions, no exit is sent late: tried again shortly
+            view = self.outside.read_for_exits()  # the trader may have closed a position in the app meanwhile
+            if view is None:  # without the broker's positions, no exit is sent late: tried again shortly
                 log.warning("unsent orders wait: the broker's positions cannot be read (%s)", self.outside.blind)
                 self._recover_pending = True
                 return
-            net = dict(self.outside.broker_net)
-            unsent = self.storage.write(lambda db: flatten.cap_unsent_exits(db, unsent, net))
+            unsent = self.storage.write(lambda db: flatten.cap_unsent_exits(
+                db, unsent, flatten.closing_room(db, view, skip=unsent) or {}))
         self._recover_pending = False
         for oid in unsent:
             log.info("order %s was never handed to the broker (the host stopped, or the broker session was over); "
@@ -487,21 +487,21 @@ class Engine:
             self.storage.write(lambda db: self._record(db, row, decision))
         else:
             alert = alert_from_json(row["body"])
-            net = None
+            view = None  # the trader may have just closed it in the broker's app: read the books now
             if alert.execution_type in (ExecutionType.EXIT, ExecutionType.POSITION) \
                     and not getattr(self.broker, "book_is_synchronous", False):
-                self.outside.poll()  # the trader may have just closed it in the broker's app: read the books now
-                net = None if self.outside.blind else dict(self.outside.broker_net)
+                view = self.outside.read_for_exits()
             asked = (self.strategies.admit(alert, self.require_known) if alert.execution_type is ExecutionType.POSITION
                      else self.strategies.route_alert(alert, self.require_known))
             if asked.error:
                 decision = Decision(asked.status, asked.error)
                 self.storage.write(lambda db: self._record(db, row, decision))
             elif alert.execution_type is ExecutionType.POSITION:
-                decision = self.storage.write(lambda db: self._decide_targets(db, row, alert, asked.version, net))
+                decision = self.storage.write(lambda db: self._decide_targets(
+                    db, row, alert, asked.version, flatten.closing_room(db, view)))
             else:
-                decision = self.storage.write(
-                    lambda db: self._decide(db, row, alert.strategy, list(asked.intents), asked.version, net))
+                decision = self.storage.write(lambda db: self._decide(
+                    db, row, alert.strategy, list(asked.intents), asked.version, flatten.closing_room(db, view)))
         self.inbox.decided("alerts", row["id"])
         self._dispatch(decision)
 

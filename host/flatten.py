@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import sqlite_utils
 
-from .models import AlertStatus, ExecutionType, Intent, OrderStatus, OrderType, Product, Side
+from .models import AlertStatus, BrokerView, ExecutionType, Intent, OrderStatus, OrderType, Product, Side
 from .orders import transition
 from .storage import Storage, dec, utcnow
 from .watcher import move_position
@@ -109,6 +109,32 @@ def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> tuple[list[
     return [p for rows in by_key.values() for p in rows if p["net_qty"]], crossed
 
 
+def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView], skip: Collection[str] = ()) -> \
+        Optional[dict[tuple, int]]:
+    """The broker's net, less what our exits already working or queued there close when they fill: how far new
+    exits may still take the account towards zero. None without a fresh read of the broker's positions.
+
+    An exit counts what is left of it, unless the book (read before the positions) shows it ended: then its fills
+    are in the net already. Read in that order, a fill between the two reads is counted twice, never missed, so an
+    exit may come out short but never takes the account past zero. Resting stops are left out: their position's
+    exit is sent only once the stop's cancel is confirmed (protect.split_exits)."""
+    if view is None:
+        return None
+    room = dict(view.net)
+    at_broker = {o.remarks: o for o in view.book or () if o.remarks}
+    for o in db.query(f"select id, exchange, symbol, product, side, qty, filled_qty from orders where action != "
+                      f"'ENTRY' and protection is null and status in ({','.join('?' * len(OPEN_STATUSES))})",
+                      OPEN_STATUSES):
+        key, seen = (o["exchange"], o["symbol"], o["product"]), at_broker.get(o["id"])
+        net = room.get(key, 0)
+        if o["id"] in skip or (seen is not None and seen.status.terminal) or not net \
+                or (net > 0) != (o["side"] == Side.SELL.value):
+            continue
+        left = o["qty"] - max(o["filled_qty"] or 0, seen.filled_qty if seen is not None else 0)
+        room[key] = net - (1 if net > 0 else -1) * min(abs(net), max(left, 0))
+    return room
+
+
 def cap_exits(intents: list[Intent], broker_net: Optional[dict[tuple, int]]) -> tuple[list[Intent], list[str]]:
     """EXITs (one for one) cut down so that none takes the account's net at the broker past zero (a position
     closed outside a moment ago); the notes say so. No cap without a fresh read of the broker's positions."""
@@ -124,7 +150,8 @@ def cap_exits(intents: list[Intent], broker_net: Optional[dict[tuple, int]]) -> 
         closable = abs(net) if net and (net > 0) == (i.side is Side.SELL) else 0
         qty = min(i.qty, closable)
         if qty < i.qty:
-            notes.append(f"{i.exchange}:{i.symbol} exit capped from {i.qty} to {qty}: the broker's net is {net:+d}")
+            notes.append(f"{i.exchange}:{i.symbol} exit capped from {i.qty} to {qty}: the broker's net, less the "
+                         f"exits already working there, is {net:+d}")
         out.append(replace(i, qty=qty))  # 0: nothing left to close at the broker (the caller drops it)
         room[key] = net + (qty if i.side is Side.BUY else -qty)
     return out, notes
@@ -149,8 +176,9 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], broker_net
         if qty == o["qty"]:
             keep.append(oid)
             continue
-        why = (f"not sent late: the broker's net in {o['exchange']}:{o['symbol']} is now {net:+d}, so this exit "
-               f"is cut from {o['qty']} to {qty}" + (" and not sent" if not qty else ""))
+        why = (f"not sent late: the broker's net in {o['exchange']}:{o['symbol']}, less the exits already working "
+               f"there, is now {net:+d}, so this exit is cut from {o['qty']} to {qty}" + (" and not sent" if not qty
+                                                                                          else ""))
         if qty:
             db.execute("update orders set qty = ? where id = ? and status = 'NEW'", (qty, oid))
             Storage.insert(db, "order_history", {"order_id": oid, "at": utcnow(), "status": "NEW", "detail": why})
@@ -194,16 +222,21 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
             net = room.get(key, 0)
             same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0
             qty = min(qty, abs(same_side))
-            room[key] = net - (1 if p["net_qty"] > 0 else -1) * qty
         if qty == 0:
-            left.append(f"{where}: the broker shows no such position to close")
+            left.append(f"{where}: nothing left to close at the broker (its net, less the exits already working "
+                        f"there)")
             continue
         side = Side.SELL if p["net_qty"] > 0 else Side.BUY
         d = evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, qty, OrderType.MKT,
                                                 Product(p["product"]), action=ExecutionType.EXIT)])
         created += d.orders
         cancels += d.cancels
-        if not d.orders and d.status is AlertStatus.ACCEPTED and _exit_held(db, p):
+        held_back = not d.orders and d.status is AlertStatus.ACCEPTED and _exit_held(db, p)
+        if broker_net is not None:  # what is sent (the guard takes off what exits already cover), or held back
+            sent = qty if held_back else db.execute(f"select coalesce(sum(qty), 0) from orders where id in "
+                                                    f"({','.join('?' * len(d.orders))})", tuple(d.orders)).fetchone()[0]
+            room[key] = room.get(key, 0) - (1 if p["net_qty"] > 0 else -1) * sent
+        if held_back:
             waiting.append(where)  # its resting stop is cancelled first; the exit follows the broker's confirmation
         elif not d.orders and d.reason and "nothing to exit" not in d.reason:
             left.append(f"{where}: {d.status.value}: {d.reason}")

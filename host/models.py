@@ -307,3 +307,11 @@ class BrokerOrder:
     symbol: Optional[str] = None
     product: Optional[str] = None   # the broker's code: M, I, C, or H/B for cover and bracket orders
     side: Optional[Side] = None
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """The broker's net per (exchange, symbol, product), and its order book read just before it (None: unread)."""
+
+    net: dict[tuple, int]
+    book: Optional[list[BrokerOrder]]

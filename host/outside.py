@@ -21,7 +21,7 @@ from .brokers.base import SessionExpired
 from .flatten import OPEN_STATUSES
 from .ids import new_id
 from .market import IST
-from .models import BrokerOrder, Product, Side
+from .models import BrokerOrder, BrokerView, Product, Side
 from .storage import Storage, utcnow
 from .watcher import move_position
 
@@ -178,6 +178,17 @@ class OutsideTrades:
         """Read positions (unreadable: blind, never "flat") and books; True if anything was adopted."""
         with self._lock:
             return self._poll()
+
+    def read_for_exits(self) -> Optional[BrokerView]:
+        """The order book, then a poll: what caps exits (flatten.closing_room). None while blind."""
+        with self._lock:
+            try:
+                book: Optional[list[BrokerOrder]] = self.broker_book()
+            except Exception as e:  # our own rows then say what is working: counted in full
+                log.warning("exits capped by our own orders: the broker's order book is unreadable (%s)", e)
+                book = None
+            self._poll()
+            return None if self.blind else BrokerView(dict(self.broker_net), book)
 
     def _poll(self) -> bool:
         try:

@@ -260,16 +260,14 @@ class RiskLoop:
 
     def _flatten(self, why: str, strategy: Optional[str], product: Optional[str], quiet: bool,
                  everything: bool) -> dict:
-        try:  # the broker's net now, so that nothing closed outside is sold again; unreadable: no cap
-            net: Optional[dict] = {(p.exchange, p.symbol, p.product.value): p.net_qty
-                                   for p in self.outside.broker_positions()}
-        except Exception as e:
-            log.warning("%s: the broker's positions are unreadable (%s); exits are capped by our own book only", why, e)
-            net = None
+        view = self.outside.read_for_exits()  # the broker's net now: nothing closed outside is sold again
+        if view is None:
+            log.warning("%s: the broker's positions are unreadable (%s); exits are capped by our own book only", why,
+                        self.outside.blind)
         skip = (lambda p: None) if everything else self._left_alone
         done = self.storage.write(lambda db: flatten.flatten(
-            db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents, alert_id=None), net, strategy,
-            product, skip, quiet))
+            db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents, alert_id=None),
+            flatten.closing_room(db, view), strategy, product, skip, quiet))
         self.dispatch(Decision(AlertStatus.ACCEPTED, why, done.orders, done.cancels), why)
         return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
                 "left": list(done.left)}

@@ -699,6 +699,75 @@ def test_1c_a_position_target_right_after_a_close_in_the_app_never_takes_the_acc
     assert broker_net(sim, SYMBOL) == 0
 
 
+def test_1f_an_exit_after_a_close_in_the_app_counts_the_exit_already_working_and_never_goes_short(live, sim):
+    """Found from outside: 150 held, a limit exit of 75 rests at the broker, the trader sells the other 75 in the
+    app (the order book lags). An EXIT alert was capped at the broker's net (75) alone and sold 75 more: when the
+    resting exit filled, the account was short 75. The exits already working are counted against the net."""
+    h = live()
+    held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "half", SYMBOL) == 150)
+    [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    manual = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)["norenordno"]
+    control(sim, action="hide_order", norenordno=manual)  # the book lags; the position book already shows it
+    answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT",
+                   price=None)
+    assert answer.get("orders", []) == [], answer  # the resting exit covers all the broker still holds
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills
+    wait_status(h, resting["id"], "FILLED")
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0
+    wait_for(lambda: host_net(h, SYMBOL) == 0, timeout=8)
+
+
+def test_1g_exit_all_after_a_close_in_the_app_counts_the_exit_already_working_and_never_goes_short(live, sim):
+    """As test_1f, for risk's flatten (exit-all, a breach): it capped its exits at the broker's net alone, so with
+    a limit exit resting for half and the other half sold in the app, it sold that half again."""
+    h = live()
+    held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "half", SYMBOL) == 150)
+    [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    manual = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)["norenordno"]
+    control(sim, action="hide_order", norenordno=manual)  # the book lags; the position book already shows it
+    done = exit_all(h)
+    assert done["orders"] == [], done  # the resting exit covers all the broker still holds
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 75
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills
+    wait_status(h, resting["id"], "FILLED")
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0
+
+
+def test_1h_an_exit_whose_resting_half_filled_unheard_still_closes_the_rest(live, sim):
+    """The other way round from test_1f: the resting exit has filled at the broker but the host has not heard
+    (feed stalled), so its row still says OPEN. The book, read before the positions, says it is done: the EXIT
+    closes what the broker still holds, not nothing."""
+    h = live()
+    held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "half", SYMBOL) == 150)
+    [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    control(sim, action="stall_feed", on=True)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills, unheard
+    wait_for(lambda: broker_net(sim, SYMBOL) == 75)
+    answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT",
+                   price=None)
+    assert [o["qty"] for o in answer["orders"]] == [75], answer
+    control(sim, action="stall_feed", on=False)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+    wait_for(lambda: host_net(h, SYMBOL) == 0, timeout=8)
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")

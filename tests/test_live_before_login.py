@@ -145,3 +145,35 @@ def test_an_exit_held_for_the_login_is_not_sent_if_the_trader_closed_the_positio
         assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
     finally:
         h.stop()
+
+
+def test_an_exit_held_for_the_login_counts_the_exit_already_resting_before_it_is_sent_late(sim, tmp_path):
+    """Found from outside: 150 held, a limit exit of 75 resting, the session over, an EXIT for the other 75 held,
+    and the trader sells 75 in the app meanwhile. The late send was capped at the broker's net (75) alone: it sold
+    75, and the resting exit's fill then took the account short 75. The resting exit is counted against the net."""
+    h = live_host(sim, tmp_path / "var", RISK_POLL_S=1)
+    try:
+        login(h, sim)
+        sim.sim.tick("NFO", SYMBOL, D("42.5"))
+        assert h.post(alert(direction="BUY", qty=150, price="43", alert_id="in")).status_code == 200
+        wait_for(lambda: h.api("/api/positions").get_json()["items"], timeout=5)
+        r = h.post(alert("EXIT", direction="SELL", qty=75, order_type="LMT", price="60", alert_id="half"))
+        [resting] = [o["id"] for o in r.get_json()["orders"]]
+        wait_for(lambda: h.api(f"/api/orders/{resting}").get_json()["status"] == "OPEN", timeout=5)
+        sim.sim.expire_sessions()
+        r = h.post(alert("EXIT", direction="SELL", qty=150, order_type="MKT", price=None, alert_id="out"))
+        [oid] = [o["id"] for o in r.get_json()["orders"]]
+        assert h.api(f"/api/orders/{oid}").get_json()["qty"] == 75  # the rest: the resting exit covers 75
+        wait_for(lambda: [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "order_held"], timeout=5)
+        requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5, json={
+            "action": "manual_order", "exchange": "NFO", "symbol": SYMBOL, "side": "S", "qty": 75}).raise_for_status()
+        login(h, sim)
+        order = wait_for(lambda: (o := h.api(f"/api/orders/{oid}").get_json())["status"] == "REJECTED" and o, timeout=8)
+        assert "exits already working" in order["reason"] and "+0" in order["reason"], order
+        sim.sim.tick("NFO", SYMBOL, D("61"))  # the resting exit fills
+        wait_for(lambda: h.api(f"/api/orders/{resting}").get_json()["status"] == "FILLED", timeout=8)
+        time.sleep(1.0)
+        assert sim.sim.engine.find_all(oid) == []
+        assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
+    finally:
+        h.stop()
