@@ -699,27 +699,44 @@ def test_1c_a_position_target_right_after_a_close_in_the_app_never_takes_the_acc
     assert broker_net(sim, SYMBOL) == 0
 
 
-def test_1f_an_exit_after_a_close_in_the_app_counts_the_exit_already_working_and_never_goes_short(live, sim):
-    """Found from outside: 150 held, a limit exit of 75 rests at the broker, the trader sells the other 75 in the
-    app (the order book lags). An EXIT alert was capped at the broker's net (75) alone and sold 75 more: when the
-    resting exit filled, the account was short 75. The exits already working are counted against the net."""
-    h = live()
+def _half_resting(h: Host) -> str:
+    """150 held by strategy 'half', with a limit exit for 75 resting at the broker well above the market; its id."""
     held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
     wait_status(h, held, "FILLED")
     wait_for(lambda: net(h, "half", SYMBOL) == 150)
     [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
                       price="60")["orders"]
     wait_status(h, resting["id"], "OPEN")
-    manual = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)["norenordno"]
-    control(sim, action="hide_order", norenordno=manual)  # the book lags; the position book already shows it
+    return resting["id"]
+
+
+def _sold_in_the_app_unbooked(sim: Any, qty: int) -> str:
+    """The trader sells in the broker's app; the position book shows it, the order book not yet. Its number."""
+    manual = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=qty)["norenordno"]
+    control(sim, action="hide_order", norenordno=manual)
+    return manual
+
+
+def _resting_fills(h: Host, sim: Any, resting: str, manual: str) -> None:
+    """The app's order shows in the book, the resting exit fills: the account must end flat, not short."""
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")
+    wait_status(h, resting, "FILLED")
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0
+
+
+def test_1f_an_exit_after_a_close_in_the_app_counts_the_exit_already_working_and_never_goes_short(live, sim):
+    """Found from outside: 150 held, a limit exit of 75 rests at the broker, the trader sells the other 75 in the
+    app (the order book lags). An EXIT alert was capped at the broker's net (75) alone and sold 75 more: when the
+    resting exit filled, the account was short 75. The exits already working are counted against the net."""
+    h = live()
+    resting = _half_resting(h)
+    manual = _sold_in_the_app_unbooked(sim, 75)
     answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT",
                    price=None)
     assert answer.get("orders", []) == [], answer  # the resting exit covers all the broker still holds
-    control(sim, action="hide_order", norenordno=manual, on=False)
-    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills
-    wait_status(h, resting["id"], "FILLED")
-    time.sleep(1.0)
-    assert broker_net(sim, SYMBOL) == 0
+    _resting_fills(h, sim, resting, manual)
     wait_for(lambda: host_net(h, SYMBOL) == 0, timeout=8)
 
 
@@ -727,23 +744,13 @@ def test_1g_exit_all_after_a_close_in_the_app_counts_the_exit_already_working_an
     """As test_1f, for risk's flatten (exit-all, a breach): it capped its exits at the broker's net alone, so with
     a limit exit resting for half and the other half sold in the app, it sold that half again."""
     h = live()
-    held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    wait_for(lambda: net(h, "half", SYMBOL) == 150)
-    [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
-                      price="60")["orders"]
-    wait_status(h, resting["id"], "OPEN")
-    manual = control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)["norenordno"]
-    control(sim, action="hide_order", norenordno=manual)  # the book lags; the position book already shows it
+    resting = _half_resting(h)
+    manual = _sold_in_the_app_unbooked(sim, 75)
     done = exit_all(h)
     assert done["orders"] == [], done  # the resting exit covers all the broker still holds
     time.sleep(1.0)
     assert broker_net(sim, SYMBOL) == 75
-    control(sim, action="hide_order", norenordno=manual, on=False)
-    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills
-    wait_status(h, resting["id"], "FILLED")
-    time.sleep(1.0)
-    assert broker_net(sim, SYMBOL) == 0
+    _resting_fills(h, sim, resting, manual)
 
 
 def test_1h_an_exit_whose_resting_half_filled_unheard_still_closes_the_rest(live, sim):
@@ -751,12 +758,7 @@ def test_1h_an_exit_whose_resting_half_filled_unheard_still_closes_the_rest(live
     (feed stalled), so its row still says OPEN. The book, read before the positions, says it is done: the EXIT
     closes what the broker still holds, not nothing."""
     h = live()
-    held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    wait_for(lambda: net(h, "half", SYMBOL) == 150)
-    [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
-                      price="60")["orders"]
-    wait_status(h, resting["id"], "OPEN")
+    resting = _half_resting(h)
     control(sim, action="stall_feed", on=True)
     control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills, unheard
     wait_for(lambda: broker_net(sim, SYMBOL) == 75)

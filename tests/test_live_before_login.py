@@ -121,25 +121,46 @@ def test_an_exit_during_an_expired_session_is_held_and_sent_once_after_the_login
         h.stop()
 
 
+def _holding(h, sim, qty: int) -> None:
+    """Logged in, and the strategy holds qty bought at the market."""
+    login(h, sim)
+    sim.sim.tick("NFO", SYMBOL, D("42.5"))
+    assert h.post(alert(direction="BUY", qty=qty, price="43", alert_id="in")).status_code == 200
+    wait_for(lambda: h.api("/api/positions").get_json()["items"], timeout=5)
+
+
+def _held_exit(h, **kw) -> str:
+    """The session is over: an EXIT alert's order is held (NEW) for the login; its id."""
+    r = h.post(alert("EXIT", direction="SELL", alert_id="out", **kw))
+    [oid] = [o["id"] for o in r.get_json()["orders"]]
+    wait_for(lambda: [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "order_held"], timeout=5)
+    return oid
+
+
+def _sold_in_the_app(sim, qty: int) -> None:
+    requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5, json={
+        "action": "manual_order", "exchange": "NFO", "symbol": SYMBOL, "side": "S", "qty": qty}).raise_for_status()
+
+
+def _rejected_after_login(h, sim, oid: str) -> dict:
+    """The login's recovery sends the held exit late, capped: cut to nothing, it is rejected, never sent."""
+    login(h, sim)
+    order = wait_for(lambda: (o := h.api(f"/api/orders/{oid}").get_json())["status"] == "REJECTED" and o, timeout=8)
+    assert "broker's net" in order["reason"] and "+0" in order["reason"], order
+    return order
+
+
 def test_an_exit_held_for_the_login_is_not_sent_if_the_trader_closed_the_position_in_the_app_meanwhile(sim, tmp_path):
     """The held exit goes out late: it is capped at the broker's net then, as an EXIT alert is when it comes, so a
     position the trader closed in the broker's app while the host was logged out is not sold again (short)."""
     h = live_host(sim, tmp_path / "var", RISK_POLL_S=1)
     try:
-        login(h, sim)
-        sim.sim.tick("NFO", SYMBOL, D("42.5"))
-        assert h.post(alert(direction="BUY", qty=75, price="43", alert_id="in")).status_code == 200
-        wait_for(lambda: h.api("/api/positions").get_json()["items"], timeout=5)
+        _holding(h, sim, 75)
         sim.sim.expire_sessions()
-        r = h.post(alert("EXIT", direction="SELL", qty=75, price="42", alert_id="out"))
-        [oid] = [o["id"] for o in r.get_json()["orders"]]
-        wait_for(lambda: [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "order_held"], timeout=5)
-        requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5, json={
-            "action": "manual_order", "exchange": "NFO", "symbol": SYMBOL, "side": "S", "qty": 75}).raise_for_status()
+        oid = _held_exit(h, qty=75, price="42")
+        _sold_in_the_app(sim, 75)
         assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
-        login(h, sim)
-        order = wait_for(lambda: (o := h.api(f"/api/orders/{oid}").get_json())["status"] == "REJECTED" and o, timeout=8)
-        assert "broker's net" in order["reason"] and "+0" in order["reason"], order
+        _rejected_after_login(h, sim, oid)
         time.sleep(1.0)
         assert sim.sim.engine.find_all(oid) == []
         assert sim.sim.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
@@ -153,23 +174,16 @@ def test_an_exit_held_for_the_login_counts_the_exit_already_resting_before_it_is
     75, and the resting exit's fill then took the account short 75. The resting exit is counted against the net."""
     h = live_host(sim, tmp_path / "var", RISK_POLL_S=1)
     try:
-        login(h, sim)
-        sim.sim.tick("NFO", SYMBOL, D("42.5"))
-        assert h.post(alert(direction="BUY", qty=150, price="43", alert_id="in")).status_code == 200
-        wait_for(lambda: h.api("/api/positions").get_json()["items"], timeout=5)
+        _holding(h, sim, 150)
         r = h.post(alert("EXIT", direction="SELL", qty=75, order_type="LMT", price="60", alert_id="half"))
         [resting] = [o["id"] for o in r.get_json()["orders"]]
         wait_for(lambda: h.api(f"/api/orders/{resting}").get_json()["status"] == "OPEN", timeout=5)
         sim.sim.expire_sessions()
-        r = h.post(alert("EXIT", direction="SELL", qty=150, order_type="MKT", price=None, alert_id="out"))
-        [oid] = [o["id"] for o in r.get_json()["orders"]]
+        oid = _held_exit(h, qty=150, order_type="MKT", price=None)
         assert h.api(f"/api/orders/{oid}").get_json()["qty"] == 75  # the rest: the resting exit covers 75
-        wait_for(lambda: [e for e in h.api("/api/events").get_json()["items"] if e["kind"] == "order_held"], timeout=5)
-        requests.post(f"http://127.0.0.1:{sim.port}/sim/control", timeout=5, json={
-            "action": "manual_order", "exchange": "NFO", "symbol": SYMBOL, "side": "S", "qty": 75}).raise_for_status()
-        login(h, sim)
-        order = wait_for(lambda: (o := h.api(f"/api/orders/{oid}").get_json())["status"] == "REJECTED" and o, timeout=8)
-        assert "exits already working" in order["reason"] and "+0" in order["reason"], order
+        _sold_in_the_app(sim, 75)
+        order = _rejected_after_login(h, sim, oid)
+        assert "exits already working" in order["reason"], order
         sim.sim.tick("NFO", SYMBOL, D("61"))  # the resting exit fills
         wait_for(lambda: h.api(f"/api/orders/{resting}").get_json()["status"] == "FILLED", timeout=8)
         time.sleep(1.0)
