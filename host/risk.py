@@ -242,8 +242,8 @@ class RiskManager:
                                                   f"refused until {until.isoformat()}", "error",
                                       {"until": until.isoformat(), "streak": streak}))
         elif day.halted_by_breach and (exposed() if callable(exposed) else exposed):
-            actions.append(Action("violation", f"positions reappeared after today's breach (PnL {pnl}); "
-                                               f"flattening them again", "error", data))
+            actions.append(Action("violation", f"positions open after today's breach (PnL {pnl}) with no exit on "
+                                               f"its way to the market: flattening them again", "error", data))
         elif not day.halted_by_breach and pnl <= warning_level(day.limit, self.limits.base, self.limits.threshold) \
                 and str(day.limit) not in day.warned:
             day.warned.append(str(day.limit))

@@ -129,8 +129,9 @@ class RiskLoop:
                 self.act(action)
 
     def _exposed(self) -> bool:
-        """Asked only after a breach: positions risk counts that no working exit covers."""
-        return bool(self._to_flatten(self.storage.rows(
+        """Asked only after a breach: positions risk counts that no working exit covers, or that a working exit
+        not yet moving towards the market does (a death between the breach and the mark)."""
+        return bool(self._resting_exits(None, None)) or bool(self._to_flatten(self.storage.rows(
             "select p.* from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
             "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
             "o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
@@ -252,11 +253,23 @@ class RiskLoop:
         """Stop adding orders and exit what risk counts (everything, for the trader's exit-all); risk's own
         exits escalate until they fill."""
         done = self._flatten(why, strategy, product, quiet, everything)
-        if not everything and done["orders"]:
-            ids = done["orders"]
-            self.storage.write(lambda db: db.execute(
-                f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids))
+        if not everything:
+            ids = done["orders"] + self._resting_exits(strategy, product)
+            if ids:
+                self.storage.write(lambda db: db.execute(
+                    f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids))
         return done
+
+    def _resting_exits(self, strategy: Optional[str], product: Optional[str]) -> list[str]:
+        """Working limit exits (a trader's, a strategy's; not stops) of the positions risk exits: they count as
+        covering their part, so they must fill too. Escalated, they move towards the market as risk's own do."""
+        rows = self.storage.rows(
+            "select o.id order_id, p.* from orders o join positions p on p.strategy = o.strategy and p.exchange = o.exchange "
+            "and p.symbol = o.symbol and p.product = o.product where o.status in ('OPEN', 'PARTIAL') and o.action != "
+            "'ENTRY' and o.protection is null and o.escalate is null and p.net_qty != 0 and (o.side = 'SELL') = "
+            "(p.net_qty > 0) and (? is null or o.strategy = ?) and (? is null or o.product = ?)",
+            (strategy, strategy, product, product))
+        return [r["order_id"] for r in rows if self._left_alone(r) is None]
 
     def _flatten(self, why: str, strategy: Optional[str], product: Optional[str], quiet: bool,
                  everything: bool) -> dict:

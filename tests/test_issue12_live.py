@@ -770,6 +770,34 @@ def test_1h_an_exit_whose_resting_half_filled_unheard_still_closes_the_rest(live
     wait_for(lambda: host_net(h, SYMBOL) == 0, timeout=8)
 
 
+def test_1i_the_breach_moves_a_resting_limit_exit_towards_the_market_so_the_position_is_closed(live, sim):
+    """Found from outside: the breach exited only what no working exit covered. A trader's limit exit resting far
+    above the market counted as covering its half, so after the breach 75 stayed open, losing past the limit,
+    for as long as the market stayed below the limit. Risk now moves it towards the market, as it does its own."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    resting = _half_resting(h)
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    wait_status(h, resting, "FILLED", timeout=8)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+    assert "moving" in " ".join(r["detail"] or "" for r in h.runtime.storage.rows(
+        "select detail from order_history where order_id = ?", (resting,)))
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0 and host_net(h, SYMBOL) == 0
+
+
+def test_1j_a_resting_exit_whose_mark_was_lost_is_moved_by_the_check_after_the_breach(live, sim):
+    """What if the process dies between the breach's exits and the mark that moves the resting exit? The check
+    after a breach finds a covered position whose exit is not moving, and marks it (a risk_violation)."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="60")
+    resting = _half_resting(h)
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    marked = lambda: h.runtime.storage.one("select escalate from orders where id = ?", (resting,))["escalate"]  # noqa
+    wait_for(lambda: marked() == 1, timeout=5)
+    h.runtime.storage.write(lambda db: db.execute("update orders set escalate = null where id = ?", (resting,)))
+    wait_for(lambda: marked() == 1, timeout=5)
+    assert "no exit on its way to the market" in events(h, "risk_violation")[-1]["message"]
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
