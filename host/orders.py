@@ -120,16 +120,23 @@ def request_for(row: dict) -> OrderRequest:
                         Product(row["product"]), dec(row["price"]), dec(row["trigger_price"]), remarks=row["id"])
 
 
+ORDER_CALLS = frozenset({"place_order", "prepare_order", "modify_order", "cancel_order"})
+
+
 class BrokerGateway:
-    """Runs every broker call with a timeout; a call that overruns is an unknown outcome."""
+    """Runs every broker call with a timeout; a call that overruns is an unknown outcome.
+
+    Calls that place, change or cancel orders have threads of their own: slow reads of the books, up to four at
+    once, never make an order wait its whole timeout in the queue (it was then UNKNOWN without having been sent)."""
 
     def __init__(self, broker: Broker, timeout_s: float = BROKER_TIMEOUT_S):
         self.broker = broker
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker")
+        self._orders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-orders")
 
     def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        future = self._pool.submit(fn, *args)
+        future = (self._orders if what in ORDER_CALLS else self._pool).submit(fn, *args)
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
@@ -140,7 +147,8 @@ class BrokerGateway:
             raise transport_failure(f"{self.broker.name} {what}", e) from e
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._orders):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class OrderSender:

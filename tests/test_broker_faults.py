@@ -159,6 +159,37 @@ def test_the_gateway_classifies_what_an_adapter_lets_through():
         gateway.shutdown()
 
 
+def test_slow_reads_of_the_books_never_keep_an_order_waiting_in_the_gateways_queue():
+    """A slow broker: four reads of the books hang, each past its timeout. A PlaceOrder queued behind them waited
+    its whole timeout without being sent, and was then UNKNOWN (and sent later, when a thread came free). Calls
+    that place, change or cancel orders have threads of their own."""
+    from host.orders import BrokerGateway
+
+    class Slow:
+        name = "slow"
+
+    release = threading.Event()
+    gateway = BrokerGateway(Slow(), timeout_s=0.5)  # type: ignore[arg-type]
+    hung: list[threading.Thread] = []
+    try:
+        hung += [threading.Thread(target=lambda: pytest.raises(UnknownOutcome, gateway.call, "order_book", release.wait))
+                for _ in range(4)]
+        for t in hung:
+            t.start()
+        time.sleep(0.1)  # the four reads hold every thread of the reads
+        started = time.monotonic()
+        for what in ("place_order", "prepare_order", "modify_order", "cancel_order"):
+            assert gateway.call(what, lambda: "B1") == "B1"
+        assert time.monotonic() - started < 0.4
+        with pytest.raises(UnknownOutcome):  # a fifth read still waits behind the four, and says so in time
+            gateway.call("positions", lambda: [])
+    finally:
+        release.set()
+        for t in hung:
+            t.join(2)
+        gateway.shutdown()
+
+
 def test_a_dropped_placeorder_reply_leaves_the_order_unknown_until_the_book_shows_it_filled(sim, proxy, tmp_path):
     from test_shoonya import login
     h = live_host_via(sim, proxy, tmp_path / "var")
