@@ -126,20 +126,24 @@ ORDER_CALLS = frozenset({"place_order", "prepare_order", "modify_order", "cancel
 class BrokerGateway:
     """Runs every broker call with a timeout; a call that overruns is an unknown outcome.
 
-    Calls that place, change or cancel orders have threads of their own: slow reads of the books, up to four at
-    once, never make an order wait its whole timeout in the queue (it was then UNKNOWN without having been sent)."""
+    Calls that place, change or cancel orders have threads of their own: slow reads of the books never make an
+    order wait in the queue. A call still queued when its time is up never leaves: it was not sent (Unreachable),
+    rather than UNKNOWN and then sent late, when a thread came free."""
 
     def __init__(self, broker: Broker, timeout_s: float = BROKER_TIMEOUT_S):
         self.broker = broker
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker")
-        self._orders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-orders")
+        self._orders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-orders")
 
     def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         future = (self._orders if what in ORDER_CALLS else self._pool).submit(fn, *args)
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
+            if future.cancel():  # still queued behind calls that hang: it never reaches the broker
+                raise Unreachable(f"{self.broker.name} {what} was not sent: earlier calls to the broker held every "
+                                  f"connection for {self.timeout_s:g} s") from None
             raise UnknownOutcome(f"{self.broker.name} {what} gave no answer within {self.timeout_s:g} s") from None
         except BrokerError:
             raise

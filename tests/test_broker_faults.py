@@ -181,8 +181,19 @@ def test_slow_reads_of_the_books_never_keep_an_order_waiting_in_the_gateways_que
         for what in ("place_order", "prepare_order", "modify_order", "cancel_order"):
             assert gateway.call(what, lambda: "B1") == "B1"
         assert time.monotonic() - started < 0.4
-        with pytest.raises(UnknownOutcome):  # a fifth read still waits behind the four, and says so in time
+        with pytest.raises(Unreachable, match="was not sent"):  # a fifth read waits behind the four: said in time
             gateway.call("positions", lambda: [])
+        hung += [threading.Thread(target=lambda: pytest.raises(UnknownOutcome, gateway.call, "modify_order",
+                                                               release.wait)) for _ in range(4)]
+        for t in hung[4:]:
+            t.start()
+        time.sleep(0.1)  # four ModifyOrders hang now: a PlaceOrder behind them is not sent, then or later
+        sent: list[str] = []
+        with pytest.raises(Unreachable, match="was not sent"):
+            gateway.call("place_order", lambda: sent.append("B2"))
+        release.set()
+        time.sleep(0.3)
+        assert sent == []
     finally:
         release.set()
         for t in hung:
