@@ -66,6 +66,7 @@ class RiskLoop:
         self._said: dict[str, float] = {}  # what was said when (quiet repeats)
         self._backoff: dict[tuple, tuple[float, int]] = {}  # position key -> (next try, rejected exits in a row)
         self._rejections_told: set[str] = set()  # exits whose rejection was acted on (each once, however it came)
+        self._oversize_told: set[str] = set()  # exits said to work for more than their position (said once)
 
     # ---- thread ----
     def start(self) -> None:
@@ -130,8 +131,10 @@ class RiskLoop:
 
     def _exposed(self) -> bool:
         """Asked only after a breach: positions risk counts that no working exit covers, or that a working exit
-        not yet moving towards the market does (a death between the breach and the mark)."""
-        return bool(self._resting_exits(None, None)) or bool(self._to_flatten(self.storage.rows(
+        not moving towards the market does (one placed since, by a strategy or the trader)."""
+        if self.storage.read(lambda db: _working_exits(db, None, None, self._left_alone)[0]):
+            return True
+        return bool(self._to_flatten(self.storage.rows(
             "select p.* from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
             "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
             "o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
@@ -251,39 +254,46 @@ class RiskLoop:
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False) -> dict:
         """Stop adding orders and exit what risk counts (everything, for the trader's exit-all); risk's own
-        exits escalate until they fill."""
-        done = self._flatten(why, strategy, product, quiet, everything)
-        if not everything:
-            ids = done["orders"] + self._resting_exits(strategy, product)
-            if ids:
-                self.storage.write(lambda db: db.execute(
-                    f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids))
-        return done
-
-    def _resting_exits(self, strategy: Optional[str], product: Optional[str]) -> list[str]:
-        """Working limit exits (a trader's, a strategy's; not stops) of the positions risk exits: they count as
-        covering their part, so they must fill too. Escalated, they move towards the market as risk's own do."""
-        rows = self.storage.rows(
-            "select o.id order_id, p.* from orders o join positions p on p.strategy = o.strategy and p.exchange = o.exchange "
-            "and p.symbol = o.symbol and p.product = o.product where o.status in ('OPEN', 'PARTIAL') and o.action != "
-            "'ENTRY' and o.protection is null and o.escalate is null and p.net_qty != 0 and (o.side = 'SELL') = "
-            "(p.net_qty > 0) and (? is null or o.strategy = ?) and (? is null or o.product = ?)",
-            (strategy, strategy, product, product))
-        return [r["order_id"] for r in rows if self._left_alone(r) is None]
-
-    def _flatten(self, why: str, strategy: Optional[str], product: Optional[str], quiet: bool,
-                 everything: bool) -> dict:
+        exits, and the exits already working for those positions, escalate until they fill."""
         view = self.outside.read_for_exits()  # the broker's net now: nothing closed outside is sold again
         if view is None:
             log.warning("%s: the broker's positions are unreadable (%s); exits are capped by our own book only", why,
                         self.outside.blind)
         skip = (lambda p: None) if everything else self._left_alone
-        done = self.storage.write(lambda db: flatten.flatten(
-            db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents, alert_id=None),
-            flatten.closing_room(db, view), strategy, product, skip, quiet))
+        told: list[str] = []
+
+        def run(db: Any) -> flatten.Flattened:
+            done = flatten.flatten(db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents,
+                                                                                            alert_id=None),
+                                   flatten.closing_room(db, view), strategy, product, skip, quiet)
+            if not everything:  # in the same transaction: a death cannot leave them unmarked
+                told[:] = self._escalate(db, done.orders, strategy, product)
+            return done
+        done = self.storage.write(run)
+        self._oversize_told.update(told)
         self.dispatch(Decision(AlertStatus.ACCEPTED, why, done.orders, done.cancels), why)
         return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
                 "left": list(done.left)}
+
+    def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str],
+                  product: Optional[str]) -> list[str]:
+        """Mark risk's exits, and the limit exits already working for the positions it exits (they count as
+        covering their part), to move towards the market until they fill. One that would sell more than the
+        position holds stays where it is, said once: moved, it would take the account past zero."""
+        fit, over = _working_exits(db, strategy, product, self._left_alone)
+        ids = list(created) + [i for i in fit if i not in created]
+        if ids:
+            db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
+        told = []
+        for o in over:
+            if o["id"] not in self._oversize_told:
+                told.append(o["id"])
+                Storage.add_event(db, "exit_not_moved", f"exit {o['id']} ({o['strategy']}) {o['side']} "
+                                  f"{o['remaining']} {o['exchange']}:{o['symbol']} is working for more than the "
+                                  f"position holds ({o['net_qty']:+d}, less its other exits): it is not moved towards "
+                                  f"the market, as filled it would take the account past zero; cancel it, and risk "
+                                  f"exits the position", "error", o["strategy"], {"order_id": o["id"]})
+        return told
 
     def _left_alone(self, p: dict) -> Optional[str]:
         """Why risk leaves a position alone: CNC, manual positions out of scope, an exit backing off."""
@@ -330,6 +340,31 @@ class RiskLoop:
 
     def exit_filled(self, row: dict) -> None:
         self._backoff.pop((row["strategy"], row["exchange"], row["symbol"], row["product"]), None)
+
+
+def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
+                   left_alone: Callable[[dict], Optional[str]]) -> tuple[list[str], list[dict]]:
+    """The unfinished non-stop exits of the positions risk exits, oldest first: those not yet marked to escalate
+    that fit within the position, and those that would take it past zero (more than it holds, less the others)."""
+    fit, over, room = [], [], {}
+    for o in db.query(
+            "select o.id, o.side, o.qty - coalesce(o.filled_qty, 0) remaining, o.escalate, p.* from orders o join "
+            "positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
+            "p.product = o.product where o.status in ('NEW', 'SUBMITTED', 'UNKNOWN', 'OPEN', 'PARTIAL') and "
+            "o.action != 'ENTRY' and o.protection is null and p.net_qty != 0 and (o.side = 'SELL') = (p.net_qty > 0) "
+            "and (? is null or o.strategy = ?) and (? is null or o.product = ?) order by o.rowid",
+            (strategy, strategy, product, product)):
+        if left_alone(o) is not None:
+            continue
+        key = (o["strategy"], o["exchange"], o["symbol"], o["product"])
+        room.setdefault(key, abs(o["net_qty"]))
+        if o["remaining"] <= room[key]:
+            room[key] -= o["remaining"]
+            if not o["escalate"]:
+                fit.append(o["id"])
+        elif not o["escalate"]:
+            over.append(o)
+    return fit, over
 
 
 def _touched_today(p: dict) -> bool:

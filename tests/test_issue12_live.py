@@ -798,6 +798,49 @@ def test_1j_a_resting_exit_whose_mark_was_lost_is_moved_by_the_check_after_the_b
     assert "no exit on its way to the market" in events(h, "risk_violation")[-1]["message"]
 
 
+def test_1k_the_breach_never_moves_an_exit_working_for_more_than_the_position_holds(live, sim):
+    """Found in review: 150 held with a limit exit for all 150 resting; the trader sells 75 in the app and the host
+    takes it off the strategy. The breach moved the 150 exit to the market: the account went short 75 for a
+    second. Such an exit is left where it is, and said once."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    held = entry(h, strategy="whole", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    [resting] = place(h, execution_type="EXIT", strategy="whole", direction="SELL", qty=150, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    wait_for(lambda: net(h, "whole", SYMBOL) == 75, timeout=8)  # the outside check took it off 'whole'
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 3
+    while time.monotonic() < deadline:
+        lowest = min(lowest, broker_net(sim, SYMBOL))
+        time.sleep(0.05)
+    assert lowest == 75 and status(h, resting["id"]) == "OPEN"
+    [said] = events(h, "exit_not_moved")
+    assert resting["id"] in said["message"] and "cancel it" in said["message"]
+
+
+def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(live, sim):
+    """Found in review: a strategy's limit exit was still SUBMITTED (the broker books it late) when the strategy's
+    own max loss fired; only OPEN exits were marked, and a strategy's breach is not checked again, so its half
+    stayed open past the limit. Exits on their way are marked too, in the flatten's own transaction."""
+    h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
+    held = entry(h, strategy="sx", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "sx", SYMBOL) == 150)
+    control(sim, action="book_late", seconds=2.5, reply="late")
+    [resting] = place(h, execution_type="EXIT", strategy="sx", direction="SELL", qty=75, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "SUBMITTED", "UNKNOWN")
+    deadline = time.monotonic() + 4
+    while not events(h, "risk_strategy_breach"):
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
+        time.sleep(0.1)
+    wait_status(h, resting["id"], "FILLED", timeout=10)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
