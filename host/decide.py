@@ -12,6 +12,7 @@ from .pricing import DEFAULT_TICK
 from .models import AlertStatus, Decision, ExecutionType, Intent, OrderType, Product, Side, TargetLeg
 from .orders import insert_order
 from .risk import RiskGate
+from .storage import Storage
 from .validation import validate_intent
 
 OPEN_STATUSES = flatten.OPEN_STATUSES
@@ -43,7 +44,7 @@ class Decider:
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
                  alert_id: Optional[str], version: Optional[str] = None,
-                 broker_net: Optional[dict] = None) -> Decision:
+                 room: Optional[flatten.Room] = None) -> Decision:
         """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes.
 
         An EXIT also stops the strategy's own orders that would add to that symbol (the rest of a working
@@ -60,12 +61,14 @@ class Decider:
         if blocked:
             return Decision(AlertStatus.BLOCKED, "; ".join(blocked))
         capped, cap_notes = flatten.cap_exits([c.intent for c in checked if c.intent is not None and c.reducing
-                                               and c.intent.action is ExecutionType.EXIT], broker_net)
+                                               and c.intent.action is ExecutionType.EXIT], room)
         exits = iter(capped)
         todo = [c if not (c.intent is not None and c.reducing and c.intent.action is ExecutionType.EXIT)
                 else replace(c, intent=next(exits, None)) for c in checked if c.intent is not None]
         todo = [c for c in todo if c.intent is not None and c.intent.qty > 0]
         notes += cap_notes
+        for note in (n for n in cap_notes if flatten.DOUBT in n):
+            Storage.add_event(db, "exit_unsure", f"{strategy}: {note}", "warning", strategy, None)
         params = self.params(strategy)
         refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:

@@ -436,7 +436,7 @@ class Engine:
                 self._recover_pending = True
                 return
             unsent = self.storage.write(lambda db: flatten.cap_unsent_exits(
-                db, unsent, flatten.closing_room(db, view, skip=unsent) or {}))
+                db, unsent, flatten.closing_room(db, view, skip=unsent)))
         self._recover_pending = False
         for oid in unsent:
             log.info("order %s was never handed to the broker (the host stopped, or the broker session was over); "
@@ -506,26 +506,25 @@ class Engine:
         self._dispatch(decision)
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
-                version: Optional[str], broker_net: Optional[dict] = None) -> Decision:
-        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version,
-                                         broker_net=broker_net)
+                version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:
+        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version, room=room)
         if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
         self._record(db, row, decision, version)
         return decision
 
     def _decide_targets(self, db: sqlite_utils.Database, row: dict, alert: AlertRequest,
-                        version: Optional[str], broker_net: Optional[dict] = None) -> Decision:
+                        version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:
         """A POSITION alert: only the difference from the strategy's own position is sent (see targets); its
         exits capped at the broker's net, as an EXIT alert's are (a position closed in the broker's app)."""
-        decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version, broker_net))
+        decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version, room))
         self._targets_waiting = True
         self._record(db, row, decision, version)
         return decision
 
-    def _evaluator(self, version: Optional[str] = None, broker_net: Optional[dict] = None) -> targets.Evaluate:
+    def _evaluator(self, version: Optional[str] = None, room: Optional[flatten.Room] = None) -> targets.Evaluate:
         return lambda db, strategy, intents, alert_id: self.decider.evaluate(db, strategy, intents, alert_id, version,
-                                                                             broker_net=broker_net)
+                                                                             room=room)
 
     def _release_targets(self) -> None:
         """Position targets whose wait is over (exits filled, cancels done): plan them again, send or drop."""

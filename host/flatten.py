@@ -22,6 +22,7 @@ from .watcher import move_position
 
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
 WORKING = (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value)
+DOUBT = "the broker's books did not settle"  # a cut that may be wrong: said in the answer and as an event
 
 
 @dataclass
@@ -109,76 +110,113 @@ def _cross(db: sqlite_utils.Database, held: list[dict], why: str) -> tuple[list[
     return [p for rows in by_key.values() for p in rows if p["net_qty"]], crossed
 
 
-def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView], skip: Collection[str] = ()) -> \
-        Optional[dict[tuple, int]]:
+@dataclass(frozen=True)
+class Room:
+    """How far new exits may take the account's net towards zero, per instrument; and our exits there whose
+    fills the two reads of the book could not place before or after the read of the positions."""
+
+    left: dict[tuple, int]
+    unsure: dict[tuple, tuple[str, ...]]
+
+    def doubt(self, key: tuple) -> str:
+        """What a cut in this instrument may be wrong about, for the trader; empty when the books were clear."""
+        ids = self.unsure.get(key)
+        return (f"; {DOUBT} whether our exit {', '.join(ids)} has filled: if it has, the position is still open, "
+                f"so send the EXIT again") if ids else ""
+
+
+def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict]) -> tuple[int, bool]:
+    """What an unfinished exit of ours may still fill that the positions, read between the two book reads, do not
+    show; and whether the books make that sure. When unsure, the larger figure: an exit cut short, never a short."""
+    b = before.get(o["id"]) if before is not None else None
+    a = after.get(o["id"]) if after is not None else None
+    base = max(o["filled_qty"] or 0, b.filled_qty if b is not None else 0)  # fills before the positions read
+    left = max(o["qty"] - base, 0)
+    if o["status"] == OrderStatus.NEW.value:
+        return left, True  # never sent
+    if before is None or after is None:
+        return left, False  # a book unread: our row is all there is
+    if b is not None and b.status.terminal:
+        return 0, True  # ended before the positions were read: its fills are in the net
+    if a is None:  # not booked by the second read: nothing of it filled (unless it left the book: unsure)
+        return left, b is None and o["status"] not in WORKING
+    if a.filled_qty <= base:  # no fill between the reads: the positions saw what the books saw
+        return (0 if a.status.terminal else left), True
+    return left, False  # filled between the reads: before the positions read, or after it
+
+
+def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView],
+                 skip: Collection[str] = ()) -> Optional[Room]:
     """The broker's net, less what our exits already working or queued there close when they fill: how far new
     exits may still take the account towards zero. None without a fresh read of the broker's positions.
 
-    An exit counts what is left of it, unless the book (read before the positions) shows it ended: then its fills
-    are in the net already. Read in that order, a fill between the two reads is counted twice, never missed, so an
-    exit may come out short but never takes the account past zero. Resting stops are left out: their position's
-    exit is sent only once the stop's cancel is confirmed (protect.split_exits)."""
+    The book is read before and after the positions (OutsideTrades.read_for_exits); an exit ended before is not
+    counted, one whose fill the reads cannot place is counted in full, so an exit may come out short (the notes
+    say so) but never takes the account past zero. Resting stops are left out: their position's exit is sent only
+    once the stop's cancel is confirmed (protect.split_exits)."""
     if view is None:
         return None
-    room = dict(view.net)
-    at_broker = {o.remarks: o for o in view.book or () if o.remarks}
-    for o in db.query(f"select id, exchange, symbol, product, side, qty, filled_qty from orders where action != "
-                      f"'ENTRY' and protection is null and status in ({','.join('?' * len(OPEN_STATUSES))})",
-                      OPEN_STATUSES):
-        key, seen = (o["exchange"], o["symbol"], o["product"]), at_broker.get(o["id"])
-        net = room.get(key, 0)
-        if o["id"] in skip or (seen is not None and seen.status.terminal) or not net \
-                or (net > 0) != (o["side"] == Side.SELL.value):
+    left, unsure = dict(view.net), {}
+    before = {o.remarks: o for o in view.before if o.remarks} if view.before is not None else None
+    after = {o.remarks: o for o in view.after if o.remarks} if view.after is not None else None
+    for o in db.query(f"select id, exchange, symbol, product, side, qty, filled_qty, status from orders where "
+                      f"action != 'ENTRY' and protection is null and status in "
+                      f"({','.join('?' * len(OPEN_STATUSES))}) order by rowid", OPEN_STATUSES):
+        key = (o["exchange"], o["symbol"], o["product"])
+        net = left.get(key, 0)
+        if o["id"] in skip or not net or (net > 0) != (o["side"] == Side.SELL.value):
             continue
-        left = o["qty"] - max(o["filled_qty"] or 0, seen.filled_qty if seen is not None else 0)
-        room[key] = net - (1 if net > 0 else -1) * min(abs(net), max(left, 0))
-    return room
+        qty, sure = _left_to_fill(o, before, after)
+        if qty and not sure:
+            unsure[key] = unsure.get(key, ()) + (o["id"],)
+        left[key] = net - (1 if net > 0 else -1) * min(abs(net), qty)
+    return Room(left, unsure)
 
 
-def cap_exits(intents: list[Intent], broker_net: Optional[dict[tuple, int]]) -> tuple[list[Intent], list[str]]:
+def cap_exits(intents: list[Intent], room: Optional[Room]) -> tuple[list[Intent], list[str]]:
     """EXITs (one for one) cut down so that none takes the account's net at the broker past zero (a position
     closed outside a moment ago); the notes say so. No cap without a fresh read of the broker's positions."""
-    if broker_net is None:
+    if room is None:
         return intents, []
-    out, notes, room = [], [], dict(broker_net)
+    out, notes, left = [], [], dict(room.left)
     for i in intents:
         key = (i.exchange, i.symbol, i.product.value)
         if i.action is not ExecutionType.EXIT:
             out.append(i)
             continue
-        net = room.get(key, 0)
+        net = left.get(key, 0)
         closable = abs(net) if net and (net > 0) == (i.side is Side.SELL) else 0
         qty = min(i.qty, closable)
         if qty < i.qty:
             notes.append(f"{i.exchange}:{i.symbol} exit capped from {i.qty} to {qty}: the broker's net, less the "
-                         f"exits already working there, is {net:+d}")
+                         f"exits already working there, is {net:+d}{room.doubt(key)}")
         out.append(replace(i, qty=qty))  # 0: nothing left to close at the broker (the caller drops it)
-        room[key] = net + (qty if i.side is Side.BUY else -qty)
+        left[key] = net + (qty if i.side is Side.BUY else -qty)
     return out, notes
 
 
-def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], broker_net: dict[tuple, int]) -> list[str]:
+def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room) -> list[str]:
     """Exits stored and never sent (a restart, a login after the session ended), cut down as cap_exits does when
     they are sent late: the trader may have closed the position in the broker's app meanwhile. An exit cut to
     nothing is rejected; the orders still to send, in their order."""
     rows = {r["id"]: r for r in db.query(f"select * from orders where id in ({','.join('?' * len(order_ids))})",
                                          tuple(order_ids))}
-    room, keep = dict(broker_net), []
+    left, keep = dict(room.left), []
     for oid in order_ids:
         o = rows.get(oid)
         if o is None or o["action"] != ExecutionType.EXIT.value:
             keep.append(oid)
             continue
         key, side = (o["exchange"], o["symbol"], o["product"]), Side(o["side"])
-        net = room.get(key, 0)
+        net = left.get(key, 0)
         qty = min(o["qty"], abs(net) if net and (net > 0) == (side is Side.SELL) else 0)
-        room[key] = net + side.sign * qty
+        left[key] = net + side.sign * qty
         if qty == o["qty"]:
             keep.append(oid)
             continue
         why = (f"not sent late: the broker's net in {o['exchange']}:{o['symbol']}, less the exits already working "
                f"there, is now {net:+d}, so this exit is cut from {o['qty']} to {qty}" + (" and not sent" if not qty
-                                                                                          else ""))
+                                                                                          else "") + room.doubt(key))
         if qty:
             db.execute("update orders set qty = ? where id = ? and status = 'NEW'", (qty, oid))
             Storage.insert(db, "order_history", {"order_id": oid, "at": utcnow(), "status": "NEW", "detail": why})
@@ -191,7 +229,7 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], broker_net
 
 
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
-            broker_net: Optional[dict[tuple, int]], strategy: Optional[str] = None, product: Optional[str] = None,
+            broker: Optional[Room], strategy: Optional[str] = None, product: Optional[str] = None,
             skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False) -> Flattened:
     """Stop adding orders and exit each open position (all, one strategy's, or one product's)."""
     stopped = cancel_adding(db, why, product=product, strategy=strategy)
@@ -203,7 +241,7 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
     cancels = list(stopped.working)
     left: list[str] = []
     waiting: list[str] = []  # exits held until their resting stop's cancel is confirmed
-    room = dict(broker_net or {})  # how far the account may still be taken towards zero, per instrument
+    room = dict(broker.left) if broker is not None else {}  # how far the account may still go towards zero
     held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy, exchange, symbol")
             if (strategy is None or p["strategy"] == strategy) and (product is None or p["product"] == product)]
     if strategy is None:
@@ -218,13 +256,13 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
             left.append(f"{where}: {reason}")
             continue
         qty = abs(p["net_qty"])
-        if broker_net is not None:  # never past the broker's net: a position closed outside is not sold twice
+        if broker is not None:  # never past the broker's net: a position closed outside is not sold twice
             net = room.get(key, 0)
             same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0
             qty = min(qty, abs(same_side))
         if qty == 0:
             left.append(f"{where}: nothing left to close at the broker (its net, less the exits already working "
-                        f"there)")
+                        f"there){broker.doubt(key) if broker is not None else ''}")
             continue
         side = Side.SELL if p["net_qty"] > 0 else Side.BUY
         d = evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, qty, OrderType.MKT,
@@ -232,7 +270,7 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
         created += d.orders
         cancels += d.cancels
         held_back = not d.orders and d.status is AlertStatus.ACCEPTED and _exit_held(db, p)
-        if broker_net is not None:  # what is sent (the guard takes off what exits already cover), or held back
+        if broker is not None:  # what is sent (the guard takes off what exits already cover), or held back
             sent = qty if held_back else db.execute(f"select coalesce(sum(qty), 0) from orders where id in "
                                                     f"({','.join('?' * len(d.orders))})", tuple(d.orders)).fetchone()[0]
             room[key] = room.get(key, 0) - (1 if p["net_qty"] > 0 else -1) * sent

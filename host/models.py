@@ -311,7 +311,9 @@ class BrokerOrder:
 
 @dataclass(frozen=True)
 class BrokerView:
-    """The broker's net per (exchange, symbol, product), and its order book read just before it (None: unread)."""
+    """The broker's net per (exchange, symbol, product), and its order book read just before and just after it
+    (None: unread)."""
 
     net: dict[tuple, int]
-    book: Optional[list[BrokerOrder]]
+    before: Optional[list[BrokerOrder]]
+    after: Optional[list[BrokerOrder]]

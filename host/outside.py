@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional
 import sqlite_utils
 
 from .brokers.base import SessionExpired
-from .flatten import OPEN_STATUSES
+from .flatten import OPEN_STATUSES, closing_room
 from .ids import new_id
 from .market import IST
 from .models import BrokerOrder, BrokerView, Product, Side
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PRODUCTS = {p.value for p in Product}
 MANUAL = "manual"
+READS_FOR_EXITS = 3  # reads of the books before an exit is capped, while a fill falls between two of them
 
 
 def allocate(db: sqlite_utils.Database, exchange: str, symbol: str, product: str, side: Side, qty: int,
@@ -171,6 +172,7 @@ class OutsideTrades:
         self.broker_net: dict[tuple, int] = {}  # the broker's net per (exchange, symbol, product), last poll
         self._manual_seen: dict[tuple, int] = {}
         self._proposed: dict[tuple, tuple] = {}  # fills taken as counted already, as the last read proposed it
+        self._book: Optional[list[BrokerOrder]] = None  # the order book of the last poll
         self.unsure = False  # a difference or a fill waits for the next read to be confirmed: read again soon
         self._lock = threading.Lock()  # the risk thread and the engine (before an EXIT) both poll
 
@@ -180,15 +182,24 @@ class OutsideTrades:
             return self._poll()
 
     def read_for_exits(self) -> Optional[BrokerView]:
-        """The order book, then a poll: what caps exits (flatten.closing_room). None while blind."""
+        """The order book, a poll (the positions, then the book again): what caps exits (flatten.closing_room).
+        Read again, up to READS_FOR_EXITS times, while an exit of ours filled between the reads. None while blind."""
         with self._lock:
-            try:
-                book: Optional[list[BrokerOrder]] = self.broker_book()
-            except Exception as e:  # our own rows then say what is working: counted in full
-                log.warning("exits capped by our own orders: the broker's order book is unreadable (%s)", e)
-                book = None
-            self._poll()
-            return None if self.blind else BrokerView(dict(self.broker_net), book)
+            view = None
+            for _ in range(READS_FOR_EXITS):
+                try:
+                    before: Optional[list[BrokerOrder]] = self.broker_book()
+                except Exception as e:  # our own rows then say what is working: counted in full
+                    log.warning("exits capped by our own orders: the broker's order book is unreadable (%s)", e)
+                    before = None
+                self._poll()
+                if self.blind:
+                    return None
+                view = BrokerView(dict(self.broker_net), before, self._book)
+                if before is None or self._book is None or not self.storage.read(
+                        lambda db: closing_room(db, view).unsure):  # type: ignore[union-attr]
+                    break
+            return view
 
     def _poll(self) -> bool:
         try:
@@ -203,6 +214,7 @@ class OutsideTrades:
         except Exception as e:  # without the books no outside trade can be told from our own: adopt nothing
             log.warning("outside trades not checked: the broker's books are unreadable (%s)", e)
             book = None
+        self._book = book
         return self.adopt(book, positions)
 
     def adopt(self, book: Optional[list[BrokerOrder]], broker_positions: list) -> bool:

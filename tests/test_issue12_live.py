@@ -841,6 +841,56 @@ def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(l
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
 
 
+def test_1m_a_fill_between_the_reads_of_the_book_is_read_again_not_taken_as_working(live, sim):
+    """Found in review: the resting exit fills (unheard: feed stalled) after the order book is read and before
+    the positions are. Counted as still working, it cut the EXIT to 0 and 75 stayed open. The book is read again
+    after the positions: the two reads disagree, so the books are read again, and the EXIT sends the 75."""
+    h = live()
+    resting = _half_resting(h)
+    control(sim, action="stall_feed", on=True)
+    out = h.runtime.engine.outside
+    real_book = out.broker_book
+
+    def book_then_fill() -> list:
+        book = real_book()
+        sim.sim.tick("NFO", SYMBOL, Decimal("61"))  # the fill lands between the book and the positions
+        out.broker_book = real_book
+        return book
+    out.broker_book = book_then_fill
+    answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT",
+                   price=None)
+    assert [o["qty"] for o in answer["orders"]] == [75], answer
+    control(sim, action="stall_feed", on=False)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+    time.sleep(1.0)
+    assert broker_net(sim, SYMBOL) == 0
+
+
+def test_1n_an_exit_cut_while_the_book_cannot_be_read_says_so_loudly(live, sim):
+    """Found in review: with the order book unreadable, an exit of ours that had filled unheard counts as working,
+    and the EXIT was cut to 0 silently: 75 stayed open. It is still cut (never short), but the answer and an
+    exit_unsure warning say which exit the books could not settle, and to send the EXIT again if it filled."""
+    h = live()
+    resting = _half_resting(h)
+    control(sim, action="stall_feed", on=True)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")
+    wait_for(lambda: broker_net(sim, SYMBOL) == 75)
+    control(sim, action="forbid_next", count=50, route="OrderBook")
+    answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT",
+                   price=None)
+    control(sim, action="forbid_next", count=0, route="OrderBook")
+    control(sim, action="stall_feed", on=False)
+    assert answer.get("orders", []) == [] and resting in answer["reason"], answer
+    assert "send the EXIT again" in answer["reason"], answer
+    [said] = events(h, "exit_unsure")
+    assert resting in said["message"] and said["severity"] == "warning"
+    wait_status(h, resting, "FILLED", timeout=12)
+    assert broker_net(sim, SYMBOL) == 75  # the trader's second EXIT closes it
+    again = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="MKT", price=None)
+    assert [o["qty"] for o in again["orders"]] == [75], again
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
