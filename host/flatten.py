@@ -130,7 +130,8 @@ def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict]) -> tup
     show; and whether the books make that sure. When unsure, the larger figure: an exit cut short, never a short."""
     b = before.get(o["id"]) if before is not None else None
     a = after.get(o["id"]) if after is not None else None
-    base = max(o["filled_qty"] or 0, b.filled_qty if b is not None else 0)  # fills before the positions read
+    # fills surely in the net: those the book showed before the positions were read (our row may have more now)
+    base = b.filled_qty if b is not None else (o["filled_qty"] or 0)
     left = max(o["qty"] - base, 0)
     if o["status"] == OrderStatus.NEW.value:
         return left, True  # never sent
@@ -141,7 +142,7 @@ def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict]) -> tup
     if a is None:  # not booked by the second read: nothing of it filled (unless it left the book: unsure)
         return left, b is None and o["status"] not in WORKING
     if a.filled_qty <= base:  # no fill between the reads: the positions saw what the books saw
-        return (0 if a.status.terminal else left), True
+        return (0 if a.status.terminal else left), (o["filled_qty"] or 0) <= base  # unless we heard of more
     return left, False  # filled between the reads: before the positions read, or after it
 
 
@@ -159,9 +160,12 @@ def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView],
     left, unsure = dict(view.net), {}
     before = {o.remarks: o for o in view.before if o.remarks} if view.before is not None else None
     after = {o.remarks: o for o in view.after if o.remarks} if view.after is not None else None
+    # an exit the first read showed working counts even if its row ended since: its fill may postdate the positions
+    seen = [r for r, o in (before or {}).items() if not o.status.terminal]
     for o in db.query(f"select id, exchange, symbol, product, side, qty, filled_qty, status from orders where "
-                      f"action != 'ENTRY' and protection is null and status in "
-                      f"({','.join('?' * len(OPEN_STATUSES))}) order by rowid", OPEN_STATUSES):
+                      f"action != 'ENTRY' and protection is null and (status in "
+                      f"({','.join('?' * len(OPEN_STATUSES))}) or id in ({','.join('?' * len(seen))})) order by "
+                      f"rowid", (*OPEN_STATUSES, *seen)):
         key = (o["exchange"], o["symbol"], o["product"])
         net = left.get(key, 0)
         if o["id"] in skip or not net or (net > 0) != (o["side"] == Side.SELL.value):
