@@ -891,6 +891,34 @@ def test_1n_an_exit_cut_while_the_book_cannot_be_read_says_so_loudly(live, sim):
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
 
 
+def test_1o_exit_all_counts_an_exit_that_fills_between_its_reads_and_its_flatten(live, sim):
+    """Found in review: exit-all read the books (net 75, the resting exit of 75 counted), then the resting exit
+    filled and the engine marked it FILLED before the flatten's transaction: it was no longer counted, and
+    exit-all sold 75 more, short 75. An exit the first read showed working counts even if its row ended since."""
+    h = live()
+    resting = _half_resting(h)
+    manual = _sold_in_the_app_unbooked(sim, 75)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 75)
+    out = h.runtime.engine.risk.outside
+    real = out.read_for_exits
+
+    def read_then_fill():  # type: ignore[no-untyped-def]
+        view = real()
+        sim.sim.tick("NFO", SYMBOL, Decimal("61"))
+        wait_for(lambda: status(h, resting) == "FILLED", timeout=5)
+        return view
+    out.read_for_exits = read_then_fill
+    answer = exit_all(h)
+    out.read_for_exits = real
+    assert answer["orders"] == [], answer
+    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 2
+    while time.monotonic() < deadline:
+        lowest = min(lowest, broker_net(sim, SYMBOL))
+        time.sleep(0.05)
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    assert lowest == 0 and broker_net(sim, SYMBOL) == 0
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
