@@ -122,7 +122,8 @@ class Room:
         """What a cut in this instrument may be wrong about, for the trader; empty when the books were clear."""
         ids = self.unsure.get(key)
         return (f"; {DOUBT} whether our exit {', '.join(ids)} has filled: if it has, the position is still open, "
-                f"so send the EXIT again") if ids else ""
+                f"so send the EXIT again (a new alert: the same body within DEDUPE_WINDOW_S is a duplicate) or use "
+                f"exit-all") if ids else ""
 
 
 def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict]) -> tuple[int, bool]:
