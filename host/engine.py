@@ -26,11 +26,12 @@ from .broker_session import load_token
 from .brokers.base import SessionExpired
 from .commands import CONTROL, Commands
 from .daily import Daily
+from .exit_reads import ExitReads
 from .decide import Decider
 from .inbox import Inbox
 from .market import IST
-from .models import (AlertRequest, AlertStatus, BrokerOrder, Decision, ExecutionType, Intent, Leg, Order, OrderStatus,
-                     OrderType, Product, Side, TargetLeg, Tick)
+from .models import (AlertRequest, AlertStatus, BrokerOrder, BrokerView, Decision, ExecutionType, Intent, Leg, Order,
+                     OrderStatus, OrderType, Product, Side, TargetLeg, Tick)
 from .orders import OrderSender
 from .outside import OutsideTrades
 from .plugins.strategies import Asked, StrategyRegistry
@@ -107,6 +108,7 @@ class Engine:
         self.outside = OutsideTrades(storage, broker_positions, broker_book)
         self.risk = RiskLoop(storage, gate, self.decider, self._dispatch, self.outside, strategies.params, now,
                              risk_poll_s, flatten_scope)
+        self.exit_reads = ExitReads(lambda: self.outside.read_for_exits(), lambda: self._events.put(("wake", None)))
         self.commands = Commands(storage, inbox)
         self.commands.handlers.update(halt=self.risk.halt, exit_all=self.risk.exit_all, plugin=self._cmd_plugin,
                                       ticks=self._cmd_ticks, broker_session=self._cmd_broker_session,
@@ -467,11 +469,16 @@ class Engine:
                 waiting.add(row["strategy"])  # within its budget: asked again on the next step
                 self._alerts_in.append(row)
                 continue
+            ready, view = self._view_for(row)
+            if not ready:  # the broker's books are being read for it: its strategy's later alerts wait too
+                waiting.add(row["strategy"])
+                self._alerts_in.append(row)
+                continue
             self._decided[row["id"]] = None
             if len(self._decided) > DECIDED_KEPT:
                 del self._decided[next(iter(self._decided))]
             try:
-                self._process_alert(row)
+                self._process_alert(row, view)
             except Exception as e:  # isolated to this alert: it fails with the error, the loop goes on
                 log.exception("alert %s failed", row["id"])
                 decision = Decision(AlertStatus.FAILED, f"the host failed on this alert ({type(e).__name__}: {e}); "
@@ -479,18 +486,30 @@ class Engine:
                 self.storage.write(lambda db: self._record(db, row, decision))
                 self.inbox.decided("alerts", row["id"])
 
-    def _process_alert(self, row: dict) -> None:
+    def _stale(self, row: dict) -> Optional[timedelta]:
+        """How long a stale alert waited (longer than ALERT_MAX_AGE_S); None if it may still run."""
         age = datetime.now(timezone.utc) - datetime.fromisoformat(row["received_at"])
-        if age > timedelta(seconds=self.max_alert_age_s):
+        return age if age > timedelta(seconds=self.max_alert_age_s) else None
+
+    def _view_for(self, row: dict) -> tuple[bool, Optional[BrokerView]]:
+        """An EXIT or POSITION alert in live mode is capped at the broker's net, read after it arrived: (False,
+        None) while that read runs (exit_reads.py); (True, the view) once it has. Other alerts need none."""
+        if row["execution_type"] not in (ExecutionType.EXIT.value, ExecutionType.POSITION.value) \
+                or getattr(self.broker, "book_is_synchronous", False):
+            return True, None
+        if self._stale(row):
+            self.exit_reads.forget(row["id"])
+            return True, None
+        return self.exit_reads.take(row["id"])
+
+    def _process_alert(self, row: dict, view: Optional[BrokerView] = None) -> None:
+        age = self._stale(row)
+        if age is not None:
             decision = Decision(AlertStatus.FAILED, f"stale: waited {int(age.total_seconds())} s, longer than "
                                                     f"ALERT_MAX_AGE_S={self.max_alert_age_s}; not executed")
             self.storage.write(lambda db: self._record(db, row, decision))
         else:
-            alert = alert_from_json(row["body"])
-            view = None  # the trader may have just closed it in the broker's app: read the books now
-            if alert.execution_type in (ExecutionType.EXIT, ExecutionType.POSITION) \
-                    and not getattr(self.broker, "book_is_synchronous", False):
-                view = self.outside.read_for_exits()
+            alert = alert_from_json(row["body"])  # view: the trader may have just closed it in the broker's app
             asked = (self.strategies.admit(alert, self.require_known) if alert.execution_type is ExecutionType.POSITION
                      else self.strategies.route_alert(alert, self.require_known))
             if asked.error:

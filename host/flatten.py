@@ -126,14 +126,31 @@ class Room:
                 f"exit-all") if ids else ""
 
 
-def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict]) -> tuple[int, bool]:
+_EXITS = "action != 'ENTRY' and protection is null"  # our exits that close a position (resting stops aside)
+
+
+def exits_now(db: sqlite_utils.Database) -> tuple[int, dict[str, int]]:
+    """Taken as a read of the broker's books begins: the last order's rowid, and our unfinished exits with what
+    they had filled (models.BrokerView)."""
+    mark = db.execute("select coalesce(max(rowid), 0) from orders").fetchone()[0]
+    return mark, {r["id"]: r["filled_qty"] or 0 for r in db.query(
+        f"select id, filled_qty from orders where {_EXITS} and status in ({','.join('?' * len(OPEN_STATUSES))})",
+        OPEN_STATUSES)}
+
+
+def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict],
+                  view: Optional[BrokerView] = None) -> tuple[int, bool]:
     """What an unfinished exit of ours may still fill that the positions, read between the two book reads, do not
     show; and whether the books make that sure. When unsure, the larger figure: an exit cut short, never a short."""
     b = before.get(o["id"]) if before is not None else None
     a = after.get(o["id"]) if after is not None else None
-    # fills surely in the net: those the book showed before the positions were read (our row may have more now)
-    base = b.filled_qty if b is not None else (o["filled_qty"] or 0)
-    left = max(o["qty"] - base, 0)
+    # fills surely in the net: those the book showed before the positions were read, else those our row had
+    # when the reads began (it may have heard of more since; one made since, decided while they ran, had none)
+    then = None if view is None or view.mark is None else \
+        0 if o["rowid"] > view.mark else view.exits_then.get(o["id"])
+    base = b.filled_qty if b is not None else then if then is not None else (o["filled_qty"] or 0)
+    # an exit ended since fills no more: what it filled is all it can take off the net
+    left = max(((o["filled_qty"] or 0) if OrderStatus(o["status"]).terminal else o["qty"]) - base, 0)
     if o["status"] == OrderStatus.NEW.value:
         return left, True  # never sent
     if before is None or after is None:
@@ -162,16 +179,18 @@ def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView],
     before = {o.remarks: o for o in view.before if o.remarks} if view.before is not None else None
     after = {o.remarks: o for o in view.after if o.remarks} if view.after is not None else None
     # an exit the first read showed working counts even if its row ended since: its fill may postdate the positions
-    seen = [r for r, o in (before or {}).items() if not o.status.terminal]
-    for o in db.query(f"select id, exchange, symbol, product, side, qty, filled_qty, status from orders where "
-                      f"action != 'ENTRY' and protection is null and (status in "
-                      f"({','.join('?' * len(OPEN_STATUSES))}) or id in ({','.join('?' * len(seen))})) order by "
-                      f"rowid", (*OPEN_STATUSES, *seen)):
+    # so does one unfinished as the reads began, or made since: the host may have heard of its fills meanwhile
+    seen = [r for r, o in (before or {}).items() if not o.status.terminal] + list(view.exits_then)
+    since = "" if view.mark is None else " or rowid > ?"
+    for o in db.query(f"select rowid, id, exchange, symbol, product, side, qty, filled_qty, status from orders "
+                      f"where {_EXITS} and (status in ({','.join('?' * len(OPEN_STATUSES))}) or id in "
+                      f"({','.join('?' * len(seen))}){since}) order by rowid",
+                      (*OPEN_STATUSES, *seen, *(() if view.mark is None else (view.mark,)))):
         key = (o["exchange"], o["symbol"], o["product"])
         net = left.get(key, 0)
         if o["id"] in skip or not net or (net > 0) != (o["side"] == Side.SELL.value):
             continue
-        qty, sure = _left_to_fill(o, before, after)
+        qty, sure = _left_to_fill(o, before, after, view)
         if qty and not sure:
             unsure[key] = unsure.get(key, ()) + (o["id"],)
         left[key] = net - (1 if net > 0 else -1) * min(abs(net), qty)

@@ -312,8 +312,11 @@ class BrokerOrder:
 @dataclass(frozen=True)
 class BrokerView:
     """The broker's net per (exchange, symbol, product), and its order book read just before and just after it
-    (None: unread)."""
+    (None: unread); and our orders as the reads began: the last rowid, and our unfinished exits with what they
+    had filled (an exit made or filled since then is not in the net, whatever the host decided meanwhile)."""
 
     net: dict[tuple, int]
     before: Optional[list[BrokerOrder]]
     after: Optional[list[BrokerOrder]]
+    mark: Optional[int] = None
+    exits_then: dict[str, int] = field(default_factory=dict)

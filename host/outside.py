@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Callable, Iterable, Optional
@@ -18,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import sqlite_utils
 
 from .brokers.base import SessionExpired
-from .flatten import OPEN_STATUSES, closing_room
+from .flatten import OPEN_STATUSES, closing_room, exits_now
 from .ids import new_id
 from .market import IST
 from .models import BrokerOrder, BrokerView, Product, Side
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 PRODUCTS = {p.value for p in Product}
 MANUAL = "manual"
 READS_FOR_EXITS = 3  # reads of the books before an exit is capped, while a fill falls between two of them
+READS_BUDGET_S = 2.0  # no further read begins after this long: a slow broker's exits are capped on the last one
 
 
 def allocate(db: sqlite_utils.Database, exchange: str, symbol: str, product: str, side: Side, qty: int,
@@ -186,7 +188,13 @@ class OutsideTrades:
         Read again, up to READS_FOR_EXITS times, while an exit of ours filled between the reads. None while blind."""
         with self._lock:
             view = None
+            began = time.monotonic()
             for _ in range(READS_FOR_EXITS):
+                if view is not None and time.monotonic() - began >= READS_BUDGET_S:
+                    log.warning("exits capped on a read the books could not settle: the broker answered slowly "
+                                "(%.1f s), so the books are not read again", time.monotonic() - began)
+                    break
+                mark, exits_then = self.storage.read(exits_now)  # before the books: what the host did since is seen
                 try:
                     before: Optional[list[BrokerOrder]] = self.broker_book()
                 except Exception as e:  # our own rows then say what is working: counted in full
@@ -195,7 +203,7 @@ class OutsideTrades:
                 self._poll()
                 if self.blind:
                     return None
-                view = BrokerView(dict(self.broker_net), before, self._book)
+                view = BrokerView(dict(self.broker_net), before, self._book, mark, exits_then)
                 if before is None or self._book is None or not self.storage.read(
                         lambda db: closing_room(db, view).unsure):  # type: ignore[union-attr]
                     break

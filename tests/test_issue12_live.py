@@ -11,6 +11,7 @@ the same wire; it is not repeated here.
 """
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -21,6 +22,8 @@ import pytest
 import requests
 
 from conftest import SYMBOL, D, Host, alert, make_settings, noren_login, wait_for
+from host.models import ExecutionType, Intent, OrderType, Product, Side
+from host.plugins.strategies import Asked
 
 UID = "FA12345"
 PUT = "NIFTY28APR26P24500"         # lot 75, freeze 1800
@@ -912,6 +915,72 @@ def test_1o_exit_all_counts_an_exit_that_fills_between_its_reads_and_its_flatten
     out.read_for_exits = real
     assert answer["orders"] == [], answer
     lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 2
+    while time.monotonic() < deadline:
+        lowest = min(lowest, broker_net(sim, SYMBOL))
+        time.sleep(0.05)
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    assert lowest == 0 and broker_net(sim, SYMBOL) == 0
+
+
+def test_1p_a_slow_order_book_holds_only_the_exit_waiting_for_it_never_another_strategys_entry(live, sim):
+    """Found in review: an EXIT read the broker's books on the engine thread. With an order book answering in
+    seconds, the EXIT waited (as it must: it is capped at the net read after it arrived), and so did every other
+    strategy's alert, fill and tick: an ENTRY sent meanwhile waited 8.9 s. The books are read on a thread of their
+    own: the ENTRY is decided and sent at once; the EXIT once its read has ended, capped as before."""
+    h = live()
+    held = entry(h, strategy="slowx", direction="BUY", qty=75, price="43")
+    wait_status(h, held, "FILLED")
+    control(sim, action="slow_next", seconds=1.5, count=8, route="OrderBook")
+    answers: dict = {}
+    client = h.app.test_client()
+    sent = threading.Thread(target=lambda: answers.update(exit=client.post("/webhook", json=alert(
+        execution_type="EXIT", strategy="slowx", direction="SELL", qty=75, order_type="MKT", price=None))))
+    sent.start()
+    try:
+        time.sleep(0.3)  # the EXIT's read of the books is under way
+        t0 = time.monotonic()
+        other = place(h, strategy="fast", direction="BUY", qty=75, price="43")
+        took = time.monotonic() - t0
+        assert other["status"] == "accepted" and took < 1.0, (took, other)
+        wait_status(h, other["orders"][0]["id"], "FILLED")
+    finally:
+        sent.join(20)
+    exit_alert = answers["exit"].get_json()["alert_id"]
+    decided = wait_for(lambda: (a := h.runtime.storage.one("select * from alerts where id = ?", (exit_alert,)))
+                       ["status"] != "received" and a, timeout=20)
+    assert decided["status"] == "accepted", decided
+    [oid] = __import__("json").loads(decided["orders"])
+    wait_status(h, oid, "FILLED", timeout=10)
+    assert order(h, oid)["qty"] == 75 and broker_net(sim, SYMBOL) == 75  # slowx out, fast in
+
+
+def test_1q_an_exit_made_and_filled_while_the_books_are_read_counts_against_the_net_read(live, sim):
+    """With the books read off the engine thread, the engine goes on while they are read: here strategy sb's own
+    hook sells its 75 and the fill is applied before strategy sa's EXIT is decided on a read from before that
+    sale. The trader had sold 75 in the app (unbooked), so the read said 75 and our exit was not in it: counted
+    as ended, sa sold 75 more, short 75. An exit made after the read began counts in full against it."""
+    h = live(RISK_POLL_S=60)
+    for name in ("sa", "sb"):
+        wait_status(h, entry(h, strategy=name, direction="BUY", qty=75, price="43"), "FILLED")
+    wait_for(lambda: net(h, "sa", SYMBOL) == 75 and net(h, "sb", SYMBOL) == 75)
+    manual = _sold_in_the_app_unbooked(sim, 75)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 75)
+    eng = h.runtime.engine
+    real = eng.exit_reads._read
+    hook_exit: list = []
+
+    def read_then_hook_exits():  # type: ignore[no-untyped-def]
+        view = real()
+        sell = Intent("NFO", SYMBOL, Side.SELL, 75, OrderType.MKT, Product.NRML, action=ExecutionType.EXIT)
+        eng.submit(lambda: eng._act("sb", Asked(intents=(sell,), version="1"), "on_tick"))
+        hook_exit.append(wait_for(lambda: h.runtime.storage.one(
+            "select * from orders where strategy = 'sb' and action = 'EXIT' and status = 'FILLED'"), timeout=5))
+        return view
+    eng.exit_reads._read = read_then_hook_exits
+    answer = place(h, execution_type="EXIT", strategy="sa", direction="SELL", qty=75, order_type="MKT", price=None)
+    eng.exit_reads._read = real
+    assert hook_exit and answer.get("orders", []) == [], answer
+    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 1.5
     while time.monotonic() < deadline:
         lowest = min(lowest, broker_net(sim, SYMBOL))
         time.sleep(0.05)

@@ -23,7 +23,7 @@ Test controls: POST /sim/control {"action": ...}
 ------------------------------------------------
 expire_session; reject_next {reason}; partial {max_fill_qty}; delay_next {seconds} (booked at once, answered
 late); forbid_next {count, route}; stall_feed {on}; drop_ws; tick {exchange, symbol, ltp};
-book_late {seconds, reply: "late"|"none"}; drop_next {count, route}; slow_next {seconds, route}; manual_order {exchange, symbol, side, qty,
+book_late {seconds, reply: "late"|"none"}; drop_next {count, route}; slow_next {seconds, count, route}; manual_order {exchange, symbol, side, qty,
 prctyp, prc, trgprc, prd, blprc, bpprc, remarks}; square_off {products}; new_day {keep_sessions};
 quote {exchange, symbol, lc, uc, c, no_trades}; wrong_quote_next {count, lp}; instrument {exchange, symbol,
 freeze_qty, lot_size, tick_size}; freeze_inclusive {on}; hide_order {norenordno, on}. docs/simulator.md has an example of each.
@@ -72,6 +72,7 @@ class Faults:
     drop_next: int = 0              # answer these many requests with a dropped connection, after handling them
     drop_route: Optional[str] = "PlaceOrder"  # only on this route (None: any)
     slow_next_s: float = 0.0        # the next request to slow_route is handled, then answered this late
+    slow_count: int = 0             # (so are this many in all)
     slow_route: Optional[str] = "GetQuotes"  # (None: any)
     wrong_quote_next: int = 0       # GetQuotes answers another instrument's price
     wrong_quote_lp: str = "24512.35"
@@ -330,8 +331,9 @@ def create_sim_app(sim: NorenSim) -> Flask:
         if uid is None:
             return _not_ok(SESSION_EXPIRED)
         answer = handler(sim, data, uid)
-        if sim.faults.slow_next_s and sim.faults.slow_route in (None, name):
-            slow, sim.faults.slow_next_s = sim.faults.slow_next_s, 0.0
+        if sim.faults.slow_next_s and sim.faults.slow_count > 0 and sim.faults.slow_route in (None, name):
+            slow = sim.faults.slow_next_s
+            sim.faults.slow_count -= 1
             time.sleep(slow)
         if sim.faults.drop_next > 0 and sim.faults.drop_route in (None, name):
             sim.faults.drop_next -= 1
@@ -683,6 +685,7 @@ CONTROLS: dict[str, Callable[[NorenSim, dict], Optional[dict]]] = {
     "drop_next": _set_fault(drop_next=lambda c: int(c.get("count", 1)),
                             drop_route=lambda c: c.get("route", "PlaceOrder")),
     "slow_next": _set_fault(slow_next_s=lambda c: float(c.get("seconds", 1)),
+                            slow_count=lambda c: int(c.get("count", 1)),
                             slow_route=lambda c: c.get("route", "GetQuotes")),
     "manual_order": _manual_order,
     "square_off": lambda sim, c: {"orders": sim.engine.square_off(tuple(c.get("products", ("I", "H", "B"))))},

@@ -1,0 +1,65 @@
+"""The broker's books read for EXIT and POSITION alerts on a thread of their own.
+
+An exit is capped at the broker's net (flatten.closing_room), read after the alert arrived. A slow book
+holds only the alerts waiting for that read, and the later alerts of their strategies, never the engine:
+other strategies' alerts, fills and ticks go on. One read serves every alert asked for before it began.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional
+
+from .models import BrokerView
+
+log = logging.getLogger(__name__)
+
+
+class ExitReads:
+    """One read of the books at a time; each serves the alerts asked for before it began."""
+
+    def __init__(self, read: Callable[[], Optional[BrokerView]], ready: Callable[[], None]):
+        self._read = read    # OutsideTrades.read_for_exits: None while the positions are unreadable (blind)
+        self._ready = ready  # wakes the engine
+        self._lock = threading.Lock()
+        self._asked: set[str] = set()    # waiting for the next read
+        self._reading: set[str] = set()  # served by the read under way
+        self._views: dict[str, Optional[BrokerView]] = {}
+        self._running = False
+
+    def take(self, alert_id: str) -> tuple[bool, Optional[BrokerView]]:
+        """(True, the view) once a read begun after the alert was asked for has ended; else ask for one."""
+        with self._lock:
+            if alert_id in self._views:
+                return True, self._views.pop(alert_id)
+            if alert_id in self._asked or alert_id in self._reading:
+                return False, None
+            self._asked.add(alert_id)
+            if self._running:
+                return False, None
+            self._running = True
+        threading.Thread(target=self._run, name="exit-reads", daemon=True).start()
+        return False, None
+
+    def forget(self, alert_id: str) -> None:
+        """The alert was decided without its view (stale, or the engine gave up on it)."""
+        with self._lock:
+            self._asked.discard(alert_id)
+            self._views.pop(alert_id, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._asked:
+                    self._running = False
+                    return
+                self._reading, self._asked = self._asked, set()
+            try:
+                view = self._read()
+            except Exception:  # never left waiting: without a view the exit is capped by our own book only
+                log.exception("reading the broker's books for exits failed")
+                view = None
+            with self._lock:
+                self._views.update((a, view) for a in self._reading)
+                self._reading = set()
+            self._ready()
