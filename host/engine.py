@@ -26,7 +26,7 @@ from .broker_session import load_token
 from .brokers.base import SessionExpired
 from .commands import CONTROL, Commands
 from .daily import Daily
-from .exit_reads import ExitReads
+from .exit_reads import ExitReads, ReadFailed
 from .decide import Decider
 from .inbox import Inbox
 from .market import IST
@@ -469,7 +469,10 @@ class Engine:
                 waiting.add(row["strategy"])  # within its budget: asked again on the next step
                 self._alerts_in.append(row)
                 continue
-            ready, view = self._view_for(row)
+            try:
+                ready, view = self._view_for(row)
+            except ReadFailed as e:  # decided below: it fails, saying why
+                ready, view = True, e
             if not ready:  # the broker's books are being read for it: its strategy's later alerts wait too
                 waiting.add(row["strategy"])
                 self._alerts_in.append(row)
@@ -502,12 +505,14 @@ class Engine:
             return True, None
         return self.exit_reads.take(row["id"])
 
-    def _process_alert(self, row: dict, view: Optional[BrokerView] = None) -> None:
+    def _process_alert(self, row: dict, view: Optional[BrokerView] | ReadFailed = None) -> None:
         age = self._stale(row)
         if age is not None:
             decision = Decision(AlertStatus.FAILED, f"stale: waited {int(age.total_seconds())} s, longer than "
                                                     f"ALERT_MAX_AGE_S={self.max_alert_age_s}; not executed")
             self.storage.write(lambda db: self._record(db, row, decision))
+        elif isinstance(view, ReadFailed):
+            raise view
         else:
             alert = alert_from_json(row["body"])  # view: the trader may have just closed it in the broker's app
             asked = (self.strategies.admit(alert, self.require_known) if alert.execution_type is ExecutionType.POSITION

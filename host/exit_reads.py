@@ -15,6 +15,10 @@ from .models import BrokerView
 log = logging.getLogger(__name__)
 
 
+class ReadFailed(Exception):
+    """Reading the broker's books for an exit raised: the alert fails, never runs uncapped as if blind."""
+
+
 class ExitReads:
     """One read of the books at a time; each serves the alerts asked for before it began."""
 
@@ -24,14 +28,18 @@ class ExitReads:
         self._lock = threading.Lock()
         self._asked: set[str] = set()    # waiting for the next read
         self._reading: set[str] = set()  # served by the read under way
-        self._views: dict[str, Optional[BrokerView]] = {}
+        self._views: dict[str, Optional[BrokerView] | ReadFailed] = {}
         self._running = False
 
     def take(self, alert_id: str) -> tuple[bool, Optional[BrokerView]]:
-        """(True, the view) once a read begun after the alert was asked for has ended; else ask for one."""
+        """(True, the view) once a read begun after the alert was asked for has ended; else ask for one.
+        Raises ReadFailed if that read raised."""
         with self._lock:
             if alert_id in self._views:
-                return True, self._views.pop(alert_id)
+                view = self._views.pop(alert_id)
+                if isinstance(view, ReadFailed):
+                    raise view
+                return True, view
             if alert_id in self._asked or alert_id in self._reading:
                 return False, None
             self._asked.add(alert_id)
@@ -45,6 +53,7 @@ class ExitReads:
         """The alert was decided without its view (stale, or the engine gave up on it)."""
         with self._lock:
             self._asked.discard(alert_id)
+            self._reading.discard(alert_id)  # the read under way keeps no view for it
             self._views.pop(alert_id, None)
 
     def _run(self) -> None:
@@ -55,10 +64,10 @@ class ExitReads:
                     return
                 self._reading, self._asked = self._asked, set()
             try:
-                view = self._read()
-            except Exception:  # never left waiting: without a view the exit is capped by our own book only
+                view: Optional[BrokerView] | ReadFailed = self._read()
+            except Exception as e:  # never left waiting, never uncapped: the alerts fail, saying why
                 log.exception("reading the broker's books for exits failed")
-                view = None
+                view = ReadFailed(f"reading the broker's books for the exit failed ({type(e).__name__}: {e})")
             with self._lock:
                 self._views.update((a, view) for a in self._reading)
                 self._reading = set()

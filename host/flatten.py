@@ -149,8 +149,10 @@ def _left_to_fill(o: dict, before: Optional[dict], after: Optional[dict],
     then = None if view is None or view.mark is None else \
         0 if o["rowid"] > view.mark else view.exits_then.get(o["id"])
     base = b.filled_qty if b is not None else then if then is not None else (o["filled_qty"] or 0)
-    # an exit ended since fills no more: what it filled is all it can take off the net
-    left = max(((o["filled_qty"] or 0) if OrderStatus(o["status"]).terminal else o["qty"]) - base, 0)
+    # an exit ended since fills no more: what it filled is all it can take off the net (unless a read of the
+    # book showed it working: the books, not a message heard first, say whether it ended)
+    ended = OrderStatus(o["status"]).terminal and not any(x is not None and not x.status.terminal for x in (b, a))
+    left = max(((o["filled_qty"] or 0) if ended else o["qty"]) - base, 0)
     if o["status"] == OrderStatus.NEW.value:
         return left, True  # never sent
     if before is None or after is None:

@@ -11,6 +11,7 @@ the same wire; it is not repeated here.
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -986,6 +987,89 @@ def test_1q_an_exit_made_and_filled_while_the_books_are_read_counts_against_the_
         time.sleep(0.05)
     control(sim, action="hide_order", norenordno=manual, on=False)
     assert lowest == 0 and broker_net(sim, SYMBOL) == 0
+
+
+def _lowest_net(sim: Any, seconds: float) -> int:
+    """The broker's lowest net in SYMBOL over the next `seconds`."""
+    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        lowest = min(lowest, broker_net(sim, SYMBOL))
+        time.sleep(0.05)
+    return lowest
+
+
+def test_1r_an_error_while_reading_the_books_fails_the_exit_never_sends_it_uncapped(live, sim):
+    """Found in review 6: a read of the books that raised (here a locked database while adopting) gave no view,
+    and no view means no cap, as when blind: with the position sold in the app, the EXIT sold 75 again. It fails,
+    saying why, as it did when the engine read the books itself."""
+    h = live(RISK_POLL_S=60)
+    wait_status(h, entry(h, strategy="s1", direction="BUY", qty=75, price="43"), "FILLED")
+    wait_for(lambda: net(h, "s1", SYMBOL) == 75)
+    manual = _sold_in_the_app_unbooked(sim, 75)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0)
+    out = h.runtime.engine.outside
+    real = out.adopt
+    raised: list = []
+
+    def failing(*a: Any, **k: Any) -> Any:
+        if not raised and threading.current_thread().name == "exit-reads":
+            raised.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return real(*a, **k)
+    out.adopt = failing
+    answer = place(h, 503, execution_type="EXIT", strategy="s1", direction="SELL", qty=75, order_type="MKT",
+                   price=None)
+    out.adopt = real
+    assert raised and answer["status"] == "failed" and answer["orders"] == [], answer
+    assert "reading the broker's books for the exit failed (OperationalError: database is locked)" in answer["reason"]
+    assert _lowest_net(sim, 1.0) == 0
+    control(sim, action="hide_order", norenordno=manual, on=False)
+
+
+def test_1s_an_exit_the_books_show_working_counts_though_a_cancel_was_heard_first(live, sim):
+    """Found in review 6: the host heard the resting exit's cancel first (a fill the broker reports after the
+    cancel, README `order_late_fill`), but both reads of the book showed it working. Counting an ended exit only
+    by what its row filled (0), the EXIT sold 75, and when the resting exit filled: short 75. The books decide."""
+    h = live(RISK_POLL_S=60)
+    resting = _half_resting(h)
+    manual = _sold_in_the_app_unbooked(sim, 75)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 75)
+    [at_broker] = booked(sim, resting)
+    from host.sim.server import order_update
+    msg = order_update(sim.sim, at_broker)
+    msg.update(status="CANCELED", reporttype="Canceled")
+    _push_order_message(sim, msg)
+    wait_status(h, resting, "CANCELLED")
+    answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT",
+                   price=None)
+    assert answer.get("orders", []) == [], answer
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills at the broker
+    lowest = _lowest_net(sim, 1.5)
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    assert lowest == 0 and broker_net(sim, SYMBOL) == 0
+
+
+def test_exit_reads_keep_no_view_for_an_alert_forgotten_while_its_read_ran():
+    """Found in review 6: an alert gone stale while its read ran left the read's view (two order books) behind."""
+    from host.exit_reads import ExitReads
+    go, views = threading.Event(), []
+
+    def read() -> Any:
+        go.wait(5)
+        go.clear()
+        views.append(object())
+        return views[-1]
+    reads = ExitReads(read, lambda: None)
+    for i in range(5):
+        assert reads.take(f"a{i}") == (False, None)
+        wait_for(lambda: reads._reading)
+        reads.forget(f"a{i}")
+        go.set()
+        wait_for(lambda: not reads._running)
+    assert len(views) == 5 and reads._views == {}
+    assert reads.take("b") == (False, None)  # still served: asked, read, taken
+    go.set()
+    assert wait_for(lambda: reads.take("b")[0] and reads) and reads._views == {}
 
 
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
