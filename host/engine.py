@@ -146,6 +146,8 @@ class Engine:
         self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
         self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
+        self._reading_for: set[str] = set()  # strategies whose alert waits for its read of the books (exit_reads)
+        self._after_read: list[tuple[str, Asked, str]] = []  # what their hooks asked for meanwhile, in order
 
     @property
     def data_dir(self) -> Any:
@@ -456,9 +458,11 @@ class Engine:
             self._alerts_in.sort(key=lambda r: r["seq"])
             self._seen_seq = max(self._seen_seq, top)
         if not self._alerts_in:
+            self._read_for(set())
             return
         rows, self._alerts_in = self._alerts_in, []
         waiting: set[str] = set()  # strategies in a call now: their alerts wait their turn, in order
+        reading: set[str] = set()
         for row in rows:
             if self._stopping.is_set():
                 return
@@ -475,6 +479,7 @@ class Engine:
                 ready, view = True, e
             if not ready:  # the broker's books are being read for it: its strategy's later alerts wait too
                 waiting.add(row["strategy"])
+                reading.add(row["strategy"])
                 self._alerts_in.append(row)
                 continue
             self._decided[row["id"]] = None
@@ -488,6 +493,15 @@ class Engine:
                                                         f"not executed")
                 self.storage.write(lambda db: self._record(db, row, decision))
                 self.inbox.decided("alerts", row["id"])
+        self._read_for(reading)
+
+    def _read_for(self, reading: set[str]) -> None:
+        """The strategies whose alert waits for its read of the books; their hooks' intents wait behind it, and
+        those of the others run now, in the order asked."""
+        self._reading_for = reading
+        held, self._after_read = self._after_read, []
+        for strategy, asked, source in held:
+            self._act(strategy, asked, source)
 
     def _stale(self, row: dict) -> Optional[timedelta]:
         """How long a stale alert waited (longer than ALERT_MAX_AGE_S); None if it may still run."""
@@ -566,6 +580,10 @@ class Engine:
         """Turn what a strategy hook returned into orders, through the guard and risk; record the outcome."""
         if asked.error or not asked.intents:
             return  # failures were recorded as plugin events where they happened
+        if strategy in self._reading_for or any(s == strategy for s, _, _ in self._after_read):
+            self._after_read.append((strategy, asked, source))  # after its alert waiting for the books, in order
+            return
+
         def run(db: sqlite_utils.Database) -> Decision:
             d = self.decider.evaluate(db, strategy, list(asked.intents), alert_id=None, version=asked.version)
             words = f"{len(d.orders)} order(s)" if d.status is AlertStatus.ACCEPTED else f"{d.status.value}: {d.reason}"

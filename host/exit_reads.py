@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 from .models import BrokerView
 
 log = logging.getLogger(__name__)
+FRESH_S = 1.0  # a view not taken within this long (its strategy was busy in a call) is read again
 
 
 class ReadFailed(Exception):
@@ -28,7 +30,7 @@ class ExitReads:
         self._lock = threading.Lock()
         self._asked: set[str] = set()    # waiting for the next read
         self._reading: set[str] = set()  # served by the read under way
-        self._views: dict[str, Optional[BrokerView] | ReadFailed] = {}
+        self._views: dict[str, tuple[float, Optional[BrokerView] | ReadFailed]] = {}  # with when it was read
         self._running = False
 
     def take(self, alert_id: str) -> tuple[bool, Optional[BrokerView]]:
@@ -36,10 +38,11 @@ class ExitReads:
         Raises ReadFailed if that read raised."""
         with self._lock:
             if alert_id in self._views:
-                view = self._views.pop(alert_id)
+                at, view = self._views.pop(alert_id)
                 if isinstance(view, ReadFailed):
                     raise view
-                return True, view
+                if time.monotonic() - at <= FRESH_S:
+                    return True, view
             if alert_id in self._asked or alert_id in self._reading:
                 return False, None
             self._asked.add(alert_id)
@@ -69,6 +72,7 @@ class ExitReads:
                 log.exception("reading the broker's books for exits failed")
                 view = ReadFailed(f"reading the broker's books for the exit failed ({type(e).__name__}: {e})")
             with self._lock:
-                self._views.update((a, view) for a in self._reading)
+                at = time.monotonic()
+                self._views.update((a, (at, view)) for a in self._reading)
                 self._reading = set()
             self._ready()

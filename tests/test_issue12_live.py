@@ -1072,6 +1072,53 @@ def test_exit_reads_keep_no_view_for_an_alert_forgotten_while_its_read_ran():
     assert wait_for(lambda: reads.take("b")[0] and reads) and reads._views == {}
 
 
+def test_1t_a_hook_of_a_strategy_whose_exit_waits_for_the_books_acts_after_that_exit(live, sim):
+    """What a strategy's hook asks for while its EXIT alert waits for a slow read of the books is acted on after
+    that EXIT is decided, not before it (each strategy's actions in the order they came); another strategy's
+    hook acts at once."""
+    h = live(RISK_POLL_S=60)
+    for name in ("slowy", "other"):
+        wait_status(h, entry(h, strategy=name, direction="BUY", qty=75, price="43"), "FILLED")
+    control(sim, action="slow_next", seconds=1.5, count=4, route="OrderBook")
+    eng = h.runtime.engine
+    client = h.app.test_client()
+    answers: dict = {}
+    sent = threading.Thread(target=lambda: answers.update(exit=client.post("/webhook", json=alert(
+        execution_type="EXIT", strategy="slowy", direction="SELL", qty=75, order_type="MKT", price=None))))
+    sent.start()
+    try:
+        time.sleep(0.3)  # the EXIT's read of the books is under way
+        again = Intent("NFO", SYMBOL, Side.BUY, 75, OrderType.LMT, Product.NRML, Decimal("43"),
+                       action=ExecutionType.ENTRY)
+        for name in ("slowy", "other"):
+            eng.submit(lambda name=name: eng._act(name, Asked(intents=(again,), version="1"), "on_tick"))
+        wait_for(lambda: events(h, "strategy_on_tick"), timeout=3)
+        time.sleep(0.2)
+        acted = [e["strategy"] for e in events(h, "strategy_on_tick")]
+        assert acted == ["other"], acted  # the other strategy's hook did not wait; slowy's does
+        exit_row = h.runtime.storage.one("select * from alerts where strategy = 'slowy' and execution_type = 'EXIT'")
+        assert exit_row["status"] == "received"  # the EXIT still waits for its read: so does slowy's hook
+    finally:
+        sent.join(20)
+    decided = wait_for(lambda: (a := h.runtime.storage.one("select * from alerts where strategy = 'slowy' and "
+                                                           "execution_type = 'EXIT'"))["status"] != "received" and a,
+                       timeout=20)
+    hooked = wait_for(lambda: [e for e in events(h, "strategy_on_tick") if e["strategy"] == "slowy"], timeout=5)
+    assert decided["status"] == "accepted" and hooked[0]["at"] >= decided["decided_at"], (decided, hooked)
+
+
+def test_exit_reads_read_again_a_view_left_untaken_too_long():
+    """A view its alert could not take at once (its strategy busy in a call) is read again, not used stale."""
+    from host import exit_reads
+    n: list = []
+    reads = exit_reads.ExitReads(lambda: n.append(len(n)) or len(n), lambda: None)
+    assert reads.take("a") == (False, None)
+    wait_for(lambda: not reads._running and reads._views)
+    time.sleep(getattr(exit_reads, "FRESH_S", 1.0) + 0.1)
+    assert reads.take("a") == (False, None)  # too old: read again
+    assert wait_for(lambda: (got := reads.take("a"))[0] and got) == (True, 2)
+
+
 def test_a_rejected_exit_says_it_is_not_retried(live, sim):
     h = live()
     held = entry(h, strategy="rej", direction="BUY", qty=75, price="43")
