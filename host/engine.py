@@ -28,6 +28,7 @@ from .commands import CONTROL, Commands
 from .daily import Daily
 from .exit_reads import ExitReads, ReadFailed
 from .decide import Decider
+from .ids import new_id
 from .inbox import Inbox
 from .market import IST
 from .models import (AlertRequest, AlertStatus, BrokerOrder, BrokerView, Decision, ExecutionType, Intent, Leg, Order,
@@ -147,7 +148,9 @@ class Engine:
         self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
         self._reading_for: set[str] = set()  # strategies whose alert waits for its read of the books (exit_reads)
-        self._after_read: list[tuple[str, Asked, str]] = []  # what their hooks asked for meanwhile, in order
+        self._after_read: list[tuple[str, Asked, str, Optional[str]]] = []  # their hooks' intents meanwhile, in
+        # order, and hooks' exits waiting for a read of their own (with its key)
+        self._hook_reading: set[str] = set()  # strategies whose hook's exit waits for its read: alerts wait too
 
     @property
     def data_dir(self) -> Any:
@@ -468,8 +471,9 @@ class Engine:
                 return
             if row["id"] in self._decided:
                 continue  # handed over and found by the poll too: decided once
-            if row["strategy"] in waiting or (self.strategies.working(row["strategy"])
-                                              and not self.strategies.live(row["strategy"]).caller.busy()):
+            name = row["strategy"]
+            if name in waiting or name in self._hook_reading or (  # behind its hook's exit waiting for the books
+                    self.strategies.working(name) and not self.strategies.live(name).caller.busy()):
                 waiting.add(row["strategy"])  # within its budget: asked again on the next step
                 self._alerts_in.append(row)
                 continue
@@ -499,9 +503,35 @@ class Engine:
         """The strategies whose alert waits for its read of the books; their hooks' intents wait behind it, and
         those of the others run now, in the order asked."""
         self._reading_for = reading
+        self._release_hooks()
+
+    def _release_hooks(self) -> None:
+        """Act on the hooks' intents held back, in order: each strategy's behind its alert waiting for the books,
+        and a hook's exit (live) once the books read after it have been (exit_reads), as an EXIT alert's."""
         held, self._after_read = self._after_read, []
-        for strategy, asked, source in held:
-            self._act(strategy, asked, source)
+        blocked, self._hook_reading = set(self._reading_for), set()
+        for item in held:
+            strategy, asked, source, key = item
+            view: Optional[BrokerView] = None
+            if strategy not in blocked and key is not None:
+                try:
+                    ready, view = self.exit_reads.take(key)
+                except ReadFailed as e:
+                    self._hook_failed(strategy, asked, source, str(e))
+                    continue
+                if not ready:
+                    self._hook_reading.add(strategy)
+            if strategy in blocked or strategy in self._hook_reading:
+                blocked.add(strategy)
+                self._after_read.append(item)
+                continue
+            self._act_now(strategy, asked, source, view)
+
+    def _hook_failed(self, strategy: str, asked: Asked, source: str, why: str) -> None:
+        self.storage.write(lambda db: Storage.add_event(
+            db, f"strategy_{source}", f"strategy {strategy} v{asked.version} {source}: {len(asked.intents)} "
+            f"intent(s) -> failed: {why}; not executed", "error", strategy,
+            {"version": asked.version, "orders": [], "status": AlertStatus.FAILED.value}))
 
     def _stale(self, row: dict) -> Optional[timedelta]:
         """How long a stale alert waited (longer than ALERT_MAX_AGE_S); None if it may still run."""
@@ -580,13 +610,22 @@ class Engine:
         """Turn what a strategy hook returned into orders, through the guard and risk; record the outcome."""
         if asked.error or not asked.intents:
             return  # failures were recorded as plugin events where they happened
-        if strategy in self._reading_for or any(s == strategy for s, _, _ in self._after_read):
-            self._after_read.append((strategy, asked, source))  # after its alert waiting for the books, in order
+        # a hook's exit, live, is capped at the broker's net read after it (a position closed in the broker's app)
+        key = new_id("h") if not getattr(self.broker, "book_is_synchronous", False) and any(
+            i.action is ExecutionType.EXIT for i in asked.intents) else None
+        if key is not None or strategy in self._reading_for or any(s == strategy for s, *_ in self._after_read):
+            self._after_read.append((strategy, asked, source, key))  # in order, behind what waits already
+            self._release_hooks()
             return
+        self._act_now(strategy, asked, source, None)
 
+    def _act_now(self, strategy: str, asked: Asked, source: str, view: Optional[BrokerView]) -> None:
         def run(db: sqlite_utils.Database) -> Decision:
-            d = self.decider.evaluate(db, strategy, list(asked.intents), alert_id=None, version=asked.version)
+            d = self.decider.evaluate(db, strategy, list(asked.intents), alert_id=None, version=asked.version,
+                                      room=flatten.closing_room(db, view))
             words = f"{len(d.orders)} order(s)" if d.status is AlertStatus.ACCEPTED else f"{d.status.value}: {d.reason}"
+            if d.status is AlertStatus.ACCEPTED and d.reason:
+                words += f" ({d.reason})"
             Storage.add_event(db, f"strategy_{source}", f"strategy {strategy} v{asked.version} {source}: "
                               f"{len(asked.intents)} intent(s) -> {words}",
                               "info" if d.status is AlertStatus.ACCEPTED else "warning", strategy,
