@@ -10,11 +10,13 @@ order, and isolates each item: one that raises is recorded as failed and the loo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Optional
@@ -68,6 +70,18 @@ def _forward(to: str, name: str) -> property:
     """An attribute kept by one of the engine's parts (the runtime and tests set them on the engine)."""
     return property(lambda self: getattr(getattr(self, to), name),
                     lambda self, value: setattr(getattr(self, to), name, value))
+
+
+@dataclass(frozen=True)
+class HookIntents:
+    """Intents a strategy's hook returned, waiting for their strategy's turn or for a read of the books."""
+
+    n: int               # its turn among the strategy's alerts and hook intents
+    strategy: str
+    asked: Asked
+    source: str          # on_tick, on_clock, on_order
+    key: Optional[str]   # the read of the books a live EXIT waits for (exit_reads), or None
+    at: float            # time.monotonic() when it came
 
 
 def _undecided_alerts(db: sqlite_utils.Database) -> tuple[list[dict], int]:
@@ -147,10 +161,9 @@ class Engine:
         self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
         self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
-        self._reading_for: set[str] = set()  # strategies whose alert waits for its read of the books (exit_reads)
-        self._after_read: list[tuple[str, Asked, str, Optional[str]]] = []  # their hooks' intents meanwhile, in
-        # order, and hooks' exits waiting for a read of their own (with its key)
-        self._hook_reading: set[str] = set()  # strategies whose hook's exit waits for its read: alerts wait too
+        self._arrivals = itertools.count()  # each strategy's alerts and hook intents are taken in this order
+        self._hooks_in: list[HookIntents] = []  # hook intents waiting their strategy's turn (or the books)
+        self._held: set[str] = set()  # strategies with an alert or hook intents waiting: new hook intents queue
 
     @property
     def data_dir(self) -> Any:
@@ -199,8 +212,15 @@ class Engine:
         self.running = False
 
     def flush(self) -> None:
-        """Apply broker updates and plugin changes that arrived after the loop stopped (at shutdown)."""
+        """Apply broker updates and plugin changes that arrived after the loop stopped (at shutdown). Hook intents
+        still waiting are stored now, in order, as orders not yet sent: the start-up sends them, its exits capped
+        at the broker's net then (flatten.cap_unsent_exits); waiting alerts stay in the inbox."""
         self._handle(self._drain(), dispatch=False)
+        held, self._hooks_in = self._hooks_in, []
+        for h in sorted(held, key=lambda h: h.n):
+            if self._still_live(h):
+                self._isolated(f"{h.strategy} {h.source} intents", lambda: self._act_now(
+                    h.strategy, h.asked, h.source, None))
 
     def wake(self) -> None:
         self._commands_due = True  # a command may be waiting
@@ -302,6 +322,7 @@ class Engine:
         """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
         for kind, row in items:
             if kind == "alert":
+                row["_n"] = next(self._arrivals)
                 self._alerts_in.append(row)
                 if row["seq"] > self._seen_seq + 1:  # a gap: another process stored one before it, its wake-up
                     self._look_now = True            # lost or late: the look decides them in rowid order
@@ -457,92 +478,132 @@ class Engine:
             self._look_now, self._alerts_polled = False, now
             known = {r["id"] for r in self._alerts_in}
             found, top = self.storage.read(_undecided_alerts)
-            self._alerts_in += [r for r in found if r["id"] not in known]
-            self._alerts_in.sort(key=lambda r: r["seq"])
+            found = [r for r in found if r["id"] not in known]
+            for r in found:
+                r["_n"] = next(self._arrivals)
+            # alerts are taken in stored order: found late (another worker's), one takes an earlier one's turn
+            turns = sorted(r["_n"] for r in self._alerts_in + found)
+            self._alerts_in = sorted(self._alerts_in + found, key=lambda r: r["seq"])
+            for r, n in zip(self._alerts_in, turns):
+                r["_n"] = n
             self._seen_seq = max(self._seen_seq, top)
-        if not self._alerts_in:
-            self._read_for(set())
+        self._take_turns()
+
+    def _take_turns(self) -> None:
+        """Decide alerts and act on hooks' intents, each strategy's in the order they came. One waits while its
+        strategy is in a call, or for a read of the broker's books (exit_reads: a live EXIT); the strategy's later
+        ones wait behind it, other strategies' go on."""
+        turns = sorted([(r["_n"], r) for r in self._alerts_in] + [(h.n, h) for h in self._hooks_in],
+                       key=lambda t: t[0])
+        self._alerts_in, self._hooks_in = [], []
+        waiting: set[str] = set()
+        for at, (_, item) in enumerate(turns):
+            if self._stopping.is_set():  # what is left keeps its turn
+                for _, rest in turns[at:]:
+                    (self._hooks_in if isinstance(rest, HookIntents) else self._alerts_in).append(rest)
+                break
+            if isinstance(item, HookIntents):
+                self._hook_turn(item, waiting)
+            else:
+                self._alert_turn(item, waiting)
+        self._held = waiting
+
+    def _alert_turn(self, row: dict, waiting: set[str]) -> None:
+        if row["id"] in self._decided:
+            return  # handed over and found by the poll too: decided once
+        name = row["strategy"]
+        if name in waiting or (self.strategies.working(name) and not self.strategies.live(name).caller.busy()):
+            waiting.add(name)  # within its budget: asked again on the next step
+            self._alerts_in.append(row)
+            if self._wants_view(row):
+                self.exit_reads.ask(row["id"])  # read with the alert before it: one read serves both
             return
-        rows, self._alerts_in = self._alerts_in, []
-        waiting: set[str] = set()  # strategies in a call now: their alerts wait their turn, in order
-        reading: set[str] = set()
-        for row in rows:
-            if self._stopping.is_set():
+        try:
+            ready, view = self._view_for(row)
+        except ReadFailed as e:  # decided below: it fails, saying why
+            ready, view = True, e
+        if not ready:  # the broker's books are being read for it
+            waiting.add(name)
+            self._alerts_in.append(row)
+            return
+        self._decided[row["id"]] = None
+        if len(self._decided) > DECIDED_KEPT:
+            del self._decided[next(iter(self._decided))]
+        try:
+            self._process_alert(row, view)
+        except Exception as e:  # isolated to this alert: it fails with the error, the loop goes on
+            log.exception("alert %s failed", row["id"])
+            decision = Decision(AlertStatus.FAILED, f"the host failed on this alert ({type(e).__name__}: {e}); "
+                                                    f"not executed")
+            self.storage.write(lambda db: self._record(db, row, decision))
+            self.inbox.decided("alerts", row["id"])
+
+    def _hook_turn(self, h: HookIntents, waiting: set[str]) -> None:
+        waited = time.monotonic() - h.at
+        if waited > self.max_alert_age_s:
+            self.exit_reads.forget(h.key or "")
+            self._hook_failed(h, f"stale: waited {int(waited)} s, longer than ALERT_MAX_AGE_S={self.max_alert_age_s}")
+            return
+        if h.strategy in waiting:
+            self._hooks_in.append(h)
+            if h.key is not None:
+                self.exit_reads.ask(h.key)  # read with the one before it: one read serves both
+            return
+        view: Optional[BrokerView] = None
+        if h.key is not None:
+            try:
+                ready, view = self.exit_reads.take(h.key)
+            except ReadFailed as e:
+                self._hook_failed(h, str(e))
                 return
-            if row["id"] in self._decided:
-                continue  # handed over and found by the poll too: decided once
-            name = row["strategy"]
-            if name in waiting or name in self._hook_reading or (  # behind its hook's exit waiting for the books
-                    self.strategies.working(name) and not self.strategies.live(name).caller.busy()):
-                waiting.add(row["strategy"])  # within its budget: asked again on the next step
-                self._alerts_in.append(row)
-                continue
-            try:
-                ready, view = self._view_for(row)
-            except ReadFailed as e:  # decided below: it fails, saying why
-                ready, view = True, e
-            if not ready:  # the broker's books are being read for it: its strategy's later alerts wait too
-                waiting.add(row["strategy"])
-                reading.add(row["strategy"])
-                self._alerts_in.append(row)
-                continue
-            self._decided[row["id"]] = None
-            if len(self._decided) > DECIDED_KEPT:
-                del self._decided[next(iter(self._decided))]
-            try:
-                self._process_alert(row, view)
-            except Exception as e:  # isolated to this alert: it fails with the error, the loop goes on
-                log.exception("alert %s failed", row["id"])
-                decision = Decision(AlertStatus.FAILED, f"the host failed on this alert ({type(e).__name__}: {e}); "
-                                                        f"not executed")
-                self.storage.write(lambda db: self._record(db, row, decision))
-                self.inbox.decided("alerts", row["id"])
-        self._read_for(reading)
+            if not ready:
+                waiting.add(h.strategy)
+                self._hooks_in.append(h)
+                return
+        if not self._still_live(h):
+            return
+        try:
+            self._act_now(h.strategy, h.asked, h.source, view)
+        except Exception as e:  # isolated: the others go on
+            log.exception("strategy %s %s intents failed", h.strategy, h.source)
+            self._hook_failed(h, f"the host failed on them ({type(e).__name__}: {e})")
 
-    def _read_for(self, reading: set[str]) -> None:
-        """The strategies whose alert waits for its read of the books; their hooks' intents wait behind it, and
-        those of the others run now, in the order asked."""
-        self._reading_for = reading
-        self._release_hooks()
-
-    def _release_hooks(self) -> None:
-        """Act on the hooks' intents held back, in order: each strategy's behind its alert waiting for the books,
-        and a hook's exit (live) once the books read after it have been (exit_reads), as an EXIT alert's."""
-        held, self._after_read = self._after_read, []
-        blocked, self._hook_reading = set(self._reading_for), set()
-        for item in held:
-            strategy, asked, source, key = item
-            view: Optional[BrokerView] = None
-            if strategy not in blocked and key is not None:
-                try:
-                    ready, view = self.exit_reads.take(key)
-                except ReadFailed as e:
-                    self._hook_failed(strategy, asked, source, str(e))
-                    continue
-                if not ready:
-                    self._hook_reading.add(strategy)
-            if strategy in blocked or strategy in self._hook_reading:
-                blocked.add(strategy)
-                self._after_read.append(item)
-                continue
-            self._act_now(strategy, asked, source, view)
-
-    def _hook_failed(self, strategy: str, asked: Asked, source: str, why: str) -> None:
+    def _still_live(self, h: HookIntents) -> bool:
+        """The version whose hook asked is still the strategy's, enabled (intents held for the books may outlive
+        it); if not, they are dropped and said, as posted intents are (plugin_late)."""
+        entry = self.strategies.entries.get(h.strategy)
+        if entry is None or (not entry.disabled and entry.live is not None
+                             and entry.live.candidate.version == h.asked.version):
+            return True
         self.storage.write(lambda db: Storage.add_event(
-            db, f"strategy_{source}", f"strategy {strategy} v{asked.version} {source}: {len(asked.intents)} "
-            f"intent(s) -> failed: {why}; not executed", "error", strategy,
-            {"version": asked.version, "orders": [], "status": AlertStatus.FAILED.value}))
+            db, "plugin_late", f"strategy {h.strategy} v{h.asked.version} was disabled or replaced while its "
+            f"{h.source} intents waited for the broker's books; {len(h.asked.intents)} intent(s) dropped", "warning",
+            h.strategy, {"hook": h.source, "version": h.asked.version}))
+        return False
+
+    def _hook_failed(self, h: HookIntents, why: str) -> None:
+        try:
+            self.storage.write(lambda db: Storage.add_event(
+                db, f"strategy_{h.source}", f"strategy {h.strategy} v{h.asked.version} {h.source}: "
+                f"{len(h.asked.intents)} intent(s) -> failed: {why}; not executed", "error", h.strategy,
+                {"version": h.asked.version, "orders": [], "status": AlertStatus.FAILED.value}))
+        except Exception:
+            log.exception("strategy %s %s intents failed (%s); not executed", h.strategy, h.source, why)
 
     def _stale(self, row: dict) -> Optional[timedelta]:
         """How long a stale alert waited (longer than ALERT_MAX_AGE_S); None if it may still run."""
         age = datetime.now(timezone.utc) - datetime.fromisoformat(row["received_at"])
         return age if age > timedelta(seconds=self.max_alert_age_s) else None
 
+    def _wants_view(self, row: dict) -> bool:
+        """An EXIT or POSITION alert in live mode is capped at the broker's net, read after it arrived."""
+        return row["execution_type"] in (ExecutionType.EXIT.value, ExecutionType.POSITION.value) \
+            and not getattr(self.broker, "book_is_synchronous", False)
+
     def _view_for(self, row: dict) -> tuple[bool, Optional[BrokerView]]:
-        """An EXIT or POSITION alert in live mode is capped at the broker's net, read after it arrived: (False,
-        None) while that read runs (exit_reads.py); (True, the view) once it has. Other alerts need none."""
-        if row["execution_type"] not in (ExecutionType.EXIT.value, ExecutionType.POSITION.value) \
-                or getattr(self.broker, "book_is_synchronous", False):
+        """(False, None) while the read of the books an alert needs runs (exit_reads.py); (True, the view) once it
+        has; (True, None) for an alert that needs none."""
+        if not self._wants_view(row):
             return True, None
         if self._stale(row):
             self.exit_reads.forget(row["id"])
@@ -613,11 +674,13 @@ class Engine:
         # a hook's exit, live, is capped at the broker's net read after it (a position closed in the broker's app)
         key = new_id("h") if not getattr(self.broker, "book_is_synchronous", False) and any(
             i.action is ExecutionType.EXIT for i in asked.intents) else None
-        if key is not None or strategy in self._reading_for or any(s == strategy for s, *_ in self._after_read):
-            self._after_read.append((strategy, asked, source, key))  # in order, behind what waits already
-            self._release_hooks()
+        if key is None and strategy not in self._held:
+            self._act_now(strategy, asked, source, None)
             return
-        self._act_now(strategy, asked, source, None)
+        self._hooks_in.append(HookIntents(next(self._arrivals), strategy, asked, source, key, time.monotonic()))
+        self._held.add(strategy)  # its later intents queue behind these
+        if key is not None:
+            self.exit_reads.ask(key)
 
     def _act_now(self, strategy: str, asked: Asked, source: str, view: Optional[BrokerView]) -> None:
         def run(db: sqlite_utils.Database) -> Decision:

@@ -43,14 +43,19 @@ class ExitReads:
                     raise view
                 if time.monotonic() - at <= FRESH_S:
                     return True, view
-            if alert_id in self._asked or alert_id in self._reading:
-                return False, None
+        self.ask(alert_id)
+        return False, None
+
+    def ask(self, alert_id: str) -> None:
+        """A read for this alert (or hook's intents), unless one is asked for, under way or done."""
+        with self._lock:
+            if alert_id in self._views or alert_id in self._asked or alert_id in self._reading:
+                return
             self._asked.add(alert_id)
             if self._running:
-                return False, None
+                return
             self._running = True
         threading.Thread(target=self._run, name="exit-reads", daemon=True).start()
-        return False, None
 
     def forget(self, alert_id: str) -> None:
         """The alert was decided without its view (stale, or the engine gave up on it)."""
