@@ -76,7 +76,7 @@ def _forward(to: str, name: str) -> property:
 class HookIntents:
     """Intents a strategy's hook returned, waiting for their strategy's turn or for a read of the books."""
 
-    n: int               # its turn among the strategy's alerts and hook intents
+    n: tuple[int, int, int]  # its turn among the strategy's alerts and hook intents (Engine._turn)
     strategy: str
     asked: Asked
     source: str          # on_tick, on_clock, on_order
@@ -161,7 +161,7 @@ class Engine:
         self._commands_due = True     # woken for a command (or not looked for within ALERT_POLL_S)
         self._commands_polled = 0.0
         self._decided: dict[str, None] = {}
-        self._arrivals = itertools.count()  # each strategy's alerts and hook intents are taken in this order
+        self._arrivals = itertools.count()  # each strategy's alerts and hook intents are taken in turn (_turn)
         self._hooks_in: list[HookIntents] = []  # hook intents waiting their strategy's turn (or the books)
         self._held: set[str] = set()  # strategies with an alert or hook intents waiting: new hook intents queue
 
@@ -217,8 +217,18 @@ class Engine:
         at the broker's net then (flatten.cap_unsent_exits); waiting alerts stay in the inbox."""
         self._handle(self._drain(), dispatch=False)
         held, self._hooks_in = self._hooks_in, []
+        first_alert: dict[str, tuple] = {}  # each strategy's first alert still waiting: its turn
+        for r in self._alerts_in:
+            first_alert[r["strategy"]] = min(r["_n"], first_alert.get(r["strategy"], r["_n"]))
         for h in sorted(held, key=lambda h: h.n):
-            if self._still_live(h):
+            waited = time.monotonic() - h.at
+            if h.strategy in first_alert and first_alert[h.strategy] < h.n:  # the alert is decided at the start
+                self._hook_failed(h, "the host stopped while they waited behind the strategy's alert, which is "
+                                     "decided again at the start-up (they would go before it)", "warning")
+            elif waited > self.max_alert_age_s:
+                self._hook_failed(h, f"stale: waited {int(waited)} s, longer than ALERT_MAX_AGE_S="
+                                     f"{self.max_alert_age_s}")
+            elif self._still_live(h):
                 self._isolated(f"{h.strategy} {h.source} intents", lambda: self._act_now(
                     h.strategy, h.asked, h.source, None))
 
@@ -322,7 +332,7 @@ class Engine:
         """Apply broker updates (then tell the owning strategies), and run submitted changes, in order."""
         for kind, row in items:
             if kind == "alert":
-                row["_n"] = next(self._arrivals)
+                row["_n"] = self._turn()
                 self._alerts_in.append(row)
                 if row["seq"] > self._seen_seq + 1:  # a gap: another process stored one before it, its wake-up
                     self._look_now = True            # lost or late: the look decides them in rowid order
@@ -478,16 +488,17 @@ class Engine:
             self._look_now, self._alerts_polled = False, now
             known = {r["id"] for r in self._alerts_in}
             found, top = self.storage.read(_undecided_alerts)
-            found = [r for r in found if r["id"] not in known]
-            for r in found:
-                r["_n"] = next(self._arrivals)
-            # alerts are taken in stored order: found late (another worker's), one takes an earlier one's turn
-            turns = sorted(r["_n"] for r in self._alerts_in + found)
-            self._alerts_in = sorted(self._alerts_in + found, key=lambda r: r["seq"])
-            for r, n in zip(self._alerts_in, turns):
-                r["_n"] = n
+            for r in (r for r in found if r["id"] not in known):  # stored by another worker, found late: its turn
+                later = [a for a in self._alerts_in if a["strategy"] == r["strategy"] and a["seq"] > r["seq"]]
+                # is just before its strategy's first alert stored after it (taken in stored order), else now
+                r["_n"] = (min(later, key=lambda a: a["seq"])["_n"][0], -1, r["seq"]) if later else self._turn()
+                self._alerts_in.append(r)
             self._seen_seq = max(self._seen_seq, top)
         self._take_turns()
+
+    def _turn(self) -> tuple[int, int, int]:
+        """The next turn: a strategy's alerts and hook intents are taken in this order (_take_turns)."""
+        return next(self._arrivals), 0, 0
 
     def _take_turns(self) -> None:
         """Decide alerts and act on hooks' intents, each strategy's in the order they came. One waits while its
@@ -500,13 +511,34 @@ class Engine:
         for at, (_, item) in enumerate(turns):
             if self._stopping.is_set():  # what is left keeps its turn
                 for _, rest in turns[at:]:
-                    (self._hooks_in if isinstance(rest, HookIntents) else self._alerts_in).append(rest)
+                    self._keep(rest)
                 break
-            if isinstance(item, HookIntents):
-                self._hook_turn(item, waiting)
-            else:
-                self._alert_turn(item, waiting)
+            try:
+                if isinstance(item, HookIntents):
+                    self._hook_turn(item, waiting)
+                else:
+                    self._alert_turn(item, waiting)
+            except Exception:  # (a full disk): it keeps its turn, tried again on the next step; the rest go on
+                hook = isinstance(item, HookIntents)
+                log.exception("engine: the turn of %s failed; tried again", item.strategy if hook else item["id"])
+                if not hook:
+                    if not self._undecided(item["id"]):
+                        continue
+                    self._decided.pop(item["id"], None)
+                self._keep(item)
+                waiting.add(item.strategy if hook else item["strategy"])
         self._held = waiting
+
+    def _keep(self, item: dict | HookIntents) -> None:
+        (self._hooks_in if isinstance(item, HookIntents) else self._alerts_in).append(item)  # type: ignore[arg-type]
+
+    def _undecided(self, alert_id: str) -> bool:
+        """Still `received` in the inbox (never decided twice): checked only after a turn failed."""
+        try:
+            row = self.storage.one("select status from alerts where id = ?", (alert_id,))
+        except Exception:
+            return True  # unreadable: kept; the check is made again when its next turn fails
+        return row is not None and row["status"] == AlertStatus.RECEIVED.value
 
     def _alert_turn(self, row: dict, waiting: set[str]) -> None:
         if row["id"] in self._decided:
@@ -581,11 +613,11 @@ class Engine:
             h.strategy, {"hook": h.source, "version": h.asked.version}))
         return False
 
-    def _hook_failed(self, h: HookIntents, why: str) -> None:
+    def _hook_failed(self, h: HookIntents, why: str, severity: str = "error") -> None:
         try:
             self.storage.write(lambda db: Storage.add_event(
                 db, f"strategy_{h.source}", f"strategy {h.strategy} v{h.asked.version} {h.source}: "
-                f"{len(h.asked.intents)} intent(s) -> failed: {why}; not executed", "error", h.strategy,
+                f"{len(h.asked.intents)} intent(s) -> failed: {why}; not executed", severity, h.strategy,
                 {"version": h.asked.version, "orders": [], "status": AlertStatus.FAILED.value}))
         except Exception:
             log.exception("strategy %s %s intents failed (%s); not executed", h.strategy, h.source, why)
@@ -674,10 +706,10 @@ class Engine:
         # a hook's exit, live, is capped at the broker's net read after it (a position closed in the broker's app)
         key = new_id("h") if not getattr(self.broker, "book_is_synchronous", False) and any(
             i.action is ExecutionType.EXIT for i in asked.intents) else None
-        if key is None and strategy not in self._held:
+        if key is None and strategy not in self._held and all(r["strategy"] != strategy for r in self._alerts_in):
             self._act_now(strategy, asked, source, None)
-            return
-        self._hooks_in.append(HookIntents(next(self._arrivals), strategy, asked, source, key, time.monotonic()))
+            return  # (an alert of the strategy come before it, in the same events, is decided first)
+        self._hooks_in.append(HookIntents(self._turn(), strategy, asked, source, key, time.monotonic()))
         self._held.add(strategy)  # its later intents queue behind these
         if key is not None:
             self.exit_reads.ask(key)
