@@ -48,6 +48,30 @@ def _post(h: Host, body: dict) -> threading.Thread:
     return t
 
 
+def _paper_host_long(tmp_path: Any, strategy: str) -> Host:
+    """A paper host whose strategy holds 75 (stop it when done)."""
+    h = Host(make_settings(tmp_path / "var")).start()
+    h.tick("42.5")
+    assert h.post(alert(strategy=strategy, direction="BUY", qty=75, order_type="MKT", price=None)).status_code == 200
+    wait_for(lambda: h.net(strategy) == 75)
+    return h
+
+
+def _engine_busy(eng: Any) -> threading.Event:
+    """Hold the engine in its next clock step (a slow on_clock hook, a slow reconcile) until the event is set."""
+    gate, busy = threading.Event(), threading.Event()
+    clock = eng._clock
+
+    def slow_clock() -> None:
+        if not busy.is_set():
+            busy.set()
+            gate.wait(5)
+        clock()
+    eng._clock = slow_clock
+    busy.wait(5)
+    return gate
+
+
 def _decisions(eng: Any) -> list[str]:
     """The order in which the engine decides alerts and acts on hook intents, recorded as it does."""
     seen: list[str] = []
@@ -169,11 +193,8 @@ def test_intents_waiting_at_a_stop_are_stored_and_the_start_up_caps_and_sends_th
 
 
 def test_paper_hook_exits_act_at_once_without_a_read(tmp_path):
-    h = Host(make_settings(tmp_path / "var")).start()
+    h = _paper_host_long(tmp_path, "pp")
     try:
-        h.tick("42.5")
-        assert h.post(alert(strategy="pp", direction="BUY", qty=75, order_type="MKT", price=None)).status_code == 200
-        wait_for(lambda: h.net("pp") == 75)
         eng = h.runtime.engine
         asked: list = []
         real_ask = eng.exit_reads.ask

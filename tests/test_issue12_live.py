@@ -895,6 +895,15 @@ def test_1n_an_exit_cut_while_the_book_cannot_be_read_says_so_loudly(live, sim):
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
 
 
+def _lowest_net(sim: Any, seconds: float) -> int:
+    """The broker's lowest net in SYMBOL over the next `seconds`."""
+    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        lowest = min(lowest, broker_net(sim, SYMBOL))
+        time.sleep(0.05)
+    return lowest
+
+
 def test_1o_exit_all_counts_an_exit_that_fills_between_its_reads_and_its_flatten(live, sim):
     """Found in review: exit-all read the books (net 75, the resting exit of 75 counted), then the resting exit
     filled and the engine marked it FILLED before the flatten's transaction: it was no longer counted, and
@@ -915,10 +924,7 @@ def test_1o_exit_all_counts_an_exit_that_fills_between_its_reads_and_its_flatten
     answer = exit_all(h)
     out.read_for_exits = real
     assert answer["orders"] == [], answer
-    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 2
-    while time.monotonic() < deadline:
-        lowest = min(lowest, broker_net(sim, SYMBOL))
-        time.sleep(0.05)
+    lowest = _lowest_net(sim, 2.0)
     control(sim, action="hide_order", norenordno=manual, on=False)
     assert lowest == 0 and broker_net(sim, SYMBOL) == 0
 
@@ -981,21 +987,9 @@ def test_1q_an_exit_made_and_filled_while_the_books_are_read_counts_against_the_
     answer = place(h, execution_type="EXIT", strategy="sa", direction="SELL", qty=75, order_type="MKT", price=None)
     eng.exit_reads._read = real
     assert hook_exit and answer.get("orders", []) == [], answer
-    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        lowest = min(lowest, broker_net(sim, SYMBOL))
-        time.sleep(0.05)
+    lowest = _lowest_net(sim, 1.5)
     control(sim, action="hide_order", norenordno=manual, on=False)
     assert lowest == 0 and broker_net(sim, SYMBOL) == 0
-
-
-def _lowest_net(sim: Any, seconds: float) -> int:
-    """The broker's lowest net in SYMBOL over the next `seconds`."""
-    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        lowest = min(lowest, broker_net(sim, SYMBOL))
-        time.sleep(0.05)
-    return lowest
 
 
 def test_1r_an_error_while_reading_the_books_fails_the_exit_never_sends_it_uncapped(live, sim):

@@ -9,7 +9,7 @@ from conftest import SYMBOL, alert, wait_for
 from host.models import ExecutionType, Intent, OrderType, Product, Side
 from host.plugins.strategies import Asked
 from test_issue12_live import PUT, entry, events, live, wait_status  # noqa: F401
-from test_hook_turns import _slow_reads
+from test_hook_turns import _engine_busy, _slow_reads
 
 SELL = Intent("NFO", SYMBOL, Side.SELL, 75, OrderType.MKT, Product.NRML, action=ExecutionType.EXIT)
 
@@ -19,14 +19,7 @@ def test_a_failing_write_loses_nothing(live, sim):
     wait_status(h, entry(h, strategy="yy", direction="BUY", qty=75, price="43"), "FILLED")
     eng = h.runtime.engine
     st = h.runtime.storage
-    gate, busy = threading.Event(), threading.Event()
-    clock = eng._clock
-    def slow_clock():
-        if not busy.is_set():
-            busy.set(); gate.wait(5)
-        clock()
-    eng._clock = slow_clock
-    busy.wait(5)
+    gate = _engine_busy(eng)
     client = h.app.test_client()
     t = threading.Thread(target=lambda: client.post("/webhook", json=alert(
         strategy="xx", tradingsymbol=PUT, direction="BUY", qty=75, price="43", alert_id="x1")))

@@ -8,29 +8,17 @@ import threading, time
 from conftest import SYMBOL, Host, alert, make_settings, wait_for
 from host.models import ExecutionType, Intent, OrderType, Product, Side
 from host.plugins.strategies import Asked
+from test_hook_turns import _decisions, _engine_busy, _paper_host_long
 
 SELL = Intent("NFO", SYMBOL, Side.SELL, 75, OrderType.MKT, Product.NRML, action=ExecutionType.EXIT)
 
 
 def test_alert_then_hook_in_one_drain_keep_their_order(tmp_path):
-    h = Host(make_settings(tmp_path / "var")).start()
+    h = _paper_host_long(tmp_path, "pp")
     try:
-        h.tick("42.5")
-        assert h.post(alert(strategy="pp", direction="BUY", qty=75, order_type="MKT", price=None)).status_code == 200
-        wait_for(lambda: h.net("pp") == 75)
         eng = h.runtime.engine
-        seen: list[str] = []
-        process, act_now = eng._process_alert, eng._act_now
-        eng._process_alert = lambda row, view=None: (seen.append(f"alert {row['execution_type']}"), process(row, view))[1]
-        eng._act_now = lambda s, a, src, v: (seen.append(f"hook {a.intents[0].action.value}"), act_now(s, a, src, v))[1]
-        gate, busy = threading.Event(), threading.Event()
-        clock = eng._clock
-        def slow_clock():            # the engine busy after its poll (an on_clock hook, a slow reconcile, ...)
-            if not busy.is_set():
-                busy.set(); gate.wait(5)
-            clock()
-        eng._clock = slow_clock
-        busy.wait(5)
+        seen = _decisions(eng)
+        gate = _engine_busy(eng)  # after its poll (an on_clock hook, a slow reconcile, ...)
         client = h.app.test_client()
         t = threading.Thread(target=lambda: client.post("/webhook", json=alert(
             strategy="pp", direction="SELL", qty=75, order_type="MKT", price=None, execution_type="EXIT")))
