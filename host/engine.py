@@ -692,9 +692,23 @@ class Engine:
         rows = self.storage.rows("select * from position_targets where status = ? order by id", (targets.WAITING,))
         self._targets_waiting = bool(rows)
         for row in rows:
-            if self.storage.read(lambda db: targets.ready(db, row, self.max_alert_age_s)):
+            if not self.storage.read(lambda db: targets.ready(db, row, self.max_alert_age_s)):
+                continue
+            ready, view = self._target_view(row)
+            if ready:  # planned again from the strategy's position: its exit capped at the broker's net, as ever
                 self._dispatch(self.storage.write(lambda db: targets.release(
-                    db, row, self._evaluator(), self.max_alert_age_s)))
+                    db, row, self._evaluator(room=flatten.closing_room(db, view)), self.max_alert_age_s)))
+
+    def _target_view(self, row: dict) -> tuple[bool, Optional[BrokerView]]:
+        """A waiting target is planned again (live) on a read of the books made once its wait was over
+        (exit_reads); (False, None) until then, and again after a read that failed (logged)."""
+        if getattr(self.broker, "book_is_synchronous", False):
+            return True, None
+        try:
+            return self.exit_reads.take(f"target:{row['id']}")
+        except ReadFailed as e:
+            log.warning("position target %s of alert %s waits: %s; read again", row["id"], row["alert_id"], e)
+            return False, None
 
     def _targets_stored(self) -> None:
         self._targets_waiting = True

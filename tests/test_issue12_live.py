@@ -1119,6 +1119,36 @@ def test_1u_a_hooks_exit_after_a_close_in_the_app_never_takes_the_account_short(
     control(sim, action="hide_order", norenordno=manual, on=False)
 
 
+def _target(h: Host, strategy: str, position: int, price: Optional[str] = None) -> dict:
+    """A POSITION alert for SYMBOL (product M); its JSON answer."""
+    body = alert("POSITION", strategy=strategy)
+    body["legs"] = [{"tradingsymbol": SYMBOL, "position": str(position), "product_type": "M",
+                     **({"order_type": "LMT", "price": price} if price else {"order_type": "MKT"})}]
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
+def test_1v_a_target_planned_again_after_its_cancels_is_capped_at_the_brokers_net(live, sim):
+    """Found this session: a POSITION target that first cancels the strategy's working order is planned again once
+    the cancel is done, from the strategy's own position, and that second plan's exit was not capped at the
+    broker's net. With 75 sold in the app meanwhile (not yet adopted), target 0 sold 75 again: short 75."""
+    h = live(RISK_POLL_S=60)
+    wait_status(h, entry(h, strategy="tg", direction="BUY", qty=75, price="43"), "FILLED")
+    [resting] = _target(h, "tg", 150, price="30")["orders"]  # 75 more, resting well below the market
+    wait_status(h, resting["id"], "OPEN")
+    manual = _sold_in_the_app_unbooked(sim, 75)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0)
+    first = _target(h, "tg", 0)  # cancels the resting 75 first, then plans again from the 75 it holds
+    assert first["orders"] == [], first
+    [said] = wait_for(lambda: events(h, "position_target"), timeout=8)
+    lowest = _lowest_net(sim, 1.5)
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    # capped at the read's net, or the read's second look at the positions counted the app's sale as tg's already
+    assert lowest == 0 and ("exit capped from 75 to 0" in said["message"] or "already at target flat" in
+                            said["message"]), (lowest, said["message"])
+
+
 def test_exit_reads_read_again_a_view_left_untaken_too_long():
     """A view its alert could not take at once (its strategy busy in a call) is read again, not used stale."""
     from host import exit_reads
