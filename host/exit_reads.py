@@ -15,6 +15,7 @@ from .models import BrokerView
 
 log = logging.getLogger(__name__)
 FRESH_S = 1.0  # a view not taken within this long (its strategy was busy in a call) is read again
+KEPT_S = 60.0  # a view never taken (what asked for it was decided otherwise meanwhile) is dropped after this long
 
 
 class ReadFailed(Exception):
@@ -78,6 +79,7 @@ class ExitReads:
                 view = ReadFailed(f"reading the broker's books for the exit failed ({type(e).__name__}: {e})")
             with self._lock:
                 at = time.monotonic()
+                self._views = {k: v for k, v in self._views.items() if at - v[0] < KEPT_S}
                 self._views.update((a, (at, view)) for a in self._reading)
                 self._reading = set()
             self._ready()

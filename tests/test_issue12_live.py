@@ -1149,6 +1149,18 @@ def test_1v_a_target_planned_again_after_its_cancels_is_capped_at_the_brokers_ne
                             said["message"]), (lowest, said["message"])
 
 
+def test_exit_reads_drop_a_view_nobody_took_when_a_later_read_ends():
+    """A view asked for by what was then decided otherwise (a target superseded in between) is not kept for ever."""
+    from host import exit_reads
+    reads = exit_reads.ExitReads(lambda: object(), lambda: None)
+    reads.ask("gone")
+    wait_for(lambda: not reads._running and "gone" in reads._views)
+    reads._views["gone"] = (reads._views["gone"][0] - exit_reads.KEPT_S, reads._views["gone"][1])  # a minute ago
+    reads.ask("next")
+    wait_for(lambda: not reads._running and "next" in reads._views)
+    assert set(reads._views) == {"next"}
+
+
 def test_exit_reads_read_again_a_view_left_untaken_too_long():
     """A view its alert could not take at once (its strategy busy in a call) is read again, not used stale."""
     from host import exit_reads
