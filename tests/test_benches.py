@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,4 +41,7 @@ def test_bench_runs_in_its_short_mode_and_prints_its_figures(script, tmp_path):
     assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
     assert FIGURES[script] in done.stdout, f"{script} printed no figures:\n{done.stdout}"
     assert "nan" not in done.stdout.lower().split(), done.stdout
+    if script == "webhook_latency.py":  # the order-life floor did the work it is a floor for: every order filled
+        filled = re.search(r"order-life floor orders filled: (\d+) of (\d+)", done.stdout)
+        assert filled and int(filled[1]) == int(filled[2]) > 0, done.stdout
     print(f"{script} --short: {took:.1f} s\n{done.stdout}")
