@@ -5,20 +5,22 @@
 the alert committed durably (synchronous=FULL, one fsync each), then a decision made on one thread and
 committed (an order row, the alert's status), then the answer. No checks, no order life: what an alert
 must cost at the least, to tell the host's own cost from the disk's and the hand-off's.
-/webhook-order-floor: the contract floor plus the least order life the contract asks for, still without a
-check: the orders of a batch marked SUBMITTED in one durable commit before they are sent, sent to a broker
-that only hands back an id, the acks recorded in one commit, the fills applied (order, fill, position) in
-another; each stage a thread of its own that takes everything waiting at once, so that a burst shares its
-commits. What any host keeping the contract's promises must spend per alert, in Python on one GIL.
-(Durable here is synchronous=FULL at the commit. The host's group commit, with the alert handed to the
-decider while its fsync runs, measured slower in this floor: p50 1.75-1.82 ms and 738-811 alerts/s against
-1.29-1.37 ms and 856-927/s, at linger 0, 0.2 and 1 ms.)
+/webhook-order-floor: the least that keeps the contract's promises with an order life, still without a check
+other than the duplicate one: one thread takes every alert waiting, and in ONE durable commit per batch stores
+them (a body seen in the last 10 s is a duplicate, not run again), decides them and persists their orders
+SUBMITTED; only then are they answered and sent (to a broker that only hands back an id); the acks and the fills
+(order, fill, position) are committed per batch on one sender thread. What any host keeping the promises must
+spend per alert, in Python on one GIL; an outside review found this shape 25-30 % cheaper than a stage per
+commit (a durable alert commit, a decision, a durable SUBMITTED mark, each on its own thread).
 """
+import hashlib
 import os
 import queue
 import sqlite3
 import tempfile
 import threading
+import time
+from typing import Optional
 
 from flask import Flask, jsonify, request
 
@@ -67,10 +69,10 @@ class Contract:
                 self.conn.execute("COMMIT")
             done.set()
 
-    def decided(self, rowid: int) -> None:
+    def decided(self, rowid: int) -> bool:
         done = threading.Event()
         self.todo.put((rowid, done))
-        done.wait(2.0)
+        return done.wait(2.0)
 
 
 def _drain(q: queue.SimpleQueue) -> list:
@@ -83,59 +85,72 @@ def _drain(q: queue.SimpleQueue) -> list:
             return items
 
 
-class OrderFloor(Contract):
-    """Contract's alert and decision, then the order life: batched stages, one commit per stage and batch."""
+class OrderFloor:
+    """Alerts stored, decided and their orders persisted SUBMITTED in one durable commit per batch; then the life."""
 
     def __init__(self, path: str):
-        super().__init__(path)
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("create table if not exists alerts (id integer primary key, body text, status text, "
+                          "body_hash text, received_at real)")
+        self.conn.execute("create index if not exists alerts_hash on alerts (body_hash, received_at)")
         self.conn.execute("create table if not exists book (id integer primary key, alert_id integer, status text, "
                           "broker_id text, filled integer)")
         self.conn.execute("create table if not exists fills (id integer primary key, order_id integer, qty integer, "
                           "price text)")
         self.conn.execute("create table if not exists positions (symbol text primary key, qty integer)")
+        self.lock = threading.Lock()
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
         self.to_send: queue.SimpleQueue = queue.SimpleQueue()
-        self.to_fill: queue.SimpleQueue = queue.SimpleQueue()
         self.broker_ids = 0
+        threading.Thread(target=self._decide, daemon=True).start()
         threading.Thread(target=self._send, daemon=True).start()
-        threading.Thread(target=self._fill, daemon=True).start()
 
-    def _commit(self, statements: list[tuple[str, tuple]], durable: bool = False) -> list[int]:
-        """One transaction; durable: synced at its COMMIT (synchronous=FULL)."""
-        with self.lock:
-            if durable:
-                self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("BEGIN IMMEDIATE")
-            ids = [self.conn.execute(sql, args).lastrowid for sql, args in statements]
-            self.conn.execute("COMMIT")
-            if durable:
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-        return ids
+    def take(self, raw: bytes) -> Optional[int]:
+        """The alert's id once it is durable and decided (its order durable too); None if not within 2 s."""
+        done, box = threading.Event(), []
+        self.todo.put((raw, done, box))
+        return box[0] if done.wait(2.0) else None
 
     def _decide(self) -> None:
+        c = self.conn
         while True:
             batch = _drain(self.todo)
-            ids = self._commit([st for rowid, _ in batch for st in (
-                ("insert into book (alert_id, status, filled) values (?, 'NEW', 0)", (rowid,)),
-                ("update alerts set status = 'accepted' where id = ?", (rowid,)))])
-            for (_, done), order_id in zip(batch, ids[::2]):
+            made = []
+            with self.lock:
+                c.execute("PRAGMA synchronous=FULL")  # durable: the alerts before their answer, orders before sending
+                c.execute("BEGIN IMMEDIATE")
+                for raw, _, _ in batch:
+                    now, digest = time.time(), hashlib.sha256(raw).hexdigest()
+                    seen = c.execute("select 1 from alerts where body_hash = ? and received_at >= ? limit 1",
+                                     (digest, now - DEDUPE_S)).fetchone()
+                    aid = c.execute("insert into alerts (body, status, body_hash, received_at) values (?, ?, ?, ?)",
+                                    (raw, "duplicate" if seen else "accepted", digest, now)).lastrowid
+                    oid = None if seen else c.execute(
+                        "insert into book (alert_id, status, filled) values (?, 'SUBMITTED', 0)", (aid,)).lastrowid
+                    made.append((aid, oid))
+                c.execute("COMMIT")
+                c.execute("PRAGMA synchronous=NORMAL")
+            for (_, done, box), (aid, oid) in zip(batch, made):
+                box.append(aid)
                 done.set()
-                self.to_send.put(order_id)
+                if oid is not None:
+                    self.to_send.put(oid)
+
+    def _commit(self, statements: list[tuple[str, tuple]]) -> None:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for sql, args in statements:
+                self.conn.execute(sql, args)
+            self.conn.execute("COMMIT")
 
     def _send(self) -> None:
         while True:
-            batch = _drain(self.to_send)
-            self._commit([("update book set status = 'SUBMITTED' where id = ? and status = 'NEW'", (o,))
-                          for o in batch], durable=True)  # persisted before it is sent
             acks = []
-            for order_id in batch:
+            for order_id in _drain(self.to_send):  # sent: the broker only hands back an id
                 self.broker_ids += 1
                 acks.append((order_id, str(self.broker_ids)))
             self._commit([("update book set status = 'OPEN', broker_id = ? where id = ?", (b, o)) for o, b in acks])
-            self.to_fill.put(acks)
-
-    def _fill(self) -> None:
-        while True:
-            acks = [a for batch in _drain(self.to_fill) for a in batch]
             self._commit([st for order_id, _ in acks for st in (
                 ("update book set status = 'COMPLETE', filled = 75 where id = ?", (order_id,)),
                 ("insert into fills (order_id, qty, price) values (?, 75, '42.5')", (order_id,)),
@@ -143,6 +158,7 @@ class OrderFloor(Contract):
                  "on conflict (symbol) do update set qty = qty + 75", ()))])
 
 
+DEDUPE_S = 10  # a body seen this recently is a duplicate
 _contract = None
 _order_floor = None
 _contract_lock = threading.Lock()
@@ -157,7 +173,8 @@ def webhook_contract():
     raw = request.get_data()
     body = request.get_json(force=True)
     rowid = _contract.store(raw)
-    _contract.decided(rowid)
+    if not _contract.decided(rowid):
+        return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
     return jsonify({"status": "accepted", "strategy": body.get("strategy_name"), "alert_id": rowid})
 
 
@@ -170,6 +187,7 @@ def webhook_order_floor():
             _order_floor = OrderFloor(path.replace(".sqlite", "-orders.sqlite"))
     raw = request.get_data()
     body = request.get_json(force=True)
-    rowid = _order_floor.store(raw)
-    _order_floor.decided(rowid)
+    rowid = _order_floor.take(raw)
+    if rowid is None:
+        return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
     return jsonify({"status": "accepted", "strategy": body.get("strategy_name"), "alert_id": rowid})
