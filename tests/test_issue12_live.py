@@ -802,26 +802,71 @@ def test_1j_a_resting_exit_whose_mark_was_lost_is_moved_by_the_check_after_the_b
     assert "no exit on its way to the market" in events(h, "risk_violation")[-1]["message"]
 
 
-def test_1k_the_breach_never_moves_an_exit_working_for_more_than_the_position_holds(live, sim):
-    """Found in review: 150 held with a limit exit for all 150 resting; the trader sells 75 in the app and the host
-    takes it off the strategy. The breach moved the 150 exit to the market: the account went short 75 for a
-    second. Such an exit is left where it is, and said once."""
-    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
-    held = entry(h, strategy="whole", direction="BUY", qty=150, price="43")
+def _whole_exit_then_app_sale(h: Host, sim: Any, strategy: str) -> str:
+    """150 held by `strategy` with a limit exit for all 150 resting; the trader sells 75 in the broker's app and
+    the host takes it off the strategy: the resting exit now works for 75 more than the position holds. Its id."""
+    held = entry(h, strategy=strategy, direction="BUY", qty=150, price="43")
     wait_status(h, held, "FILLED")
-    [resting] = place(h, execution_type="EXIT", strategy="whole", direction="SELL", qty=150, order_type="LMT",
+    [resting] = place(h, execution_type="EXIT", strategy=strategy, direction="SELL", qty=150, order_type="LMT",
                       price="60")["orders"]
     wait_status(h, resting["id"], "OPEN")
     control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
-    wait_for(lambda: net(h, "whole", SYMBOL) == 75, timeout=8)  # the outside check took it off 'whole'
-    _breach_by_tick(h, sim, SYMBOL, "41")
-    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + 3
-    while time.monotonic() < deadline:
+    wait_for(lambda: net(h, strategy, SYMBOL) == 75, timeout=8)  # the outside check took it off the strategy
+    return resting["id"]
+
+
+def _never_short_then_flat(h: Host, sim: Any, resting: str, seconds: float = 8.0) -> None:
+    """The account's net never goes below zero while the oversized exit is cancelled and the position exited."""
+    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + seconds
+    while broker_net(sim, SYMBOL) != 0 and time.monotonic() < deadline:
         lowest = min(lowest, broker_net(sim, SYMBOL))
         time.sleep(0.05)
-    assert lowest == 75 and status(h, resting["id"]) == "OPEN"
+    lowest = min(lowest, _lowest_net(sim, 1.5))  # and it stays so
+    assert lowest == 0 == broker_net(sim, SYMBOL), (lowest, broker_net(sim, SYMBOL), events(h, "exit_not_moved"))
+    assert status(h, resting) == "CANCELLED"
     [said] = events(h, "exit_not_moved")
-    assert resting["id"] in said["message"] and "cancel it" in said["message"]
+    assert resting in said["message"] and "cancelled" in said["message"], said
+
+
+def test_1k_a_breach_cancels_an_exit_working_for_more_than_the_position_holds_then_exits_the_net(live, sim):
+    """Found in review: 150 held with a limit exit for all 150 resting; the trader sells 75 in the app and the host
+    takes it off the strategy. The breach moved the 150 exit to the market: the account went short 75 for a
+    second. Then such an exit was left where it was (said once), and the 75 stayed open past the loss limit.
+    Now it is cancelled, and once the cancel is confirmed the check after the breach exits the 75: flat, never
+    short."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "whole")
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    _never_short_then_flat(h, sim, resting)
+
+
+def test_1w_a_strategys_max_loss_cancels_its_oversized_exit_then_exits_the_net(live, sim):
+    """The same with the strategy's own max loss, which used to be acted on once: after the cancel nothing looked
+    at the strategy again. A stopped strategy's positions that no exit on its way to the market covers are now
+    checked after its breach as the day's are, and flattened again."""
+    h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "sw")
+    deadline = time.monotonic() + 4
+    while not events(h, "risk_strategy_breach"):
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
+        time.sleep(0.1)
+    _never_short_then_flat(h, sim, resting)
+
+
+def test_1x_a_death_before_the_oversized_exits_cancel_went_out_is_healed_by_the_restart(live, sim):
+    """What if the process dies after the breach's transaction marked the oversized exit for cancelling, before
+    the cancel reached the broker? The mark is in the database: the restarted host sends the cancel, and the check
+    after the breach exits the net once it is confirmed. Never short."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "died")
+    h.runtime.engine.sender.enqueue_cancel = lambda order_id, why: None  # dies before any cancel is sent
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    wait_for(lambda: events(h, "exit_not_moved"), timeout=5)
+    marked = h.runtime.storage.one("select cancel_requested from orders where id = ?", (resting,))["cancel_requested"]
+    assert marked and _lowest_net(sim, 1.0) == 75 and status(h, resting) == "OPEN"
+    h.restart()
+    _never_short_then_flat(h, sim, resting, seconds=12.0)
 
 
 def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(live, sim):
