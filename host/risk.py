@@ -196,8 +196,7 @@ class RiskManager:
         """Compare the day's PnL with the limits at `now`; store the result; return what must be done.
 
         pnl is None when positions could not be read (blind). exposed (a bool, or a callable asked only
-        after a breach, and with a strategy's name for each strategy stopped by its own max loss): positions are
-        open that no exit on its way to the market covers. A breach, once recorded, is
+        after a breach): positions are open that no working exit covers. A breach, once recorded, is
         never cleared before the next trading day.
         """
         today = self.clock.day(now)
@@ -249,11 +248,6 @@ class RiskManager:
                 and str(day.limit) not in day.warned:
             day.warned.append(str(day.limit))
             actions.append(Action("warning", f"PnL {pnl} is near the daily limit {day.limit}", "warning", data))
-        for name in day.strategy_stops if callable(exposed) else ():
-            if exposed(name):  # its exit was cancelled (it would have taken the account past zero), say
-                actions.append(Action("strategy_violation", f"strategy {name}: positions open after its max loss "
-                                                            f"with no exit on its way to the market: flattening them "
-                                                            f"again", "error", {"strategy": name}))
         for name, spnl in (strategy_pnl or {}).items():
             cap = (strategy_max_loss or {}).get(name, self.limits.strategy_max_loss)
             if cap and spnl <= -abs(cap) and name not in day.strategy_stops:

@@ -66,6 +66,7 @@ class RiskLoop:
         self._said: dict[str, float] = {}  # what was said when (quiet repeats)
         self._backoff: dict[tuple, tuple[float, int]] = {}  # position key -> (next try, rejected exits in a row)
         self._rejections_told: set[str] = set()  # exits whose rejection was acted on (each once, however it came)
+        self._oversize_told: set[str] = set()  # exits left working past their position (said once)
 
     # ---- thread ----
     def start(self) -> None:
@@ -128,17 +129,16 @@ class RiskLoop:
             for action in actions:
                 self.act(action)
 
-    def _exposed(self, strategy: Optional[str] = None) -> bool:
-        """Asked only after a breach (the day's, or a strategy's own): positions risk counts (all, or the
-        strategy's) that no working exit covers, or that a working exit not moving towards the market does (one
-        placed since, by a strategy or the trader)."""
-        if self.storage.read(lambda db: _working_exits(db, strategy, None, self._left_alone)[0]):
+    def _exposed(self) -> bool:
+        """Asked only after a breach: positions risk counts that no working exit covers, or that a working exit
+        not moving towards the market does (one placed since, by a strategy or the trader)."""
+        if self.storage.read(lambda db: _working_exits(db, None, None, self._left_alone)[0]):
             return True
         return bool(self._to_flatten(self.storage.rows(
-            "select p.* from positions p where p.net_qty != 0 and (? is null or p.strategy = ?) and abs(p.net_qty) > "
-            "coalesce((select sum(o.qty - o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = "
-            "p.exchange and o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
-            "('NEW','SUBMITTED','UNKNOWN','OPEN','PARTIAL')), 0)", (strategy, strategy))))
+            "select p.* from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
+            "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
+            "o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
+            "('NEW','SUBMITTED','UNKNOWN','OPEN','PARTIAL')), 0)")))
 
     def _to_flatten(self, rows: list[dict]) -> list[dict]:
         return [p for p in rows if self._left_alone(p) is None]
@@ -237,11 +237,6 @@ class RiskLoop:
             self._say("violation", "risk_violation", action.message, action.severity, None, action.data)
             self.flatten("risk: positions after the breach", quiet=True)
             return
-        if action.kind == "strategy_violation":
-            name = action.data["strategy"]
-            self._say(f"violation:{name}", "risk_violation", action.message, action.severity, name, action.data)
-            self.flatten(f"risk: strategy {name} positions after its max loss", strategy=name, quiet=True)
-            return
         self.storage.write(lambda db: Storage.add_event(db, f"risk_{action.kind}", action.message, action.severity,
                                                         action.data.get("strategy"), action.data or None))
         if action.kind == "breach":
@@ -266,36 +261,50 @@ class RiskLoop:
                         self.outside.blind)
         skip = (lambda p: None) if everything else self._left_alone
         cancels: list[str] = []
+        told: list[str] = []
+        healed = not everything and self._breach_holds()  # the check after the day's breach exits what is left
 
         def run(db: Any) -> flatten.Flattened:
             done = flatten.flatten(db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents,
                                                                                             alert_id=None),
                                    flatten.closing_room(db, view), strategy, product, skip, quiet)
             if not everything:  # in the same transaction: a death cannot leave them unmarked
-                cancels[:] = self._escalate(db, done.orders, strategy, product, why)
+                told[:], cancels[:] = self._escalate(db, done.orders, strategy, product, why, healed)
             return done
         done = self.storage.write(run)
+        self._oversize_told.update(told)
         self.dispatch(Decision(AlertStatus.ACCEPTED, why, done.orders, tuple(dict.fromkeys([*done.cancels, *cancels]))),
                       why)
         return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
                 "left": list(done.left)}
 
     def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str],
-                  product: Optional[str], why: str) -> list[str]:
+                  product: Optional[str], why: str, healed: bool) -> tuple[list[str], list[str]]:
         """Mark risk's exits, and the limit exits already working for the positions it exits (they count as
         covering their part), to move towards the market until they fill. One that would sell more than the
-        position holds is cancelled instead, said once (its mark is stored with the flatten, so a restart neither
-        loses nor repeats it; the engine sends the cancel again while it works): moved, it would take the account
-        past zero, and left where it is, it keeps the position open past the limit. Once it has ended, the check
-        after the breach finds the position uncovered and exits it at its net. Returns the cancels to send."""
+        position holds is never moved: filled, it would take the account past zero. While the day's breach stands
+        (`healed`) it is cancelled, said once (its mark is stored with the flatten, so a restart neither loses nor
+        repeats it; the engine sends the cancel again while it works), and once it has ended the check after the
+        breach finds the position uncovered and exits it at its net. Otherwise (a strategy's own max loss, the
+        square-off: acted on once, nothing would exit the position after a cancel) it is left where it is, said
+        once. Returns (exits left and said, cancels to send)."""
         fit, over = _working_exits(db, strategy, product, self._left_alone)
         ids = list(created) + [i for i in fit if i not in created]
         if ids:
             db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
+        told: list[str] = []
         cancels: list[str] = []
         for o in over:
-            if o["order_cancel_requested"]:
-                continue  # its cancel was asked for already: the engine sends it again while it works (every 5 s)
+            if o["order_cancel_requested"] or o["id"] in self._oversize_told:
+                continue  # cancelled already (the engine sends it again while it works, every 5 s), or said
+            if not healed:
+                told.append(o["id"])
+                Storage.add_event(db, "exit_not_moved", f"exit {o['id']} ({o['strategy']}) {o['side']} "
+                                  f"{o['remaining']} {o['exchange']}:{o['symbol']} is working for more than the "
+                                  f"position holds ({o['net_qty']:+d}, less its other exits): it is not moved towards "
+                                  f"the market, as filled it would take the account past zero; cancel it, then send "
+                                  f"the EXIT for the position", "error", o["strategy"], {"order_id": o["id"]})
+                continue
             row = {"id": o["id"], "status": o["order_status"], "broker_order_id": o["order_broker_id"]}
             cancels += flatten.stop(db, [row], f"{why}: it works for more than the position holds").working
             Storage.add_event(db, "exit_not_moved", f"exit {o['id']} ({o['strategy']}) {o['side']} "
@@ -304,7 +313,7 @@ class RiskLoop:
                               f"it would take the account past zero, so it is cancelled; once the cancel is "
                               f"confirmed, risk exits the position at its net", "error", o["strategy"],
                               {"order_id": o["id"]})
-        return cancels
+        return told, cancels
 
     def _left_alone(self, p: dict) -> Optional[str]:
         """Why risk leaves a position alone: CNC, manual positions out of scope, an exit backing off."""
