@@ -183,6 +183,7 @@ class RiskLoop:
     def escalate(self) -> None:
         """Breach and square-off exits not filled after EXIT_REPRICE_S are moved towards the market, one
         protection step further each time (on the instrument's tick), until they fill."""
+        self._stop_moving_oversized()
         due = (datetime.now(timezone.utc) - timedelta(seconds=float(self.reprice_s))).isoformat(timespec="milliseconds")
         for o in self.storage.rows("select o.*, q.ltp from orders o left join quotes q on q.exchange = o.exchange and "
                                    "q.symbol = o.symbol where o.escalate = 1 and o.status in ('OPEN', 'PARTIAL') and "
@@ -198,6 +199,20 @@ class RiskLoop:
             self.storage.write(lambda db: db.execute("update orders set reprices = ?, repriced_at = ? where id = ?",
                                                      (n, utcnow(), o["id"])))
             self.reprice(o["id"], price)
+
+    def _stop_moving_oversized(self) -> None:
+        """An exit being moved that now works for more than its position holds (the trader sold part in the
+        broker's app meanwhile) is moved no further: moved, it would fill past zero. See _stop_oversized."""
+        over = self.storage.read(lambda db: [o for o in _working_exits(db, None, None, self._left_alone)[1]
+                                             if o["escalate"]])
+        if not over:
+            return
+        why = "risk: an exit being moved towards the market"
+        healed = self._breach_holds()
+        told, cancels = self.storage.write(lambda db: self._stop_oversized(db, over, why, healed))
+        self._oversize_told.update(told)
+        if cancels:
+            self.dispatch(Decision(AlertStatus.ACCEPTED, why, (), tuple(cancels)), why)
 
     # ---- control commands ----
     def halt(self, args: dict) -> dict:
@@ -281,20 +296,27 @@ class RiskLoop:
     def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str],
                   product: Optional[str], why: str, healed: bool) -> tuple[list[str], list[str]]:
         """Mark risk's exits, and the limit exits already working for the positions it exits (they count as
-        covering their part), to move towards the market until they fill. One that would sell more than the
-        position holds is never moved: filled, it would take the account past zero. While the day's breach stands
-        (`healed`) it is cancelled, said once (its mark is stored with the flatten, so a restart neither loses nor
-        repeats it; the engine sends the cancel again while it works), and once it has ended the check after the
-        breach finds the position uncovered and exits it at its net. Otherwise (a strategy's own max loss, the
-        square-off: acted on once, nothing would exit the position after a cancel) it is left where it is, said
-        once. Returns (exits left and said, cancels to send)."""
+        covering their part), to move towards the market until they fill; stop those working for more than
+        their position holds (_stop_oversized). Returns (exits left and said, cancels to send)."""
         fit, over = _working_exits(db, strategy, product, self._left_alone)
         ids = list(created) + [i for i in fit if i not in created]
         if ids:
             db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
+        return self._stop_oversized(db, over, why, healed)
+
+    def _stop_oversized(self, db: Any, over: list[dict], why: str, healed: bool) -> tuple[list[str], list[str]]:
+        """Exits working for more than their position holds (after a sale in the broker's app, say, at the breach
+        or while they were being moved) are never moved: filled, they would take the account past zero. While
+        the day's breach stands (`healed`) each is cancelled, said once (its mark is stored in this transaction, so
+        a restart neither loses nor repeats it; the engine sends the cancel again while it works), and once it
+        has ended the check after the breach finds the position uncovered and exits it at its net. Otherwise (a
+        strategy's own max loss, the square-off: acted on once, nothing would exit the position after a cancel)
+        it is left where it is, said once. Returns (exits left and said, cancels to send)."""
         told: list[str] = []
         cancels: list[str] = []
         for o in over:
+            if o["escalate"]:
+                db.execute("update orders set escalate = null where id = ?", (o["id"],))
             if o["order_cancel_requested"] or o["id"] in self._oversize_told:
                 continue  # cancelled already (the engine sends it again while it works, every 5 s), or said
             if not healed:
@@ -365,7 +387,8 @@ class RiskLoop:
 def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
                    left_alone: Callable[[dict], Optional[str]]) -> tuple[list[str], list[dict]]:
     """The unfinished non-stop exits of the positions risk exits, oldest first: those not yet marked to escalate
-    that fit within the position, and those that would take it past zero (more than it holds, less the others)."""
+    that fit within the position, and those (marked or not) that would take it past zero (more than it holds,
+    less the others)."""
     fit, over, room = [], [], {}
     for o in db.query(
             "select o.id, o.side, o.qty - coalesce(o.filled_qty, 0) remaining, o.escalate, o.status order_status, "
@@ -383,7 +406,7 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
             room[key] -= o["remaining"]
             if not o["escalate"]:
                 fit.append(o["id"])
-        elif not o["escalate"]:
+        else:  # moving or not: a mark does not make it fit
             over.append(o)
     return fit, over
 

@@ -872,6 +872,23 @@ def test_1x_a_death_before_the_oversized_exits_cancel_went_out_is_healed_by_the_
     _never_short_then_flat(h, sim, resting, seconds=12.0)
 
 
+def test_1y_an_exit_being_moved_that_an_app_sale_makes_oversized_is_cancelled_never_filled_short(live, sim):
+    """Found in review 10: the trader's limit exit for all 150 fit at the breach and was marked to move towards the
+    market; then the trader sold 75 in the app. Only unmarked exits were checked for size, so it was moved on,
+    filled 150 and the account was short 75 (bought back after). A marked exit is checked before each move: it
+    is moved no further, cancelled, and the check after the breach exits the 75 once the cancel is confirmed."""
+    h = live(RISK_BASE_MAX_LOSS="-100")  # EXIT_REPRICE_S: the default 3 s, the app sale lands before the move
+    held = entry(h, strategy="esc", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    [resting] = place(h, execution_type="EXIT", strategy="esc", direction="SELL", qty=150, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (resting["id"],))["escalate"])
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the trader, in the app
+    _never_short_then_flat(h, sim, resting["id"], seconds=12.0)
+
+
 def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(live, sim):
     """Found in review: a strategy's limit exit was still SUBMITTED (the broker books it late) when the strategy's
     own max loss fired; only OPEN exits were marked, and a strategy's breach is not checked again, so its half
