@@ -132,7 +132,7 @@ class RiskLoop:
     def _exposed(self) -> bool:
         """Asked only after a breach: positions risk counts that no working exit covers, or that a working exit
         not moving towards the market does (one placed since, by a strategy or the trader)."""
-        if self.storage.read(lambda db: _working_exits(db, None, None, self._left_alone)[0]):
+        if self.storage.read(lambda db: _working_exits(db, None, None, self._left_alone)):
             return True
         return bool(self._to_flatten(self.storage.rows(
             "select p.* from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
@@ -203,13 +203,12 @@ class RiskLoop:
     def _stop_moving_oversized(self) -> None:
         """An exit being moved that now works for more than its position holds (the trader sold part in the
         broker's app meanwhile) is moved no further: moved, it would fill past zero. See _stop_oversized."""
-        over = self.storage.read(lambda db: [o for o in _working_exits(db, None, None, self._left_alone)[1]
-                                             if o["escalate"]])
-        if not over:
+        moving = lambda db: [o for o in _oversized_exits(db, None, None, self._left_alone) if o["escalate"]]  # noqa
+        if not self.storage.read(moving):
             return
         why = "risk: an exit being moved towards the market"
         healed = self._breach_holds()
-        told, cancels = self.storage.write(lambda db: self._stop_oversized(db, over, why, healed))
+        told, cancels = self.storage.write(lambda db: self._stop_oversized(db, moving(db), why, healed))
         self._oversize_told.update(told)
         if cancels:
             self.dispatch(Decision(AlertStatus.ACCEPTED, why, (), tuple(cancels)), why)
@@ -298,43 +297,43 @@ class RiskLoop:
         """Mark risk's exits, and the limit exits already working for the positions it exits (they count as
         covering their part), to move towards the market until they fill; stop those working for more than
         their position holds (_stop_oversized). Returns (exits left and said, cancels to send)."""
-        fit, over = _working_exits(db, strategy, product, self._left_alone)
+        fit = _working_exits(db, strategy, product, self._left_alone)
         ids = list(created) + [i for i in fit if i not in created]
         if ids:
             db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
-        return self._stop_oversized(db, over, why, healed)
+        return self._stop_oversized(db, _oversized_exits(db, strategy, product, self._left_alone), why, healed)
 
     def _stop_oversized(self, db: Any, over: list[dict], why: str, healed: bool) -> tuple[list[str], list[str]]:
-        """Exits working for more than their position holds (after a sale in the broker's app, say, at the breach
-        or while they were being moved) are never moved: filled, they would take the account past zero. While
-        the day's breach stands (`healed`) each is cancelled, said once (its mark is stored in this transaction, so
-        a restart neither loses nor repeats it; the engine sends the cancel again while it works), and once it
-        has ended the check after the breach finds the position uncovered and exits it at its net. Otherwise (a
-        strategy's own max loss, the square-off: acted on once, nothing would exit the position after a cancel)
-        it is left where it is, said once. Returns (exits left and said, cancels to send)."""
+        """Exits working for more than their position holds on the side they close (after a sale in the broker's
+        app, say, at the breach or while they were being moved; a position closed or reversed holds nothing) are
+        never moved: filled, they would take the account past zero. Each is cancelled while the day's breach
+        stands (`healed`: the check after the breach then finds the position uncovered and exits it at its net),
+        and in any case once it has been moved from where it was placed; the mark is stored in this transaction,
+        so a restart neither loses nor repeats it, and the engine sends the cancel again while it works. Otherwise
+        (a strategy's own max loss, the square-off: acted on once, nothing would exit the position after a
+        cancel) it is left where it was placed, said once. Returns (exits left and said, cancels to send)."""
         told: list[str] = []
         cancels: list[str] = []
         for o in over:
             if o["escalate"]:
                 db.execute("update orders set escalate = null where id = ?", (o["id"],))
-            if o["order_cancel_requested"] or o["id"] in self._oversize_told:
-                continue  # cancelled already (the engine sends it again while it works, every 5 s), or said
-            if not healed:
-                told.append(o["id"])
-                Storage.add_event(db, "exit_not_moved", f"exit {o['id']} ({o['strategy']}) {o['side']} "
-                                  f"{o['remaining']} {o['exchange']}:{o['symbol']} is working for more than the "
-                                  f"position holds ({o['net_qty']:+d}, less its other exits): it is not moved towards "
-                                  f"the market, as filled it would take the account past zero; cancel it, then send "
-                                  f"the EXIT for the position", "error", o["strategy"], {"order_id": o["id"]})
+            if o["order_cancel_requested"]:
+                continue  # cancelled already: the engine sends it again while it works (every 5 s)
+            where = (f"exit {o['id']} ({o['strategy']}) {o['side']} {o['remaining']} {o['exchange']}:{o['symbol']} "
+                     f"is working for more than the position holds ({o['net_qty']:+d}, less its other exits)")
+            if not healed and not o["reprices"]:
+                if o["id"] not in self._oversize_told:
+                    told.append(o["id"])
+                    Storage.add_event(db, "exit_not_moved", f"{where}: it is not moved towards the market, as filled "
+                                      f"it would take the account past zero; cancel it, then send the EXIT for the "
+                                      f"position", "error", o["strategy"], {"order_id": o["id"]})
                 continue
             row = {"id": o["id"], "status": o["order_status"], "broker_order_id": o["order_broker_id"]}
             cancels += flatten.stop(db, [row], f"{why}: it works for more than the position holds").working
-            Storage.add_event(db, "exit_not_moved", f"exit {o['id']} ({o['strategy']}) {o['side']} "
-                              f"{o['remaining']} {o['exchange']}:{o['symbol']} is working for more than the "
-                              f"position holds ({o['net_qty']:+d}, less its other exits): moved towards the market "
-                              f"it would take the account past zero, so it is cancelled; once the cancel is "
-                              f"confirmed, risk exits the position at its net", "error", o["strategy"],
-                              {"order_id": o["id"]})
+            after = ("once the cancel is confirmed, risk exits the position at its net" if healed else
+                     "it had been moved towards the market; send the EXIT for the position")
+            Storage.add_event(db, "exit_not_moved", f"{where}: moved towards the market it would take the account "
+                              f"past zero, so it is cancelled; {after}", "error", o["strategy"], {"order_id": o["id"]})
         return told, cancels
 
     def _left_alone(self, p: dict) -> Optional[str]:
@@ -385,14 +384,12 @@ class RiskLoop:
 
 
 def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
-                   left_alone: Callable[[dict], Optional[str]]) -> tuple[list[str], list[dict]]:
-    """The unfinished non-stop exits of the positions risk exits, oldest first: those not yet marked to escalate
-    that fit within the position, and those (marked or not) that would take it past zero (more than it holds,
-    less the others)."""
-    fit, over, room = [], [], {}
+                   left_alone: Callable[[dict], Optional[str]]) -> list[str]:
+    """The unfinished non-stop exits of the positions risk exits, oldest first, not yet marked to escalate, that
+    fit within the position (less the exits before them)."""
+    fit, room = [], {}
     for o in db.query(
-            "select o.id, o.side, o.qty - coalesce(o.filled_qty, 0) remaining, o.escalate, o.status order_status, "
-            "o.broker_order_id order_broker_id, o.cancel_requested order_cancel_requested, p.* from orders o join "
+            "select o.id, o.side, o.qty - coalesce(o.filled_qty, 0) remaining, o.escalate, p.* from orders o join "
             "positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
             "p.product = o.product where o.status in ('NEW', 'SUBMITTED', 'UNKNOWN', 'OPEN', 'PARTIAL') and "
             "o.action != 'ENTRY' and o.protection is null and p.net_qty != 0 and (o.side = 'SELL') = (p.net_qty > 0) "
@@ -406,9 +403,34 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
             room[key] -= o["remaining"]
             if not o["escalate"]:
                 fit.append(o["id"])
-        else:  # moving or not: a mark does not make it fit
+    return fit
+
+
+def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
+                     left_alone: Callable[[dict], Optional[str]]) -> list[dict]:
+    """Unfinished non-stop orders other than entries that work for more than their position holds on the side
+    they close, less the ones before them (oldest first): a position missing, flat or reversed holds nothing for
+    them. Those risk is moving are counted whatever the position (a back-off, a scope); others only where risk
+    acts."""
+    over, room = [], {}
+    for o in db.query(
+            "select o.id, o.strategy, o.exchange, o.symbol, o.product, o.side, o.reprices, o.escalate, "
+            "o.qty - coalesce(o.filled_qty, 0) remaining, o.status order_status, o.broker_order_id order_broker_id, "
+            "o.cancel_requested order_cancel_requested, coalesce(p.net_qty, 0) net_qty, p.updated_at from orders o "
+            "left join positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
+            "p.product = o.product where o.status in ('NEW', 'SUBMITTED', 'UNKNOWN', 'OPEN', 'PARTIAL') and "
+            "o.action != 'ENTRY' and o.protection is null and (? is null or o.strategy = ?) and "
+            "(? is null or o.product = ?) order by o.rowid", (strategy, strategy, product, product)):
+        if not o["escalate"] and left_alone(o) is not None:
+            continue
+        key = (o["strategy"], o["exchange"], o["symbol"], o["product"])
+        closes = o["net_qty"] > 0 if o["side"] == "SELL" else o["net_qty"] < 0
+        room.setdefault(key, abs(o["net_qty"]) if closes else 0)
+        if o["remaining"] <= room[key]:
+            room[key] -= o["remaining"]
+        else:
             over.append(o)
-    return fit, over
+    return over
 
 
 def _touched_today(p: dict) -> bool:

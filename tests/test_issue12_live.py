@@ -872,12 +872,9 @@ def test_1x_a_death_before_the_oversized_exits_cancel_went_out_is_healed_by_the_
     _never_short_then_flat(h, sim, resting, seconds=12.0)
 
 
-def test_1y_an_exit_being_moved_that_an_app_sale_makes_oversized_is_cancelled_never_filled_short(live, sim):
-    """Found in review 10: the trader's limit exit for all 150 fit at the breach and was marked to move towards the
-    market; then the trader sold 75 in the app. Only unmarked exits were checked for size, so it was moved on,
-    filled 150 and the account was short 75 (bought back after). A marked exit is checked before each move: it
-    is moved no further, cancelled, and the check after the breach exits the 75 once the cancel is confirmed."""
-    h = live(RISK_BASE_MAX_LOSS="-100")  # EXIT_REPRICE_S: the default 3 s, the app sale lands before the move
+def _moving_exit_then_app_sale(h: Host, sim: Any, sold: int) -> str:
+    """150 held by 'esc' with the trader's limit exit for all 150 resting; the day's breach marks it to move
+    towards the market; then the trader sells `sold` in the broker's app. The exit's id."""
     held = entry(h, strategy="esc", direction="BUY", qty=150, price="43")
     wait_status(h, held, "FILLED")
     [resting] = place(h, execution_type="EXIT", strategy="esc", direction="SELL", qty=150, order_type="LMT",
@@ -885,8 +882,100 @@ def test_1y_an_exit_being_moved_that_an_app_sale_makes_oversized_is_cancelled_ne
     wait_status(h, resting["id"], "OPEN")
     _breach_by_tick(h, sim, SYMBOL, "41")
     wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (resting["id"],))["escalate"])
-    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the trader, in the app
-    _never_short_then_flat(h, sim, resting["id"], seconds=12.0)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=sold)  # the trader, in the app
+    return resting["id"]
+
+
+def test_1y_an_exit_being_moved_that_an_app_sale_makes_oversized_is_cancelled_never_filled_short(live, sim):
+    """Found in review 10: the trader's limit exit for all 150 fit at the breach and was marked to move towards the
+    market; then the trader sold 75 in the app. Only unmarked exits were checked for size, so it was moved on,
+    filled 150 and the account was short 75 (bought back after). A marked exit is checked before each move: it
+    is moved no further, cancelled, and the check after the breach exits the 75 once the cancel is confirmed."""
+    h = live(RISK_BASE_MAX_LOSS="-100")  # EXIT_REPRICE_S: the default 3 s, the app sale lands before the move
+    _never_short_then_flat(h, sim, _moving_exit_then_app_sale(h, sim, 75), seconds=12.0)
+
+
+def test_1z_an_exit_being_moved_whose_whole_position_is_sold_in_the_app_is_cancelled(live, sim):
+    """Found in review 11: with all 150 sold in the app the position is flat, and the size check looked only at
+    open positions: the exit was moved on and filled, short 150. A flat, missing or reversed position holds
+    nothing for an exit."""
+    h = live(RISK_BASE_MAX_LOSS="-100")
+    _never_short_then_flat(h, sim, _moving_exit_then_app_sale(h, sim, 150), seconds=12.0)
+
+
+def test_1z2_an_oversized_exit_said_at_a_strategys_stop_is_cancelled_at_the_days_breach(live, sim):
+    """Found in review 11: a strategy's own max loss left the oversized exit and said so; the day's breach after it
+    skipped every exit already said, so it was never cancelled and the 75 stayed open past the day's limit."""
+    h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-300", EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "sw")
+    deadline = time.monotonic() + 6
+    while not events(h, "risk_strategy_breach"):
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
+        time.sleep(0.1)
+    wait_for(lambda: events(h, "exit_not_moved"), timeout=5)
+    assert status(h, resting) == "OPEN"  # the strategy's stop leaves it (test_1w)
+    _breach_by_tick(h, sim, SYMBOL, "37", timeout=8)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert status(h, resting) == "CANCELLED" and _lowest_net(sim, 1.0) == 0
+
+
+def test_1z3_a_strategys_stop_cancels_an_exit_it_moved_once_an_app_sale_makes_it_oversized(live, sim):
+    """Found in review 11: a strategy's own max loss moved its 150 exit far towards the market (the feed stalled);
+    the trader then sold 75 in the app. 'Moved no further', it stayed at the moved price, filled 150 when the
+    market came back and the account stayed short 75 (nothing acts again after a strategy's stop). An exit that
+    has been moved is cancelled when it becomes oversized, whatever stopped the trading."""
+    h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000")  # EXIT_REPRICE_S: the default 3 s
+    held = entry(h, strategy="sm", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    [resting] = place(h, execution_type="EXIT", strategy="sm", direction="SELL", qty=150, order_type="LMT",
+                      price="60")["orders"]
+    rid = resting["id"]
+    wait_status(h, rid, "OPEN")
+    deadline = time.monotonic() + 6
+    while not events(h, "risk_strategy_breach"):
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
+        time.sleep(0.1)
+    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (rid,))["escalate"])
+    control(sim, action="stall_feed", on=True)  # the host keeps 41 as the last price
+    sim.sim.tick("NFO", SYMBOL, Decimal("30"))  # the market falls away faster than the exit is moved
+    wait_for(lambda: (h.runtime.storage.one("select reprices from orders where id = ?", (rid,))["reprices"] or 0) >= 1,
+             timeout=8)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    wait_for(lambda: net(h, "sm", SYMBOL) == 75, timeout=8)
+    wait_for(lambda: status(h, rid) == "CANCELLED", timeout=8)
+    control(sim, action="stall_feed", on=False)
+    for price in ("32", "35", "38", "40"):  # the market comes back past where the exit had been moved to
+        sim.sim.tick("NFO", SYMBOL, Decimal(price))
+        time.sleep(0.3)
+    assert _lowest_net(sim, 2.0) == 75 and status(h, rid) == "CANCELLED"
+    said = [e["message"] for e in events(h, "exit_not_moved")]
+    assert any(rid in m and "cancelled" in m for m in said), said
+
+
+def test_1z4_exits_of_positions_the_breach_closes_against_each_other_are_cancelled(live, sim):
+    """Found in review 11: sa long 75 with a limit exit SELL 75 at 60, sb short 75; the broker's net is 0. The breach
+    (a loss in another symbol) closes sa and sb against each other: sa's exit then works for a position of 0, and
+    was left working; at 60 it filled and the account was short 75 until bought back. It is cancelled."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    sim.sim.tick("NFO", PUT, Decimal("60"))
+    a = entry(h, strategy="sa", direction="BUY", qty=75, price="43")
+    wait_status(h, a, "FILLED")
+    [xa] = place(h, execution_type="EXIT", strategy="sa", direction="SELL", qty=75, order_type="LMT",
+                 price="60")["orders"]
+    wait_status(h, xa["id"], "OPEN")
+    wait_status(h, entry(h, strategy="sb", direction="SELL", qty=75, price="42"), "FILLED")
+    wait_status(h, entry(h, strategy="L", tradingsymbol=PUT, direction="BUY", qty=75, price="61"), "FILLED")
+    assert broker_net(sim, SYMBOL) == 0
+    deadline = time.monotonic() + 6
+    while not h.api("/api/risk").get_json()["breached"]:
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", PUT, Decimal("58"))
+        time.sleep(0.15)
+    wait_for(lambda: status(h, xa["id"]) == "CANCELLED", timeout=6)
+    sim.sim.tick("NFO", SYMBOL, Decimal("60"))
+    assert _lowest_net(sim, 2.0) == 0
 
 
 def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(live, sim):
