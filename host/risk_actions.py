@@ -409,9 +409,9 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
 def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
                      left_alone: Callable[[dict], Optional[str]]) -> list[dict]:
     """Unfinished non-stop orders other than entries that work for more than their position holds on the side
-    they close, less the ones before them (oldest first): a position missing, flat or reversed holds nothing for
-    them. Those risk is moving are counted whatever the position (a back-off, a scope); others only where risk
-    acts."""
+    they close, less the closing ones before them (oldest first); those for a position missing or flat, and
+    those risk moves for a position since reversed, hold nothing. Those risk is moving are counted whatever the
+    position (a back-off, a scope); others only where risk acts."""
     over, room = [], {}
     for o in db.query(
             "select o.id, o.strategy, o.exchange, o.symbol, o.product, o.side, o.reprices, o.escalate, "
@@ -424,12 +424,16 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
         if not o["escalate"] and left_alone(o) is not None:
             continue
         key = (o["strategy"], o["exchange"], o["symbol"], o["product"])
-        closes = o["net_qty"] > 0 if o["side"] == "SELL" else o["net_qty"] < 0
-        room.setdefault(key, abs(o["net_qty"]) if closes else 0)
-        if o["remaining"] <= room[key]:
-            room[key] -= o["remaining"]
-        else:
+        net = o["net_qty"]
+        if (net > 0 if o["side"] == "SELL" else net < 0):  # it closes: the position's net is the room
+            room.setdefault(key, abs(net))
+            if o["remaining"] <= room[key]:
+                room[key] -= o["remaining"]
+                continue
             over.append(o)
+        elif net == 0 or o["escalate"]:  # nothing to close, or an exit risk moves that would now add
+            over.append(o)
+        # (an order adding to a position neither sets nor uses the room; a breach cancels it as adding)
     return over
 
 

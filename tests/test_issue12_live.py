@@ -978,6 +978,47 @@ def test_1z4_exits_of_positions_the_breach_closes_against_each_other_are_cancell
     assert _lowest_net(sim, 2.0) == 0
 
 
+def _scale_in_then_trim(h: Host, strategy: str) -> tuple[str, str]:
+    """150 held, then a scale-in ADJUST BUY 75 at 30 and a trim ADJUST SELL 75 at 60, both resting. Their ids."""
+    held = entry(h, strategy=strategy, direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, strategy, SYMBOL) == 150)
+    ids = []
+    for direction, price in (("BUY", "30"), ("SELL", "60")):
+        [o] = place(h, execution_type="ADJUST", strategy=strategy, direction=direction, qty=75, order_type="LMT",
+                    price=price)["orders"]
+        wait_status(h, o["id"], "OPEN")
+        ids.append(o["id"])
+    return ids[0], ids[1]
+
+
+def test_1z5_an_add_working_before_the_exits_does_not_make_them_oversized(live, sim):
+    """Found in review 12: the size check's room came from the oldest order of the position, an add (a scale-in
+    BUY) gave it 0, and every exit after it, risk's own included, was called oversized and cancelled before it was
+    sent: with the add's cancel refused by the broker, 150 stayed open past the limit. Adds neither set nor use
+    the room."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    _scale_in_then_trim(h, "sc")
+    control(sim, action="forbid_next", count=200, route="CancelOrder")
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert not events(h, "exit_not_moved")
+
+
+def test_1z6_a_strategys_stop_moves_a_trim_working_beside_an_add(live, sim):
+    """The same book at a strategy's own max loss: the trim was unmarked as oversized and left at 60, with a false
+    error, and 75 stayed open (a strategy's stop acts once)."""
+    h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
+    _scale_in_then_trim(h, "sc")
+    deadline = time.monotonic() + 6
+    while not events(h, "risk_strategy_breach"):
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
+        time.sleep(0.1)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert not events(h, "exit_not_moved")
+
+
 def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(live, sim):
     """Found in review: a strategy's limit exit was still SUBMITTED (the broker books it late) when the strategy's
     own max loss fired; only OPEN exits were marked, and a strategy's breach is not checked again, so its half
