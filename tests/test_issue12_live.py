@@ -344,6 +344,15 @@ def _breach_by_tick(h: Host, sim: Any, symbol: str, ltp: str, timeout: float = 4
         time.sleep(0.15)
 
 
+def _strategy_breach_by_tick(h: Host, sim: Any, timeout: float = 6.0) -> None:
+    """Move the market against the positions until a strategy's own max loss fires."""
+    deadline = time.monotonic() + timeout
+    while not events(h, "risk_strategy_breach"):
+        assert time.monotonic() < deadline
+        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
+        time.sleep(0.1)
+
+
 def test_6_the_breach_cancels_entries_in_every_state_and_a_new_one_is_never_sent(live, sim):
     h = live(timeout_s=2.5, RISK_BASE_MAX_LOSS="-100")
     sim.sim.tick("NFO", PUT, Decimal("60"))
@@ -847,11 +856,7 @@ def test_1w_a_strategys_max_loss_leaves_an_oversized_exit_where_it_is_and_says_s
     cancel it and send the EXIT."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
     resting = _whole_exit_then_app_sale(h, sim, "sw")
-    deadline = time.monotonic() + 4
-    while not events(h, "risk_strategy_breach"):
-        assert time.monotonic() < deadline
-        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
-        time.sleep(0.1)
+    _strategy_breach_by_tick(h, sim)
     assert _lowest_net(sim, 3.0) == 75 and status(h, resting) == "OPEN"
     [said] = events(h, "exit_not_moved")
     assert resting in said["message"] and "cancel it" in said["message"], said
@@ -908,11 +913,7 @@ def test_1z2_an_oversized_exit_said_at_a_strategys_stop_is_cancelled_at_the_days
     skipped every exit already said, so it was never cancelled and the 75 stayed open past the day's limit."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-300", EXIT_REPRICE_S="0.5")
     resting = _whole_exit_then_app_sale(h, sim, "sw")
-    deadline = time.monotonic() + 6
-    while not events(h, "risk_strategy_breach"):
-        assert time.monotonic() < deadline
-        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
-        time.sleep(0.1)
+    _strategy_breach_by_tick(h, sim)
     wait_for(lambda: events(h, "exit_not_moved"), timeout=5)
     assert status(h, resting) == "OPEN"  # the strategy's stop leaves it (test_1w)
     _breach_by_tick(h, sim, SYMBOL, "37", timeout=8)
@@ -932,11 +933,7 @@ def test_1z3_a_strategys_stop_cancels_an_exit_it_moved_once_an_app_sale_makes_it
                       price="60")["orders"]
     rid = resting["id"]
     wait_status(h, rid, "OPEN")
-    deadline = time.monotonic() + 6
-    while not events(h, "risk_strategy_breach"):
-        assert time.monotonic() < deadline
-        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
-        time.sleep(0.1)
+    _strategy_breach_by_tick(h, sim)
     wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (rid,))["escalate"])
     control(sim, action="stall_feed", on=True)  # the host keeps 41 as the last price
     sim.sim.tick("NFO", SYMBOL, Decimal("30"))  # the market falls away faster than the exit is moved
@@ -1010,11 +1007,7 @@ def test_1z6_a_strategys_stop_moves_a_trim_working_beside_an_add(live, sim):
     error, and 75 stayed open (a strategy's stop acts once)."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
     _scale_in_then_trim(h, "sc")
-    deadline = time.monotonic() + 6
-    while not events(h, "risk_strategy_breach"):
-        assert time.monotonic() < deadline
-        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
-        time.sleep(0.1)
+    _strategy_breach_by_tick(h, sim)
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
     assert not events(h, "exit_not_moved")
 
@@ -1031,11 +1024,7 @@ def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(l
     [resting] = place(h, execution_type="EXIT", strategy="sx", direction="SELL", qty=75, order_type="LMT",
                       price="60")["orders"]
     wait_status(h, resting["id"], "SUBMITTED", "UNKNOWN")
-    deadline = time.monotonic() + 4
-    while not events(h, "risk_strategy_breach"):
-        assert time.monotonic() < deadline
-        sim.sim.tick("NFO", SYMBOL, Decimal("41"))
-        time.sleep(0.1)
+    _strategy_breach_by_tick(h, sim)
     wait_status(h, resting["id"], "FILLED", timeout=10)
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
 
