@@ -134,11 +134,11 @@ class RiskLoop:
         not moving towards the market does (one placed since, by a strategy or the trader)."""
         if self.storage.read(lambda db: _working_exits(db, None, None, self._left_alone)):
             return True
-        return bool(self._to_flatten(self.storage.rows(
+        return bool(self._to_flatten(self.storage.rows(  # what covers: orders other than entries that close it
             "select p.* from positions p where p.net_qty != 0 and abs(p.net_qty) > coalesce((select sum(o.qty - "
-            "o.filled_qty) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
-            "o.symbol = p.symbol and o.product = p.product and o.action = 'EXIT' and o.status in "
-            "('NEW','SUBMITTED','UNKNOWN','OPEN','PARTIAL')), 0)")))
+            "coalesce(o.filled_qty, 0)) from orders o where o.strategy = p.strategy and o.exchange = p.exchange and "
+            "o.symbol = p.symbol and o.product = p.product and o.action != 'ENTRY' and (o.side = 'SELL') = "
+            "(p.net_qty > 0) and o.status in ('NEW','SUBMITTED','UNKNOWN','OPEN','PARTIAL')), 0)")))
 
     def _to_flatten(self, rows: list[dict]) -> list[dict]:
         return [p for p in rows if self._left_alone(p) is None]

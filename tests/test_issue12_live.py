@@ -1012,6 +1012,30 @@ def test_1z6_a_strategys_stop_moves_a_trim_working_beside_an_add(live, sim):
     assert not events(h, "exit_not_moved")
 
 
+def test_1z7_a_trim_adjust_moving_towards_the_market_covers_its_position_after_the_breach(live, sim):
+    """Found in review 12: the check after the breach counted only EXIT orders as covering a position, so a trim
+    ADJUST for all 150, marked to move, left it 'exposed': a risk_violation and a read of the broker's books at
+    every check (about 4 a second) until it filled. Orders other than entries that close the position count."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="60")
+    held = entry(h, strategy="tr", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "tr", SYMBOL) == 150)
+    [trim] = place(h, execution_type="ADJUST", strategy="tr", direction="SELL", qty=150, order_type="LMT",
+                   price="60")["orders"]
+    wait_status(h, trim["id"], "OPEN")
+    risk = h.runtime.engine.risk
+    reads, real = [], risk.outside.read_for_exits
+    risk.outside.read_for_exits = lambda *a, **k: (reads.append(1), real(*a, **k))[1]
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    control(sim, action="stall_feed", on=True)  # it stays unfilled: the feed holds 41, the exit waits 60 s
+    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (trim["id"],))["escalate"])
+    before = len(reads)
+    time.sleep(3)
+    control(sim, action="stall_feed", on=False)
+    assert len(reads) - before <= 1 and not events(h, "risk_violation"), (len(reads) - before,
+                                                                           events(h, "risk_violation"))
+
+
 def test_1l_a_strategys_max_loss_moves_its_exit_still_on_its_way_to_the_broker(live, sim):
     """Found in review: a strategy's limit exit was still SUBMITTED (the broker books it late) when the strategy's
     own max loss fired; only OPEN exits were marked, and a strategy's breach is not checked again, so its half
