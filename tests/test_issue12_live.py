@@ -712,15 +712,21 @@ def test_1c_a_position_target_right_after_a_close_in_the_app_never_takes_the_acc
     assert broker_net(sim, SYMBOL) == 0
 
 
-def _half_resting(h: Host) -> str:
-    """150 held by strategy 'half', with a limit exit for 75 resting at the broker well above the market; its id."""
-    held = entry(h, strategy="half", direction="BUY", qty=150, price="43")
+def _held_with_resting(h: Host, strategy: str, qty: int, kind: str = "EXIT") -> str:
+    """150 held by `strategy`, with a limit SELL (`kind`) for `qty` resting at the broker well above the market;
+    its id."""
+    held = entry(h, strategy=strategy, direction="BUY", qty=150, price="43")
     wait_status(h, held, "FILLED")
-    wait_for(lambda: net(h, "half", SYMBOL) == 150)
-    [resting] = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="LMT",
+    wait_for(lambda: net(h, strategy, SYMBOL) == 150)
+    [resting] = place(h, execution_type=kind, strategy=strategy, direction="SELL", qty=qty, order_type="LMT",
                       price="60")["orders"]
     wait_status(h, resting["id"], "OPEN")
     return resting["id"]
+
+
+def _half_resting(h: Host) -> str:
+    """150 held by strategy 'half', with a limit exit for 75 resting at the broker well above the market; its id."""
+    return _held_with_resting(h, "half", 75)
 
 
 def _sold_in_the_app_unbooked(sim: Any, qty: int) -> str:
@@ -814,14 +820,10 @@ def test_1j_a_resting_exit_whose_mark_was_lost_is_moved_by_the_check_after_the_b
 def _whole_exit_then_app_sale(h: Host, sim: Any, strategy: str) -> str:
     """150 held by `strategy` with a limit exit for all 150 resting; the trader sells 75 in the broker's app and
     the host takes it off the strategy: the resting exit now works for 75 more than the position holds. Its id."""
-    held = entry(h, strategy=strategy, direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    [resting] = place(h, execution_type="EXIT", strategy=strategy, direction="SELL", qty=150, order_type="LMT",
-                      price="60")["orders"]
-    wait_status(h, resting["id"], "OPEN")
+    resting = _held_with_resting(h, strategy, 150)
     control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
     wait_for(lambda: net(h, strategy, SYMBOL) == 75, timeout=8)  # the outside check took it off the strategy
-    return resting["id"]
+    return resting
 
 
 def _never_short_then_flat(h: Host, sim: Any, resting: str, seconds: float = 8.0) -> None:
@@ -880,15 +882,11 @@ def test_1x_a_death_before_the_oversized_exits_cancel_went_out_is_healed_by_the_
 def _moving_exit_then_app_sale(h: Host, sim: Any, sold: int) -> str:
     """150 held by 'esc' with the trader's limit exit for all 150 resting; the day's breach marks it to move
     towards the market; then the trader sells `sold` in the broker's app. The exit's id."""
-    held = entry(h, strategy="esc", direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    [resting] = place(h, execution_type="EXIT", strategy="esc", direction="SELL", qty=150, order_type="LMT",
-                      price="60")["orders"]
-    wait_status(h, resting["id"], "OPEN")
+    resting = _held_with_resting(h, "esc", 150)
     _breach_by_tick(h, sim, SYMBOL, "41")
-    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (resting["id"],))["escalate"])
+    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (resting,))["escalate"])
     control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=sold)  # the trader, in the app
-    return resting["id"]
+    return resting
 
 
 def test_1y_an_exit_being_moved_that_an_app_sale_makes_oversized_is_cancelled_never_filled_short(live, sim):
@@ -927,12 +925,7 @@ def test_1z3_a_strategys_stop_cancels_an_exit_it_moved_once_an_app_sale_makes_it
     market came back and the account stayed short 75 (nothing acts again after a strategy's stop). An exit that
     has been moved is cancelled when it becomes oversized, whatever stopped the trading."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000")  # EXIT_REPRICE_S: the default 3 s
-    held = entry(h, strategy="sm", direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    [resting] = place(h, execution_type="EXIT", strategy="sm", direction="SELL", qty=150, order_type="LMT",
-                      price="60")["orders"]
-    rid = resting["id"]
-    wait_status(h, rid, "OPEN")
+    rid = _held_with_resting(h, "sm", 150)
     _strategy_breach_by_tick(h, sim)
     wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (rid,))["escalate"])
     control(sim, action="stall_feed", on=True)  # the host keeps 41 as the last price
@@ -1017,18 +1010,13 @@ def test_1z7_a_trim_adjust_moving_towards_the_market_covers_its_position_after_t
     ADJUST for all 150, marked to move, left it 'exposed': a risk_violation and a read of the broker's books at
     every check (about 4 a second) until it filled. Orders other than entries that close the position count."""
     h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="60")
-    held = entry(h, strategy="tr", direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    wait_for(lambda: net(h, "tr", SYMBOL) == 150)
-    [trim] = place(h, execution_type="ADJUST", strategy="tr", direction="SELL", qty=150, order_type="LMT",
-                   price="60")["orders"]
-    wait_status(h, trim["id"], "OPEN")
+    trim = _held_with_resting(h, "tr", 150, kind="ADJUST")
     risk = h.runtime.engine.risk
     reads, real = [], risk.outside.read_for_exits
     risk.outside.read_for_exits = lambda *a, **k: (reads.append(1), real(*a, **k))[1]
     _breach_by_tick(h, sim, SYMBOL, "41")
     control(sim, action="stall_feed", on=True)  # it stays unfilled: the feed holds 41, the exit waits 60 s
-    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (trim["id"],))["escalate"])
+    wait_for(lambda: h.runtime.storage.one("select escalate from orders where id = ?", (trim,))["escalate"])
     before = len(reads)
     time.sleep(3)
     control(sim, action="stall_feed", on=False)
