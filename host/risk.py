@@ -356,6 +356,9 @@ class RiskGate:
             until = self.manager.cooldown_until(today)
         except CorruptState as e:
             return f"risk state is unreadable ({e}); entries are refused until it is checked"
+        if day.halted_by_breach:  # the state says so too, in a later write: the gap (or a failed write) takes none
+            return (f"today's daily loss limit was breached (PnL {day.last_pnl}, limit {day.limit}): trading is "
+                    f"halted for the day; only exits and reductions are allowed")
         if day.blind:
             return f"risk is blind ({day.blind}): new entries are refused until positions can be read"
         if until:

@@ -49,9 +49,34 @@ def test_1_blind_risk_still_breaches_and_flattens_on_an_estimated_pnl(risky):
     wait_for(lambda: _risk(risky)["blind"])
     risky.tick("89")  # -1100 against -1000, seen from our own book and the feed
     wait_for(lambda: _risk(risky)["breached"], timeout=5)
-    assert _risk(risky)["state"] == "halted" and _risk(risky)["estimated"] is True
+    wait_for(lambda: _risk(risky)["state"] == "halted")  # the halt is written just after the day's breach
+    assert _risk(risky)["estimated"] is True
     wait_for(lambda: risky.net() == 0)
     assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 423
+
+
+def test_1b_an_entry_between_the_days_breach_and_the_halt_is_refused(risky):
+    """The day's breach is recorded, then the state is set to halted in a later write: under load a full test of
+    /api/risk saw `breached` and `active` together. An entry in that gap (or after a halt write that failed) was
+    taken: the gate looked at the state only. Today's breach, not yet overridden, refuses entries itself."""
+    _long(risky)
+    gate = risky.runtime.gate
+    real_set_state, halts = gate.set_state, []
+
+    def set_state(db, state, reason, by):
+        if state.value == "halted" and by == "risk":
+            halts.append(reason)
+            raise OSError("disk I/O error (test): the halt is not written")
+        return real_set_state(db, state, reason, by)
+    gate.set_state = set_state
+    risky.tick("89")  # -1100 against -1000
+    wait_for(lambda: halts and _risk(risky)["breached"], timeout=5)
+    assert _risk(risky)["state"] == "active"  # the gap, held open
+    r = risky.post(alert("ENTRY", "other", tradingsymbol="OTHER"))
+    assert r.status_code == 423, r.get_json()
+    assert "daily loss limit was breached" in r.get_json()["reason"]
+    gate.set_state = real_set_state
+    wait_for(lambda: risky.net() == 0)  # exits are not held up by it
 
 
 def test_2a_a_poison_alert_fails_alone_and_the_loop_goes_on(risky):
