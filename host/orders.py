@@ -306,7 +306,11 @@ class OrderSender:
                 self._mark_and_place(order_ids, {})
                 return
             for n, oid in enumerate(order_ids):
-                req = self._prepare(oid)
+                try:
+                    req = self._prepare(oid)
+                except Exception:  # its refusal could not be recorded (a full disk): it stays NEW, unsent; the rest go
+                    log.exception("order %s: preparing it failed and could not be recorded; it was not sent", oid)
+                    continue
                 if req is not None:
                     self._mark_and_place([oid], {oid: req}, unsent=order_ids[n + 1:])
         finally:
@@ -336,10 +340,34 @@ class OrderSender:
         except Exception as e:
             self._not_sent([*ids, *unsent], e)
             raise
-        for n, row in enumerate(marked):
-            if n and self._cancelled_before_sending(row):
-                continue
-            self._place(row, prepared.get(row["id"]) or self.gateway.broker.prepare(request_for(row)))
+        placed: list[tuple[str, str]] = []  # (our id, the broker's): their acks share one commit, after the batch
+        try:
+            for n, row in enumerate(marked):
+                try:
+                    if n and self._cancelled_before_sending(row):
+                        continue
+                    self._place(row, prepared.get(row["id"]) or self.gateway.broker.prepare(request_for(row)), placed)
+                except Exception:  # recording one answer failed (a full disk): the rest of the batch still goes
+                    log.exception("order %s: what became of it could not be recorded; the reconcile reads it from "
+                                  "the broker's book", row["id"])
+        finally:
+            self._record_acks(placed)
+
+    def _record_acks(self, placed: list[tuple[str, str]]) -> None:
+        """The broker's ids for orders placed (OPEN); a process that dies first leaves them SUBMITTED, and the
+        reconcile finds them in the broker's book by their remarks, as it finds any whose answer was lost."""
+        if not placed:
+            return
+        try:
+            self.storage.write(lambda db: [transition(db, oid, OrderStatus.OPEN, None, broker_order_id=broker_id)
+                                           for oid, broker_id in placed])
+        except Exception:  # they were placed: the reconcile finds them in the book by their remarks, as it would
+            log.exception("the acks of orders %s could not be recorded; the reconcile reads them from the broker's "
+                          "book", [oid for oid, _ in placed])
+        finally:
+            self.in_flight.difference_update(oid for oid, _ in placed)
+        for oid, _ in placed:
+            self.on_result(oid)
 
     def _not_sent(self, order_ids: list[str], error: Exception) -> None:
         """Marking the orders SUBMITTED failed (a failing disk, a full one): none left; the trader is told."""
@@ -401,8 +429,9 @@ class OrderSender:
         self.storage.write(hold)
         self.on_result(order_id)
 
-    def _place(self, row: dict, req: OrderRequest) -> None:
-        """Call the broker for one SUBMITTED order; record what came back."""
+    def _place(self, row: dict, req: OrderRequest, placed: list[tuple[str, str]]) -> None:
+        """Call the broker for one SUBMITTED order; record what came back, but an ack: that goes into `placed`, to
+        be recorded with the rest of its batch's (_record_acks)."""
         order_id = row["id"]
         self.in_flight.add(order_id)
         try:
@@ -417,11 +446,13 @@ class OrderSender:
             return
         except (UnknownOutcome, BrokerError) as e:
             reason = f"outcome unknown: {e}; the watcher will look for it in the broker's book, it is not resent"
-            self.storage.write(lambda db: (transition(db, order_id, OrderStatus.UNKNOWN, reason, reason=reason),
-                                           Storage.add_event(db, "order_unknown", f"order {order_id}: {reason}",
-                                                             "warning", row["strategy"], {"order_id": order_id})))
+            try:
+                self.storage.write(lambda db: (transition(db, order_id, OrderStatus.UNKNOWN, reason, reason=reason),
+                                               Storage.add_event(db, "order_unknown", f"order {order_id}: {reason}",
+                                                                 "warning", row["strategy"], {"order_id": order_id})))
+            finally:
+                self.in_flight.discard(order_id)
         else:
-            self.storage.write(lambda db: transition(db, order_id, OrderStatus.OPEN, None, broker_order_id=broker_id))
-        finally:
-            self.in_flight.discard(order_id)
+            placed.append((order_id, broker_id))  # in flight until the batch's acks are recorded
+            return
         self.on_result(order_id)

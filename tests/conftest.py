@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -188,3 +189,29 @@ def open_order(storage: Any, qty: int = 150, side: str = "BUY", action: str = "E
     oid = storage.write(lambda db: insert_order(db, intent, "s1", None))
     storage.write(lambda db: transition(db, oid, OrderStatus.OPEN, None, broker_order_id=broker_id))
     return oid
+
+
+def hold_sender(sender: Any) -> threading.Event:
+    """Block the order sender until the returned event is set: the sends queued meanwhile go as one batch."""
+    gate, running = threading.Event(), threading.Event()
+
+    def blocker(_oid: str, _arg: Any) -> None:
+        running.set()
+        gate.wait(20)
+    sender._queue.put((blocker, "hold", None))
+    assert running.wait(5)
+    return gate
+
+
+def failing_sender_write(storage: Any, error: BaseException, times: int = 1) -> tuple[Callable[[], None], list]:
+    """The order sender's next `times` plain (not durable) writes raise `error`: a full disk for a moment.
+    Returns (restore, failures)."""
+    real, failed = storage.write, []
+
+    def write(fn: Any, durable: bool = False, on_commit: Any = None) -> Any:
+        if threading.current_thread().name == "order-sender" and not durable and len(failed) < times:
+            failed.append(error)
+            raise error
+        return real(fn, durable, on_commit)
+    storage.write = write
+    return (lambda: setattr(storage, "write", real)), failed

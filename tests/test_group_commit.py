@@ -97,6 +97,17 @@ def test_alerts_answered_accepted_by_8_concurrent_senders_survive_a_power_cut_ri
         assert not lost, f"answered accepted, gone after a power cut right after the answer: {lost}"
 
 
+def _one_then_a_batch_of_five(host: Any, gate: threading.Event, sending: Any) -> None:
+    """Six entries: the first is held at the broker (until `gate`) once `sending()` says it is on its way, and the
+    next five are decided meanwhile, so that they are sent together."""
+    assert host.post(alert("ENTRY", strategy="b0")).get_json()["status"] == "accepted"
+    wait_for(sending)
+    for i in range(1, 6):
+        assert host.post(alert("ENTRY", strategy=f"b{i}")).get_json()["status"] == "accepted"
+    gate.set()
+    host.settle()
+
+
 def test_orders_waiting_together_are_marked_submitted_in_one_durable_commit_before_any_is_sent(host, tmp_path):
     storage = host.runtime.storage
     cut = PowerCut(storage, tmp_path / "disk")
@@ -121,12 +132,7 @@ def test_orders_waiting_together_are_marked_submitted_in_one_durable_commit_befo
     storage.write = write
     broker.place = place
     try:
-        assert host.post(alert("ENTRY", strategy="b0")).get_json()["status"] == "accepted"
-        wait_for(lambda: len(durable_marks) == 1)
-        for i in range(1, 6):
-            assert host.post(alert("ENTRY", strategy=f"b{i}")).get_json()["status"] == "accepted"
-        gate.set()
-        host.settle()
+        _one_then_a_batch_of_five(host, gate, lambda: len(durable_marks) == 1)
     finally:
         storage.write, broker.place = real_write, real_place
     assert sent_durably == [True] * 6, sent_durably  # each was SUBMITTED on the disk before it left
@@ -196,3 +202,34 @@ def test_a_sync_interrupted_by_an_error_that_is_not_the_disks_lets_the_next_wait
     again.join(2)
     assert not again.is_alive() and calls == [1, 1]  # led anew: nothing waits for the sync that never was
     assert group.failed is None
+
+
+def test_the_acks_of_orders_sent_together_share_one_commit_made_after_the_last_is_placed(host):
+    """A batch of paper orders was placed one by one, each ack committed on its own, while the engine waited for
+    the write lock (issue 17: the sender held it 32% of the time in a burst). The batch's acks are one commit."""
+    storage, broker = host.runtime.storage, host.runtime.broker
+    real_place, gate = broker.place, threading.Event()
+    sender_writes: list[str] = []
+    placed: list[str] = []
+    real_write = storage.write
+
+    def write(fn: Any, durable: bool = False, on_commit: Any = None) -> Any:
+        if threading.current_thread().name == "order-sender":
+            sender_writes.append(f"{'mark' if durable else 'write'} after {len(placed)} placed")
+        return real_write(fn, durable, on_commit)
+
+    def place(req: Any) -> Any:
+        gate.wait(10)  # the first order is held at the broker while the next ones are decided
+        placed.append(req.remarks)
+        return real_place(req)
+    storage.write = write
+    broker.place = place
+    try:
+        _one_then_a_batch_of_five(host, gate, lambda: sender_writes)
+    finally:
+        storage.write, broker.place = real_write, real_place
+    assert sender_writes == ["mark after 0 placed", "write after 1 placed",
+                             "mark after 1 placed", "write after 6 placed"], sender_writes
+    orders = host.orders()
+    assert len(orders) == 6 and {o["status"] for o in orders} == {"FILLED"}
+    assert all(o["broker_order_id"] for o in orders)  # each ack's id was kept, though the fill came first

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+import threading
 import time
+from typing import Any
 from decimal import Decimal
 
 from host.models import ExecutionType, Intent, OrderStatus, OrderType, Product, Side
 from host.orders import insert_order, transition
 
-from conftest import SYMBOL, alert, wait_for
+from conftest import SYMBOL, alert, failing_sender_write, hold_sender, wait_for
 
 
 def _status(host, oid):
@@ -253,3 +255,62 @@ def test_a_failed_cancel_is_reported_not_swallowed(host):
                                    if e["kind"] == "cancel_failed"), None))
     assert oid in event["message"] and "RMS: order is in modification" in event["message"]
     assert _status(host, oid)["status"] == "OPEN"
+
+
+def test_a_death_after_a_batch_is_placed_and_before_its_acks_are_recorded_sends_none_again(host):
+    """The acks of a batch of paper orders share one commit after the last is placed (issue 17). A process that
+    dies before that commit leaves the batch SUBMITTED, with no broker id and no fill applied: the restart finds
+    each in the broker's book by its remarks, and sends none of them again."""
+    sender, broker = host.runtime.sender, host.broker
+    real_place, gate = broker.place, threading.Event()
+    died: list[str] = []
+
+    def place(req: Any) -> Any:
+        gate.wait(10)  # the first order is held at the broker while the next ones are decided
+        return real_place(req)
+    broker.place = place
+    sender._record_acks = lambda placed: died.extend(oid for oid, _ in placed)  # the process is gone: no ack
+    broker.engine._listeners.clear()  # and no fill is applied either
+    oids = [_one_order(host.post(alert(strategy=f"b{i}"))) for i in range(4)]
+    gate.set()
+    wait_for(lambda: len(died) == 4)
+    assert {_status(host, oid)["status"] for oid in oids} == {"SUBMITTED"}
+    host.restart()
+    wait_for(lambda: {_status(host, oid)["status"] for oid in oids} == {"FILLED"})
+    host.restart()
+    host.settle()
+    book = host.broker.order_book()
+    assert sorted(b.remarks for b in book) == sorted(oids)  # each placed once, none again
+    assert all(_status(host, oid)["broker_order_id"] == next(b.broker_order_id for b in book if b.remarks == oid)
+               for oid in oids)
+    assert [host.net(f"b{i}") for i in range(4)] == [-75] * 4
+
+
+def test_a_write_failing_in_the_middle_of_a_batch_still_places_the_rest_of_it(host_factory):
+    """Review 14: the rejection of a batch's second order could not be written (a full disk): the third, marked
+    SUBMITTED, was then never placed, and a reconcile later called it LOST ("check the broker terminal") though
+    the paper book proved it never left. The rest of a batch goes on; the first's ack is kept."""
+    from host.brokers.base import Rejected
+    from host.storage import StorageFull
+    h = host_factory(unknown_grace_s=1)
+    h.tick("42.5")
+    sender, broker, storage = h.runtime.sender, h.broker, h.runtime.storage
+    gate = hold_sender(sender)
+    oids = [_one_order(h.post(alert(strategy=f"m{i}", direction="BUY", price="40"))) for i in range(3)]
+    wait_for(lambda: sender._queue.qsize() == 3)
+    real_place = broker.place
+
+    def place(req: Any) -> Any:
+        if req.remarks == oids[1]:
+            raise Rejected("RMS: margin exceeds")
+        return real_place(req)
+    broker.place = place
+    restore, failed = failing_sender_write(storage, StorageFull("the disk holding host.sqlite is full (test)"))
+    try:
+        gate.set()
+        wait_for(lambda: failed and sender.idle())
+    finally:
+        restore()
+    assert sorted(b.remarks for b in broker.order_book() if b.remarks in oids) == sorted([oids[0], oids[2]])
+    wait_for(lambda: [_status(h, o)["status"] for o in (oids[0], oids[2])] == ["OPEN", "OPEN"])
+    assert _status(h, oids[0])["broker_order_id"] and _status(h, oids[2])["broker_order_id"]

@@ -10,7 +10,7 @@ import requests
 
 from host.sim.runner import SimServer
 
-from conftest import TOKEN, Host, SYMBOL, alert, make_settings, wait_for
+from conftest import TOKEN, Host, SYMBOL, alert, failing_sender_write, hold_sender, make_settings, wait_for
 
 
 def live_host(sim, data_dir, **env):
@@ -342,3 +342,32 @@ def test_stopping_the_host_leaves_no_feed_connection_behind(sim, tmp_path):
         h.stop()
         time.sleep(1.0)  # a restart after the stop would have started by now
         wait_for(lambda: set(feed_threads()) <= before, timeout=5)
+
+
+def test_live_an_ack_that_cannot_be_recorded_leaves_the_orders_behind_it_sent(sim, tmp_path):
+    """Review 14: the first order's ack could not be written (a full disk, its reserve gone): the exception left the
+    send loop, and the two orders queued behind it stayed NEW, never sent and never reported, while the host ran.
+    Now the rest go out, and the book settles the first (found by its remarks, not sent again)."""
+    from host.storage import StorageFull
+    h = live_host(sim, tmp_path / "var")
+    try:
+        assert login(h, sim)["broker_session"] == "valid"
+        sender, storage = h.runtime.sender, h.runtime.storage
+        gate = hold_sender(sender)
+        oids = [h.post(alert(strategy=f"a{i}", direction="BUY", qty=75, price="43")).get_json()["orders"][0]["id"]
+                for i in range(3)]
+        wait_for(lambda: sender._queue.qsize() == 3)
+        restore, failed = failing_sender_write(storage, StorageFull("the disk holding host.sqlite is full (test)"))
+        try:
+            gate.set()
+            wait_for(lambda: failed and sender.idle(), timeout=5)
+        finally:
+            restore()
+        h.runtime.engine._last_reconcile = 0
+        row = lambda oid: h.runtime.storage.one("select * from orders where id = ?", (oid,))  # noqa: E731
+        wait_for(lambda: all(row(o)["status"] in ("OPEN", "FILLED") for o in oids), timeout=10)
+        booked = [b.remarks for b in sim.sim.engine.order_book() if b.remarks in oids]
+        assert sorted(booked) == sorted(oids)  # each placed once
+        assert all(row(o)["broker_order_id"] for o in oids)
+    finally:
+        h.stop()
