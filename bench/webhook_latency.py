@@ -136,8 +136,10 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by a process and its children (gunicorn's master and workers)."""
+def tree_usage(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) used so far by a process and its children (gunicorn's master and workers), and
+    how many times their threads gave up the CPU to wait (voluntary context switches: a lock, a queue, the GIL,
+    the disk, a socket): each hand-off of an alert from one thread to another costs at least one."""
     tick, parents = os.sysconf("SC_CLK_TCK"), {pid}
     stats = []
     for entry in os.listdir("/proc"):
@@ -155,7 +157,23 @@ def tree_cpu_s(pid: int) -> float:
             if parent in parents and own not in parents:
                 parents.add(own)
                 grew = True
-    return sum(ticks for own, _, ticks in stats if own in parents) / tick
+    return sum(ticks for own, _, ticks in stats if own in parents) / tick, sum(_switches(p) for p in parents)
+
+
+def _switches(pid: int) -> int:
+    """Voluntary context switches of every thread of a process so far."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt")), 0)
+        except OSError:
+            continue
+    return total
 
 
 def measure(port: int, tag: str, n: int, concurrency: int, path: str = "/webhook",
@@ -165,17 +183,18 @@ def measure(port: int, tag: str, n: int, concurrency: int, path: str = "/webhook
     serial, _, st1 = run_senders(port, [body(i, f"{tag}s") for i in range(n)], 1, path)
     if pid:
         time.sleep(SETTLE_S)
-        idle0 = tree_cpu_s(pid)  # what the server spends doing nothing (the host's loops), taken off below
+        idle0 = tree_usage(pid)  # what the server spends doing nothing (the host's loops), taken off below
         time.sleep(IDLE_S)
-        cpu0 = tree_cpu_s(pid)
-        idle_rate = (cpu0 - idle0) / IDLE_S
+        used0 = tree_usage(pid)
+        idle_rate = [(b - a) / IDLE_S for a, b in zip(idle0, used0)]
     conc, wall, st2 = run_senders(port, [body(i, f"{tag}c") for i in range(n)], concurrency, path)
-    cpu = None
+    cpu = switches = None
     if pid:
         time.sleep(SETTLE_S)  # the order life after the last answers
-        cpu = (tree_cpu_s(pid) - cpu0 - idle_rate * (wall + SETTLE_S)) / n
+        cpu, switches = ((b - a - idle * (wall + SETTLE_S)) / n for a, b, idle in zip(used0, tree_usage(pid), idle_rate))
     bad = [s for s in st1 + st2 if s != 200]
-    return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad), "cpu": cpu}
+    return {"p50": pct(serial, 50), "p99": pct(serial, 99), "rate": n / wall, "bad": len(bad), "cpu": cpu,
+            "switches": switches}
 
 
 
@@ -241,6 +260,8 @@ def main() -> None:
     print(f"{'alerts/s (concurrent)':28}{ours['rate']:10.0f}{floor['rate']:10.0f}{ours['rate'] / floor['rate']:8.2f}x")
     print(f"{'CPU per alert (ms)':28}{ours['cpu'] * ms:10.2f}{floor['cpu'] * ms:10.2f}{ours['cpu'] / floor['cpu']:8.2f}x"
           f"   (all threads, the order life included; one GIL runs the Python of them all)")
+    print(f"{'thread switches per alert':28}{ours['switches']:10.1f}{floor['switches']:10.1f}   (threads that waited: "
+          f"for a lock, a queue, the GIL, the disk; order-life floor {least['switches']:.1f})")
     if fills:
         print(f"{'alert-to-fill p50 (ms)':28}{statistics.median(fills) * ms:10.2f}{'':10}"
               f"{statistics.median(fills) / floor['p50']:8.2f}x of floor p50")
