@@ -497,3 +497,32 @@ def test_the_kind_manager_holds_exactly_the_live_versions(host, folder):
     host.settle()
     fill = next(e for e in host.api("/api/events").get_json()["items"] if e["kind"] == "order_filled")
     assert fill["data"]["version"] == "2.0"
+
+
+def test_a_notifier_whose_start_overruns_its_budget_is_stopped_when_the_start_ends(host, tmp_path):
+    """Its start counted failed (past the 1 s budget), but the thread it started (the Telegram notifier's poller)
+    ran on: the host said "start failed" while it polled and answered commands, and the next version polled beside
+    it. Once the late start ends, the version's notifier_stop is called."""
+    out = tmp_path / "slow.jsonl"
+    source = f'''import json, time
+from host import hookimpl
+@hookimpl
+def notifier_meta():
+    return {{"name": "slowstart", "version": "1", "api_version": 1}}
+@hookimpl
+def notifier_start(ctx):
+    time.sleep(1.5)
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(["started"]) + "\\n")
+@hookimpl
+def notifier_stop(reason):
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(["stop", reason]) + "\\n")
+'''
+    write(host.runtime.notifiers.folder, "slowstart", source)
+    wait_for(lambda: (e := host.runtime.notifiers.entries.get("slowstart")) is not None and e.error, timeout=5)
+    assert "budget" in host.runtime.notifiers.entries["slowstart"].error
+    wait_for(lambda: out.exists() and "stop" in out.read_text(), timeout=5)
+    lines = [__import__("json").loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == ["started"] and lines[1][0] == "stop" and "never went live" in lines[1][1]
+    assert host.runtime.notifiers.entries["slowstart"].live is None

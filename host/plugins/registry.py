@@ -12,6 +12,8 @@ from ..storage import Storage, utcnow
 from .dispatch import Breaker, Caller, CallResult
 from .loader import Candidate, LoadError, digest_of, load, new_manager, plugin_name
 
+START_HOOKS = frozenset({"strategy_start", "notifier_start"})  # a late one leaves a version started, never live
+
 log = logging.getLogger(__name__)
 HISTORY = 20
 
@@ -139,7 +141,8 @@ class Registry:
         result = self._start(live, state)
         if not result.ok:
             live.caller.close()
-            cand.retire()
+            if not (result.slow and not result.busy):  # a start past its budget still runs: see report_late
+                cand.retire()
             self._failed(entry, f"{cand.name} v{cand.version}: start failed: {result.error}", result.detail, "start")
             return
         entry.live, entry.generation, entry.error, entry.detail = live, generation, None, None  # the swap
@@ -205,15 +208,35 @@ class Registry:
                 self.apply(outcome)
 
     def report_late(self, live: Live, hook: str, result: CallResult) -> None:
-        """An abandoned call ended (any thread): its result is dropped; say what was dropped."""
+        """An abandoned call ended (any thread): its result is dropped; say what was dropped. A start that ended so
+        was counted failed, and its version never went live: what it started (a thread polling Telegram) is stopped."""
         message = (f"{self.kind} {live.label}: {hook} ended after {result.duration_s:.2f} s, past its "
                    f"{live.caller.budget_s:g} s budget; {self.dropped(result)} dropped")
+        entry = self.entries.get(live.candidate.name)
+        never_live = entry is None or entry.live is not live  # its start (or validation) overran: counted failed
+        if never_live and hook in START_HOOKS:
+            message += "; it never went live, and is stopped"
         if self.kind != "strategy":  # a notifier's events would come back to it
             log.warning("%s", message)
-            return
-        self.emit("plugin_late", message, "warning", live.candidate.name,
-                  {"hook": hook, "duration_s": round(result.duration_s, 3), "version": live.candidate.version,
-                   "error": result.error})
+        else:
+            self.emit("plugin_late", message, "warning", live.candidate.name,
+                      {"hook": hook, "duration_s": round(result.duration_s, 3), "version": live.candidate.version,
+                       "error": result.error})
+        if never_live and hook in START_HOOKS:
+            self._stop_abandoned(live)
+        elif never_live:
+            live.candidate.retire()  # kept for its late call (_go_live)
+
+    def _stop_abandoned(self, live: Live) -> None:
+        """Stop a version whose start ended past its budget (its own caller is closed: a new one, as guarded)."""
+        live.caller = Caller(f"{live.label}.stop", self.budget_s)
+        try:
+            self._stop(live, f"its start took longer than its {self.budget_s:g} s budget: it never went live")
+        except Exception:
+            log.exception("%s %s: stopping it after its late start failed", self.kind, live.label)
+        finally:
+            live.caller.close()
+            live.candidate.retire()
 
     @staticmethod
     def dropped(result: CallResult) -> str:
