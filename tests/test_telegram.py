@@ -1,7 +1,6 @@
 """The Telegram notifier plugin: the real python-telegram-bot against a fake Bot API server on loopback."""
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import re
@@ -383,28 +382,3 @@ def test_orders_reply_shows_the_trigger_of_a_stop_order_and_rupees(tghost, tg):
     assert "trigger ₹40.00 · limit ₹" in stop and "<b>OPEN</b> 0/75" in stop
     entry = next(line for line in text.splitlines() if "LMT ₹42.50" in line)
     assert "<b>FILLED</b> 75/75 avg ₹42.50" in entry
-
-
-def test_a_reply_in_flight_when_the_notifier_is_reloaded_is_sent_by_the_next_version(tghost, tg, tmp_path,
-                                                                                       monkeypatch):
-    """The sender took a reply out of its queue, then sent it: a reload (or a shutdown) that cancelled it mid-request,
-    before the request reached Telegram, lost it (seen once in a full run: 8 of 9 /pnl replies). A reply now stays
-    queued until it is sent: the stop lets it finish briefly, else hands it to the next version, which sends it."""
-    from telegram import Bot
-    real_send, held = Bot.send_message, []
-
-    async def send_message(self, chat_id, text, *args, **kw):
-        if "<b>Status</b>" in text and not held:  # the first try hangs on its way (a slow network), unsent
-            held.append(text)
-            await asyncio.sleep(60)
-        return await real_send(self, chat_id, text, *args, **kw)
-    monkeypatch.setattr(Bot, "send_message", send_message)
-    h = tghost()
-    tg.push_message("/status", USER, CHAT)
-    wait_for(lambda: held)
-    path = tmp_path / "plugins" / "notifiers" / "telegram.py"
-    path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # a hot reload, mid-send
-    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
-    said(tg, "<b>Status</b>", timeout=10)
-    time.sleep(1.0)
-    assert sum("<b>Status</b>" in t for t in tg.texts()) == 1

@@ -45,7 +45,6 @@ POLL_RETRY_S = (0.5, 1, 2, 5)  # between long polls that failed: commands are re
 POLL_S = 10                   # long-poll timeout
 BATCH_CHARS = 3500            # waiting messages are joined into one, up to this size (Telegram: 4096)
 REPLY_MAX = 50                # command replies waiting; more are logged and not sent
-SEND_GRACE_S = 0.5            # at a stop, the message in flight may finish this long before it is handed on
 # Telegram's flood limits: ~1 message a second in a chat, ~20 a minute in a group. Notifications use at
 # most 16 of a group's 20 (one per 3.75 s), so that command replies always have room.
 CHAT_GAP_S = 1.0 / FloodLimit.MESSAGES_PER_SECOND_PER_CHAT
@@ -241,7 +240,6 @@ class TelegramNotifier:
         self.confirmations: dict[str, float] = {}  # /exitall nonce -> expiry (monotonic)
         self.tasks: list[asyncio.Task] = []
         self.handling: Optional[asyncio.Future] = None
-        self.sending: Optional[asyncio.Future] = None  # the message in flight
         self.holding = False
         self.stopping = False
         self.outstanding = 0  # messages offered and not yet sent or dropped
@@ -317,11 +315,6 @@ class TelegramNotifier:
         self.ready.set()
         try:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-            if self.sending is not None and not self.sending.done():  # the message in flight is sent, or
-                await asyncio.wait([self.sending], timeout=SEND_GRACE_S)  # stays queued to be handed on
-                if not self.sending.done():
-                    self.sending.cancel()
-                    await asyncio.wait([self.sending], timeout=0.1)
             if self.handling is not None and not self.handling.done():  # a command in progress finishes
                 await asyncio.wait([self.handling], timeout=5)
         finally:
@@ -415,33 +408,27 @@ class TelegramNotifier:
                 finally:
                     timer.cancel()
                 continue
-            # a stop (a reload, a shutdown) cancels the sender, not the message in flight: cut off mid-request
-            # it was neither sent nor kept, and a command's reply was lost (_main waits for it, briefly)
-            self.sending = asyncio.ensure_future(self._send_next(reply))
-            await asyncio.shield(self.sending)
-
-    async def _send_next(self, reply: bool) -> None:
-        """Send the next reply, or the waiting notifications joined; each stays queued until it is sent."""
-        if reply:
-            item = self.replies[0] = self._fresh(self.replies[0])
-            delivered = await self._deliver(item)
-            if delivered is not None:  # else sent again when Telegram lets us
-                self.replies.popleft()
-                self._count(-1)
-            if delivered and item.nonce:  # the buttons' time counts from when they can be seen
-                self.confirmations[item.nonce] = time.monotonic() + self.confirm_s
-        else:
-            self.held = self.held or self._batch()  # tried again as it is; more waits behind
-            delivered = await self._deliver(Reply(self.held[0]))
-            if delivered is not None:
-                self._count(-self.held[1])
-                self.held = None
-            if delivered and self.dropped:
-                self._notice(f"⚠️ <b>{self.dropped} message{'s' if self.dropped != 1 else ''} dropped</b>: "
-                             f"more were waiting than the queue holds. The dashboard's events have them all.")
-                self.dropped = 0
-        if self.recovered_after is not None:
-            self._after_outage(self.recovered_after)
+            if reply:
+                item = self._fresh(self.replies.popleft())
+                delivered = await self._deliver(item)
+                if delivered is None:
+                    self.replies.appendleft(item)  # sent again when Telegram lets us
+                else:
+                    self._count(-1)
+                if delivered and item.nonce:  # the buttons' time counts from when they can be seen
+                    self.confirmations[item.nonce] = time.monotonic() + self.confirm_s
+            else:
+                text, n = self.held or self._batch()
+                delivered = await self._deliver(Reply(text))
+                self.held = (text, n) if delivered is None else None  # tried again as it is; more waits behind
+                if delivered is not None:
+                    self._count(-n)
+                if delivered and self.dropped:
+                    self._notice(f"⚠️ <b>{self.dropped} message{'s' if self.dropped != 1 else ''} dropped</b>: "
+                                 f"more were waiting than the queue holds. The dashboard's events have them all.")
+                    self.dropped = 0
+            if self.recovered_after is not None:
+                self._after_outage(self.recovered_after)
 
     def _fresh(self, item: Reply) -> Reply:
         """An /exitall question that waited past its time (a 429, an outage, a restart) is not shown with
