@@ -128,6 +128,15 @@ class RiskLoop:
             self._record_pnl(now, pnl)
             for action in actions:
                 self.act(action)
+            self._halt_again_if_breached()
+
+    def _halt_again_if_breached(self) -> None:
+        """The halt is written after the day's breach, in a write of its own: one that failed (a disk error), or
+        that a restart came before, is written on a later beat (entries are refused meanwhile: RiskGate.refusal)."""
+        if self.gate.trading_state is TradingState.ACTIVE and self._breach_holds():
+            self.storage.write(lambda db: self.gate.set_state(
+                db, TradingState.HALTED, "today's daily loss limit was breached (the halt is written again: the "
+                "first write of it did not happen)", "risk"))
 
     def _exposed(self) -> bool:
         """Asked only after a breach: positions risk counts that no working exit covers, or that a working exit

@@ -55,20 +55,26 @@ def test_1_blind_risk_still_breaches_and_flattens_on_an_estimated_pnl(risky):
     assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 423
 
 
+def _halt_write_fails(gate, times: int = 10**6) -> list:
+    """Risk's halt write fails (a disk I/O error) `times` times; the reasons it tried with."""
+    real_set_state, failed = gate.set_state, []
+
+    def set_state(db, state, reason, by):
+        if state.value == "halted" and by == "risk" and len(failed) < times:
+            failed.append(reason)
+            raise OSError("disk I/O error (test): the halt is not written")
+        return real_set_state(db, state, reason, by)
+    gate.set_state = set_state
+    return failed
+
+
 def test_1b_an_entry_between_the_days_breach_and_the_halt_is_refused(risky):
     """The day's breach is recorded, then the state is set to halted in a later write: under load a full test of
     /api/risk saw `breached` and `active` together. An entry in that gap (or after a halt write that failed) was
     taken: the gate looked at the state only. Today's breach, not yet overridden, refuses entries itself."""
     _long(risky)
-    gate = risky.runtime.gate
-    real_set_state, halts = gate.set_state, []
-
-    def set_state(db, state, reason, by):
-        if state.value == "halted" and by == "risk":
-            halts.append(reason)
-            raise OSError("disk I/O error (test): the halt is not written")
-        return real_set_state(db, state, reason, by)
-    gate.set_state = set_state
+    gate, real_set_state = risky.runtime.gate, risky.runtime.gate.set_state
+    halts = _halt_write_fails(gate)
     risky.tick("89")  # -1100 against -1000
     wait_for(lambda: halts and _risk(risky)["breached"], timeout=5)
     assert _risk(risky)["state"] == "active"  # the gap, held open
@@ -77,6 +83,19 @@ def test_1b_an_entry_between_the_days_breach_and_the_halt_is_refused(risky):
     assert "daily loss limit was breached" in r.get_json()["reason"]
     gate.set_state = real_set_state
     wait_for(lambda: risky.net() == 0)  # exits are not held up by it
+
+
+def test_1c_a_halt_write_that_failed_is_written_again_on_a_later_beat(risky):
+    """Review 15: the halt write failed once at the breach, and was never tried again: entries were refused, but
+    /api/risk, /healthz, the dashboard and Telegram's /status said `active` for the rest of the day."""
+    _long(risky)
+    failed = _halt_write_fails(risky.runtime.gate, times=1)
+    risky.tick("89")  # -1100 against -1000
+    wait_for(lambda: failed and _risk(risky)["breached"], timeout=5)
+    wait_for(lambda: _risk(risky)["state"] == "halted", timeout=5)
+    assert "written again" in risky.runtime.gate.state()["reason"]
+    wait_for(lambda: risky.net() == 0)
+    assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 423
 
 
 def test_2a_a_poison_alert_fails_alone_and_the_loop_goes_on(risky):
