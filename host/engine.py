@@ -568,7 +568,7 @@ class Engine:
             decision = Decision(AlertStatus.FAILED, f"the host failed on this alert ({type(e).__name__}: {e}); "
                                                     f"not executed")
             self.storage.write(lambda db: self._record(db, row, decision))
-            self.inbox.decided("alerts", row["id"])
+            self._told(row, decision)
 
     def _hook_turn(self, h: HookIntents, waiting: set[str]) -> None:
         waited = time.monotonic() - h.at
@@ -663,8 +663,13 @@ class Engine:
             else:
                 decision = self.storage.write(lambda db: self._decide(
                     db, row, alert.strategy, list(asked.intents), asked.version, flatten.closing_room(db, view)))
-        self.inbox.decided("alerts", row["id"])
+        self._told(row, decision)
         self._dispatch(decision)
+
+    def _told(self, row: dict, d: Decision) -> None:
+        """Wake the alert's waiter with the decision just committed (the row _record wrote)."""
+        self.inbox.decided("alerts", row["id"], {**row, "status": d.status.value, "reason": d.reason,
+                                                 "orders": json.dumps(list(d.orders))})
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:

@@ -67,7 +67,7 @@ def record_from_row(row: dict) -> AlertRecord:
     except (ValueError, AttributeError):
         notes = ()
     return AlertRecord(row["id"], row["status"], row["reason"], tuple(json.loads(row["orders"] or "[]")),
-                       row["duplicate_of"], tuple(json.loads(row["problems"] or "[]")), row.get("client_alert_id"),
+                       row.get("duplicate_of"), tuple(json.loads(row.get("problems") or "[]")), row.get("client_alert_id"),
                        notes)
 
 
@@ -84,6 +84,7 @@ class Inbox:
         self.dedupe_window_s = dedupe_window_s
         self.alert_id_ttl_s = alert_id_ttl_s
         self._waiters: dict[str, threading.Event] = {}
+        self._posted: dict[str, dict] = {}  # a local engine's committed decision, handed to its waiter
         self._waiters_lock = threading.Lock()
         self.wake: Optional[Callable[[], None]] = None  # set while an engine runs in this process
         self.hand: Optional[Callable[[dict], None]] = None  # the same engine's: a new alert row, in commit order
@@ -196,6 +197,11 @@ class Inbox:
     def _forget(self, table: str, key: str) -> None:
         with self._waiters_lock:
             self._waiters.pop(f"{table}:{key}", None)
+            self._posted.pop(f"{table}:{key}", None)
+
+    def _take_posted(self, table: str, key: str) -> Optional[dict]:
+        with self._waiters_lock:
+            return self._posted.pop(f"{table}:{key}", None)
 
     def _wait(self, table: str, key: str, timeout_s: float, done: Callable[[dict], bool]) -> dict:
         """Wait for the engine's decision on a stored key."""
@@ -216,6 +222,9 @@ class Inbox:
             pause = POLL_START_S
             if local and timeout_s > 0:  # a local engine sets the event when it has decided
                 event.wait(timeout_s)
+                posted = self._take_posted(table, key)
+                if posted is not None:  # the row as it committed it: no read needed
+                    return posted
             while True:
                 row = self.storage.one(f"select * from {table} where id = ?", (key,))
                 left = deadline - time.monotonic()
@@ -228,10 +237,13 @@ class Inbox:
         finally:
             self._forget(table, key)
 
-    def decided(self, table: str, key: str) -> None:
-        """Called by the engine after it commits a decision (and by wake-ups, for one made elsewhere)."""
+    def decided(self, table: str, key: str, row: Optional[dict] = None) -> None:
+        """Called by the engine after it commits a decision (and by wake-ups, for one made elsewhere); `row`,
+        if given, is the decided row as committed, handed to a waiter in this process instead of a read."""
         with self._waiters_lock:
             event = self._waiters.get(f"{table}:{key}")
+            if event and row is not None:
+                self._posted[f"{table}:{key}"] = row
         if event:
             event.set()
         answered = self.answered

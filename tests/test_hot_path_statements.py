@@ -200,3 +200,25 @@ def test_a_submitted_mark_the_disk_did_not_confirm_is_reported_as_not_sent_too(s
     assert _stored(storage, oid)["status"] == "SUBMITTED"
     [event] = storage.rows("select message from events where kind = 'order_not_sent'")
     assert oid in event["message"] and "LOST" in event["message"]
+
+
+def test_a_webhook_answer_takes_the_decision_from_the_engine_not_from_a_read_of_its_row(host):
+    """The engine hands the waiting request the row it committed (issue 17): no read of the alert after it."""
+    from conftest import alert
+    assert host.post(alert(strategy="warm")).status_code == 200  # this thread's read connection exists now
+    seen: list[str] = []
+    readers = list(host.runtime.storage._readers)
+    for conn in readers:
+        conn.set_trace_callback(lambda sql: seen.append(" ".join(sql.split())))
+    try:
+        r = host.post({**alert(strategy="s1", alert_id="one"), "comment": "go long"})
+    finally:
+        for conn in readers:
+            conn.set_trace_callback(None)
+    body = r.get_json()
+    assert r.status_code == 200 and body["status"] == "accepted", body
+    assert not [s for s in seen if s.startswith("select * from alerts")], seen
+    stored = host.api(f"/api/alerts", query_string={"status": "accepted"}).get_json()["items"]
+    row = next(a for a in stored if a["id"] == body["alert_id"])
+    assert [o["id"] for o in body["orders"]] == row["orders"] and body["client_alert_id"] == "one"
+    assert body["notes"] == ["comment ignored: not a field this host reads"], body  # kept from the stored body

@@ -105,7 +105,7 @@ def test_alerts_of_one_strategy_are_decided_in_stored_order_across_workers(host,
     time.sleep(0.3)  # past the engine's first look at the inbox, at its start
     decided, inbox = [], host.runtime.inbox
     real = inbox.decided
-    monkeypatch.setattr(inbox, "decided", lambda t, k: (decided.append(k), real(t, k)))
+    monkeypatch.setattr(inbox, "decided", lambda t, k, *row: (decided.append(k), real(t, k, *row)))
     rt, client = _standby(host)
     rt.inbox.tell = None  # the datagram lost (best effort): only the database says it is there
     try:
