@@ -71,7 +71,9 @@ def strategy_snapshot(ctx):
 
 @hookspec(firstresult=True)
 def strategy_stop(ctx, reason):
-    """This version stops: `reason` is "reload", "deleted", "disabled" or "shutdown". Returns nothing."""
+    """This version stops: `reason` is "reload", "deleted", "disabled" or "shutdown"; or, for a version
+    whose `strategy_start` raised or overran its budget, a sentence saying so (it never went live, and
+    what it started must end). Returns nothing."""
 
 
 # ---------------------------------------------------------------- notifiers
@@ -98,7 +100,9 @@ def notifier_send(event):
 
 @hookspec(firstresult=True)
 def notifier_stop(reason):
-    """This version stops: `reason` is "reload", "deleted", "disabled" or "shutdown"."""
+    """This version stops: `reason` is "reload", "deleted", "disabled" or "shutdown"; or, for a version
+    whose `notifier_start` raised or overran its budget, a sentence saying so (it never went live, and
+    what it started, a polling thread say, must end)."""
 
 
 def names(kind: str) -> list[str]:

@@ -62,6 +62,7 @@ class NotifierRegistry(Registry):
                                    logging.getLogger(f"notifier.{cand.name}"), dict(state), self.access,
                                    self.batons.setdefault(cand.name, Baton()))
         fn = cand.hooks.get("notifier_start")
+        live.started = fn is not None
         return live.caller.call("notifier_start", fn, {"ctx": live.ctx}) if fn else CallResult()
 
     def _stop(self, live: Live, reason: str) -> None:

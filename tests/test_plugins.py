@@ -526,3 +526,39 @@ def notifier_stop(reason):
     lines = [__import__("json").loads(line) for line in out.read_text().splitlines()]
     assert lines[0] == ["started"] and lines[1][0] == "stop" and "never went live" in lines[1][1]
     assert host.runtime.notifiers.entries["slowstart"].live is None
+
+
+@pytest.mark.parametrize("kind", ["notifier", "strategy"])
+def test_a_start_that_raises_after_starting_a_thread_has_that_thread_stopped(host, tmp_path, kind):
+    """A start that raised within its budget was retired without its stop hook: the thread it had begun (a
+    notifier's poller, a strategy's feed reader) ran on beside the next version, the host saying "start failed"."""
+    out = tmp_path / "threads.jsonl"
+    body = f'''import json, threading
+from host import hookimpl
+RUN = threading.Event()
+def _poll():
+    while not RUN.wait(0.02):
+        pass
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(["thread ended"]) + "\\n")
+@hookimpl
+def {kind}_meta():
+    return {{"name": "halfstart", "version": "1", "api_version": 1}}
+@hookimpl
+def {kind}_start(ctx):
+    threading.Thread(target=_poll, daemon=True).start()
+    raise RuntimeError("the token was refused")
+@hookimpl
+def {kind}_stop({"ctx, " if kind == "strategy" else ""}reason):
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(["stop", reason]) + "\\n")
+    RUN.set()
+'''
+    registry = host.runtime.notifiers if kind == "notifier" else host.runtime.strategies
+    write(registry.folder, "halfstart", body)
+    wait_for(lambda: (e := registry.entries.get("halfstart")) is not None and e.error, timeout=5)
+    assert "the token was refused" in registry.entries["halfstart"].error
+    wait_for(lambda: out.exists() and "thread ended" in out.read_text(), timeout=5)
+    lines = [__import__("json").loads(line) for line in out.read_text().splitlines()]
+    assert lines[0][0] == "stop" and "the token was refused" in lines[0][1] and "never went live" in lines[0][1]
+    assert registry.entries["halfstart"].live is None

@@ -28,6 +28,7 @@ class Live:
     breaker: Breaker
     ctx: Any = None
     mail: Any = None  # strategies: the calls waiting for its thread (ticks coalesced per symbol)
+    started: bool = False  # its start hook was called (what it started before failing is stopped)
 
     @property
     def label(self) -> str:
@@ -140,8 +141,11 @@ class Registry:
             state = self.saved_state(cand.name)
         result = self._start(live, state)
         if not result.ok:
+            late = result.slow and not result.busy  # a start past its budget still runs: see report_late
+            if live.started and not late and not result.busy:  # it raised: what it started before is stopped
+                self._stop_quietly(live, f"its start failed ({result.error}): it never went live")
             live.caller.close()
-            if not (result.slow and not result.busy):  # a start past its budget still runs: see report_late
+            if not late:
                 cand.retire()
             self._failed(entry, f"{cand.name} v{cand.version}: start failed: {result.error}", result.detail, "start")
             return
@@ -231,12 +235,17 @@ class Registry:
         """Stop a version whose start ended past its budget (its own caller is closed: a new one, as guarded)."""
         live.caller = Caller(f"{live.label}.stop", self.budget_s)
         try:
-            self._stop(live, f"its start took longer than its {self.budget_s:g} s budget: it never went live")
-        except Exception:
-            log.exception("%s %s: stopping it after its late start failed", self.kind, live.label)
+            self._stop_quietly(live, f"its start took longer than its {self.budget_s:g} s budget: it never went live")
         finally:
             live.caller.close()
             live.candidate.retire()
+
+    def _stop_quietly(self, live: Live, reason: str) -> None:
+        """The stop hook of a version that never went live (through its caller, as every call); errors logged."""
+        try:
+            self._stop(live, reason)
+        except Exception:
+            log.exception("%s %s: stopping it after its start failed", self.kind, live.label)
 
     @staticmethod
     def dropped(result: CallResult) -> str:

@@ -91,6 +91,7 @@ class StrategyRegistry(Registry):
                 problems = r.value if isinstance(r.value, (list, tuple)) else [r.value]
                 return CallResult(error="strategy_validate: " + "; ".join(map(str, problems)))
         if "strategy_start" in cand.hooks:
+            live.started = True
             return live.caller.call("strategy_start", cand.hooks["strategy_start"], {"ctx": live.ctx})
         return CallResult()
 
