@@ -256,20 +256,26 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room
 
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
             broker: Optional[Room], strategy: Optional[str] = None, product: Optional[str] = None,
-            skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False) -> Flattened:
-    """Stop adding orders and exit each open position (all, one strategy's, or one product's)."""
-    stopped = cancel_adding(db, why, product=product, strategy=strategy)
-    # a position target waiting to enter (a reversal's second half) must not enter after a flatten
-    db.execute("update position_targets set status = 'superseded', reason = ?, decided_at = ? where status = "
-               "'waiting' and (? is null or strategy = ?) and (? is null or product = ?)",
-               (f"dropped: {why}", utcnow(), strategy, strategy, product, product))
+            skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False,
+            only: Optional[frozenset[tuple[str, str, str, str]]] = None) -> Flattened:
+    """Stop adding orders and exit each open position (all, one strategy's, or one product's). With `only`
+    (strategy, exchange, symbol, product keys: the follow-up of an exit-all), exit just those positions."""
+    if only is None:
+        stopped = cancel_adding(db, why, product=product, strategy=strategy)
+        # a position target waiting to enter (a reversal's second half) must not enter after a flatten
+        db.execute("update position_targets set status = 'superseded', reason = ?, decided_at = ? where status = "
+                   "'waiting' and (? is null or strategy = ?) and (? is null or product = ?)",
+                   (f"dropped: {why}", utcnow(), strategy, strategy, product, product))
+    else:  # what adds was stopped by the exit-all itself; what was sent since is the trader's
+        stopped = Stopped()
     created: list[str] = []
     cancels = list(stopped.working)
     left: list[str] = []
     waiting: list[str] = []  # exits held until their resting stop's cancel is confirmed
     room = dict(broker.left) if broker is not None else {}  # how far the account may still go towards zero
     held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy, exchange, symbol")
-            if (strategy is None or p["strategy"] == strategy) and (product is None or p["product"] == product)]
+            if (strategy is None or p["strategy"] == strategy) and (product is None or p["product"] == product)
+            and (only is None or (p["strategy"], p["exchange"], p["symbol"], p["product"]) in only)]
     if strategy is None:
         from .protect import cancel_stops  # (protect builds on flatten)
         held, crossed = _cross(db, held, why)

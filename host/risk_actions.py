@@ -16,6 +16,7 @@ entries are refused, and a breach still acts.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ RISK_HEARTBEAT_KEY = "risk_heartbeat"
 QUIET_S = 60.0  # a repeated violation or a bad parameter is said at most this often
 BACKOFF_MAX_S = 60.0
 SCOPES = ("strategies", "strategies+manual")
+EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
 
 
 class RiskLoop:
@@ -92,7 +94,7 @@ class RiskLoop:
             self._wake.clear()
             checked = True
             due = time.monotonic() - last_check >= RISK_EVERY_S  # a check reads every position: 4 a second at most
-            for job in (self.commands, self.check, self.escalate) if due else (self.commands,):
+            for job in (self.commands, self.check, self.escalate, self.follow_up) if due else (self.commands,):
                 try:
                     job()
                 except Exception:  # one bad beat never stops risk: the next one tries again
@@ -217,7 +219,7 @@ class RiskLoop:
             return
         why = "risk: an exit being moved towards the market"
         healed = self._breach_holds()
-        told, cancels = self.storage.write(lambda db: self._stop_oversized(db, moving(db), why, healed))
+        told, cancels, _ = self.storage.write(lambda db: self._stop_oversized(db, moving(db), why, healed))
         self._oversize_told.update(told)
         if cancels:
             self.dispatch(Decision(AlertStatus.ACCEPTED, why, (), tuple(cancels)), why)
@@ -246,8 +248,28 @@ class RiskLoop:
         return {"state": state.value}
 
     def exit_all(self, args: dict) -> dict:
-        """The trader's exit-all: every position in the book, every adding order."""
+        """The trader's exit-all: every position in the book, every adding order; its exits, and the exits already
+        working for what it exits, move towards the market until they fill, and an exit working for more than its
+        position holds is cancelled, the position exited at its net once the cancel is confirmed (follow_up)."""
         return self.flatten(f"exit-all by {args.get('by') or 'api'}", everything=True)
+
+    def follow_up(self) -> None:
+        """An exit-all's positions whose oversized exits were being cancelled: once every such cancel has ended
+        (whatever the exits did meanwhile), those positions are exited at the broker's net, once."""
+        raw = self.storage.get_state(EXIT_ALL_AFTER_KEY)
+        if not raw:
+            return
+        try:
+            after = json.loads(raw)
+            ids, keys, why = list(after["after"]), frozenset(tuple(k) for k in after["keys"]), str(after["why"])
+        except (ValueError, KeyError, TypeError):
+            log.error("risk: the stored exit-all follow-up is unreadable (%r); dropped: check the positions", raw)
+            self.storage.write(lambda db: db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,)))
+            return
+        if self.storage.rows(f"select id from orders where id in ({','.join('?' * len(ids))}) and status in "
+                             f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (*ids, *flatten.OPEN_STATUSES)):
+            return  # a cancel still works (the engine sends it again every 5 s)
+        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=keys)
 
     # ---- acting ----
     def act(self, action: Action) -> None:
@@ -275,9 +297,11 @@ class RiskLoop:
             self.flatten("risk: intraday square-off", product="I")
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
-                quiet: bool = False, everything: bool = False) -> dict:
-        """Stop adding orders and exit what risk counts (everything, for the trader's exit-all); risk's own
-        exits, and the exits already working for those positions, escalate until they fill."""
+                quiet: bool = False, everything: bool = False,
+                only: Optional[frozenset[tuple[str, str, str, str]]] = None) -> dict:
+        """Stop adding orders and exit what risk counts (everything, for the trader's exit-all; `only` those
+        positions, for its follow-up); these exits, and the exits already working for those positions, escalate
+        until they fill."""
         view = self.outside.read_for_exits()  # the broker's net now: nothing closed outside is sold again
         if view is None:
             log.warning("%s: the broker's positions are unreadable (%s); exits are capped by our own book only", why,
@@ -285,14 +309,22 @@ class RiskLoop:
         skip = (lambda p: None) if everything else self._left_alone
         cancels: list[str] = []
         told: list[str] = []
-        healed = not everything and self._breach_holds()  # the check after the day's breach exits what is left
+        # an oversized exit is cancelled, and what it leaves exited after: by the check after the day's breach, or
+        # for an exit-all by its follow-up
+        healed = everything or self._breach_holds()
 
         def run(db: Any) -> flatten.Flattened:
             done = flatten.flatten(db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents,
                                                                                             alert_id=None),
-                                   flatten.closing_room(db, view), strategy, product, skip, quiet)
-            if not everything:  # in the same transaction: a death cannot leave them unmarked
-                told[:], cancels[:] = self._escalate(db, done.orders, strategy, product, why, healed)
+                                   flatten.closing_room(db, view), strategy, product, skip, quiet, only)
+            # in the same transaction: a death cannot leave them unmarked, nor the follow-up lost or made twice
+            if only is not None:
+                db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,))
+                _mark_escalate(db, list(done.orders))
+                return done
+            told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip)
+            if everything and stopped:
+                _follow_up_later(db, stopped, why)
             return done
         done = self.storage.write(run)
         self._oversize_told.update(told)
@@ -301,18 +333,17 @@ class RiskLoop:
         return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
                 "left": list(done.left)}
 
-    def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str],
-                  product: Optional[str], why: str, healed: bool) -> tuple[list[str], list[str]]:
+    def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str], product: Optional[str], why: str,
+                  healed: bool, left_alone: Callable[[dict], Optional[str]]) -> tuple[list[str], list[str], list[dict]]:
         """Mark risk's exits, and the limit exits already working for the positions it exits (they count as
         covering their part), to move towards the market until they fill; stop those working for more than
-        their position holds (_stop_oversized). Returns (exits left and said, cancels to send)."""
-        fit = _working_exits(db, strategy, product, self._left_alone)
-        ids = list(created) + [i for i in fit if i not in created]
-        if ids:
-            db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
-        return self._stop_oversized(db, _oversized_exits(db, strategy, product, self._left_alone), why, healed)
+        their position holds (_stop_oversized). Returns (exits left and said, cancels to send, exits stopped)."""
+        fit = _working_exits(db, strategy, product, left_alone)
+        _mark_escalate(db, list(created) + [i for i in fit if i not in created])
+        return self._stop_oversized(db, _oversized_exits(db, strategy, product, left_alone), why, healed)
 
-    def _stop_oversized(self, db: Any, over: list[dict], why: str, healed: bool) -> tuple[list[str], list[str]]:
+    def _stop_oversized(self, db: Any, over: list[dict], why: str,
+                        healed: bool) -> tuple[list[str], list[str], list[dict]]:
         """Exits working for more than their position holds on the side they close (after a sale in the broker's
         app, say, at the breach or while they were being moved; a position closed or reversed holds nothing) are
         never moved: filled, they would take the account past zero. Each is cancelled while the day's breach
@@ -320,13 +351,16 @@ class RiskLoop:
         and in any case once it has been moved from where it was placed; the mark is stored in this transaction,
         so a restart neither loses nor repeats it, and the engine sends the cancel again while it works. Otherwise
         (a strategy's own max loss, the square-off: acted on once, nothing would exit the position after a
-        cancel) it is left where it was placed, said once. Returns (exits left and said, cancels to send)."""
+        cancel) it is left where it was placed, said once. Returns (exits left and said, cancels to send, exits
+        cancelled or being cancelled)."""
         told: list[str] = []
         cancels: list[str] = []
+        stopped: list[dict] = []
         for o in over:
             if o["escalate"]:
                 db.execute("update orders set escalate = null where id = ?", (o["id"],))
             if o["order_cancel_requested"]:
+                stopped.append(o)
                 continue  # cancelled already: the engine sends it again while it works (every 5 s)
             where = (f"exit {o['id']} ({o['strategy']}) {o['side']} {o['remaining']} {o['exchange']}:{o['symbol']} "
                      f"is working for more than the position holds ({o['net_qty']:+d}, less its other exits)")
@@ -339,11 +373,12 @@ class RiskLoop:
                 continue
             row = {"id": o["id"], "status": o["order_status"], "broker_order_id": o["order_broker_id"]}
             cancels += flatten.stop(db, [row], f"{why}: it works for more than the position holds").working
+            stopped.append(o)
             after = ("once the cancel is confirmed, risk exits the position at its net" if healed else
                      "it had been moved towards the market; send the EXIT for the position")
             Storage.add_event(db, "exit_not_moved", f"{where}: moved towards the market it would take the account "
                               f"past zero, so it is cancelled; {after}", "error", o["strategy"], {"order_id": o["id"]})
-        return told, cancels
+        return told, cancels, stopped
 
     def _left_alone(self, p: dict) -> Optional[str]:
         """Why risk leaves a position alone: CNC, manual positions out of scope, an exit backing off."""
@@ -413,6 +448,26 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
             if not o["escalate"]:
                 fit.append(o["id"])
     return fit
+
+
+def _mark_escalate(db: Any, ids: list[str]) -> None:
+    """These exits move towards the market until they fill (RiskLoop.escalate)."""
+    if ids:
+        db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
+
+
+def _follow_up_later(db: Any, stopped: list[dict], why: str) -> None:
+    """Store (merged with one already waiting) the positions an exit-all exits once these cancels have ended."""
+    row = db.execute("select value from state where key = ?", (EXIT_ALL_AFTER_KEY,)).fetchone()
+    try:
+        was = json.loads(row[0]) if row else {}
+        ids, keys = set(was.get("after", ())), {tuple(k) for k in was.get("keys", ())}
+    except (ValueError, TypeError, AttributeError):
+        ids, keys = set(), set()
+    ids |= {o["id"] for o in stopped}
+    keys |= {(o["strategy"], o["exchange"], o["symbol"], o["product"]) for o in stopped}
+    Storage.put_state(db, EXIT_ALL_AFTER_KEY, json.dumps({"why": why, "after": sorted(ids),
+                                                          "keys": sorted(list(k) for k in keys)}))
 
 
 def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],

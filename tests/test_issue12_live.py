@@ -1507,3 +1507,64 @@ def test_2f_a_failed_mark_reports_every_order_of_the_alert_left_unsent(live, sim
         storage.write = real
     assert sorted(e["data"] and __import__("json").loads(e["data"])["order_id"] for e in told) == sorted(oids)
     assert all(order(h, oid)["status"] == "NEW" and booked(sim, oid) == [] for oid in oids)
+
+
+# ---- #3: exit-all ends flat ----
+
+def test_3a_exit_all_cancels_an_exit_working_for_more_than_the_position_holds_then_exits_the_net(live, sim):
+    """Found in review 10: 150 held with a limit exit for all 150 resting far above the market; the trader sells
+    75 in the app and the host takes it off the strategy. exit-all counted the resting 150 as covering the 75 left:
+    "nothing left to close", the 75 stayed open, and the resting exit could still fill 150 (short 75). Now
+    exit-all cancels it, as a breach does, and once the cancel is confirmed exits the 75 at the market."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "xa")
+    exit_all(h)
+    _never_short_then_flat(h, sim, resting, seconds=12.0)
+    wait_for(lambda: net(h, "xa", SYMBOL) == 0, timeout=8)
+
+
+def test_3b_exit_all_moves_a_resting_limit_exit_towards_the_market_until_the_position_is_closed(live, sim):
+    """exit-all counted a limit exit resting far above the market as closing its position and left it there: the
+    trader asked for flat, and the position stayed open for as long as the market stayed below the limit. Its
+    exits, and those already working for what it exits, now move towards the market until they fill (as a
+    breach's do)."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _held_with_resting(h, "xb", 150)
+    done = exit_all(h)
+    assert done["orders"] == [], done  # the resting exit covers the position: nothing sent twice
+    wait_status(h, resting, "FILLED", timeout=10)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
+    assert _lowest_net(sim, 1.0) == 0
+
+
+def test_3c_a_death_after_exit_all_marked_the_oversized_exit_is_healed_by_the_restart(live, sim):
+    """What if the process dies after exit-all's transaction marked the oversized exit for cancelling and stored
+    its follow-up, before the cancel reached the broker? Both are in the database: the restarted host sends the
+    cancel, and the follow-up exits the 75 once it is confirmed. Never short, never sold twice."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "xc")
+    h.runtime.engine.sender.enqueue_cancel = lambda order_id, why: None  # dies before any cancel is sent
+    exit_all(h)
+    marked = h.runtime.storage.one("select cancel_requested from orders where id = ?", (resting,))["cancel_requested"]
+    assert marked and h.runtime.storage.get_state("exit_all_after")
+    assert _lowest_net(sim, 1.0) == 75 and status(h, resting) == "OPEN"
+    h.restart()
+    _never_short_then_flat(h, sim, resting, seconds=12.0)
+    assert h.runtime.storage.get_state("exit_all_after") is None
+    exits = [o for o in h.orders() if o["strategy"] == "xc" and o["side"] == "SELL" and o["id"] != resting]
+    assert [o["qty"] for o in exits] == [75], exits  # the follow-up, once
+
+
+def test_3d_an_oversized_exit_that_fills_before_its_cancel_is_bought_back_by_the_follow_up(live, sim):
+    """The broker does the opposite of what exit-all asked: the oversized exit fills before its cancel lands (the
+    account is short 75). The follow-up waits for the exit to end, whatever it did, and then brings the strategy's
+    position, now -75, to flat at the broker's net: the account ends flat, not short."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "xd")
+    h.runtime.engine.sender.enqueue_cancel = lambda order_id, why: None  # the cancel never arrives in time
+    exit_all(h)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting 150 fills: short 75
+    wait_status(h, resting, "FILLED", timeout=8)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
+    wait_for(lambda: net(h, "xd", SYMBOL) == 0, timeout=8)
