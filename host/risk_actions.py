@@ -226,7 +226,15 @@ class RiskLoop:
 
     # ---- control commands ----
     def halt(self, args: dict) -> dict:
-        """halted | reduce_only | active; after today's breach, active needs override_breach."""
+        """halted | reduce_only | active; after today's breach, active needs override_breach. A resume takes the
+        check's lock: a check on another thread (the engine's, after a login) must not store a day read before the
+        override. A halt never waits for a check (a slow broker read)."""
+        if args.get("mode") != TradingState.ACTIVE.value:
+            return self._halt(args)
+        with self._lock:
+            return self._halt(args)
+
+    def _halt(self, args: dict) -> dict:
         state, by = TradingState(args["mode"]), args.get("by") or "api"
         if state is TradingState.ACTIVE:
             today = self.gate.clock.day(self.now())

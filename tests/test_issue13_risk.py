@@ -98,6 +98,43 @@ def test_1c_a_halt_write_that_failed_is_written_again_on_a_later_beat(risky):
     assert risky.post(alert("ENTRY", "other", tradingsymbol="OTHER")).status_code == 423
 
 
+def test_1d_an_override_made_while_a_check_runs_on_another_thread_is_not_undone_by_it(risky):
+    """Review 15: the check also runs on the engine thread (at start, after a broker login) while the override
+    (halt with override_breach) ran on the risk thread without the check's lock. A check that read the day before
+    the override and stored it after dropped the override, and the halt was then written again: the trader's
+    resume undone. The override now waits for the check to end."""
+    import threading
+    _long(risky)
+    risky.tick("89")  # -1100 against -1000
+    wait_for(lambda: _risk(risky)["state"] == "halted", timeout=5)
+    wait_for(lambda: risky.net() == 0)
+    risk, manager = risky.runtime.engine.risk, risky.runtime.gate.manager
+    real_load, paused, go = manager.load_day, threading.Event(), threading.Event()
+
+    def load_day(today):
+        day = real_load(today)
+        if threading.current_thread().name == "late-check":
+            paused.set()
+            go.wait(5)  # the day as read before the override, stored after it
+        return day
+    manager.load_day = load_day
+    late = threading.Thread(target=risk.check, name="late-check")
+    late.start()
+    assert paused.wait(5)
+    resume = threading.Thread(target=risk.halt, args=({"mode": "active", "override_breach": True, "by": "me"},))
+    resume.start()
+    time.sleep(0.3)
+    go.set()
+    late.join(5)
+    resume.join(5)
+    manager.load_day = real_load
+    today = risky.runtime.gate.clock.day(datetime.now(timezone.utc))
+    assert not manager.load_day(today).halted_by_breach, manager.load_day(today)
+    time.sleep(0.6)  # risk beats: the halt is not written again
+    assert _risk(risky)["state"] == "active", _risk(risky)
+    assert risky.post(alert("ENTRY", "again", tradingsymbol="OTHER")).status_code == 200
+
+
 def test_2a_a_poison_alert_fails_alone_and_the_loop_goes_on(risky):
     storage = risky.runtime.storage
     storage.write(lambda db: db["alerts"].insert({  # a value that slipped past validation (an older host stored it)
