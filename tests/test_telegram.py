@@ -382,3 +382,37 @@ def test_orders_reply_shows_the_trigger_of_a_stop_order_and_rupees(tghost, tg):
     assert "trigger ₹40.00 · limit ₹" in stop and "<b>OPEN</b> 0/75" in stop
     entry = next(line for line in text.splitlines() if "LMT ₹42.50" in line)
     assert "<b>FILLED</b> 75/75 avg ₹42.50" in entry
+
+
+def test_a_retry_after_in_force_at_a_reload_is_obeyed_by_the_next_version(tghost, tg, tmp_path):
+    """Review 15: Telegram said "retry after 6 s" for a reply; a reload 1 s later started a version with a fresh
+    pace, which sent the handed-on reply at once, 5 s early (real Telegram answers 429 again, and may lengthen the
+    wait). The wait is kept where every version of the notifier sees it, and in its state for the next start."""
+    h = tghost()
+    time.sleep(1.5)
+    tg.retry_after = [6]
+    tg.push_message("/status", USER, CHAT)
+    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
+    refused_at = next(t for t, code in tg.statuses() if code == 429)
+    time.sleep(1.0)
+    path = tmp_path / "plugins" / "notifiers" / "telegram.py"
+    path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # a hot reload
+    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
+    ok = lambda: [t for t, m, code, p in list(tg.received)  # noqa: E731
+                  if m == "sendMessage" and code == 200 and "<b>Status</b>" in p.get("text", "")]
+    sent_at = wait_for(ok, timeout=10)[0]
+    assert sent_at - refused_at >= 5.5, sent_at - refused_at
+
+
+def test_a_retry_after_in_force_at_a_restart_is_obeyed_after_it(tghost, tg):
+    """The same across a restart: the wait's end is kept in the notifier's state, as wall-clock time."""
+    h = tghost()
+    time.sleep(1.5)
+    tg.retry_after = [8]
+    tg.push_message("/status", USER, CHAT)
+    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
+    refused_at = next(t for t, code in tg.statuses() if code == 429)
+    h.restart()
+    ok = lambda: [t for t, m, code, p in list(tg.received) if m == "sendMessage" and code == 200 and t > refused_at]  # noqa: E731
+    sent_at = wait_for(ok, timeout=15)[0]
+    assert sent_at - refused_at >= 7.5, sent_at - refused_at

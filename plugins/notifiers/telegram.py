@@ -45,6 +45,7 @@ POLL_RETRY_S = (0.5, 1, 2, 5)  # between long polls that failed: commands are re
 POLL_S = 10                   # long-poll timeout
 BATCH_CHARS = 3500            # waiting messages are joined into one, up to this size (Telegram: 4096)
 REPLY_MAX = 50                # command replies waiting; more are logged and not sent
+MAX_HOLD_S = 3600.0           # a stored 429 wait longer than this (a clock jump) is not believed
 # Telegram's flood limits: ~1 message a second in a chat, ~20 a minute in a group. Notifications use at
 # most 16 of a group's 20 (one per 3.75 s), so that command replies always have room.
 CHAT_GAP_S = 1.0 / FloodLimit.MESSAGES_PER_SECOND_PER_CHAT
@@ -233,6 +234,7 @@ class TelegramNotifier:
         self.held: Optional[tuple[str, int]] = None  # notifications joined, waiting to be tried again
         self.wake: Optional[asyncio.Event] = None
         self.pace = Pace(self.chat.startswith("-"))
+        self._held_by_others()  # a 429's wait told to an earlier version, or before a restart
         self.side_calls: set[asyncio.Task] = set()
         self.dropped = int(ctx.state.get("dropped", 0))
         self.outage_since: Optional[float] = None
@@ -400,6 +402,7 @@ class TelegramNotifier:
             if not reply and not self.held and not self.queue:
                 await self.wake.wait()
                 continue
+            self._held_by_others()
             delay = self.pace.ready_at(reply, self.stopping) - time.monotonic()
             if delay > 0:  # until then, or until something new comes (a reply goes before a notification)
                 timer = self.loop.call_later(delay, self.wake.set)  # not wait_for: 3.11's may swallow a cancel
@@ -468,6 +471,7 @@ class TelegramNotifier:
                 wait = _seconds(e.retry_after)
             self.log.warning("Telegram asks us to wait %.0f s (rate limit)", wait)
             self.pace.refused(wait)
+            self._share_hold()
             return None
         except (BadRequest, Forbidden, InvalidToken) as e:  # permanent: retrying cannot help
             self.log.error("Telegram refused a message: %s", e)
@@ -501,6 +505,23 @@ class TelegramNotifier:
             self._notice(f"⚠️ <b>{skipped} message{'s' if skipped != 1 else ''} dropped</b> while Telegram was "
                          f"unreachable for {lasted:.0f} s. They are all in the dashboard's events: "
                          f'<a href="{esc(link)}">open it</a>')
+
+    def _share_hold(self) -> None:
+        """A 429's wait binds every version of this notifier (the baton) and the next start (state, wall clock)."""
+        left = self.pace.hold_until - time.monotonic()
+        self.ctx.baton.values["hold_until"] = max(float(self.ctx.baton.values.get("hold_until", 0.0)),
+                                                  self.pace.hold_until)
+        self.ctx.state["hold_until_epoch"] = time.time() + left
+
+    def _held_by_others(self) -> None:
+        """Take on a 429's wait that another version was told, or this notifier before a restart."""
+        try:
+            left = max(float(self.ctx.baton.values.get("hold_until", 0.0)) - time.monotonic(),
+                       float(self.ctx.state.get("hold_until_epoch", 0.0)) - time.time())
+        except (TypeError, ValueError):
+            return
+        if left > 0:
+            self.pace.hold_until = max(self.pace.hold_until, time.monotonic() + min(left, MAX_HOLD_S))
 
     # ---- receiving ----
     async def _acquire_baton(self) -> None:
