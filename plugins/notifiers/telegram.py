@@ -45,6 +45,7 @@ POLL_RETRY_S = (0.5, 1, 2, 5)  # between long polls that failed: commands are re
 POLL_S = 10                   # long-poll timeout
 BATCH_CHARS = 3500            # waiting messages are joined into one, up to this size (Telegram: 4096)
 REPLY_MAX = 50                # command replies waiting; more are logged and not sent
+START_WAIT_S = 0.3            # notifier_start waits this long at most for the bot's loop (the host allows 1 s)
 MAX_HOLD_S = 3600.0           # a stored 429 wait longer than this (a clock jump) is not believed
 # Telegram's flood limits: ~1 message a second in a chat, ~20 a minute in a group. Notifications use at
 # most 16 of a group's 20 (one per 3.75 s), so that command replies always have room.
@@ -241,6 +242,7 @@ class TelegramNotifier:
         self.recovered_after: Optional[float] = None
         self.confirmations: dict[str, float] = {}  # /exitall nonce -> expiry (monotonic)
         self.tasks: list[asyncio.Task] = []
+        self.cancelled = False  # stop asked (on the loop): tasks made after it are cancelled at once
         self.handling: Optional[asyncio.Future] = None
         self.holding = False
         self.stopping = False
@@ -257,9 +259,11 @@ class TelegramNotifier:
         if not self.enabled:
             self.log.info("Telegram notifier idle: set TELEGRAM_BOT_TOKEN and TELEGRAM_CHAT_ID to use it")
             return
+        # the loop exists before the start returns: what is offered before it runs waits in it, never dropped
+        self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name=f"telegram-{self.ctx.version}", daemon=True)
         self.thread.start()
-        self.ready.wait(2)
+        self.ready.wait(START_WAIT_S)  # within the host's start budget, on a loaded machine too
 
     def offer(self, event: dict) -> None:
         """Called for every event: format it and queue it; never waits."""
@@ -294,7 +298,6 @@ class TelegramNotifier:
 
     # ---- the loop ----
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._main())
@@ -314,6 +317,8 @@ class TelegramNotifier:
                        get_updates_request=HTTPXRequest(connection_pool_size=1, read_timeout=POLL_S + 10.0, **base))
         self.tasks = [asyncio.ensure_future(self._sender())]
         self.tasks.append(asyncio.ensure_future(self._poll() if self.mode == "polling" else self._webhook_inbox()))
+        if self.cancelled:  # stopped while the loop was coming up: nothing polls on
+            self._cancel()
         self.ready.set()
         try:
             await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -332,6 +337,7 @@ class TelegramNotifier:
             self._release_baton()
 
     def _cancel(self) -> None:
+        self.cancelled = True
         for t in [*self.tasks, *self.side_calls]:
             t.cancel()
 
