@@ -470,3 +470,27 @@ def test_a_reload_while_the_bots_loop_is_still_coming_up_leaves_one_poller(host_
     assert sum("Day PnL" in t for t in tg.texts()) == 3 and tg.conflicts == 0
     import threading
     assert not [t for t in threading.enumerate() if t.name == "telegram-1.0"]  # no stopped version runs on
+
+
+def test_a_reply_in_flight_at_a_hot_reload_is_sent_by_the_next_version(tghost, tg, tmp_path, monkeypatch):
+    """The reload's stop cancelled a send in flight (Telegram slow to take it), and the reply, already taken off
+    the queue, was lost: the trader's /status (or /halt's answer) never came. What was being sent is handed on
+    with what waits; if Telegram had in fact taken it, it arrives twice, which beats never."""
+    import asyncio
+    from telegram import Bot
+    real_send, hung = Bot.send_message, []
+
+    async def send_message(self, chat_id, text, *args, **kw):
+        if "<b>Status</b>" in text and not hung:
+            hung.append(text)
+            await asyncio.sleep(60)  # never reaches Telegram
+        return await real_send(self, chat_id, text, *args, **kw)
+    monkeypatch.setattr(Bot, "send_message", send_message)
+    h = tghost()
+    tg.push_message("/status", USER, CHAT)
+    wait_for(lambda: hung, timeout=5)
+    path = tmp_path / "plugins" / "notifiers" / "telegram.py"
+    path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # a hot reload
+    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
+    said(tg, "<b>Status</b>", timeout=8)
+    assert sum("<b>Status</b>" in t for t in tg.texts()) == 1

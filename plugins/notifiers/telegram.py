@@ -419,7 +419,11 @@ class TelegramNotifier:
                 continue
             if reply:
                 item = self._fresh(self.replies.popleft())
-                delivered = await self._deliver(item)
+                try:
+                    delivered = await self._deliver(item)
+                except asyncio.CancelledError:  # stopped mid-send: handed on with the rest (it may arrive twice)
+                    self.replies.appendleft(item)
+                    raise
                 if delivered is None:
                     self.replies.appendleft(item)  # sent again when Telegram lets us
                 else:
@@ -428,7 +432,11 @@ class TelegramNotifier:
                     self.confirmations[item.nonce] = time.monotonic() + self.confirm_s
             else:
                 text, n = self.held or self._batch()
-                delivered = await self._deliver(Reply(text))
+                try:
+                    delivered = await self._deliver(Reply(text))
+                except asyncio.CancelledError:  # as a reply: handed on, never lost
+                    self.held = (text, n)
+                    raise
                 self.held = (text, n) if delivered is None else None  # tried again as it is; more waits behind
                 if delivered is not None:
                     self._count(-n)
