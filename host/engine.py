@@ -567,8 +567,11 @@ class Engine:
             log.exception("alert %s failed", row["id"])
             decision = Decision(AlertStatus.FAILED, f"the host failed on this alert ({type(e).__name__}: {e}); "
                                                     f"not executed")
-            self.storage.write(lambda db: self._record(db, row, decision))
-            self._told(row, decision)
+            if self.storage.write(lambda db: self._record_failure(db, row, decision)):
+                self._told(row, decision)
+            else:  # its decision was committed before the failure: it stands, and its orders go out by the recovery
+                self._recover_pending = True
+                self.inbox.decided("alerts", row["id"])  # the waiter reads the decision as stored
 
     def _hook_turn(self, h: HookIntents, waiting: set[str]) -> None:
         waited = time.monotonic() - h.at
@@ -746,6 +749,15 @@ class Engine:
                               {"version": asked.version, "orders": list(d.orders), "status": d.status.value})
             return d
         self._dispatch(self.storage.write(run))
+
+    @classmethod
+    def _record_failure(cls, db: sqlite_utils.Database, row: dict, d: Decision) -> bool:
+        """Record a failure on an alert still undecided; False (nothing written) when its decision was committed."""
+        stored = db.execute("select status from alerts where id = ?", (row["id"],)).fetchone()
+        if stored is not None and stored[0] != AlertStatus.RECEIVED.value:
+            return False
+        cls._record(db, row, d)
+        return True
 
     @staticmethod
     def _record(db: sqlite_utils.Database, row: dict, d: Decision, version: Optional[str] = None) -> None:

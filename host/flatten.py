@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Callable, Collection, Optional
+from typing import Callable, Collection, Mapping, Optional
 
 import sqlite_utils
 
@@ -257,9 +257,10 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
             broker: Optional[Room], strategy: Optional[str] = None, product: Optional[str] = None,
             skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False,
-            only: Optional[frozenset[tuple[str, str, str, str]]] = None) -> Flattened:
+            only: Optional[Mapping[tuple[str, str, str, str], int]] = None) -> Flattened:
     """Stop adding orders and exit each open position (all, one strategy's, or one product's). With `only`
-    (strategy, exchange, symbol, product keys: the follow-up of an exit-all), exit just those positions."""
+    ((strategy, exchange, symbol, product) -> the most to exit: the follow-up of an exit-all), exit just those
+    positions, each by no more than it held then."""
     if only is None:
         stopped = cancel_adding(db, why, product=product, strategy=strategy)
         # a position target waiting to enter (a reversal's second half) must not enter after a flatten
@@ -288,6 +289,8 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
             left.append(f"{where}: {reason}")
             continue
         qty = abs(p["net_qty"])
+        if only is not None:  # what was bought or sold since is the trader's
+            qty = min(qty, only[(p["strategy"], p["exchange"], p["symbol"], p["product"])])
         if broker is not None:  # never past the broker's net: a position closed outside is not sold twice
             net = room.get(key, 0)
             same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0

@@ -43,6 +43,8 @@ QUIET_S = 60.0  # a repeated violation or a bad parameter is said at most this o
 BACKOFF_MAX_S = 60.0
 SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
+EXIT_ALL_MARK = 2  # orders.escalate of exit-all's exits (1: a breach's, a square-off's): one made oversized is healed
+FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
 class RiskLoop:
@@ -197,7 +199,7 @@ class RiskLoop:
         self._stop_moving_oversized()
         due = (datetime.now(timezone.utc) - timedelta(seconds=float(self.reprice_s))).isoformat(timespec="milliseconds")
         for o in self.storage.rows("select o.*, q.ltp from orders o left join quotes q on q.exchange = o.exchange and "
-                                   "q.symbol = o.symbol where o.escalate = 1 and o.status in ('OPEN', 'PARTIAL') and "
+                                   "q.symbol = o.symbol where o.escalate >= 1 and o.status in ('OPEN', 'PARTIAL') and "
                                    "o.broker_order_id is not null and coalesce(o.repriced_at, o.created_at) <= ?",
                                    (due,)):
             if not o["ltp"]:
@@ -219,7 +221,14 @@ class RiskLoop:
             return
         why = "risk: an exit being moved towards the market"
         healed = self._breach_holds()
-        told, cancels, _ = self.storage.write(lambda db: self._stop_oversized(db, moving(db), why, healed))
+
+        def run(db: Any) -> tuple[list[str], list[str]]:
+            told, cancels, stopped = self._stop_oversized(db, moving(db), why, healed)
+            ours = [o for o in stopped if o["escalate"] == EXIT_ALL_MARK]  # exit-all's: its follow-up exits the rest
+            if ours:
+                _follow_up_later(db, ours, "exit-all (an exit it was moving, made oversized)")
+            return told, cancels
+        told, cancels = self.storage.write(run)
         self._oversize_told.update(told)
         if cancels:
             self.dispatch(Decision(AlertStatus.ACCEPTED, why, (), tuple(cancels)), why)
@@ -263,21 +272,30 @@ class RiskLoop:
 
     def follow_up(self) -> None:
         """An exit-all's positions whose oversized exits were being cancelled: once every such cancel has ended
-        (whatever the exits did meanwhile), those positions are exited at the broker's net, once."""
+        (whatever the exits did meanwhile), those positions are exited at the broker's net, once, each by no more
+        than it held at the exit-all. One whose cancels have not ended within FOLLOW_UP_MAX_S is dropped, said."""
         raw = self.storage.get_state(EXIT_ALL_AFTER_KEY)
         if not raw:
             return
         try:
             after = json.loads(raw)
-            ids, keys, why = list(after["after"]), frozenset(tuple(k) for k in after["keys"]), str(after["why"])
+            ids, why, at = list(after["after"]), str(after["why"]), datetime.fromisoformat(after["at"])
+            caps = {(s, e, y, p): int(cap) for s, e, y, p, cap in after["keys"]}
         except (ValueError, KeyError, TypeError):
-            log.error("risk: the stored exit-all follow-up is unreadable (%r); dropped: check the positions", raw)
-            self.storage.write(lambda db: db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,)))
+            self._drop_follow_up(f"it is unreadable ({raw[:200]!r})")
             return
         if self.storage.rows(f"select id from orders where id in ({','.join('?' * len(ids))}) and status in "
                              f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (*ids, *flatten.OPEN_STATUSES)):
+            if (datetime.now(timezone.utc) - at).total_seconds() > FOLLOW_UP_MAX_S:
+                self._drop_follow_up(f"the cancel of {', '.join(ids)} did not end within {FOLLOW_UP_MAX_S:g} s; "
+                                     f"positions not exited: {_keys(caps)}")
             return  # a cancel still works (the engine sends it again every 5 s)
-        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=keys)
+        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=caps)
+
+    def _drop_follow_up(self, why: str) -> None:
+        self.storage.write(lambda db: (db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,)),
+                                       Storage.add_event(db, "exit_all_dropped", f"exit-all's follow-up dropped: {why}; "
+                                                         f"check these positions at the broker", "error", None, None)))
 
     # ---- acting ----
     def act(self, action: Action) -> None:
@@ -306,7 +324,7 @@ class RiskLoop:
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False,
-                only: Optional[frozenset[tuple[str, str, str, str]]] = None) -> dict:
+                only: Optional[dict[tuple[str, str, str, str], int]] = None) -> dict:
         """Stop adding orders and exit what risk counts (everything, for the trader's exit-all; `only` those
         positions, for its follow-up); these exits, and the exits already working for those positions, escalate
         until they fill."""
@@ -328,9 +346,10 @@ class RiskLoop:
             # in the same transaction: a death cannot leave them unmarked, nor the follow-up lost or made twice
             if only is not None:
                 db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,))
-                _mark_escalate(db, list(done.orders))
+                _mark_escalate(db, list(done.orders), EXIT_ALL_MARK)
                 return done
-            told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip)
+            told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip,
+                                                          EXIT_ALL_MARK if everything else 1)
             if everything and stopped:
                 _follow_up_later(db, stopped, why)
             return done
@@ -342,12 +361,16 @@ class RiskLoop:
                 "left": list(done.left)}
 
     def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str], product: Optional[str], why: str,
-                  healed: bool, left_alone: Callable[[dict], Optional[str]]) -> tuple[list[str], list[str], list[dict]]:
+                  healed: bool, left_alone: Callable[[dict], Optional[str]],
+                  mark: int = 1) -> tuple[list[str], list[str], list[dict]]:
         """Mark risk's exits, and the limit exits already working for the positions it exits (they count as
         covering their part), to move towards the market until they fill; stop those working for more than
         their position holds (_stop_oversized). Returns (exits left and said, cancels to send, exits stopped)."""
         fit = _working_exits(db, strategy, product, left_alone)
-        _mark_escalate(db, list(created) + [i for i in fit if i not in created])
+        _mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
+        if mark == EXIT_ALL_MARK:  # exits a breach was moving are exit-all's now: one made oversized is healed
+            db.execute(f"update orders set escalate = ? where escalate = 1 and status in "
+                       f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (mark, *flatten.OPEN_STATUSES))
         return self._stop_oversized(db, _oversized_exits(db, strategy, product, left_alone), why, healed)
 
     def _stop_oversized(self, db: Any, over: list[dict], why: str,
@@ -372,7 +395,7 @@ class RiskLoop:
                 continue  # cancelled already: the engine sends it again while it works (every 5 s)
             where = (f"exit {o['id']} ({o['strategy']}) {o['side']} {o['remaining']} {o['exchange']}:{o['symbol']} "
                      f"is working for more than the position holds ({o['net_qty']:+d}, less its other exits)")
-            if not healed and not o["reprices"]:
+            if not (healed or o["escalate"] == EXIT_ALL_MARK) and not o["reprices"]:
                 if o["id"] not in self._oversize_told:
                     told.append(o["id"])
                     Storage.add_event(db, "exit_not_moved", f"{where}: it is not moved towards the market, as filled "
@@ -382,7 +405,8 @@ class RiskLoop:
             row = {"id": o["id"], "status": o["order_status"], "broker_order_id": o["order_broker_id"]}
             cancels += flatten.stop(db, [row], f"{why}: it works for more than the position holds").working
             stopped.append(o)
-            after = ("once the cancel is confirmed, risk exits the position at its net" if healed else
+            after = ("once the cancel is confirmed, risk exits the position at its net"
+                     if healed or o["escalate"] == EXIT_ALL_MARK else
                      "it had been moved towards the market; send the EXIT for the position")
             Storage.add_event(db, "exit_not_moved", f"{where}: moved towards the market it would take the account "
                               f"past zero, so it is cancelled; {after}", "error", o["strategy"], {"order_id": o["id"]})
@@ -458,24 +482,29 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
     return fit
 
 
-def _mark_escalate(db: Any, ids: list[str]) -> None:
-    """These exits move towards the market until they fill (RiskLoop.escalate)."""
+def _mark_escalate(db: Any, ids: list[str], mark: int = 1) -> None:
+    """These exits move towards the market until they fill (RiskLoop.escalate); `mark` says whose they are."""
     if ids:
-        db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(ids))})", ids)
+        db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(ids))})", (mark, *ids))
 
 
 def _follow_up_later(db: Any, stopped: list[dict], why: str) -> None:
-    """Store (merged with one already waiting) the positions an exit-all exits once these cancels have ended."""
+    """Store (merged with one already waiting) the positions an exit-all exits once these cancels have ended, each
+    with what it holds now: the most the follow-up exits (what is bought or sold since is the trader's)."""
     row = db.execute("select value from state where key = ?", (EXIT_ALL_AFTER_KEY,)).fetchone()
     try:
         was = json.loads(row[0]) if row else {}
-        ids, keys = set(was.get("after", ())), {tuple(k) for k in was.get("keys", ())}
-    except (ValueError, TypeError, AttributeError):
-        ids, keys = set(), set()
+        ids, caps = set(was["after"]), {(s, e, y, p): int(cap) for s, e, y, p, cap in was["keys"]}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        ids, caps = set(), {}
     ids |= {o["id"] for o in stopped}
-    keys |= {(o["strategy"], o["exchange"], o["symbol"], o["product"]) for o in stopped}
-    Storage.put_state(db, EXIT_ALL_AFTER_KEY, json.dumps({"why": why, "after": sorted(ids),
-                                                          "keys": sorted(list(k) for k in keys)}))
+    caps.update({(o["strategy"], o["exchange"], o["symbol"], o["product"]): abs(o["net_qty"]) for o in stopped})
+    Storage.put_state(db, EXIT_ALL_AFTER_KEY, json.dumps({
+        "why": why, "at": utcnow(), "after": sorted(ids), "keys": sorted([*k, cap] for k, cap in caps.items())}))
+
+
+def _keys(caps: dict) -> str:
+    return "; ".join(f"{s} {e}:{y} ({p}) up to {cap}" for (s, e, y, p), cap in sorted(caps.items()))
 
 
 def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],

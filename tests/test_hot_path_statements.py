@@ -222,3 +222,30 @@ def test_a_webhook_answer_takes_the_decision_from_the_engine_not_from_a_read_of_
     row = next(a for a in stored if a["id"] == body["alert_id"])
     assert [o["id"] for o in body["orders"]] == row["orders"] and body["client_alert_id"] == "one"
     assert body["notes"] == ["comment ignored: not a field this host reads"], body  # kept from the stored body
+
+
+def test_a_decision_committed_before_the_turn_fails_stands_and_its_order_is_sent(host):
+    """Review 16: a failure after the decision's commit (handing its orders to the sender) recorded FAILED over
+    the ACCEPTED decision, with its order left NEW for good, while the webhook answered "accepted". The committed
+    decision stands, the answer says it, and the recovery sends the order."""
+    from conftest import alert, wait_for
+    engine, calls = host.runtime.engine, []
+    real = engine._dispatch
+
+    def failing_once(decision, why=""):
+        calls.append(decision)
+        if len(calls) == 1:
+            raise RuntimeError("the sender's queue failed (test)")
+        return real(decision, why)
+    engine._dispatch = failing_once
+    try:
+        r = host.post(alert(strategy="s1", alert_id="c1"))
+    finally:
+        engine._dispatch = real
+    body = r.get_json()
+    assert r.status_code == 200 and body["status"] == "accepted", body
+    stored = host.runtime.storage.one("select status, orders from alerts where id = ?", (body["alert_id"],))
+    assert stored["status"] == "accepted" and body["orders"] and body["orders"][0]["id"] in stored["orders"]
+    oid = body["orders"][0]["id"]
+    wait_for(lambda: host.runtime.storage.one("select status from orders where id = ?", (oid,))["status"] == "FILLED",
+             timeout=8)

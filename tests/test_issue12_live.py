@@ -1568,3 +1568,89 @@ def test_3d_an_oversized_exit_that_fills_before_its_cancel_is_bought_back_by_the
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
     assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
     wait_for(lambda: net(h, "xd", SYMBOL) == 0, timeout=8)
+
+
+def _marks(h: Host, oid: str) -> dict:
+    return h.runtime.storage.one("select escalate, reprices, cancel_requested from orders where id = ?", (oid,))
+
+
+def test_3e_an_exit_exit_all_moves_that_an_app_sale_makes_oversized_is_cancelled_and_the_rest_exited(live, sim):
+    """Review 16: exit-all marked the trader's exit for all 150 (it fit) to move; before its first move the trader
+    sold 75 in the app. Unmarked and left resting (no breach stands, never moved), it filled 150 when the market
+    reached it: short 75. As an exit found oversized at the exit-all itself (test_3a), it is cancelled and the 75
+    exited once the cancel ends."""
+    h = live()  # EXIT_REPRICE_S: the default 3 s, the app sale lands before the first move
+    resting = _held_with_resting(h, "xe", 150)
+    exit_all(h)
+    wait_for(lambda: _marks(h, resting)["escalate"], timeout=5)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the trader, in the app
+    wait_for(lambda: net(h, "xe", SYMBOL) == 75, timeout=8)
+    _never_short_then_flat(h, sim, resting, seconds=12.0)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # nothing rests there any more
+    assert _lowest_net(sim, 1.5) == 0
+
+
+def test_3f_an_exit_exit_all_moved_that_an_app_sale_makes_oversized_is_cancelled_and_the_rest_exited(live, sim):
+    """Review 16: as test_3e, after the exit had been moved (an illiquid market: each move still rests above it).
+    It was cancelled with "send the EXIT for the position", and nothing exited the 75."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _held_with_resting(h, "xf", 150)
+    risk = h.runtime.engine.risk
+    moved = risk.reprice
+    risk.reprice = lambda oid, price: moved(oid, Decimal("55"))  # illiquid: each move still rests above the market
+    exit_all(h)
+    wait_for(lambda: (_marks(h, resting)["reprices"] or 0) >= 1, timeout=5)
+    assert status(h, resting) == "OPEN" and broker_net(sim, SYMBOL) == 150
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the trader, in the app
+    wait_for(lambda: net(h, "xf", SYMBOL) == 75, timeout=8)
+    _never_short_then_flat(h, sim, resting, seconds=12.0)
+
+
+def test_3g_the_follow_up_exits_no_more_than_was_held_at_the_exit_all(live, sim):
+    """Review 16: while the oversized exit's cancel was slow, the strategy bought 75 more (filled); the follow-up
+    sold the strategy's whole position, the new 75 too. It exits what was held when the trader asked."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "x5")
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None
+    exit_all(h)
+    [add] = place(h, execution_type="ADJUST", strategy="x5", direction="BUY", qty=75, price="43")["orders"]
+    wait_status(h, add["id"], "FILLED")
+    wait_for(lambda: net(h, "x5", SYMBOL) == 150 and broker_net(sim, SYMBOL) == 150, timeout=8)
+    sender.enqueue_cancel = real  # the engine sends the cancel again within 5 s
+    wait_for(lambda: status(h, resting) == "CANCELLED", timeout=10)
+    wait_for(lambda: h.runtime.storage.get_state("exit_all_after") is None, timeout=5)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 75, timeout=8)
+    assert _lowest_net(sim, 1.5) == 75
+
+
+def test_3h_exit_all_twice_while_the_cancel_works_exits_the_rest_once(live, sim):
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "x2")
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
+    exit_all(h)
+    assert exit_all(h)["orders"] == []
+    sender.enqueue_cancel = real
+    wait_for(lambda: status(h, resting) == "CANCELLED", timeout=10)
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=8)
+    assert _lowest_net(sim, 2.0) == 0
+    exits = [o for o in h.orders() if o["strategy"] == "x2" and o["side"] == "SELL" and o["id"] != resting]
+    assert [o["qty"] for o in exits] == [75], exits
+
+
+def test_3i_a_follow_up_whose_cancel_never_ends_is_dropped_and_said_not_sent_later(live, sim, monkeypatch):
+    """Review 16: a follow-up waited for ever; the cancelled exit ending days later (at its expiry) would have sold
+    the strategy's position then, at the market. One waiting past FOLLOW_UP_MAX_S is dropped with an error."""
+    import host.risk_actions as ra
+    monkeypatch.setattr(ra, "FOLLOW_UP_MAX_S", 1.0)
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "x6")
+    h.runtime.engine.sender.enqueue_cancel = lambda order_id, why: None  # the cancel never lands
+    exit_all(h)
+    [said] = wait_for(lambda: events(h, "exit_all_dropped"), timeout=8)
+    assert resting in said["message"] and "x6" in said["message"], said
+    assert h.runtime.storage.get_state("exit_all_after") is None and status(h, resting) == "OPEN"
+    assert broker_net(sim, SYMBOL) == 75
