@@ -224,9 +224,11 @@ class RiskLoop:
 
         def run(db: Any) -> tuple[list[str], list[str]]:
             told, cancels, stopped = self._stop_oversized(db, moving(db), why, healed)
-            ours = [o for o in stopped if o["escalate"] == EXIT_ALL_MARK]  # exit-all's: its follow-up exits the rest
+            # exit-all's, and any cancelled while the breach stands: the follow-up exits the rest (an override
+            # may come before the cancel ends, and the check after the breach then no longer acts)
+            ours = [o for o in stopped if healed or o["escalate"] == EXIT_ALL_MARK]
             if ours:
-                _follow_up_later(db, ours, "exit-all (an exit it was moving, made oversized)")
+                _follow_up_later(db, ours, why)
             return told, cancels
         told, cancels = self.storage.write(run)
         self._oversize_told.update(told)
@@ -350,7 +352,7 @@ class RiskLoop:
                 return done
             told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip,
                                                           EXIT_ALL_MARK if everything else 1)
-            if everything and stopped:
+            if healed and stopped:  # what they leave is exited once their cancels end, whatever comes meanwhile
                 _follow_up_later(db, stopped, why)
             return done
         done = self.storage.write(run)

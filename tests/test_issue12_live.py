@@ -1654,3 +1654,21 @@ def test_3i_a_follow_up_whose_cancel_never_ends_is_dropped_and_said_not_sent_lat
     assert resting in said["message"] and "x6" in said["message"], said
     assert h.runtime.storage.get_state("exit_all_after") is None and status(h, resting) == "OPEN"
     assert broker_net(sim, SYMBOL) == 75
+
+
+def test_3j_an_override_while_the_breachs_cancel_of_an_oversized_exit_works_still_exits_the_rest(live, sim):
+    """Noticed in review 13: the breach cancels an oversized exit and says "once the cancel is confirmed, risk exits
+    the position at its net" (the check after the breach does). The trader overrides the breach while the cancel
+    works: the breach no longer stands, and nothing exited the 75. The breach's cancels are followed up as
+    exit-all's are."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    resting = _whole_exit_then_app_sale(h, sim, "ov")
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    wait_for(lambda: events(h, "exit_not_moved"), timeout=5)
+    r = h.api("/api/halt", "POST", json={"mode": "active", "override_breach": True})
+    assert r.status_code == 200, r.get_json()
+    sender.enqueue_cancel = real  # the engine sends it again within 5 s
+    _never_short_then_flat(h, sim, resting, seconds=12.0)
