@@ -44,6 +44,7 @@ BACKOFF_MAX_S = 60.0
 SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
 EXIT_ALL_MARK = 2  # orders.escalate of exit-all's exits (1: a breach's, a square-off's): one made oversized is healed
+RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
@@ -96,7 +97,7 @@ class RiskLoop:
             self._wake.clear()
             checked = True
             due = time.monotonic() - last_check >= RISK_EVERY_S  # a check reads every position: 4 a second at most
-            for job in (self.commands, self.check, self.escalate, self.follow_up) if due else (self.commands,):
+            for job in (self.commands, self._beat_check, self.escalate, self.follow_up) if due else (self.commands,):
                 try:
                     job()
                 except Exception:  # one bad beat never stops risk: the next one tries again
@@ -116,23 +117,36 @@ class RiskLoop:
                     log.error("risk: heartbeat not stored (%s)", e)
 
     # ---- the check ----
+    def _beat_check(self) -> None:
+        """The beat's check; skipped while one runs on another thread (the engine's, after a login, may wait for
+        a slow broker read: risk's commands, a halt or an exit-all, must not wait behind it)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._check()
+            finally:
+                self._lock.release()
+
     def check(self, poll: bool = False) -> None:
         """Poll the broker now and then (now, with poll); compare the day's PnL with the limits; act."""
         with self._lock:
-            mono = time.monotonic()
-            soon = self._force_poll or self.outside.unsure  # woken by an app fill, or a read to confirm
-            since = mono - self._last_poll
-            if poll or (soon and since >= WOKEN_POLL_MIN_S) or since >= self.risk_poll_s:
-                self._force_poll, self._last_poll = False, mono
-                self.outside.poll()
-            now = self.now()
-            pnl, by_strategy = views.pnl_by_strategy(self.storage)
-            blind = self.outside.blind
-            actions = self.gate.manager.check(now, pnl, blind, self._exposed, by_strategy, self._caps(by_strategy))
-            self._record_pnl(now, pnl)
-            for action in actions:
-                self.act(action)
-            self._halt_again_if_breached()
+            self._check(poll)
+
+    def _check(self, poll: bool = False) -> None:
+        """The check itself, under self._lock."""
+        mono = time.monotonic()
+        soon = self._force_poll or self.outside.unsure  # woken by an app fill, or a read to confirm
+        since = mono - self._last_poll
+        if poll or (soon and since >= WOKEN_POLL_MIN_S) or since >= self.risk_poll_s:
+            self._force_poll, self._last_poll = False, mono
+            self.outside.poll()
+        now = self.now()
+        pnl, by_strategy = views.pnl_by_strategy(self.storage)
+        blind = self.outside.blind
+        actions = self.gate.manager.check(now, pnl, blind, self._exposed, by_strategy, self._caps(by_strategy))
+        self._record_pnl(now, pnl)
+        for action in actions:
+            self.act(action)
+        self._halt_again_if_breached()
 
     def _halt_again_if_breached(self) -> None:
         """The halt is written after the day's breach, in a write of its own: one that failed (a disk error), or
@@ -239,11 +253,17 @@ class RiskLoop:
     def halt(self, args: dict) -> dict:
         """halted | reduce_only | active; after today's breach, active needs override_breach. A resume takes the
         check's lock: a check on another thread (the engine's, after a login) must not store a day read before the
-        override. A halt never waits for a check (a slow broker read)."""
+        override. It waits for it RESUME_WAIT_S at most, then is refused (the commands behind it, a halt or an
+        exit-all, must not wait for a slow broker read); a halt never waits for a check."""
         if args.get("mode") != TradingState.ACTIVE.value:
             return self._halt(args)
-        with self._lock:
+        if not self._lock.acquire(timeout=RESUME_WAIT_S):
+            raise Conflict(f"risk is checking the positions (a broker read still under way after {RESUME_WAIT_S:g} "
+                           f"s): nothing was changed; resume again in a few seconds")
+        try:
             return self._halt(args)
+        finally:
+            self._lock.release()
 
     def _halt(self, args: dict) -> dict:
         state, by = TradingState(args["mode"]), args.get("by") or "api"

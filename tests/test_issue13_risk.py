@@ -270,3 +270,37 @@ def test_5_an_unfilled_breach_exit_is_moved_towards_the_market_until_it_fills(ho
     assert any("moving to" in (x["detail"] or "") for x in o["history"])
     assert Decimal(o["avg_price"]) <= Decimal("89") and h.net() == 0
     assert _events(h, "exit_repriced")
+
+
+def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_acts_at_once(risky):
+    """Review 17: the resume took the check's lock and waited for a check stuck in a slow broker read (on the
+    engine thread, after a login): both it and the halt queued behind it answered 504 after 5 s, and the halt was
+    written only when the read ended. The resume waits a second at most, then is refused saying so."""
+    import threading
+    risk = risky.runtime.engine.risk
+    assert risky.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    real_poll, reading, done = risk.outside.poll, threading.Event(), threading.Event()
+
+    def poll(*a, **kw):
+        if threading.current_thread().name == "late-check":
+            reading.set()
+            done.wait(10)  # a slow broker read
+        return real_poll(*a, **kw)
+    risk.outside.poll = poll
+    late = threading.Thread(target=risk.check, kwargs={"poll": True}, name="late-check", daemon=True)
+    late.start()
+    try:
+        assert reading.wait(5)
+        t0 = time.monotonic()
+        r = risky.api("/api/halt", "POST", json={"mode": "active"})
+        assert r.status_code == 409 and "nothing was changed" in r.get_json()["error"], r.get_json()
+        assert time.monotonic() - t0 < 3.0
+        t1 = time.monotonic()
+        r = risky.api("/api/halt", "POST", json={"mode": "halted", "reason": "stop now"})
+        assert r.status_code == 200 and time.monotonic() - t1 < 1.0, r.get_json()
+        assert _risk(risky)["state"] == "halted"
+    finally:
+        done.set()
+        late.join(5)
+        risk.outside.poll = real_poll
+    assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # once the check has ended
