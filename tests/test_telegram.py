@@ -494,3 +494,23 @@ def test_a_reply_in_flight_at_a_hot_reload_is_sent_by_the_next_version(tghost, t
     wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
     said(tg, "<b>Status</b>", timeout=8)
     assert sum("<b>Status</b>" in t for t in tg.texts()) == 1
+
+
+def test_a_wall_clock_stepped_back_after_a_429_brings_no_old_wait_back(tghost, tg, monkeypatch):
+    """Review 17: the 429's end was kept for the next start in wall-clock time and read on every turn; with the
+    clock stepped back 15 minutes (NTP correcting a fast clock), the wait long over came back as 15 minutes of
+    silence, replies and risk alerts alike. It is read once, at a start, and forgotten once over."""
+    def replies(after):
+        return [t for t, m, code, p in list(tg.received)
+                if m == "sendMessage" and code == 200 and "<b>Status</b>" in p.get("text", "") and t > after]
+    tghost()
+    said(tg, "Host started", timeout=8)
+    tg.retry_after = [2]
+    tg.push_message("/status", USER, CHAT)
+    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
+    wait_for(lambda: replies(0), timeout=10)  # the wait was obeyed and is over
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 900)  # the clock steps back 15 minutes
+    asked = time.monotonic()
+    tg.push_message("/status", USER, CHAT)
+    assert wait_for(lambda: replies(asked), timeout=8)

@@ -235,7 +235,8 @@ class TelegramNotifier:
         self.held: Optional[tuple[str, int]] = None  # notifications joined, waiting to be tried again
         self.wake: Optional[asyncio.Event] = None
         self.pace = Pace(self.chat.startswith("-"))
-        self._held_by_others()  # a 429's wait told to an earlier version, or before a restart
+        self._held_before_restart()
+        self._held_by_others()  # a 429's wait told to an earlier version of this run
         self.side_calls: set[asyncio.Task] = set()
         self.dropped = int(ctx.state.get("dropped", 0))
         self.outage_since: Optional[float] = None
@@ -528,14 +529,25 @@ class TelegramNotifier:
         self.ctx.state["hold_until_epoch"] = time.time() + left
 
     def _held_by_others(self) -> None:
-        """Take on a 429's wait that another version was told, or this notifier before a restart."""
+        """Take on a 429's wait that another version of this run was told (monotonic time: no clock step moves
+        it); once no wait is in force, none is kept for the next start."""
         try:
-            left = max(float(self.ctx.baton.values.get("hold_until", 0.0)) - time.monotonic(),
-                       float(self.ctx.state.get("hold_until_epoch", 0.0)) - time.time())
+            self.pace.hold_until = max(self.pace.hold_until, float(self.ctx.baton.values.get("hold_until", 0.0)))
+        except (TypeError, ValueError):
+            pass
+        if self.pace.hold_until <= time.monotonic():
+            self.ctx.state.pop("hold_until_epoch", None)
+
+    def _held_before_restart(self) -> None:
+        """A 429's wait told before a restart (wall clock, read once at the start); one longer than MAX_HOLD_S is
+        not believed (a clock stepped back)."""
+        try:
+            left = float(self.ctx.state.pop("hold_until_epoch", 0.0)) - time.time()
         except (TypeError, ValueError):
             return
-        if left > 0:
-            self.pace.hold_until = max(self.pace.hold_until, time.monotonic() + min(left, MAX_HOLD_S))
+        if 0 < left <= MAX_HOLD_S:
+            self.pace.hold_until = max(self.pace.hold_until, time.monotonic() + left)
+            self.ctx.state["hold_until_epoch"] = time.time() + left  # kept while it holds
 
     # ---- receiving ----
     async def _acquire_baton(self) -> None:
