@@ -45,6 +45,7 @@ SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
 EXIT_ALL_MARK = 2  # orders.escalate of exit-all's exits (1: a breach's, a square-off's): one made oversized is healed
 RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
+NO_CAP = 10 ** 12  # a follow-up stored without its cap (the first release): the position as it is
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
@@ -214,6 +215,7 @@ class RiskLoop:
         due = (datetime.now(timezone.utc) - timedelta(seconds=float(self.reprice_s))).isoformat(timespec="milliseconds")
         for o in self.storage.rows("select o.*, q.ltp from orders o left join quotes q on q.exchange = o.exchange and "
                                    "q.symbol = o.symbol where o.escalate >= 1 and o.status in ('OPEN', 'PARTIAL') and "
+                                   "o.cancel_requested is null and "
                                    "o.broker_order_id is not null and coalesce(o.repriced_at, o.created_at) <= ?",
                                    (due,)):
             if not o["ltp"]:
@@ -293,31 +295,45 @@ class RiskLoop:
         return self.flatten(f"exit-all by {args.get('by') or 'api'}", everything=True)
 
     def follow_up(self) -> None:
-        """An exit-all's positions whose oversized exits were being cancelled: once every such cancel has ended
-        (whatever the exits did meanwhile), those positions are exited at the broker's net, once, each by no more
-        than it held at the exit-all. One whose cancels have not ended within FOLLOW_UP_MAX_S is dropped, said."""
+        """Positions whose oversized exits risk was cancelling (an exit-all's, a breach's): once every such cancel
+        has ended (whatever the exits did meanwhile), those positions are exited at the broker's net, once, each by
+        no more than it held then. A cancel that has not ended within FOLLOW_UP_MAX_S of its own request is dropped
+        with its position, said (never exited hours later, at the market)."""
         raw = self.storage.get_state(EXIT_ALL_AFTER_KEY)
         if not raw:
             return
         try:
-            after = json.loads(raw)
-            ids, why, at = list(after["after"]), str(after["why"]), datetime.fromisoformat(after["at"])
-            caps = {(s, e, y, p): int(cap) for s, e, y, p, cap in after["keys"]}
-        except (ValueError, KeyError, TypeError):
-            self._drop_follow_up(f"it is unreadable ({raw[:200]!r})")
+            why, entries = _follow_ups(raw)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._drop_follow_up(f"it is unreadable ({raw[:200]!r})", lambda e: True)
             return
-        if self.storage.rows(f"select id from orders where id in ({','.join('?' * len(ids))}) and status in "
-                             f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (*ids, *flatten.OPEN_STATUSES)):
-            if (datetime.now(timezone.utc) - at).total_seconds() > FOLLOW_UP_MAX_S:
-                self._drop_follow_up(f"the cancel of {', '.join(ids)} did not end within {FOLLOW_UP_MAX_S:g} s; "
-                                     f"positions not exited: {_keys(caps)}")
+        ids = [e["id"] for e in entries if e["id"]]
+        working = {r["id"] for r in self.storage.rows(
+            f"select id from orders where id in ({','.join('?' * len(ids))}) and status in "
+            f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (*ids, *flatten.OPEN_STATUSES))}
+        now = datetime.now(timezone.utc)
+        late = [e for e in entries if e["id"] in working and (now - e["at"]).total_seconds() > FOLLOW_UP_MAX_S]
+        if late:
+            gone = {e["key"] for e in late if e["key"]}
+            self._drop_follow_up(
+                f"the cancel of {', '.join(e['id'] for e in late)} did not end within {FOLLOW_UP_MAX_S:g} s"
+                + (f"; positions not exited: {'; '.join(_words(k) for k in sorted(gone))}" if gone else ""),
+                lambda e: e in late or e["key"] in gone)
+            return
+        if working:
             return  # a cancel still works (the engine sends it again every 5 s)
-        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=caps)
+        caps: dict[tuple[str, str, str, str], int] = {}
+        for e in sorted((e for e in entries if e["key"]), key=lambda e: e["at"]):  # the latest cap of a position
+            caps[e["key"]] = NO_CAP if e["cap"] is None else e["cap"]
+        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=caps,
+                     done_with=entries)
 
-    def _drop_follow_up(self, why: str) -> None:
-        self.storage.write(lambda db: (db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,)),
-                                       Storage.add_event(db, "exit_all_dropped", f"exit-all's follow-up dropped: {why}; "
-                                                         f"check these positions at the broker", "error", None, None)))
+    def _drop_follow_up(self, why: str, which: Callable[[dict], bool]) -> None:
+        def run(db: Any) -> None:
+            _keep_follow_ups(db, which)
+            Storage.add_event(db, "exit_all_dropped", f"risk's follow-up dropped: {why}; check these positions at the "
+                              f"broker", "error", None, None)
+        self.storage.write(run)
 
     # ---- acting ----
     def act(self, action: Action) -> None:
@@ -346,7 +362,8 @@ class RiskLoop:
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False,
-                only: Optional[dict[tuple[str, str, str, str], int]] = None) -> dict:
+                only: Optional[dict[tuple[str, str, str, str], int]] = None,
+                done_with: Optional[list[dict]] = None) -> dict:
         """Stop adding orders and exit what risk counts (everything, for the trader's exit-all; `only` those
         positions, for its follow-up); these exits, and the exits already working for those positions, escalate
         until they fill."""
@@ -366,8 +383,8 @@ class RiskLoop:
                                                                                             alert_id=None),
                                    flatten.closing_room(db, view), strategy, product, skip, quiet, only)
             # in the same transaction: a death cannot leave them unmarked, nor the follow-up lost or made twice
-            if only is not None:
-                db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,))
+            if only is not None:  # the follow-up: what it acted on goes (what came meanwhile stays)
+                _keep_follow_ups(db, lambda e: e in (done_with or []))
                 _mark_escalate(db, list(done.orders), EXIT_ALL_MARK)
                 return done
             told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip,
@@ -391,7 +408,7 @@ class RiskLoop:
         fit = _working_exits(db, strategy, product, left_alone)
         _mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
         if mark == EXIT_ALL_MARK:  # exits a breach was moving are exit-all's now: one made oversized is healed
-            db.execute(f"update orders set escalate = ? where escalate = 1 and status in "
+            db.execute(f"update orders set escalate = ? where escalate = 1 and cancel_requested is null and status in "
                        f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (mark, *flatten.OPEN_STATUSES))
         return self._stop_oversized(db, _oversized_exits(db, strategy, product, left_alone), why, healed)
 
@@ -487,7 +504,8 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
     fit within the position (less the exits before them)."""
     fit, room = [], {}
     for o in db.query(
-            "select o.id, o.side, o.qty - coalesce(o.filled_qty, 0) remaining, o.escalate, p.* from orders o join "
+            "select o.id, o.side, o.qty - coalesce(o.filled_qty, 0) remaining, o.escalate, o.cancel_requested "
+            "order_cancel_requested, p.* from orders o join "
             "positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
             "p.product = o.product where o.status in ('NEW', 'SUBMITTED', 'UNKNOWN', 'OPEN', 'PARTIAL') and "
             "o.action != 'ENTRY' and o.protection is null and p.net_qty != 0 and (o.side = 'SELL') = (p.net_qty > 0) "
@@ -499,7 +517,7 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
         room.setdefault(key, abs(o["net_qty"]))
         if o["remaining"] <= room[key]:
             room[key] -= o["remaining"]
-            if not o["escalate"]:
+            if not o["escalate"] and not o["order_cancel_requested"]:  # never moved while its cancel works
                 fit.append(o["id"])
     return fit
 
@@ -510,23 +528,61 @@ def _mark_escalate(db: Any, ids: list[str], mark: int = 1) -> None:
         db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(ids))})", (mark, *ids))
 
 
-def _follow_up_later(db: Any, stopped: list[dict], why: str) -> None:
-    """Store (merged with one already waiting) the positions an exit-all exits once these cancels have ended, each
-    with what it holds now: the most the follow-up exits (what is bought or sold since is the trader's)."""
+def _follow_ups(raw: str) -> tuple[str, list[dict]]:
+    """The stored follow-up: why, and its entries {id, key, cap, at} (an order being cancelled, or a position with
+    the most to exit); the form of the first releases (`after` ids, `keys`, one `at`) is read too."""
+    data = json.loads(raw)
+    why = str(data["why"])
+    if "entries" in data:
+        return why, [{"id": e["id"], "key": tuple(e["key"]) if e["key"] else None,
+                      "cap": None if e["cap"] is None else int(e["cap"]), "at": datetime.fromisoformat(e["at"])}
+                     for e in data["entries"]]
+    at = datetime.fromisoformat(data["at"]) if data.get("at") else datetime.now(timezone.utc)
+    return why, ([{"id": str(i), "key": None, "cap": None, "at": at} for i in data["after"]]
+                 + [{"id": None, "key": tuple(k[:4]), "cap": int(k[4]) if len(k) > 4 else None, "at": at}
+                    for k in data["keys"]])
+
+
+def _store_follow_ups(db: Any, why: str, entries: list[dict]) -> None:
+    if not entries:
+        db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,))
+        return
+    Storage.put_state(db, EXIT_ALL_AFTER_KEY, json.dumps({"why": why, "entries": [
+        {"id": e["id"], "key": list(e["key"]) if e["key"] else None, "cap": e["cap"],
+         "at": e["at"].isoformat(timespec="milliseconds")} for e in entries]}))
+
+
+def _stored_follow_ups(db: Any) -> tuple[Optional[str], list[dict]]:
     row = db.execute("select value from state where key = ?", (EXIT_ALL_AFTER_KEY,)).fetchone()
+    if not row:
+        return None, []
     try:
-        was = json.loads(row[0]) if row else {}
-        ids, caps = set(was["after"]), {(s, e, y, p): int(cap) for s, e, y, p, cap in was["keys"]}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        ids, caps = set(), {}
-    ids |= {o["id"] for o in stopped}
-    caps.update({(o["strategy"], o["exchange"], o["symbol"], o["product"]): abs(o["net_qty"]) for o in stopped})
-    Storage.put_state(db, EXIT_ALL_AFTER_KEY, json.dumps({
-        "why": why, "at": utcnow(), "after": sorted(ids), "keys": sorted([*k, cap] for k, cap in caps.items())}))
+        return _follow_ups(row[0])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.error("risk: the stored follow-up is unreadable (%.200r); replaced", row[0])
+        return None, []
 
 
-def _keys(caps: dict) -> str:
-    return "; ".join(f"{s} {e}:{y} ({p}) up to {cap}" for (s, e, y, p), cap in sorted(caps.items()))
+def _keep_follow_ups(db: Any, drop: Callable[[dict], bool]) -> None:
+    """Take these entries off the stored follow-up (read again in this transaction: what came meanwhile stays)."""
+    why, entries = _stored_follow_ups(db)
+    _store_follow_ups(db, why or "risk", [e for e in entries if not drop(e)])
+
+
+def _follow_up_later(db: Any, stopped: list[dict], why: str) -> None:
+    """Add to the stored follow-up the exits being cancelled and their positions, each with what it holds now: the
+    most the follow-up exits (what is bought or sold since is the trader's). An exit already in it keeps its time."""
+    _, entries = _stored_follow_ups(db)
+    known = {e["id"] for e in entries if e["id"]}
+    now = datetime.now(timezone.utc)
+    entries += [{"id": o["id"], "key": (o["strategy"], o["exchange"], o["symbol"], o["product"]),
+                 "cap": abs(o["net_qty"]), "at": now} for o in stopped if o["id"] not in known]
+    _store_follow_ups(db, why, entries)
+
+
+def _words(key: tuple[str, str, str, str]) -> str:
+    s, e, y, p = key
+    return f"{s} {e}:{y} ({p})"
 
 
 def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
