@@ -408,8 +408,9 @@ class RiskLoop:
         fit = _working_exits(db, strategy, product, left_alone)
         _mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
         if mark == EXIT_ALL_MARK:  # exits a breach was moving are exit-all's now: one made oversized is healed
-            db.execute(f"update orders set escalate = ? where escalate = 1 and cancel_requested is null and status in "
-                       f"({','.join('?' * len(flatten.OPEN_STATUSES))})", (mark, *flatten.OPEN_STATUSES))
+            db.execute(f"update orders set escalate = ? where escalate = 1 and cancel_requested is null and protection "
+                       f"is null and status in ({','.join('?' * len(flatten.OPEN_STATUSES))})",
+                       (mark, *flatten.OPEN_STATUSES))
         return self._stop_oversized(db, _oversized_exits(db, strategy, product, left_alone), why, healed)
 
     def _stop_oversized(self, db: Any, over: list[dict], why: str,
