@@ -100,7 +100,8 @@ class RiskLoop:
             due = time.monotonic() - last_check >= RISK_EVERY_S  # a check reads every position: 4 a second at most
             for job in (self.commands, self._beat_check, self.escalate, self.follow_up) if due else (self.commands,):
                 try:
-                    job()
+                    if job() is False:  # the check was skipped: no heartbeat says risk evaluated
+                        checked = False
                 except Exception:  # one bad beat never stops risk: the next one tries again
                     checked = False
                     log.exception("risk: %s failed; trying again on the next beat", getattr(job, "__name__", job))
@@ -118,14 +119,16 @@ class RiskLoop:
                     log.error("risk: heartbeat not stored (%s)", e)
 
     # ---- the check ----
-    def _beat_check(self) -> None:
-        """The beat's check; skipped while one runs on another thread (the engine's, after a login, may wait for
-        a slow broker read: risk's commands, a halt or an exit-all, must not wait behind it)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                self._check()
-            finally:
-                self._lock.release()
+    def _beat_check(self) -> bool:
+        """The beat's check; skipped (False: no heartbeat) while one runs on another thread (the engine's, after a
+        login, may wait for a slow broker read: risk's commands, a halt, must not wait behind it)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._check()
+            return True
+        finally:
+            self._lock.release()
 
     def check(self, poll: bool = False) -> None:
         """Poll the broker now and then (now, with poll); compare the day's PnL with the limits; act."""

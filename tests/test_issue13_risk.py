@@ -304,3 +304,31 @@ def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_act
         late.join(5)
         risk.outside.poll = real_poll
     assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # once the check has ended
+
+
+def test_1f_while_another_threads_check_is_stuck_healthz_says_risk_is_not_evaluating(risky, monkeypatch):
+    """Review 18: with the beat's check skipped while the engine thread's check waited on a slow broker read, the
+    skipped beat still wrote risk's heartbeat: /healthz said all was well while nothing checked the loss limit."""
+    import threading
+    from host import views
+    monkeypatch.setattr(views, "RISK_EVAL_MAX_S", 1.5)
+    risk = risky.runtime.engine.risk
+    real_poll, reading, done = risk.outside.poll, threading.Event(), threading.Event()
+
+    def poll(*a, **kw):
+        if threading.current_thread().name == "late-check":
+            reading.set()
+            done.wait(10)  # a slow broker read
+        return real_poll(*a, **kw)
+    risk.outside.poll = poll
+    late = threading.Thread(target=risk.check, kwargs={"poll": True}, name="late-check", daemon=True)
+    late.start()
+    try:
+        assert reading.wait(5)
+        health = wait_for(lambda: (r := risky.client.get("/healthz")).status_code != 200 and r, timeout=6)
+        assert any("risk has not evaluated" in p for p in health.get_json()["problems"]), health.get_json()
+    finally:
+        done.set()
+        late.join(5)
+        risk.outside.poll = real_poll
+    wait_for(lambda: risky.client.get("/healthz").status_code == 200, timeout=5)
