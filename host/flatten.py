@@ -35,6 +35,21 @@ class Stopped:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """The most a follow-up exits of one position: no more than it `held` on the side the cancelled exit (`side`)
+    closed; after that exit filled past zero (the position reversed), no more than it could overfill (`over`).
+    None: no bound of that kind (the position as it is, within the broker's net)."""
+
+    side: Optional[str] = None
+    held: Optional[int] = None
+    over: Optional[int] = None
+
+    def most(self, net: int) -> Optional[int]:
+        closing = "SELL" if net > 0 else "BUY"
+        return self.held if self.side is None or closing == self.side else self.over
+
+
+@dataclass(frozen=True)
 class Flattened:
     orders: tuple[str, ...]
     cancels: tuple[str, ...]
@@ -257,10 +272,10 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],
             broker: Optional[Room], strategy: Optional[str] = None, product: Optional[str] = None,
             skip: Callable[[dict], Optional[str]] = lambda p: None, quiet: bool = False,
-            only: Optional[Mapping[tuple[str, str, str, str], int]] = None) -> Flattened:
+            only: Optional[Mapping[tuple[str, str, str, str], Bound]] = None) -> Flattened:
     """Stop adding orders and exit each open position (all, one strategy's, or one product's). With `only`
-    ((strategy, exchange, symbol, product) -> the most to exit: the follow-up of an exit-all), exit just those
-    positions, each by no more than it held then."""
+    ((strategy, exchange, symbol, product) -> its Bound: risk's follow-up of cancelled oversized exits), exit just
+    those positions, each within its bound."""
     if only is None:
         stopped = cancel_adding(db, why, product=product, strategy=strategy)
         # a position target waiting to enter (a reversal's second half) must not enter after a flatten
@@ -289,8 +304,9 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
             left.append(f"{where}: {reason}")
             continue
         qty = abs(p["net_qty"])
-        if only is not None:  # what was bought or sold since is the trader's
-            qty = min(qty, only[(p["strategy"], p["exchange"], p["symbol"], p["product"])])
+        most = only[(p["strategy"], p["exchange"], p["symbol"], p["product"])].most(p["net_qty"]) if only else None
+        if most is not None:  # what was bought or sold since is the trader's
+            qty = min(qty, most)
         if broker is not None:  # never past the broker's net: a position closed outside is not sold twice
             net = room.get(key, 0)
             same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0

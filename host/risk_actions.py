@@ -45,7 +45,6 @@ SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
 EXIT_ALL_MARK = 2  # orders.escalate of exit-all's exits (1: a breach's, a square-off's): one made oversized is healed
 RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
-NO_CAP = 10 ** 12  # a follow-up stored without its cap (the first release): the position as it is
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
@@ -298,18 +297,20 @@ class RiskLoop:
         return self.flatten(f"exit-all by {args.get('by') or 'api'}", everything=True)
 
     def follow_up(self) -> None:
-        """Positions whose oversized exits risk was cancelling (an exit-all's, a breach's): once every such cancel
-        has ended (whatever the exits did meanwhile), those positions are exited at the broker's net, once, each by
-        no more than it held then. A cancel that has not ended within FOLLOW_UP_MAX_S of its own request is dropped
-        with its position, said (never exited hours later, at the market)."""
+        """Positions whose oversized exits risk was cancelling (an exit-all's, a breach's): once a position's own
+        cancels have ended (whatever the exits did meanwhile), it is exited at the broker's net, once, within its
+        Bound (what it held then; if the exit filled past zero, what it overfilled). A cancel that has not ended
+        within FOLLOW_UP_MAX_S of its request is dropped with its position, said (never exited hours later)."""
         raw = self.storage.get_state(EXIT_ALL_AFTER_KEY)
         if not raw:
             return
         try:
-            why, entries = _follow_ups(raw)
+            why, entries, older = _follow_ups(raw)
         except (ValueError, KeyError, TypeError, AttributeError):
             self._drop_follow_up(f"it is unreadable ({raw[:200]!r})", lambda e: True)
             return
+        if older:  # an earlier release's form: stored again as read, so its clock runs from now, not from each read
+            self.storage.write(lambda db: _store_follow_ups(db, why, entries))
         ids = [e["id"] for e in entries if e["id"]]
         working = {r["id"] for r in self.storage.rows(
             f"select id from orders where id in ({','.join('?' * len(ids))}) and status in "
@@ -318,18 +319,25 @@ class RiskLoop:
         late = [e for e in entries if e["id"] in working and (now - e["at"]).total_seconds() > FOLLOW_UP_MAX_S]
         if late:
             gone = {e["key"] for e in late if e["key"]}
+            if any(e["key"] is None for e in late):  # an earlier release's id: its positions are all those without one
+                gone |= {e["key"] for e in entries if e["id"] is None}
             self._drop_follow_up(
                 f"the cancel of {', '.join(e['id'] for e in late)} did not end within {FOLLOW_UP_MAX_S:g} s"
                 + (f"; positions not exited: {'; '.join(_words(k) for k in sorted(gone))}" if gone else ""),
                 lambda e: e in late or e["key"] in gone)
             return
-        if working:
-            return  # a cancel still works (the engine sends it again every 5 s)
-        caps: dict[tuple[str, str, str, str], int] = {}
-        for e in sorted((e for e in entries if e["key"]), key=lambda e: e["at"]):  # the latest cap of a position
-            caps[e["key"]] = NO_CAP if e["cap"] is None else e["cap"]
-        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=caps,
-                     done_with=entries)
+        # a position waits for its own cancels only (an earlier release's ids, with no position, for all of its)
+        waiting = {e["key"] for e in entries if e["id"] in working}
+        ready = [e for e in entries if e["key"] not in waiting and not (e["key"] is None and e["id"] in working)
+                 and not (e["id"] is None and None in waiting)]
+        if not ready:
+            return
+        bounds = _bounds([e for e in ready if e["key"]])
+        if not bounds:
+            self.storage.write(lambda db: _keep_follow_ups(db, lambda e: e in ready))
+            return
+        self.flatten(f"{why}: the positions of its oversized exits, now cancelled", everything=True, only=bounds,
+                     done_with=ready)
 
     def _drop_follow_up(self, why: str, which: Callable[[dict], bool]) -> None:
         def run(db: Any) -> None:
@@ -365,7 +373,7 @@ class RiskLoop:
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False,
-                only: Optional[dict[tuple[str, str, str, str], int]] = None,
+                only: Optional[dict[tuple[str, str, str, str], flatten.Bound]] = None,
                 done_with: Optional[list[dict]] = None) -> dict:
         """Stop adding orders and exit what risk counts (everything, for the trader's exit-all; `only` those
         positions, for its follow-up); these exits, and the exits already working for those positions, escalate
@@ -532,19 +540,36 @@ def _mark_escalate(db: Any, ids: list[str], mark: int = 1) -> None:
         db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(ids))})", (mark, *ids))
 
 
-def _follow_ups(raw: str) -> tuple[str, list[dict]]:
-    """The stored follow-up: why, and its entries {id, key, cap, at} (an order being cancelled, or a position with
-    the most to exit); the form of the first releases (`after` ids, `keys`, one `at`) is read too."""
+def _follow_ups(raw: str) -> tuple[str, list[dict], bool]:
+    """The stored follow-up: why, its entries {id, key, side, held, over, at} (an exit being cancelled and its
+    position's Bound), and whether it was in an earlier release's form (`after` ids and `keys`; `cap`), read too."""
     data = json.loads(raw)
     why = str(data["why"])
     if "entries" in data:
-        return why, [{"id": e["id"], "key": tuple(e["key"]) if e["key"] else None,
-                      "cap": None if e["cap"] is None else int(e["cap"]), "at": datetime.fromisoformat(e["at"])}
-                     for e in data["entries"]]
+        return why, [{"id": e["id"], "key": tuple(e["key"]) if e["key"] else None, "side": e.get("side"),
+                      "held": _int_or_none(e.get("held", e.get("cap"))), "over": _int_or_none(e.get("over")),
+                      "at": datetime.fromisoformat(e["at"])} for e in data["entries"]], \
+            any("held" not in e for e in data["entries"])
     at = datetime.fromisoformat(data["at"]) if data.get("at") else datetime.now(timezone.utc)
-    return why, ([{"id": str(i), "key": None, "cap": None, "at": at} for i in data["after"]]
-                 + [{"id": None, "key": tuple(k[:4]), "cap": int(k[4]) if len(k) > 4 else None, "at": at}
-                    for k in data["keys"]])
+    return why, ([{"id": str(i), "key": None, "side": None, "held": None, "over": None, "at": at}
+                  for i in data["after"]]
+                 + [{"id": None, "key": tuple(k[:4]), "side": None, "held": int(k[4]) if len(k) > 4 else None,
+                     "over": None, "at": at} for k in data["keys"]]), True
+
+
+def _int_or_none(v: Any) -> Optional[int]:
+    return None if v is None else int(v)
+
+
+def _bounds(entries: list[dict]) -> dict[tuple[str, str, str, str], flatten.Bound]:
+    """Each position's Bound: what it held at its latest cancel, on that exit's side; what its exits overfill."""
+    out: dict[tuple[str, str, str, str], flatten.Bound] = {}
+    for e in sorted(entries, key=lambda e: e["at"]):
+        was = out.get(e["key"])
+        over = None if e["over"] is None or (was is not None and was.over is None) else \
+            e["over"] + (was.over if was is not None else 0)
+        out[e["key"]] = flatten.Bound(e["side"], e["held"], over)
+    return out
 
 
 def _store_follow_ups(db: Any, why: str, entries: list[dict]) -> None:
@@ -552,8 +577,8 @@ def _store_follow_ups(db: Any, why: str, entries: list[dict]) -> None:
         db.execute("delete from state where key = ?", (EXIT_ALL_AFTER_KEY,))
         return
     Storage.put_state(db, EXIT_ALL_AFTER_KEY, json.dumps({"why": why, "entries": [
-        {"id": e["id"], "key": list(e["key"]) if e["key"] else None, "cap": e["cap"],
-         "at": e["at"].isoformat(timespec="milliseconds")} for e in entries]}))
+        {"id": e["id"], "key": list(e["key"]) if e["key"] else None, "side": e["side"], "held": e["held"],
+         "over": e["over"], "at": e["at"].isoformat(timespec="milliseconds")} for e in entries]}))
 
 
 def _stored_follow_ups(db: Any) -> tuple[Optional[str], list[dict]]:
@@ -561,7 +586,8 @@ def _stored_follow_ups(db: Any) -> tuple[Optional[str], list[dict]]:
     if not row:
         return None, []
     try:
-        return _follow_ups(row[0])
+        why, entries, _ = _follow_ups(row[0])
+        return why, entries
     except (ValueError, KeyError, TypeError, AttributeError):
         log.error("risk: the stored follow-up is unreadable (%.200r); replaced", row[0])
         return None, []
@@ -579,9 +605,16 @@ def _follow_up_later(db: Any, stopped: list[dict], why: str) -> None:
     _, entries = _stored_follow_ups(db)
     known = {e["id"] for e in entries if e["id"]}
     now = datetime.now(timezone.utc)
-    entries += [{"id": o["id"], "key": (o["strategy"], o["exchange"], o["symbol"], o["product"]),
-                 "cap": abs(o["net_qty"]), "at": now} for o in stopped if o["id"] not in known]
+    entries += [{"id": o["id"], "key": (o["strategy"], o["exchange"], o["symbol"], o["product"]), "side": o["side"],
+                 "held": _held(o), "over": max(o["remaining"] - _held(o), 0), "at": now}
+                for o in stopped if o["id"] not in known]
     _store_follow_ups(db, why, entries)
+
+
+def _held(o: dict) -> int:
+    """What the position holds on the side its exit closes (nothing if flat or reversed)."""
+    net = o["net_qty"]
+    return abs(net) if (net > 0 if o["side"] == "SELL" else net < 0) else 0
 
 
 def _words(key: tuple[str, str, str, str]) -> str:

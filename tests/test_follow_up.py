@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-from conftest import open_order
+from conftest import SYMBOL, alert, open_order, wait_for
 from host import risk_actions as ra
 from host.storage import Storage
 
@@ -28,12 +28,13 @@ def test_a_later_cancel_merged_in_does_not_restart_an_older_ones_clock(host):
     _store(storage, {"why": "exit-all by api", "entries": [
         {"id": old, "key": ["s1", "NFO", "OLDSYM", "M"], "cap": 75, "at": eleven}]})
     storage.write(lambda db: ra._follow_up_later(db, [{"id": new, "strategy": "s2", "exchange": "NFO",
-                                                       "symbol": "NEWSYM", "product": "M", "net_qty": 50}], "exit-all"))
+                                                       "symbol": "NEWSYM", "product": "M", "net_qty": 50,
+                                                       "side": "SELL", "remaining": 100}], "exit-all"))
     host.runtime.engine.risk.follow_up()
     [said] = _dropped(storage)
     assert old in said and "OLDSYM" in said and new not in said and "NEWSYM" not in said, said
-    _, left = ra._follow_ups(storage.get_state(ra.EXIT_ALL_AFTER_KEY))
-    assert [(e["id"], e["key"], e["cap"]) for e in left] == [(new, ("s2", "NFO", "NEWSYM", "M"), 50)]
+    _, left, _ = ra._follow_ups(storage.get_state(ra.EXIT_ALL_AFTER_KEY))
+    assert [(e["id"], e["key"], e["held"]) for e in left] == [(new, ("s2", "NFO", "NEWSYM", "M"), 50)]
 
 
 def test_a_follow_up_stored_in_the_first_releases_form_is_read_not_dropped(host):
@@ -44,9 +45,9 @@ def test_a_follow_up_stored_in_the_first_releases_form_is_read_not_dropped(host)
     _store(storage, {"why": "exit-all by api", "after": [working], "keys": [["s1", "NFO", "SYM", "M"]]})
     host.runtime.engine.risk.follow_up()
     assert _dropped(storage) == []
-    why, entries = ra._follow_ups(storage.get_state(ra.EXIT_ALL_AFTER_KEY))
-    assert why == "exit-all by api" and {e["id"] for e in entries} == {working, None}
-    assert [e["cap"] for e in entries if e["key"]] == [None]  # the position as it is, when the cancel ends
+    why, entries, older = ra._follow_ups(storage.get_state(ra.EXIT_ALL_AFTER_KEY))
+    assert why == "exit-all by api" and {e["id"] for e in entries} == {working, None} and not older  # stored anew
+    assert [e["held"] for e in entries if e["key"]] == [None]  # the position as it is, when the cancel ends
 
 
 def test_an_unreadable_follow_up_is_dropped_and_said(host):
@@ -55,3 +56,32 @@ def test_an_unreadable_follow_up_is_dropped_and_said(host):
     host.runtime.engine.risk.follow_up()
     [said] = _dropped(storage)
     assert "unreadable" in said and storage.get_state(ra.EXIT_ALL_AFTER_KEY) is None
+
+
+def test_a_follow_up_in_an_earlier_form_whose_cancel_never_ends_is_dropped_too(host, monkeypatch):
+    """Review 18: an earlier release's follow-up has no time of its own; read as "now" at every read, its cancel was
+    never late, and it would have fired whenever the order ended (days later, at the market, with no bound). It is
+    stored anew at the first read, so its clock runs from then."""
+    monkeypatch.setattr(ra, "FOLLOW_UP_MAX_S", 0.5)
+    storage = host.runtime.storage
+    working = open_order(storage, side="SELL", action="EXIT")
+    _store(storage, {"why": "exit-all by api", "after": [working], "keys": [["s1", "NFO", "SYM", "M"]]})
+    wait_for(lambda: _dropped(storage), timeout=5)
+    assert storage.get_state(ra.EXIT_ALL_AFTER_KEY) is None
+
+
+def test_a_position_whose_own_cancel_ended_does_not_wait_for_another_positions(host):
+    """Review 18: a position whose own cancel had ended waited for every cancel merged in later (another exit-all's,
+    a breach's), up to 10 minutes each, a chain of them for ever, and was then sold at the market long after."""
+    storage = host.runtime.storage
+    host.tick("100")
+    assert host.post(alert(direction="BUY", qty=75, price="100")).status_code == 200
+    wait_for(lambda: host.net() == 75)
+    other = open_order(storage, qty=1, side="BUY", action="ENTRY", broker_id="B9")  # another position's, cancelling
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    _store(storage, {"why": "exit-all by api", "entries": [
+        {"id": "o-ended", "key": ["s1", "NFO", SYMBOL, "M"], "side": "SELL", "held": 75, "over": 75, "at": now},
+        {"id": other, "key": ["s2", "NFO", "OTHERSYM", "M"], "side": "SELL", "held": 50, "over": 0, "at": now}]})
+    wait_for(lambda: host.net() == 0, timeout=5)
+    _, left, _ = ra._follow_ups(storage.get_state(ra.EXIT_ALL_AFTER_KEY))
+    assert [e["id"] for e in left] == [other]  # still waits for its own cancel

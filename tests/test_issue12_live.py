@@ -1672,3 +1672,55 @@ def test_3j_an_override_while_the_breachs_cancel_of_an_oversized_exit_works_stil
     assert r.status_code == 200, r.get_json()
     sender.enqueue_cancel = real  # the engine sends it again within 5 s
     _never_short_then_flat(h, sim, resting, seconds=12.0)
+
+
+def _held_resting_then_app_sale(h: Host, sim: Any, strategy: str, held: int, sold: int) -> str:
+    """`held` bought by `strategy`, the trader's limit exit for all of it resting far above the market; the trader
+    then sells `sold` in the broker's app and the host takes it off the strategy. The resting exit's id."""
+    oid = entry(h, strategy=strategy, direction="BUY", qty=held, price="43")
+    wait_status(h, oid, "FILLED")
+    wait_for(lambda: net(h, strategy, SYMBOL) == held)
+    [resting] = place(h, execution_type="EXIT", strategy=strategy, direction="SELL", qty=held, order_type="LMT",
+                      price="60")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=sold)  # the trader, in the app
+    wait_for(lambda: net(h, strategy, SYMBOL) == held - sold, timeout=8)
+    return resting["id"]
+
+
+@pytest.mark.parametrize("held,sold", [(225, 150), (150, 150)])
+def test_3k_an_oversized_exit_that_fills_before_its_cancel_is_bought_back_in_full(live, sim, held, sold):
+    """Review 18: the follow-up's bound was what the position held when the cancel was asked (75, or 0 after the
+    whole position was sold in the app), whatever happened next. The 225 exit on 75 filled before its cancel (short
+    150): the follow-up bought 75 back and stopped, short 75 (short 150 in the second case). After a fill past
+    zero, the bound is what the exit could overfill: the account ends flat."""
+    h = live(EXIT_REPRICE_S="0.5")
+    resting = _held_resting_then_app_sale(h, sim, f"xk{held}", held, sold)
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
+    exit_all(h)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the resting exit fills: short
+    wait_status(h, resting, "FILLED", timeout=8)
+    sender.enqueue_cancel = real
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
+
+
+def test_3l_after_an_override_the_breachs_follow_up_brings_an_overfilled_position_back_to_flat(live, sim):
+    """Review 18: test_3j with the oversized exit filling before its cancel (225 on 75 held: short 150) after the
+    trader's override; the follow-up bought 75 and left the account short 75."""
+    h = live(RISK_BASE_MAX_LOSS="-100", EXIT_REPRICE_S="0.5")
+    resting = _held_resting_then_app_sale(h, sim, "ovr", 225, 150)
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None
+    _breach_by_tick(h, sim, SYMBOL, "41")
+    wait_for(lambda: events(h, "exit_not_moved"), timeout=5)
+    r = h.api("/api/halt", "POST", json={"mode": "active", "override_breach": True})
+    assert r.status_code == 200, r.get_json()
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")
+    wait_status(h, resting, "FILLED", timeout=8)
+    sender.enqueue_cancel = real
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=15)
+    assert _lowest_net(sim, 1.5) == 0
