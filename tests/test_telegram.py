@@ -289,7 +289,9 @@ def test_hot_reload_while_polling_loses_and_repeats_no_update(tghost, tg, tmp_pa
     wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
     wait_for(lambda: sum("Day PnL" in t for t in tg.texts()) >= 9, timeout=20)
     time.sleep(1.5)
-    assert sum("Day PnL" in t for t in tg.texts()) == 9  # every update answered once
+    # every update answered; at least once, not exactly: a reply whose send the reload cut after Telegram had taken
+    # it is sent again by the next version (README: none is lost, one arrives twice), so at most one twice
+    assert 9 <= sum("Day PnL" in t for t in tg.texts()) <= 10
     assert tg.conflicts == 0  # never two pollers at once
     assert h.api("/api/notifiers").get_json()["items"][0]["generation"] == 2
 
