@@ -1,6 +1,7 @@
 """Risk that nothing can switch off (issue 13): each numbered case of the issue, on the running engine."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -272,13 +273,11 @@ def test_5_an_unfilled_breach_exit_is_moved_towards_the_market_until_it_fills(ho
     assert _events(h, "exit_repriced")
 
 
-def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_acts_at_once(risky):
-    """Review 17: the resume took the check's lock and waited for a check stuck in a slow broker read (on the
-    engine thread, after a login): both it and the halt queued behind it answered 504 after 5 s, and the halt was
-    written only when the read ended. The resume waits a second at most, then is refused saying so."""
+@contextlib.contextmanager
+def _engine_check_stuck(h):
+    """While inside: the engine thread's check (as after a broker login) is stuck in a slow broker read."""
     import threading
-    risk = risky.runtime.engine.risk
-    assert risky.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    risk = h.runtime.engine.risk
     real_poll, reading, done = risk.outside.poll, threading.Event(), threading.Event()
 
     def poll(*a, **kw):
@@ -291,6 +290,19 @@ def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_act
     late.start()
     try:
         assert reading.wait(5)
+        yield
+    finally:
+        done.set()
+        late.join(5)
+        risk.outside.poll = real_poll
+
+
+def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_acts_at_once(risky):
+    """Review 17: the resume took the check's lock and waited for a check stuck in a slow broker read (on the
+    engine thread, after a login): both it and the halt queued behind it answered 504 after 5 s, and the halt was
+    written only when the read ended. The resume waits a second at most, then is refused saying so."""
+    assert risky.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    with _engine_check_stuck(risky):
         t0 = time.monotonic()
         r = risky.api("/api/halt", "POST", json={"mode": "active"})
         assert r.status_code == 409 and "nothing was changed" in r.get_json()["error"], r.get_json()
@@ -299,36 +311,15 @@ def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_act
         r = risky.api("/api/halt", "POST", json={"mode": "halted", "reason": "stop now"})
         assert r.status_code == 200 and time.monotonic() - t1 < 1.0, r.get_json()
         assert _risk(risky)["state"] == "halted"
-    finally:
-        done.set()
-        late.join(5)
-        risk.outside.poll = real_poll
     assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # once the check has ended
 
 
 def test_1f_while_another_threads_check_is_stuck_healthz_says_risk_is_not_evaluating(risky, monkeypatch):
     """Review 18: with the beat's check skipped while the engine thread's check waited on a slow broker read, the
     skipped beat still wrote risk's heartbeat: /healthz said all was well while nothing checked the loss limit."""
-    import threading
     from host import views
     monkeypatch.setattr(views, "RISK_EVAL_MAX_S", 1.5)
-    risk = risky.runtime.engine.risk
-    real_poll, reading, done = risk.outside.poll, threading.Event(), threading.Event()
-
-    def poll(*a, **kw):
-        if threading.current_thread().name == "late-check":
-            reading.set()
-            done.wait(10)  # a slow broker read
-        return real_poll(*a, **kw)
-    risk.outside.poll = poll
-    late = threading.Thread(target=risk.check, kwargs={"poll": True}, name="late-check", daemon=True)
-    late.start()
-    try:
-        assert reading.wait(5)
+    with _engine_check_stuck(risky):
         health = wait_for(lambda: (r := risky.client.get("/healthz")).status_code != 200 and r, timeout=6)
         assert any("risk has not evaluated" in p for p in health.get_json()["problems"]), health.get_json()
-    finally:
-        done.set()
-        late.join(5)
-        risk.outside.poll = real_poll
     wait_for(lambda: risky.client.get("/healthz").status_code == 200, timeout=5)

@@ -386,16 +386,21 @@ def test_orders_reply_shows_the_trigger_of_a_stop_order_and_rupees(tghost, tg):
     assert "<b>FILLED</b> 75/75 avg ₹42.50" in entry
 
 
+def _refused_for(tg, seconds: int) -> float:
+    """A /status whose reply Telegram refuses with a 429 asking to wait `seconds`; when it was refused."""
+    time.sleep(1.5)
+    tg.retry_after = [seconds]
+    tg.push_message("/status", USER, CHAT)
+    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
+    return next(t for t, code in tg.statuses() if code == 429)
+
+
 def test_a_retry_after_in_force_at_a_reload_is_obeyed_by_the_next_version(tghost, tg, tmp_path):
     """Review 15: Telegram said "retry after 6 s" for a reply; a reload 1 s later started a version with a fresh
     pace, which sent the handed-on reply at once, 5 s early (real Telegram answers 429 again, and may lengthen the
     wait). The wait is kept where every version of the notifier sees it, and in its state for the next start."""
     h = tghost()
-    time.sleep(1.5)
-    tg.retry_after = [6]
-    tg.push_message("/status", USER, CHAT)
-    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
-    refused_at = next(t for t, code in tg.statuses() if code == 429)
+    refused_at = _refused_for(tg, 6)
     time.sleep(1.0)
     path = tmp_path / "plugins" / "notifiers" / "telegram.py"
     path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # a hot reload
@@ -409,11 +414,7 @@ def test_a_retry_after_in_force_at_a_reload_is_obeyed_by_the_next_version(tghost
 def test_a_retry_after_in_force_at_a_restart_is_obeyed_after_it(tghost, tg):
     """The same across a restart: the wait's end is kept in the notifier's state, as wall-clock time."""
     h = tghost()
-    time.sleep(1.5)
-    tg.retry_after = [8]
-    tg.push_message("/status", USER, CHAT)
-    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
-    refused_at = next(t for t, code in tg.statuses() if code == 429)
+    refused_at = _refused_for(tg, 8)
     h.restart()
     ok = lambda: [t for t, m, code, p in list(tg.received) if m == "sendMessage" and code == 200 and t > refused_at]  # noqa: E731
     sent_at = wait_for(ok, timeout=15)[0]
