@@ -75,7 +75,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "order_rejected": ("orders", "Order rejected"), "order_cancelled": ("orders", "Order cancelled"),
     "order_unknown": ("orders", "Order outcome unknown"), "order_lost": ("orders", "Order lost"),
     "manual_order": ("orders", "Order placed outside the host"), "cancel_failed": ("orders", "Cancel failed"),
-    "exit_all": ("orders", "Exit all"), "exit_all_dropped": ("orders", "POSITIONS LEFT OPEN: A CANCEL DID NOT END"),
+    "exit_all": ("orders", "Exit all"), "exit_all_dropped": ("orders", "RISK'S FOLLOW-UP DROPPED: CHECK THE POSITIONS"),
     "exit_repriced": ("orders", "Exit moved towards the market"), "exit_rejected": ("orders", "EXIT REJECTED"),
     "exit_capped": ("orders", "Exit cut to the broker's position"),
     "exit_unsure": ("orders", "EXIT MAY HAVE LEFT A POSITION OPEN"),
