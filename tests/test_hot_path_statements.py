@@ -207,7 +207,9 @@ def test_a_webhook_answer_takes_the_decision_from_the_engine_not_from_a_read_of_
     from conftest import alert
     assert host.post(alert(strategy="warm")).status_code == 200  # this thread's read connection exists now
     seen: list[str] = []
-    readers = list(host.runtime.storage._readers)
+    # this thread's reader only (the request runs here, the waiter reads here): a callback set on a connection
+    # another thread is inside would wait for its mutex holding the GIL, and deadlock (test_flat_cost)
+    readers = [host.runtime.storage._reader().conn]
     for conn in readers:
         conn.set_trace_callback(lambda sql: seen.append(" ".join(sql.split())))
     try:
