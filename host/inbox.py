@@ -67,8 +67,8 @@ def record_from_row(row: dict) -> AlertRecord:
     except (ValueError, AttributeError):
         notes = ()
     return AlertRecord(row["id"], row["status"], row["reason"], tuple(json.loads(row["orders"] or "[]")),
-                       row.get("duplicate_of"), tuple(json.loads(row.get("problems") or "[]")), row.get("client_alert_id"),
-                       notes)
+                       row.get("duplicate_of"), tuple(json.loads(row.get("problems") or "[]")),
+                       row.get("client_alert_id"), notes)
 
 
 def dedupe_key(strategy: str, client_alert_id: str) -> str:
