@@ -43,7 +43,8 @@ QUIET_S = 60.0  # a repeated violation or a bad parameter is said at most this o
 BACKOFF_MAX_S = 60.0
 SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
-EXIT_ALL_MARK = 2  # orders.escalate of exit-all's exits (1: a breach's, a square-off's): one made oversized is healed
+EXIT_ALL_MARK = 2  # orders.escalate of the exits risk heals (exit-all's, a strategy's stop's, the square-off's): one
+# made oversized is cancelled and its position exited after; 1: the day's breach's, healed while the breach stands
 RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
@@ -297,10 +298,11 @@ class RiskLoop:
         return self.flatten(f"exit-all by {args.get('by') or 'api'}", everything=True)
 
     def follow_up(self) -> None:
-        """Positions whose oversized exits risk was cancelling (an exit-all's, a breach's): once a position's own
-        cancels have ended (whatever the exits did meanwhile), it is exited at the broker's net, once, within its
-        Bound (what it held then; if the exit filled past zero, what it overfilled). A cancel that has not ended
-        within FOLLOW_UP_MAX_S of its request is dropped with its position, said (never exited hours later)."""
+        """Positions whose oversized exits risk was cancelling (an exit-all's, a breach's, a strategy's stop's, the
+        square-off's): once a position's own cancels have ended (whatever the exits did meanwhile), it is exited at
+        the broker's net, once, within its Bound (what it held then; if the exit filled past zero, what it
+        overfilled). A cancel that has not ended within FOLLOW_UP_MAX_S of its request is dropped with its
+        position, said (never exited hours later)."""
         raw = self.storage.get_state(EXIT_ALL_AFTER_KEY)
         if not raw:
             return
@@ -385,9 +387,11 @@ class RiskLoop:
         skip = (lambda p: None) if everything else self._left_alone
         cancels: list[str] = []
         told: list[str] = []
-        # an oversized exit is cancelled, and what it leaves exited after: by the check after the day's breach, or
-        # for an exit-all by its follow-up
-        healed = everything or self._breach_holds()
+        # an oversized exit is cancelled, and what it leaves exited after by risk's follow-up: always for exit-all,
+        # a strategy's max loss and the square-off (acted on once: nothing else would exit the position), while
+        # the day's breach stands for its own
+        scoped = strategy is not None or product is not None
+        healed = everything or scoped or self._breach_holds()
 
         def run(db: Any) -> flatten.Flattened:
             done = flatten.flatten(db, why, lambda d, name, intents: self.decider.evaluate(d, name, intents,
@@ -399,7 +403,7 @@ class RiskLoop:
                 _mark_escalate(db, list(done.orders), EXIT_ALL_MARK)
                 return done
             told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip,
-                                                          EXIT_ALL_MARK if everything else 1)
+                                                          EXIT_ALL_MARK if everything or scoped else 1)
             if healed and stopped:  # what they leave is exited once their cancels end, whatever comes meanwhile
                 _follow_up_later(db, stopped, why)
             return done
@@ -418,23 +422,23 @@ class RiskLoop:
         their position holds (_stop_oversized). Returns (exits left and said, cancels to send, exits stopped)."""
         fit = _working_exits(db, strategy, product, left_alone)
         _mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
-        if mark == EXIT_ALL_MARK:  # exits a breach was moving are exit-all's now: one made oversized is healed
+        if mark == EXIT_ALL_MARK:  # exits a breach was moving, where this acts, are healed now too
             db.execute(f"update orders set escalate = ? where escalate = 1 and cancel_requested is null and protection "
-                       f"is null and status in ({','.join('?' * len(flatten.OPEN_STATUSES))})",
-                       (mark, *flatten.OPEN_STATUSES))
+                       f"is null and status in ({','.join('?' * len(flatten.OPEN_STATUSES))}) and "
+                       f"(? is null or strategy = ?) and (? is null or product = ?)",
+                       (mark, *flatten.OPEN_STATUSES, strategy, strategy, product, product))
         return self._stop_oversized(db, _oversized_exits(db, strategy, product, left_alone), why, healed)
 
     def _stop_oversized(self, db: Any, over: list[dict], why: str,
                         healed: bool) -> tuple[list[str], list[str], list[dict]]:
         """Exits working for more than their position holds on the side they close (after a sale in the broker's
         app, say, at the breach or while they were being moved; a position closed or reversed holds nothing) are
-        never moved: filled, they would take the account past zero. Each is cancelled while the day's breach
-        stands (`healed`: the check after the breach then finds the position uncovered and exits it at its net),
-        and in any case once it has been moved from where it was placed; the mark is stored in this transaction,
-        so a restart neither loses nor repeats it, and the engine sends the cancel again while it works. Otherwise
-        (a strategy's own max loss, the square-off: acted on once, nothing would exit the position after a
-        cancel) it is left where it was placed, said once. Returns (exits left and said, cancels to send, exits
-        cancelled or being cancelled)."""
+        never moved: filled, they would take the account past zero. Each is cancelled where risk heals it
+        (`healed`, or marked EXIT_ALL_MARK: the follow-up then exits its position at its net), and in any case
+        once it has been moved from where it was placed; the mark is stored in this transaction, so a restart
+        neither loses nor repeats it, and the engine sends the cancel again while it works. Otherwise (a day's
+        breach exit not yet moved, after the breach was overridden: the trader's again) it is left where it was
+        placed, said once. Returns (exits left and said, cancels to send, exits cancelled or being cancelled)."""
         told: list[str] = []
         cancels: list[str] = []
         stopped: list[dict] = []

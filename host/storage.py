@@ -123,7 +123,7 @@ def _m7_exactly_once(db: sqlite_utils.Database) -> None:
     db["orders"].add_column("applied_qty", int)
     db["orders"].add_column("applied_value", str)
     db["orders"].add_column("cancel_requested", str)  # breach/exit-all/EXIT: cancel once the broker id is known
-    db["orders"].add_column("escalate", int)  # a breach or square-off exit: moved towards the market until it fills
+    db["orders"].add_column("escalate", int)  # a risk exit, moved towards the market until it fills (1 or 2: whose)
     db["orders"].add_column("reprices", int)
     db["orders"].add_column("repriced_at", str)
     # a position carried from an earlier day is valued from the previous close (avg_price); its entry was this

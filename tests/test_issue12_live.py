@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time as dtime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
@@ -826,14 +826,15 @@ def _whole_exit_then_app_sale(h: Host, sim: Any, strategy: str) -> str:
     return resting
 
 
-def _never_short_then_flat(h: Host, sim: Any, resting: str, seconds: float = 8.0) -> None:
+def _never_short_then_flat(h: Host, sim: Any, resting: str, seconds: float = 8.0, product: str = "M") -> None:
     """The account's net never goes below zero while the oversized exit is cancelled and the position exited."""
-    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + seconds
-    while broker_net(sim, SYMBOL) != 0 and time.monotonic() < deadline:
-        lowest = min(lowest, broker_net(sim, SYMBOL))
+    lowest, deadline = broker_net(sim, SYMBOL, product), time.monotonic() + seconds
+    while broker_net(sim, SYMBOL, product) != 0 and time.monotonic() < deadline:
+        lowest = min(lowest, broker_net(sim, SYMBOL, product))
         time.sleep(0.05)
-    lowest = min(lowest, _lowest_net(sim, 1.5))  # and it stays so
-    assert lowest == 0 == broker_net(sim, SYMBOL), (lowest, broker_net(sim, SYMBOL), events(h, "exit_not_moved"))
+    lowest = min(lowest, _lowest_net(sim, 1.5, product))  # and it stays so
+    assert lowest == 0 == broker_net(sim, SYMBOL, product), (lowest, broker_net(sim, SYMBOL, product),
+                                                            events(h, "exit_not_moved"))
     assert status(h, resting) == "CANCELLED"
     [said] = events(h, "exit_not_moved")
     assert resting in said["message"] and "cancelled" in said["message"], said
@@ -851,17 +852,37 @@ def test_1k_a_breach_cancels_an_exit_working_for_more_than_the_position_holds_th
     _never_short_then_flat(h, sim, resting)
 
 
-def test_1w_a_strategys_max_loss_leaves_an_oversized_exit_where_it_is_and_says_so(live, sim):
-    """A strategy's own max loss is acted on once: cancelled, the oversized exit would leave the position with no
-    exit at all, and re-checking stopped strategies every beat resent refused exits and re-read the books all day
-    (review 10). So there it stays where it is, never moved (the account is never short), and one error says to
-    cancel it and send the EXIT."""
+def test_1w_a_strategys_max_loss_cancels_an_oversized_exit_then_exits_the_net(live, sim):
+    """A strategy's own max loss left an exit working for more than its position holds where it was placed (said
+    once, "cancel it and send the EXIT"): the strategy's loss limit was hit and 75 stayed open until the trader
+    acted, and had the market come to the exit, it would have filled 150, short 75. As at the day's breach, it is
+    now cancelled, and once the cancel is confirmed risk's follow-up exits the 75 at the broker's net, once: flat,
+    never short."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
     resting = _whole_exit_then_app_sale(h, sim, "sw")
     _strategy_breach_by_tick(h, sim)
-    assert _lowest_net(sim, 3.0) == 75 and status(h, resting) == "OPEN"
-    [said] = events(h, "exit_not_moved")
-    assert resting in said["message"] and "cancel it" in said["message"], said
+    _never_short_then_flat(h, sim, resting)
+    assert net(h, "sw", SYMBOL) == 0
+
+
+def test_1w2_the_square_off_cancels_an_oversized_mis_exit_then_exits_the_net(live, sim):
+    """The same book at the intraday square-off (MIS): the oversized exit was left resting, said once, and 75 MIS
+    stayed open past the square-off time. It is cancelled, and the follow-up exits the 75: flat, never short."""
+    from host.market import IST, MarketClock
+    h = live(SQUARE_OFF_TIME="15:15", RISK_BASE_MAX_LOSS="-100000", EXIT_REPRICE_S="0.5")
+    day = MarketClock().next_trading_day(datetime.now(IST).date())  # a trading day, before its square-off
+    h.runtime.clock_offset = datetime.combine(day, dtime(10, 0), IST) - datetime.now(timezone.utc)
+    held = entry(h, strategy="so", direction="BUY", qty=150, price="43", product_type="I")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "so", SYMBOL, "I") == 150)
+    [resting] = place(h, execution_type="EXIT", strategy="so", direction="SELL", qty=150, order_type="LMT",
+                      price="60", product_type="I")["orders"]
+    wait_status(h, resting["id"], "OPEN")
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75, prd="I")  # in the app
+    wait_for(lambda: net(h, "so", SYMBOL, "I") == 75, timeout=8)
+    h.runtime.clock_offset = datetime.combine(day, dtime(15, 16), IST) - datetime.now(timezone.utc)
+    _never_short_then_flat(h, sim, resting["id"], product="I")
+    assert events(h, "risk_square_off") and net(h, "so", SYMBOL, "I") == 0
 
 
 def test_1x_a_death_before_the_oversized_exits_cancel_went_out_is_healed_by_the_restart(live, sim):
@@ -906,24 +927,24 @@ def test_1z_an_exit_being_moved_whose_whole_position_is_sold_in_the_app_is_cance
     _never_short_then_flat(h, sim, _moving_exit_then_app_sale(h, sim, 150), seconds=12.0)
 
 
-def test_1z2_an_oversized_exit_said_at_a_strategys_stop_is_cancelled_at_the_days_breach(live, sim):
-    """Found in review 11: a strategy's own max loss left the oversized exit and said so; the day's breach after it
-    skipped every exit already said, so it was never cancelled and the 75 stayed open past the day's limit."""
+def test_1z2_the_days_breach_right_after_a_strategys_stop_does_not_exit_its_position_twice(live, sim):
+    """Found in review 11, when a strategy's stop left an oversized exit where it was: the day's breach after it
+    skipped every exit already said, and the 75 stayed open past the day's limit. The strategy's stop now cancels
+    it, and its follow-up exits the 75; the day's breach right after counts that follow-up's exit as covering
+    the position, so the 75 is sold once: flat, never short."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-300", EXIT_REPRICE_S="0.5")
     resting = _whole_exit_then_app_sale(h, sim, "sw")
     _strategy_breach_by_tick(h, sim)
-    wait_for(lambda: events(h, "exit_not_moved"), timeout=5)
-    assert status(h, resting) == "OPEN"  # the strategy's stop leaves it (test_1w)
     _breach_by_tick(h, sim, SYMBOL, "37", timeout=8)
-    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
-    assert status(h, resting) == "CANCELLED" and _lowest_net(sim, 1.0) == 0
+    _never_short_then_flat(h, sim, resting, seconds=10.0)
 
 
 def test_1z3_a_strategys_stop_cancels_an_exit_it_moved_once_an_app_sale_makes_it_oversized(live, sim):
     """Found in review 11: a strategy's own max loss moved its 150 exit far towards the market (the feed stalled);
     the trader then sold 75 in the app. 'Moved no further', it stayed at the moved price, filled 150 when the
     market came back and the account stayed short 75 (nothing acts again after a strategy's stop). An exit that
-    has been moved is cancelled when it becomes oversized, whatever stopped the trading."""
+    has been moved is cancelled when it becomes oversized, whatever stopped the trading; the strategy's stop's
+    follow-up then exits the 75 once the cancel has ended: flat, never short."""
     h = live(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000")  # EXIT_REPRICE_S: the default 3 s
     rid = _held_with_resting(h, "sm", 150)
     _strategy_breach_by_tick(h, sim)
@@ -939,7 +960,8 @@ def test_1z3_a_strategys_stop_cancels_an_exit_it_moved_once_an_app_sale_makes_it
     for price in ("32", "35", "38", "40"):  # the market comes back past where the exit had been moved to
         sim.sim.tick("NFO", SYMBOL, Decimal(price))
         time.sleep(0.3)
-    assert _lowest_net(sim, 2.0) == 75 and status(h, rid) == "CANCELLED"
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)  # the follow-up exits the 75 once the cancel ended
+    assert _lowest_net(sim, 1.5) == 0 and status(h, rid) == "CANCELLED"
     said = [e["message"] for e in events(h, "exit_not_moved")]
     assert any(rid in m and "cancelled" in m for m in said), said
 
@@ -1091,11 +1113,11 @@ def test_1n_an_exit_cut_while_the_book_cannot_be_read_says_so_loudly(live, sim):
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
 
 
-def _lowest_net(sim: Any, seconds: float) -> int:
+def _lowest_net(sim: Any, seconds: float, product: str = "M") -> int:
     """The broker's lowest net in SYMBOL over the next `seconds`."""
-    lowest, deadline = broker_net(sim, SYMBOL), time.monotonic() + seconds
+    lowest, deadline = broker_net(sim, SYMBOL, product), time.monotonic() + seconds
     while time.monotonic() < deadline:
-        lowest = min(lowest, broker_net(sim, SYMBOL))
+        lowest = min(lowest, broker_net(sim, SYMBOL, product))
         time.sleep(0.05)
     return lowest
 
