@@ -365,20 +365,26 @@ class TelegramNotifier:
         self._wake()
 
     def _restore(self, pending: list) -> None:
-        """Queue what an earlier version or run had not sent: notifications as text, replies as dicts."""
+        """Queue what an earlier version or run had not sent (notifications as text, replies as dicts) ahead of
+        what this one was offered meanwhile (before its loop ran, or before it took over): it is older."""
+        replies, notes = [], []
         for item in pending:
-            if isinstance(item, dict):
-                try:
-                    reply = Reply.of(item)
-                except (KeyError, TypeError, ValueError, IndexError):
-                    self.log.warning("a saved reply could not be read; not sent: %.80r", item)
-                    continue
-                self._count(1)
-                self.replies.append(reply)
-                self._wake()
-            else:
-                self._count(1)
-                self._enqueue(str(item))
+            if not isinstance(item, dict):
+                notes.append(str(item))
+                continue
+            try:
+                replies.append(Reply.of(item))
+            except (KeyError, TypeError, ValueError, IndexError):
+                self.log.warning("a saved reply could not be read; not sent: %.80r", item)
+        self._count(len(replies) + len(notes))
+        self.replies.extendleft(reversed(replies))
+        self.queue.extendleft(reversed(notes))
+        while len(self.queue) > QUEUE_MAX:  # as _enqueue does: the newest are the ones dropped
+            self.queue.pop()
+            self.dropped += 1
+            self._count(-1)
+        if replies or notes:
+            self._wake()
 
     def _drain(self) -> list:
         """Take everything waiting (replies first), in the form _restore takes back."""
