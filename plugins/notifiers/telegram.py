@@ -324,11 +324,11 @@ class TelegramNotifier:
         try:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             if self.handling is not None and not self.handling.done():  # a command in progress finishes
+                self._keep(self._waiting())  # first what is waiting now: a shutdown stores the state before 5 s
                 await asyncio.wait([self.handling], timeout=5)
         finally:
             pending = self._drain()
-            self.ctx.state["pending"] = pending
-            self.ctx.state["dropped"] = self.dropped
+            self._keep(pending)
             self.ctx.baton.values["pending"] = pending  # the next version (a reload) sends them
             self.ctx.baton.values["confirmations"] = dict(self.confirmations)  # and honours its buttons
             try:  # close our connections (a cancelled long poll among them) before the next version polls
@@ -386,9 +386,18 @@ class TelegramNotifier:
         if replies or notes:
             self._wake()
 
+    def _waiting(self) -> list:
+        """Everything waiting (replies first), in the form _restore takes back."""
+        return [asdict(r) for r in self.replies] + ([self.held[0]] if self.held else []) + list(self.queue)
+
+    def _keep(self, pending: list) -> None:
+        """What the next start sends (the host stores the state once the stop hook returns)."""
+        self.ctx.state["pending"] = pending
+        self.ctx.state["dropped"] = self.dropped
+
     def _drain(self) -> list:
         """Take everything waiting (replies first), in the form _restore takes back."""
-        out: list = [asdict(r) for r in self.replies] + ([self.held[0]] if self.held else []) + list(self.queue)
+        out = self._waiting()
         self._count(-len(self.replies) - (self.held[1] if self.held else 0) - len(self.queue))
         self.replies.clear()
         self.queue.clear()
