@@ -21,6 +21,9 @@ from .storage import Storage, dec, utcnow
 from .watcher import move_position
 
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
+HEALED = 2  # orders.escalate of the exits risk heals: exit-all's, a strategy's stop's, the square-off's, protect's (a
+# target's, a hit stop's, a strategy MTM stop's); made oversized, one is cancelled and its position exited after (1:
+# the day's breach's, healed while the breach stands)
 WORKING = (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value)
 DOUBT = "the broker's books did not settle"  # a cut that may be wrong: said in the answer and as an event
 
@@ -311,6 +314,10 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
             net = room.get(key, 0)
             same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0
             qty = min(qty, abs(same_side))
+        if qty == 0 and most == 0:
+            left.append(f"{where}: nothing of it is risk's to close (what was bought or sold since the cancel is "
+                        f"yours)")
+            continue
         if qty == 0:
             left.append(f"{where}: nothing left to close at the broker (its net, less the exits already working "
                         f"there){broker.doubt(key) if broker is not None else ''}")

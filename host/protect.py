@@ -484,7 +484,7 @@ class Protector:
         for o in _live_stops(db, _row_key(p)):  # a gap through the stop: its limit cannot fill any more
             limit = dec(o["price"])
             if o["status"] in WORKING and not o["escalate"] and limit is not None and sign * (ltp - limit) < 0:
-                db.execute("update orders set escalate = 1 where id = ?", (o["id"],))
+                db.execute("update orders set escalate = ? where id = ?", (flatten.HEALED, o["id"]))
                 Storage.add_event(db, "stop_gapped", f"the price {ltp} of {where} is past its stop's limit {limit}: "
                                   f"the stop (order {o['id']}) is moved towards the market until it fills", "error",
                                   p["strategy"], {"order_id": o["id"], "ltp": str(ltp)})
@@ -594,8 +594,8 @@ class Protector:
                 orders += d.orders
                 cancels += d.cancels
                 if d.orders and intent.order_type is OrderType.MKT:  # moved towards the market until it fills
-                    db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(d.orders))})",
-                               d.orders)
+                    db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(d.orders))})",
+                               (flatten.HEALED, *d.orders))
                 upd["exit_orders"] = json.dumps(list(d.orders))
                 if pending.get("why") == "target" and d.orders:
                     self._target_sent.update({oid: p["created_at"] for oid in d.orders})
@@ -686,7 +686,8 @@ class Protector:
         d = self.evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, over, OrderType.MKT,
                                                      Product(p["product"]), action=ExecutionType.EXIT)])
         if d.orders:
-            db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(d.orders))})", d.orders)
+            db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(d.orders))})",
+                       (flatten.HEALED, *d.orders))
         Storage.add_event(db, "stop_overfilled", f"a stop loss of {where} filled after its position was closed "
                           f"(its cancel came too late) and opened {over} the other way: that is exited at once "
                           f"({d.status.value}{': ' + d.reason if d.reason else ''})", "error", p["strategy"],
@@ -799,8 +800,8 @@ class Protector:
         done = flatten.flatten(db, f"{hit[0]} of {name}", lambda d, s, intents: self.evaluate(d, s, intents), None,
                                strategy=name)
         if done.orders:
-            db.execute(f"update orders set escalate = 1 where id in ({','.join('?' * len(done.orders))})",
-                       done.orders)
+            db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(done.orders))})",
+                       (flatten.HEALED, *done.orders))
         return Decision(_accepted(), hit[1], done.orders, done.cancels)
 
 

@@ -43,8 +43,7 @@ QUIET_S = 60.0  # a repeated violation or a bad parameter is said at most this o
 BACKOFF_MAX_S = 60.0
 SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
-EXIT_ALL_MARK = 2  # orders.escalate of the exits risk heals (exit-all's, a strategy's stop's, the square-off's): one
-# made oversized is cancelled and its position exited after; 1: the day's breach's, healed while the breach stands
+EXIT_ALL_MARK = flatten.HEALED  # orders.escalate of the exits risk heals (flatten.HEALED says whose)
 RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
@@ -422,11 +421,14 @@ class RiskLoop:
         their position holds (_stop_oversized). Returns (exits left and said, cancels to send, exits stopped)."""
         fit = _working_exits(db, strategy, product, left_alone)
         _mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
-        if mark == EXIT_ALL_MARK:  # exits a breach was moving, where this acts, are healed now too
-            db.execute(f"update orders set escalate = ? where escalate = 1 and cancel_requested is null and protection "
-                       f"is null and status in ({','.join('?' * len(flatten.OPEN_STATUSES))}) and "
-                       f"(? is null or strategy = ?) and (? is null or product = ?)",
-                       (mark, *flatten.OPEN_STATUSES, strategy, strategy, product, product))
+        if mark == EXIT_ALL_MARK:  # exits a breach was moving, where this acts (not what it leaves alone), are healed
+            _mark_escalate(db, [o["id"] for o in db.query(  # now too
+                f"select o.id, o.strategy, o.exchange, o.symbol, o.product, p.updated_at from orders o left join "
+                f"positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
+                f"p.product = o.product where o.escalate = 1 and o.cancel_requested is null and o.protection is null "
+                f"and o.status in ({','.join('?' * len(flatten.OPEN_STATUSES))}) and (? is null or o.strategy = ?) "
+                f"and (? is null or o.product = ?)", (*flatten.OPEN_STATUSES, strategy, strategy, product, product))
+                if left_alone(o) is None], mark)
         return self._stop_oversized(db, _oversized_exits(db, strategy, product, left_alone), why, healed)
 
     def _stop_oversized(self, db: Any, over: list[dict], why: str,
@@ -610,7 +612,7 @@ def _follow_up_later(db: Any, stopped: list[dict], why: str) -> None:
     known = {e["id"] for e in entries if e["id"]}
     now = datetime.now(timezone.utc)
     entries += [{"id": o["id"], "key": (o["strategy"], o["exchange"], o["symbol"], o["product"]), "side": o["side"],
-                 "held": _held(o), "over": max(o["remaining"] - _held(o), 0), "at": now}
+                 "held": _held(o), "over": max(o["remaining"] - o.get("room", _held(o)), 0), "at": now}
                 for o in stopped if o["id"] not in known]
     _store_follow_ups(db, why, entries)
 
@@ -631,7 +633,8 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
     """Unfinished non-stop orders other than entries that work for more than their position holds on the side
     they close, less the closing ones before them (oldest first); those for a position missing or flat, and
     those risk moves for a position since reversed, hold nothing. Those risk is moving are counted whatever the
-    position (a back-off, a scope); others only where risk acts."""
+    position (a back-off, a scope); others only where risk acts. Each comes with the `room` the exits before it
+    left it."""
     over, room = [], {}
     for o in db.query(
             "select o.id, o.strategy, o.exchange, o.symbol, o.product, o.side, o.reprices, o.escalate, "
@@ -650,9 +653,9 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
             if o["remaining"] <= room[key]:
                 room[key] -= o["remaining"]
                 continue
-            over.append(o)
+            over.append({**o, "room": room[key]})  # filled, it takes the account past zero by remaining - room
         elif net == 0 or o["escalate"]:  # nothing to close, or an exit risk moves that would now add
-            over.append(o)
+            over.append({**o, "room": 0})
         # (an order adding to a position neither sets nor uses the room; a breach cancels it as adding)
     return over
 

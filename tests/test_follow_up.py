@@ -85,3 +85,43 @@ def test_a_position_whose_own_cancel_ended_does_not_wait_for_another_positions(h
     wait_for(lambda: host.net() == 0, timeout=5)
     _, left, _ = ra._follow_ups(storage.get_state(ra.EXIT_ALL_AFTER_KEY))
     assert [e["id"] for e in left] == [other]  # still waits for its own cancel
+
+
+def test_a_protect_exit_made_oversized_after_a_move_is_cancelled_and_followed_up(host):
+    """Review 19: protect's exits (a target's, a hit stop's, an overshoot's) were marked like the day's breach's;
+    with no breach standing, one an app sale made oversized after it had been moved was cancelled with "send the
+    EXIT for the position", and the rest of the position stayed open. They carry risk's healed mark now: cancelled,
+    and the follow-up exits the rest."""
+    from host.flatten import HEALED
+    storage = host.runtime.storage
+    host.tick("43")
+    assert host.post(alert(direction="BUY", qty=150, price="43")).status_code == 200
+    wait_for(lambda: host.net() == 150)
+    oid = open_order(storage, qty=150, side="SELL", action="EXIT", broker_id="B7")
+    storage.write(lambda db: db.execute("update orders set escalate = ?, reprices = 1 where id = ?", (HEALED, oid)))
+    storage.write(lambda db: db.execute("update positions set net_qty = 75 where strategy = 's1'"))  # an app sale
+    said = wait_for(lambda: [r["message"] for r in storage.rows("select message from events where kind = "
+                                                                 "'exit_not_moved'")], timeout=5)
+    assert oid in said[0] and "send the EXIT" not in said[0], said
+    [entry] = json.loads(storage.get_state(ra.EXIT_ALL_AFTER_KEY))["entries"]
+    assert entry["id"] == oid and entry["held"] == 75 and entry["over"] == 75
+
+
+def test_a_strategys_stop_heals_no_exit_of_what_risk_leaves_alone_nor_of_another_strategy(host):
+    """Review 19: a strategy's stop re-marked the scope's exits being moved as healed without asking what risk leaves
+    alone: a CNC exit (risk never sells CNC) became one that, made oversized, is cancelled and its position sold by
+    the follow-up. Another strategy's exit stays as it was."""
+    from decimal import Decimal
+    from host.models import Side
+    from host.watcher import move_position
+    storage = host.runtime.storage
+    risk = host.runtime.engine.risk
+    storage.write(lambda db: move_position(db, ("s1", "NFO", SYMBOL, "C"), Side.BUY, 75, Decimal("43")))
+    cnc = open_order(storage, qty=75, side="SELL", action="EXIT", broker_id="B8")
+    other = open_order(storage, qty=75, side="SELL", action="EXIT", broker_id="B9")
+    storage.write(lambda db: db.execute("update orders set product = 'C', escalate = 1 where id = ?", (cnc,)))
+    storage.write(lambda db: db.execute("update orders set strategy = 's2', escalate = 1 where id = ?", (other,)))
+    storage.write(lambda db: risk._escalate(db, (), "s1", None, "risk: strategy s1 max loss", True, risk._left_alone,
+                                            ra.EXIT_ALL_MARK))
+    marks = {r["id"]: r["escalate"] for r in storage.rows("select id, escalate from orders")}
+    assert marks[other] == 1 and marks[cnc] == 1, marks

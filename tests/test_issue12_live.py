@@ -1729,6 +1729,46 @@ def test_3k_an_oversized_exit_that_fills_before_its_cancel_is_bought_back_in_ful
     assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
 
 
+@pytest.mark.parametrize("how", ["strategy_stop", "exit_all"])
+def test_3k2_a_second_exit_oversized_by_the_first_that_fills_before_its_cancel_is_bought_back(live, sim, how):
+    """Review 19: 150 held with the trader's exits SELL 75 @ 55 and SELL 75 @ 60; 75 sold in the app. The first
+    still fits, the second has room 0 and is cancelled. What the second could overfill was taken as its remaining
+    less the whole position (75 - 75 = 0), not less the room the first left it (0): both filled before the slow
+    cancel landed, the account was short 75, and the follow-up bought nothing ("nothing left to close")."""
+    env = dict(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000") if how == "strategy_stop" else {}
+    h = live(EXIT_REPRICE_S="60", **env)
+    held = entry(h, strategy="t2", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "t2", SYMBOL) == 150)
+    exits = []
+    for price in ("55", "60"):
+        [o] = place(h, execution_type="EXIT", strategy="t2", direction="SELL", qty=75, order_type="LMT",
+                    price=price)["orders"]
+        wait_status(h, o["id"], "OPEN")
+        exits.append(o["id"])
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the trader, in the app
+    wait_for(lambda: net(h, "t2", SYMBOL) == 75, timeout=8)
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
+    if how == "strategy_stop":
+        _strategy_breach_by_tick(h, sim)
+    else:
+        exit_all(h)
+    wait_for(lambda: h.runtime.storage.get_state("exit_all_after"), timeout=5)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the market reaches both exits
+    for oid in exits:
+        wait_status(h, oid, "FILLED", timeout=8)
+    assert broker_net(sim, SYMBOL) == -75  # short: the second exit overfilled by 75
+    sender.enqueue_cancel = real
+    deadline = time.monotonic() + 10  # the follow-up's protected BUY rests until the host sees the market at 61
+    while broker_net(sim, SYMBOL) != 0:
+        assert time.monotonic() < deadline, (broker_net(sim, SYMBOL), h.runtime.storage.get_state("exit_all_after"))
+        sim.sim.tick("NFO", SYMBOL, Decimal("61"))
+        time.sleep(0.2)
+    assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
+
+
 def test_3l_after_an_override_the_breachs_follow_up_brings_an_overfilled_position_back_to_flat(live, sim):
     """Review 18: test_3j with the oversized exit filling before its cancel (225 on 75 held: short 150) after the
     trader's override; the follow-up bought 75 and left the account short 75."""

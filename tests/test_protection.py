@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from conftest import SYMBOL, alert, wait_for
+from host.flatten import HEALED
 from test_e2e_gunicorn import noren_sim  # noqa: F401  (the Noren simulator as its own process)
 
 D = Decimal
@@ -104,6 +105,8 @@ def test_entry_then_fill_rests_one_sl_lmt_with_our_remarks_and_the_target_exits_
     [out] = exits(h)
     assert out["status"] == "FILLED" and out["qty"] == 75
     assert out["created_at"] >= history_at(h, done["id"], "CANCELLED")  # the exit only after the cancel
+    # moved towards the market until it fills, and healed by risk if an app sale makes it oversized (review 19)
+    assert h.runtime.storage.one("select escalate from orders where id = ?", (out["id"],))["escalate"] == HEALED
     assert events(h, "target_hit") and not stops(h)
     assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
     assert entry
