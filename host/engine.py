@@ -134,7 +134,8 @@ class Engine:
         self.protect = Protector(storage, self._dispatch,  # stops resting at the broker, targets, trailing
                                  lambda db, name, intents: self.decider.evaluate(db, name, intents, alert_id=None),
                                  sender.enqueue_modify,
-                                 lambda: self.decider.instruments() if self.decider.instruments else None)
+                                 lambda: self.decider.instruments() if self.decider.instruments else None,
+                                 lambda: self.risk.gate.clock.day(self.risk.now()).isoformat())
         strategies.act = self._act  # what a strategy's tick, clock and order hooks return, acted on here
         self._events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None

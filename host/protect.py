@@ -32,8 +32,9 @@ from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import flatten, guard
+from . import flatten, guard, pending_flattens
 from .instruments import slices
+from .market import IST
 from .models import Decision, ExecutionType, Intent, OrderStatus, OrderType, Problem, Product, Protection, Side
 from .orders import insert_order
 from .pricing import DEFAULT_TICK, protected_limit, round_to_tick
@@ -386,9 +387,11 @@ class Protector:
 
     def __init__(self, storage: Storage, dispatch: Callable[[Decision], None],
                  evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], Decision],
-                 modify: Callable[..., None], instruments: Callable[[], Any] = lambda: None):
+                 modify: Callable[..., None], instruments: Callable[[], Any] = lambda: None,
+                 today: Callable[[], str] = lambda: datetime.now(IST).date().isoformat()):
         self.storage, self.dispatch, self.evaluate, self.modify = storage, dispatch, evaluate, modify
         self.instruments = instruments
+        self.today = today  # the risk day (Asia/Kolkata), as risk's clock has it
         self.protection_pct = Decimal("2")   # MARKET_PROTECTION_PCT: the stop's limit is one step beyond it
         self.trail_interval_s = Decimal("1")  # TRAIL_MIN_INTERVAL_S
         self._modifying: dict[str, tuple[float, int, Optional[Decimal]]] = {}  # order -> (since, qty, trigger)
@@ -797,12 +800,10 @@ class Protector:
                    (str(peak), hit[1], utcnow(), name))
         Storage.add_event(db, f"{hit[0]}_hit", f"strategy {name}: {hit[1]}: all its positions are exited and its "
                           f"resting stops cancelled", "warning", name, {"mtm": str(mtm), "peak": str(peak)})
-        done = flatten.flatten(db, f"{hit[0]} of {name}", lambda d, s, intents: self.evaluate(d, s, intents), None,
-                               strategy=name)
-        if done.orders:
-            db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(done.orders))})",
-                       (flatten.HEALED, *done.orders))
-        return Decision(_accepted(), hit[1], done.orders, done.cancels)
+        # by risk, as its own strategy stop (within the broker's net, its exits moved and healed), with the hit
+        pending_flattens.add(db, [pending_flattens.Pending(f"{hit[0]} of {name}", self.today(), strategy=name,
+                                                           everything=True)])
+        return Decision(_accepted(), hit[1])
 
 
 def _net(db: sqlite_utils.Database, p: dict) -> int:

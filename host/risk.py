@@ -14,6 +14,7 @@ from .broker_session import EXPIRED
 from .day_counts import day_start_utc, orders_on
 from .market import MarketClock, session_of
 from .models import Intent, TradingState
+from . import pending_flattens
 from .storage import Storage, utcnow
 
 STATE_KEY = "trading_state"
@@ -248,10 +249,12 @@ class RiskManager:
                 and str(day.limit) not in day.warned:
             day.warned.append(str(day.limit))
             actions.append(Action("warning", f"PnL {pnl} is near the daily limit {day.limit}", "warning", data))
+        flattens = []  # stored with the day's marks: done by risk's loop, once (pending_flattens)
         for name, spnl in (strategy_pnl or {}).items():
             cap = (strategy_max_loss or {}).get(name, self.limits.strategy_max_loss)
             if cap and spnl <= -abs(cap) and name not in day.strategy_stops:
                 day.strategy_stops.append(name)
+                flattens.append(pending_flattens.Pending(f"risk: strategy {name} max loss", day.day, strategy=name))
                 actions.append(Action("strategy_breach", f"strategy {name} lost {spnl}, beyond its limit "
                                                          f"{-abs(cap)}: its positions are exited and it is stopped "
                                                          f"for the day", "error", {"strategy": name, "pnl": str(spnl)}))
@@ -259,6 +262,7 @@ class RiskManager:
         if (self.limits.square_off is not None and not day.squared_off and self.clock.is_trading_day(today)
                 and local.time() >= self.limits.square_off):
             day.squared_off = True
+            flattens.append(pending_flattens.Pending("risk: intraday square-off", day.day, product="I"))
             actions.append(Action("square_off", f"intraday square-off at {self.limits.square_off:%H:%M}: "
                                                 f"MIS positions are exited", "warning"))
         every = self.limits.status_every_min
@@ -266,7 +270,7 @@ class RiskManager:
                       datetime.fromisoformat(day.last_status) <= now - timedelta(minutes=every)):
             day.last_status = now.astimezone(timezone.utc).isoformat(timespec="seconds")
             actions.append(Action("status", f"risk status: PnL {pnl}, limit {day.limit}, peak {day.peak}", "info", data))
-        self._store(day)
+        self._store(day, flattens)
         return actions
 
     def override(self, today: date, by: str) -> RiskDay:
@@ -314,11 +318,13 @@ class RiskManager:
                 return
         self.storage.write(lambda db: Storage.insert(db, "risk_days", row, upsert_pk=("day",)), durable=True)
 
-    def _store(self, day: RiskDay) -> None:
-        """Write the day record if it differs from the stored one (one atomic, durable write)."""
+    def _store(self, day: RiskDay, flattens: list[pending_flattens.Pending] = ()) -> None:
+        """Write the day record if it differs from the stored one, with the flattens it decided (one atomic,
+        durable write)."""
         text = day.to_json()
-        if text != self.storage.get_state(DAY_KEY):
-            self.storage.write(lambda db: Storage.put_state(db, DAY_KEY, text), durable=True)
+        if text != self.storage.get_state(DAY_KEY) or flattens:
+            self.storage.write(lambda db: (Storage.put_state(db, DAY_KEY, text), pending_flattens.add(db, flattens)),
+                               durable=True)
 
 
 class RiskGate:

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Optional
 
-from . import flatten, protect, views
+from . import flatten, pending_flattens, protect, views
 from .commands import Conflict
 from .decide import Decider
 from .market import IST
@@ -97,7 +97,8 @@ class RiskLoop:
             self._wake.clear()
             checked = True
             due = time.monotonic() - last_check >= RISK_EVERY_S  # a check reads every position: 4 a second at most
-            for job in (self.commands, self._beat_check, self.escalate, self.follow_up) if due else (self.commands,):
+            jobs = (self.commands, self._beat_check, self.flatten_pending, self.escalate, self.follow_up)
+            for job in jobs if due else (self.commands,):
                 try:
                     if job() is False:  # the check was skipped: no heartbeat says risk evaluated
                         checked = False
@@ -365,17 +366,46 @@ class RiskLoop:
             self.flatten("risk: daily max loss breached")
         elif action.kind == "resume" and halted_by_risk():
             self.storage.write(lambda db: self.gate.set_state(db, TradingState.ACTIVE, action.message, "risk"))
-        elif action.kind == "strategy_breach":
-            self.flatten(f"risk: strategy {action.data['strategy']} max loss", strategy=action.data["strategy"])
+        elif action.kind in ("strategy_breach", "square_off"):  # stored with the stop's mark: done now, once
+            self._flatten_pending()
         elif action.kind == "new_day":
             self.storage.write(carry_over)
-        elif action.kind == "square_off":
-            self.flatten("risk: intraday square-off", product="I")
+
+    def flatten_pending(self) -> Optional[bool]:
+        """Each beat: the flattens decided and not yet done (a strategy's stop, the square-off, a strategy's MTM
+        stop), unless a check on another thread holds the lock (it does them itself)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            self._flatten_pending()
+        finally:
+            self._lock.release()
+        return None
+
+    def _flatten_pending(self) -> None:
+        """Do each flatten waiting, once: it is taken off in the flatten's own transaction, so one that fails (a
+        full disk) or that a death interrupts (during its broker read) is done on a later beat or after the restart.
+        One from an earlier day is dropped, said: the trader decides what to do with those positions now."""
+        try:
+            waiting = self.storage.read(pending_flattens.read)
+        except pending_flattens.Unreadable as e:
+            self.storage.write(lambda db: (pending_flattens.clear(db), Storage.add_event(
+                db, "risk_flatten_dropped", f"risk's flattens to do are unreadable ({e}): none was done; check the "
+                f"positions of any strategy stopped today, and the MIS positions after the square-off", "error")))
+            return
+        today = self.gate.clock.day(self.now()).isoformat()
+        for p in waiting:
+            if p.day != today:
+                self.storage.write(lambda db, p=p: (pending_flattens.done(db, p), Storage.add_event(
+                    db, "risk_flatten_dropped", f"{p.why} (decided on {p.day}) was not done that day: it is dropped; "
+                    f"check those positions", "error", p.strategy)))
+                continue
+            self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything, pending=p)
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False,
                 only: Optional[dict[tuple[str, str, str, str], flatten.Bound]] = None,
-                done_with: Optional[list[dict]] = None) -> dict:
+                done_with: Optional[list[dict]] = None, pending: Optional[pending_flattens.Pending] = None) -> dict:
         """Stop adding orders and exit what risk counts (everything, for the trader's exit-all; `only` those
         positions, for its follow-up); these exits, and the exits already working for those positions, escalate
         until they fill."""
@@ -397,6 +427,8 @@ class RiskLoop:
                                                                                             alert_id=None),
                                    flatten.closing_room(db, view), strategy, product, skip, quiet, only)
             # in the same transaction: a death cannot leave them unmarked, nor the follow-up lost or made twice
+            if pending is not None:
+                pending_flattens.done(db, pending)
             if only is not None:  # the follow-up: what it acted on goes (what came meanwhile stays)
                 _keep_follow_ups(db, lambda e: e in (done_with or []))
                 _mark_escalate(db, list(done.orders), EXIT_ALL_MARK)

@@ -100,6 +100,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "risk_warning": ("risk", "Risk warning"), "risk_breach": ("risk", "DAILY MAX LOSS BREACHED"),
     "risk_violation": ("risk", "Risk violation"), "risk_cooldown": ("risk", "Cooldown"),
     "risk_strategy_breach": ("risk", "Strategy max loss"), "risk_status": ("risk", "Risk status"),
+    "risk_flatten_dropped": ("risk", "RISK'S EXIT NOT DONE: CHECK THE POSITIONS"),
     "risk_": ("risk", "Risk"), "trading_state": ("risk", "Trading state"),
     "plugin_loaded": ("plugins", "Plugin running"), "plugin_failed": ("plugins", "Plugin failed to load"),
     "plugin_disabled": ("plugins", "Plugin disabled"), "plugin_enabled": ("plugins", "Plugin enabled"),
