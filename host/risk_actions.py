@@ -394,13 +394,16 @@ class RiskLoop:
                 f"positions of any strategy stopped today, and the MIS positions after the square-off", "error")))
             return
         today = self.gate.clock.day(self.now()).isoformat()
-        for p in waiting:
-            if p.day != today:
-                self.storage.write(lambda db, p=p: (pending_flattens.done(db, p), Storage.add_event(
-                    db, "risk_flatten_dropped", f"{p.why} (decided on {p.day}) was not done that day: it is dropped; "
-                    f"check those positions", "error", p.strategy)))
-                continue
-            self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything, pending=p)
+        for p in waiting:  # each on its own: one that fails holds up neither the others nor the check's actions
+            try:
+                if p.day != today:
+                    self.storage.write(lambda db, p=p: (pending_flattens.done(db, p), Storage.add_event(
+                        db, "risk_flatten_dropped", f"{p.why} (decided on {p.day}) was not done that day: it is "
+                        f"dropped; check those positions", "error", p.strategy)))
+                    continue
+                self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything, pending=p)
+            except Exception:
+                log.exception("risk: %s failed; it stays to do, tried again on the next beat", p.why)
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False,
