@@ -72,6 +72,7 @@ class RiskLoop:
         self._backoff: dict[tuple, tuple[float, int]] = {}  # position key -> (next try, rejected exits in a row)
         self._rejections_told: set[str] = set()  # exits whose rejection was acted on (each once, however it came)
         self._oversize_told: set[str] = set()  # exits left working past their position (said once)
+        self._flatten_retry: dict[pending_flattens.Pending, tuple[float, int]] = {}  # failed -> (next try, failures)
 
     # ---- thread ----
     def start(self) -> None:
@@ -395,15 +396,34 @@ class RiskLoop:
             return
         today = self.gate.clock.day(self.now()).isoformat()
         for p in waiting:  # each on its own: one that fails holds up neither the others nor the check's actions
+            if time.monotonic() < self._flatten_retry.get(p, (0.0, 0))[0]:
+                continue
             try:
                 if p.day != today:
                     self.storage.write(lambda db, p=p: (pending_flattens.done(db, p), Storage.add_event(
                         db, "risk_flatten_dropped", f"{p.why} (decided on {p.day}) was not done that day: it is "
                         f"dropped; check those positions", "error", p.strategy)))
-                    continue
-                self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything, pending=p)
-            except Exception:
-                log.exception("risk: %s failed; it stays to do, tried again on the next beat", p.why)
+                else:
+                    self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything, pending=p)
+                self._flatten_retry.pop(p, None)
+            except Exception as e:
+                self._flatten_failed(p, e)
+
+    def _flatten_failed(self, p: pending_flattens.Pending, e: Exception) -> None:
+        """A flatten to do failed: it stays, tried again after 1, 2, 4 ... 60 s; the first failure is said."""
+        failures = self._flatten_retry.get(p, (0.0, 0))[1] + 1
+        wait = min(2.0 ** (failures - 1), BACKOFF_MAX_S)
+        self._flatten_retry[p] = (time.monotonic() + wait, failures)
+        if failures > 1:
+            log.warning("risk: %s failed again (%s: %s); tried again in %g s", p.why, type(e).__name__, e, wait)
+            return
+        log.exception("risk: %s failed; it stays to do, tried again in %g s", p.why, wait)
+        try:
+            self.storage.write(lambda db: Storage.add_event(
+                db, "risk_flatten_failed", f"{p.why} failed ({type(e).__name__}: {e}): risk tries again (after 1, 2, "
+                f"4 ... 60 s) until it is done today; check those positions meanwhile", "error", p.strategy))
+        except Exception:  # (a full disk): the log has it
+            log.exception("risk: the failure of %s could not be recorded", p.why)
 
     def flatten(self, why: str, strategy: Optional[str] = None, product: Optional[str] = None,
                 quiet: bool = False, everything: bool = False,
@@ -668,8 +688,8 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
     """Unfinished non-stop orders other than entries that work for more than their position holds on the side
     they close, less the closing ones before them (oldest first); those for a position missing or flat, and
     those risk moves for a position since reversed, hold nothing. Those risk is moving are counted whatever the
-    position (a back-off, a scope); others only where risk acts. Each comes with the `room` the exits before it
-    left it."""
+    position (a back-off, a scope); others only where risk acts. Each comes with its `room`: what the exits that
+    fit (and the oversized ones before it) leave of the position."""
     over, room = [], {}
     for o in db.query(
             "select o.id, o.strategy, o.exchange, o.symbol, o.product, o.side, o.reprices, o.escalate, "
@@ -688,10 +708,14 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
             if o["remaining"] <= room[key]:
                 room[key] -= o["remaining"]
                 continue
-            over.append({**o, "room": room[key]})  # filled, it takes the account past zero by remaining - room
+            over.append({**o, "closes": True})
         elif net == 0 or o["escalate"]:  # nothing to close, or an exit risk moves that would now add
-            over.append({**o, "room": 0})
+            over.append({**o, "closes": False})
         # (an order adding to a position neither sets nor uses the room; a breach cancels it as adding)
+    for o in over:  # the room an oversized exit has is what the exits that fit leave (they stay, it is cancelled):
+        key = (o["strategy"], o["exchange"], o["symbol"], o["product"])  # filled anyway, it overfills by the rest
+        o["room"] = min(o["remaining"], room.get(key, 0)) if o.pop("closes") else 0
+        room[key] = room.get(key, 0) - o["room"]
     return over
 
 

@@ -1845,6 +1845,48 @@ def test_3k2_a_second_exit_oversized_by_the_first_that_fills_before_its_cancel_i
     assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
 
 
+@pytest.mark.parametrize("how", ["strategy_stop", "exit_all"])
+def test_3k3_an_exit_that_fits_only_because_the_oversized_one_is_cancelled_is_counted_in_its_overfill(live, sim, how):
+    """Review 20: 300 held with the trader's exits SELL 225 @ 60 (older) and SELL 75 @ 55; 150 sold in the app. The
+    225 is oversized (150 of room at its turn) and cancelled; the 75 fits the room the 225 does not take. The 75
+    filled, then the 225 before its slow cancel: short 150. Its overfill was taken as 225 - 150 = 75, so the
+    follow-up bought 75 and left the account short 75. The room an oversized exit has is what the exits that fit
+    leave (75): it overfills by 150, and the follow-up brings the account back to flat."""
+    env = dict(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000") if how == "strategy_stop" else {}
+    h = live(EXIT_REPRICE_S="60", **env)
+    held = entry(h, strategy="t4", direction="BUY", qty=300, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, "t4", SYMBOL) == 300)
+    ids = {}
+    for qty, price in ((225, "60"), (75, "55")):
+        [o] = place(h, execution_type="EXIT", strategy="t4", direction="SELL", qty=qty, order_type="LMT",
+                    price=price)["orders"]
+        wait_status(h, o["id"], "OPEN")
+        ids[qty] = o["id"]
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=150)  # the trader, in the app
+    wait_for(lambda: net(h, "t4", SYMBOL) == 150, timeout=8)
+    sender = h.runtime.engine.sender
+    real = sender.enqueue_cancel
+    sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
+    if how == "strategy_stop":
+        _strategy_breach_by_tick(h, sim)
+    else:
+        exit_all(h)
+    wait_for(lambda: h.runtime.storage.get_state("exit_all_after"), timeout=5)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="56")  # the 75 @ 55 fills first
+    wait_status(h, ids[75], "FILLED", timeout=8)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # then the 225 @ 60, before its cancel
+    wait_status(h, ids[225], "FILLED", timeout=8)
+    assert broker_net(sim, SYMBOL) == -150
+    sender.enqueue_cancel = real
+    deadline = time.monotonic() + 10  # the follow-up's protected BUY rests until the host sees the market at 61
+    while broker_net(sim, SYMBOL) != 0:
+        assert time.monotonic() < deadline, (broker_net(sim, SYMBOL), h.runtime.storage.get_state("exit_all_after"))
+        sim.sim.tick("NFO", SYMBOL, Decimal("61"))
+        time.sleep(0.2)
+    assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
+
+
 def test_3l_after_an_override_the_breachs_follow_up_brings_an_overfilled_position_back_to_flat(live, sim):
     """Review 18: test_3j with the oversized exit filling before its cancel (225 on 75 held: short 150) after the
     trader's override; the follow-up bought 75 and left the account short 75."""

@@ -49,3 +49,44 @@ def test_an_unreadable_list_of_flattens_is_dropped_and_said(host):
     [said] = _said(storage, "risk_flatten_dropped")
     assert "unreadable" in said and "none was done" in said
     assert storage.get_state(pending_flattens.KEY) is None
+
+
+def test_a_flatten_that_keeps_failing_backs_off_is_said_once_and_holds_up_no_other(host):
+    """Review 20: a flatten to do whose flatten raised every time (here the decider raises for s1's exit) was tried
+    on every 0.25 s beat, each time with a read of the broker's books and a traceback, nothing told the trader, and
+    it stopped every flatten behind it (s2's max loss): s2 stayed open. Now each is tried on its own, one that
+    fails waits 1, 2, 4 ... 60 s before the next try, and its first failure is said."""
+    import time
+    storage = host.runtime.storage
+    risk = host.runtime.engine.risk
+    host.tick("43")
+    for s in ("s1", "s2"):
+        assert host.post(alert(strategy=s, direction="BUY", qty=75, price="43")).status_code == 200
+        wait_for(lambda s=s: host.net(s) == 75)
+    real_eval, reads = risk.decider.evaluate, []
+    real_read = risk.outside.read_for_exits
+
+    def evaluate(db, name, intents, **kw):  # type: ignore[no-untyped-def]
+        if name == "s1":
+            raise RuntimeError("s1's exit cannot be decided")
+        return real_eval(db, name, intents, **kw)
+
+    def read():  # type: ignore[no-untyped-def]
+        reads.append(time.monotonic())
+        return real_read()
+    risk.decider.evaluate, risk.outside.read_for_exits = evaluate, read
+    try:
+        today = risk.gate.clock.day(risk.now()).isoformat()
+        storage.write(lambda db: pending_flattens.add(db, [
+            pending_flattens.Pending("risk: strategy s1 max loss", today, strategy="s1"),
+            pending_flattens.Pending("risk: strategy s2 max loss", today, strategy="s2")]))
+        wait_for(lambda: host.net("s2") == 0, timeout=5)
+        time.sleep(2.5)
+        assert len(reads) <= 4, f"{len(reads)} broker reads in about 3 s for one failing flatten"
+        [said] = _said(storage, "risk_flatten_failed")
+        assert "risk: strategy s1 max loss failed" in said and "check those positions" in said
+        assert [p.strategy for p in storage.read(pending_flattens.read)] == ["s1"]  # it stays to do
+    finally:
+        risk.decider.evaluate, risk.outside.read_for_exits = real_eval, real_read
+    wait_for(lambda: host.net("s1") == 0, timeout=10)  # done once it can be, after its back-off
+    assert storage.get_state(pending_flattens.KEY) is None

@@ -567,3 +567,32 @@ def test_a_command_in_progress_at_shutdown_does_not_lose_what_was_waiting_to_be_
     h.restart()
     wait_for(lambda: any("Trading state</b>" in p.get("text", "") and "waiting-at-shutdown" in p["text"]
                          for _, p in tg.delivered()), timeout=15)
+
+
+def test_an_alert_handed_on_at_a_reload_is_not_kept_for_the_next_start_too(tghost, tg, tmp_path):
+    """Review 20: an alert Telegram refused was waiting at a hot reload. The retired version kept it in its state as
+    well as handing it to the next version, which sent it; the state the host stored still listed it. After a
+    crash (no clean stop: kill -9, out of memory), the next start sent it again, and the trader read an old halt
+    as new. What is handed on at a reload is the next version's alone."""
+    from host.notify import NotifierRegistry
+    h = tghost()
+    said(tg, "Host started")
+    tg.flood(3)
+    r = h.api("/api/halt", method="POST", json={"mode": "halted", "reason": "sent-once-please"})
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
+    path = tmp_path / "plugins" / "notifiers" / "telegram.py"
+    path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # a hot reload
+    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
+    count = lambda: sum("sent-once-please" in p.get("text", "") for _, p in tg.delivered())  # noqa: E731
+    wait_for(lambda: count() == 1, timeout=10)  # the new version sent it
+    real_stop, real_persist = NotifierRegistry._stop, NotifierRegistry.persist_state
+    NotifierRegistry._stop = lambda self, live, reason: None  # a crash: no stop hook, no state stored
+    NotifierRegistry.persist_state = lambda self, live, state=None: None
+    try:
+        h.restart()
+    finally:
+        NotifierRegistry._stop, NotifierRegistry.persist_state = real_stop, real_persist
+    said(tg, "Host started")
+    time.sleep(3)
+    assert count() == 1, f"sent {count()} times"

@@ -101,6 +101,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "risk_violation": ("risk", "Risk violation"), "risk_cooldown": ("risk", "Cooldown"),
     "risk_strategy_breach": ("risk", "Strategy max loss"), "risk_status": ("risk", "Risk status"),
     "risk_flatten_dropped": ("risk", "RISK'S EXIT NOT DONE: CHECK THE POSITIONS"),
+    "risk_flatten_failed": ("risk", "RISK'S EXIT FAILED: TRIED AGAIN"),
     "risk_": ("risk", "Risk"), "trading_state": ("risk", "Trading state"),
     "plugin_loaded": ("plugins", "Plugin running"), "plugin_failed": ("plugins", "Plugin failed to load"),
     "plugin_disabled": ("plugins", "Plugin disabled"), "plugin_enabled": ("plugins", "Plugin enabled"),
@@ -248,6 +249,7 @@ class TelegramNotifier:
         self.handling: Optional[asyncio.Future] = None
         self.holding = False
         self.stopping = False
+        self.stop_reason = ""  # "reload": the next version takes what is waiting (baton), not the next start
         self.outstanding = 0  # messages offered and not yet sent or dropped
         self.count_lock = threading.Lock()
         self.ready = threading.Event()
@@ -289,6 +291,7 @@ class TelegramNotifier:
         if self.loop is None or self.thread is None:
             return
         self.stopping = True  # no more pacing: the last messages go out at once
+        self.stop_reason = reason
         self.loop.call_soon_threadsafe(self._wake)
         if reason == "shutdown":
             deadline = time.monotonic() + 0.7
@@ -392,8 +395,9 @@ class TelegramNotifier:
         return [asdict(r) for r in self.replies] + ([self.held[0]] if self.held else []) + list(self.queue)
 
     def _keep(self, pending: list) -> None:
-        """What the next start sends (the host stores the state once the stop hook returns)."""
-        self.ctx.state["pending"] = pending
+        """What the next start sends (the host stores the state once the stop hook returns). At a reload the next
+        version takes it from the baton and sends it: kept here too, a start after a crash would send it again."""
+        self.ctx.state["pending"] = [] if self.stop_reason == "reload" else pending
         self.ctx.state["dropped"] = self.dropped
 
     def _drain(self) -> list:
