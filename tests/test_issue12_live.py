@@ -1805,25 +1805,23 @@ def test_3k_an_oversized_exit_that_fills_before_its_cancel_is_bought_back_in_ful
     assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
 
 
-@pytest.mark.parametrize("how", ["strategy_stop", "exit_all"])
-def test_3k2_a_second_exit_oversized_by_the_first_that_fills_before_its_cancel_is_bought_back(live, sim, how):
-    """Review 19: 150 held with the trader's exits SELL 75 @ 55 and SELL 75 @ 60; 75 sold in the app. The first
-    still fits, the second has room 0 and is cancelled. What the second could overfill was taken as its remaining
-    less the whole position (75 - 75 = 0), not less the room the first left it (0): both filled before the slow
-    cancel landed, the account was short 75, and the follow-up bought nothing ("nothing left to close")."""
+def _exits_then_app_sale_then_stop(live: Any, sim: Any, how: str, strategy: str, held: int,
+                                   exits: tuple[tuple[int, str], ...], sold: int) -> tuple[Host, list[str], Any]:
+    """`held` bought by `strategy`, the trader's limit SELL exits (qty, price) resting, `sold` sold in the broker's
+    app; then, with cancels slow to land, a strategy's max loss or exit-all (`how`) cancels the oversized exit. The
+    host, the exits' ids, and what lets the cancels land."""
     env = dict(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000") if how == "strategy_stop" else {}
     h = live(EXIT_REPRICE_S="60", **env)
-    held = entry(h, strategy="t2", direction="BUY", qty=150, price="43")
-    wait_status(h, held, "FILLED")
-    wait_for(lambda: net(h, "t2", SYMBOL) == 150)
-    exits = []
-    for price in ("55", "60"):
-        [o] = place(h, execution_type="EXIT", strategy="t2", direction="SELL", qty=75, order_type="LMT",
+    wait_status(h, entry(h, strategy=strategy, direction="BUY", qty=held, price="43"), "FILLED")
+    wait_for(lambda: net(h, strategy, SYMBOL) == held)
+    ids = []
+    for qty, price in exits:
+        [o] = place(h, execution_type="EXIT", strategy=strategy, direction="SELL", qty=qty, order_type="LMT",
                     price=price)["orders"]
         wait_status(h, o["id"], "OPEN")
-        exits.append(o["id"])
-    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the trader, in the app
-    wait_for(lambda: net(h, "t2", SYMBOL) == 75, timeout=8)
+        ids.append(o["id"])
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=sold)  # the trader, in the app
+    wait_for(lambda: net(h, strategy, SYMBOL) == held - sold, timeout=8)
     sender = h.runtime.engine.sender
     real = sender.enqueue_cancel
     sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
@@ -1832,17 +1830,33 @@ def test_3k2_a_second_exit_oversized_by_the_first_that_fills_before_its_cancel_i
     else:
         exit_all(h)
     wait_for(lambda: h.runtime.storage.get_state("exit_all_after"), timeout=5)
-    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the market reaches both exits
-    for oid in exits:
-        wait_status(h, oid, "FILLED", timeout=8)
-    assert broker_net(sim, SYMBOL) == -75  # short: the second exit overfilled by 75
-    sender.enqueue_cancel = real
-    deadline = time.monotonic() + 10  # the follow-up's protected BUY rests until the host sees the market at 61
+    return h, ids, lambda: setattr(sender, "enqueue_cancel", real)
+
+
+def _followed_up_to_flat(h: Host, sim: Any) -> None:
+    """The follow-up brings the account back to flat (its protected BUY rests until the host sees the market at
+    61), and stays so."""
+    deadline = time.monotonic() + 10
     while broker_net(sim, SYMBOL) != 0:
         assert time.monotonic() < deadline, (broker_net(sim, SYMBOL), h.runtime.storage.get_state("exit_all_after"))
         sim.sim.tick("NFO", SYMBOL, Decimal("61"))
         time.sleep(0.2)
     assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
+
+
+@pytest.mark.parametrize("how", ["strategy_stop", "exit_all"])
+def test_3k2_a_second_exit_oversized_by_the_first_that_fills_before_its_cancel_is_bought_back(live, sim, how):
+    """Review 19: 150 held with the trader's exits SELL 75 @ 55 and SELL 75 @ 60; 75 sold in the app. The first
+    still fits, the second has room 0 and is cancelled. What the second could overfill was taken as its remaining
+    less the whole position (75 - 75 = 0), not less the room the first left it (0): both filled before the slow
+    cancel landed, the account was short 75, and the follow-up bought nothing ("nothing left to close")."""
+    h, exits, cancels_land = _exits_then_app_sale_then_stop(live, sim, how, "t2", 150, ((75, "55"), (75, "60")), 75)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # the market reaches both exits
+    for oid in exits:
+        wait_status(h, oid, "FILLED", timeout=8)
+    assert broker_net(sim, SYMBOL) == -75  # short: the second exit overfilled by 75
+    cancels_land()
+    _followed_up_to_flat(h, sim)
 
 
 @pytest.mark.parametrize("how", ["strategy_stop", "exit_all"])
@@ -1852,39 +1866,15 @@ def test_3k3_an_exit_that_fits_only_because_the_oversized_one_is_cancelled_is_co
     filled, then the 225 before its slow cancel: short 150. Its overfill was taken as 225 - 150 = 75, so the
     follow-up bought 75 and left the account short 75. The room an oversized exit has is what the exits that fit
     leave (75): it overfills by 150, and the follow-up brings the account back to flat."""
-    env = dict(RISK_STRATEGY_MAX_LOSS="-100", RISK_BASE_MAX_LOSS="-100000") if how == "strategy_stop" else {}
-    h = live(EXIT_REPRICE_S="60", **env)
-    held = entry(h, strategy="t4", direction="BUY", qty=300, price="43")
-    wait_status(h, held, "FILLED")
-    wait_for(lambda: net(h, "t4", SYMBOL) == 300)
-    ids = {}
-    for qty, price in ((225, "60"), (75, "55")):
-        [o] = place(h, execution_type="EXIT", strategy="t4", direction="SELL", qty=qty, order_type="LMT",
-                    price=price)["orders"]
-        wait_status(h, o["id"], "OPEN")
-        ids[qty] = o["id"]
-    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=150)  # the trader, in the app
-    wait_for(lambda: net(h, "t4", SYMBOL) == 150, timeout=8)
-    sender = h.runtime.engine.sender
-    real = sender.enqueue_cancel
-    sender.enqueue_cancel = lambda order_id, why: None  # the cancel is slow to land
-    if how == "strategy_stop":
-        _strategy_breach_by_tick(h, sim)
-    else:
-        exit_all(h)
-    wait_for(lambda: h.runtime.storage.get_state("exit_all_after"), timeout=5)
+    h, (big, small), cancels_land = _exits_then_app_sale_then_stop(live, sim, how, "t4", 300,
+                                                                   ((225, "60"), (75, "55")), 150)
     control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="56")  # the 75 @ 55 fills first
-    wait_status(h, ids[75], "FILLED", timeout=8)
+    wait_status(h, small, "FILLED", timeout=8)
     control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="61")  # then the 225 @ 60, before its cancel
-    wait_status(h, ids[225], "FILLED", timeout=8)
+    wait_status(h, big, "FILLED", timeout=8)
     assert broker_net(sim, SYMBOL) == -150
-    sender.enqueue_cancel = real
-    deadline = time.monotonic() + 10  # the follow-up's protected BUY rests until the host sees the market at 61
-    while broker_net(sim, SYMBOL) != 0:
-        assert time.monotonic() < deadline, (broker_net(sim, SYMBOL), h.runtime.storage.get_state("exit_all_after"))
-        sim.sim.tick("NFO", SYMBOL, Decimal("61"))
-        time.sleep(0.2)
-    assert _lowest_net(sim, 1.5) == 0 and h.runtime.storage.get_state("exit_all_after") is None
+    cancels_land()
+    _followed_up_to_flat(h, sim)
 
 
 def test_3l_after_an_override_the_breachs_follow_up_brings_an_overfilled_position_back_to_flat(live, sim):
