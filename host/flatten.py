@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Callable, Collection, Mapping, Optional
@@ -19,6 +20,8 @@ from .models import AlertStatus, BrokerView, ExecutionType, Intent, OrderStatus,
 from .orders import transition
 from .storage import Storage, dec, utcnow
 from .watcher import move_position
+
+log = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
 HEALED = 2  # orders.escalate of the exits risk heals: exit-all's, a strategy's stop's, the square-off's, protect's (a
@@ -58,6 +61,7 @@ class Flattened:
     cancels: tuple[str, ...]
     cancelled_new: int
     left: tuple[str, ...]  # positions left alone, with why
+    failed: tuple[tuple[tuple[str, str, str, str], str], ...] = ()  # positions whose exit failed: (key, why)
 
 
 def adding_orders(db: sqlite_utils.Database, strategy: Optional[str] = None, exchange: Optional[str] = None,
@@ -290,6 +294,7 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
     created: list[str] = []
     cancels = list(stopped.working)
     left: list[str] = []
+    failed: list[tuple[tuple[str, str, str, str], str]] = []
     waiting: list[str] = []  # exits held until their resting stop's cancel is confirmed
     room = dict(broker.left) if broker is not None else {}  # how far the account may still go towards zero
     held = [p for p in db.query("select * from positions where net_qty != 0 order by strategy, exchange, symbol")
@@ -323,29 +328,43 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
                         f"there){broker.doubt(key) if broker is not None else ''}")
             continue
         side = Side.SELL if p["net_qty"] > 0 else Side.BUY
-        d = evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, qty, OrderType.MKT,
-                                                Product(p["product"]), action=ExecutionType.EXIT)])
+        db.execute("savepoint flatten_position")  # one position's failure undoes its own exit only
+        try:
+            d = evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, qty, OrderType.MKT,
+                                                    Product(p["product"]), action=ExecutionType.EXIT)])
+            held_back = not d.orders and d.status is AlertStatus.ACCEPTED and _exit_held(db, p)
+            sent = 0 if broker is None else qty if held_back else db.execute(
+                f"select coalesce(sum(qty), 0) from orders where id in ({','.join('?' * len(d.orders))})",
+                tuple(d.orders)).fetchone()[0]
+        except Exception as e:  # (a bug, an odd row): the other positions are still exited; the caller retries it
+            db.execute("rollback to flatten_position")
+            db.execute("release flatten_position")
+            log.exception("%s: the exit of %s could not be made", why, where)
+            failed.append(((p["strategy"], p["exchange"], p["symbol"], p["product"]),
+                           f"{where}: its exit could not be made ({type(e).__name__}: {e})"))
+            continue
+        db.execute("release flatten_position")
         created += d.orders
         cancels += d.cancels
-        held_back = not d.orders and d.status is AlertStatus.ACCEPTED and _exit_held(db, p)
         if broker is not None:  # what is sent (the guard takes off what exits already cover), or held back
-            sent = qty if held_back else db.execute(f"select coalesce(sum(qty), 0) from orders where id in "
-                                                    f"({','.join('?' * len(d.orders))})", tuple(d.orders)).fetchone()[0]
             room[key] = room.get(key, 0) - (1 if p["net_qty"] > 0 else -1) * sent
         if held_back:
             waiting.append(where)  # its resting stop is cancelled first; the exit follows the broker's confirmation
         elif not d.orders and d.reason and "nothing to exit" not in d.reason:
             left.append(f"{where}: {d.status.value}: {d.reason}")
-    if quiet and not (created or cancels or stopped.cancelled_new or stopped.pending):
+    if quiet and not (created or cancels or stopped.cancelled_new or stopped.pending or failed):
         return Flattened((), (), 0, tuple(left))  # nothing done: a repeat says nothing
     Storage.add_event(db, "exit_all", f"{why}: {len(created)} exit orders, {stopped.cancelled_new} unsent orders "
                       f"cancelled, {len(stopped.pending)} working orders being cancelled"
                       + (f"; {len(waiting)} exits sent once their resting stop is cancelled: {'; '.join(waiting)}"
                          if waiting else "")
-                      + (f"; left alone: {'; '.join(left)}" if left else ""), "warning", strategy,
+                      + (f"; left alone: {'; '.join(left)}" if left else "")
+                      + (f"; FAILED, tried again: {'; '.join(w for _, w in failed)}" if failed else ""),
+                      "error" if failed else "warning", strategy,
                       data={"orders": created, "cancelling": stopped.pending, "left": left,
-                            "after_stop_cancel": waiting})
-    return Flattened(tuple(created), tuple(dict.fromkeys(cancels)), stopped.cancelled_new, tuple(left))
+                            "after_stop_cancel": waiting, "failed": [w for _, w in failed]})
+    return Flattened(tuple(created), tuple(dict.fromkeys(cancels)), stopped.cancelled_new, tuple(left),
+                     tuple(failed))
 
 
 def _exit_held(db: sqlite_utils.Database, p: dict) -> bool:

@@ -48,6 +48,10 @@ RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (h
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
+class FlattenIncomplete(Exception):
+    """Some positions' exits could not be made (each is named); the others were."""
+
+
 class RiskLoop:
     """The risk check and its actions, and the control commands (halt, exit-all), on their own thread."""
 
@@ -404,7 +408,10 @@ class RiskLoop:
                         db, "risk_flatten_dropped", f"{p.why} (decided on {p.day}) was not done that day: it is "
                         f"dropped; check those positions", "error", p.strategy)))
                 else:
-                    self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything, pending=p)
+                    failed = self.flatten(p.why, strategy=p.strategy, product=p.product, everything=p.everything,
+                                          pending=p)["failed"]
+                    if failed:  # the rest are exited; it stays, for those
+                        raise FlattenIncomplete("; ".join(failed))
                 self._flatten_retry.pop(p, None)
             except Exception as e:
                 self._flatten_failed(p, e)
@@ -450,8 +457,8 @@ class RiskLoop:
                                                                                             alert_id=None),
                                    flatten.closing_room(db, view), strategy, product, skip, quiet, only)
             # in the same transaction: a death cannot leave them unmarked, nor the follow-up lost or made twice
-            if pending is not None:
-                pending_flattens.done(db, pending)
+            if pending is not None and not done.failed:  # else it stays, and is done again (what is done is
+                pending_flattens.done(db, pending)  # covered by its exits then: nothing is sold twice)
             if only is not None:  # the follow-up: what it acted on goes (what came meanwhile stays)
                 _keep_follow_ups(db, lambda e: e in (done_with or []))
                 _mark_escalate(db, list(done.orders), EXIT_ALL_MARK)
@@ -463,10 +470,14 @@ class RiskLoop:
             return done
         done = self.storage.write(run)
         self._oversize_told.update(told)
+        if pending is None:  # a position whose exit failed is tried again, backing off (_left_alone): the breach's
+            for key, _ in done.failed:  # check after the breach, the next exit-all or stop
+                _, n = self._backoff.get(key, (0.0, 0))
+                self._backoff[key] = (time.monotonic() + min(2.0 ** n, BACKOFF_MAX_S), n + 1)
         self.dispatch(Decision(AlertStatus.ACCEPTED, why, done.orders, tuple(dict.fromkeys([*done.cancels, *cancels]))),
                       why)
         return {"orders": list(done.orders), "cancelled": done.cancelled_new, "cancelling": list(done.cancels),
-                "left": list(done.left)}
+                "left": list(done.left), "failed": [w for _, w in done.failed]}
 
     def _escalate(self, db: Any, created: tuple[str, ...], strategy: Optional[str], product: Optional[str], why: str,
                   healed: bool, left_alone: Callable[[dict], Optional[str]],
@@ -535,7 +546,7 @@ class RiskLoop:
         key = (p["strategy"], p["exchange"], p["symbol"], p["product"])
         wait, _ = self._backoff.get(key, (0.0, 0))
         if time.monotonic() < wait:
-            return f"its last exit was rejected: tried again in {wait - time.monotonic():.0f} s"
+            return f"its last exit was rejected or failed: tried again in {wait - time.monotonic():.0f} s"
         return None
 
     def exit_rejected(self, row: dict) -> None:

@@ -596,3 +596,35 @@ def test_an_alert_handed_on_at_a_reload_is_not_kept_for_the_next_start_too(tghos
     said(tg, "Host started")
     time.sleep(3)
     assert count() == 1, f"sent {count()} times"
+
+
+def test_a_clean_shutdown_right_after_a_reload_keeps_what_the_new_version_had_not_taken_over(tghost, tg, tmp_path,
+                                                                                            monkeypatch):
+    """Review 21: a deploy lands a new telegram.py (a hot reload) while the old version finishes a command, so it
+    still holds the baton; the service is then restarted cleanly. The old version had stored nothing for the next
+    start (a reload: the baton hands it on), and the new version, stopped before it took over, stored only its
+    own queue: the halt alert Telegram had refused died with the baton. A version that never took over keeps what
+    the previous one left, ahead of its own."""
+    import host.host_access as host_access
+    h = tghost()
+    said(tg, "Host started")
+    asked = threading.Event()
+    real_status = host_access.HostAccess.status
+
+    def slow_status(self):  # type: ignore[no-untyped-def]
+        asked.set()
+        time.sleep(3)
+        return real_status(self)
+    monkeypatch.setattr(host_access.HostAccess, "status", slow_status)
+    tg.flood(5)
+    r = h.api("/api/halt", method="POST", json={"mode": "halted", "reason": "waiting-at-reload"})
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: any(code == 429 for _, code in tg.statuses()), timeout=5)
+    tg.push_message("/status", USER, CHAT)
+    assert asked.wait(5)
+    path = tmp_path / "plugins" / "notifiers" / "telegram.py"
+    path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # the deploy's new file
+    wait_for(lambda: h.api("/api/notifiers").get_json()["items"][0]["version"] == "1.1", timeout=5)
+    h.restart()  # clean: every stop hook runs, every state is stored
+    wait_for(lambda: any("Trading state</b>" in p.get("text", "") and "waiting-at-reload" in p["text"]
+                         for _, p in tg.delivered()), timeout=15)

@@ -250,6 +250,8 @@ class TelegramNotifier:
         self.holding = False
         self.stopping = False
         self.stop_reason = ""  # "reload": the next version takes what is waiting (baton), not the next start
+        self.took_over = False  # what the previous version left (baton) is in this one's queues
+        self.untaken: Optional[list] = None  # what the previous version left, if this one never took it
         self.outstanding = 0  # messages offered and not yet sent or dropped
         self.count_lock = threading.Lock()
         self.ready = threading.Event()
@@ -328,12 +330,10 @@ class TelegramNotifier:
         try:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             if self.handling is not None and not self.handling.done():  # a command in progress finishes
-                self._keep(self._waiting())  # first what is waiting now: a shutdown stores the state before 5 s
+                self._hand_on(self._waiting())  # first what is waiting now: a shutdown stores the state before 5 s
                 await asyncio.wait([self.handling], timeout=5)
         finally:
-            pending = self._drain()
-            self._keep(pending)
-            self.ctx.baton.values["pending"] = pending  # the next version (a reload) sends them
+            self._hand_on(self._drain())
             self.ctx.baton.values["confirmations"] = dict(self.confirmations)  # and honours its buttons
             try:  # close our connections (a cancelled long poll among them) before the next version polls
                 await asyncio.wait_for(self.bot.shutdown(), timeout=1.0)
@@ -393,6 +393,15 @@ class TelegramNotifier:
     def _waiting(self) -> list:
         """Everything waiting (replies first), in the form _restore takes back."""
         return [asdict(r) for r in self.replies] + ([self.held[0]] if self.held else []) + list(self.queue)
+
+    def _hand_on(self, pending: list) -> None:
+        """What this version leaves, after what the previous one left that it never took over (older): for the
+        next version (baton) and the next start (state)."""
+        if self.untaken is None:
+            self.untaken = [] if self.took_over else list(self.ctx.baton.values.get("pending", []))
+        pending = self.untaken + pending
+        self._keep(pending)
+        self.ctx.baton.values["pending"] = pending
 
     def _keep(self, pending: list) -> None:
         """What the next start sends (the host stores the state once the stop hook returns). At a reload the next
@@ -584,6 +593,7 @@ class TelegramNotifier:
     def _take_over(self) -> None:
         """With the baton: what the previous version had not sent goes out first, its buttons still work."""
         self._restore(self.ctx.baton.values.pop("pending", []))
+        self.took_over = True
         self.confirmations.update(self.ctx.baton.values.pop("confirmations", {}))
 
     def _offset(self) -> int:
