@@ -59,10 +59,7 @@ def test_a_flatten_that_keeps_failing_backs_off_is_said_once_and_holds_up_no_oth
     import time
     storage = host.runtime.storage
     risk = host.runtime.engine.risk
-    host.tick("43")
-    for s in ("s1", "s2"):
-        assert host.post(alert(strategy=s, direction="BUY", qty=75, price="43")).status_code == 200
-        wait_for(lambda s=s: host.net(s) == 75)
+    _two_held(host)
     real_eval, reads = risk.decider.evaluate, []
     real_read = risk.outside.read_for_exits
 
@@ -90,6 +87,14 @@ def test_a_flatten_that_keeps_failing_backs_off_is_said_once_and_holds_up_no_oth
         risk.decider.evaluate, risk.outside.read_for_exits = real_eval, real_read
     wait_for(lambda: host.net("s1") == 0, timeout=10)  # done once it can be, after its back-off
     assert storage.get_state(pending_flattens.KEY) is None
+
+
+def _two_held(h) -> None:  # type: ignore[no-untyped-def]
+    """s1 and s2 each hold 75 (NRML)."""
+    h.tick("43")
+    for s in ("s1", "s2"):
+        assert h.post(alert(strategy=s, direction="BUY", qty=75, price="43")).status_code == 200
+        wait_for(lambda s=s: h.net(s) == 75)
 
 
 def _s1_exit_fails(risk):  # type: ignore[no-untyped-def]
@@ -138,10 +143,7 @@ def test_the_days_breach_exits_the_other_positions_and_backs_off_the_one_whose_e
     import time
     h = host_factory(RISK_BASE_MAX_LOSS="-100")
     risk = h.runtime.engine.risk
-    h.tick("43")
-    for s in ("s1", "s2"):
-        assert h.post(alert(strategy=s, direction="BUY", qty=75, price="43")).status_code == 200
-        wait_for(lambda s=s: h.net(s) == 75)
+    _two_held(h)
     real_read, reads = risk.outside.read_for_exits, []
 
     def read():  # type: ignore[no-untyped-def]

@@ -543,13 +543,9 @@ def test_what_a_run_left_unsent_goes_out_before_what_the_next_run_says_at_its_st
     assert text.index("left-unsent") < second_start, text
 
 
-def test_a_command_in_progress_at_shutdown_does_not_lose_what_was_waiting_to_be_sent(tghost, tg, monkeypatch):
-    """Review 17: at a shutdown the bot's loop waited up to 5 s for a command in progress before it saved what was
-    still waiting to be sent, while the stop waited 0.8 s: the host stored the plugin's state without it, and the
-    alert Telegram had refused just before never went out. What is waiting is saved before that wait."""
+def _slow_status(monkeypatch) -> threading.Event:
+    """/status takes 3 s on the host's side (a command in progress); the event is set when it is asked."""
     import host.host_access as host_access
-    h = tghost()
-    said(tg, "Host started")
     asked = threading.Event()
     real_status = host_access.HostAccess.status
 
@@ -558,6 +554,16 @@ def test_a_command_in_progress_at_shutdown_does_not_lose_what_was_waiting_to_be_
         time.sleep(3)
         return real_status(self)
     monkeypatch.setattr(host_access.HostAccess, "status", slow_status)
+    return asked
+
+
+def test_a_command_in_progress_at_shutdown_does_not_lose_what_was_waiting_to_be_sent(tghost, tg, monkeypatch):
+    """Review 17: at a shutdown the bot's loop waited up to 5 s for a command in progress before it saved what was
+    still waiting to be sent, while the stop waited 0.8 s: the host stored the plugin's state without it, and the
+    alert Telegram had refused just before never went out. What is waiting is saved before that wait."""
+    h = tghost()
+    said(tg, "Host started")
+    asked = _slow_status(monkeypatch)
     tg.flood(4)  # longer than the shutdown: the first run cannot deliver it
     r = h.api("/api/halt", method="POST", json={"mode": "halted", "reason": "waiting-at-shutdown"})
     assert r.status_code == 200, r.get_json()
@@ -610,17 +616,9 @@ def test_a_clean_shutdown_right_after_a_reload_keeps_what_the_new_version_had_no
     start (a reload: the baton hands it on), and the new version, stopped before it took over, stored only its
     own queue: the halt alert Telegram had refused died with the baton. A version that never took over keeps what
     the previous one left, ahead of its own."""
-    import host.host_access as host_access
     h = tghost()
     said(tg, "Host started")
-    asked = threading.Event()
-    real_status = host_access.HostAccess.status
-
-    def slow_status(self):  # type: ignore[no-untyped-def]
-        asked.set()
-        time.sleep(3)
-        return real_status(self)
-    monkeypatch.setattr(host_access.HostAccess, "status", slow_status)
+    asked = _slow_status(monkeypatch)
     tg.flood(5)
     r = h.api("/api/halt", method="POST", json={"mode": "halted", "reason": "waiting-at-reload"})
     assert r.status_code == 200, r.get_json()
