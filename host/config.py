@@ -524,7 +524,8 @@ def env_overrides(env_file: Optional[str], environ: Mapping[str, str]) -> list[t
     return found
 
 
-PLACEHOLDER_MARKS = ("change-me", "changeme", "example", "placeholder", "xxx")
+PLACEHOLDER_MARKS = ("change-me", "changeme", "example", "placeholder")
+ONLY_XS = re.compile(r"[x*._ -]*x{3}[x*._ -]*")  # "xxxxxxxx", "XXXX-XXXX": a random secret may hold "xxx" (1 in 1,000)
 
 
 def example_values() -> set[str]:
@@ -540,6 +541,7 @@ def placeholder_secrets(values: Mapping[str, Any]) -> list[str]:
     for var in VARS:
         text = str(values.get(var.name) or "") if var.secret else ""
         low = text.lower()
-        if text and (any(m in low for m in PLACEHOLDER_MARKS) or ("<" in text and ">" in text) or text.strip() in published):
+        if text and (any(m in low for m in PLACEHOLDER_MARKS) or ONLY_XS.fullmatch(low) or ("<" in text and ">" in text)
+                     or text.strip() in published):
             out.append(var.name)
     return out

@@ -107,3 +107,20 @@ def test_example_config_files_are_valid(tmp_path, monkeypatch):
                 text = text.replace(line, f"{name}=filled-in-{n}-{'s' * 20}")
         env = _write(tmp_path / ex.name, text)
         load(env, environ={}, generate_secrets=True)  # as `run` loads it
+
+
+def test_a_random_secret_that_happens_to_hold_xxx_is_no_placeholder(tmp_path, monkeypatch):
+    """About one secret in a thousand that `run` generates holds "xxx" in some case: live mode then refused the
+    secret the host had made itself ("an example placeholder from the docs") and would not start."""
+    import host.config as config
+    made = iter(["kQ2xXx9vB7_mN4pL0aZ3rT8yU1wE5sD6", "Pz8-XXXq1Lm2Nb3Vc4Kd5Jf6Hg7Tr9Ye0", "a1b2c3xxxd4e5f6g7h8i9j0kLmNoPqRs"])
+    monkeypatch.setattr(config.secrets, "token_urlsafe", lambda n: next(made))
+    live = {"DATA_DIR": str(tmp_path), "BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA1",
+            "SHOONYA_ACCESS_TOKEN": "a" * 24}
+    s = load(None, environ=live, generate_secrets=True)
+    assert s.API_TOKEN == "a1b2c3xxxd4e5f6g7h8i9j0kLmNoPqRs"
+    assert load(None, environ=live).WEBHOOK_SECRET == "kQ2xXx9vB7_mN4pL0aZ3rT8yU1wE5sD6"  # and again at the next start
+    for placeholder in ("xxxxxxxxxxxxxxxx", "XXXX-XXXX-XXXX-XXXX", "change-me-please", "<your-api-token-here>"):
+        with pytest.raises(ConfigError) as e:
+            load(None, environ={**live, "API_TOKEN": placeholder})
+        assert any(p.field == "API_TOKEN" and "placeholder" in p.found for p in e.value.problems)
