@@ -18,7 +18,7 @@ from pathlib import Path
 from webhook_latency import ROOT, body, free_port, pct, run_senders, start_host, wait_up
 
 sys.path.insert(0, str(ROOT))
-from host.sim.telegram_api import TOKEN, FakeTelegram  # noqa: E402
+from host.sim.telegram_api import FakeTelegram  # noqa: E402
 
 
 def run(work: Path, n: int, telegram: FakeTelegram | None) -> dict:
@@ -26,7 +26,7 @@ def run(work: Path, n: int, telegram: FakeTelegram | None) -> dict:
     if telegram is not None:
         (work / "plugins" / "notifiers").mkdir(parents=True)
         shutil.copy(ROOT / "plugins" / "notifiers" / "telegram.py", work / "plugins" / "notifiers")
-        os.environ.update(TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_CHAT_ID="555", TELEGRAM_API_URL=telegram.url)
+        os.environ.update(TELEGRAM_BOT_TOKEN=telegram.token, TELEGRAM_CHAT_ID="555", TELEGRAM_API_URL=telegram.url)
     host = start_host(work, port)
     try:
         wait_up(port)

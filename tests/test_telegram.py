@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import alert, wait_for
-from host.sim.telegram_api import TOKEN, FakeTelegram
+from host.sim.telegram_api import FakeTelegram
 from host.broker_session import set_session_state
 from host.market import IST
 
@@ -30,14 +30,14 @@ def tg():
 
 
 @pytest.fixture
-def tghost(host_factory, tmp_path, tg):
+def tghost(tg, host_factory, tmp_path):  # tg first: its server stops after the hosts, never while a bot polls it
     """A host with the Telegram plugin (copied from plugins/notifiers) pointed at the fake server."""
     def make(**overrides):
         plugins = tmp_path / "plugins"
         (plugins / "notifiers").mkdir(parents=True, exist_ok=True)
         (plugins / "strategies").mkdir(exist_ok=True)
         shutil.copy(REPO / "plugins" / "notifiers" / "telegram.py", plugins / "notifiers" / "telegram.py")
-        settings = {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_CHAT_ID": str(CHAT), "TELEGRAM_ALLOWED_USERS": str(USER),
+        settings = {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_CHAT_ID": str(CHAT), "TELEGRAM_ALLOWED_USERS": str(USER),
                     "TELEGRAM_API_URL": tg.url, **overrides}
         h = host_factory(**settings)
         wait_for(lambda: tg.sent("deleteWebhook") or tg.webhook, timeout=5)  # the bot is up and receiving
@@ -305,9 +305,9 @@ def test_the_bot_token_never_reaches_logs_or_events(tghost, tg, caplog):
     said(tg, "Filled", timeout=10)
     tg.push_message("/status", USER, CHAT)
     said(tg, "<b>Status</b>")
-    assert TOKEN not in caplog.text
-    assert TOKEN.split(":")[1] not in caplog.text
-    assert not h.runtime.storage.rows("select 1 from events where message like ?", (f"%{TOKEN.split(':')[1]}%",))
+    assert tg.token not in caplog.text
+    assert tg.token.split(":")[1] not in caplog.text
+    assert not h.runtime.storage.rows("select 1 from events where message like ?", (f"%{tg.token.split(':')[1]}%",))
 
 
 def test_webhook_mode_verifies_the_secret_header_and_takes_each_update_once(tghost, tg):
@@ -451,7 +451,7 @@ def test_a_slow_start_of_the_bots_loop_neither_fails_the_notifier_nor_loses_what
     said(tg, "<b>Status</b>", timeout=8)
 
 
-def test_a_reload_while_the_bots_loop_is_still_coming_up_leaves_one_poller(host_factory, tg, tmp_path):
+def test_a_reload_while_the_bots_loop_is_still_coming_up_leaves_one_poller(tg, host_factory, tmp_path):
     """With the start no longer waiting for the loop, a stop can come before the loop has made its tasks: the
     cancel found none, the tasks were made after it, and the stopped version polled on beside the next one."""
     plugins = tmp_path / "plugins" / "notifiers"
@@ -461,7 +461,7 @@ def test_a_reload_while_the_bots_loop_is_still_coming_up_leaves_one_poller(host_
     path.write_text((REPO / "plugins" / "notifiers" / "telegram.py").read_text().replace(
         "    def _run(self) -> None:\n",
         "    def _run(self) -> None:\n        time.sleep(1.2 if VERSION == '1.0' else 0)  # loaded\n", 1))
-    h = host_factory(TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_CHAT_ID=str(CHAT), TELEGRAM_ALLOWED_USERS=str(USER),
+    h = host_factory(TELEGRAM_BOT_TOKEN=tg.token, TELEGRAM_CHAT_ID=str(CHAT), TELEGRAM_ALLOWED_USERS=str(USER),
                      TELEGRAM_API_URL=tg.url)
     assert not tg.sent("deleteWebhook")  # the first version's loop is still coming up
     path.write_text(path.read_text().replace('VERSION = "1.0"', 'VERSION = "1.1"'))  # reload at once
@@ -631,3 +631,21 @@ def test_a_clean_shutdown_right_after_a_reload_keeps_what_the_new_version_had_no
     h.restart()  # clean: every stop hook runs, every state is stored
     wait_for(lambda: any("Trading state</b>" in p.get("text", "") and "waiting-at-reload" in p["text"]
                          for _, p in tg.delivered()), timeout=15)
+
+
+def test_a_refused_token_is_said_once_and_commands_come_back_when_telegram_takes_it_again(tghost, tg, caplog):
+    """Telegram answered a poll 401 (a token revoked and restored, or its own fault): the poll's task ended on
+    the InvalidToken, and the bot read no command again until a restart, saying nothing."""
+    caplog.set_level(logging.WARNING, logger="notifier.telegram")
+    h = tghost()
+    said(tg, "Host started")
+    good, tg.token = tg.token, "1:refused"
+    tg.push_message("/status", USER, CHAT)  # ends the poll in progress; the next one is refused
+    wait_for(lambda: tg.unauthorized >= 2, timeout=5)  # the reply to /status and the next poll
+    time.sleep(0.5)
+    tg.token = good
+    tg.push_message("/halt", USER, CHAT)
+    wait_for(lambda: h.runtime.gate.state()["state"] == "halted", timeout=8)
+    said(tg, "Trading state is now <b>halted</b>")
+    assert caplog.text.count("Telegram refuses the bot token") == 1
+    assert good.split(":")[1] not in caplog.text

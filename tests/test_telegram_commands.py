@@ -2,7 +2,10 @@
 with a backlog of notifications, a 429 flood wait and an outage of sendMessage while getUpdates still delivers."""
 from __future__ import annotations
 
+import sys
+import threading
 import time
+import traceback
 
 import pytest
 
@@ -34,10 +37,25 @@ def command_acts(h, tg, command: str, want: str, within: float = 1.0) -> float: 
     """Send a command; the trading state must be `want` within `within` seconds of it reaching the Bot API."""
     pushed = time.monotonic()
     tg.push_message(command, USER, GROUP)
-    wait_for(lambda: state(h) == want, timeout=within + 1, interval=0.01)
+    try:
+        wait_for(lambda: state(h) == want, timeout=within + 1, interval=0.01)
+    except AssertionError as e:
+        raise AssertionError(f"{command}: not {want} in time: {e}\n{what_the_bot_did(tg, pushed)}") from None
     took = time.monotonic() - pushed
-    assert took <= within, f"{command}: {want} after {took:.2f} s"
+    assert took <= within, f"{command}: {want} after {took:.2f} s\n{what_the_bot_did(tg, pushed)}"
     return took
+
+
+def what_the_bot_did(tg, pushed: float) -> str:  # noqa: F811
+    """For a failure: the requests the fake Bot API got around the command, and where each thread stands."""
+    with tg.lock:
+        got = [f"{t - pushed:+.3f} s {m} {code}" for t, m, code, _ in sorted(tg.received, key=lambda r: r[0])
+               if t >= pushed - 3] + [f"now: {tg.pollers} long poll(s) in progress, {tg.conflicts} conflicts, "
+                                      f"{tg.unauthorized} with another token"]
+    names = {t.ident: t.name for t in threading.enumerate()}
+    stacks = [f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame)[-4:])
+              for ident, frame in sys._current_frames().items() if ident != threading.get_ident()]
+    return "requests (time from the command):\n" + "\n".join(got) + "\nthreads:\n" + "\n".join(stacks)
 
 
 def delivered_texts(tg, after: float = 0.0) -> list[str]:  # noqa: F811
@@ -143,7 +161,7 @@ def test_exitall_buttons_arrive_within_2_s_behind_50_notifications(tghost, tg): 
     tg.push_message("/exitall", USER, GROUP)
     prompt_at, prompt = wait_for(lambda: next(((t, p) for t, p in tg.delivered() if "reply_markup" in p), None),
                                  timeout=5)
-    assert prompt_at - pushed <= 2.0, f"buttons after {prompt_at - pushed:.2f} s"
+    assert prompt_at - pushed <= 2.0, f"buttons after {prompt_at - pushed:.2f} s\n{what_the_bot_did(tg, pushed)}"
     wait_for(lambda: REJECTED in "".join(delivered_texts(tg, prompt_at + 0.01)), timeout=10)  # it jumped a backlog
     assert h.net() == -75
     pressed = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import select
 import socket
 import threading
@@ -18,13 +19,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qs
 
-TOKEN = "123456:TEST-token-never-real"
 BOT = {"id": 123456, "is_bot": True, "first_name": "Host", "username": "host_test_bot"}
 
 
 class FakeTelegram:
-    def __init__(self, token: str = TOKEN):
-        self.token = token
+    def __init__(self, token: Optional[str] = None):
+        # a token of its own: a bot left polling by another test (this process or another) whose port this
+        # server now has gets 401, and cannot take this server's updates
+        self.token = token or f"{secrets.randbelow(10**9)}:TEST-{secrets.token_hex(8)}-never-real"
+        self.unauthorized = 0             # requests with another token (a bot that is not this test's)
         self.lock = threading.Condition()
         self.updates: list[dict] = []     # not yet confirmed
         self.served: list[int] = []       # every update id given to a poller (repeats show redelivery)
@@ -142,6 +145,8 @@ class FakeTelegram:
     def handle(self, path: str, content_type: str, raw: str) -> tuple[int, dict]:
         prefix = f"/bot{self.token}/"
         if not path.startswith(prefix):
+            with self.lock:
+                self.unauthorized += 1
             return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
         method = path[len(prefix):].split("?")[0]
         params = self._params(content_type, raw)

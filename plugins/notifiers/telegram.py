@@ -42,6 +42,7 @@ COLLAPSE_AFTER_S = 10.0       # an outage this long: what waited is summed up in
 BACKOFF_S = (1, 2, 4, 8, 15)  # between attempts while Telegram is unreachable
 REPLY_RETRY_S = 2.0           # ... but a waiting command reply is tried again at least this often
 POLL_RETRY_S = (0.5, 1, 2, 5)  # between long polls that failed: commands are read soon after an outage
+REFUSED_RETRY_S = (2, 5, 15, 30, 60)  # between polls while Telegram refuses the token (401) or fails oddly
 POLL_S = 10                   # long-poll timeout
 BATCH_CHARS = 3500            # waiting messages are joined into one, up to this size (Telegram: 4096)
 REPLY_MAX = 50                # command replies waiting; more are logged and not sent
@@ -606,12 +607,14 @@ class TelegramNotifier:
         await self._acquire_baton()
         self._take_over()
         await self._call(self.bot.delete_webhook)  # polling and a webhook exclude each other
-        attempt = 0
+        attempt = refused = 0
         while True:
             try:
                 updates = await self.bot.get_updates(offset=self._offset() or None, timeout=POLL_S,
                                                      allowed_updates=["message", "callback_query"])
-                attempt = 0
+                if refused:
+                    self.log.warning("Telegram takes the bot token again: commands are read")
+                attempt = refused = 0
             except Conflict:  # another poller with this token (another host?): say so, wait
                 self.log.error("another program polls this bot token; commands may go there")
                 await asyncio.sleep(5)
@@ -624,6 +627,15 @@ class TelegramNotifier:
             except NetworkError:
                 await asyncio.sleep(POLL_RETRY_S[min(attempt, len(POLL_RETRY_S) - 1)])
                 attempt += 1
+                continue
+            except Exception as e:  # InvalidToken (401/404) or an answer PTB cannot read: polling must go on
+                if not refused:
+                    what = ("Telegram refuses the bot token" if isinstance(e, InvalidToken)
+                            else f"Telegram's answer to a poll could not be used ({type(e).__name__})")
+                    self.log.error("%s: %s. No command is read until it is fixed (check TELEGRAM_BOT_TOKEN); "
+                                   "trying again, at most every %d s", what, e, REFUSED_RETRY_S[-1])
+                await asyncio.sleep(REFUSED_RETRY_S[min(refused, len(REFUSED_RETRY_S) - 1)])
+                refused += 1
                 continue
             if updates:  # handled to the end even if this version is stopped meanwhile
                 self.handling = asyncio.ensure_future(self._handle_all(updates))
