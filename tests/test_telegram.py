@@ -649,3 +649,20 @@ def test_a_refused_token_is_said_once_and_commands_come_back_when_telegram_takes
     said(tg, "Trading state is now <b>halted</b>")
     assert caplog.text.count("Telegram refuses the bot token") == 1
     assert good.split(":")[1] not in caplog.text
+
+
+def test_commands_are_read_in_a_process_with_more_than_1024_open_files(tghost, tg):
+    """The fake Bot API checked for a cancelled long poll with select(), which raises for a socket numbered over
+    1,023: late in a long test run every poll was taken for hung up and answered empty at once, no command was
+    ever served, and the Telegram command tests failed only in full runs."""
+    import os
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # what a long run's workers reach
+    try:
+        h = tghost()
+        tg.push_message("/halt", USER, CHAT)
+        wait_for(lambda: h.runtime.gate.state()["state"] == "halted", timeout=5)
+        time.sleep(1.0)
+        assert len([1 for _, m, _, _ in tg.received if m == "getUpdates"]) <= 3  # long polls, not a spin
+    finally:
+        for fd in spare:
+            os.close(fd)

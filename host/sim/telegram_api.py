@@ -243,9 +243,10 @@ class FakeTelegram:
         sock = getattr(self.current, "sock", None) if sock is None else sock
         if sock is None:
             return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        try:  # poll(), not select(): select() raises for a socket numbered over 1,023 (a long test run has those)
+            watch = select.poll()
+            watch.register(sock, select.POLLIN | select.POLLHUP)
+            return bool(watch.poll(0)) and sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
