@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import weakref
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -404,8 +405,8 @@ class Storage:
         self.full_since: Optional[str] = None  # a write failed for a full disk (cleared by the next that works)
         self.reserve = self.path.parent / RESERVE_NAME  # space kept back for risk and exits on a full disk
         self._lock = threading.RLock()
-        self._readers_lock = threading.Lock()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.RLock()  # RLock: a reader's finalizer may run in a GC inside close()
+        self._readers: set[sqlite3.Connection] = set()
         self._local = threading.local()
         create_private(self.path)
         try:
@@ -431,14 +432,21 @@ class Storage:
         self.migrate()
 
     def _reader(self) -> sqlite_utils.Database:
-        """This thread's read connection: under WAL readers never wait for each other or for the writer."""
+        """This thread's read connection: under WAL readers never wait for each other or for the writer.
+        It is closed when its thread ends (a thread per exit's book read would otherwise leave one open each)."""
         reader = getattr(self._local, "reader", None)
         if reader is None:
             conn = self._connect()
             with self._readers_lock:
-                self._readers.append(conn)
+                self._readers.add(conn)
             reader = self._local.reader = _Database(conn)
+            weakref.finalize(reader, self._drop_reader, conn)  # the thread's locals go when it ends
         return reader
+
+    def _drop_reader(self, conn: sqlite3.Connection) -> None:
+        with self._readers_lock:
+            self._readers.discard(conn)
+        conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,

@@ -1894,3 +1894,24 @@ def test_3l_after_an_override_the_breachs_follow_up_brings_an_overfilled_positio
     sender.enqueue_cancel = real
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=15)
     assert _lowest_net(sim, 1.5) == 0
+
+
+def test_exits_all_day_leave_the_hosts_open_files_flat(live, sim):
+    """Each EXIT's read of the broker's books ran on a new thread, and each such thread's database connection
+    stayed open: two files per exit, for as long as the host ran (402 in the 2,000-alert soak)."""
+    from test_storage import _open_files
+    h = live()
+    sim.sim.tick("NFO", SYMBOL, Decimal("43"))
+
+    def round_trip(i: int) -> None:
+        wait_status(h, entry(h, direction="BUY", qty=75, price="43", alert_id=f"in{i}"), "FILLED")
+        [_] = place(h, execution_type="EXIT", direction="SELL", qty=75, order_type="MKT", price=None,
+                    alert_id=f"out{i}")["orders"]
+        wait_for(lambda: net(h, "s1", SYMBOL) == 0 and broker_net(sim, SYMBOL) == 0, timeout=6)
+
+    round_trip(0)
+    before = _open_files()
+    for i in range(1, 21):
+        round_trip(i)
+    assert len(h.orders()) == 42
+    assert _open_files() - before <= 6

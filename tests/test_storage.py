@@ -112,3 +112,42 @@ def test_a_write_waiting_for_another_process_begins_soon_after_it_ends(tmp_path)
     assert statistics.median(late) < 0.005, late
     other.close()
     storage.close()
+
+
+def _open_files() -> int:
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thread_that_read_and_ended_leaves_no_connection_open(tmp_path):
+    """Each thread reads through a connection of its own, and the storage kept every one open until it closed:
+    a thread per exit's book read (exit_reads.py) left two open files each, 402 connections in a 2,000-alert soak,
+    so a host up for days would run out of files (a service's limit is often 1,024) and then fail broker calls."""
+    s = Storage(tmp_path / "h.sqlite")
+    s.one("select 1 as x")
+    before = _open_files()
+
+    def read() -> None:
+        assert s.one("select 1 as x")["x"] == 1
+
+    for _ in range(60):
+        t = threading.Thread(target=read)
+        t.start()
+        t.join()
+    assert _open_files() - before <= 4
+    kept = threading.Event()
+    done = threading.Event()
+
+    def read_and_stay() -> None:
+        read()
+        kept.set()
+        done.wait(5)
+
+    t = threading.Thread(target=read_and_stay)
+    t.start()
+    kept.wait(5)
+    s.close()  # a thread still alive: its connection is closed with the storage's
+    assert _open_files() < before
+    done.set()
+    t.join()
+
