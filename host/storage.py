@@ -192,6 +192,13 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, 
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 
+def _drop_reader(readers: set, lock: Any, conn: sqlite3.Connection) -> None:
+    """Close a thread's read connection once its thread has ended."""
+    with lock:
+        readers.discard(conn)
+    conn.close()
+
+
 class StorageFull(sqlite3.OperationalError):
     """The disk holding the database is full (SQLITE_FULL or ENOSPC); the transaction was rolled back."""
 
@@ -440,13 +447,10 @@ class Storage:
             with self._readers_lock:
                 self._readers.add(conn)
             reader = self._local.reader = _Database(conn)
-            weakref.finalize(reader, self._drop_reader, conn)  # the thread's locals go when it ends
+            # when the thread's locals go; nothing in it leads back to self (a Storage never closed is still freed),
+            # and not at exit (a daemon thread still reading would find its connection closed under it)
+            weakref.finalize(reader, _drop_reader, self._readers, self._readers_lock, conn).atexit = False
         return reader
-
-    def _drop_reader(self, conn: sqlite3.Connection) -> None:
-        with self._readers_lock:
-            self._readers.discard(conn)
-        conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
@@ -591,7 +595,8 @@ class Storage:
                 log.warning("rollback on %s: %s", self.path, e)
 
     def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run fn on this thread's read connection, retrying while the database is locked."""
+        """Run fn on this thread's read connection, retrying while the database is locked. fn returns its rows
+        whole (a list, not a generator): the connection is closed when its thread ends."""
         for attempt in range(LOCK_RETRIES):
             try:
                 return fn(self._reader())
@@ -651,9 +656,10 @@ class Storage:
             self.conn.close()
             if self._wal is not None:
                 self._wal.close()
-            for conn in self._readers:
-                conn.close()
+            readers = list(self._readers)  # a reader's finalizer may run (a GC) while these close
             self._readers.clear()
+            for conn in readers:
+                conn.close()
 
     # ---- small shared records ----
     @staticmethod

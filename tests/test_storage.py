@@ -151,3 +151,17 @@ def test_a_thread_that_read_and_ended_leaves_no_connection_open(tmp_path):
     done.set()
     t.join()
 
+
+
+def test_a_storage_dropped_without_close_is_freed_with_its_files(tmp_path):
+    """The readers' finalizers must not hold the storage: one never closed (an error path) still lets its files go."""
+    import gc
+    import weakref
+    before = _open_files()
+    s = Storage(tmp_path / "h.sqlite")
+    s.one("select 1 as x")
+    gone = weakref.ref(s)
+    del s
+    gc.collect()
+    assert gone() is None
+    assert _open_files() <= before

@@ -609,11 +609,12 @@ class TelegramNotifier:
         await self._call(self.bot.delete_webhook)  # polling and a webhook exclude each other
         attempt = refused = 0
         while True:
+            offset = self._offset() or None
             try:
-                updates = await self.bot.get_updates(offset=self._offset() or None, timeout=POLL_S,
+                updates = await self.bot.get_updates(offset=offset, timeout=POLL_S,
                                                      allowed_updates=["message", "callback_query"])
                 if refused:
-                    self.log.warning("Telegram takes the bot token again: commands are read")
+                    self.log.warning("Telegram answers polls again: commands are read")
                 attempt = refused = 0
             except Conflict:  # another poller with this token (another host?): say so, wait
                 self.log.error("another program polls this bot token; commands may go there")
@@ -628,12 +629,13 @@ class TelegramNotifier:
                 await asyncio.sleep(POLL_RETRY_S[min(attempt, len(POLL_RETRY_S) - 1)])
                 attempt += 1
                 continue
-            except Exception as e:  # InvalidToken (401/404) or an answer PTB cannot read: polling must go on
-                if not refused:
-                    what = ("Telegram refuses the bot token" if isinstance(e, InvalidToken)
-                            else f"Telegram's answer to a poll could not be used ({type(e).__name__})")
-                    self.log.error("%s: %s. No command is read until it is fixed (check TELEGRAM_BOT_TOKEN); "
-                                   "trying again, at most every %d s", what, e, REFUSED_RETRY_S[-1])
+            except Exception as e:  # InvalidToken (401/404), another refusal, or a defect: polling must go on
+                if not refused and isinstance(e, InvalidToken):
+                    self.log.error("Telegram refuses the bot token (%s): no command is read until it takes it "
+                                   "(check TELEGRAM_BOT_TOKEN); trying again, at most every %d s", e, REFUSED_RETRY_S[-1])
+                elif not refused:  # not Telegram's word on the token: said with where it came from
+                    self.log.exception("Telegram polling failed; no command is read until it works; trying again, "
+                                       "at most every %d s", REFUSED_RETRY_S[-1])
                 await asyncio.sleep(REFUSED_RETRY_S[min(refused, len(REFUSED_RETRY_S) - 1)])
                 refused += 1
                 continue
