@@ -666,3 +666,40 @@ def test_commands_are_read_in_a_process_with_more_than_1024_open_files(tghost, t
     finally:
         for fd in spare:
             os.close(fd)
+
+
+UNREADABLE = {"message": {"message_id": 1, "date": 0, "text": "/halt", "chat": 7}}  # `chat` not an object: PTB raises
+
+
+def test_polling_an_update_the_library_cannot_read_is_skipped_and_commands_after_it_still_act(tghost, tg, caplog):
+    """python-telegram-bot reads a whole getUpdates answer at once: one update it could not read (a field Telegram
+    changed) failed every poll, the offset never moved past it, and no command was read again until a restart."""
+    caplog.set_level(logging.WARNING, logger="notifier.telegram")
+    h = tghost()
+    bad = tg._push(UNREADABLE)
+    tg.push_message("/halt", USER, CHAT)
+    wait_for(lambda: h.runtime.gate.state()["state"] == "halted", timeout=8)
+    said(tg, "Trading state is now <b>halted</b>")
+    text = said(tg, "TELEGRAM MESSAGE NOT READ")  # the trader hears of it: a command in it was not acted on
+    assert f"update {bad}" in text and "send it again" in text
+    assert caplog.text.count(f"update {bad} could not be read") == 1
+    assert tg.token.split(":")[1] not in caplog.text
+
+
+def test_webhook_mode_an_update_the_library_cannot_read_is_skipped_and_commands_after_it_still_act(tghost, tg, caplog):
+    """Webhook mode read stored updates with Update.de_json outside any try: one it could not read ended the
+    task that takes them, silently, and no command sent after it was acted on until a restart."""
+    caplog.set_level(logging.WARNING, logger="notifier.telegram")
+    secret = "s3cret-token-for-webhooks"
+    h = tghost(TELEGRAM_MODE="webhook", TELEGRAM_WEBHOOK_SECRET=secret, PUBLIC_URL="https://host.example")
+    wait_for(lambda: tg.webhook is not None, timeout=5)
+    halt = {"update_id": 91, "message": {"message_id": 2, "date": 0, "text": "/halt",
+                                         "chat": {"id": CHAT, "type": "private"},
+                                         "from": {"id": USER, "is_bot": False, "first_name": "T"}}}
+    for update in ({"update_id": 90, **UNREADABLE}, halt):
+        r = h.client.post("/telegram/webhook", json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+        assert r.status_code == 200
+    wait_for(lambda: h.runtime.gate.state()["state"] == "halted", timeout=8)
+    said(tg, "TELEGRAM MESSAGE NOT READ")
+    assert caplog.text.count("update 90 could not be read") == 1
+    wait_for(lambda: not h.runtime.storage.rows("select 1 from notifier_inbox where handled_at is null"), timeout=5)

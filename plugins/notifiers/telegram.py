@@ -62,6 +62,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "host_started": ("system", "Host started"), "host_stopped": ("system", "Host stopped"),
     "login_failed": ("system", "Dashboard login failed"), "logout_all": ("system", "Dashboard: logged out everywhere"),
     "login_unlocked": ("system", "Dashboard logins unlocked"),
+    "telegram_update_skipped": ("system", "TELEGRAM MESSAGE NOT READ"),
     "backup_failed": ("system", "DATABASE BACKUP FAILED"), "backup_": ("system", "Database backup"),
     "database": ("system", "Database"),
     "broker_session_valid": ("broker", "Broker session restored"),
@@ -629,7 +630,12 @@ class TelegramNotifier:
                 await asyncio.sleep(POLL_RETRY_S[min(attempt, len(POLL_RETRY_S) - 1)])
                 attempt += 1
                 continue
-            except Exception as e:  # InvalidToken (401/404), another refusal, or a defect: polling must go on
+            except Exception as e:  # InvalidToken (401/404), another refusal, an update PTB cannot read, or a defect:
+                if not isinstance(e, InvalidToken):  # polling must go on
+                    read = await self._read_raw(offset)  # each update read on its own: the unreadable are skipped
+                    await self._handle_now(read or [])
+                    if read and any(u is None for _, u in read):  # that was why: the next poll goes past it
+                        continue
                 if not refused and isinstance(e, InvalidToken):
                     self.log.error("Telegram refuses the bot token (%s): no command is read until it takes it "
                                    "(check TELEGRAM_BOT_TOKEN); trying again, at most every %d s", e, REFUSED_RETRY_S[-1])
@@ -639,9 +645,41 @@ class TelegramNotifier:
                 await asyncio.sleep(REFUSED_RETRY_S[min(refused, len(REFUSED_RETRY_S) - 1)])
                 refused += 1
                 continue
-            if updates:  # handled to the end even if this version is stopped meanwhile
-                self.handling = asyncio.ensure_future(self._handle_all(updates))
-                await asyncio.shield(self.handling)
+            await self._handle_now([(u.update_id, u) for u in updates])
+
+    async def _read_raw(self, offset: Optional[int]) -> Optional[list[tuple[int, Any]]]:
+        """After a poll PTB could not finish: the waiting updates fetched as Telegram's JSON and read one by one
+        (None if that fails too). PTB reads an answer whole, so one update it cannot read (a field Telegram changed)
+        failed every poll, and the offset never moved past it: no command was read again."""
+        try:
+            with warnings.catch_warnings():  # PTB asks for get_updates, which is what could not read them
+                warnings.simplefilter("ignore")
+                raw = await self.bot.do_api_request("getUpdates", api_kwargs={
+                    "offset": offset, "timeout": 0, "allowed_updates": ["message", "callback_query"]})
+            return [(int(r["update_id"]), await self._read(r)) for r in raw]
+        except Exception:  # not an update's fault: the caller backs off and says so
+            return None
+
+    async def _read(self, raw: dict) -> Any:
+        """One update as PTB reads it, or None: said in the log and to the chat, then skipped."""
+        try:
+            return Update.de_json(raw, self.bot)
+        except Exception as e:
+            uid = raw.get("update_id") if isinstance(raw, dict) else None
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            self.log.error("Telegram update %s could not be read (%s); skipped", uid, why)
+            try:  # to the chat too: the trader may be waiting for an answer to a command in it
+                await self._blocking(self.ctx.host.record, "telegram_update_skipped",
+                                     f"Telegram update {uid} could not be read by the bot ({why}) and was skipped: "
+                                     f"a command in it was not acted on; send it again", "error", {"update_id": uid})
+            except Exception:
+                self.log.exception("recording the skipped Telegram update %s failed", uid)
+            return None
+
+    async def _handle_now(self, updates: list[tuple[int, Any]], inbox_ids: Optional[list] = None) -> None:
+        if updates:  # handled to the end even if this version is stopped meanwhile
+            self.handling = asyncio.ensure_future(self._handle_all(updates, inbox_ids))
+            await asyncio.shield(self.handling)
 
     async def _webhook_inbox(self) -> None:
         """Webhook mode: the host's /telegram/webhook stores verified updates; take them from there."""
@@ -653,21 +691,22 @@ class TelegramNotifier:
         while True:
             rows = await self._blocking(self.ctx.host.inbox, "telegram")
             if rows:
-                self.handling = asyncio.ensure_future(self._handle_all(
-                    [Update.de_json(r["body"], self.bot) for r in rows], [r["id"] for r in rows]))
-                await asyncio.shield(self.handling)
+                await self._handle_now([(int(r["body"]["update_id"]), await self._read(r["body"])) for r in rows],
+                                       [r["id"] for r in rows])
             else:
                 await asyncio.sleep(0.3)
 
-    async def _handle_all(self, updates: list, inbox_ids: Optional[list] = None) -> None:
-        for i, update in enumerate(updates):
-            if update.update_id < self._offset():
+    async def _handle_all(self, updates: list[tuple[int, Any]], inbox_ids: Optional[list] = None) -> None:
+        """(update id, the update as read, or None if it could not be: skipped in its place), in order."""
+        for i, (update_id, update) in enumerate(updates):
+            if update_id < self._offset():
                 continue  # handled already (by this or an earlier version)
             try:
-                await self._handle(update)
+                if update is not None:
+                    await self._handle(update)
             except Exception:
-                self.log.exception("Telegram update %s could not be handled", update.update_id)
-            self._handled(update.update_id)
+                self.log.exception("Telegram update %s could not be handled", update_id)
+            self._handled(update_id)
             if inbox_ids:
                 await self._blocking(self.ctx.host.inbox_done, inbox_ids[i])
 
