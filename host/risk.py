@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import sqlite_utils
 
@@ -125,8 +125,13 @@ class RiskManager:
         self.storage, self.limits, self.clock = storage, limits, clock
 
     # ---- stored state ----
-    def trading_state(self) -> dict:
-        raw = self.storage.get_state(STATE_KEY)
+    def trading_state(self, db: Optional[sqlite_utils.Database] = None) -> dict:
+        """The stored trading state; read inside `db`'s transaction when given (a write that depends on it)."""
+        if db is None:
+            raw = self.storage.get_state(STATE_KEY)
+        else:
+            row = db.execute("select value from state where key = ?", (STATE_KEY,)).fetchone()
+            raw = row[0] if row else None
         if not raw:
             return {"state": TradingState.ACTIVE.value, "reason": None, "by": None, "at": None}
         try:
@@ -415,6 +420,15 @@ class RiskGate:
             if n >= per_day:
                 return f"strategy {strategy} reached its max of {per_day} orders today (RISK_MAX_ORDERS_PER_DAY)"
         return None
+
+    def set_state_if(self, db: sqlite_utils.Database, when: Callable[[dict], bool], state: TradingState, reason: str,
+                     by: str) -> bool:
+        """Risk's own change of the state, decided on the state read in the same transaction: a halt the trader
+        sent after risk looked is never written over."""
+        if not when(self.manager.trading_state(db)):
+            return False
+        self.set_state(db, state, reason, by)
+        return True
 
     def set_state(self, db: sqlite_utils.Database, state: TradingState, reason: str, by: str) -> None:
         Storage.put_state(db, STATE_KEY, json.dumps({"state": state.value, "reason": reason, "by": by, "at": utcnow()}))

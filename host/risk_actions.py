@@ -161,9 +161,9 @@ class RiskLoop:
         """The halt is written after the day's breach, in a write of its own: one that failed (a disk error), or
         that a restart came before, is written on a later beat (entries are refused meanwhile: RiskGate.refusal)."""
         if self.gate.trading_state is TradingState.ACTIVE and self._breach_holds():
-            self.storage.write(lambda db: self.gate.set_state(
-                db, TradingState.HALTED, "today's daily loss limit was breached (the halt is written again: the "
-                "first write of it did not happen)", "risk"))
+            self.storage.write(lambda db: self.gate.set_state_if(
+                db, _active, TradingState.HALTED, "today's daily loss limit was breached (the halt is written again: "
+                "the first write of it did not happen)", "risk"))
 
     def _exposed(self) -> bool:
         """Asked only after a breach: positions risk counts that no working exit covers, or that a working exit
@@ -355,10 +355,9 @@ class RiskLoop:
 
     # ---- acting ----
     def act(self, action: Action) -> None:
-        halted_by_risk = lambda: self.gate.state().get("by") == "risk"  # noqa: E731
-        if action.kind == "fail_closed":
-            if self.gate.trading_state is TradingState.ACTIVE:
-                self.storage.write(lambda db: self.gate.set_state(db, TradingState.REDUCE_ONLY, action.message, "risk"))
+        if action.kind == "fail_closed":  # (the state is read in the write: a halt sent meanwhile stands)
+            self.storage.write(lambda db: self.gate.set_state_if(db, _active, TradingState.REDUCE_ONLY,
+                                                                 action.message, "risk"))
             return  # said once, through the state change
         if action.kind == "violation":
             self._say("violation", "risk_violation", action.message, action.severity, None, action.data)
@@ -369,8 +368,9 @@ class RiskLoop:
         if action.kind == "breach":
             self.storage.write(lambda db: self.gate.set_state(db, TradingState.HALTED, action.message, "risk"))
             self.flatten("risk: daily max loss breached")
-        elif action.kind == "resume" and halted_by_risk():
-            self.storage.write(lambda db: self.gate.set_state(db, TradingState.ACTIVE, action.message, "risk"))
+        elif action.kind == "resume":  # only what risk itself set: never the trader's halt
+            self.storage.write(lambda db: self.gate.set_state_if(db, lambda st: st.get("by") == "risk",
+                                                                 TradingState.ACTIVE, action.message, "risk"))
         elif action.kind in ("strategy_breach", "square_off"):  # stored with the stop's mark: done now, once
             self._flatten_pending()
         elif action.kind == "new_day":
@@ -728,6 +728,10 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
         o["room"] = min(o["remaining"], room.get(key, 0)) if o.pop("closes") else 0
         room[key] = room.get(key, 0) - o["room"]
     return over
+
+
+def _active(state: dict) -> bool:
+    return state["state"] == TradingState.ACTIVE.value
 
 
 def _touched_today(p: dict) -> bool:

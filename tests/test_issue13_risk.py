@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -134,6 +135,38 @@ def test_1d_an_override_made_while_a_check_runs_on_another_thread_is_not_undone_
     time.sleep(0.6)  # risk beats: the halt is not written again
     assert _risk(risky)["state"] == "active", _risk(risky)
     assert risky.post(alert("ENTRY", "again", tradingsymbol="OTHER")).status_code == 200
+
+
+@pytest.mark.parametrize("before, action", [("reduce_only", "resume"), ("active", "fail_closed")])
+def test_1g_a_trader_halt_landing_between_risks_read_of_the_state_and_its_write_stands(risky, before, action):
+    """Risk read the trading state, then wrote its own in a later transaction: a halt the trader sent in between
+    (from the API's thread, while the check ran on the engine's after a login) was written over. Risk's
+    automatic resume made it `active`; its fail-closed made it `reduce_only`. Risk now decides inside the write."""
+    from host.models import TradingState
+    from host.risk import Action
+    risk, gate, storage = risky.runtime.engine.risk, risky.runtime.gate, risky.runtime.storage
+    storage.write(lambda db: gate.set_state(db, TradingState(before), "blind: failing closed", "risk"))
+    real_read, landed = gate.manager.trading_state, threading.Event()
+
+    def read(*a, **kw):  # the trader's halt, from another thread, lands right after risk reads the state
+        st = real_read(*a, **kw)
+        if threading.current_thread().name == "late-risk" and not landed.is_set():
+            threading.Thread(target=lambda: (storage.write(lambda db: gate.set_state(
+                db, TradingState.HALTED, "by hand", "api")), landed.set())).start()
+            landed.wait(0.3)  # it waits for risk's transaction if risk reads inside one
+        return st
+    gate.manager.trading_state = read
+    try:
+        late = threading.Thread(target=risk.act, args=(Action(action, "risk sees again" if action == "resume"
+                                                              else "risk is blind"),), name="late-risk")
+        late.start()
+        late.join(5)
+    finally:
+        gate.manager.trading_state = real_read
+    assert landed.wait(5)
+    st = gate.state()
+    assert (st["state"], st["by"]) == ("halted", "api"), st
+    assert risky.post(alert("ENTRY", "after-halt", tradingsymbol="OTHER")).status_code == 423
 
 
 def test_2a_a_poison_alert_fails_alone_and_the_loop_goes_on(risky):
