@@ -26,7 +26,7 @@ import sqlite_utils
 from . import flatten, targets
 from .broker_session import load_token
 from .brokers.base import SessionExpired
-from .commands import CONTROL, Commands
+from .commands import CONTROL, Commands, after_halts, is_halt
 from .daily import Daily
 from .exit_reads import ExitReads, ReadFailed
 from .decide import Decider
@@ -128,7 +128,8 @@ class Engine:
         self.commands.handlers.update(halt=self.risk.halt, exit_all=self.risk.exit_all, plugin=self._cmd_plugin,
                                       ticks=self._cmd_ticks, broker_session=self._cmd_broker_session,
                                       paper_fault=self._cmd_paper_fault)
-        self.risk.commands = lambda: self.commands.run(CONTROL)
+        self.risk.commands = lambda: self.commands.run(CONTROL, after_halts())  # a resume, an exit-all
+        self.risk.halts = lambda: self.commands.run(("halt",), is_halt)  # at once, on a thread of their own
         self.risk.reprice = sender.enqueue_reprice
         self.ticks = TickSanity(tick_jump_pct, self._stored_price)
         self.protect = Protector(storage, self._dispatch,  # stops resting at the broker, targets, trailing

@@ -430,8 +430,14 @@ class RiskGate:
         self.set_state(db, state, reason, by)
         return True
 
-    def set_state(self, db: sqlite_utils.Database, state: TradingState, reason: str, by: str) -> None:
-        Storage.put_state(db, STATE_KEY, json.dumps({"state": state.value, "reason": reason, "by": by, "at": utcnow()}))
+    def set_state(self, db: sqlite_utils.Database, state: TradingState, reason: str, by: str,
+                  command: Optional[int] = None) -> None:
+        """Write the trading state; `command`: the id of the trader's command that set it (a resume sent before it
+        never undoes it: RiskLoop.halt)."""
+        value = {"state": state.value, "reason": reason, "by": by, "at": utcnow()}
+        if command is not None:
+            value["command"] = command
+        Storage.put_state(db, STATE_KEY, json.dumps(value))
         Storage.add_event(db, "trading_state", f"trading state set to {state.value} by {by}: {reason}",
                           severity="warning" if state is not TradingState.ACTIVE else "info",
                           data={"state": state.value, "by": by})

@@ -60,13 +60,16 @@ class RiskLoop:
                  risk_poll_s: float = 5.0, scope: str = "strategies+manual"):
         self.storage, self.gate, self.decider, self.dispatch, self.outside = storage, gate, decider, dispatch, outside
         self.params, self.now, self.risk_poll_s, self.scope = params, now, risk_poll_s, scope
-        self.commands: Callable[[], None] = lambda: None  # the control commands (set by the engine)
+        self.commands: Callable[[], None] = lambda: None  # exit-all and resume (set by the engine)
+        self.halts: Callable[[], None] = lambda: None  # halts and reduce-only, on their own thread (set by the engine)
         self.reprice: Callable[[str, Decimal], None] = lambda oid, price: None  # ModifyOrder (set by the engine)
         self.reprice_s = Decimal("3")  # EXIT_REPRICE_S
         self.protection_pct = Decimal("2")  # MARKET_PROTECTION_PCT: the size of each step
         self._wake = threading.Event()
+        self._halt_wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._halts_thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()  # one check at a time, whoever asks
         self._force_poll = True
         self._last_poll = 0.0
@@ -82,18 +85,35 @@ class RiskLoop:
     def start(self) -> None:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="risk", daemon=True)
+        self._halts_thread = threading.Thread(target=self._run_halts, name="risk-halts", daemon=True)
         self._thread.start()
+        self._halts_thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(timeout)
+        self._halt_wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, self._halts_thread):
+            if thread:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def wake(self, poll: bool = False) -> None:
         """Check now (prices or fills moved); with poll, read the broker's positions too."""
         self._force_poll = self._force_poll or poll
         self._wake.set()
+        self._halt_wake.set()  # a halt may be waiting
+
+    def _run_halts(self) -> None:
+        """Halts and reduce-only only: a state write each, never behind a check or an exit-all's broker read."""
+        while not self._stopping.is_set():
+            self._halt_wake.wait(RISK_EVERY_S)  # (also found without a wake: stored by another process)
+            self._halt_wake.clear()
+            try:
+                self.halts()
+            except Exception:
+                log.exception("risk: running a halt failed; trying again")
+                self._stopping.wait(RISK_EVERY_S)
 
     def _run(self) -> None:
         last_check = 0.0
@@ -276,8 +296,9 @@ class RiskLoop:
             self._lock.release()
 
     def _halt(self, args: dict) -> dict:
-        state, by = TradingState(args["mode"]), args.get("by") or "api"
+        state, by, command = TradingState(args["mode"]), args.get("by") or "api", args.get("command_id")
         if state is TradingState.ACTIVE:
+            self._not_overtaken(self.gate.manager.trading_state(), command)
             today = self.gate.clock.day(self.now())
             self.gate.manager.repair(today)  # an explicit resume also replaces an unreadable risk record
             day = self.gate.manager.load_day(today)
@@ -293,8 +314,19 @@ class RiskLoop:
                     db, "risk_override", f"today's breach overridden by {by}: trading resumes, and the daily limit "
                     f"starts again from PnL {day.last_pnl} (new limit {day.limit})", "warning", None,
                     {"by": by, "pnl": str(day.last_pnl), "limit": str(day.limit)}))
-        self.storage.write(lambda db: self.gate.set_state(db, state, args.get("reason") or "set by the user", by))
+        def write(db: Any) -> None:
+            if state is TradingState.ACTIVE:  # read again in the write: a halt may have come meanwhile
+                self._not_overtaken(self.gate.manager.trading_state(db), command)
+            self.gate.set_state(db, state, args.get("reason") or "set by the user", by, command)
+        self.storage.write(write)
         return {"state": state.value}
+
+    @staticmethod
+    def _not_overtaken(current: dict, command: Optional[int]) -> None:
+        """A resume run after a halt sent later (halts run at once, a resume waits its turn) does nothing."""
+        if command is not None and int(current.get("command") or 0) > command:
+            raise Conflict(f"a halt sent after this resume has been done (trading is {current['state']}): nothing "
+                           f"was changed; resume again to trade")
 
     def exit_all(self, args: dict) -> dict:
         """The trader's exit-all: every position in the book, every adding order; its exits, and the exits already

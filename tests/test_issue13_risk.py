@@ -347,6 +347,82 @@ def test_1e_a_resume_waiting_for_a_slow_check_is_refused_and_a_halt_after_it_act
     assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # once the check has ended
 
 
+@contextlib.contextmanager
+def _exit_all_slow(h, seconds: float = 3.0):
+    """While inside: an exit-all runs on risk's thread and takes `seconds` (a slow read of the broker's books)."""
+    handlers = h.runtime.engine.commands.handlers
+    real, started = handlers["exit_all"], threading.Event()
+
+    def slow(args):
+        started.set()
+        time.sleep(seconds)
+        return real(args)
+    handlers["exit_all"] = slow
+    sent = threading.Thread(target=lambda: h.api("/api/exit-all", "POST", json={}), daemon=True)
+    try:
+        sent.start()
+        assert started.wait(5)
+        yield
+    finally:
+        sent.join(seconds + 10)
+        handlers["exit_all"] = real
+
+
+def test_1h_a_halt_sent_while_an_exit_all_runs_acts_at_once(risky):
+    """Review 18 F4: halts ran on risk's thread one command at a time, behind an exit-all whose read of the broker
+    could take seconds: the halt answered 504 after 5 s, and entries were still accepted until the exit-all ended."""
+    with _exit_all_slow(risky):
+        t0 = time.monotonic()
+        r = risky.api("/api/halt", "POST", json={"mode": "halted", "reason": "stop now"})
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0, (r.status_code, r.get_json())
+        assert risky.post(alert("ENTRY", "during-exit-all", tradingsymbol="OTHER")).status_code == 423
+    assert _risk(risky)["state"] == "halted"
+
+
+def test_1i_a_resume_sent_before_a_halt_never_undoes_it_whatever_order_they_run_in(risky):
+    """Halts now run at once on a thread of their own, and a resume still waits behind an exit-all on risk's
+    thread: a resume sent before a halt, run after it, would have made trading active against the trader's last
+    word. It is refused instead, and the halt stands."""
+    assert risky.api("/api/halt", "POST", json={"mode": "reduce_only"}).status_code == 200
+    with _exit_all_slow(risky):
+        answers = {}
+        resume = threading.Thread(target=lambda: answers.update(
+            resume=risky.api("/api/halt", "POST", json={"mode": "active"})))
+        resume.start()
+        wait_for(lambda: risky.runtime.storage.one("select count(*) n from commands where kind = 'halt' and "
+                                                   "status = 'pending'")["n"] == 1, timeout=5)
+        assert risky.api("/api/halt", "POST", json={"mode": "halted", "reason": "after"}).status_code == 200
+        resume.join(10)
+    r = answers["resume"]
+    assert r.status_code == 409 and "halt" in r.get_json()["error"], (r.status_code, r.get_json())
+    st = _risk(risky)
+    assert st["state"] == "halted", st
+    assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # a resume sent after: done
+
+
+def test_1j_a_resume_sent_after_a_halt_acts_after_it_even_when_the_halt_is_slow(risky):
+    """The other order: a halt, then a resume. The resume must not run first on risk's thread while the halt is
+    still being written on its own (the halt would then stand against the trader's last word)."""
+    handlers = risky.runtime.engine.commands.handlers
+    real = handlers["halt"]
+
+    def slow(args):
+        if args.get("mode") != "active":
+            time.sleep(1.0)  # a halt's write held up (a busy disk)
+        return real(args)
+    handlers["halt"] = slow
+    try:
+        halt = threading.Thread(target=lambda: risky.api("/api/halt", "POST", json={"mode": "halted"}))
+        halt.start()
+        wait_for(lambda: risky.runtime.storage.one("select count(*) n from commands where kind = 'halt'")["n"] == 1)
+        r = risky.api("/api/halt", "POST", json={"mode": "active"})
+        halt.join(10)
+    finally:
+        handlers["halt"] = real
+    assert r.status_code == 200, r.get_json()
+    assert _risk(risky)["state"] == "active", _risk(risky)
+
+
 def test_1f_while_another_threads_check_is_stuck_healthz_says_risk_is_not_evaluating(risky, monkeypatch):
     """Review 18: with the beat's check skipped while the engine thread's check waited on a slow broker read, the
     skipped beat still wrote risk's heartbeat: /healthz said all was well while nothing checked the loss limit."""
