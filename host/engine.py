@@ -237,7 +237,7 @@ class Engine:
     def wake(self) -> None:
         self._commands_due = True  # a command may be waiting
         self._events.put(("wake", None))
-        self.risk.wake()  # a control command may be waiting too
+        self.risk.wake_halts()  # a control command may be waiting too
 
     def stored_elsewhere(self, table: str) -> None:
         """Another process stored an alert or a command (wakeups.py): look at the inbox now, not at the poll."""

@@ -118,6 +118,14 @@ class Action:
 _day_start_utc = day_start_utc  # where a risk day starts, as stored timestamps (views use it too)
 
 
+def command_id(state: dict) -> Optional[int]:
+    """The id of the trader's last command a stored state carries (None: none, or not a number)."""
+    try:
+        return int(state["command"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class RiskManager:
     """Watches the day's PnL against the trailing limit; everything it knows is in SQLite."""
 
@@ -139,7 +147,7 @@ class RiskManager:
             TradingState(st["state"])
             return st
         except (ValueError, KeyError, TypeError):
-            return {"state": TradingState.REDUCE_ONLY.value, "by": "risk", "at": None,
+            return {"state": TradingState.REDUCE_ONLY.value, "by": "risk", "at": None, "unreadable": True,
                     "reason": "the stored trading state is unreadable: failing closed until POST /api/halt active"}
 
     def load_day(self, today: date) -> RiskDay:
@@ -278,14 +286,18 @@ class RiskManager:
         self._store(day, flattens)
         return actions
 
-    def override(self, today: date, by: str) -> RiskDay:
-        """The trader resumes after today's breach: the limit starts again from the current PnL."""
+    def override(self, today: date, by: str, db: Optional[sqlite_utils.Database] = None) -> RiskDay:
+        """The trader resumes after today's breach: the limit starts again from the current PnL (written in `db`'s
+        transaction when given: with the state the resume writes, or not at all)."""
         day = self.load_day(today)
         day.overridden_at, day.overridden_by = utcnow(), by
         day.anchor = day.peak = day.last_pnl
         day.limit = day.last_pnl + self.limits.base
         day.warned = []
-        self._store(day)
+        if db is not None:
+            Storage.put_state(db, DAY_KEY, day.to_json())
+        else:
+            self._store(day)
         return day
 
     def repair(self, today: date) -> None:
@@ -424,19 +436,52 @@ class RiskGate:
     def set_state_if(self, db: sqlite_utils.Database, when: Callable[[dict], bool], state: TradingState, reason: str,
                      by: str) -> bool:
         """Risk's own change of the state, decided on the state read in the same transaction: a halt the trader
-        sent after risk looked is never written over."""
-        if not when(self.manager.trading_state(db)):
+        sent after risk looked is never written over (and the id of the trader's last command is kept)."""
+        current = self.manager.trading_state(db)
+        if not when(current):
             return False
-        self.set_state(db, state, reason, by)
+        self.set_state(db, state, reason, by, command_id(current))
+        return True
+
+    def halt_for_breach(self, db: sqlite_utils.Database, reason: str) -> None:
+        """Risk's halt at a breach. A halt or reduce-only the trader had set stays underneath (`under`): the end of
+        the breach halt, the next trading day, brings it back, never `active` over it."""
+        current = self.manager.trading_state(db)
+        if current.get("by") == "risk":
+            under = current.get("under")  # (a breach again: what the trader had set before the first one)
+        elif current["state"] != TradingState.ACTIVE.value:
+            under = {k: current.get(k) for k in ("state", "reason", "by", "command")}
+        else:
+            under = None
+        self.set_state(db, TradingState.HALTED, reason, "risk", command_id(current), under)
+
+    def end_breach_halt(self, db: sqlite_utils.Database, reason: str) -> bool:
+        """A new trading day ends risk's breach halt: back to what the trader had set under it, else `active`. Only
+        a readable halt that risk itself wrote is ended."""
+        current = self.manager.trading_state(db)
+        if current["state"] != TradingState.HALTED.value or current.get("by") != "risk" or current.get("unreadable"):
+            return False
+        under = current.get("under")
+        try:
+            kept = TradingState(under["state"]) if under else None
+        except (KeyError, TypeError, ValueError):
+            kept = TradingState.HALTED  # what the trader had set cannot be read: it stays halted, theirs to lift
+        if kept is None or kept is TradingState.ACTIVE:
+            self.set_state(db, TradingState.ACTIVE, reason, "risk", command_id(current))
+        else:
+            self.set_state(db, kept, f"{(under or {}).get('reason') or 'set by the user'} (kept after {reason})",
+                           str((under or {}).get("by") or "api"), command_id(current))
         return True
 
     def set_state(self, db: sqlite_utils.Database, state: TradingState, reason: str, by: str,
-                  command: Optional[int] = None) -> None:
-        """Write the trading state; `command`: the id of the trader's command that set it (a resume sent before it
-        never undoes it: RiskLoop.halt)."""
-        value = {"state": state.value, "reason": reason, "by": by, "at": utcnow()}
+                  command: Optional[int] = None, under: Optional[dict] = None) -> None:
+        """Write the trading state; `command`: the id of the trader's last command about it (a resume sent before it
+        never undoes it: RiskLoop.halt); `under`: the trader's state a breach halt covers (halt_for_breach)."""
+        value: dict[str, Any] = {"state": state.value, "reason": reason, "by": by, "at": utcnow()}
         if command is not None:
             value["command"] = command
+        if under is not None:
+            value["under"] = under
         Storage.put_state(db, STATE_KEY, json.dumps(value))
         Storage.add_event(db, "trading_state", f"trading state set to {state.value} by {by}: {reason}",
                           severity="warning" if state is not TradingState.ACTIVE else "info",

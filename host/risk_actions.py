@@ -31,7 +31,7 @@ from .market import IST
 from .models import AlertStatus, Decision, Side, TradingState
 from .outside import OutsideTrades
 from .pricing import DEFAULT_TICK, protected_limit
-from .risk import Action, CorruptState, RiskGate
+from .risk import Action, CorruptState, RiskGate, command_id
 from .storage import Storage, utcnow
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,11 @@ class RiskLoop:
         """Check now (prices or fills moved); with poll, read the broker's positions too."""
         self._force_poll = self._force_poll or poll
         self._wake.set()
-        self._halt_wake.set()  # a halt may be waiting
+
+    def wake_halts(self) -> None:
+        """A command was stored: a halt may be waiting (the halts thread also looks every RISK_EVERY_S)."""
+        self._halt_wake.set()
+        self._wake.set()
 
     def _run_halts(self) -> None:
         """Halts and reduce-only only: a state write each, never behind a check or an exit-all's broker read."""
@@ -297,9 +301,9 @@ class RiskLoop:
 
     def _halt(self, args: dict) -> dict:
         state, by, command = TradingState(args["mode"]), args.get("by") or "api", args.get("command_id")
+        overriding, today = False, self.gate.clock.day(self.now())
         if state is TradingState.ACTIVE:
             self._not_overtaken(self.gate.manager.trading_state(), command)
-            today = self.gate.clock.day(self.now())
             self.gate.manager.repair(today)  # an explicit resume also replaces an unreadable risk record
             day = self.gate.manager.load_day(today)
             if day.halted_by_breach and not args.get("override_breach"):
@@ -308,23 +312,24 @@ class RiskLoop:
                 raise Conflict(f"today's daily loss limit was breached at {at} (PnL {day.last_pnl}, limit "
                                f"{day.limit}): to trade again today resume with override_breach=true; the limit then "
                                f"starts again from the current PnL")
-            if day.halted_by_breach:
-                day = self.gate.manager.override(today, by)
-                self.storage.write(lambda db: Storage.add_event(
-                    db, "risk_override", f"today's breach overridden by {by}: trading resumes, and the daily limit "
-                    f"starts again from PnL {day.last_pnl} (new limit {day.limit})", "warning", None,
-                    {"by": by, "pnl": str(day.last_pnl), "limit": str(day.limit)}))
-        def write(db: Any) -> None:
+            overriding = day.halted_by_breach
+
+        def write(db: Any) -> None:  # the override, its event and the state: all, or (overtaken) none
             if state is TradingState.ACTIVE:  # read again in the write: a halt may have come meanwhile
                 self._not_overtaken(self.gate.manager.trading_state(db), command)
+            if overriding:
+                new = self.gate.manager.override(today, by, db)
+                Storage.add_event(db, "risk_override", f"today's breach overridden by {by}: trading resumes, and the "
+                                  f"daily limit starts again from PnL {new.last_pnl} (new limit {new.limit})", "warning",
+                                  None, {"by": by, "pnl": str(new.last_pnl), "limit": str(new.limit)})
             self.gate.set_state(db, state, args.get("reason") or "set by the user", by, command)
-        self.storage.write(write)
+        self.storage.write(write, durable=overriding)
         return {"state": state.value}
 
     @staticmethod
     def _not_overtaken(current: dict, command: Optional[int]) -> None:
         """A resume run after a halt sent later (halts run at once, a resume waits its turn) does nothing."""
-        if command is not None and int(current.get("command") or 0) > command:
+        if command is not None and (command_id(current) or 0) > command:
             raise Conflict(f"a halt sent after this resume has been done (trading is {current['state']}): nothing "
                            f"was changed; resume again to trade")
 
@@ -397,12 +402,11 @@ class RiskLoop:
             return
         self.storage.write(lambda db: Storage.add_event(db, f"risk_{action.kind}", action.message, action.severity,
                                                         action.data.get("strategy"), action.data or None))
-        if action.kind == "breach":
-            self.storage.write(lambda db: self.gate.set_state(db, TradingState.HALTED, action.message, "risk"))
+        if action.kind == "breach":  # (a halt the trader had set stays underneath: the new day brings it back)
+            self.storage.write(lambda db: self.gate.halt_for_breach(db, action.message))
             self.flatten("risk: daily max loss breached")
-        elif action.kind == "resume":  # only what risk itself set: never the trader's halt
-            self.storage.write(lambda db: self.gate.set_state_if(db, lambda st: st.get("by") == "risk",
-                                                                 TradingState.ACTIVE, action.message, "risk"))
+        elif action.kind == "resume":  # the new trading day: only risk's own breach halt ends
+            self.storage.write(lambda db: self.gate.end_breach_halt(db, action.message))
         elif action.kind in ("strategy_breach", "square_off"):  # stored with the stop's mark: done now, once
             self._flatten_pending()
         elif action.kind == "new_day":

@@ -61,11 +61,11 @@ def _halt_write_fails(gate, times: int = 10**6) -> list:
     """Risk's halt write fails (a disk I/O error) `times` times; the reasons it tried with."""
     real_set_state, failed = gate.set_state, []
 
-    def set_state(db, state, reason, by):
+    def set_state(db, state, reason, by, *more):
         if state.value == "halted" and by == "risk" and len(failed) < times:
             failed.append(reason)
             raise OSError("disk I/O error (test): the halt is not written")
-        return real_set_state(db, state, reason, by)
+        return real_set_state(db, state, reason, by, *more)
     gate.set_state = set_state
     return failed
 
@@ -432,3 +432,111 @@ def test_1f_while_another_threads_check_is_stuck_healthz_says_risk_is_not_evalua
         health = wait_for(lambda: (r := risky.client.get("/healthz")).status_code != 200 and r, timeout=6)
         assert any("risk has not evaluated" in p for p in health.get_json()["problems"]), health.get_json()
     wait_for(lambda: risky.client.get("/healthz").status_code == 200, timeout=5)
+
+
+def test_1k_a_trader_halt_followed_by_a_breach_is_not_lifted_by_the_next_trading_day(risky):
+    """Review 23 R6: the breach wrote `halted by risk` over the trader's halt, so the next trading day's end of
+    the breach halt made trading active: a halt the trader set (a halt does not flatten, so the limit can be hit
+    after it) lifted for him the next morning. The trader's state now stays underneath and comes back."""
+    gate = risky.runtime.gate
+    _long(risky)
+    assert risky.api("/api/halt", "POST", json={"mode": "halted", "reason": "done for the week"}).status_code == 200
+    risky.tick("89")
+    wait_for(lambda: _risk(risky)["breached"], timeout=5)
+    wait_for(lambda: risky.net() == 0)
+    _next_trading_day(risky)
+    wait_for(lambda: _events(risky, "risk_new_day"))
+    time.sleep(1.0)
+    st = gate.state()
+    assert (st["state"], st["by"]) == ("halted", "api") and st["reason"].startswith("done for the week"), st
+
+
+@pytest.mark.parametrize("mode", ["reduce_only", None])
+def test_1l_after_a_breach_the_next_trading_day_brings_back_what_the_trader_had_set(risky, mode):
+    """The other halves of R6: a trader's reduce-only under the breach comes back as reduce-only (not active),
+    and a breach over `active` ends in `active`, as before."""
+    gate = risky.runtime.gate
+    _long(risky)
+    if mode:
+        assert risky.api("/api/halt", "POST", json={"mode": mode}).status_code == 200
+    risky.tick("89")
+    wait_for(lambda: _risk(risky)["breached"] and gate.state()["state"] == "halted", timeout=5)
+    wait_for(lambda: risky.net() == 0)
+    _next_trading_day(risky)
+    wait_for(lambda: gate.state()["state"] != "halted", timeout=5)
+    assert gate.state()["state"] == (mode or "active"), gate.state()
+
+
+def test_1m_a_resume_sent_before_the_traders_halt_is_still_overtaken_after_a_breach_wrote_the_state(risky):
+    """Review 23 R1: risk's breach write dropped the command id the trader's halt had stored, so a resume sent
+    before that halt (with override_breach), run after the breach, was no longer seen as overtaken: it overrode
+    the new breach and made trading active."""
+    from host.commands import Conflict
+    gate, risk = risky.runtime.gate, risky.runtime.engine.risk
+    _long(risky)
+    assert risky.api("/api/halt", "POST", json={"mode": "reduce_only", "reason": "trader"}).status_code == 200
+    halt_id = gate.state()["command"]
+    risky.tick("89")  # -1100 against -1000: risk's breach rewrites the state
+    wait_for(lambda: _risk(risky)["breached"] and gate.state()["by"] == "risk", timeout=5)
+    with pytest.raises(Conflict):  # the resume the trader sent before the reduce-only, reaching its turn now
+        risk.halt({"mode": "active", "by": "api", "override_breach": True, "command_id": halt_id - 1})
+    assert gate.state()["state"] == "halted", gate.state()
+    assert _risk(risky)["breach_overridden_by"] is None
+
+
+def test_1n_a_resume_refused_as_overtaken_has_not_overridden_the_breach(risky):
+    """Review 23 R2: the override (the day's record, and its "trading resumes" event) was written before the
+    resume's check in the state write: a halt landing in between made the answer 409 "nothing was changed",
+    while the breach was overridden and the limit restarted, so a later plain resume was accepted."""
+    from host.commands import Conflict
+    from host.models import TradingState
+    gate, risk, storage = risky.runtime.gate, risky.runtime.engine.risk, risky.runtime.storage
+    _long(risky)
+    risky.tick("89")
+    wait_for(lambda: _risk(risky)["breached"] and _risk(risky)["state"] == "halted", timeout=5)
+    real = gate.manager.load_day
+    landed = []
+
+    def load_day(today):  # the trader's halt (from the halts thread) lands while the resume is under way
+        day = real(today)
+        if threading.current_thread().name == "late-resume" and not landed:
+            landed.append(storage.write(lambda db: gate.set_state(db, TradingState.HALTED, "by hand", "api", 10**9)))
+        return day
+    gate.manager.load_day = load_day
+    failed = []
+
+    def resume():
+        try:
+            risk.halt({"mode": "active", "by": "api", "override_breach": True, "command_id": 10**9 - 1})
+        except Conflict as e:
+            failed.append(str(e))
+    try:
+        t = threading.Thread(target=resume, name="late-resume")
+        t.start()
+        t.join(5)
+    finally:
+        gate.manager.load_day = real
+    assert landed and failed and "nothing was changed" in failed[0], failed
+    assert _risk(risky)["breach_overridden_by"] is None
+    assert not _events(risky, "risk_override")
+    assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 409  # the breach still needs it
+
+
+def test_1o_the_halts_thread_reads_the_commands_only_when_a_command_may_be_waiting(risky):
+    """Review 23 R3: every wake of risk (each tick batch, each fill) woke the halts thread too, which then read the
+    commands table: under a tick storm, back to back on a 2-core machine."""
+    risk = risky.runtime.engine.risk
+    real, calls = risk.halts, []
+
+    def counting():
+        calls.append(time.monotonic())
+        real()
+    risk.halts = counting
+    stop = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < stop:
+            risk.wake()
+            time.sleep(0.005)
+    finally:
+        risk.halts = real
+    assert len(calls) <= 8, f"{len(calls)} reads of the commands in 1 s on risk-halts"
