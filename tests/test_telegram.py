@@ -668,7 +668,9 @@ def test_commands_are_read_in_a_process_with_more_than_1024_open_files(tghost, t
             os.close(fd)
 
 
-UNREADABLE = {"message": {"message_id": 1, "date": 0, "text": "/halt", "chat": 7}}  # `chat` not an object: PTB raises
+UNREADABLE = {"message": {"message_id": 1, "date": 0, "text": "/halt", "chat": {"id": CHAT, "type": "private"},
+                          "from": {"id": USER, "is_bot": False, "first_name": "T"},
+                          "entities": [{"type": "bot_command"}]}}  # an entity without offset and length: PTB raises
 
 
 def test_polling_an_update_the_library_cannot_read_is_skipped_and_commands_after_it_still_act(tghost, tg, caplog):
@@ -703,3 +705,51 @@ def test_webhook_mode_an_update_the_library_cannot_read_is_skipped_and_commands_
     said(tg, "TELEGRAM MESSAGE NOT READ")
     assert caplog.text.count("update 90 could not be read") == 1
     wait_for(lambda: not h.runtime.storage.rows("select 1 from notifier_inbox where handled_at is null"), timeout=5)
+
+
+def test_webhook_mode_a_failed_host_call_is_said_and_commands_after_it_still_act(tghost, tg, monkeypatch, caplog):
+    """Review 23 R4: webhook mode's task had no guard around the host's calls: one failed write (a full disk, a
+    locked database) ended it, asyncio.gather kept the exception to itself, and no Telegram command was acted on
+    again until a restart, with nothing in the log."""
+    from host.host_access import HostAccess
+    caplog.set_level(logging.WARNING, logger="notifier.telegram")
+    real, failed = HostAccess.inbox_done, []
+
+    def inbox_done(self, row_id):
+        if not failed:
+            failed.append(row_id)
+            raise OSError("database or disk is full (test)")
+        return real(self, row_id)
+    monkeypatch.setattr(HostAccess, "inbox_done", inbox_done)
+    secret = "s3cret-token-for-webhooks"
+    h = tghost(TELEGRAM_MODE="webhook", TELEGRAM_WEBHOOK_SECRET=secret, PUBLIC_URL="https://host.example")
+    wait_for(lambda: tg.webhook is not None, timeout=5)
+
+    def update(uid, text):
+        return {"update_id": uid, "message": {"message_id": uid, "date": 0, "text": text,
+                                              "chat": {"id": CHAT, "type": "private"},
+                                              "from": {"id": USER, "is_bot": False, "first_name": "T"}}}
+    hdr = {"X-Telegram-Bot-Api-Secret-Token": secret}
+    assert h.client.post("/telegram/webhook", json=update(100, "/status"), headers=hdr).status_code == 200
+    wait_for(lambda: failed, timeout=5)
+    assert h.client.post("/telegram/webhook", json=update(101, "/halt"), headers=hdr).status_code == 200
+    wait_for(lambda: h.runtime.gate.state()["state"] == "halted", timeout=8)
+    assert "database or disk is full (test)" in caplog.text
+    said(tg, "<b>Status</b>")
+    time.sleep(1.0)
+    assert sum("<b>Status</b>" in t for t in tg.texts()) == 1  # handled once, though its done-mark failed once
+
+
+def test_an_unreadable_update_from_a_stranger_is_logged_not_announced_to_the_traders_chat(tghost, tg, caplog):
+    """Review 23 R5: anyone can message a bot; an update the bot could not read was announced in the trader's chat
+    ("a command in it was not acted on; send it again") before anything looked at who sent it."""
+    caplog.set_level(logging.WARNING, logger="notifier.telegram")
+    h = tghost()
+    bad = tg._push({"message": {"message_id": 1, "date": 0, "text": "/halt", "chat": 7,
+                                "from": {"id": STRANGER, "is_bot": False, "first_name": "X"}}})
+    tg.push_message("/halt", USER, CHAT)  # a readable update after it: once acted on, the skip has been done
+    wait_for(lambda: h.runtime.gate.state()["state"] == "halted", timeout=8)
+    time.sleep(0.5)
+    assert not h.runtime.storage.rows("select 1 from events where kind = 'telegram_update_skipped'")
+    assert f"update {bad} could not be read" in caplog.text
+

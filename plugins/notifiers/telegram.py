@@ -30,6 +30,7 @@ from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.constants import FloodLimit
 from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter
 from telegram.request import HTTPXRequest
+from telegram.warnings import PTBUserWarning
 
 from host import hookimpl
 from host.display import inr, ist, money_text, order_price, qty
@@ -151,6 +152,12 @@ def summary_lines(d: dict) -> list[str]:
            f"alerts {sum(alerts.values())}: " + ", ".join(f"{esc(k)} {v}" for k, v in sorted(alerts.items()))]
     out += [f"• {esc(k)} {esc(inr(v, signed=True))}" for k, v in sorted(d.get("by_strategy", {}).items())]
     return out
+
+
+def _update_id(body: Any) -> int:
+    """A stored webhook update's id (-1 if it has none: only marked done)."""
+    uid = body.get("update_id") if isinstance(body, dict) else None
+    return uid if isinstance(uid, int) and not isinstance(uid, bool) else -1
 
 
 def _seconds(retry_after: Any) -> float:
@@ -320,12 +327,16 @@ class TelegramNotifier:
         self._restore(self.ctx.state.pop("pending", []))  # what the previous run had not sent
         for name in ("httpx", "telegram"):  # their INFO and DEBUG lines carry the token in URLs: before the
             logging.getLogger(name).setLevel(logging.WARNING)  # Bot is made (it logs its URLs at DEBUG)
+        # the raw getUpdates after one PTB could not read (_read_raw) is on purpose (an identical filter is replaced)
+        warnings.filterwarnings("ignore", message=r"Please use 'Bot.getUpdates'", category=PTBUserWarning)
         base = dict(connect_timeout=5.0, write_timeout=10.0, pool_timeout=5.0)
         self.bot = Bot(self.token, base_url=self.api_url + "/bot", base_file_url=self.api_url + "/file/bot",
                        request=HTTPXRequest(connection_pool_size=4, read_timeout=10.0, **base),
                        get_updates_request=HTTPXRequest(connection_pool_size=1, read_timeout=POLL_S + 10.0, **base))
         self.tasks = [asyncio.ensure_future(self._sender())]
         self.tasks.append(asyncio.ensure_future(self._poll() if self.mode == "polling" else self._webhook_inbox()))
+        for task in self.tasks:
+            task.add_done_callback(self._ended)
         if self.cancelled:  # stopped while the loop was coming up: nothing polls on
             self._cancel()
         self.ready.set()
@@ -652,22 +663,23 @@ class TelegramNotifier:
         (None if that fails too). PTB reads an answer whole, so one update it cannot read (a field Telegram changed)
         failed every poll, and the offset never moved past it: no command was read again."""
         try:
-            with warnings.catch_warnings():  # PTB asks for get_updates, which is what could not read them
-                warnings.simplefilter("ignore")
-                raw = await self.bot.do_api_request("getUpdates", api_kwargs={
-                    "offset": offset, "timeout": 0, "allowed_updates": ["message", "callback_query"]})
+            raw = await self.bot.do_api_request("getUpdates", api_kwargs={
+                "offset": offset, "timeout": 0, "allowed_updates": ["message", "callback_query"]})
             return [(int(r["update_id"]), await self._read(r)) for r in raw]
         except Exception:  # not an update's fault: the caller backs off and says so
             return None
 
     async def _read(self, raw: dict) -> Any:
-        """One update as PTB reads it, or None: said in the log and to the chat, then skipped."""
+        """One update as PTB reads it, or None: said in the log (and, if it came from an allowed user, to the chat),
+        then skipped."""
         try:
             return Update.de_json(raw, self.bot)
         except Exception as e:
             uid = raw.get("update_id") if isinstance(raw, dict) else None
             why = f"{type(e).__name__}: {str(e)[:200]}"
             self.log.error("Telegram update %s could not be read (%s); skipped", uid, why)
+            if not self._from_the_trader(raw):  # anyone can message a bot: a stranger's raises no alarm in the chat
+                return None
             try:  # to the chat too: the trader may be waiting for an answer to a command in it
                 await self._blocking(self.ctx.host.record, "telegram_update_skipped",
                                      f"Telegram update {uid} could not be read by the bot ({why}) and was skipped: "
@@ -675,6 +687,22 @@ class TelegramNotifier:
             except Exception:
                 self.log.exception("recording the skipped Telegram update %s failed", uid)
             return None
+
+    def _from_the_trader(self, raw: Any) -> bool:
+        """An update PTB could not read, as sent by an allowed user (in the allowed chat, where that can be read)."""
+        part = next((raw[k] for k in ("message", "edited_message", "callback_query")
+                     if isinstance(raw, dict) and isinstance(raw.get(k), dict)), {})
+        user = part.get("from")
+        chat = (part.get("message") or {}).get("chat") if "chat_instance" in part else part.get("chat")
+        chat_id = chat.get("id") if isinstance(chat, dict) else None
+        return isinstance(user, dict) and user.get("id") in self.allowed and (chat_id is None or
+                                                                              str(chat_id) == self.chat)
+
+    def _ended(self, task: "asyncio.Future") -> None:
+        """A loop of the bot's that ended by an error (never silently: no command, or no message, goes after it)."""
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("Telegram %s stopped by an error: %r; restart the host or reload the plugin",
+                           "polling" if task is self.tasks[-1] else "sending", task.exception())
 
     async def _handle_now(self, updates: list[tuple[int, Any]], inbox_ids: Optional[list] = None) -> None:
         if updates:  # handled to the end even if this version is stopped meanwhile
@@ -688,25 +716,37 @@ class TelegramNotifier:
         await self._call(self.bot.set_webhook, self.ctx.host.link("/telegram/webhook"),
                          secret_token=self.ctx.settings.get("TELEGRAM_WEBHOOK_SECRET"),
                          allowed_updates=["message", "callback_query"])
+        failures = 0
         while True:
-            rows = await self._blocking(self.ctx.host.inbox, "telegram")
-            if rows:
-                await self._handle_now([(int(r["body"]["update_id"]), await self._read(r["body"])) for r in rows],
-                                       [r["id"] for r in rows])
-            else:
+            try:
+                rows = await self._blocking(self.ctx.host.inbox, "telegram")
+                if rows:  # each read once: one already handled (its done-mark failed) is only marked done
+                    await self._handle_now([(uid, await self._read(r["body"]) if uid >= self._offset() else None)
+                                            for uid, r in ((_update_id(r["body"]), r) for r in rows)],
+                                           [r["id"] for r in rows])
+                if failures:
+                    self.log.warning("Telegram updates are taken from the host again: commands are read")
+                failures = 0
+            except Exception:  # (a full disk, a locked database): said once, tried again; commands must come back
+                if not failures:
+                    self.log.exception("Telegram updates could not be taken from the host; no command is read "
+                                       "until it works; trying again")
+                await asyncio.sleep(POLL_RETRY_S[min(failures, len(POLL_RETRY_S) - 1)])
+                failures += 1
+                continue
+            if not rows:
                 await asyncio.sleep(0.3)
 
     async def _handle_all(self, updates: list[tuple[int, Any]], inbox_ids: Optional[list] = None) -> None:
         """(update id, the update as read, or None if it could not be: skipped in its place), in order."""
         for i, (update_id, update) in enumerate(updates):
-            if update_id < self._offset():
-                continue  # handled already (by this or an earlier version)
-            try:
-                if update is not None:
-                    await self._handle(update)
-            except Exception:
-                self.log.exception("Telegram update %s could not be handled", update_id)
-            self._handled(update_id)
+            if update_id >= self._offset():  # else handled already (by this or an earlier version)
+                try:
+                    if update is not None:
+                        await self._handle(update)
+                except Exception:
+                    self.log.exception("Telegram update %s could not be handled", update_id)
+                self._handled(update_id)
             if inbox_ids:
                 await self._blocking(self.ctx.host.inbox_done, inbox_ids[i])
 
