@@ -283,7 +283,7 @@ class OrderSender:
                 or not row["broker_order_id"]:
             return
         try:
-            self.gateway.call("cancel_order", self.gateway.broker.cancel, row["broker_order_id"])
+            self.gateway.call("cancel_order", self.gateway.broker.cancel, row["broker_order_id"], row["exchange"])
         except BrokerError as e:
             message = f"cancel of order {order_id} ({why}) failed: {e}"
             self.storage.write(lambda db: Storage.add_event(db, "cancel_failed", message, "warning",

@@ -1915,3 +1915,18 @@ def test_exits_all_day_leave_the_hosts_open_files_flat(live, sim):
         round_trip(i)
     assert len(h.orders()) == 42
     assert _open_files() - before <= 6
+
+
+def test_exit_all_cancelling_a_dozen_working_orders_stays_within_the_brokers_order_rate(live, sim):
+    """The host spaced PlaceOrder and ModifyOrder under SEBI's 10 orders a second per segment, but not CancelOrder.
+    An exit-all cancelling a dozen working entries sent all the cancels at once; a broker that counts cancels
+    refused the ones past ten, and those entries went on working (and could fill) after the exit-all."""
+    h = live()
+    oids = [entry(h, strategy=f"r{i}", direction="BUY", qty=75, price="30") for i in range(12)]
+    for oid in oids:
+        wait_status(h, oid, "OPEN")
+    before = last_event(h)
+    exit_all(h)
+    for oid in oids:
+        wait_status(h, oid, "CANCELLED", timeout=8)
+    assert events(h, "cancel_failed", before) == []

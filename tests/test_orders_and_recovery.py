@@ -246,7 +246,7 @@ def test_a_failed_cancel_is_reported_not_swallowed(host):
     oid = _one_order(host.post(alert(direction="BUY", price="90")))
     wait_for(lambda: _status(host, oid)["status"] == "OPEN")
 
-    def refuse(broker_order_id):
+    def refuse(broker_order_id, exchange=""):
         from host.brokers.base import Rejected
         raise Rejected("RMS: order is in modification")
     host.broker.cancel = refuse

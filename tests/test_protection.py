@@ -526,9 +526,9 @@ def test_an_exit_while_the_entry_still_fills_also_exits_what_it_fills_afterwards
     resting(h, 25)
     real_cancel = h.broker.cancel
 
-    def racing(broker_order_id: str) -> None:
+    def racing(broker_order_id: str, exchange: str = "") -> None:
         if broker_order_id != paper_order(h, entry).broker_order_id:
-            return real_cancel(broker_order_id)
+            return real_cancel(broker_order_id, exchange)
 
         def fill_late() -> None:  # the exchange fills the rest before it sees the cancel
             time.sleep(0.5)
@@ -624,7 +624,7 @@ def test_a_stop_that_fills_after_its_position_was_closed_has_its_overshoot_exite
     protected(h, strategy="s2", direction="SELL", stop_loss="45")
     s1_stop = wait_for(lambda: [s for s in stops(h, ("OPEN",)) if s["strategy"] == "s1"] or None, timeout=6)[0]
     real_cancel = h.broker.cancel
-    h.broker.cancel = lambda bid: None if bid == s1_stop["broker_order_id"] else real_cancel(bid)  # lost on the way
+    h.broker.cancel = lambda bid, exchange="": None if bid == s1_stop["broker_order_id"] else real_cancel(bid)  # lost
     assert h.api("/api/exit-all", "POST").status_code == 200
     wait_for(lambda: h.net("s1") == 0 and h.net("s2") == 0, timeout=5)
     h.tick("39.5")  # s1's stop fills: the account goes short 75

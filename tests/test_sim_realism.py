@@ -296,3 +296,26 @@ def test_every_control_is_documented():
         assert f'"action":"{name}"' in doc.replace(" ", ""), name
         assert name in server.__doc__, name
     assert NorenSim().faults.book_late_s == 0 and NorenSim().faults.drop_next == 0  # faults start off
+
+
+def _start_of_a_second() -> None:
+    """Wait until a calendar second has just begun (a burst then falls within one)."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
+def test_more_than_ten_order_messages_a_second_to_a_segment_are_refused_cancels_included(sim, noren_api):
+    """SEBI's retail-algo rule, read the worse way: places, modifies and cancels all count, per exchange segment
+    and calendar second. The simulator had no limit at all, so nothing showed a host that sends too fast."""
+    _start_of_a_second()
+    answers = [noren_api.place_order("B", "M", "NFO", SYMBOL, 75, 0, "LMT", price="30", remarks=f"r{i}")
+               for i in range(8)]
+    assert all(a and a["stat"] == "Ok" for a in answers), answers
+    oids = [a["norenordno"] for a in answers]
+    assert noren_api.cancel_order(oids[0])["stat"] == "Ok"
+    assert noren_api.modify_order(oids[1], "NFO", SYMBOL, 75, "LMT", "31")["stat"] == "Ok"  # the tenth
+    assert noren_api.cancel_order(oids[2]) is None  # the eleventh: refused (the library returns None for Not_Ok)
+    assert sim.sim.engine.get(oids[2]).status.value == "OPEN"  # still working: a refused cancel cancels nothing
+    other = noren_api.place_order("B", "M", "NSE", "RELIANCE-EQ", 1, 0, "LMT", price="1000", remarks="nse")
+    assert other and other["stat"] == "Ok", other  # another segment has its own ten
+    _start_of_a_second()
+    assert noren_api.cancel_order(oids[2])["stat"] == "Ok"  # a new second

@@ -96,8 +96,8 @@ class Broker(Protocol):
     def place(self, req: OrderRequest) -> str:
         """Send a prepared order carrying req.remarks now (a market order is still protected); the broker id."""
 
-    def cancel(self, broker_order_id: str) -> None:
-        """Ask the broker to cancel an open order."""
+    def cancel(self, broker_order_id: str, exchange: str = "") -> None:
+        """Ask the broker to cancel an open order (in `exchange`: a cancel counts towards its segment's order rate)."""
 
     def modify(self, broker_order_id: str, req: OrderRequest) -> None:
         """Change an open order to req's quantity, type and prices (ModifyOrder)."""

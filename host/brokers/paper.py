@@ -48,7 +48,7 @@ class PaperBroker:
         except SimRejected as e:
             raise Rejected(str(e)) from None
 
-    def cancel(self, broker_order_id: str) -> None:
+    def cancel(self, broker_order_id: str, exchange: str = "") -> None:
         try:
             self.engine.cancel(broker_order_id)
         except SimRejected as e:

@@ -32,7 +32,8 @@ STATUS = {"COMPLETE": OrderStatus.FILLED, "REJECTED": OrderStatus.REJECTED, "CAN
           "CANCELLED": OrderStatus.CANCELLED, "EXPIRED": OrderStatus.CANCELLED}
 PRODUCTS = frozenset(p.value for p in Product)
 # SEBI's retail-algo rule: fewer than 10 orders a second in each exchange segment (Noren's `exch`:
-# NSE, NFO, BSE, BFO, MCX, CDS...); evenly spaced at 8, network jitter cannot bunch 10 into a second
+# NSE, NFO, BSE, BFO, MCX, CDS...); evenly spaced at 8, network jitter cannot bunch 10 into a second.
+# Places, modifies and cancels all take a turn: the broker may count each as an order message
 SEGMENT_ORDERS_PER_S = 8.0
 FIND_TIMEOUT_S = 2.0  # a SearchScrip for the feed: it runs on the feed's thread, which waits for it
 
@@ -251,7 +252,10 @@ class ShoonyaBroker:
             raise UnknownOutcome(f"place_order answered without an order number: {reply!r}")
         return str(reply["norenordno"])
 
-    def cancel(self, broker_order_id: str) -> None:
+    def cancel(self, broker_order_id: str, exchange: str = "") -> None:
+        """CancelOrder, spaced by the segment's rate limit: the broker may count cancels as orders (SEBI's 10 a
+        second), and a breach's burst of them must not have some refused while the orders go on working."""
+        self.limiter.wait(exchange)
         self._call("cancel_order", self.api.cancel_order, broker_order_id)
 
     def modify(self, broker_order_id: str, req: OrderRequest) -> None:

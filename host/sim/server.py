@@ -15,6 +15,9 @@ Like the real broker, warts included
 - An order can be booked late (the reply comes only when it is booked), booked with no reply at all (the
   TCP connection is closed without an HTTP answer, then the order is booked), or booked and then the
   connection dropped.
+- At most 10 order messages a second reach each exchange segment (SEBI's retail-algo limit, counted per
+  calendar second): PlaceOrder, ModifyOrder and CancelOrder all count (the worse reading of the rule), and the
+  excess is refused with stat Not_Ok. Orders from the broker's app do not count.
 - Orders appear that the host never sent: placed "from the broker's app" with empty remarks, the broker's
   square-off, and the legs of cover (`prd` H) and bracket (`prd` B) orders, which carry their main order's
   remarks.
@@ -26,7 +29,8 @@ late); forbid_next {count, route}; stall_feed {on}; drop_ws; tick {exchange, sym
 book_late {seconds, reply: "late"|"none"}; drop_next {count, route}; slow_next {seconds, count, route}; manual_order {exchange, symbol, side, qty,
 prctyp, prc, trgprc, prd, blprc, bpprc, remarks}; square_off {products}; new_day {keep_sessions};
 quote {exchange, symbol, lc, uc, c, no_trades}; wrong_quote_next {count, lp}; instrument {exchange, symbol,
-freeze_qty, lot_size, tick_size}; freeze_inclusive {on}; hide_order {norenordno, on}. docs/simulator.md has an example of each.
+freeze_qty, lot_size, tick_size}; freeze_inclusive {on}; hide_order {norenordno, on}; ops_limit {per_s} (0: none).
+docs/simulator.md has an example of each.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ from .matching import MatchingEngine, SimOrder, SimRejected
 
 SESSION_EXPIRED = "Session Expired :  Invalid Session Key"
 DEFAULT_REDIRECT = "http://127.0.0.1:8000/broker/callback"  # a login that does not say where to come back
+OPS_LIMIT = 10  # SEBI 2026: order messages a second per exchange segment from a retail algo's API session
+ORDER_ROUTES = frozenset({"PlaceOrder", "ModifyOrder", "CancelOrder"})  # what counts towards it
 NOREN_STATUS = {OrderStatus.OPEN: "OPEN", OrderStatus.PARTIAL: "OPEN", OrderStatus.FILLED: "COMPLETE",
                 OrderStatus.CANCELLED: "CANCELED", OrderStatus.REJECTED: "REJECTED"}
 SIDES = {"B": Side.BUY, "S": Side.SELL}
@@ -107,6 +113,8 @@ class NorenSim:
     tick_hooks: list = field(default_factory=list)  # called with (exchange, symbol, ltp) on every price move
     timers: list = field(default_factory=list)     # late bookings still to come
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ops_limit: int = OPS_LIMIT  # order messages a second per exchange segment; more are refused (0: no limit)
+    ops: dict = field(default_factory=dict)  # exchange -> (the calendar second, order messages in it)
 
     def new_session(self, uid: str) -> str:
         token = secrets.token_hex(16)
@@ -119,6 +127,20 @@ class NorenSim:
         self.engine.set_ltp(exchange, symbol, ltp)
         for hook in list(self.tick_hooks):
             hook(exchange, symbol, ltp)
+
+    def over_rate(self, exchange: str) -> Optional[str]:
+        """Count one order message to this segment in this calendar second; why it is refused if over the limit."""
+        if not self.ops_limit:
+            return None
+        second = int(time.time())
+        with self.lock:
+            at, n = self.ops.get(exchange, (second, 0))
+            n = n + 1 if at == second else 1
+            self.ops[exchange] = (second, n)
+        if n <= self.ops_limit:
+            return None
+        return (f"Rejected : order rate limit exceeded: at most {self.ops_limit} orders, modifications and "
+                f"cancellations a second to {exchange or 'this segment'}")
 
     def expire_sessions(self) -> None:
         with self.lock:
@@ -330,6 +352,10 @@ def create_sim_app(sim: NorenSim) -> Flask:
         uid = sim.uid_for(token)
         if uid is None:
             return _not_ok(SESSION_EXPIRED)
+        if name in ORDER_ROUTES:
+            refused = sim.over_rate(_segment(sim, name, data))
+            if refused:
+                return _not_ok(refused)
         answer = handler(sim, data, uid)
         if sim.faults.slow_next_s and sim.faults.slow_count > 0 and sim.faults.slow_route in (None, name):
             slow = sim.faults.slow_next_s
@@ -341,6 +367,14 @@ def create_sim_app(sim: NorenSim) -> Flask:
         return answer
 
     return app
+
+
+def _segment(sim: NorenSim, route: str, data: dict) -> str:
+    """The exchange segment an order message goes to: its own for PlaceOrder, its order's otherwise."""
+    if route == "PlaceOrder":
+        return str(data.get("exch", ""))
+    o = sim.engine.get(str(data.get("norenordno", "")))
+    return o.req.exchange if o is not None else str(data.get("exch", ""))
 
 
 # ---- route handlers: (sim, jData, uid) -> Response ----
@@ -696,4 +730,5 @@ CONTROLS: dict[str, Callable[[NorenSim, dict], Optional[dict]]] = {
     "instrument": _instrument_change,
     "freeze_inclusive": _set_fault(freeze_inclusive=lambda c: bool(c.get("on", True))),
     "hide_order": _hide_order,
+    "ops_limit": lambda sim, c: setattr(sim, "ops_limit", int(c.get("per_s", OPS_LIMIT))),
 }
