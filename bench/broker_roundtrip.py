@@ -88,6 +88,9 @@ def main() -> None:
         wait_up(f"http://127.0.0.1:{sim_port}/authorize")
         post(f"http://127.0.0.1:{sim_port}/sim/control",
              json.dumps({"action": "tick", "exchange": "NFO", "symbol": SYMBOL, "ltp": "42.5"}).encode())
+        # the bare floor's calls come between the host's, and back to back at the end: the simulator's limit of
+        # 10 order messages a second would refuse some (the host keeps under it by itself)
+        post(f"http://127.0.0.1:{sim_port}/sim/control", json.dumps({"action": "ops_limit", "per_s": 0}).encode())
         host = subprocess.Popen([sys.executable, "-m", "host", "run", "--port", str(host_port)], cwd=work, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_up(f"http://127.0.0.1:{host_port}/healthz")
