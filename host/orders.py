@@ -169,6 +169,8 @@ class OrderSender:
         self._queue: "queue.Queue[Optional[tuple[Callable[..., None], str, Any]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self.in_flight: set[str] = set()
+        self._cancels_queued: set[str] = set()  # orders with a cancel waiting in the queue
+        self._cancels_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="order-sender", daemon=True)
@@ -244,7 +246,12 @@ class OrderSender:
         self.storage.write(store)
 
     def enqueue_cancel(self, order_id: str, why: str) -> None:
-        """Queue a cancel request for a working order, behind the orders already queued."""
+        """Queue a cancel request for a working order, behind the orders already queued; one already waiting in
+        the queue for it is enough (the reconcile asks again every 5 s while the broker keeps the order working)."""
+        with self._cancels_lock:
+            if order_id in self._cancels_queued:
+                return
+            self._cancels_queued.add(order_id)
         self._queue.put((self.cancel, order_id, why))
 
     def idle(self) -> bool:
@@ -278,6 +285,8 @@ class OrderSender:
 
     def cancel(self, order_id: str, why: str) -> None:
         """Ask the broker to cancel a working order; the watcher records the outcome from its update."""
+        with self._cancels_lock:
+            self._cancels_queued.discard(order_id)  # asked again from now on: queued again
         row = self.storage.one("select * from orders where id = ?", (order_id,))
         if row is None or row["status"] not in (OrderStatus.OPEN.value, OrderStatus.PARTIAL.value) \
                 or not row["broker_order_id"]:

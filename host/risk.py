@@ -118,6 +118,9 @@ class Action:
 _day_start_utc = day_start_utc  # where a risk day starts, as stored timestamps (views use it too)
 
 
+UNREADABLE_BY = "risk: unreadable state"  # a state risk keeps failing closed: only the trader's resume lifts it
+
+
 def command_id(state: dict) -> Optional[int]:
     """The id of the trader's last command a stored state carries (None: none, or not a number)."""
     try:
@@ -131,6 +134,9 @@ class RiskManager:
 
     def __init__(self, storage: Storage, limits: Limits, clock: MarketClock):
         self.storage, self.limits, self.clock = storage, limits, clock
+        # what a new day does to the rest of the book (set by risk's loop): run in the transaction that stores the
+        # day, with the end of the breach halt's reason, or None
+        self.begin_day: Callable[[sqlite_utils.Database, Optional[str]], None] = lambda db, halt_ends: None
 
     # ---- stored state ----
     def trading_state(self, db: Optional[sqlite_utils.Database] = None) -> dict:
@@ -224,7 +230,10 @@ class RiskManager:
             # a new day: close the old one and start fresh; today's PnL is judged on the next check,
             # once the engine has reset yesterday's realised PnL
             actions += self._new_day(today, json.loads(stored))
-            self._store(day)
+            ends = next((a.message for a in actions if a.kind == "resume"), None)
+            text = day.to_json()  # one transaction: a death cannot store the new day without its carry-over
+            self.storage.write(lambda db: (Storage.put_state(db, DAY_KEY, text), self.begin_day(db, ends)),
+                               durable=True)
             return actions
         if blind_reason is not None and day.blind is None:
             day.blind = blind_reason
@@ -447,7 +456,9 @@ class RiskGate:
         """Risk's halt at a breach. A halt or reduce-only the trader had set stays underneath (`under`): the end of
         the breach halt, the next trading day, brings it back, never `active` over it."""
         current = self.manager.trading_state(db)
-        if current.get("by") == "risk":
+        if current.get("unreadable"):  # it may have been the trader's halt: never lifted by a new day
+            under = {"state": TradingState.REDUCE_ONLY.value, "reason": current["reason"], "by": UNREADABLE_BY}
+        elif current.get("by") == "risk":
             under = current.get("under")  # (a breach again: what the trader had set before the first one)
         elif current["state"] != TradingState.ACTIVE.value:
             under = {k: current.get(k) for k in ("state", "reason", "by", "command")}
@@ -462,6 +473,8 @@ class RiskGate:
         if current["state"] != TradingState.HALTED.value or current.get("by") != "risk" or current.get("unreadable"):
             return False
         under = current.get("under")
+        if under is not None and not isinstance(under, dict):
+            under = {"reason": "what was set under the breach halt cannot be read", "by": UNREADABLE_BY}
         try:
             kept = TradingState(under["state"]) if under else None
         except (KeyError, TypeError, ValueError):
@@ -469,8 +482,8 @@ class RiskGate:
         if kept is None or kept is TradingState.ACTIVE:
             self.set_state(db, TradingState.ACTIVE, reason, "risk", command_id(current))
         else:
-            self.set_state(db, kept, f"{(under or {}).get('reason') or 'set by the user'} (kept after {reason})",
-                           str((under or {}).get("by") or "api"), command_id(current))
+            self.set_state(db, kept, f"{under.get('reason') or 'set by the user'} (kept after {reason})",
+                           str(under.get("by") or "api"), command_id(current))
         return True
 
     def set_state(self, db: sqlite_utils.Database, state: TradingState, reason: str, by: str,

@@ -59,6 +59,7 @@ class RiskLoop:
                  outside: OutsideTrades, params: Callable[[str], dict], now: Callable[[], datetime],
                  risk_poll_s: float = 5.0, scope: str = "strategies+manual"):
         self.storage, self.gate, self.decider, self.dispatch, self.outside = storage, gate, decider, dispatch, outside
+        gate.manager.begin_day = self._begin_day
         self.params, self.now, self.risk_poll_s, self.scope = params, now, risk_poll_s, scope
         self.commands: Callable[[], None] = lambda: None  # exit-all and resume (set by the engine)
         self.halts: Callable[[], None] = lambda: None  # halts and reduce-only, on their own thread (set by the engine)
@@ -299,8 +300,17 @@ class RiskLoop:
         finally:
             self._lock.release()
 
+    def _begin_day(self, db: Any, halt_ends: Optional[str]) -> None:
+        """A new day, in the transaction that stores it: yesterday's realised PnL is carried over, and risk's
+        breach halt ends (a death in between left yesterday's profit in today's PnL, hiding today's losses)."""
+        carry_over(db)
+        if halt_ends is not None:
+            self.gate.end_breach_halt(db, halt_ends)
+
     def _halt(self, args: dict) -> dict:
-        state, by, command = TradingState(args["mode"]), args.get("by") or "api", args.get("command_id")
+        state, by, command = TradingState(args["mode"]), str(args.get("by") or "api"), args.get("command_id")
+        if by == "risk":  # a command is never taken for risk's own halt (a new day would lift it)
+            by = "a command naming itself risk"
         overriding, today = False, self.gate.clock.day(self.now())
         if state is TradingState.ACTIVE:
             self._not_overtaken(self.gate.manager.trading_state(), command)
@@ -409,8 +419,7 @@ class RiskLoop:
             self.storage.write(lambda db: self.gate.end_breach_halt(db, action.message))
         elif action.kind in ("strategy_breach", "square_off"):  # stored with the stop's mark: done now, once
             self._flatten_pending()
-        elif action.kind == "new_day":
-            self.storage.write(carry_over)
+        # (a new day's carry-over, and the end of the breach halt, were done with the day's record: _begin_day)
 
     def flatten_pending(self) -> Optional[bool]:
         """Each beat: the flattens decided and not yet done (a strategy's stop, the square-off, a strategy's MTM

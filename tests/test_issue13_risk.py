@@ -13,6 +13,7 @@ import pytest
 from host.brokers.base import BrokerError, Rejected
 from host.market import IST, MarketClock
 from host.models import Tick
+from host.storage import Storage
 
 from conftest import SYMBOL, alert, wait_for
 from plugin_files import strategy_source, wait_strategy, write
@@ -540,3 +541,50 @@ def test_1o_the_halts_thread_reads_the_commands_only_when_a_command_may_be_waiti
     finally:
         risk.halts = real
     assert len(calls) <= 8, f"{len(calls)} reads of the commands in 1 s on risk-halts"
+
+
+@pytest.mark.parametrize("halted_before", [False, True])
+def test_3b_a_death_right_after_the_new_day_is_stored_still_carries_over_and_ends_the_breach_halt(risky, halted_before):
+    """Review 24: the new day's record was stored first, and yesterday's carry-over (realised PnL back to 0,
+    positions valued from the close) and the end of the breach halt came after it, in writes of their own. A death
+    in between, and the restart saw the day already begun: yesterday's profit stayed in today's PnL, hiding today's
+    losses from the limit, and the breach halt stayed all day. All three are now one transaction."""
+    risk = risky.runtime.engine.risk
+    _long(risky, qty=100, price="100")
+    risky.tick("92")  # yesterday: -800 on the position...
+    if halted_before:
+        risky.tick("89")  # ...or a breach: halted by risk, flattened
+        wait_for(lambda: _risk(risky)["breached"] and risky.net() == 0, timeout=5)
+    real_act = risk.act
+    risk.act = lambda action: None if action.kind in ("new_day", "resume") else real_act(action)  # died first
+    try:
+        _next_trading_day(risky)
+        wait_for(lambda: risky.runtime.storage.get_state("risk_day") and
+                 json.loads(risky.runtime.storage.get_state("risk_day"))["day"] != datetime.now(IST).date().isoformat())
+        time.sleep(0.5)
+    finally:
+        risk.act = real_act
+    if halted_before:
+        assert _risk(risky)["state"] == "active", _risk(risky)
+    else:
+        risky.tick("89")  # today: -300 from the close (by its entry it would be -1100, a breach)
+        wait_for(lambda: Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-300"), timeout=5)
+        assert _risk(risky)["breached"] is False
+
+
+def test_3c_an_unreadable_state_under_a_breach_is_not_lifted_by_the_next_trading_day(risky):
+    """Review 24: an unreadable stored state reads as reduce-only by risk, "until POST /api/halt active". The breach
+    took it for risk's own state and kept nothing under its halt, so the next trading day made trading active,
+    though the state that could not be read may have been the trader's halt."""
+    storage = risky.runtime.storage
+    _long(risky)
+    storage.write(lambda db: Storage.put_state(db, "trading_state", "{not json"))
+    risky.tick("89")
+    wait_for(lambda: _risk(risky)["breached"] and risky.net() == 0, timeout=5)
+    _next_trading_day(risky)
+    wait_for(lambda: _events(risky, "risk_new_day"))
+    time.sleep(0.5)
+    st = risky.runtime.gate.state()
+    assert st["state"] == "reduce_only" and st["by"] != "risk", st
+    assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # the trader lifts it
+

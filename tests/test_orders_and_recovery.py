@@ -257,6 +257,32 @@ def test_a_failed_cancel_is_reported_not_swallowed(host):
     assert _status(host, oid)["status"] == "OPEN"
 
 
+def test_a_cancel_asked_again_while_one_waits_in_the_queue_is_sent_once(host):
+    """Review 24: the reconcile asks again every 5 s for the cancel of an order the broker keeps working, and each
+    ask queued another copy. With cancels now spaced under the broker's order rate, a few dozen such orders filled
+    the sender's queue faster than it drained, and every exit queued behind them waited longer and longer."""
+    host.tick("100")
+    oid = _one_order(host.post(alert(direction="BUY", price="90")))
+    wait_for(lambda: _status(host, oid)["status"] == "OPEN")
+    calls = []
+
+    def refuse(broker_order_id, exchange=""):
+        from host.brokers.base import Rejected
+        calls.append(broker_order_id)
+        raise Rejected("RMS: order is in modification")
+    host.broker.cancel = refuse
+    gate = hold_sender(host.runtime.sender)
+    for _ in range(5):
+        host.runtime.sender.enqueue_cancel(oid, "asked again")
+    gate.set()
+    wait_for(lambda: calls)
+    host.settle()
+    time.sleep(0.3)
+    assert len(calls) == 1, calls
+    host.runtime.sender.enqueue_cancel(oid, "asked once its last cancel has been tried")
+    wait_for(lambda: len(calls) == 2)
+
+
 def test_a_death_after_a_batch_is_placed_and_before_its_acks_are_recorded_sends_none_again(host):
     """The acks of a batch of paper orders share one commit after the last is placed (issue 17). A process that
     dies before that commit leaves the batch SUBMITTED, with no broker id and no fill applied: the restart finds

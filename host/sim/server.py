@@ -730,5 +730,5 @@ CONTROLS: dict[str, Callable[[NorenSim, dict], Optional[dict]]] = {
     "instrument": _instrument_change,
     "freeze_inclusive": _set_fault(freeze_inclusive=lambda c: bool(c.get("on", True))),
     "hide_order": _hide_order,
-    "ops_limit": lambda sim, c: setattr(sim, "ops_limit", int(c.get("per_s", OPS_LIMIT))),
+    "ops_limit": lambda sim, c: setattr(sim, "ops_limit", max(0, int(c.get("per_s", OPS_LIMIT)))),
 }
