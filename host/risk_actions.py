@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -303,7 +304,19 @@ class RiskLoop:
     def _begin_day(self, db: Any, halt_ends: Optional[str]) -> None:
         """A new day, in the transaction that stores it: yesterday's realised PnL is carried over, and risk's
         breach halt ends (a death in between left yesterday's profit in today's PnL, hiding today's losses)."""
-        carry_over(db)
+        db.execute("savepoint carry_over")
+        try:
+            carry_over(db)
+        except Exception as e:  # something in the book: the day must begin anyway, or no limit is watched today
+            db.execute("rollback to carry_over")
+            if isinstance(e, sqlite3.OperationalError) and _passing(e):
+                db.execute("release carry_over")
+                raise  # a full disk, a locked database: the whole new day is tried again on the next beat
+            log.exception("risk: the new day's carry-over failed")
+            Storage.add_event(db, "risk_carry_over_failed", f"the new day's carry-over failed ({type(e).__name__}: "
+                              f"{e}): yesterday's realised PnL may still count in today's PnL (check /api/risk and "
+                              f"the positions); risk goes on checking today's limit", "error")
+        db.execute("release carry_over")
         if halt_ends is not None:
             self.gate.end_breach_halt(db, halt_ends)
 
@@ -773,6 +786,12 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
         o["room"] = min(o["remaining"], room.get(key, 0)) if o.pop("closes") else 0
         room[key] = room.get(key, 0) - o["room"]
     return over
+
+
+def _passing(e: sqlite3.OperationalError) -> bool:
+    """A database error that the next try may not meet (a full disk, a lock, an I/O error)."""
+    text = str(e).lower()
+    return any(w in text for w in ("full", "locked", "busy", "disk i/o"))
 
 
 def _active(state: dict) -> bool:

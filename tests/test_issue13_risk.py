@@ -588,3 +588,40 @@ def test_3c_an_unreadable_state_under_a_breach_is_not_lifted_by_the_next_trading
     assert st["state"] == "reduce_only" and st["by"] != "risk", st
     assert risky.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200  # the trader lifts it
 
+
+def test_3d_a_breach_halt_whose_kept_state_is_corrupt_stays_halted_and_the_day_goes_on(risky):
+    """Review 24 R5: an `under` that is not an object made the end of the breach halt raise: that day's end of
+    the halt, and the new day's carry-over in the same transaction, were lost."""
+    gate, storage = risky.runtime.gate, risky.runtime.storage
+    storage.write(lambda db: Storage.put_state(db, "trading_state", json.dumps(
+        {"state": "halted", "reason": "breach", "by": "risk", "under": "garbage"})))
+    assert storage.write(lambda db: gate.end_breach_halt(db, "new trading day")) is True
+    st = gate.state()
+    assert st["state"] == "halted" and st["by"] != "risk", st  # kept halted; a new day never lifts it
+
+
+def test_3e_a_command_naming_itself_risk_is_not_taken_for_risks_own_halt(risky):
+    """Review 24 R6: risk's own halt is known by `by: risk`; a command (a notifier plugin's) could send that, and
+    the next trading day would lift its halt as risk's."""
+    risky.runtime.engine.risk.halt({"mode": "halted", "by": "risk", "command_id": 1})
+    st = risky.runtime.gate.state()
+    assert st["state"] == "halted" and st["by"] != "risk", st
+
+
+def test_3f_a_carry_over_that_fails_is_said_and_risk_goes_on_checking_the_new_day(risky, monkeypatch):
+    """The carry-over now shares the new day's transaction (3b). One that fails on something in the book (a bug, an
+    odd row) must not keep the new day from being stored: risk would then fail every check of the day, and no loss
+    limit would be watched. It is rolled back alone and said; the day goes on."""
+    from host import risk_actions
+
+    def broken(db):
+        raise ValueError("an odd row (test)")
+    monkeypatch.setattr(risk_actions, "carry_over", broken)
+    _long(risky)
+    _next_trading_day(risky)
+    event = wait_for(lambda: next(iter(_events(risky, "risk_carry_over_failed")), None), timeout=5)
+    assert "an odd row (test)" in event["message"]
+    wait_for(lambda: _events(risky, "risk_new_day"))
+    risky.tick("88")  # -1200 from yesterday's entry: the day's limit is still watched
+    wait_for(lambda: _risk(risky)["breached"], timeout=5)
+
