@@ -136,7 +136,7 @@ class RiskManager:
         self.storage, self.limits, self.clock = storage, limits, clock
         # what a new day does to the rest of the book (set by risk's loop): run in the transaction that stores the
         # day, with the end of the breach halt's reason, or None
-        self.begin_day: Callable[[sqlite_utils.Database, Optional[str]], None] = lambda db, halt_ends: None
+        self.begin_day: Callable[[sqlite_utils.Database, Optional[str]], bool] = lambda db, halt_ends: True
 
     # ---- stored state ----
     def trading_state(self, db: Optional[sqlite_utils.Database] = None) -> dict:
@@ -231,9 +231,13 @@ class RiskManager:
             # once the engine has reset yesterday's realised PnL
             actions += self._new_day(today, json.loads(stored))
             ends = next((a.message for a in actions if a.kind == "resume"), None)
-            text = day.to_json()  # one transaction: a death cannot store the new day without its carry-over
-            self.storage.write(lambda db: (Storage.put_state(db, DAY_KEY, text), self.begin_day(db, ends)),
-                               durable=True)
+
+            def begin(db: sqlite_utils.Database) -> None:  # one transaction: never the day without its carry-over
+                if not self.begin_day(db, ends) and pnl is not None:  # yesterday's PnL still counts: the limit
+                    day.anchor = day.peak = day.last_pnl = pnl  # starts from where the day began, as an override's
+                    day.limit = pnl + self.limits.base
+                Storage.put_state(db, DAY_KEY, day.to_json())
+            self.storage.write(begin, durable=True)
             return actions
         if blind_reason is not None and day.blind is None:
             day.blind = blind_reason
@@ -476,9 +480,9 @@ class RiskGate:
         if under is not None and not isinstance(under, dict):
             under = {"reason": "what was set under the breach halt cannot be read", "by": UNREADABLE_BY}
         try:
-            kept = TradingState(under["state"]) if under else None
-        except (KeyError, TypeError, ValueError):
-            kept = TradingState.HALTED  # what the trader had set cannot be read: it stays halted, theirs to lift
+            kept = TradingState(under["state"]) if under is not None else None
+        except (KeyError, TypeError, ValueError):  # what the trader had set cannot be read: it stays halted, and
+            kept, under = TradingState.HALTED, {**under, "by": UNREADABLE_BY}  # no new day lifts it
         if kept is None or kept is TradingState.ACTIVE:
             self.set_state(db, TradingState.ACTIVE, reason, "risk", command_id(current))
         else:

@@ -82,6 +82,7 @@ class RiskLoop:
         self._rejections_told: set[str] = set()  # exits whose rejection was acted on (each once, however it came)
         self._oversize_told: set[str] = set()  # exits left working past their position (said once)
         self._flatten_retry: dict[pending_flattens.Pending, tuple[float, int]] = {}  # failed -> (next try, failures)
+        self._carry_failures = 0  # the new day's carry-over failed on a passing database error this often in a row
 
     # ---- thread ----
     def start(self) -> None:
@@ -301,24 +302,15 @@ class RiskLoop:
         finally:
             self._lock.release()
 
-    def _begin_day(self, db: Any, halt_ends: Optional[str]) -> None:
-        """A new day, in the transaction that stores it: yesterday's realised PnL is carried over, and risk's
-        breach halt ends (a death in between left yesterday's profit in today's PnL, hiding today's losses)."""
-        db.execute("savepoint carry_over")
-        try:
-            carry_over(db)
-        except Exception as e:  # something in the book: the day must begin anyway, or no limit is watched today
-            db.execute("rollback to carry_over")
-            if isinstance(e, sqlite3.OperationalError) and _passing(e):
-                db.execute("release carry_over")
-                raise  # a full disk, a locked database: the whole new day is tried again on the next beat
-            log.exception("risk: the new day's carry-over failed")
-            Storage.add_event(db, "risk_carry_over_failed", f"the new day's carry-over failed ({type(e).__name__}: "
-                              f"{e}): yesterday's realised PnL may still count in today's PnL (check /api/risk and "
-                              f"the positions); risk goes on checking today's limit", "error")
-        db.execute("release carry_over")
+    def _begin_day(self, db: Any, halt_ends: Optional[str]) -> bool:
+        """A new day, in the transaction that stores it: yesterday's realised PnL is carried over, the strategies'
+        MTM limits rebased, and risk's breach halt ends (a death in between left yesterday's profit in today's PnL,
+        hiding today's losses). False if the carry-over failed: today's limit then starts from the PnL as it is."""
+        carried = all([_alone(db, "carry over the positions", carry_over, self),
+                       _alone(db, "rebase the strategies' MTM limits", protect.rebase_limits, self)])
         if halt_ends is not None:
             self.gate.end_breach_halt(db, halt_ends)
+        return carried
 
     def _halt(self, args: dict) -> dict:
         state, by, command = TradingState(args["mode"]), str(args.get("by") or "api"), args.get("command_id")
@@ -788,6 +780,35 @@ def _oversized_exits(db: Any, strategy: Optional[str], product: Optional[str],
     return over
 
 
+NEW_DAY_TRIES = 3  # a carry-over failing on a passing database error is tried with its whole day this often
+
+
+def _alone(db: Any, what: str, step: Callable[[Any], None], loop: Any) -> bool:
+    """One step of a new day in a savepoint of its own: True if done. One that fails on something in the book is
+    rolled back alone and said (the day must begin, or no limit is watched today); one failing on a passing database
+    error (a full disk, a lock) fails the whole day, tried again on the next beat, NEW_DAY_TRIES times at most."""
+    db.execute(f"savepoint new_day")
+    try:
+        step(db)
+    except Exception as e:
+        if not db.conn.in_transaction:  # SQLite rolled the whole transaction back (a full disk): say that
+            raise
+        db.execute("rollback to new_day")
+        db.execute("release new_day")
+        passing = isinstance(e, sqlite3.OperationalError) and _passing(e)
+        if passing and loop._carry_failures < NEW_DAY_TRIES - 1:
+            loop._carry_failures += 1
+            raise
+        log.exception("risk: the new day could not %s", what)
+        Storage.add_event(db, "risk_carry_over_failed", f"the new day could not {what} ({type(e).__name__}: {e}): "
+                          f"today's loss limit starts from the PnL the day began with, yesterday's included (check "
+                          f"/api/risk and the positions); risk goes on checking it", "error")
+        return False
+    db.execute("release new_day")
+    loop._carry_failures = 0
+    return True
+
+
 def _passing(e: sqlite3.OperationalError) -> bool:
     """A database error that the next try may not meet (a full disk, a lock, an I/O error)."""
     text = str(e).lower()
@@ -816,4 +837,3 @@ def carry_over(db: Any) -> None:
         db.execute("update positions set realized_pnl = '0', carried_qty = ?, carried_from = coalesce(carried_from, "
                    "avg_price), avg_price = ? where strategy = ? and exchange = ? and symbol = ? and product = ?",
                    (p["net_qty"], str(close), p["strategy"], p["exchange"], p["symbol"], p["product"]))
-    protect.rebase_limits(db)

@@ -593,11 +593,12 @@ def test_3d_a_breach_halt_whose_kept_state_is_corrupt_stays_halted_and_the_day_g
     """Review 24 R5: an `under` that is not an object made the end of the breach halt raise: that day's end of
     the halt, and the new day's carry-over in the same transaction, were lost."""
     gate, storage = risky.runtime.gate, risky.runtime.storage
-    storage.write(lambda db: Storage.put_state(db, "trading_state", json.dumps(
-        {"state": "halted", "reason": "breach", "by": "risk", "under": "garbage"})))
-    assert storage.write(lambda db: gate.end_breach_halt(db, "new trading day")) is True
-    st = gate.state()
-    assert st["state"] == "halted" and st["by"] != "risk", st  # kept halted; a new day never lifts it
+    for under in ("garbage", {}, {"state": "paused", "by": "risk"}):  # review 25 R7: the last two too
+        storage.write(lambda db: Storage.put_state(db, "trading_state", json.dumps(
+            {"state": "halted", "reason": "breach", "by": "risk", "under": under})))
+        assert storage.write(lambda db: gate.end_breach_halt(db, "new trading day")) is True
+        st = gate.state()
+        assert st["state"] == "halted" and st["by"] != "risk", (under, st)  # kept halted; no new day lifts it
 
 
 def test_3e_a_command_naming_itself_risk_is_not_taken_for_risks_own_halt(risky):
@@ -624,4 +625,79 @@ def test_3f_a_carry_over_that_fails_is_said_and_risk_goes_on_checking_the_new_da
     wait_for(lambda: _events(risky, "risk_new_day"))
     risky.tick("88")  # -1200 from yesterday's entry: the day's limit is still watched
     wait_for(lambda: _risk(risky)["breached"], timeout=5)
+
+
+def _yesterday_up_1000_then_today_down_1100(h):
+    _long(h)  # 100 @ 100
+    h.tick("110")  # yesterday closes +1000 (open)
+    wait_for(lambda: Decimal(str(_risk(h)["day_pnl"])) == Decimal("1000"), timeout=5)
+    _next_trading_day(h)
+    wait_for(lambda: _events(h, "risk_new_day"), timeout=5)
+    h.tick("99")  # today: -1100 from yesterday's close, against a limit of -1000
+
+
+def _raises(error):
+    def fn(db):
+        raise error
+    return fn
+
+
+def test_3g_with_the_carry_over_done_today_is_judged_from_yesterdays_close(risky):
+    _yesterday_up_1000_then_today_down_1100(risky)
+    wait_for(lambda: _risk(risky)["breached"], timeout=3)
+
+
+@pytest.mark.parametrize("broken", ["carry_over", "rebase_limits"])
+def test_3h_a_failed_carry_over_starts_todays_limit_from_the_pnl_at_the_start_of_the_day(risky, monkeypatch, broken):
+    """Review 25 R1, R2: after a carry-over that failed (3f), today's limit was still judged on a PnL holding
+    yesterday's +1000: a -1100 day showed -100 and entries went on. The day's limit now starts from the PnL the day
+    began with, as an override does. And a failure in one strategy's limit rebase undid every position's carry-over:
+    it now has a savepoint of its own."""
+    from host import risk_actions
+    if broken == "carry_over":
+        monkeypatch.setattr(risk_actions, "carry_over", _raises(ValueError("an odd row (test)")))
+    else:
+        monkeypatch.setattr(risk_actions.protect, "rebase_limits", _raises(ArithmeticError("a bad limits row")))
+    _yesterday_up_1000_then_today_down_1100(risky)
+    assert _events(risky, "risk_carry_over_failed")
+    wait_for(lambda: _risk(risky)["breached"], timeout=3)
+
+
+def test_3i_a_lasting_database_error_in_the_carry_over_does_not_keep_the_day_from_beginning(risky, monkeypatch):
+    """Review 25 R3: an error that looks passing (disk I/O) retried the whole new day on every beat, for ever: until
+    the day was stored no check judged the PnL, and a -2000 day was never breached. The day now begins after a few
+    tries, without the carry-over (said), its limit from the PnL it began with."""
+    import sqlite3
+    from host import risk_actions
+    monkeypatch.setattr(risk_actions, "carry_over", _raises(sqlite3.OperationalError("disk I/O error")))
+    _long(risky)
+    _next_trading_day(risky)
+    wait_for(lambda: _events(risky, "risk_carry_over_failed"), timeout=5)
+    risky.tick("80")  # -2000 against -1000
+    wait_for(lambda: _risk(risky)["breached"], timeout=5)
+
+
+def test_3j_a_full_disk_in_the_carry_over_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    """Review 25 R4: SQLite rolls the whole transaction back on a full disk; the savepoint's rollback then raised
+    "no such savepoint", hiding the full disk from the storage (no reserve given up, no retry, /healthz unaware)."""
+    from types import SimpleNamespace
+    from host import risk_actions
+    from host.risk_actions import RiskLoop
+    from host.storage import StorageFull
+    storage = Storage(tmp_path / "db.sqlite")
+    storage.reserve.unlink(missing_ok=True)
+
+    def fills_the_disk(db):
+        pages = db.execute("pragma page_count").fetchone()[0]
+        db.execute(f"pragma max_page_count = {pages + 1}")
+        for _ in range(20):
+            db.execute("insert into events (at, kind, severity, message) values ('x', 'x', 'info', "
+                       "hex(randomblob(8000)))")
+    monkeypatch.setattr(risk_actions, "carry_over", fills_the_disk)
+    loop = SimpleNamespace(gate=None, _carry_failures=0)
+    try:
+        with pytest.raises(StorageFull):
+            storage.write(lambda db: RiskLoop._begin_day(loop, db, None))
+    finally:
+        storage.close()
 
