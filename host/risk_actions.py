@@ -787,7 +787,7 @@ def _alone(db: Any, what: str, step: Callable[[Any], None], loop: Any) -> bool:
     """One step of a new day in a savepoint of its own: True if done. One that fails on something in the book is
     rolled back alone and said (the day must begin, or no limit is watched today); one failing on a passing database
     error (a full disk, a lock) fails the whole day, tried again on the next beat, NEW_DAY_TRIES times at most."""
-    db.execute(f"savepoint new_day")
+    db.execute("savepoint new_day")
     try:
         step(db)
     except Exception as e:
@@ -812,7 +812,8 @@ def _alone(db: Any, what: str, step: Callable[[Any], None], loop: Any) -> bool:
 def _passing(e: sqlite3.OperationalError) -> bool:
     """A database error that the next try may not meet (a full disk, a lock, an I/O error)."""
     text = str(e).lower()
-    return any(w in text for w in ("full", "locked", "busy", "disk i/o"))
+    return any(w in text for w in ("database or disk is full", "database is locked", "database is busy",
+                                    "disk i/o error"))
 
 
 def _active(state: dict) -> bool:
