@@ -28,6 +28,7 @@ NEXT_AFTER_NOT_SENT = {  # what a restart does with an order whose SUBMITTED mar
     OrderStatus.SUBMITTED.value: "its mark was written but not confirmed on the disk: it is looked for in the "
                                  "broker's book and marked LOST if it is not there"}
 FOUND = (OrderStatus.OPEN, OrderStatus.PARTIAL, OrderStatus.FILLED)  # statuses only the broker's book can give
+SEGMENTS_KEPT = 10_000  # order id -> exchange, looked up for a rate-limited broker while items wait
 SEND_BATCH_MAX = 32  # NEW orders taken together (paper: they share one durable SUBMITTED commit)
 
 
@@ -156,7 +157,8 @@ class BrokerGateway:
 
 
 class OrderSender:
-    """Sends NEW orders to the broker, one at a time in the order they were decided.
+    """Sends NEW orders to the broker, one at a time in the order they were decided (in each exchange segment:
+    with a rate limit, another segment's message goes at its own free turn, never behind this one's wait).
 
     Each order is prepared (a market order's price, its rate-limit turn) before it is marked SUBMITTED, and
     placed right after the mark. With the paper broker the orders waiting together share one mark (one fsync).
@@ -171,8 +173,12 @@ class OrderSender:
         self.in_flight: set[str] = set()
         self._cancels_queued: set[str] = set()  # orders with a cancel waiting in the queue
         self._cancels_lock = threading.Lock()
+        self._waiting: list[tuple[Callable[..., None], str, Any]] = []  # taken from the queue, in order (_next)
+        self._segments: dict[str, str] = {}  # order id -> its exchange, for the items waiting
+        self._stopped = False
 
     def start(self) -> None:
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="order-sender", daemon=True)
         self._thread.start()
 
@@ -255,33 +261,86 @@ class OrderSender:
         self._queue.put((self.cancel, order_id, why))
 
     def idle(self) -> bool:
-        return self._queue.empty() and not self.in_flight
+        return self._queue.empty() and not self._waiting and not self.in_flight
 
     def _run(self) -> None:
-        held = None
         while True:
-            item, held = held or self._queue.get(), None
-            if item is None:
-                return
-            action, order_id, arg = item
-            if action == self.send:  # the sends queued right behind it go in the same batch
-                batch = [order_id]
-                while len(batch) < SEND_BATCH_MAX and held is None:
-                    try:
-                        following = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if following is not None and following[0] == self.send:
-                        batch.append(following[1])
-                    else:
-                        held = following or (None,)  # kept in its place: a cancel, a modify, or the stop
-                action, order_id, arg = self.send_batch, ",".join(batch), batch
+            if not self._waiting or len(self._segments) > SEGMENTS_KEPT:
+                self._segments.clear()  # kept only while items wait
+            self._take_queued(block=not self._waiting)
+            if not self._waiting:
+                if self._stopped:
+                    return  # what was queued before the stop is done; nothing after it is taken
+                continue
+            action, order_id, arg = self._next()
             try:
                 action(order_id, arg)
             except Exception:  # never let one order kill the sender
                 log.exception("%s of order %s failed", action.__name__, order_id)
-            if held == (None,):
+
+    def _take_queued(self, block: bool) -> None:
+        """Move what is queued into the waiting list, in order (waiting for one item if `block`); none after
+        the stop."""
+        while not self._stopped:
+            try:
+                item = self._queue.get(block=block)
+            except queue.Empty:
                 return
+            if item is None:
+                self._stopped = True
+                return
+            self._waiting.append(item)
+            block = False
+
+    def _next(self) -> tuple[Callable[..., None], str, Any]:
+        """The oldest waiting item whose segment has a free rate-limit turn (in its segment, the oldest; with no
+        rate limit, simply the oldest); the sends right behind it in its segment go with it, as one batch."""
+        turn_in = getattr(self.gateway.broker, "turn_in", None)
+        limited = turn_in is not None and len(self._waiting) > 1
+        if limited:
+            firsts: dict[str, int] = {}  # each segment's oldest item: only it may go
+            for n, item in enumerate(self._waiting):
+                firsts.setdefault(self._segment(item[1]), n)
+            at = min(firsts.values(), key=lambda n: (self._turn_in(turn_in, self._segment(self._waiting[n][1])), n))
+        else:
+            at = 0
+        action, order_id, arg = self._waiting.pop(at)
+        if action != self.send:
+            return action, order_id, arg
+        segment = self._segment(order_id) if limited else ""
+        batch, n = [order_id], at
+        while n < len(self._waiting) and len(batch) < SEND_BATCH_MAX:
+            following = self._waiting[n]
+            if limited and self._segment(following[1]) != segment:
+                n += 1  # another segment's: it keeps its place
+            elif following[0] == self.send:
+                batch.append(self._waiting.pop(n)[1])
+            else:
+                break  # a cancel or a modify in this segment: the sends behind it wait for it
+        return self.send_batch, ",".join(batch), batch
+
+    @staticmethod
+    def _turn_in(turn_in: Callable[[str], float], segment: str) -> float:
+        return turn_in(segment) if segment else 0.0
+
+    def _segment(self, order_id: str) -> str:
+        """The exchange segment an order message counts against ("" for an item that is not an order's)."""
+        if order_id not in self._segments:
+            row = self.storage.one("select exchange from orders where id = ?", (order_id,))
+            self._segments[order_id] = row["exchange"] if row else ""
+        return self._segments[order_id]
+
+    def _give_way(self, order_id: str) -> bool:
+        """Before a batch's next order: True if its segment's turn is not free while another segment's waiting
+        item has one (the rest of the batch then waits in its place, first in its segment)."""
+        turn_in = getattr(self.gateway.broker, "turn_in", None)
+        if turn_in is None:
+            return False
+        self._take_queued(block=False)
+        segment = self._segment(order_id)
+        if not self._waiting or self._turn_in(turn_in, segment) <= 0:
+            return False
+        return any(self._turn_in(turn_in, s) <= 0 for s in {self._segment(i[1]) for i in self._waiting} - {segment})
 
     def cancel(self, order_id: str, why: str) -> None:
         """Ask the broker to cancel a working order; the watcher records the outcome from its update."""
@@ -315,6 +374,9 @@ class OrderSender:
                 self._mark_and_place(order_ids, {})
                 return
             for n, oid in enumerate(order_ids):
+                if n and self._give_way(oid):  # another segment's message has a free turn: it goes first
+                    self._waiting[0:0] = [(self.send, rest, None) for rest in order_ids[n:]]
+                    return
                 try:
                     req = self._prepare(oid)
                 except Exception:  # its refusal could not be recorded (a full disk): it stays NEW, unsent; the rest go

@@ -1930,3 +1930,71 @@ def test_exit_all_cancelling_a_dozen_working_orders_stays_within_the_brokers_ord
     for oid in oids:
         wait_status(h, oid, "CANCELLED", timeout=8)
     assert events(h, "cancel_failed", before) == []
+
+
+def test_an_exit_in_one_segment_never_waits_behind_another_segments_cancels(live, sim):
+    """Review 24 R3: one queue took every order message in turn, each waiting for its own segment's rate-limit turn.
+    An exit-all cancelling 16 working NSE entries made the NFO position's exit wait about 2 s behind their cancels
+    (16 turns at 8 a second), though NFO's turns were free: in a falling market, 2 s of loss the limit did not
+    mean. Within a segment the order is kept; another segment's message goes at its own free turn."""
+    h = live()
+    held = entry(h, strategy="nfo", direction="BUY", qty=75, price="43")
+    wait_status(h, held, "FILLED")
+    sim.sim.tick("NSE", "RELIANCE-EQ", Decimal("2900"))   # the entries below rest, far from the market
+    entries = []
+    for i in range(16):
+        body = alert(strategy=f"nse{i}", direction="BUY", price="2000")
+        body["exchange"] = "NSE"
+        body["legs"][0].update(tradingsymbol="RELIANCE-EQ", qty=1)
+        entries.append(place_body(h, body))
+    for oid in entries:
+        assert wait_status(h, oid, "OPEN", "FILLED", "REJECTED")["status"] == "OPEN", order(h, oid)
+    started = time.monotonic()
+    exit_all(h)
+    [exit_order] = wait_for(lambda: [o for o in sim.sim.engine.order_book() if o.symbol == SYMBOL
+                                                 and o.side is Side.SELL],
+                            timeout=5)
+    waited = time.monotonic() - started
+    for oid in entries:
+        wait_status(h, oid, "CANCELLED", timeout=8)
+    assert waited < 0.8, f"the NFO exit reached the broker {waited:.2f} s after the exit-all"
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0 and net(h, "nfo", SYMBOL) == 0, timeout=5)
+    assert all(sim_status(sim, oid) == "CANCELLED" for oid in entries)
+    assert events(h, "cancel_failed") == []
+
+
+def place_body(h: Host, body: dict) -> str:
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    [o] = r.get_json()["orders"]
+    return o["id"]
+
+
+def test_an_exit_in_one_segment_goes_between_the_orders_of_another_segments_batch(live, sim):
+    """The same, inside one batch: 8 NSE entries queued together take a second to place at 8 a second; an NFO exit
+    sent right after them goes at NFO's next free turn, between them, and the NSE entries still go in their order."""
+    from conftest import hold_sender
+    h = live()
+    held = entry(h, strategy="nfo", direction="BUY", qty=75, price="43")
+    wait_status(h, held, "FILLED")
+    sim.sim.tick("NSE", "RELIANCE-EQ", Decimal("2900"))
+    gate, legs = hold_sender(h.runtime.sender), []
+    for n in range(8):
+        body = alert(strategy=f"nse{n}", direction="BUY", price="2000")
+        body["exchange"] = "NSE"
+        body["legs"][0].update(tradingsymbol="RELIANCE-EQ", qty=1)
+        legs.append(place_body(h, body))
+    gate.set()  # the 8 go as one batch
+    wait_for(lambda: booked(sim, legs[0]), timeout=3)
+    started = time.monotonic()
+    [exit_order] = place(h, strategy="nfo", execution_type="EXIT", direction="SELL", qty=75, order_type="MKT",
+                         price=None)["orders"]
+    wait_for(lambda: booked(sim, exit_order["id"]), timeout=5)
+    waited = time.monotonic() - started
+    assert waited < 0.6, f"the NFO exit reached the broker {waited:.2f} s after it was sent"
+    assert len([oid for oid in legs if booked(sim, oid)]) < len(legs)  # it went between the NSE legs
+    for oid in legs:
+        wait_status(h, oid, "OPEN")
+    at = {o.remarks: int(o.broker_order_id) for o in sim.sim.engine.order_book()}
+    assert [at[oid] for oid in legs] == sorted(at[oid] for oid in legs)  # the NSE legs went in their order
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0 and net(h, "nfo", SYMBOL) == 0, timeout=5)

@@ -88,10 +88,14 @@ class RateLimiter:
         self._next: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    def free_in(self, key: str = "") -> float:
+        """Seconds until a call for key would not wait (0: it would go at once)."""
+        with self._lock:
+            return max(0.0, self._next.get(key, 0.0) - time.monotonic())
+
     def until_free(self, key: str = "") -> None:
         """Sleep until a call for key would not wait, taking no turn (the call itself takes it, when it is made)."""
-        with self._lock:
-            left = self._next.get(key, 0.0) - time.monotonic()
+        left = self.free_in(key)
         if left > 0:
             time.sleep(left)
 
@@ -235,6 +239,11 @@ class ShoonyaBroker:
             req = self._protect(req)
         self.limiter.until_free(req.exchange)
         return req
+
+    def turn_in(self, exchange: str) -> float:
+        """Seconds until an order message for this segment would go at once (the order sender takes the next
+        message whose segment has a free turn, so one segment's burst never holds up another's exit)."""
+        return self.limiter.free_in(exchange)
 
     def place(self, req: OrderRequest) -> str:
         """PlaceOrder, spaced by the rate limit; a market order not prepared is protected here."""
