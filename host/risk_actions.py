@@ -46,11 +46,17 @@ SCOPES = ("strategies", "strategies+manual")
 EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancelled, and the positions exited after
 EXIT_ALL_MARK = flatten.HEALED  # orders.escalate of the exits risk heals (flatten.HEALED says whose)
 RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
+DONE_BEFORE = "done before a restart (the state carries this command): not done again"
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
 class FlattenIncomplete(Exception):
     """Some positions' exits could not be made (each is named); the others were."""
+
+
+def _done_before(current: dict, command: Optional[int]) -> bool:
+    """The state already carries this command: it was done before a restart (which found it not marked done)."""
+    return command is not None and command_id(current) == command
 
 
 class RiskLoop:
@@ -317,8 +323,11 @@ class RiskLoop:
         if by == "risk":  # a command is never taken for risk's own halt (a new day would lift it)
             by = "a command naming itself risk"
         overriding, today = False, self.gate.clock.day(self.now())
+        current = self.gate.manager.trading_state()
+        if _done_before(current, command):
+            return {"state": current.get("state"), "note": DONE_BEFORE}
         if state is TradingState.ACTIVE:
-            self._not_overtaken(self.gate.manager.trading_state(), command)
+            self._not_overtaken(current, command)
             self.gate.manager.repair(today)  # an explicit resume also replaces an unreadable risk record
             day = self.gate.manager.load_day(today)
             if day.halted_by_breach and not args.get("override_breach"):
@@ -329,16 +338,21 @@ class RiskLoop:
                                f"starts again from the current PnL")
             overriding = day.halted_by_breach
 
-        def write(db: Any) -> None:  # the override, its event and the state: all, or (overtaken) none
-            if state is TradingState.ACTIVE:  # read again in the write: a halt may have come meanwhile
-                self._not_overtaken(self.gate.manager.trading_state(db), command)
+        def write(db: Any) -> bool:  # the override, its event and the state: all, or (overtaken, done) none
+            now = self.gate.manager.trading_state(db)  # read again in the write: a halt may have come meanwhile
+            if _done_before(now, command):
+                return False
+            if state is TradingState.ACTIVE:
+                self._not_overtaken(now, command)
             if overriding:
                 new = self.gate.manager.override(today, by, db)
                 Storage.add_event(db, "risk_override", f"today's breach overridden by {by}: trading resumes, and the "
                                   f"daily limit starts again from PnL {new.last_pnl} (new limit {new.limit})", "warning",
                                   None, {"by": by, "pnl": str(new.last_pnl), "limit": str(new.limit)})
             self.gate.set_state(db, state, args.get("reason") or "set by the user", by, command)
-        self.storage.write(write, durable=overriding)
+            return True
+        if not self.storage.write(write, durable=overriding):
+            return {"state": self.gate.manager.trading_state().get("state"), "note": DONE_BEFORE}
         return {"state": state.value}
 
     @staticmethod

@@ -701,3 +701,31 @@ def test_3j_a_full_disk_in_the_carry_over_is_reported_as_a_full_disk(tmp_path, m
     finally:
         storage.close()
 
+
+
+def test_1p_a_resume_override_the_restart_finds_undone_is_not_done_again_over_a_later_breach(risky):
+    """Review 24 R4: a command was marked done in a write of its own, after its handler's. A death in between left
+    the resume with override_breach pending, and the restart ran it again: by then a second breach had halted
+    trading, and the old resume overrode it too, restarting the limit and making trading active. The state keeps
+    the id of the command that set it; a command it already carries is not done again."""
+    storage = risky.runtime.storage
+    _long(risky)
+    risky.tick("89")
+    wait_for(lambda: risky.net() == 0 and _risk(risky)["state"] == "halted")
+    r = risky.api("/api/halt", "POST", json={"mode": "active", "override_breach": True})
+    assert r.status_code == 200, r.get_json()
+    resume = risky.runtime.gate.state()["command"]
+    _long(risky, strategy="after", qty=100, price="89")
+    risky.tick("78")  # a second breach: -1100 from where the override started the limit again
+    wait_for(lambda: risky.net("after") == 0 and _risk(risky)["state"] == "halted", timeout=5)
+    overrides = len(_events(risky, "risk_override"))
+    # as the restart finds it after a death between the resume's write and its done mark
+    storage.write(lambda db: db.execute("update commands set status = 'pending', result = null, done_at = null "
+                                        "where id = ?", (resume,)))
+    risky.runtime.engine.wake()
+    done = wait_for(lambda: (row := storage.one("select * from commands where id = ?", (resume,)))["status"] == "done"
+                    and row, timeout=5)
+    assert json.loads(done["result"])["ok"] is True, done
+    assert _risk(risky)["state"] == "halted" and _risk(risky)["breach_overridden_by"] is None, _risk(risky)
+    assert len(_events(risky, "risk_override")) == overrides
+    assert risky.post(alert("ENTRY", "later", tradingsymbol="OTHER")).status_code == 423
