@@ -182,6 +182,10 @@ class Engine:
             change()
         self.daily.broker = self.broker
         self.storage.keep_reserve()
+        try:  # before the books are read and the feed's prices applied: today's trades made meanwhile count today
+            self.risk.begin_day()
+        except Exception:
+            log.exception("beginning the new day at start-up failed; risk's first check begins it")
         # what strategies knew of their working orders before the stop; the first reconcile tells them what the
         # start-up reconcile changed (on the engine thread, once risk has looked)
         working = self._watched()

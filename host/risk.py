@@ -157,11 +157,12 @@ class RiskManager:
                     "reason": "the stored trading state is unreadable: failing closed until POST /api/halt active"}
 
     def load_day(self, today: date) -> RiskDay:
-        """Today's record; a new one on a new day. Raises CorruptState when the stored one is unreadable."""
+        """Today's record; a new one on a later day (a clock stepped back keeps the day it had reached: only a
+        later date begins a day). Raises CorruptState when the stored one is unreadable."""
         raw = self.storage.get_state(DAY_KEY)
         if raw:
             day = RiskDay.from_json(raw)
-            if day.day == today.isoformat():
+            if day.day >= today.isoformat():
                 return day
         return RiskDay(today.isoformat(), self.limits.base)
 
@@ -219,26 +220,13 @@ class RiskManager:
         after a breach): positions are open that no working exit covers. A breach, once recorded, is
         never cleared before the next trading day.
         """
-        today = self.clock.day(now)
-        actions: list[Action] = []
         try:
-            day = self.load_day(today)
+            day, actions = self._day(now, pnl)
         except CorruptState as e:
             return [Action("fail_closed", f"{e}; trading is reduce_only until you check and resume", "error")]
-        stored = self.storage.get_state(DAY_KEY)
-        if stored and json.loads(stored).get("day") != day.day:
-            # a new day: close the old one and start fresh; today's PnL is judged on the next check,
-            # once the engine has reset yesterday's realised PnL
-            actions += self._new_day(today, json.loads(stored))
-            ends = next((a.message for a in actions if a.kind == "resume"), None)
-
-            def begin(db: sqlite_utils.Database) -> None:  # one transaction: never the day without its carry-over
-                if not self.begin_day(db, ends) and pnl is not None:  # yesterday's PnL still counts: the limit
-                    day.anchor = day.peak = day.last_pnl = pnl  # starts from where the day began, as an override's
-                    day.limit = pnl + self.limits.base
-                Storage.put_state(db, DAY_KEY, day.to_json())
-            self.storage.write(begin, durable=True)
+        if actions:  # a new day: today's PnL is judged on the next check, from the carried positions
             return actions
+        today = date.fromisoformat(day.day)  # (a clock behind the stored day: that day goes on)
         if blind_reason is not None and day.blind is None:
             day.blind = blind_reason
             actions.append(Action("blind", f"risk is blind: {day.blind}; new entries are refused, and the limits "
@@ -298,6 +286,33 @@ class RiskManager:
             actions.append(Action("status", f"risk status: PnL {pnl}, limit {day.limit}, peak {day.peak}", "info", data))
         self._store(day, flattens)
         return actions
+
+    def begin_if_new(self, now: datetime, pnl: Optional[Decimal]) -> list[Action]:
+        """Begin the day if `now` is in a later one than the stored record (at start-up, before anything is read
+        from the broker: the day's trades made while the host was stopped count today); what was done."""
+        try:
+            return self._day(now, pnl)[1]
+        except CorruptState:
+            return []  # the check says so (fail closed)
+
+    def _day(self, now: datetime, pnl: Optional[Decimal]) -> tuple[RiskDay, list[Action]]:
+        """Today's record, and the actions of a new day if this call began it (in one transaction with its
+        carry-over, the strategies' limit rebase and the end of risk's breach halt: never the day without them)."""
+        today = self.clock.day(now)
+        day = self.load_day(today)
+        stored = self.storage.get_state(DAY_KEY)
+        if not stored or json.loads(stored).get("day") == day.day:
+            return day, []
+        actions = self._new_day(today, json.loads(stored))
+        ends = next((a.message for a in actions if a.kind == "resume"), None)
+
+        def begin(db: sqlite_utils.Database) -> None:
+            if not self.begin_day(db, ends) and pnl is not None:  # yesterday's PnL still counts: the limit
+                day.anchor = day.peak = day.last_pnl = pnl  # starts from where the day began, as an override's
+                day.limit = pnl + self.limits.base
+            Storage.put_state(db, DAY_KEY, day.to_json())
+        self.storage.write(begin, durable=True)
+        return day, actions
 
     def override(self, today: date, by: str, db: Optional[sqlite_utils.Database] = None) -> RiskDay:
         """The trader resumes after today's breach: the limit starts again from the current PnL (written in `db`'s

@@ -173,6 +173,15 @@ class RiskLoop:
         with self._lock:
             self._check(poll)
 
+    def begin_day(self) -> None:
+        """At start-up, before the broker's books are read: a new day begins now, valued at the prices stored
+        before the stop (the day's trades made meanwhile, read next, count today; at the first check they were
+        carried over with yesterday's)."""
+        with self._lock:
+            pnl, _ = views.pnl_by_strategy(self.storage)
+            for action in self.gate.manager.begin_if_new(self.now(), pnl):
+                self.act(action)
+
     def _check(self, poll: bool = False) -> None:
         """The check itself, under self._lock."""
         mono = time.monotonic()

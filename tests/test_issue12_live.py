@@ -1998,3 +1998,28 @@ def test_an_exit_in_one_segment_goes_between_the_orders_of_another_segments_batc
     at = {o.remarks: int(o.broker_order_id) for o in sim.sim.engine.order_book()}
     assert [at[oid] for oid in legs] == sorted(at[oid] for oid in legs)  # the NSE legs went in their order
     wait_for(lambda: broker_net(sim, SYMBOL) == 0 and net(h, "nfo", SYMBOL) == 0, timeout=5)
+
+
+def test_1aa_a_restart_on_a_new_day_counts_the_days_trades_made_before_it_from_yesterdays_close(live, sim):
+    """Review 25 R6: after a night's stop the new day began at the first risk check, after the start-up read of the
+    books had taken in the day's trades: a position sold in the broker's app this morning at a loss was carried
+    over with its realised PnL set back to 0, so today's loss left the day's limit. The day now begins before
+    anything is read from the broker, valued at the prices stored before the stop."""
+    from host.market import IST, MarketClock
+    h = live(RISK_BASE_MAX_LOSS="-100000")
+    held = entry(h, strategy="s1", direction="BUY", qty=75, price="43")
+    bought_at = Decimal(wait_status(h, held, "FILLED")["avg_price"])
+    quote = h.runtime.storage.one("select ltp from quotes where exchange = 'NFO' and symbol = ?", (SYMBOL,))
+    close = Decimal(quote["ltp"]) if quote else bought_at  # the last price the host stored
+    h.stop()
+    h.runtime.storage.close()
+    control(sim, action="new_day", keep_sessions=True)                                  # overnight
+    sim.sim.tick("NFO", SYMBOL, Decimal("30"))
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # sold in the app at 30
+    h.__init__(h.settings, **h.runtime_kw)  # the restart, at 10:00 on the next trading day
+    day = MarketClock().next_trading_day(datetime.now(timezone.utc).astimezone(IST).date())
+    h.runtime.clock_offset = datetime.combine(day, dtime(10, 0), IST) - datetime.now(timezone.utc)
+    h.start()
+    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=6)
+    expected = (Decimal("30") - close) * 75
+    wait_for(lambda: Decimal(str(h.api("/api/risk").get_json()["day_pnl"])) == expected, timeout=5)

@@ -729,3 +729,23 @@ def test_1p_a_resume_override_the_restart_finds_undone_is_not_done_again_over_a_
     assert _risk(risky)["state"] == "halted" and _risk(risky)["breach_overridden_by"] is None, _risk(risky)
     assert len(_events(risky, "risk_override")) == overrides
     assert risky.post(alert("ENTRY", "later", tradingsymbol="OTHER")).status_code == 423
+
+
+def test_3k_a_clock_stepped_back_over_midnight_begins_no_day_again(risky):
+    """Review 25 R5: any change of date began a new day, an earlier one too. A host restarted on a machine whose
+    clock was a day behind until NTP set it (a VM restored, a bad RTC) carried over twice: today's realised loss was
+    wiped from the day's PnL each time, and the limit no longer saw it. Only a later date begins a day."""
+    _long(risky, qty=100, price="100")
+    _next_trading_day(risky)
+    wait_for(lambda: len(_events(risky, "risk_new_day")) == 1, timeout=5)
+    risky.tick("95")
+    r = risky.post(alert("EXIT", "s1", direction="SELL", qty=50, price="95"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: risky.net() == 50)
+    wait_for(lambda: Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-500"), timeout=5)  # -250 realised, -250 open
+    risky.runtime.clock_offset = timedelta(0)  # the clock steps back a day...
+    time.sleep(0.6)  # (risk checks every 0.05 s)
+    _next_trading_day(risky, 10, 5)  # ...and NTP sets it right
+    time.sleep(0.6)
+    assert len(_events(risky, "risk_new_day")) == 1
+    assert Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-500")
