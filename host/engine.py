@@ -184,8 +184,9 @@ class Engine:
         self.storage.keep_reserve()
         try:  # before the books are read and the feed's prices applied: today's trades made meanwhile count today
             self.risk.begin_day()
-        except Exception:
+        except Exception as e:
             log.exception("beginning the new day at start-up failed; risk's first check begins it")
+            self._say_day_not_begun(e)
         # what strategies knew of their working orders before the stop; the first reconcile tells them what the
         # start-up reconcile changed (on the engine thread, once risk has looked)
         working = self._watched()
@@ -205,6 +206,16 @@ class Engine:
         self.risk.start()
         self.inbox.hand = self._hand
         self.inbox.wake = self.wake
+
+    def _say_day_not_begun(self, e: Exception) -> None:
+        try:
+            self.storage.write(lambda db: Storage.add_event(
+                db, "risk_day_not_begun", f"a new trading day could not begin at start-up ({type(e).__name__}: {e}): "
+                f"risk's first check begins it, after the broker's books are read, so trades made in the broker's "
+                f"app while the host was stopped may count as yesterday's: compare today's PnL with the broker's",
+                "error"))
+        except Exception:
+            log.exception("and that could not be recorded")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the event in hand, then stop; nothing accepted is dropped (it stays in the inbox)."""

@@ -272,11 +272,11 @@ class OrderSender:
                 if self._stopped:
                     return  # what was queued before the stop is done; nothing after it is taken
                 continue
-            action, order_id, arg = self._next()
+            action, order_id, arg = self._next()  # (never raises: a failed read picks the oldest)
             try:
                 action(order_id, arg)
             except Exception:  # never let one order kill the sender
-                log.exception("%s of order %s failed", action.__name__, order_id)
+                log.exception("%s of order %s failed", getattr(action, "__name__", action), order_id)
 
     def _take_queued(self, block: bool) -> None:
         """Move what is queued into the waiting list, in order (waiting for one item if `block`); none after
@@ -294,30 +294,37 @@ class OrderSender:
 
     def _next(self) -> tuple[Callable[..., None], str, Any]:
         """The oldest waiting item whose segment has a free rate-limit turn (in its segment, the oldest; with no
-        rate limit, simply the oldest); the sends right behind it in its segment go with it, as one batch."""
-        turn_in = getattr(self.gateway.broker, "turn_in", None)
-        limited = turn_in is not None and len(self._waiting) > 1
-        if limited:
-            firsts: dict[str, int] = {}  # each segment's oldest item: only it may go
-            for n, item in enumerate(self._waiting):
-                firsts.setdefault(self._segment(item[1]), n)
-            at = min(firsts.values(), key=lambda n: (self._turn_in(turn_in, self._segment(self._waiting[n][1])), n))
-        else:
-            at = 0
+        rate limit, simply the oldest); the sends right behind it in its segment go with it, as one batch. If
+        an order's segment cannot be read (a disk error), the oldest item goes: plain order is never wrong."""
+        try:
+            at, segment = self._pick()
+        except Exception:
+            log.exception("the exchange segments of the orders waiting could not be read; the oldest goes first")
+            at, segment = 0, None
         action, order_id, arg = self._waiting.pop(at)
         if action != self.send:
             return action, order_id, arg
-        segment = self._segment(order_id) if limited else ""
         batch, n = [order_id], at
         while n < len(self._waiting) and len(batch) < SEND_BATCH_MAX:
             following = self._waiting[n]
-            if limited and self._segment(following[1]) != segment:
+            if segment is not None and self._segments.get(following[1]) != segment:
                 n += 1  # another segment's: it keeps its place
             elif following[0] == self.send:
                 batch.append(self._waiting.pop(n)[1])
             else:
                 break  # a cancel or a modify in this segment: the sends behind it wait for it
         return self.send_batch, ",".join(batch), batch
+
+    def _pick(self) -> tuple[int, Optional[str]]:
+        """Where the next item waits, and its segment (None: no rate limit, or one item: the oldest goes)."""
+        turn_in = getattr(self.gateway.broker, "turn_in", None)
+        if turn_in is None or len(self._waiting) == 1:
+            return 0, None
+        firsts: dict[str, int] = {}  # each segment's oldest item: only it may go
+        for n, item in enumerate(self._waiting):
+            firsts.setdefault(self._segment(item[1]), n)
+        at = min(firsts.values(), key=lambda n: (self._turn_in(turn_in, self._segment(self._waiting[n][1])), n))
+        return at, self._segment(self._waiting[at][1])
 
     @staticmethod
     def _turn_in(turn_in: Callable[[str], float], segment: str) -> float:
@@ -337,10 +344,14 @@ class OrderSender:
         if turn_in is None:
             return False
         self._take_queued(block=False)
-        segment = self._segment(order_id)
-        if not self._waiting or self._turn_in(turn_in, segment) <= 0:
+        try:
+            segment = self._segment(order_id)
+            if not self._waiting or self._turn_in(turn_in, segment) <= 0:
+                return False
+            return any(self._turn_in(turn_in, s) <= 0 for s in {self._segment(i[1]) for i in self._waiting} - {segment})
+        except Exception:  # the batch goes on in its order
+            log.exception("the exchange segments of the orders waiting could not be read; the batch goes on")
             return False
-        return any(self._turn_in(turn_in, s) <= 0 for s in {self._segment(i[1]) for i in self._waiting} - {segment})
 
     def cancel(self, order_id: str, why: str) -> None:
         """Ask the broker to cancel a working order; the watcher records the outcome from its update."""

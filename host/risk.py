@@ -81,6 +81,7 @@ class RiskDay:
     overridden_at: Optional[str] = None  # the trader resumed after today's breach (override_breach)
     overridden_by: Optional[str] = None
     estimated: bool = False  # the last PnL came from our own book while the broker's positions were unreadable
+    clock_behind: Optional[str] = None  # the clock's date last said to be behind this day's (said once per date)
 
     @property
     def halted_by_breach(self) -> bool:
@@ -226,7 +227,13 @@ class RiskManager:
             return [Action("fail_closed", f"{e}; trading is reduce_only until you check and resume", "error")]
         if actions:  # a new day: today's PnL is judged on the next check, from the carried positions
             return actions
-        today = date.fromisoformat(day.day)  # (a clock behind the stored day: that day goes on)
+        today, clock = date.fromisoformat(day.day), self.clock.day(now)
+        if clock < today and day.clock_behind != clock.isoformat():  # the day goes on; said once per date
+            day.clock_behind = clock.isoformat()
+            actions.append(Action("clock_behind", f"the host's clock says {clock.isoformat()}, behind the trading day "
+                                                  f"risk has begun ({day.day}): that day's record goes on (its PnL is "
+                                                  f"not carried over again) until the clock passes it; check the "
+                                                  f"machine's clock (NTP)", "error"))
         if blind_reason is not None and day.blind is None:
             day.blind = blind_reason
             actions.append(Action("blind", f"risk is blind: {day.blind}; new entries are refused, and the limits "

@@ -745,7 +745,23 @@ def test_3k_a_clock_stepped_back_over_midnight_begins_no_day_again(risky):
     wait_for(lambda: Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-500"), timeout=5)  # -250 realised, -250 open
     risky.runtime.clock_offset = timedelta(0)  # the clock steps back a day...
     time.sleep(0.6)  # (risk checks every 0.05 s)
+    [said] = _events(risky, "risk_clock_behind")  # once, loudly: the trader checks the machine's clock
+    assert "behind" in said["message"] and said["severity"] == "error", said
     _next_trading_day(risky, 10, 5)  # ...and NTP sets it right
     time.sleep(0.6)
     assert len(_events(risky, "risk_new_day")) == 1
     assert Decimal(str(_risk(risky)["day_pnl"])) == Decimal("-500")
+
+
+def test_3l_a_new_day_that_could_not_begin_at_start_up_is_said(host_factory, monkeypatch):
+    """Review of 1aa (tests/test_issue12_live.py): if the day cannot begin before the start-up read of the books (a
+    full disk for a moment), risk's first check begins it after that read, and the day's trades made while the host
+    was stopped are carried over with yesterday's. That was only logged; the trader is told."""
+    from host.risk_actions import RiskLoop
+
+    def fails(self):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(RiskLoop, "begin_day", fails)
+    h = host_factory()
+    [said] = [e for e in h.runtime.storage.rows("select * from events where kind = 'risk_day_not_begun'")]
+    assert "No space left on device" in said["message"] and said["severity"] == "error", said

@@ -340,3 +340,61 @@ def test_a_write_failing_in_the_middle_of_a_batch_still_places_the_rest_of_it(ho
     assert sorted(b.remarks for b in broker.order_book() if b.remarks in oids) == sorted([oids[0], oids[2]])
     wait_for(lambda: [_status(h, o)["status"] for o in (oids[0], oids[2])] == ["OPEN", "OPEN"])
     assert _status(h, oids[0])["broker_order_id"] and _status(h, oids[2])["broker_order_id"]
+
+
+class _SegmentsFail:
+    """A store whose reads of an order's exchange fail the first `fails` times (a disk I/O error)."""
+
+    def __init__(self, exchanges: dict[str, str], fails: int):
+        self.exchanges, self.fails = exchanges, fails
+
+    def one(self, sql: str, params: tuple) -> dict:
+        if self.fails:
+            self.fails -= 1
+            import sqlite3
+            raise sqlite3.OperationalError("disk I/O error")
+        return {"exchange": self.exchanges.get(params[0], "NSE")}
+
+
+def _rate_limited_sender(store: _SegmentsFail) -> Any:
+    from host.orders import OrderSender
+
+    class Broker:
+        def turn_in(self, exchange: str) -> float:
+            return 0.0
+    gateway = type("Gateway", (), {"broker": Broker()})()
+    return OrderSender(store, gateway)
+
+
+def test_a_failed_read_of_an_orders_segment_never_stops_the_order_sender():
+    """Review of the per-segment sender: choosing the next message reads each waiting order's exchange, outside the
+    loop's guard; one read failing (a disk error) ended the sender thread, and every later exit, cancel and breach
+    flatten stayed queued, unsent, with nothing to say so. Now that pick goes in plain order, and the loop goes on."""
+    sender = _rate_limited_sender(_SegmentsFail({"a": "NSE", "b": "NFO", "c": "NFO"}, fails=1))
+    done: list[str] = []
+    sender.send_batch = lambda _, ids: done.extend(ids)
+    sender.cancel = lambda oid, why: done.append(f"cancel {oid}")
+    sender.start()
+    try:
+        gate = hold_sender(sender)
+        sender.enqueue("a")
+        sender.enqueue_cancel("b", "test")
+        sender.enqueue("c")
+        gate.set()
+        wait_for(lambda: len(done) == 3, timeout=3)
+        assert done == ["a", "cancel b", "c"]  # in their order, as the queue had them
+        sender.enqueue("later")
+        wait_for(lambda: done[-1:] == ["later"], timeout=3)
+    finally:
+        sender.stop(2)
+
+
+def test_a_failed_read_while_a_batch_looks_for_another_segment_still_sends_the_rest_of_the_batch():
+    """The same read, made before each order of a batch after the first (may another segment go first?): failing, it
+    left send_batch with the rest of the batch taken off the waiting list, NEW and unsent until a restart."""
+    sender = _rate_limited_sender(_SegmentsFail({"x": "NFO"}, fails=100))
+    prepared: list[str] = []
+    sender._prepare = lambda oid: prepared.append(oid)  # (None: nothing to place)
+    sender._waiting.append((sender.send, "x", None))  # another segment's order waits
+    sender.send_batch("", ["a", "b", "c"])
+    assert prepared == ["a", "b", "c"]
