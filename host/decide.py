@@ -33,6 +33,17 @@ def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
 
 
 
+def resting_exits(db: sqlite_utils.Database, strategy: str, key: tuple[str, str, Product], closing: Side) -> list[dict]:
+    """The strategy's unfinished orders closing a position (on its `closing` side) that are not market orders
+    (stops, limits), its host-managed protective stops aside (an EXIT cancels those through protect.hold_exits)."""
+    ex, sym, product = key
+    marks = ",".join("?" * len(OPEN_STATUSES))
+    return list(db.query(f"select * from orders where strategy = ? and exchange = ? and symbol = ? and product = ? "
+                         f"and side = ? and action != 'ENTRY' and order_type != 'MKT' and protection is null and "
+                         f"status in ({marks}) order by rowid",
+                         (strategy, ex, sym, product.value, closing.value, *OPEN_STATUSES)))
+
+
 class Decider:
     """The one path from intents to orders, whoever asks (an alert, a plugin, a breach, a target)."""
 
@@ -90,17 +101,30 @@ class Decider:
         protect.record(db, strategy, alert_id, [(i, oid) for (_, i), oid in zip(sliced, orders)])
         cancels, held_notes = protect.hold_exits(db, strategy, held)
         notes += held_notes
+        # a market exit of the whole position means "out now": the strategy's resting exits there (a stop, a limit
+        # away from the market) are cancelled, and what they leave is exited once they are done (alerts only)
+        now_exits = {(i.exchange, i.symbol, guard.position_product(i, book)) for i in intents
+                     if i.action is ExecutionType.EXIT and i.order_type is OrderType.MKT} & full_exits \
+            if alert_id is not None else set()
+        now_exits = {key for key in now_exits if book.net(*key)}
         for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in asked if i.action is ExecutionType.EXIT):
             stopped = flatten.cancel_adding(db, f"EXIT of {strategy} in {ex}:{sym}", strategy=strategy, exchange=ex,
                                     symbol=sym)
-            cancels += stopped.working
-            if stopped.pending and alert_id is not None:
+            if stopped.pending:
+                notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
+            resting = [o for key in now_exits if key[:2] == (ex, sym) for o in resting_exits(
+                db, strategy, key, Side.SELL if book.net(*key) > 0 else Side.BUY)]
+            superseded = flatten.stop(db, resting, f"a market EXIT of {strategy} in {ex}:{sym}")
+            if resting:
+                notes.append(f"{len(resting)} resting exit(s) of {strategy} in {ex}:{sym} cancelled; what they leave "
+                             f"is exited at market once they are done")
+            cancels += stopped.working + superseded.working
+            if (stopped.pending or resting) and alert_id is not None:
                 for key in full_exits:
                     if key[:2] == (ex, sym):  # what the stopped orders fill meanwhile is exited after them
                         targets.store_waiting(db, alert_id, strategy, TargetLeg(ex, sym, key[2], OrderType.MKT, 0),
-                                              targets.REPLAN, stopped.pending)
+                                              targets.REPLAN, stopped.pending + superseded.pending)
                         self.on_waiting()
-                notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
         return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders, tuple(dict.fromkeys(cancels)))
 
     @staticmethod

@@ -21,6 +21,7 @@ from .validation import NAME_RE
 log = logging.getLogger(__name__)
 POLL_START_S = 0.002
 POLL_MAX_S = 0.05
+RUNS = (AlertStatus.RECEIVED.value, AlertStatus.ACCEPTED.value)  # an alert that ran, or will: a copy is a duplicate
 
 
 @dataclass(frozen=True)
@@ -163,16 +164,16 @@ class Inbox:
             key = dedupe_key(req.strategy, req.client_alert_id)
             rows = list(db.query("select * from alerts where dedupe_key = ?", (key,)))
             expired = _ago(now, self.alert_id_ttl_s)
-            if rows and rows[0]["received_at"] >= expired:
+            if rows and rows[0]["received_at"] >= expired and rows[0]["status"] in RUNS:
                 return rows[0]
-            if rows:  # older than ALERT_ID_TTL_S: the id is free again (the old alert keeps its trail)
-                db.execute("update alerts set dedupe_key = null where id = ?", (rows[0]["id"],))
+            if rows:  # older than ALERT_ID_TTL_S, or it did nothing (refused, blocked, failed): the id is free again
+                db.execute("update alerts set dedupe_key = null where id = ?", (rows[0]["id"],))  # (its trail stays)
         if self.dedupe_window_s <= 0 or req.execution_type is ExecutionType.POSITION:
             return None  # a repeated target is harmless (already at target); 75, 0, 75 in 10 s must all run
         since = _ago(now, self.dedupe_window_s)
         # only an alert that runs (or will) makes a copy a duplicate: a refused one may be sent again
-        rows = list(db.query("select * from alerts where body_hash = ? and received_at >= ? and status in "
-                             "('received', 'accepted') order by rowid desc limit 1", (digest, since)))
+        rows = list(db.query(f"select * from alerts where body_hash = ? and received_at >= ? and status in "
+                             f"({','.join('?' * len(RUNS))}) order by rowid desc limit 1", (digest, since, *RUNS)))
         return rows[0] if rows else None
 
     def wait_alert(self, alert_id: str, timeout_s: float) -> AlertRecord:

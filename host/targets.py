@@ -47,8 +47,12 @@ def _working(db: sqlite_utils.Database, strategy: str, leg: TargetLeg) -> list[d
                          (strategy, leg.exchange, leg.symbol, *flatten.OPEN_STATUSES)))
 
 
-def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg) -> TargetPlan:
-    """The orders that take the strategy's own position in the leg's symbol and product to the target."""
+def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool = False) -> TargetPlan:
+    """The orders that take the strategy's own position in the leg's symbol and product to the target.
+
+    A fresh market target (a POSITION alert) counts a working order as on its way only if it is a market order:
+    a resting stop or limit is cancelled, and the target planned again (the trader asked to be there now). A
+    follow-up (planned again after cancels) counts whatever works, its alert's own exit included."""
     where = f"{leg.exchange}:{leg.symbol}"
     held = {r["product"]: r["net_qty"] for r in db.query(
         "select product, net_qty from positions where strategy = ? and exchange = ? and symbol = ? and net_qty != 0",
@@ -63,7 +67,10 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg) -> TargetPlan
     net = held.get(leg.product.value, 0)
     projected = net + sum(Side(o["side"]).sign * (o["qty"] - (o["filled_qty"] or 0)) for o in working)
     if working:
-        same_price = leg.order_type is OrderType.MKT or all(dec(o["price"]) == leg.price for o in working)
+        if leg.order_type is OrderType.MKT:
+            same_price = not fresh or all(o["order_type"] == OrderType.MKT.value for o in working)
+        else:
+            same_price = all(dec(o["price"]) == leg.price for o in working)
         if projected == leg.target and same_price:
             return TargetPlan(note=f"{where}: already at target {_signed(leg.target)} ({_signed(net)} filled, "
                                    f"{_signed(projected - net)} working); nothing sent")
@@ -139,7 +146,7 @@ def decide(db: sqlite_utils.Database, alert_id: str, strategy: str, legs: tuple[
            evaluate: Evaluate) -> Decision:
     """A POSITION alert: supersede what waited, then plan each leg from the strategy's own book."""
     supersede(db, strategy, {(t.exchange, t.symbol) for t in legs}, alert_id)
-    return _apply(db, alert_id, strategy, [(leg, plan(db, strategy, leg)) for leg in legs], evaluate)
+    return _apply(db, alert_id, strategy, [(leg, plan(db, strategy, leg, fresh=True)) for leg in legs], evaluate)
 
 
 def _blocking(db: sqlite_utils.Database, row: dict) -> tuple[bool, Optional[str]]:

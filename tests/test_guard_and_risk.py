@@ -153,3 +153,55 @@ def test_exit_all_cancels_working_entries_but_keeps_working_exits(host):
     host.tick("150")  # a jump that big is held until a second tick confirms it
     wait_for(lambda: host.net("alpha") == 0)
     assert host.net("beta") == 0
+
+
+def _resting_exit(host, qty, **leg):
+    """An EXIT that rests at the broker (a stop below the market, or a limit above it); its order."""
+    r = host.post(alert("EXIT", direction="SELL", qty=qty, alert_id=f"rest{qty}", **leg))
+    assert r.status_code == 200 and r.get_json()["orders"], r.get_json()
+    oid = r.get_json()["orders"][0]["id"]
+    wait_for(lambda: [o for o in host.orders(status="OPEN") if o["id"] == oid])
+    return oid
+
+
+def test_a_market_exit_closes_the_position_now_though_a_resting_stop_covers_it(host):
+    """Found by an outside test: a market EXIT answered "nothing to exit: exit orders already cover the whole
+    position" while the strategy's own stop (an SL-MKT EXIT alert, the original platform's way of placing one)
+    rested far below the market: the trader asked to be out now and stayed in until the stop. A market EXIT of the
+    whole position cancels the strategy's resting exits there, and exits what is still held once they are done."""
+    host.tick("40")
+    _enter(host, direction="BUY", qty=50, price="40")
+    stop = _resting_exit(host, 50, order_type="SL-MKT", price=None, trigger_price="30")
+    r = host.post(alert("EXIT", direction="SELL", qty=50, order_type="MKT", price=None, alert_id="now"))
+    assert r.status_code == 200, r.get_json()
+    assert "cancelled" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: host.net() == 0, timeout=5)
+    assert [o["status"] for o in host.orders() if o["id"] == stop] == ["CANCELLED"]
+    host.tick("29")  # the old stop's trigger is crossed: nothing more is sold
+    host.settle()
+    assert host.net() == 0
+
+
+def test_a_market_exit_sends_what_a_resting_exit_leaves_now_and_the_rest_after_its_cancel(host):
+    host.tick("40")
+    _enter(host, direction="BUY", qty=100, price="40")
+    limit = _resting_exit(host, 40, price="60")
+    r = host.post(alert("EXIT", direction="SELL", qty=100, order_type="MKT", price=None, alert_id="now"))
+    assert r.status_code == 200, r.get_json()
+    assert [o["qty"] for o in r.get_json()["orders"]] == [60]  # the part no exit covers, at once
+    wait_for(lambda: host.net() == 0, timeout=5)
+    assert [o["status"] for o in host.orders() if o["id"] == limit] == ["CANCELLED"]
+    host.tick("61")  # the old limit's price is crossed: never short
+    host.settle()
+    assert host.net() == 0
+
+
+def test_a_limit_exit_still_leaves_a_resting_exit_alone(host):
+    """Only a market exit means "out now": a second resting exit is still capped (a stop and a target do not both
+    sell the same lots)."""
+    host.tick("40")
+    _enter(host, direction="BUY", qty=50, price="40")
+    stop = _resting_exit(host, 50, order_type="SL-MKT", price=None, trigger_price="30")
+    r = host.post(alert("EXIT", direction="SELL", qty=50, price="60", alert_id="target"))
+    assert r.status_code == 200 and r.get_json()["orders"] == [], r.get_json()
+    assert [o["status"] for o in host.orders() if o["id"] == stop] == ["OPEN"]

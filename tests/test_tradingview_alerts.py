@@ -326,3 +326,23 @@ def test_exit_all_drops_a_reversal_waiting_to_enter(host):
     host.settle()
     assert host.net("xa", FUT) == 0 and not [o for o in orders_of(host, "xa") if o["action"] == "ADJUST"
                                              and o["side"] == "SELL"]
+
+
+def test_a_market_flat_target_closes_the_position_though_a_resting_exit_covers_it(host):
+    """Found by an outside test: POSITION 0 at market answered "already at target flat (+75 filled, -75 working)"
+    while the only working order was the strategy's stop far below the market: the position stayed open. A market
+    target counts only market orders as on their way; a resting one is cancelled and the target planned again."""
+    host.tick("24000", symbol=FUT)
+    r = host.post(target(75, order_type="MKT"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: host.net("pos", FUT) == 75)
+    stop = host.post(alert("EXIT", strategy="pos", tradingsymbol=FUT, direction="SELL", qty=75, order_type="SL-MKT",
+                           price=None, trigger_price="23000"))
+    assert stop.status_code == 200 and stop.get_json()["orders"], stop.get_json()
+    wait_for(lambda: [o for o in host.orders(status="OPEN") if o["strategy"] == "pos"])
+    r = host.post(target(0, order_type="MKT", alert_id="flat"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: host.net("pos", FUT) == 0, timeout=5)
+    host.tick("22900", symbol=FUT)
+    host.settle()
+    assert host.net("pos", FUT) == 0

@@ -1,6 +1,8 @@
 """POST /webhook through the Flask test client: auth, parsing, validation, dedupe, status codes."""
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import hmac
 import json
@@ -215,6 +217,30 @@ def test_database_locked_for_a_moment_is_retried_not_dropped(host):
         other.close()
     assert r.status_code == 200, r.get_json()
     wait_for(lambda: host.orders(status="FILLED"))
+
+
+@pytest.mark.parametrize("first", ["refused", "failed"])
+def test_the_same_alert_id_after_a_refusal_or_a_failure_runs(host, first):
+    """Found by an outside test: the body check let a refused alert be sent again, the alert_id check did not: the
+    same alert with its alert_id, sent again after the halt was lifted (or by a relay retrying a 503, when the
+    strategy's plugin was busy), was answered 200 duplicate and never ran. Only an alert that ran, or will, holds
+    its id."""
+    if first == "refused":
+        host.api("/api/halt", "POST", json={"mode": "halted"})
+        assert host.post(alert(alert_id="retry-1")).status_code == 423
+        host.api("/api/halt", "POST", json={"mode": "active"})
+    else:
+        real = host.runtime.strategies.route_alert
+        host.runtime.strategies.route_alert = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("busy (test)"))
+        try:
+            assert host.post(alert(alert_id="retry-1")).status_code == 503
+        finally:
+            host.runtime.strategies.route_alert = real
+    r = host.post(alert(alert_id="retry-1"))
+    assert r.status_code == 200 and r.get_json()["status"] == "accepted", r.get_json()
+    assert len(host.orders()) == 1
+    dup = host.post(alert(alert_id="retry-1"))  # and now it holds the id
+    assert dup.get_json()["status"] == "duplicate" and len(host.orders()) == 1
 
 
 def test_the_same_body_after_a_refusal_is_not_a_duplicate(host):
