@@ -16,7 +16,7 @@ from .ids import new_id
 from .models import AlertRequest, AlertStatus, ExecutionType, Problem
 from .storage import Storage, utcnow
 from .protect import to_json
-from .validation import NAME_RE
+from .validation import NAME_RE, client_alert_key
 
 log = logging.getLogger(__name__)
 POLL_START_S = 0.002
@@ -102,6 +102,7 @@ class Inbox:
         def run(db: sqlite_utils.Database) -> None:
             db["alerts"].insert({
                 "id": aid, "received_at": utcnow(), "strategy": strategy,
+                "client_alert_id": client_alert_key(body.get("alert_id")),
                 "execution_type": _name_or_none(body.get("execution_type")),
                 "body": json.dumps(body, default=str)[:65536], "source_ip": source_ip,
                 "status": AlertStatus.REJECTED.value, "reason": reason,

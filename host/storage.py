@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -417,6 +418,13 @@ class Storage:
         self._local = threading.local()
         create_private(self.path)
         try:
+            # at start: damage or a foreign schema stops here, not in a request; read-only, so that a refused file is
+            # left as it was (a writer closing would checkpoint its WAL into it, and delete the WAL)
+            checker = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True)
+            try:
+                check_database(checker, self.path)
+            finally:
+                checker.close()
             self.conn = self._connect()
             wal = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         except sqlite3.DatabaseError as e:
@@ -425,11 +433,6 @@ class Storage:
             raise DatabaseUnusable(f"refusing to start: the database {self.path} cannot be opened ({e}); "
                                    f"{backups_hint(self.path)}, or move it aside and start with "
                                    f"`strategy-host run --new-database`.") from None
-        try:
-            check_database(self.conn, self.path)  # at start: damage or a foreign schema stops here, not in a request
-        except DatabaseUnusable:
-            self.conn.close()
-            raise
         self.db = _Database(self.conn)
         if wal:  # a writer waits only to begin (_begin); without WAL a COMMIT waits for readers: SQLite's handler
             self.conn.execute("PRAGMA busy_timeout=0")

@@ -243,6 +243,13 @@ def screen_each(body: dict) -> list[Problem]:
     return c.problems
 
 
+def client_alert_key(value: Any) -> Optional[str]:
+    """The sender's alert_id as text; None when absent or not a string (or number) of 1-128 characters."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and 0 < len(str(value)) <= 128:
+        return str(value)
+    return None
+
+
 def parse_alert(body: dict) -> tuple[Optional[AlertRequest], list[Problem]]:
     """Validate a lower-cased webhook body; return the request or every problem found."""
     c = Collector()
@@ -253,8 +260,7 @@ def parse_alert(body: dict) -> tuple[Optional[AlertRequest], list[Problem]]:
     if not (isinstance(strategy, str) and NAME_RE.fullmatch(strategy)):
         c.add("strategy_name", "a name of 1-64 ASCII letters, digits, '_', '-' or '.'", strategy)
     alert_key = body.get("alert_id")
-    if alert_key is not None and not (isinstance(alert_key, (str, int)) and not isinstance(alert_key, bool)
-                                      and 0 < len(str(alert_key)) <= 128):
+    if alert_key is not None and client_alert_key(alert_key) is None:
         c.add("alert_id", "a string of 1-128 characters", alert_key)
     _unknown(c, "", body, KNOWN_ALERT_FIELDS)
     top_exchange = body.get("exchange")

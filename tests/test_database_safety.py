@@ -160,6 +160,33 @@ def test_damaged_database_raises_a_clear_error_in_process(tmp_path: Path) -> Non
     assert str(path) in str(e.value) and "damaged" in str(e.value)
 
 
+def test_a_damaged_database_refused_at_start_is_left_as_it_was_with_its_wal(tmp_path: Path) -> None:
+    """Found by an outside test: the refusal says "Nothing was changed" and to move the damaged file aside "and its
+    -wal file", but the check's own connection, closing, checkpointed the WAL into the damaged file and deleted
+    it: the file changed, and the WAL (the last writes, what `.recover` may save) was gone. The check now reads
+    on a read-only connection before anything opens the file for writing."""
+    import hashlib
+    import shutil
+    from host.storage import DatabaseUnusable
+    source, path = tmp_path / "live.sqlite", tmp_path / "h.sqlite"
+    _damaged_database(source)
+    conn = sqlite3.connect(source)  # the host's last writes, in the WAL when it died
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("insert into state (key, value, updated_at) values ('last', 'write', 'now')")
+    conn.commit()
+    for suffix in ("", "-wal", "-shm"):  # a crash's copy: the file and its WAL, the WAL not checkpointed
+        shutil.copyfile(f"{source}{suffix}", f"{path}{suffix}")
+    conn.close()
+
+    def digest(p: str) -> str:
+        return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    before = {suffix: digest(f"{path}{suffix}") for suffix in ("", "-wal")}
+    with pytest.raises(DatabaseUnusable) as e:
+        Storage(path)
+    assert "damaged" in str(e.value) and "Nothing was changed" in str(e.value)
+    assert {suffix: digest(f"{path}{suffix}") for suffix in ("", "-wal")} == before
+
+
 def test_schema_that_lacks_a_table_refuses(tmp_path: Path) -> None:
     from host.storage import DatabaseUnusable
     path = tmp_path / "h.sqlite"

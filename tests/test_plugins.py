@@ -291,6 +291,22 @@ def strategy_on_alert(ctx, alert):
     assert h.post(alert(strategy="flaky", alert_id="f9")).status_code == 423
 
 
+def test_a_plugin_that_keeps_returning_unusable_intents_is_disabled_by_the_breaker(host_factory):
+    """Found by an outside test: a call that returned was counted a success, then its unusable intents a failure,
+    so the count went 0, 1, 0, 1: fifteen 503s in a row never tripped the breaker, and the plugin stayed running."""
+    h = host_factory(breaker_limit=3)
+    write(h.runtime.strategies.folder, "garbled", strategy_source("garbled", body='''
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    return ["not an intent"]
+'''))
+    wait_strategy(h, "garbled", status="running")
+    codes = [h.post(alert(strategy="garbled", alert_id=f"g{i}")).status_code for i in range(3)]
+    assert codes == [503, 503, 503]
+    record = wait_strategy(h, "garbled", status="disabled")
+    assert any("circuit breaker" in x["change"] and "unusable intents" in x["change"] for x in record["history"])
+
+
 def test_disable_enable_and_reload_through_the_api(host, folder):
     write(folder, "ctl", counting("ctl", "1.0"))
     wait_strategy(host, "ctl", status="running")

@@ -249,3 +249,15 @@ def test_the_same_body_after_a_refusal_is_not_a_duplicate(host):
     host.api("/api/halt", "POST", json={"mode": "active"})
     r = host.post(alert())  # sent again within the window, once the cause is fixed
     assert r.status_code == 200 and r.get_json()["status"] == "accepted"
+
+
+def test_a_rejected_alert_answers_and_keeps_the_senders_alert_id(host):
+    """Found by an outside test: every answer carries the sender's alert_id as client_alert_id, but a 422 did not,
+    and /api/alerts showed the rejected alert with no alert_key: the trader could not find "my alert z11" to see
+    why it was rejected. (An alert_id that is itself invalid is not echoed.)"""
+    r = host.post(alert(alert_id="z11", qty=0))
+    assert r.status_code == 422 and r.get_json()["client_alert_id"] == "z11", r.get_json()
+    [row] = [a for a in host.api("/api/alerts").get_json()["items"] if a["status"] == "rejected"]
+    assert row["alert_key"] == "z11"
+    bad = host.post(alert(alert_id="x" * 129, qty=0))
+    assert bad.status_code == 422 and bad.get_json()["client_alert_id"] is None

@@ -5,7 +5,7 @@ import inspect
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Callable, Optional
@@ -144,19 +144,25 @@ class StrategyRegistry(Registry):
             return Asked(version=live.candidate.version)
         result = live.caller.call(hook, fn, lambda: self._args(live, kwargs),
                                   after=lambda: self._save_state_if_changed(live, here=True))
-        self.record_call(live, hook, result)
+        intents, result = self._usable(hook, result)
+        self.record_call(live, hook, result)  # once per call: unusable intents are its failure (the breaker counts)
         entry = self.entries.get(live.candidate.name)
         if entry is None or entry.live is not live:
             return Asked(error=f"{live.label} was retired during {hook}; its intents are dropped",
                          version=live.candidate.version)
         if not result.ok:
             return Asked(error=f"{live.label}: {result.error}", version=live.candidate.version)
+        return Asked(tuple(intents), version=live.candidate.version)
+
+    @staticmethod
+    def _usable(hook: str, result: CallResult) -> tuple[list, CallResult]:
+        """The intents a call returned, and its result: a failure if what it returned cannot be used."""
+        if not result.ok:
+            return [], result
         intents, problems = check_intents(result.value)
         if problems:
-            bad = CallResult(error=f"{hook} returned unusable intents: " + "; ".join(problems))
-            self.record_call(live, hook, bad)
-            return Asked(error=f"{live.label}: {bad.error}", version=live.candidate.version)
-        return Asked(tuple(intents), version=live.candidate.version)
+            return [], replace(result, value=None, error=f"{hook} returned unusable intents: " + "; ".join(problems))
+        return intents, result
 
     def _args(self, live: Live, kwargs: dict) -> dict:
         """On the strategy's thread, as its call starts: the context as it is now, and the arguments."""
@@ -212,12 +218,9 @@ class StrategyRegistry(Registry):
 
     def _done(self, live: Live, hook: str, result: CallResult) -> None:
         """On the strategy's thread: a posted call ended within its budget. Its intents go to the engine."""
+        intents, result = self._usable(hook, result)
         self.record_call(live, hook, result)
         if not result.ok:
-            return
-        intents, problems = check_intents(result.value)
-        if problems:
-            self.record_call(live, hook, CallResult(error=f"{hook} returned unusable intents: " + "; ".join(problems)))
             return
         self._save_state_if_changed(live, here=True)
         if intents:

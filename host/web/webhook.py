@@ -14,7 +14,7 @@ from ..models import AlertStatus, ExecutionType
 from ..inbox import AlertRecord, body_hash
 from ..group_sync import NotDurable
 from ..storage import StorageFull
-from ..validation import parse_alert, unencodable, unique_keys
+from ..validation import client_alert_key, parse_alert, unencodable, unique_keys
 from ..views import engine_alive, order_record
 from .client_address import client_ip, in_networks, parse_address, unbelieved_forwarding
 
@@ -113,7 +113,8 @@ def webhook():
     req, problems = parse_alert(body)
     if problems:
         aid = rt.inbox.store_rejected(body, problems, ip)
-        return _reply("rejected", 422, alert_id=aid, errors=[p.as_dict() for p in problems])
+        return _reply("rejected", 422, alert_id=aid, client_alert_id=client_alert_key(body.get("alert_id")),
+                      errors=[p.as_dict() for p in problems])
     if rt.storage.low_space and req.execution_type is not ExecutionType.EXIT:
         return _reply("not_stored", 507, error=f"the disk holding {rt.storage.path.parent} is nearly full (the "
                                                f"reserve kept for risk and exits is in use): only EXIT alerts are "
