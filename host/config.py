@@ -388,9 +388,10 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
     if values.get("BROKER") == "shoonya":
         problems += _live_problems(values)
     problems += _telegram_problems(values)
-    for name in placeholder_secrets(values):
-        finding = Problem(name, "a secret of your own (`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
-                          "an example placeholder from the docs, which anyone can read")
+    findings = [Problem(name, "a secret of your own (`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
+                        "an example placeholder from the docs, which anyone can read")
+                for name in placeholder_secrets(values)] + shared_secrets(values)
+    for finding in findings:
         if strict or values.get("BROKER") == "shoonya":
             problems.append(finding)
         else:
@@ -532,6 +533,20 @@ def example_values() -> set[str]:
     """Every value in the shipped config_env/*.example files: published, so never a secret."""
     folder = Path(__file__).resolve().parent.parent / "config_env"
     return {v.strip() for f in sorted(folder.glob("*.example")) for v in dotenv_values(f).values() if v and v.strip()}
+
+
+def shared_secrets(values: Mapping[str, Any]) -> list[Problem]:
+    """Secrets that repeat an earlier one's value: WEBHOOK_SECRET travels in every alert (and sits in TradingView),
+    so whoever sees it would also hold the API or the dashboard."""
+    out, seen = [], {}
+    for name in SECRET_NAMES:
+        text = str(values.get(name) or "")
+        if text in seen:
+            out.append(Problem(name, f"a value of its own (`python3 -c 'import secrets; print(secrets.token_urlsafe("
+                                     f"24))'`)", f"the same value as {seen[text]}"))
+        elif text:
+            seen[text] = name
+    return out
 
 
 def placeholder_secrets(values: Mapping[str, Any]) -> list[str]:

@@ -80,6 +80,9 @@ def check(intent: Intent, book: StrategyBook) -> Checked:
         qty = min(intent.qty, available)
         out = replace(intent, side=side, qty=qty, product=product)
         notes = []
+        if product is not intent.product:
+            notes.append(f"product_type {intent.product.value} ignored: strategy {book.strategy} holds {where} as "
+                         f"{product.value}, its only position there")
         if intent.side is not side:
             notes.append(f"direction {intent.side.value} ignored: closing a {'long' if side is Side.SELL else 'short'} position needs {side.value}")
         if qty < intent.qty:

@@ -124,3 +124,21 @@ def test_a_random_secret_that_happens_to_hold_xxx_is_no_placeholder(tmp_path, mo
         with pytest.raises(ConfigError) as e:
             load(None, environ={**live, "API_TOKEN": placeholder})
         assert any(p.field == "API_TOKEN" and "placeholder" in p.found for p in e.value.problems)
+
+
+def test_one_value_for_two_secrets_is_refused_live_and_said_in_paper(tmp_path):
+    """Found by an outside test: WEBHOOK_SECRET, API_TOKEN and DASHBOARD_PASSWORD all one value passed `check`. The
+    webhook secret travels in every TradingView alert (and sits in TradingView's alert settings): whoever sees it
+    would also hold the API token, which can halt, exit-all and disable strategies."""
+    same = "Zq8-shared-secret-value-0123456789"
+    live = {"DATA_DIR": str(tmp_path), "BROKER": "shoonya", "SHOONYA_AUTH": "token", "USER_ID": "FA1",
+            "SHOONYA_ACCESS_TOKEN": "a" * 24, "WEBHOOK_SECRET": same, "API_TOKEN": same,
+            "DASHBOARD_PASSWORD": "another-password-1"}
+    with pytest.raises(ConfigError) as e:
+        load(None, environ=live)
+    [p] = [p for p in e.value.problems if p.field == "API_TOKEN"]
+    assert "WEBHOOK_SECRET" in p.found and same not in str(e.value), p
+    paper = {k: v for k, v in live.items() if k not in ("BROKER", "SHOONYA_AUTH", "USER_ID", "SHOONYA_ACCESS_TOKEN")}
+    s = load(None, environ=paper)
+    assert any("API_TOKEN" in w and "WEBHOOK_SECRET" in w for w in s.warnings), s.warnings
+    assert load(None, environ={**live, "API_TOKEN": "b" * 24}).API_TOKEN == "b" * 24  # different values: fine

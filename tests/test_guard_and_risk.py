@@ -205,3 +205,13 @@ def test_a_limit_exit_still_leaves_a_resting_exit_alone(host):
     r = host.post(alert("EXIT", direction="SELL", qty=50, price="60", alert_id="target"))
     assert r.status_code == 200 and r.get_json()["orders"] == [], r.get_json()
     assert [o["status"] for o in host.orders() if o["id"] == stop] == ["OPEN"]
+
+
+def test_an_exit_naming_another_product_says_which_position_it_closed(host):
+    """Found by an outside test: an EXIT with product_type I closed the strategy's only position there, held as M
+    (NRML), and said nothing: the trader could not tell the product was not the one sent."""
+    host.tick("40")
+    _enter(host, direction="BUY", qty=50, price="40")
+    r = host.post(alert("EXIT", direction="SELL", qty=50, price="40", product_type="I"))
+    assert r.status_code == 200 and [o["product"] for o in r.get_json()["orders"]] == ["M"], r.get_json()
+    assert "product_type I ignored" in r.get_json()["reason"], r.get_json()
