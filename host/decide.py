@@ -33,15 +33,18 @@ def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
 
 
 
-def resting_exits(db: sqlite_utils.Database, strategy: str, key: tuple[str, str, Product], closing: Side) -> list[dict]:
-    """The strategy's unfinished orders closing a position (on its `closing` side) that are not market orders
-    (stops, limits), its host-managed protective stops aside (an EXIT cancels those through protect.hold_exits)."""
+def resting_exits(db: sqlite_utils.Database, strategy: str, key: tuple[str, str, Product], net: int) -> list[dict]:
+    """The strategy's working exits of a position that are not market orders (stops, limits), not moving towards
+    the market already, nor being cancelled; its host-managed protective stops aside (protect.hold_exits)."""
+    if not net:
+        return []
     ex, sym, product = key
     marks = ",".join("?" * len(OPEN_STATUSES))
-    return list(db.query(f"select * from orders where strategy = ? and exchange = ? and symbol = ? and product = ? "
+    return list(db.query(f"select id from orders where strategy = ? and exchange = ? and symbol = ? and product = ? "
                          f"and side = ? and action != 'ENTRY' and order_type != 'MKT' and protection is null and "
-                         f"status in ({marks}) order by rowid",
-                         (strategy, ex, sym, product.value, closing.value, *OPEN_STATUSES)))
+                         f"escalate is null and cancel_requested is null and status in ({marks}) order by rowid",
+                         (strategy, ex, sym, product.value, (Side.SELL if net > 0 else Side.BUY).value,
+                          *OPEN_STATUSES)))
 
 
 class Decider:
@@ -64,7 +67,8 @@ class Decider:
         asked = intents  # EXITs of positions with a resting stop wait for its cancel (protect.hold_exits)
         intents, held = protect.split_exits(db, strategy, list(intents))
         book = load_book(db, strategy)
-        full_exits = {(i.exchange, i.symbol, i.product) for i in asked if i.action is ExecutionType.EXIT
+        full_exits = {(i.exchange, i.symbol, guard.position_product(i, book)) for i in asked
+                      if i.action is ExecutionType.EXIT
                       and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
         checked = [guard.check(i, book) for i in intents]
         notes = [c.note for c in checked if c.note]
@@ -102,29 +106,26 @@ class Decider:
         cancels, held_notes = protect.hold_exits(db, strategy, held)
         notes += held_notes
         # a market exit of the whole position means "out now": the strategy's resting exits there (a stop, a limit
-        # away from the market) are cancelled, and what they leave is exited once they are done (alerts only)
-        now_exits = {(i.exchange, i.symbol, guard.position_product(i, book)) for i in intents
-                     if i.action is ExecutionType.EXIT and i.order_type is OrderType.MKT} & full_exits \
-            if alert_id is not None else set()
-        now_exits = {key for key in now_exits if book.net(*key)}
+        # away from the market) move towards the market until they fill, as exit-all's do (alerts only: risk's own
+        # flattens mark theirs); never cancelled, so the position is covered all along
+        for key in {(i.exchange, i.symbol, guard.position_product(i, book)) for i in intents
+                    if i.action is ExecutionType.EXIT and i.order_type is OrderType.MKT} & full_exits:
+            resting = resting_exits(db, strategy, key, book.net(*key)) if alert_id is not None else []
+            if resting:
+                flatten.mark_escalate(db, [o["id"] for o in resting], flatten.HEALED)
+                notes.append(f"{len(resting)} resting exit(s) of {strategy} in {key[0]}:{key[1]} moved towards the "
+                             f"market until they fill")
         for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in asked if i.action is ExecutionType.EXIT):
             stopped = flatten.cancel_adding(db, f"EXIT of {strategy} in {ex}:{sym}", strategy=strategy, exchange=ex,
                                     symbol=sym)
-            if stopped.pending:
-                notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
-            resting = [o for key in now_exits if key[:2] == (ex, sym) for o in resting_exits(
-                db, strategy, key, Side.SELL if book.net(*key) > 0 else Side.BUY)]
-            superseded = flatten.stop(db, resting, f"a market EXIT of {strategy} in {ex}:{sym}")
-            if resting:
-                notes.append(f"{len(resting)} resting exit(s) of {strategy} in {ex}:{sym} cancelled; what they leave "
-                             f"is exited at market once they are done")
-            cancels += stopped.working + superseded.working
-            if (stopped.pending or resting) and alert_id is not None:
+            cancels += stopped.working
+            if stopped.pending and alert_id is not None:
                 for key in full_exits:
                     if key[:2] == (ex, sym):  # what the stopped orders fill meanwhile is exited after them
                         targets.store_waiting(db, alert_id, strategy, TargetLeg(ex, sym, key[2], OrderType.MKT, 0),
-                                              targets.REPLAN, stopped.pending + superseded.pending)
+                                              targets.REPLAN, stopped.pending)
                         self.on_waiting()
+                notes.append(f"{len(stopped.pending)} working order(s) of {strategy} adding to {ex}:{sym} cancelled")
         return Decision(AlertStatus.ACCEPTED, "; ".join(notes) or None, orders, tuple(dict.fromkeys(cancels)))
 
     @staticmethod

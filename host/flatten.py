@@ -97,6 +97,13 @@ def stop(db: sqlite_utils.Database, orders: list[dict], why: str) -> Stopped:
     return stopped
 
 
+def mark_escalate(db: sqlite_utils.Database, ids: list[str], mark: int = 1) -> None:
+    """These exits move towards the market until they fill (RiskLoop.escalate); `mark` says whose they are
+    (HEALED: risk heals them, and exits the rest of the position after cancelling one grown oversized)."""
+    if ids:
+        db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(ids))})", (mark, *ids))
+
+
 def cancel_adding(db: sqlite_utils.Database, why: str, product: Optional[str] = None, **scope: Optional[str]) -> Stopped:
     """Stop every order that adds exposure in the scope (strategy, exchange, symbol), whatever its state."""
     return stop(db, [o for o in adding_orders(db, **scope) if product is None or o["product"] == product], why)

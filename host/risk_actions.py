@@ -534,7 +534,7 @@ class RiskLoop:
                 pending_flattens.done(db, pending)  # covered by its exits then: nothing is sold twice)
             if only is not None:  # the follow-up: what it acted on goes (what came meanwhile stays)
                 _keep_follow_ups(db, lambda e: e in (done_with or []))
-                _mark_escalate(db, list(done.orders), EXIT_ALL_MARK)
+                flatten.mark_escalate(db, list(done.orders), EXIT_ALL_MARK)
                 return done
             told[:], cancels[:], stopped = self._escalate(db, done.orders, strategy, product, why, healed, skip,
                                                           EXIT_ALL_MARK if everything or scoped else 1)
@@ -559,9 +559,9 @@ class RiskLoop:
         covering their part), to move towards the market until they fill; stop those working for more than
         their position holds (_stop_oversized). Returns (exits left and said, cancels to send, exits stopped)."""
         fit = _working_exits(db, strategy, product, left_alone)
-        _mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
+        flatten.mark_escalate(db, list(created) + [i for i in fit if i not in created], mark)
         if mark == EXIT_ALL_MARK:  # exits a breach was moving, where this acts (not what it leaves alone), are healed
-            _mark_escalate(db, [o["id"] for o in db.query(  # now too
+            flatten.mark_escalate(db, [o["id"] for o in db.query(  # now too
                 f"select o.id, o.strategy, o.exchange, o.symbol, o.product, p.updated_at from orders o left join "
                 f"positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = o.symbol and "
                 f"p.product = o.product where o.escalate = 1 and o.cancel_requested is null and o.protection is null "
@@ -677,12 +677,6 @@ def _working_exits(db: Any, strategy: Optional[str], product: Optional[str],
             if not o["escalate"] and not o["order_cancel_requested"]:  # never moved while its cancel works
                 fit.append(o["id"])
     return fit
-
-
-def _mark_escalate(db: Any, ids: list[str], mark: int = 1) -> None:
-    """These exits move towards the market until they fill (RiskLoop.escalate); `mark` says whose they are."""
-    if ids:
-        db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(ids))})", (mark, *ids))
 
 
 def _follow_ups(raw: str) -> tuple[str, list[dict], bool]:

@@ -417,14 +417,12 @@ class Storage:
         self._readers: set[sqlite3.Connection] = set()
         self._local = threading.local()
         create_private(self.path)
+        # a rollback journal left by a death (no WAL: a file system without shared memory) must be rolled back by a
+        # writer before anything can be read; otherwise the check reads only (see _check_read_only)
+        hot_journal = self.path.with_name(self.path.name + "-journal").exists()
         try:
-            # at start: damage or a foreign schema stops here, not in a request; read-only, so that a refused file is
-            # left as it was (a writer closing would checkpoint its WAL into it, and delete the WAL)
-            checker = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True)
-            try:
-                check_database(checker, self.path)
-            finally:
-                checker.close()
+            if not hot_journal:
+                self._check_read_only()
             self.conn = self._connect()
             wal = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         except sqlite3.DatabaseError as e:
@@ -433,6 +431,12 @@ class Storage:
             raise DatabaseUnusable(f"refusing to start: the database {self.path} cannot be opened ({e}); "
                                    f"{backups_hint(self.path)}, or move it aside and start with "
                                    f"`strategy-host run --new-database`.") from None
+        if hot_journal:
+            try:
+                check_database(self.conn, self.path)
+            except DatabaseUnusable:
+                self.conn.close()
+                raise
         self.db = _Database(self.conn)
         if wal:  # a writer waits only to begin (_begin); without WAL a COMMIT waits for readers: SQLite's handler
             self.conn.execute("PRAGMA busy_timeout=0")
@@ -440,6 +444,15 @@ class Storage:
         self._wal = WalFile(self.path) if wal else None
         self.group = GroupSync(self._wal.sync) if self._wal else None
         self.migrate()
+
+    def _check_read_only(self) -> None:
+        """At start, damage or a foreign schema stops here, not in a request: read on a read-only connection, so
+        that a refused file is left as it was (a writer closing would checkpoint its WAL into it, and delete it)."""
+        checker = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True)
+        try:
+            check_database(checker, self.path)
+        finally:
+            checker.close()
 
     def _reader(self) -> sqlite_utils.Database:
         """This thread's read connection: under WAL readers never wait for each other or for the writer.

@@ -32,6 +32,7 @@ class TargetPlan:
     intents: tuple[Intent, ...] = ()
     stop: tuple[dict, ...] = ()      # working orders of the strategy in the symbol, to cancel first
     wait: Optional[str] = None       # REVERSAL or REPLAN
+    hasten: tuple[str, ...] = ()     # resting exits to move towards the market (a market target reached by them)
     note: str = ""
     problem: Optional[str] = None
 
@@ -50,9 +51,8 @@ def _working(db: sqlite_utils.Database, strategy: str, leg: TargetLeg) -> list[d
 def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool = False) -> TargetPlan:
     """The orders that take the strategy's own position in the leg's symbol and product to the target.
 
-    A fresh market target (a POSITION alert) counts a working order as on its way only if it is a market order:
-    a resting stop or limit is cancelled, and the target planned again (the trader asked to be there now). A
-    follow-up (planned again after cancels) counts whatever works, its alert's own exit included."""
+    A fresh market target (a POSITION alert) the strategy's working orders already reach moves its resting exits
+    (stops, limits) towards the market until they fill: the trader asked to be there now."""
     where = f"{leg.exchange}:{leg.symbol}"
     held = {r["product"]: r["net_qty"] for r in db.query(
         "select product, net_qty from positions where strategy = ? and exchange = ? and symbol = ? and net_qty != 0",
@@ -67,13 +67,15 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
     net = held.get(leg.product.value, 0)
     projected = net + sum(Side(o["side"]).sign * (o["qty"] - (o["filled_qty"] or 0)) for o in working)
     if working:
-        if leg.order_type is OrderType.MKT:
-            same_price = not fresh or all(o["order_type"] == OrderType.MKT.value for o in working)
-        else:
-            same_price = all(dec(o["price"]) == leg.price for o in working)
+        same_price = leg.order_type is OrderType.MKT or all(dec(o["price"]) == leg.price for o in working)
         if projected == leg.target and same_price:
+            hasten = tuple(o["id"] for o in working if fresh and leg.order_type is OrderType.MKT and net
+                           and o["order_type"] != OrderType.MKT.value and o["action"] != ExecutionType.ENTRY.value
+                           and (o["side"] == Side.SELL.value) == (net > 0) and not o["escalate"]
+                           and not o["cancel_requested"])
+            moving = f"; {len(hasten)} resting exit(s) moved towards the market until they fill" if hasten else ""
             return TargetPlan(note=f"{where}: already at target {_signed(leg.target)} ({_signed(net)} filled, "
-                                   f"{_signed(projected - net)} working); nothing sent")
+                                   f"{_signed(projected - net)} working); nothing sent{moving}", hasten=hasten)
         return TargetPlan(stop=tuple(working), wait=REPLAN,
                           note=f"{where}: target {_signed(leg.target)}; {len(working)} working order(s) cancelled "
                                f"first, then planned again from the filled position")
@@ -130,6 +132,7 @@ def _apply(db: sqlite_utils.Database, alert_id: str, strategy: str, plans: list[
         return decision
     cancels = list(decision.cancels)
     for leg, p in plans:
+        flatten.mark_escalate(db, list(p.hasten), flatten.HEALED)
         if p.wait is None:
             continue
         stopped = flatten.stop(db, list(p.stop), f"a newer target for {leg.exchange}:{leg.symbol}")

@@ -377,3 +377,26 @@ def test_failing_cursor_write_sends_nothing(tmp_path: Path, monkeypatch: pytest.
         pass
     assert notifier.sent == list(range(1, 21))
     assert st.get_state(CURSOR_KEY) == "20"
+
+
+def test_a_rollback_journal_left_by_a_death_is_rolled_back_not_called_damage(tmp_path: Path) -> None:
+    """Review of the read-only check: a database in rollback-journal mode (a file system without shared memory)
+    whose writer died mid-transaction leaves a hot -journal; a read-only connection cannot roll it back, and the
+    check called a healthy database "damaged" (moving it aside without its journal would lose data). A writer
+    rolls it back first, as SQLite does, and the host starts."""
+    import subprocess
+    import sys
+    path = tmp_path / "h.sqlite"
+    Storage(path).close()
+    code = ("import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('PRAGMA journal_mode=DELETE'); c.execute('begin immediate'); "
+            "c.execute('PRAGMA cache_size=10'); "
+            "[c.execute(\"insert into state (key, value, updated_at) values (?, ?, 'now')\", (str(i), 'x' * 1000)) "
+            "for i in range(3000)]; os._exit(9)")  # (pages spilled to the file: the journal is hot)
+    subprocess.run([sys.executable, "-c", code, str(path)], timeout=30)
+    assert path.with_name("h.sqlite-journal").exists()
+    st = Storage(path)
+    try:
+        assert st.get_state("1") is None  # the dead writer's transaction was rolled back
+    finally:
+        st.close()

@@ -168,29 +168,30 @@ def test_a_market_exit_closes_the_position_now_though_a_resting_stop_covers_it(h
     """Found by an outside test: a market EXIT answered "nothing to exit: exit orders already cover the whole
     position" while the strategy's own stop (an SL-MKT EXIT alert, the original platform's way of placing one)
     rested far below the market: the trader asked to be out now and stayed in until the stop. A market EXIT of the
-    whole position cancels the strategy's resting exits there, and exits what is still held once they are done."""
+    whole position moves the strategy's resting exits there towards the market until they fill, as exit-all does
+    (never cancelled: the position is covered all along, and nothing can sell it twice)."""
     host.tick("40")
     _enter(host, direction="BUY", qty=50, price="40")
     stop = _resting_exit(host, 50, order_type="SL-MKT", price=None, trigger_price="30")
     r = host.post(alert("EXIT", direction="SELL", qty=50, order_type="MKT", price=None, alert_id="now"))
     assert r.status_code == 200, r.get_json()
-    assert "cancelled" in r.get_json()["reason"], r.get_json()
-    wait_for(lambda: host.net() == 0, timeout=5)
-    assert [o["status"] for o in host.orders() if o["id"] == stop] == ["CANCELLED"]
+    assert "moved towards the market" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: host.net() == 0, timeout=8)
+    assert [o["status"] for o in host.orders() if o["id"] == stop] == ["FILLED"]
     host.tick("29")  # the old stop's trigger is crossed: nothing more is sold
     host.settle()
     assert host.net() == 0
 
 
-def test_a_market_exit_sends_what_a_resting_exit_leaves_now_and_the_rest_after_its_cancel(host):
+def test_a_market_exit_sends_what_a_resting_exit_leaves_now_and_moves_the_resting_one(host):
     host.tick("40")
     _enter(host, direction="BUY", qty=100, price="40")
     limit = _resting_exit(host, 40, price="60")
     r = host.post(alert("EXIT", direction="SELL", qty=100, order_type="MKT", price=None, alert_id="now"))
     assert r.status_code == 200, r.get_json()
     assert [o["qty"] for o in r.get_json()["orders"]] == [60]  # the part no exit covers, at once
-    wait_for(lambda: host.net() == 0, timeout=5)
-    assert [o["status"] for o in host.orders() if o["id"] == limit] == ["CANCELLED"]
+    wait_for(lambda: host.net() == 0, timeout=8)
+    assert [o["status"] for o in host.orders() if o["id"] == limit] == ["FILLED"]
     host.tick("61")  # the old limit's price is crossed: never short
     host.settle()
     assert host.net() == 0
@@ -215,3 +216,20 @@ def test_an_exit_naming_another_product_says_which_position_it_closed(host):
     r = host.post(alert("EXIT", direction="SELL", qty=50, price="40", product_type="I"))
     assert r.status_code == 200 and [o["product"] for o in r.get_json()["orders"]] == ["M"], r.get_json()
     assert "product_type I ignored" in r.get_json()["reason"], r.get_json()
+
+
+def test_a_market_exit_of_one_product_moves_only_that_products_resting_exit(host):
+    """Review: with the first design (cancel the resting exit, then a follow-up target exits the rest), a strategy
+    holding the symbol in two products had its follow-up refused ("holds this symbol in product I"): the resting
+    exit was cancelled and nothing exited. Moving the resting exit needs no follow-up."""
+    host.tick("40")
+    _enter(host, direction="BUY", qty=100, price="40", product_type="M")
+    assert host.post(alert("ADJUST", direction="BUY", qty=50, price="40", product_type="I")).status_code == 200
+    wait_for(lambda: {(p["product"], p["net_qty"]) for p in host.positions()} == {("M", 100), ("I", 50)})
+    limit = _resting_exit(host, 100, price="60", product_type="M")
+    r = host.post(alert("EXIT", direction="SELL", qty=100, order_type="MKT", price=None, product_type="M",
+                        alert_id="now"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: {(p["product"], p["net_qty"]) for p in host.positions() if p["net_qty"]} == {("I", 50)},
+             timeout=8)
+    assert [o["status"] for o in host.orders() if o["id"] == limit] == ["FILLED"]

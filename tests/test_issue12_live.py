@@ -1183,11 +1183,10 @@ def test_1n_an_exit_cut_while_the_book_cannot_be_read_says_so_loudly(live, sim):
     [said] = events(h, "exit_unsure")
     assert resting in said["message"] and said["severity"] == "warning"
     wait_status(h, resting, "FILLED", timeout=12)
-    # a market EXIT of the whole position also cancelled the resting exit, and exits what it leaves once it is done
-    # (here: it had filled): the rest is closed without a second EXIT, and never more than the broker's net
-    assert "resting exit(s) of half" in answer["reason"], answer
-    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=8)
-    assert _lowest_net(sim, 1.0) == 0
+    assert broker_net(sim, SYMBOL) == 75  # the trader's second EXIT closes it
+    again = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=75, order_type="MKT", price=None)
+    assert [o["qty"] for o in again["orders"]] == [75], again
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)
 
 
 def _lowest_net(sim: Any, seconds: float, product: str = "M") -> int:
@@ -2026,16 +2025,17 @@ def test_1aa_a_restart_on_a_new_day_counts_the_days_trades_made_before_it_from_y
     wait_for(lambda: Decimal(str(h.api("/api/risk").get_json()["day_pnl"])) == expected, timeout=5)
 
 
-def test_1ab_a_market_exit_cancels_the_resting_exit_and_closes_the_whole_position(live, sim):
+def test_1ab_a_market_exit_moves_the_resting_exit_to_the_market_and_closes_the_whole_position(live, sim):
     """Live, the same as tests/test_guard_and_risk.py's: 150 held with a limit exit of 75 resting above the market;
-    a market EXIT of 150 sells the uncovered 75 at once, cancels the resting exit at the broker, and sells what it
-    leaves once the broker has confirmed the cancel: flat, never short, one exit of each 75."""
-    h = live()
+    a market EXIT of 150 sells the uncovered 75 at once and moves the resting exit towards the market (ModifyOrder)
+    until it fills: flat, never short, one exit of each 75."""
+    h = live(EXIT_REPRICE_S="0.5")
     resting = _half_resting(h)
     answer = place(h, execution_type="EXIT", strategy="half", direction="SELL", qty=150, order_type="MKT", price=None)
     assert [o["qty"] for o in answer["orders"]] == [75], answer
+    assert "moved towards the market" in answer["reason"], answer
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=8)
-    assert sim_status(sim, resting) == "CANCELLED"
+    assert sim_status(sim, resting) == "FILLED"
     assert _lowest_net(sim, 1.0) == 0 and net(h, "half", SYMBOL) == 0
     sells = [o for o in sim.sim.engine.order_book() if o.side is Side.SELL and o.status.value == "FILLED"]
     assert sum(o.filled_qty for o in sells) == 150

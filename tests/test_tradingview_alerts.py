@@ -331,7 +331,7 @@ def test_exit_all_drops_a_reversal_waiting_to_enter(host):
 def test_a_market_flat_target_closes_the_position_though_a_resting_exit_covers_it(host):
     """Found by an outside test: POSITION 0 at market answered "already at target flat (+75 filled, -75 working)"
     while the only working order was the strategy's stop far below the market: the position stayed open. A market
-    target counts only market orders as on their way; a resting one is cancelled and the target planned again."""
+    target its resting exits reach moves them towards the market until they fill."""
     host.tick("24000", symbol=FUT)
     r = host.post(target(75, order_type="MKT"))
     assert r.status_code == 200, r.get_json()
@@ -341,8 +341,8 @@ def test_a_market_flat_target_closes_the_position_though_a_resting_exit_covers_i
     assert stop.status_code == 200 and stop.get_json()["orders"], stop.get_json()
     wait_for(lambda: [o for o in host.orders(status="OPEN") if o["strategy"] == "pos"])
     r = host.post(target(0, order_type="MKT", alert_id="flat"))
-    assert r.status_code == 200, r.get_json()
-    wait_for(lambda: host.net("pos", FUT) == 0, timeout=5)
+    assert r.status_code == 200 and "moved towards the market" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: host.net("pos", FUT) == 0, timeout=8)
     host.tick("22900", symbol=FUT)
     host.settle()
     assert host.net("pos", FUT) == 0
