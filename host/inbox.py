@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 POLL_START_S = 0.002
 POLL_MAX_S = 0.05
 RUNS = (AlertStatus.RECEIVED.value, AlertStatus.ACCEPTED.value)  # an alert that ran, or will: a copy is a duplicate
+# the alert_id of one the guard blocked is held too: a retry later, once the position is closed, would act on an old
+# signal (a refused, rejected or failed one did nothing for a cause that can be fixed: sent again, it runs)
+HOLDS_ID = (*RUNS, AlertStatus.BLOCKED.value)
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,9 @@ class Inbox:
             key = dedupe_key(req.strategy, req.client_alert_id)
             rows = list(db.query("select * from alerts where dedupe_key = ?", (key,)))
             expired = _ago(now, self.alert_id_ttl_s)
-            if rows and rows[0]["received_at"] >= expired and rows[0]["status"] in RUNS:
+            if rows and rows[0]["received_at"] >= expired and rows[0]["status"] in HOLDS_ID:
                 return rows[0]
-            if rows:  # older than ALERT_ID_TTL_S, or it did nothing (refused, blocked, failed): the id is free again
+            if rows:  # older than ALERT_ID_TTL_S, or it did nothing (refused, rejected, failed): the id is free again
                 db.execute("update alerts set dedupe_key = null where id = ?", (rows[0]["id"],))  # (its trail stays)
         if self.dedupe_window_s <= 0 or req.execution_type is ExecutionType.POSITION:
             return None  # a repeated target is harmless (already at target); 75, 0, 75 in 10 s must all run

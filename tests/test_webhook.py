@@ -243,6 +243,19 @@ def test_the_same_alert_id_after_a_refusal_or_a_failure_runs(host, first):
     assert dup.get_json()["status"] == "duplicate" and len(host.orders()) == 1
 
 
+def test_the_alert_id_of_a_blocked_alert_stays_held(host):
+    """A blocked ENTRY (the strategy already held the symbol) keeps its alert_id: a retry once the position is closed
+    would act on an old signal."""
+    host.tick("42.5")
+    assert host.post(alert(direction="BUY", price="43", alert_id="e1")).status_code == 200
+    wait_for(lambda: host.net() == 75)
+    assert host.post(alert(direction="BUY", price="43", alert_id="e2")).status_code == 409
+    assert host.post(alert("EXIT", direction="SELL", price="42", alert_id="x1")).status_code == 200
+    wait_for(lambda: host.net() == 0)
+    r = host.post(alert(direction="BUY", price="43", alert_id="e2"))
+    assert r.get_json()["status"] == "duplicate", r.get_json()
+
+
 def test_the_same_body_after_a_refusal_is_not_a_duplicate(host):
     host.api("/api/halt", "POST", json={"mode": "halted"})
     assert host.post(alert()).status_code == 423
