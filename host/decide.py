@@ -47,6 +47,13 @@ def resting_exits(db: sqlite_utils.Database, strategy: str, key: tuple[str, str,
                           *OPEN_STATUSES)))
 
 
+def _unpriced(db: sqlite_utils.Database, key: tuple) -> str:
+    """Words for an instrument with no price yet (an exit is moved from the last price): what waits for one."""
+    if db.execute("select 1 from quotes where exchange = ? and symbol = ?", key[:2]).fetchone():
+        return ""
+    return " (once the feed gives a price for it: there is none yet)"
+
+
 class Decider:
     """The one path from intents to orders, whoever asks (an alert, a plugin, a breach, a target)."""
 
@@ -58,8 +65,11 @@ class Decider:
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
                  alert_id: Optional[str], version: Optional[str] = None,
-                 room: Optional[flatten.Room] = None) -> Decision:
+                 room: Optional[flatten.Room] = None, out_now: bool = False) -> Decision:
         """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes.
+
+        out_now (a strategy's alert or hook, not risk's own flattens, which mark their exits themselves): a market
+        EXIT of the whole position moves the strategy's resting exits there towards the market until they fill.
 
         An EXIT also stops the strategy's own orders that would add to that symbol (the rest of a working
         entry must not fill after the exit); a full exit then follows up on what they filled meanwhile.
@@ -106,15 +116,16 @@ class Decider:
         cancels, held_notes = protect.hold_exits(db, strategy, held)
         notes += held_notes
         # a market exit of the whole position means "out now": the strategy's resting exits there (a stop, a limit
-        # away from the market) move towards the market until they fill, as exit-all's do (alerts only: risk's own
-        # flattens mark theirs); never cancelled, so the position is covered all along
+        # away from the market) move towards the market until they fill, as exit-all's do
         for key in {(i.exchange, i.symbol, guard.position_product(i, book)) for i in intents
                     if i.action is ExecutionType.EXIT and i.order_type is OrderType.MKT} & full_exits:
-            resting = resting_exits(db, strategy, key, book.net(*key)) if alert_id is not None else []
+            resting = resting_exits(db, strategy, key, book.net(*key)) if out_now else []
             if resting:
                 flatten.mark_escalate(db, [o["id"] for o in resting], flatten.HEALED)
-                notes.append(f"{len(resting)} resting exit(s) of {strategy} in {key[0]}:{key[1]} moved towards the "
-                             f"market until they fill")
+                where = f"{key[0]}:{key[1]}"
+                notes = [n for n in notes if not n.startswith(f"nothing to exit in {where} ")]
+                notes.append(f"{len(resting)} resting exit(s) of {strategy} in {where} cover the rest of the "
+                             f"position: moved towards the market until they fill{_unpriced(db, key)}")
         for ex, sym in dict.fromkeys((i.exchange, i.symbol) for i in asked if i.action is ExecutionType.EXIT):
             stopped = flatten.cancel_adding(db, f"EXIT of {strategy} in {ex}:{sym}", strategy=strategy, exchange=ex,
                                     symbol=sym)

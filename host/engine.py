@@ -693,7 +693,8 @@ class Engine:
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:
-        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version, room=room)
+        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version, room=room,
+                                         out_now=True)
         if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
         self._record(db, row, decision, version)
@@ -756,7 +757,7 @@ class Engine:
     def _act_now(self, strategy: str, asked: Asked, source: str, view: Optional[BrokerView]) -> None:
         def run(db: sqlite_utils.Database) -> Decision:
             d = self.decider.evaluate(db, strategy, list(asked.intents), alert_id=None, version=asked.version,
-                                      room=flatten.closing_room(db, view))
+                                      room=flatten.closing_room(db, view), out_now=True)
             words = f"{len(d.orders)} order(s)" if d.status is AlertStatus.ACCEPTED else f"{d.status.value}: {d.reason}"
             if d.status is AlertStatus.ACCEPTED and d.reason:
                 words += f" ({d.reason})"

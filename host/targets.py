@@ -52,7 +52,8 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
     """The orders that take the strategy's own position in the leg's symbol and product to the target.
 
     A fresh market target (a POSITION alert) the strategy's working orders already reach moves its resting exits
-    (stops, limits) towards the market until they fill: the trader asked to be there now."""
+    (stops, limits) towards the market until they fill, and cancels a resting entry, to plan again at market: the
+    trader asked to be there now."""
     where = f"{leg.exchange}:{leg.symbol}"
     held = {r["product"]: r["net_qty"] for r in db.query(
         "select product, net_qty from positions where strategy = ? and exchange = ? and symbol = ? and net_qty != 0",
@@ -67,12 +68,14 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
     net = held.get(leg.product.value, 0)
     projected = net + sum(Side(o["side"]).sign * (o["qty"] - (o["filled_qty"] or 0)) for o in working)
     if working:
-        same_price = leg.order_type is OrderType.MKT or all(dec(o["price"]) == leg.price for o in working)
+        resting = [o for o in working if o["order_type"] != OrderType.MKT.value] \
+            if fresh and leg.order_type is OrderType.MKT else []
+        exits = [o for o in resting if net and o["action"] != ExecutionType.ENTRY.value
+                 and (o["side"] == Side.SELL.value) == (net > 0)]
+        same_price = len(exits) == len(resting) if leg.order_type is OrderType.MKT else \
+            all(dec(o["price"]) == leg.price for o in working)  # (a resting entry under a market target: planned again)
         if projected == leg.target and same_price:
-            hasten = tuple(o["id"] for o in working if fresh and leg.order_type is OrderType.MKT and net
-                           and o["order_type"] != OrderType.MKT.value and o["action"] != ExecutionType.ENTRY.value
-                           and (o["side"] == Side.SELL.value) == (net > 0) and not o["escalate"]
-                           and not o["cancel_requested"])
+            hasten = tuple(o["id"] for o in exits if not o["escalate"] and not o["cancel_requested"])
             moving = f"; {len(hasten)} resting exit(s) moved towards the market until they fill" if hasten else ""
             return TargetPlan(note=f"{where}: already at target {_signed(leg.target)} ({_signed(net)} filled, "
                                    f"{_signed(projected - net)} working); nothing sent{moving}", hasten=hasten)

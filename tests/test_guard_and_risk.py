@@ -233,3 +233,16 @@ def test_a_market_exit_of_one_product_moves_only_that_products_resting_exit(host
     wait_for(lambda: {(p["product"], p["net_qty"]) for p in host.positions() if p["net_qty"]} == {("I", 50)},
              timeout=8)
     assert [o["status"] for o in host.orders() if o["id"] == limit] == ["FILLED"]
+
+
+def test_a_market_exit_without_a_price_yet_says_the_resting_exit_waits_for_one(host):
+    """Review: an exit is moved from the last price; with none stored for the instrument it is not moved, and the
+    answer said it was being moved."""
+    host.tick("40")
+    _enter(host, direction="BUY", qty=50, price="40")
+    _resting_exit(host, 50, order_type="SL-MKT", price=None, trigger_price="30")
+    host.runtime.storage.write(lambda db: db.execute("delete from quotes"))
+    r = host.post(alert("EXIT", direction="SELL", qty=50, order_type="MKT", price=None, alert_id="now"))
+    reason = r.get_json()["reason"]
+    assert "moved towards the market" in reason and "there is none yet" in reason, reason
+    assert "nothing to exit" not in reason, reason

@@ -578,3 +578,31 @@ def {kind}_stop({"ctx, " if kind == "strategy" else ""}reason):
     lines = [__import__("json").loads(line) for line in out.read_text().splitlines()]
     assert lines[0][0] == "stop" and "the token was refused" in lines[0][1] and "never went live" in lines[0][1]
     assert registry.entries["halfstart"].live is None
+
+
+def test_a_plugins_market_exit_moves_its_own_resting_stop(host_factory):
+    """Review: a plugin's market EXIT of its whole position answered "exit orders already cover the whole position"
+    while its own stop rested far away (the fill_follower example places one): the strategy asked to be out and
+    stayed in. Its hooks' market exits move its resting exits towards the market, as its alerts' do."""
+    h = host_factory()
+    write(h.runtime.strategies.folder, "stopper", strategy_source("stopper", body='''
+@hookimpl
+def strategy_on_tick(ctx, tick):
+    held = ctx.position(tick.exchange, tick.symbol)
+    if held and tick.ltp >= Decimal("45") and not ctx.state.get("out"):
+        ctx.state["out"] = True
+        return Intent(tick.exchange, tick.symbol, Side.SELL, held, OrderType.MKT, Product.NRML,
+                      action=ExecutionType.EXIT)
+    return None
+''', meta_extra=f', "symbols": ["NFO:{SYMBOL}"]'))
+    wait_strategy(h, "stopper", status="running")
+    h.tick("40")
+    assert h.post(alert(strategy="stopper", direction="BUY", qty=50, price="40")).status_code == 200
+    wait_for(lambda: h.net("stopper") == 50)
+    stop = h.post(alert("EXIT", strategy="stopper", direction="SELL", qty=50, order_type="SL-MKT", price=None,
+                        trigger_price="30"))
+    [stop_id] = [o["id"] for o in stop.get_json()["orders"]]
+    wait_for(lambda: [o for o in h.orders(status="OPEN") if o["id"] == stop_id])
+    h.tick("45")  # the hook's market exit: the stop covers the position, so it is moved to the market
+    wait_for(lambda: h.net("stopper") == 0, timeout=8)
+    assert [o["status"] for o in h.orders() if o["id"] == stop_id] == ["FILLED"]

@@ -346,3 +346,15 @@ def test_a_market_flat_target_closes_the_position_though_a_resting_exit_covers_i
     host.tick("22900", symbol=FUT)
     host.settle()
     assert host.net("pos", FUT) == 0
+
+
+def test_a_market_target_reached_only_by_a_resting_entry_enters_now(host):
+    """Review: a market POSITION target counted a resting entry limit far below the market as on its way: "already
+    at target +75 (flat filled, +75 working)", and the strategy stayed flat until the market came down to it. It
+    is cancelled, and the target planned again at market."""
+    host.tick("24000", symbol=FUT)
+    assert host.post(target(75, order_type="LMT", price="23000")).status_code == 200
+    wait_for(lambda: [o for o in host.orders(status="OPEN") if o["strategy"] == "pos"])
+    r = host.post(target(75, order_type="MKT", alert_id="now"))
+    assert r.status_code == 200 and "cancelled first" in r.get_json()["reason"], r.get_json()
+    wait_for(lambda: host.net("pos", FUT) == 75, timeout=5)
