@@ -5,6 +5,8 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from .storage import connect_read_only
+
 if TYPE_CHECKING:
     from .storage import Storage
 
@@ -19,7 +21,7 @@ def recorded_mode(db_path: Path, data_dir: Path) -> Optional[str]:
     stored = None
     if db_path.is_file() and db_path.stat().st_size:
         try:
-            conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+            conn = connect_read_only(db_path)
             try:
                 row = conn.execute("select value from state where key = ?", (KEY,)).fetchone()
                 stored = row[0] if row else None

@@ -11,7 +11,8 @@ from typing import Iterator, Optional
 
 from . import backup, ownership
 from .locks import FileLock
-from .storage import MIGRATIONS, _schema, database_is_empty, foreign_code, foreign_code_problem, schema_gaps
+from .storage import (MIGRATIONS, _schema, connect_read_only, database_is_empty, foreign_code, foreign_code_problem,
+                      schema_gaps)
 
 HOST_LOCKS = ("host.lock", "engine.lock")  # held by `strategy-host run`, and by whichever process runs the engine
 
@@ -70,7 +71,7 @@ def host_stopped(data_dir: Path, db_path: Path) -> Iterator[None]:
 def check(path: Path, shown: Optional[Path] = None) -> Checked:
     """A full integrity check and our schema; RestoreRefused naming what is wrong (in `shown`, if path is a copy)."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = connect_read_only(path)
         try:
             problems = [r[0] for r in conn.execute("PRAGMA integrity_check(5)").fetchall()]
             version = conn.execute("PRAGMA user_version").fetchone()[0]

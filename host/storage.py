@@ -349,7 +349,7 @@ def database_is_empty(path: Path) -> bool:
     if not path.exists() or path.stat().st_size == 0:
         return True
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = connect_read_only(path)
         try:
             tables = conn.execute("select count(*) from sqlite_master").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -417,12 +417,8 @@ class Storage:
         self._readers: set[sqlite3.Connection] = set()
         self._local = threading.local()
         create_private(self.path)
-        # a rollback journal left by a death (no WAL: a file system without shared memory) must be rolled back by a
-        # writer before anything can be read; otherwise the check reads only (see _check_read_only)
-        hot_journal = self.path.with_name(self.path.name + "-journal").exists()
         try:
-            if not hot_journal:
-                self._check_read_only()
+            checked = self._check_read_only()
             self.conn = self._connect()
             wal = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         except sqlite3.DatabaseError as e:
@@ -431,7 +427,7 @@ class Storage:
             raise DatabaseUnusable(f"refusing to start: the database {self.path} cannot be opened ({e}); "
                                    f"{backups_hint(self.path)}, or move it aside and start with "
                                    f"`strategy-host run --new-database`.") from None
-        if hot_journal:
+        if not checked:  # the writer has rolled back what needed it: checked now
             try:
                 check_database(self.conn, self.path)
             except DatabaseUnusable:
@@ -445,12 +441,23 @@ class Storage:
         self.group = GroupSync(self._wal.sync) if self._wal else None
         self.migrate()
 
-    def _check_read_only(self) -> None:
+    def _check_read_only(self) -> bool:
         """At start, damage or a foreign schema stops here, not in a request: read on a read-only connection, so
-        that a refused file is left as it was (a writer closing would checkpoint its WAL into it, and delete it)."""
-        checker = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True)
+        that a refused file is left as it was (a writer closing would checkpoint its WAL into it, and delete it).
+        False when a read-only connection cannot tell (a hot rollback journal to roll back, a file or folder it
+        cannot open, a lock): the writer checks then, once it has opened the file."""
         try:
+            checker = connect_read_only(self.path)
+        except sqlite3.DatabaseError:  # (a link to a file not made yet, a folder it cannot open)
+            return False
+        try:
+            try:
+                checker.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.DatabaseError as e:
+                if not _is_damage(e):
+                    return False
             check_database(checker, self.path)
+            return True
         finally:
             checker.close()
 
@@ -702,6 +709,20 @@ class Storage:
                   strategy: Optional[str] = None, data: Optional[dict] = None) -> None:
         Storage.insert(db, "events", {"at": utcnow(), "kind": kind, "severity": severity, "strategy": strategy,
                                       "message": message, "data": json.dumps(data, default=str) if data else None})
+
+
+def connect_read_only(path: Path | str) -> sqlite3.Connection:
+    """A connection that can only read (and never creates the file): the path quoted, so that a '#', '?' or '%'
+    in it is not taken for the URI's own syntax (cutting the path, and dropping mode=ro)."""
+    return sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
+
+
+def _is_damage(e: sqlite3.DatabaseError) -> bool:
+    """The file's content is bad (SQLITE_CORRUPT, SQLITE_NOTADB), not the way to it (a lock, a folder, a journal)."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11 and later
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return str(e) in ("database disk image is malformed", "file is not a database")
 
 
 def _is_locked(e: sqlite3.OperationalError) -> bool:

@@ -400,3 +400,49 @@ def test_a_rollback_journal_left_by_a_death_is_rolled_back_not_called_damage(tmp
         assert st.get_state("1") is None  # the dead writer's transaction was rolled back
     finally:
         st.close()
+
+
+def _damaged_with_wal(source: Path, path: Path) -> None:
+    """A damaged database at `path` with its WAL holding the last writes, as a crash leaves them."""
+    import shutil
+    _damaged_database(source)
+    conn = sqlite3.connect(source)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("insert into state (key, value, updated_at) values ('last', 'write', 'now')")
+    conn.commit()
+    for suffix in ("", "-wal", "-shm"):
+        shutil.copyfile(f"{source}{suffix}", f"{path}{suffix}")
+    conn.close()
+
+
+def test_an_empty_stale_journal_beside_a_damaged_database_does_not_let_the_check_change_it(tmp_path: Path) -> None:
+    """Review 29: the first version of the read-only check skipped itself whenever a -journal file existed; an empty,
+    stale one (no transaction to roll back) let the writer's check checkpoint the WAL into the damaged file again."""
+    import hashlib
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "h.sqlite"
+    _damaged_with_wal(tmp_path / "live.sqlite", path)
+    path.with_name("h.sqlite-journal").write_bytes(b"")
+    before = [hashlib.sha256(Path(f"{path}{s}").read_bytes()).hexdigest() for s in ("", "-wal")]
+    with pytest.raises(DatabaseUnusable) as e:
+        Storage(path)
+    assert "damaged" in str(e.value)
+    assert [hashlib.sha256(Path(f"{path}{s}").read_bytes()).hexdigest() for s in ("", "-wal")] == before
+
+
+def test_a_database_path_through_a_dangling_link_or_with_uri_characters_opens(tmp_path: Path) -> None:
+    """Review 29: a database symlink whose target did not exist yet was refused ("cannot be opened"), where the
+    writer used to create the target; and a read-only connection built from a path holding '#' cut the path there
+    (dropping mode=ro and creating a stray empty file): an emptied-database check then said the wrong thing."""
+    from host.storage import database_is_empty
+    target, link = tmp_path / "real.sqlite", tmp_path / "link.sqlite"
+    link.symlink_to(target)
+    Storage(link).close()
+    assert target.is_file()
+    odd = tmp_path / "d#1?x%41" / "var"
+    odd.mkdir(parents=True)
+    st = Storage(odd / "host.sqlite")
+    st.write(lambda db: Storage.put_state(db, "k", "v"))
+    st.close()
+    assert database_is_empty(odd / "host.sqlite") is False
+    assert not (tmp_path / "d").exists()  # nothing made where a cut path would point
