@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 from .models import Problem
 
 SECRET_NAMES = ("WEBHOOK_SECRET", "DASHBOARD_PASSWORD", "API_TOKEN")
+MAKE_SECRET = "`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`"  # how to make one, in problems
 
 
 class ConfigError(Exception):
@@ -388,8 +389,8 @@ def load(env_file: Optional[str] = None, environ: Optional[Mapping[str, str]] = 
     if values.get("BROKER") == "shoonya":
         problems += _live_problems(values)
     problems += _telegram_problems(values)
-    findings = [Problem(name, "a secret of your own (`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
-                        "an example placeholder from the docs, which anyone can read")
+    findings = [Problem(name, f"a secret of your own ({MAKE_SECRET})", "an example placeholder from the docs, which "
+                                                                        "anyone can read")
                 for name in placeholder_secrets(values)] + shared_secrets(values)
     for finding in findings:
         if strict or values.get("BROKER") == "shoonya":
@@ -542,8 +543,7 @@ def shared_secrets(values: Mapping[str, Any]) -> list[Problem]:
     for name in SECRET_NAMES:
         text = str(values.get(name) or "")
         if text in seen:
-            out.append(Problem(name, f"a value of its own (`python3 -c 'import secrets; print(secrets.token_urlsafe("
-                                     f"24))'`)", f"the same value as {seen[text]}"))
+            out.append(Problem(name, f"a value of its own ({MAKE_SECRET})", f"the same value as {seen[text]}"))
         elif text:
             seen[text] = name
     return out

@@ -25,6 +25,8 @@ RUNS = (AlertStatus.RECEIVED.value, AlertStatus.ACCEPTED.value)  # an alert that
 # the alert_id of one the guard blocked is held too: a retry later, once the position is closed, would act on an old
 # signal (a refused, rejected or failed one did nothing for a cause that can be fixed: sent again, it runs)
 HOLDS_ID = (*RUNS, AlertStatus.BLOCKED.value)
+SAME_BODY_SQL = (f"select * from alerts where body_hash = ? and received_at >= ? and status in "
+                 f"({','.join('?' * len(RUNS))}) order by rowid desc limit 1")  # the latest that ran, or will
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,7 @@ class Inbox:
             return None  # a repeated target is harmless (already at target); 75, 0, 75 in 10 s must all run
         since = _ago(now, self.dedupe_window_s)
         # only an alert that runs (or will) makes a copy a duplicate: a refused one may be sent again
-        rows = list(db.query(f"select * from alerts where body_hash = ? and received_at >= ? and status in "
-                             f"({','.join('?' * len(RUNS))}) order by rowid desc limit 1", (digest, since, *RUNS)))
+        rows = list(db.query(SAME_BODY_SQL, (digest, since, *RUNS)))
         return rows[0] if rows else None
 
     def wait_alert(self, alert_id: str, timeout_s: float) -> AlertRecord:
