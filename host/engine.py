@@ -131,6 +131,7 @@ class Engine:
         self.risk.commands = lambda: self.commands.run(CONTROL, after_halts())  # a resume, an exit-all
         self.risk.halts = lambda: self.commands.run(("halt",), is_halt)  # at once, on a thread of their own
         self.risk.reprice = sender.enqueue_reprice
+        sender.on_reprice_refused = lambda oid, reason: self.submit(lambda: self._reprice_refused(oid, reason))
         self.ticks = TickSanity(tick_jump_pct, self._stored_price)
         self.protect = Protector(storage, self._dispatch,  # stops resting at the broker, targets, trailing
                                  lambda db, name, intents: self.decider.evaluate(db, name, intents, alert_id=None),
@@ -271,6 +272,15 @@ class Engine:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run fn on the engine thread, between two events (plugin swaps use this)."""
         self._events.put(("call", fn))
+
+    def _reprice_refused(self, order_id: str, reason: str) -> None:
+        """The broker refused to move an exit towards the market: a protective stop is cancelled and its position
+        exited by protect.py (as at its target), any other exit by risk's follow-up."""
+        row = self.storage.one("select protection from orders where id = ?", (order_id,))
+        if row is not None and row["protection"]:
+            self.protect.stop_unmovable(order_id, reason)
+        elif row is not None:
+            self.risk.exit_unmovable(order_id, reason)
 
     def request_reconcile(self) -> None:
         """Reconcile with the broker's book now and once more a second later: the feed was away, and

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, TypeVar
 import sqlite_utils
 
 from .day_counts import count_order
-from .brokers.base import Broker, BrokerError, Rejected, SessionExpired, UnknownOutcome, Unreachable, transport_failure
+from .brokers.base import Broker, BrokerError, Forbidden, Rejected, SessionExpired, UnknownOutcome, Unreachable, transport_failure
 from .ids import new_id
 from .models import ExecutionType, Intent, OrderRequest, OrderStatus, OrderType, Product, Side
 from .storage import Storage, dec, utcnow
@@ -168,6 +168,8 @@ class OrderSender:
         self.storage = storage
         self.gateway = gateway
         self.on_result = on_result
+        # the broker refused to move an exit towards the market (the engine cancels it and exits another way)
+        self.on_reprice_refused: Callable[[str, str], None] = lambda oid, reason: None
         self._queue: "queue.Queue[Optional[tuple[Callable[..., None], str, Any]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self.in_flight: set[str] = set()
@@ -215,6 +217,8 @@ class OrderSender:
             message = f"moving exit {order_id} to {price} failed: {e}"
             self.storage.write(lambda db: Storage.add_event(db, "reprice_failed", message, "warning",
                                                             row["strategy"], {"order_id": order_id}))
+            if isinstance(e, Rejected) and not isinstance(e, Forbidden):  # refused for what it asked: never moved
+                self.on_reprice_refused(order_id, str(e))
             return
         self.storage.write(lambda db: db.execute("update orders set price = ?, order_type = 'LMT' where id = ?",
                                                  (str(price), order_id)))

@@ -214,6 +214,18 @@ def _stop(db: sqlite_utils.Database, orders: list[dict], why: str) -> flatten.St
     return flatten.stop(db, orders, why)
 
 
+def _exit_after_stops(db: sqlite_utils.Database, p: dict, why: str, cancel_why: str) -> tuple[int, list[str]]:
+    """Cancel the protection's live stops; the position is exited at market once they have ended (its net, and
+    the cancels to send)."""
+    net = _net(db, p)
+    stopped = _stop(db, _live_stops(db, _row_key(p)), cancel_why)
+    db.execute("update protections set pending_exit = ?, status = ?, updated_at = ? where strategy = ? and "
+               "exchange = ? and symbol = ? and product = ?",
+               (json.dumps({"qty": abs(net), "order_type": "MKT", "price": None, "why": why}), EXITING,
+                utcnow(), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+    return net, stopped.working
+
+
 def _live_stops(db: sqlite_utils.Database, key: str) -> list[dict]:
     return [o for o in db.query(f"select * from orders where protection = ? and status in "
                                 f"({','.join('?' * len(LIVE))}) order by rowid", (key, *LIVE)) if not _vanished(o)]
@@ -495,16 +507,34 @@ class Protector:
         if p["status"] != ACTIVE or target is None or p["pending_exit"] or sign * (ltp - target) < 0 \
                 or self._target_waiting(p):
             return []
-        net = _net(db, p)
-        stopped = _stop(db, _live_stops(db, _row_key(p)), f"target {target} reached: one-cancels-other")
-        db.execute("update protections set pending_exit = ?, status = ?, updated_at = ? where strategy = ? and "
-                   "exchange = ? and symbol = ? and product = ?",
-                   (json.dumps({"qty": abs(net), "order_type": "MKT", "price": None, "why": "target"}), EXITING,
-                    utcnow(), p["strategy"], p["exchange"], p["symbol"], p["product"]))
+        net, cancels = _exit_after_stops(db, p, "target", f"target {target} reached: one-cancels-other")
         Storage.add_event(db, "target_hit", f"target {target} of {where} reached at {ltp}: the resting stop is "
                           f"cancelled, then the position ({net:+d}) is exited", "info", p["strategy"],
                           {"target": str(target), "ltp": str(ltp), "qty": net})
-        return stopped.working
+        return cancels
+
+    def stop_unmovable(self, order_id: str, reason: str) -> None:
+        """The broker refused to move a stop of ours towards the market (a gap through its limit, or an "out now"
+        exit): its stops are cancelled, and the position exited at market once they have ended, as at the target."""
+        def run(db: sqlite_utils.Database) -> tuple[Optional[str], list[str]]:
+            o = db.execute("select protection from orders where id = ? and escalate is not null and "
+                           "cancel_requested is null", (order_id,)).fetchone()
+            p = next((r for r in db.query("select * from protections where status in (?, ?)", (ACTIVE, EXITING))
+                      if o is not None and _row_key(r) == o[0]), None)
+            if p is None:
+                return None, []
+            db.execute("update orders set escalate = null where id = ?", (order_id,))
+            net, cancels = _exit_after_stops(db, p, "stop", f"the broker refused to move the stop ({reason})")
+            Storage.add_event(db, "stop_not_moved", f"the stop of {p['strategy']} {p['exchange']}:{p['symbol']} "
+                              f"({p['product']}), order {order_id}, could not be moved towards the market: the broker "
+                              f"refused ({reason}); it is cancelled, then the position ({net:+d}) is exited at market",
+                              "error", p["strategy"], {"order_id": order_id})
+            return _row_key(p), cancels
+        key, cancels = self.storage.write(run)
+        if cancels:
+            self.dispatch(Decision(_accepted(), "stop not moved", (), tuple(cancels)))
+        if key is not None:
+            self.sync({key})
 
     # ---- the work ----
     def sync(self, keys: Optional[set[str]] = None) -> None:

@@ -279,6 +279,40 @@ class RiskLoop:
                                                      (n, utcnow(), o["id"])))
             self.reprice(o["id"], price)
 
+    def exit_unmovable(self, order_id: str, reason: str) -> None:
+        """The broker refused to move an exit towards the market (a stop it will not turn into a limit, say). Where
+        risk heals it, it is cancelled and its position exited at the broker's net once the cancel has ended
+        (follow_up), within what it held now; else it is left where it is, moved no further, said."""
+        healed = self._breach_holds()
+
+        def run(db: Any) -> list[str]:
+            o = db.execute(
+                f"select o.id, o.strategy, o.exchange, o.symbol, o.product, o.side, o.qty - coalesce(o.filled_qty, 0) "
+                f"as remaining, o.status, o.broker_order_id, o.escalate, coalesce(p.net_qty, 0) as net_qty from "
+                f"orders o left join positions p on p.strategy = o.strategy and p.exchange = o.exchange and p.symbol = "
+                f"o.symbol and p.product = o.product where o.id = ? and o.escalate is not null and o.cancel_requested "
+                f"is null and o.status in ({','.join('?' * len(flatten.WORKING))})", (order_id, *flatten.WORKING))
+            row = dict(zip([c[0] for c in o.description], o.fetchone() or ()))
+            if not row:
+                return []  # filled, cancelled or ended meanwhile
+            db.execute("update orders set escalate = null where id = ?", (order_id,))
+            where = (f"exit {order_id} ({row['strategy']}) {row['side']} {row['remaining']} {row['exchange']}:"
+                     f"{row['symbol']}: the broker refused to move it towards the market ({reason})")
+            if not (healed or row["escalate"] == EXIT_ALL_MARK):  # a breach exit after an override: the trader's
+                Storage.add_event(db, "exit_not_moved", f"{where}; it is left where it is: exit the position by "
+                                  f"hand, or send the EXIT again", "error", row["strategy"], {"order_id": order_id})
+                return []
+            why = f"risk: exit {order_id} could not be moved towards the market"
+            cancels = flatten.stop(db, [row], why).working
+            _follow_up_later(db, [row], why)
+            Storage.add_event(db, "exit_not_moved", f"{where}, so it is cancelled; once the cancel is confirmed, "
+                              f"risk exits the position at its net", "error", row["strategy"], {"order_id": order_id})
+            return cancels
+        cancels = self.storage.write(run)
+        if cancels:
+            why = f"risk: exit {order_id} could not be moved towards the market"
+            self.dispatch(Decision(AlertStatus.ACCEPTED, why, (), tuple(cancels)), why)
+
     def _stop_moving_oversized(self) -> None:
         """An exit being moved that now works for more than its position holds (the trader sold part in the
         broker's app meanwhile) is moved no further: moved, it would fill past zero. See _stop_oversized."""

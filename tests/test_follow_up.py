@@ -125,3 +125,35 @@ def test_a_strategys_stop_heals_no_exit_of_what_risk_leaves_alone_nor_of_another
                                             ra.EXIT_ALL_MARK))
     marks = {r["id"]: r["escalate"] for r in storage.rows("select id, escalate from orders")}
     assert marks[other] == 1 and marks[cnc] == 1, marks
+
+
+def _refused(host, mark: int) -> tuple[str, list[dict]]:
+    """A working exit of s1 (150 held) marked `mark` to move, whose move the broker refused; its id and events."""
+    storage = host.runtime.storage
+    storage.write(lambda db: db.execute("insert into positions (strategy, exchange, symbol, product, net_qty, "
+                                        "avg_price, realized_pnl) values ('s1', 'NFO', ?, 'M', 150, '43', '0')",
+                                        (SYMBOL,)))
+    oid = open_order(storage, side="SELL", action="EXIT")
+    storage.write(lambda db: db.execute("update orders set escalate = ? where id = ?", (mark, oid)))
+    host.runtime.engine.risk.exit_unmovable(oid, "order type cannot be changed")
+    return oid, storage.rows("select message from events where kind = 'exit_not_moved'")
+
+
+def test_an_exit_risk_heals_whose_move_the_broker_refused_is_cancelled_and_its_position_followed_up(host):
+    oid, [told] = _refused(host, ra.EXIT_ALL_MARK)
+    row = host.runtime.storage.one("select escalate, cancel_requested from orders where id = ?", (oid,))
+    assert row["escalate"] is None and row["cancel_requested"], row
+    _, [entry], _ = ra._follow_ups(host.runtime.storage.get_state(ra.EXIT_ALL_AFTER_KEY))
+    assert (entry["id"], entry["key"], entry["held"], entry["over"]) == (oid, ("s1", "NFO", SYMBOL, "M"), 150, 0)
+    assert "order type cannot be changed" in told["message"] and "cancelled" in told["message"], told
+
+
+def test_a_breach_exit_after_an_override_whose_move_the_broker_refused_is_left_where_it_is(host):
+    """No breach stands (overridden, or another day): the breach's exit is the trader's; moved no further, said."""
+    oid, [told] = _refused(host, 1)
+    row = host.runtime.storage.one("select escalate, cancel_requested, status from orders where id = ?", (oid,))
+    assert (row["escalate"], row["cancel_requested"], row["status"]) == (None, None, "OPEN"), row
+    assert host.runtime.storage.get_state(ra.EXIT_ALL_AFTER_KEY) is None
+    assert "left where it is" in told["message"], told
+    host.runtime.engine.risk.exit_unmovable(oid, "again")  # a second refusal of a move asked before: nothing more
+    assert len(host.runtime.storage.rows("select id from events where kind = 'exit_not_moved'")) == 1

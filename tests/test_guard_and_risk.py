@@ -1,6 +1,8 @@
 """The execution guard and the trading state, through the webhook and the API."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import SYMBOL, alert, wait_for
 
 
@@ -164,12 +166,17 @@ def _resting_exit(host, qty, **leg):
     return oid
 
 
-def test_a_market_exit_closes_the_position_now_though_a_resting_stop_covers_it(host):
+@pytest.mark.parametrize("broker_changes_stop_types", [False, True])
+def test_a_market_exit_closes_the_position_now_though_a_resting_stop_covers_it(host, broker_changes_stop_types):
     """Found by an outside test: a market EXIT answered "nothing to exit: exit orders already cover the whole
     position" while the strategy's own stop (an SL-MKT EXIT alert, the original platform's way of placing one)
     rested far below the market: the trader asked to be out now and stayed in until the stop. A market EXIT of the
-    whole position moves the strategy's resting exits there towards the market until they fill, as exit-all does
-    (never cancelled: the position is covered all along, and nothing can sell it twice)."""
+    whole position moves the strategy's resting exits there towards the market until they fill, as exit-all does.
+
+    A broker that refuses to turn a stop into a limit (ModifyOrder; the simulator's default, as nothing says Noren
+    allows it) left the stop resting far away for ever, each move failing: the stop is now cancelled, and the
+    position exited at its net once the cancel has ended. Either way: flat, and never short."""
+    host.broker.engine.stop_type_changes = broker_changes_stop_types
     host.tick("40")
     _enter(host, direction="BUY", qty=50, price="40")
     stop = _resting_exit(host, 50, order_type="SL-MKT", price=None, trigger_price="30")
@@ -177,10 +184,16 @@ def test_a_market_exit_closes_the_position_now_though_a_resting_stop_covers_it(h
     assert r.status_code == 200, r.get_json()
     assert "moved towards the market" in r.get_json()["reason"], r.get_json()
     wait_for(lambda: host.net() == 0, timeout=8)
-    assert [o["status"] for o in host.orders() if o["id"] == stop] == ["FILLED"]
+    ended = [o["status"] for o in host.orders() if o["id"] == stop]
+    assert ended == (["FILLED"] if broker_changes_stop_types else ["CANCELLED"])
+    told = [e["message"] for e in host.runtime.storage.rows("select message from events where kind = ?",
+                                                            ("exit_not_moved",))]
+    assert bool(told) is not broker_changes_stop_types, told
+    assert all("refused" in m and "cancelled" in m for m in told), told
     host.tick("29")  # the old stop's trigger is crossed: nothing more is sold
     host.settle()
     assert host.net() == 0
+    assert sum(o["filled_qty"] for o in host.orders(status="FILLED") if o["side"] == "SELL") == 50
 
 
 def test_a_market_exit_sends_what_a_resting_exit_leaves_now_and_moves_the_resting_one(host):

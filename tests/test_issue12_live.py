@@ -2039,3 +2039,41 @@ def test_1ab_a_market_exit_moves_the_resting_exit_to_the_market_and_closes_the_w
     assert _lowest_net(sim, 1.0) == 0 and net(h, "half", SYMBOL) == 0
     sells = [o for o in sim.sim.engine.order_book() if o.side is Side.SELL and o.status.value == "FILLED"]
     assert sum(o.filled_qty for o in sells) == 150
+
+
+def _stop_resting(h: Host, strategy: str) -> str:
+    """150 held by `strategy`, with its own SL-MKT stop for all of it resting at the broker far below; its id."""
+    held = entry(h, strategy=strategy, direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    wait_for(lambda: net(h, strategy, SYMBOL) == 150)
+    [stop] = place(h, execution_type="EXIT", strategy=strategy, direction="SELL", qty=150, order_type="SL-MKT",
+                   price=None, trigger_price="30")["orders"]
+    wait_status(h, stop["id"], "OPEN")
+    return stop["id"]
+
+
+@pytest.mark.parametrize("how", ["market EXIT", "exit-all"])
+def test_1ac_a_resting_stop_the_broker_will_not_turn_into_a_limit_is_cancelled_and_the_position_exited(live, sim,
+                                                                                                        how):
+    """The simulator refuses ModifyOrder from SL-MKT to LMT (nothing says Noren allows it). The host moved an "out
+    now" exit's resting stop with that modify, was refused, and tried again every EXIT_REPRICE_S for ever: the
+    position stayed open, the stop 12 points away. Now a refused move cancels the stop and, once the cancel is
+    confirmed, exits the position at the broker's net: flat, never short, sold once."""
+    h = live(EXIT_REPRICE_S="0.5")
+    stop = _stop_resting(h, "stopped")
+    if how == "market EXIT":
+        answer = place(h, execution_type="EXIT", strategy="stopped", direction="SELL", qty=150, order_type="MKT",
+                       price=None)
+        assert "moved towards the market" in answer["reason"], answer
+    else:
+        assert h.api("/api/exit-all", "POST").status_code == 200
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert sim_status(sim, stop) == "CANCELLED"
+    assert _lowest_net(sim, 1.5) == 0 and net(h, "stopped", SYMBOL) == 0
+    sells = [o for o in sim.sim.engine.order_book() if o.side is Side.SELL and o.filled_qty]
+    assert sum(o.filled_qty for o in sells) == 150
+    [told] = events(h, "exit_not_moved")
+    assert "refused" in told["message"] and "order type cannot be changed" in told["message"], told
+    assert len(events(h, "reprice_failed")) == 1  # refused once, never asked again
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="29")  # the old stop's trigger: nothing sold
+    assert _lowest_net(sim, 1.0) == 0

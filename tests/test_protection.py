@@ -126,15 +126,27 @@ def test_price_to_the_stop_fills_it_and_no_target_exit_is_sent(paper):
     assert h.broker.engine.positions()[("NFO", SYMBOL, "M")].net_qty == 0
 
 
-def test_a_gap_through_the_stop_moves_it_towards_the_market_until_it_fills(paper):
-    """Found from outside: a price past the stop's limit left it resting, unfillable, shown as protected."""
+@pytest.mark.parametrize("broker_changes_stop_types", [False, True])
+def test_a_gap_through_the_stop_moves_it_towards_the_market_until_it_fills(paper, broker_changes_stop_types):
+    """Found from outside: a price past the stop's limit left it resting, unfillable, shown as protected.
+
+    A broker that refuses to turn the stop into a limit (the simulator's default) left it there for ever, each
+    move failing: the stop is now cancelled and the position exited at market once the cancel has ended."""
     h = paper
+    h.broker.engine.stop_type_changes = broker_changes_stop_types
     protected(h, stop_loss="40", target="46")
-    resting(h)
+    stop = resting(h)
     h.tick("36")
     h.tick("36")  # a gap: confirmed by a second print
     wait_for(lambda: h.net() == 0, timeout=8)
     assert events(h, "stop_gapped")
+    ended = h.runtime.storage.one("select status from orders where id = ?", (stop["id"],))["status"]
+    assert ended == ("FILLED" if broker_changes_stop_types else "CANCELLED")
+    assert bool(events(h, "stop_not_moved")) is not broker_changes_stop_types
+    h.tick("30")
+    h.tick("30")
+    h.settle()
+    assert h.net() == 0 and not events(h, "stop_placing")[1:]  # no stop placed again once it was cancelled
 
 
 def test_a_stop_the_broker_keeps_rejecting_backs_off(paper):

@@ -213,6 +213,22 @@ def test_orders_above_the_freeze_or_not_in_whole_lots_are_refused_and_not_booked
                                         qty="975", prctyp="LMT", prc="30")["emsg"]
 
 
+
+def test_a_stop_cannot_be_turned_into_another_order_type_by_a_modification(sim, noren_api):
+    """The worse reading of the broker: ModifyOrder keeps a stop a stop (its trigger may move), unless allowed."""
+    stop = noren_api.place_order("S", "M", "NFO", SYMBOL, 75, 0, "SL-MKT", price=0, trigger_price="30",
+                                 remarks="stop")["norenordno"]
+    refused = raw(sim, "ModifyOrder", norenordno=stop, exch="NFO", tsym=SYMBOL, qty="75", prctyp="LMT", prc="41")
+    assert refused["stat"] == "Not_Ok" and "cannot be changed from SL-MKT to LMT" in refused["emsg"], refused
+    assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "LMT", newprice="41") is None  # the library: None
+    assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "SL-MKT", newtrigger_price="31")["stat"] == "Ok"
+    o = sim.sim.engine.get(stop)
+    assert (o.status.value, o.req.order_type.value, o.req.trigger_price) == ("OPEN", "SL-MKT", Decimal("31"))
+    control(sim, action="stop_type_changes", on=True)
+    assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "LMT", newprice="42.5")["stat"] == "Ok"
+    assert sim.sim.engine.get(stop).status.value == "FILLED"
+
+
 # ---- 7. quotes ----
 
 def test_quotes_answer_lp_zero_for_an_untraded_contract_and_carry_circuit_limits(sim, noren_api):

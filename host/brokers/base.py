@@ -27,6 +27,10 @@ class Rejected(BrokerError):
     kind = "rejected"
 
 
+class Forbidden(Rejected):
+    """The broker refused the request for who sent it, not for what it asked (its IP whitelist's HTTP 403)."""
+
+
 class Unreachable(BrokerError):
     """The broker could not be reached; the request was certainly not received."""
 

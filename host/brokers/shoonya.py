@@ -24,7 +24,7 @@ from ..instruments import Instrument, Instruments
 from ..market import IST
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
 from ..pricing import DEFAULT_TICK, protected_limit
-from .base import BrokerError, Rejected, SessionExpired, UnknownOutcome, transport_failure
+from .base import BrokerError, Forbidden, Rejected, SessionExpired, UnknownOutcome, transport_failure
 
 log = logging.getLogger(__name__)
 RECONNECT_HINT = EXPIRED
@@ -495,7 +495,7 @@ class ShoonyaBroker:
             last = self.http.last
             status = last.status_code if last is not None else "?"
             if status == 403:
-                raise Rejected(f"{what}: the broker refused the request with HTTP 403 (is this machine's IP "
+                raise Forbidden(f"{what}: the broker refused the request with HTTP 403 (is this machine's IP "
                                f"registered with the broker?)") from None
             raise UnknownOutcome(f"{what}: the broker's reply was not JSON (HTTP {status})") from None
         if result is None:

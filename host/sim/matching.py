@@ -148,6 +148,9 @@ class MatchingEngine:
         self.reject_next: Optional[str] = None
         self.delay_next_s: float = 0.0
         self.max_fill_qty: Optional[int] = None
+        # a stop's type cannot be changed by ModifyOrder (SL-MKT to LMT, say): the worse reading of the broker, as
+        # nothing says Noren allows it (a test that needs the other reading sets this)
+        self.stop_type_changes = False
         self._db = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +291,9 @@ class MatchingEngine:
             o = self._working(broker_order_id)
             if qty < o.filled_qty or qty <= 0:
                 raise SimRejected(f"quantity {qty} is below the {o.filled_qty} already filled")
+            if order_type is not o.req.order_type and o.req.order_type.needs_trigger and not self.stop_type_changes:
+                raise SimRejected(f"order type cannot be changed from {o.req.order_type.value} to "
+                                  f"{order_type.value} by a modification: cancel it and place a new order")
             o.req = replace(o.req, qty=qty, order_type=order_type, price=price, trigger_price=trigger_price)
             self._match(o)
             touched = self._settle([o])

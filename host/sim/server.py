@@ -29,7 +29,8 @@ late); forbid_next {count, route}; stall_feed {on}; drop_ws; tick {exchange, sym
 book_late {seconds, reply: "late"|"none"}; drop_next {count, route}; slow_next {seconds, count, route}; manual_order {exchange, symbol, side, qty,
 prctyp, prc, trgprc, prd, blprc, bpprc, remarks}; square_off {products}; new_day {keep_sessions};
 quote {exchange, symbol, lc, uc, c, no_trades}; wrong_quote_next {count, lp}; instrument {exchange, symbol,
-freeze_qty, lot_size, tick_size}; freeze_inclusive {on}; hide_order {norenordno, on}; ops_limit {per_s} (0: none).
+freeze_qty, lot_size, tick_size}; freeze_inclusive {on}; hide_order {norenordno, on}; ops_limit {per_s} (0: none);
+stop_type_changes {on}.
 docs/simulator.md has an example of each.
 """
 from __future__ import annotations
@@ -731,4 +732,5 @@ CONTROLS: dict[str, Callable[[NorenSim, dict], Optional[dict]]] = {
     "freeze_inclusive": _set_fault(freeze_inclusive=lambda c: bool(c.get("on", True))),
     "hide_order": _hide_order,
     "ops_limit": lambda sim, c: setattr(sim, "ops_limit", max(0, int(c.get("per_s", OPS_LIMIT)))),
+    "stop_type_changes": lambda sim, c: setattr(sim.engine, "stop_type_changes", bool(c.get("on", True))),
 }
