@@ -217,7 +217,9 @@ class OrderSender:
             message = f"moving exit {order_id} to {price} failed: {e}"
             self.storage.write(lambda db: Storage.add_event(db, "reprice_failed", message, "warning",
                                                             row["strategy"], {"order_id": order_id}))
-            if isinstance(e, Rejected) and not isinstance(e, Forbidden):  # refused for what it asked: never moved
+            # a stop the broker will not make a limit: asked again, it refuses again (a limit's move refused for a
+            # rate limit or a price band is tried again at the next step, as any other failure)
+            if isinstance(e, Rejected) and not isinstance(e, Forbidden) and OrderType(row["order_type"]).needs_trigger:
                 self.on_reprice_refused(order_id, str(e))
             return
         self.storage.write(lambda db: db.execute("update orders set price = ?, order_type = 'LMT' where id = ?",

@@ -1,10 +1,11 @@
 """Price arithmetic shared by the paper broker and the live adapter."""
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Optional
 
-from .models import Side
+from .models import OrderRequest, OrderType, Side
 
 DEFAULT_TICK = Decimal("0.05")
 
@@ -32,6 +33,17 @@ def protected_limit(side: Side, ltp: Decimal, pct: Decimal, tick: Decimal = DEFA
     if low is not None:
         price = max(price, low)
     return price
+
+
+def protected_stop(req: OrderRequest, pct: Decimal, tick: Decimal = DEFAULT_TICK, lower: Optional[Decimal] = None,
+                   upper: Optional[Decimal] = None) -> OrderRequest:
+    """A stop-loss market order (SL-MKT) as the stop-loss limit that stands in for it: its limit one `pct` through
+    the trigger (protected_limit); any other order as it is. Once triggered and not filled, an exit is moved
+    towards the market as a market order would have filled (risk_actions.RiskLoop.escalate)."""
+    if req.order_type is not OrderType.SL_MKT or req.trigger_price is None:
+        return req
+    return replace(req, order_type=OrderType.SL_LMT,
+                   price=protected_limit(req.side, req.trigger_price, pct, tick, lower, upper))
 
 
 def tidy(value: Decimal, places: str = "0.0001") -> Decimal:

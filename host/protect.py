@@ -498,7 +498,8 @@ class Protector:
         where = f"{p['strategy']} {p['exchange']}:{p['symbol']} ({p['product']})"
         for o in _live_stops(db, _row_key(p)):  # a gap through the stop: its limit cannot fill any more
             limit = dec(o["price"])
-            if o["status"] in WORKING and not o["escalate"] and limit is not None and sign * (ltp - limit) < 0:
+            if o["status"] in WORKING and not o["escalate"] and not o["cancel_requested"] and limit is not None \
+                    and sign * (ltp - limit) < 0:
                 db.execute("update orders set escalate = ? where id = ?", (flatten.HEALED, o["id"]))
                 Storage.add_event(db, "stop_gapped", f"the price {ltp} of {where} is past its stop's limit {limit}: "
                                   f"the stop (order {o['id']}) is moved towards the market until it fills", "error",
@@ -525,10 +526,15 @@ class Protector:
                 return None, []
             db.execute("update orders set escalate = null where id = ?", (order_id,))
             net, cancels = _exit_after_stops(db, p, "stop", f"the broker refused to move the stop ({reason})")
+            # its price is past the stop: should that exit fail, a stop there is placed again only after a wait
+            # (5, 10, 20 ... 300 s), never at once, gapped again, in a loop
+            wait = self._target_waits(f"unmovable|{_row_key(p)}", p["created_at"])
+            self._arm_after(db, p, wait)
             Storage.add_event(db, "stop_not_moved", f"the stop of {p['strategy']} {p['exchange']}:{p['symbol']} "
                               f"({p['product']}), order {order_id}, could not be moved towards the market: the broker "
-                              f"refused ({reason}); it is cancelled, then the position ({net:+d}) is exited at market",
-                              "error", p["strategy"], {"order_id": order_id})
+                              f"refused ({reason}); it is cancelled, then the position ({net:+d}) is exited at market "
+                              f"(should that exit fail, the stop is placed again in {wait:g} s)", "error",
+                              p["strategy"], {"order_id": order_id})
             return _row_key(p), cancels
         key, cancels = self.storage.write(run)
         if cancels:

@@ -33,7 +33,7 @@ from .models import AlertStatus, Decision, Side, TradingState
 from .outside import OutsideTrades
 from .pricing import DEFAULT_TICK, protected_limit
 from .risk import Action, CorruptState, RiskGate, command_id
-from .storage import Storage, utcnow
+from .storage import Storage, dec, utcnow
 
 log = logging.getLogger(__name__)
 RISK_EVERY_S = 0.25
@@ -262,6 +262,7 @@ class RiskLoop:
         """Breach and square-off exits not filled after EXIT_REPRICE_S are moved towards the market, one
         protection step further each time (on the instrument's tick), until they fill."""
         self._stop_moving_oversized()
+        self._triggered_stops()
         due = (datetime.now(timezone.utc) - timedelta(seconds=float(self.reprice_s))).isoformat(timespec="milliseconds")
         for o in self.storage.rows("select o.*, q.ltp from orders o left join quotes q on q.exchange = o.exchange and "
                                    "q.symbol = o.symbol where o.escalate >= 1 and o.status in ('OPEN', 'PARTIAL') and "
@@ -278,6 +279,32 @@ class RiskLoop:
             self.storage.write(lambda db: db.execute("update orders set reprices = ?, repriced_at = ? where id = ?",
                                                      (n, utcnow(), o["id"])))
             self.reprice(o["id"], price)
+
+    def _triggered_stops(self) -> None:
+        """A stop-loss market EXIT rests at the broker as a protected stop-limit (pricing.protected_stop): once the
+        last price has reached its trigger, it is moved towards the market until it fills (after EXIT_REPRICE_S,
+        like any exit risk moves), as the market order it stands for would have filled; said once."""
+        def crossed(db: Any) -> list[dict]:
+            return [o for o in db.query(
+                f"select o.id, o.strategy, o.side, o.qty, o.exchange, o.symbol, o.trigger_price, q.ltp from orders o "
+                f"join quotes q on q.exchange = o.exchange and q.symbol = o.symbol where o.status in "
+                f"({','.join('?' * len(flatten.WORKING))}) and o.order_type = 'SL-MKT' and o.action != 'ENTRY' and "
+                f"o.protection is null and o.escalate is null and o.cancel_requested is null and "
+                f"o.broker_order_id is not null and o.trigger_price is not null", flatten.WORKING)
+                if dec(o["ltp"]) and (dec(o["ltp"]) <= dec(o["trigger_price"]) if o["side"] == Side.SELL.value
+                                      else dec(o["ltp"]) >= dec(o["trigger_price"]))]
+
+        def run(db: Any) -> None:
+            for o in crossed(db):  # (read again in the write: one cancelled or moved meanwhile is left alone)
+                db.execute("update orders set escalate = ?, repriced_at = ? where id = ?",
+                           (EXIT_ALL_MARK, utcnow(), o["id"]))
+                Storage.add_event(db, "stop_triggered", f"stop-loss exit {o['id']} ({o['strategy']}) {o['side']} "
+                                  f"{o['qty']} {o['exchange']}:{o['symbol']} reached its trigger {o['trigger_price']} "
+                                  f"at {o['ltp']}: it rests as a protected stop-limit, so unless it fills within "
+                                  f"{self.reprice_s} s it is moved towards the market until it does", "warning",
+                                  o["strategy"], {"order_id": o["id"], "ltp": o["ltp"]})
+        if self.storage.read(crossed):
+            self.storage.write(run)
 
     def exit_unmovable(self, order_id: str, reason: str) -> None:
         """The broker refused to move an exit towards the market (a stop it will not turn into a limit, say). Where
@@ -299,8 +326,9 @@ class RiskLoop:
             where = (f"exit {order_id} ({row['strategy']}) {row['side']} {row['remaining']} {row['exchange']}:"
                      f"{row['symbol']}: the broker refused to move it towards the market ({reason})")
             if not (healed or row["escalate"] == EXIT_ALL_MARK):  # a breach exit after an override: the trader's
-                Storage.add_event(db, "exit_not_moved", f"{where}; it is left where it is: exit the position by "
-                                  f"hand, or send the EXIT again", "error", row["strategy"], {"order_id": order_id})
+                Storage.add_event(db, "exit_not_moved", f"{where}; it is left where it is, moved no further: check "
+                                  f"it at the broker (it may have filled meanwhile) before you exit the rest",
+                                  "error", row["strategy"], {"order_id": order_id})
                 return []
             why = f"risk: exit {order_id} could not be moved towards the market"
             cancels = flatten.stop(db, [row], why).working

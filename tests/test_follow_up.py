@@ -157,3 +157,29 @@ def test_a_breach_exit_after_an_override_whose_move_the_broker_refused_is_left_w
     assert "left where it is" in told["message"], told
     host.runtime.engine.risk.exit_unmovable(oid, "again")  # a second refusal of a move asked before: nothing more
     assert len(host.runtime.storage.rows("select id from events where kind = 'exit_not_moved'")) == 1
+
+
+def test_a_limit_exit_whose_move_is_refused_for_another_reason_is_not_cancelled_and_replaced(host_factory):
+    """Review 33: any refused move cancelled the exit and placed another, again and again: at a rate limit, or a
+    price band, a limit exit lost its place in the queue every EXIT_REPRICE_S and each cycle added two order
+    messages. Only a stop's move (a change of order type) is answered by cancelling it; a limit's is tried again."""
+    from host.brokers.base import Rejected
+    from host.models import Side
+    h = host_factory(EXIT_REPRICE_S="0.5")
+    h.tick("42.5")
+    assert h.post(alert("ENTRY", direction="BUY", qty=75, price="42.5")).status_code == 200
+    wait_for(lambda: h.net() == 75)
+    h.tick("40")
+    engine, match = h.broker.engine, h.broker.engine._match
+    engine._match = lambda o: False if o.req.side is Side.SELL else match(o)  # no buyers: nothing sells
+    refused = []
+
+    def modify(broker_id, req):
+        refused.append(req.price)
+        raise Rejected("Rejected : order rate limit exceeded: at most 10 orders a second")
+    h.broker.modify = modify
+    assert h.api("/api/exit-all", "POST").status_code == 200
+    wait_for(lambda: len(refused) >= 3, timeout=8)
+    exits = h.runtime.storage.rows("select status, cancel_requested from orders where action = 'EXIT'")
+    assert exits == [{"status": "OPEN", "cancel_requested": None}], exits
+    assert not h.runtime.storage.rows("select id from events where kind = 'exit_not_moved'")

@@ -1,6 +1,8 @@
 """The execution guard and the trading state, through the webhook and the API."""
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from conftest import SYMBOL, alert, wait_for
@@ -259,3 +261,22 @@ def test_a_market_exit_without_a_price_yet_says_the_resting_exit_waits_for_one(h
     reason = r.get_json()["reason"]
     assert "moved towards the market" in reason and "there is none yet" in reason, reason
     assert "nothing to exit" not in reason, reason
+
+
+def test_a_stop_loss_market_exit_gapped_past_its_protected_limit_still_exits_the_position(host):
+    """Paper as live: an SL-MKT rests as a protected SL-LMT (market orders carry price protection). A gap past its
+    limit left it triggered and unfilled: it is moved towards the market (here cancelled, the broker refusing to
+    make it a limit) and the position exited. Flat, never short."""
+    host.tick("40")
+    _enter(host, direction="BUY", qty=50, price="40")
+    stop = _resting_exit(host, 50, order_type="SL-MKT", price=None, trigger_price="30")
+    [broker_id] = [o["broker_order_id"] for o in host.orders() if o["id"] == stop]
+    assert host.broker.engine.get(broker_id).req.price == Decimal("29.40")
+    host.tick("31")
+    host.tick("26")
+    host.tick("26")  # a jump that big is held until a second tick confirms it
+    wait_for(lambda: host.net() == 0, timeout=8)
+    assert [o["status"] for o in host.orders() if o["id"] == stop] == ["CANCELLED"]
+    host.settle()
+    assert host.net() == 0
+    assert sum(o["filled_qty"] for o in host.orders(status="FILLED") if o["side"] == "SELL") == 50

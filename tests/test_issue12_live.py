@@ -2077,3 +2077,37 @@ def test_1ac_a_resting_stop_the_broker_will_not_turn_into_a_limit_is_cancelled_a
     assert len(events(h, "reprice_failed")) == 1  # refused once, never asked again
     control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="29")  # the old stop's trigger: nothing sold
     assert _lowest_net(sim, 1.0) == 0
+
+
+def test_1ad_a_strategys_sl_mkt_stop_rests_protected_and_a_gap_past_its_limit_still_exits_the_position(live, sim):
+    """The API takes no market order without price protection (DESIGN.md), SL-MKT included in the simulator's
+    worse reading: a strategy's SL-MKT stop alert, the original platform's way of placing one, was refused by the
+    broker, leaving the position unprotected. It now rests as an SL-LMT, its limit one MARKET_PROTECTION_PCT
+    through the trigger. Once the price reaches the trigger and the stop has not filled (a gap past its limit),
+    it is moved towards the market as the market order would have filled: here the broker refuses to turn it into
+    a limit, so it is cancelled and the position exited at the broker's net. Flat, never short, sold once."""
+    h = live(EXIT_REPRICE_S="0.5")
+    stop = _stop_resting(h, "gapped")
+    booked_stop = sim.sim.engine.get(booked(sim, stop)[0].broker_order_id)
+    assert (booked_stop.req.order_type.value, booked_stop.req.trigger_price, booked_stop.req.price) == \
+        ("SL-LMT", Decimal("30"), Decimal("29.40"))
+    assert order(h, stop)["order_type"] == "SL-MKT"  # what the strategy asked for, in our books
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="29")  # past the trigger and the limit at once
+    wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=10)
+    assert sim_status(sim, stop) == "CANCELLED" and _lowest_net(sim, 1.5) == 0 and net(h, "gapped", SYMBOL) == 0
+    assert sum(o.filled_qty for o in sim.sim.engine.order_book() if o.side is Side.SELL) == 150
+    assert len(events(h, "stop_triggered")) == 1 and len(events(h, "exit_not_moved")) == 1
+
+
+def test_1ae_an_sl_mkt_entry_rests_protected_and_is_never_chased(live, sim):
+    """A breakout ENTRY as SL-MKT rests as a protected SL-LMT too; past its limit it is left where it is (only
+    exits are moved towards the market)."""
+    h = live(EXIT_REPRICE_S="0.5")
+    [o] = place(h, strategy="breakout", direction="BUY", qty=75, order_type="SL-MKT", price=None,
+                trigger_price="45")["orders"]
+    wait_status(h, o["id"], "OPEN")
+    assert sim.sim.engine.get(booked(sim, o["id"])[0].broker_order_id).req.price == Decimal("45.90")
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="47")
+    time.sleep(1.5)
+    assert order(h, o["id"])["status"] == "OPEN" and not events(h, "stop_triggered")
+    assert broker_net(sim, SYMBOL) == 0

@@ -149,6 +149,35 @@ def test_a_gap_through_the_stop_moves_it_towards_the_market_until_it_fills(paper
     assert h.net() == 0 and not events(h, "stop_placing")[1:]  # no stop placed again once it was cancelled
 
 
+def test_a_gapped_stop_whose_market_exit_is_rejected_is_not_placed_again_at_once(paper):
+    """Review 33: the stop cancelled because the broker would not move it, and the market exit after it rejected,
+    protect placed the stop again at once, at the trigger the price had passed: gapped again, refused, cancelled,
+    another exit rejected, on every tick. A stop is placed again only after a wait (5, 10 ... 300 s), said."""
+    h = paper
+    protected(h, stop_loss="40", target="46")
+    resting(h)
+    real_place = h.broker.place
+
+    def refuse_exits(req):
+        from host.brokers.base import Rejected
+        if req.order_type.value != "SL-LMT":
+            raise Rejected("RMS: blocked for this contract")
+        return real_place(req)
+    h.broker.place = refuse_exits
+    h.tick("36")
+    h.tick("36")
+    wait_for(lambda: events(h, "exit_rejected"), timeout=8)
+    for _ in range(6):
+        h.tick("36")
+        time.sleep(0.5)
+    assert len(all_stops(h)) == 1, [(o["status"], o["created_at"]) for o in all_stops(h)]
+    [told] = events(h, "stop_not_moved")
+    assert "placed again in 5 s" in told["message"], told
+    h.broker.place = real_place
+    wait_for(lambda: h.tick("36") and h.net() == 0, timeout=15, interval=0.5)  # the stop again, gapped
+    assert len(all_stops(h)) == 2                                                # again: this time the exit goes
+
+
 def test_a_stop_the_broker_keeps_rejecting_backs_off(paper):
     """Found from outside: a rejected stop was placed again at once, two at a time, with no end."""
     h = paper

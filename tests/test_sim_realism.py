@@ -134,7 +134,7 @@ def test_a_new_day_empties_the_books_carries_nrml_and_squares_off_mis(sim, noren
     eng.set_ltp("NSE", "RELIANCE-EQ", Decimal("1400"))
     noren_api.place_order("B", "M", "NFO", SYMBOL, 150, 0, "LMT", price="43", remarks="nrml")
     sim.sim.tick("NFO", "NIFTY28APR26F", Decimal("24500"))
-    noren_api.place_order("S", "M", "NFO", "NIFTY28APR26F", 75, 0, "MKT", remarks="short")
+    noren_api.place_order("S", "M", "NFO", "NIFTY28APR26F", 75, 0, "LMT", price="24000", remarks="short")
     noren_api.place_order("B", "I", "NFO", SYMBOL, 75, 0, "LMT", price="43", remarks="mis")
     noren_api.place_order("B", "C", "NSE", "RELIANCE-EQ", 10, 0, "LMT", price="1400", remarks="cnc")
     resting = noren_api.place_order("B", "M", "NFO", SYMBOL, 75, 0, "LMT", price="30", remarks="resting")
@@ -216,17 +216,34 @@ def test_orders_above_the_freeze_or_not_in_whole_lots_are_refused_and_not_booked
 
 def test_a_stop_cannot_be_turned_into_another_order_type_by_a_modification(sim, noren_api):
     """The worse reading of the broker: ModifyOrder keeps a stop a stop (its trigger may move), unless allowed."""
-    stop = noren_api.place_order("S", "M", "NFO", SYMBOL, 75, 0, "SL-MKT", price=0, trigger_price="30",
+    stop = noren_api.place_order("S", "M", "NFO", SYMBOL, 75, 0, "SL-LMT", price="29.4", trigger_price="30",
                                  remarks="stop")["norenordno"]
     refused = raw(sim, "ModifyOrder", norenordno=stop, exch="NFO", tsym=SYMBOL, qty="75", prctyp="LMT", prc="41")
-    assert refused["stat"] == "Not_Ok" and "cannot be changed from SL-MKT to LMT" in refused["emsg"], refused
+    assert refused["stat"] == "Not_Ok" and "cannot be changed from SL-LMT to LMT" in refused["emsg"], refused
     assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "LMT", newprice="41") is None  # the library: None
-    assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "SL-MKT", newtrigger_price="31")["stat"] == "Ok"
+    assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "SL-LMT", newprice="30.4",
+                                  newtrigger_price="31")["stat"] == "Ok"
     o = sim.sim.engine.get(stop)
-    assert (o.status.value, o.req.order_type.value, o.req.trigger_price) == ("OPEN", "SL-MKT", Decimal("31"))
+    assert (o.status.value, o.req.order_type.value, o.req.trigger_price) == ("OPEN", "SL-LMT", Decimal("31"))
     control(sim, action="stop_type_changes", on=True)
     assert noren_api.modify_order(stop, "NFO", SYMBOL, 75, "LMT", newprice="42.5")["stat"] == "Ok"
     assert sim.sim.engine.get(stop).status.value == "FILLED"
+
+
+
+def test_the_api_takes_no_market_order_without_protection_but_the_app_does(sim, noren_api):
+    """DESIGN.md: API market orders must carry price protection. The worse reading covers SL-MKT too (a market
+    order once triggered): both are refused at PlaceOrder and ModifyOrder, and nothing is booked."""
+    for prctyp, extra in (("MKT", {}), ("SL-MKT", {"trgprc": "30"})):
+        refused = raw(sim, "PlaceOrder", **order(prctyp=prctyp, prc="0", **extra))
+        assert refused["stat"] == "Not_Ok" and f"{prctyp} orders without market protection" in refused["emsg"]
+    assert sim.sim.engine.order_book() == []
+    working = raw(sim, "PlaceOrder", **order(prc="30"))["norenordno"]
+    refused = raw(sim, "ModifyOrder", norenordno=working, exch="NFO", tsym=SYMBOL, qty="75", prctyp="MKT", prc="0")
+    assert refused["stat"] == "Not_Ok" and "MKT orders without market protection" in refused["emsg"]
+    assert sim.sim.engine.get(working).status.value == "OPEN"
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)  # the app's own: taken
+    assert [o.status.value for o in sim.sim.engine.order_book() if o.side.value == "SELL"] == ["FILLED"]
 
 
 # ---- 7. quotes ----
@@ -287,7 +304,8 @@ def test_a_bracket_order_fills_one_leg_and_cancels_the_other(sim, noren_api):
 
 
 def test_exiting_a_cover_order_cancels_its_stop_and_closes_at_market(sim, noren_api):
-    oid = noren_api.place_order("S", "H", "NFO", SYMBOL, 75, 0, "MKT", remarks="co", bookloss_price="5")["norenordno"]
+    oid = noren_api.place_order("S", "H", "NFO", SYMBOL, 75, 0, "LMT", price="40", remarks="co",
+                                bookloss_price="5")["norenordno"]
     assert noren_api.exit_order(oid, "H")["stat"] == "Ok"
     [pos] = noren_api.get_positions()
     assert (pos["prd"], pos["netqty"]) == ("H", "0")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..models import BrokerOrder, BrokerPosition, OrderRequest, OrderType, Product
-from ..pricing import protected_limit
+from ..pricing import protected_limit, protected_stop
 from ..sim.matching import MatchingEngine, SimRejected
 from .base import Rejected, Unreachable
 
@@ -43,6 +43,7 @@ class PaperBroker:
                 self.engine.set_ltp(req.exchange, req.symbol, ltp)
             req = replace(req, order_type=OrderType.LMT,
                           price=protected_limit(req.side, ltp, self.protection_pct))
+        req = protected_stop(req, self.protection_pct)
         try:
             return self.engine.place(req)
         except SimRejected as e:
@@ -55,6 +56,7 @@ class PaperBroker:
             raise Rejected(str(e)) from None
 
     def modify(self, broker_order_id: str, req: OrderRequest) -> None:
+        req = protected_stop(req, self.protection_pct)
         try:
             self.engine.modify(broker_order_id, req.qty, req.order_type, req.price, req.trigger_price)
         except SimRejected as e:

@@ -23,7 +23,7 @@ from ..broker_session import EXPIRED
 from ..instruments import Instrument, Instruments
 from ..market import IST
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
-from ..pricing import DEFAULT_TICK, protected_limit
+from ..pricing import DEFAULT_TICK, protected_limit, protected_stop
 from .base import BrokerError, Forbidden, Rejected, SessionExpired, UnknownOutcome, transport_failure
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,7 @@ class ShoonyaBroker:
             raise SessionExpired(RECONNECT_HINT)
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
+        req = self._protect_stop(req)
         self.limiter.until_free(req.exchange)
         return req
 
@@ -249,6 +250,7 @@ class ShoonyaBroker:
         """PlaceOrder, spaced by the rate limit; a market order not prepared is protected here."""
         if req.order_type is OrderType.MKT:
             req = self._protect(req)
+        req = self._protect_stop(req)
         self.limiter.wait(req.exchange)
         amo = "YES" if self.after_market(req.exchange) else None
         reply = self._call("place_order", partial(self.api.place_order, algo_id=self.algo_id or None),
@@ -268,6 +270,7 @@ class ShoonyaBroker:
         self._call("cancel_order", self.api.cancel_order, broker_order_id)
 
     def modify(self, broker_order_id: str, req: OrderRequest) -> None:
+        req = self._protect_stop(req)
         self.limiter.wait(req.exchange)
         self._call("modify_order", self.api.modify_order, broker_order_id, req.exchange, req.symbol, req.qty,
                    req.order_type.value, str(req.price) if req.price is not None else "0",
@@ -370,6 +373,13 @@ class ShoonyaBroker:
         tick = inst.tick_size if inst else DEFAULT_TICK
         return replace(req, order_type=OrderType.LMT,
                        price=protected_limit(req.side, price, self.protection_pct, tick, lower, upper))
+
+    def _protect_stop(self, req: OrderRequest) -> OrderRequest:
+        """A stop-loss market order as a stop-loss limit (pricing.protected_stop), inside the day's circuit limits
+        when known: the API takes no market order without price protection."""
+        inst = self.instrument(req.exchange, req.symbol)
+        return protected_stop(req, self.protection_pct, inst.tick_size if inst else DEFAULT_TICK,
+                              *self.circuit_limits(req.exchange, req.symbol))
 
     def _feed_price(self, req: OrderRequest, warn: bool = False) -> Optional[Decimal]:
         """The feed's fresh price, if it is inside the day's circuit limits (else GetQuotes is asked)."""

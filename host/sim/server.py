@@ -481,11 +481,23 @@ def _book(sim: NorenSim, t: Ticket, faults: bool = True) -> str:
     return sim.engine.record_rejected(t.req, refusal, prd=t.prd)
 
 
+def _api_market(otype: OrderType) -> Optional[str]:
+    """Why the API refuses an order type: a market order must carry price protection there (the broker's app
+    protects its own)."""
+    if otype in (OrderType.MKT, OrderType.SL_MKT):
+        return (f"Invalid Input : {otype.value} orders without market protection are not accepted through the API: "
+                f"send MKT as LMT and SL-MKT as SL-LMT")
+    return None
+
+
 def place_order(sim: NorenSim, data: dict, uid: str) -> Response:
     try:
         ticket = _ticket(sim, data)
     except SimRejected as e:
         return _not_ok(str(e))
+    refused = _api_market(ticket.req.order_type)
+    if refused:
+        return _not_ok(refused)
     late = sim.faults.take_late()
     if late is not None:
         delay, reply = late
@@ -523,6 +535,8 @@ def modify_order(sim: NorenSim, data: dict, uid: str) -> Response:
         qty = int(data.get("qty", "0"))
     except ValueError:
         return _not_ok(f"Invalid Input : prctyp {data.get('prctyp')!r} or qty {data.get('qty')!r}")
+    if _api_market(otype):
+        return _not_ok(_api_market(otype))
     o = sim.engine.get(data.get("norenordno", ""))
     inst = sim.instruments.get(o.req.exchange, o.req.symbol) if o else None
     problem = _quantity_problem(sim, inst, qty) if inst else None

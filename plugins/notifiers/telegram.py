@@ -97,6 +97,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "stop_missing": ("orders", "STOP LOSS GONE FROM THE BROKER'S BOOK"),
     "stop_overfilled": ("orders", "STOP FILLED AFTER ITS POSITION CLOSED"),
     "stop_not_moved": ("orders", "STOP NOT MOVED: CANCELLED, POSITION EXITED AT MARKET"),
+    "stop_triggered": ("orders", "Stop-loss exit triggered"),
     "order_missing": ("orders", "Order gone from the broker's book"), "order_not_sent": ("orders", "ORDER NOT SENT"),
     "order_late_fill": ("orders", "FILL REPORTED AFTER THE ORDER ENDED"),
     "strategy_limits_rebased": ("risk", "Strategy MTM limits count from the new day"),
