@@ -47,6 +47,7 @@ EXIT_ALL_AFTER_KEY = "exit_all_after"  # exit-all's oversized exits being cancel
 EXIT_ALL_MARK = flatten.HEALED  # orders.escalate of the exits risk heals (flatten.HEALED says whose)
 RESUME_WAIT_S = 1.0  # a resume waits this long at most for a check under way (halt and exit-all queue behind it)
 DONE_BEFORE = "done before a restart (the state carries this command): not done again"
+TRIGGER_SEEN_AFTER_S = 1.0  # a print this long after the broker took a stop is one it has seen (feed latency)
 FOLLOW_UP_MAX_S = 600.0  # a follow-up whose cancels have not ended by then is dropped, said (not sent days later)
 
 
@@ -281,18 +282,30 @@ class RiskLoop:
             self.reprice(o["id"], price)
 
     def _triggered_stops(self) -> None:
-        """A stop-loss market EXIT rests at the broker as a protected stop-limit (pricing.protected_stop): once the
-        last price has reached its trigger, it is moved towards the market until it fills (after EXIT_REPRICE_S,
-        like any exit risk moves), as the market order it stands for would have filled; said once."""
+        """A stop-loss market exit rests at the broker as a protected stop-limit (pricing.protected_stop): once a
+        price at or through its trigger is printed after the broker took it, it is moved towards the market until
+        it fills (after EXIT_REPRICE_S, like any exit risk moves), as the market order it stands for would have
+        filled; said once. Only an order that closes its strategy's position is (an add-on stop never is), and
+        only on a print the broker can have seen (TRIGGER_SEEN_AFTER_S after it took the order: an older price,
+        or one the tick check holds back, is not taken for a trigger)."""
         def crossed(db: Any) -> list[dict]:
-            return [o for o in db.query(
-                f"select o.id, o.strategy, o.side, o.qty, o.exchange, o.symbol, o.trigger_price, q.ltp from orders o "
-                f"join quotes q on q.exchange = o.exchange and q.symbol = o.symbol where o.status in "
-                f"({','.join('?' * len(flatten.WORKING))}) and o.order_type = 'SL-MKT' and o.action != 'ENTRY' and "
-                f"o.protection is null and o.escalate is null and o.cancel_requested is null and "
-                f"o.broker_order_id is not null and o.trigger_price is not null", flatten.WORKING)
-                if dec(o["ltp"]) and (dec(o["ltp"]) <= dec(o["trigger_price"]) if o["side"] == Side.SELL.value
-                                      else dec(o["ltp"]) >= dec(o["trigger_price"]))]
+            found = []
+            for o in db.query(
+                    f"select o.id, o.strategy, o.side, o.qty, o.exchange, o.symbol, o.trigger_price, q.ltp, q.at, "
+                    f"coalesce(p.net_qty, 0) net, (select min(h.at) from order_history h where h.order_id = o.id and "
+                    f"h.status = 'OPEN') open_at from orders o join quotes q on q.exchange = o.exchange and q.symbol = "
+                    f"o.symbol left join positions p on p.strategy = o.strategy and p.exchange = o.exchange and "
+                    f"p.symbol = o.symbol and p.product = o.product where o.status in "
+                    f"({','.join('?' * len(flatten.WORKING))}) and o.order_type = 'SL-MKT' and o.action != 'ENTRY' "
+                    f"and o.protection is null and o.escalate is null and o.cancel_requested is null and "
+                    f"o.broker_order_id is not null and o.trigger_price is not null", flatten.WORKING):
+                ltp, trigger, sell = dec(o["ltp"]), dec(o["trigger_price"]), o["side"] == Side.SELL.value
+                if not ltp or not (o["net"] > 0 if sell else o["net"] < 0) or o["open_at"] is None:
+                    continue  # no price; or it adds to the position (or there is none to close)
+                seen = datetime.fromisoformat(o["open_at"]) + timedelta(seconds=TRIGGER_SEEN_AFTER_S)
+                if datetime.fromisoformat(o["at"]) > seen and (ltp <= trigger if sell else ltp >= trigger):
+                    found.append(o)
+            return found
 
         def run(db: Any) -> None:
             for o in crossed(db):  # (read again in the write: one cancelled or moved meanwhile is left alone)

@@ -185,11 +185,20 @@ def _m11_unexplained_left(db: sqlite_utils.Database) -> None:
     db["outside_fills"].add_column("unexplained_left", int)
 
 
+def _m12_protection_index(db: sqlite_utils.Database) -> None:
+    # issue 17: `protection is null` (every order but a protective stop) chose the protection index over the status
+    # one, so the risk beat's and each exit's reads of the working exits walked the whole history; the index now
+    # holds only protective stops (`protection = ?` still uses it)
+    db.execute("drop index if exists idx_orders_protection")
+    db.execute("create index idx_orders_protection on orders (protection) where protection is not null")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
                                                                   _m8_protections, _m9_sessions,
-                                                                  _m10_flat_cost, _m11_unexplained_left)
+                                                                  _m10_flat_cost, _m11_unexplained_left,
+                                                                  _m12_protection_index)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

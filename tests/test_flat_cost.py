@@ -256,3 +256,28 @@ def test_the_feeds_symbols_cost_the_same_after_a_year_of_finished_orders(tmp_pat
         assert busy <= quiet * 1.2 + 3, f"SQLite VM steps (x100): {quiet} with 2 orders, {busy} with 20,000 finished"
     finally:
         storage.close()
+
+
+def test_the_risk_beats_and_an_exits_reads_of_working_exits_do_not_grow_with_the_days_orders(steps, host_factory):
+    """Review 34: `protection is null` (every order but a protective stop) made SQLite read the working exits through
+    the protection index, walking every order ever made: the risk beat's look for oversized exits and triggered
+    stops, and each exit's read of the working exits (flatten.exits_now), grew with the history (30 ms at 200,000
+    orders). The index holds protective stops only now, and those reads go by status."""
+    from host import flatten
+    h = host_factory()
+    storage, risk = h.runtime.storage, h.runtime.engine.risk
+
+    def cost() -> int:
+        def once() -> int:
+            steps.skip, steps.n, steps.on = None, 0, True
+            try:
+                risk.escalate()
+                storage.read(flatten.exits_now)
+            finally:
+                steps.on = False
+            return steps.n
+        return min(once() for _ in range(3))
+    quiet = cost()
+    _a_busy_day(h, 5000)
+    busy = cost()
+    assert busy <= quiet * 1.2 + 3, f"SQLite VM steps (x100): {quiet} with no orders, {busy} after 5,000"

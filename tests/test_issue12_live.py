@@ -2111,3 +2111,40 @@ def test_1ae_an_sl_mkt_entry_rests_protected_and_is_never_chased(live, sim):
     time.sleep(1.5)
     assert order(h, o["id"])["status"] == "OPEN" and not events(h, "stop_triggered")
     assert broker_net(sim, SYMBOL) == 0
+
+
+def test_1af_a_price_from_before_the_stop_was_taken_is_never_its_trigger(live, sim):
+    """Review 34: the last stored price was compared with the trigger, whenever it was printed. An illiquid contract
+    printed 29, then once 36 (held by the tick check until a second print); a stop at 30 placed then was taken for
+    triggered at 29, cancelled, and all 150 sold at market (36), though the broker never saw a price at 30."""
+    h = live(EXIT_REPRICE_S="0.5")
+    held = entry(h, strategy="s1", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    for _ in range(2):
+        control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="29")
+        time.sleep(0.3)
+    wait_for(lambda: (h.runtime.storage.one("select ltp from quotes where symbol = ?", (SYMBOL,)) or {}).get("ltp")
+             == "29", timeout=8)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="36")  # one print, held back by the tick check
+    [stop] = place(h, execution_type="EXIT", strategy="s1", direction="SELL", qty=150, order_type="SL-MKT",
+                   price=None, trigger_price="30")["orders"]
+    wait_status(h, stop["id"], "OPEN")
+    time.sleep(2.5)
+    assert order(h, stop["id"])["status"] == "OPEN" and not events(h, "stop_triggered")
+    assert broker_net(sim, SYMBOL) == 150
+
+
+def test_1ag_an_sl_mkt_add_on_is_never_taken_for_a_stop_loss_exit(live, sim):
+    """Review 34: an ADJUST adding to the position as SL-MKT (a breakout add-on) was taken for a stop-loss exit:
+    moved, found adding, cancelled, and the follow-up sold 75 of the position."""
+    h = live(EXIT_REPRICE_S="0.5")
+    held = entry(h, strategy="s1", direction="BUY", qty=150, price="43")
+    wait_status(h, held, "FILLED")
+    [add] = place(h, execution_type="ADJUST", strategy="s1", direction="BUY", qty=75, order_type="SL-MKT",
+                  price=None, trigger_price="45")["orders"]
+    wait_status(h, add["id"], "OPEN")
+    time.sleep(1.1)
+    control(sim, action="tick", exchange="NFO", symbol=SYMBOL, ltp="47")  # past 45 and its limit 45.90
+    time.sleep(2.5)
+    assert order(h, add["id"])["status"] == "OPEN" and not events(h, "stop_triggered")
+    assert broker_net(sim, SYMBOL) == 150
