@@ -27,8 +27,7 @@ class HostAccess:
     # ---- reading ----
     def status(self) -> dict:
         state = self._gate.state()
-        counts = {r["status"]: r["n"] for r in self._storage.rows(
-            "select status, count(*) n from orders where created_at >= ? group by status", (self._today(),))}
+        counts = views.order_counts(self._storage, self._today())
         return {"mode": self._settings.BROKER, "engine": self._engine_alive(), "trading_state": state["state"],
                 "reason": state.get("reason"), "by": state.get("by"),
                 "broker_session": "paper" if self._settings.paper else session_state(self._storage)["state"],

@@ -167,8 +167,7 @@ def _status(args: dict) -> dict:
     r = views.risk(rt.storage, rt.gate)
     broker = {"state": "paper", "why": "simulated broker: no session needed"} if rt.settings.paper \
         else session_state(rt.storage)
-    counts = {r["status"]: r["n"] for r in rt.storage.rows(
-        "select status, count(*) n from orders where created_at >= ? group by status", (_today_start(),))}
+    counts = views.order_counts(rt.storage, _today_start())
     working = sum(counts.get(s, 0) for s in ("NEW", "SUBMITTED", "OPEN", "PARTIAL", "UNKNOWN"))
     return {"orders_today": sum(counts.values()), "filled_today": counts.get("FILLED", 0), "working": working,
             "rejected_today": counts.get("REJECTED", 0),
