@@ -24,6 +24,13 @@ def protected_limit(side: Side, ltp: Decimal, pct: Decimal, tick: Decimal = DEFA
         price = round_to_tick(ltp * (1 + pct / 100), tick, up=True)
     else:
         price = max(round_to_tick(ltp * (1 - pct / 100), tick, up=False), tick)
+    return within_limits(price, tick, lower, upper)
+
+
+def within_limits(price: Decimal, tick: Decimal = DEFAULT_TICK, lower: Optional[Decimal] = None,
+                  upper: Optional[Decimal] = None) -> Decimal:
+    """The price kept inside the day's circuit limits (on the tick) when they are known; limits that contradict
+    each other say nothing."""
     low = round_to_tick(lower, tick, up=True) if lower is not None and lower > 0 else None
     high = round_to_tick(upper, tick, up=False) if upper is not None and upper > 0 else None
     if low is not None and high is not None and low > high:

@@ -2,6 +2,7 @@
 price. The real NorenRestApiPy talks to the Noren simulator on loopback."""
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 from typing import Any
@@ -136,3 +137,33 @@ def test_after_a_reconnect_every_symbol_held_or_worked_is_resubscribed(sim, tmp_
         wait_for(lambda: sim.feed.clients and wanted <= sim.feed.clients[-1].touch, timeout=5)
     finally:
         h.stop()
+
+
+def test_an_exit_moved_towards_the_market_stops_at_the_circuit_limit(sim):
+    """Review 33: risk's move of an exit is priced from the last price, one step further each time, without the
+    day's limits; at a circuit every move was refused (the exchange takes no price outside its band, ModifyOrder
+    included) and the exit stayed where it was placed, above a market trading at the lower limit. The adapter keeps
+    a modified price inside the day's limits when it knows them: the exit rests at the band's edge."""
+    from dataclasses import replace
+    broker = adapter(sim)
+    control(sim, action="quote", exchange="NFO", symbol=SYMBOL, lc="40", uc="50", c="45")
+    broker.place(market("learn"))  # GetQuotes: the day's limits are now known
+    sell = OrderRequest("NFO", SYMBOL, Side.SELL, 75, OrderType.LMT, Product.NRML, Decimal("44"), remarks="exit")
+    oid = broker.place(sell)
+    refused = raw_modify(sim, oid, "38.35")
+    assert refused["stat"] == "Not_Ok" and "out of the day's price range" in refused["emsg"], refused
+    broker.modify(oid, replace(sell, price=Decimal("38.35")))  # a move priced below the lower limit
+    assert sim.sim.engine.get(oid).req.price == Decimal("40.00")
+    buy = OrderRequest("NFO", SYMBOL, Side.BUY, 75, OrderType.LMT, Product.NRML, Decimal("41"), remarks="cover")
+    oid = broker.place(buy)
+    broker.modify(oid, replace(buy, price=Decimal("52.10")))
+    assert sim.sim.engine.get(oid).req.price == Decimal("50.00")
+
+
+def raw_modify(sim: Any, norenordno: str, price: str) -> dict:
+    """ModifyOrder to a LMT at `price`, straight to the simulator (the library returns None on a refusal)."""
+    token = sim.sim.new_session(UID)
+    body = {"uid": UID, "norenordno": norenordno, "exch": "NFO", "tsym": SYMBOL, "qty": "75", "prctyp": "LMT",
+            "prc": price}
+    return requests.post(sim.api_url + "ModifyOrder", data="jData=" + json.dumps(body),
+                         headers={"Authorization": f"Bearer {token}"}, timeout=5).json()

@@ -23,7 +23,7 @@ from ..broker_session import EXPIRED
 from ..instruments import Instrument, Instruments
 from ..market import IST
 from ..models import BrokerOrder, BrokerPosition, FillReport, OrderRequest, OrderStatus, OrderType, Product, Side
-from ..pricing import DEFAULT_TICK, protected_limit, protected_stop
+from ..pricing import DEFAULT_TICK, protected_limit, protected_stop, within_limits
 from .base import BrokerError, Forbidden, Rejected, SessionExpired, UnknownOutcome, transport_failure
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,13 @@ class ShoonyaBroker:
         self._call("cancel_order", self.api.cancel_order, broker_order_id)
 
     def modify(self, broker_order_id: str, req: OrderRequest) -> None:
+        """ModifyOrder; a limit price is kept inside the day's circuit limits when known (an exit moved towards the
+        market stops at the band's edge, where a price beyond it would be refused)."""
         req = self._protect_stop(req)
+        if req.price is not None:
+            inst = self.instrument(req.exchange, req.symbol)
+            req = replace(req, price=within_limits(req.price, inst.tick_size if inst else DEFAULT_TICK,
+                                                   *self.circuit_limits(req.exchange, req.symbol)))
         self.limiter.wait(req.exchange)
         self._call("modify_order", self.api.modify_order, broker_order_id, req.exchange, req.symbol, req.qty,
                    req.order_type.value, str(req.price) if req.price is not None else "0",

@@ -539,12 +539,14 @@ def modify_order(sim: NorenSim, data: dict, uid: str) -> Response:
         return _not_ok(_api_market(otype))
     o = sim.engine.get(data.get("norenordno", ""))
     inst = sim.instruments.get(o.req.exchange, o.req.symbol) if o else None
-    problem = _quantity_problem(sim, inst, qty) if inst else None
+    price, trigger = _d(data.get("prc")) if otype.needs_price else None, _d(data.get("trgprc")) if \
+        otype.needs_trigger else None
+    problem = (_quantity_problem(sim, inst, qty) if inst else None) or \
+        (_circuit_problem(sim, replace(o.req, price=price, trigger_price=trigger)) if o else None)
     if problem:
         return _not_ok(problem)
     try:
-        sim.engine.modify(data.get("norenordno", ""), qty, otype, _d(data.get("prc")) if otype.needs_price else None,
-                          _d(data.get("trgprc")) if otype.needs_trigger else None)
+        sim.engine.modify(data.get("norenordno", ""), qty, otype, price, trigger)
     except SimRejected as e:
         return _not_ok(str(e))
     return _ok(result=data.get("norenordno"))
