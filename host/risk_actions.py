@@ -300,8 +300,8 @@ class RiskLoop:
                     f"and o.protection is null and o.escalate is null and o.cancel_requested is null and "
                     f"o.broker_order_id is not null and o.trigger_price is not null", flatten.WORKING):
                 ltp, trigger, sell = dec(o["ltp"]), dec(o["trigger_price"]), o["side"] == Side.SELL.value
-                if not ltp or not (o["net"] > 0 if sell else o["net"] < 0) or o["open_at"] is None:
-                    continue  # no price; or it adds to the position (or there is none to close)
+                if not ltp or not (o["net"] > 0 if sell else o["net"] < 0) or o["open_at"] is None or not o["at"]:
+                    continue  # no price (or none dated); or it adds to the position (or there is none to close)
                 seen = datetime.fromisoformat(o["open_at"]) + timedelta(seconds=TRIGGER_SEEN_AFTER_S)
                 if datetime.fromisoformat(o["at"]) > seen and (ltp <= trigger if sell else ltp >= trigger):
                     found.append(o)
@@ -324,6 +324,7 @@ class RiskLoop:
         risk heals it, it is cancelled and its position exited at the broker's net once the cancel has ended
         (follow_up), within what it held now; else it is left where it is, moved no further, said."""
         healed = self._breach_holds()
+        why = f"risk: exit {order_id} could not be moved towards the market"
 
         def run(db: Any) -> list[str]:
             o = db.execute(
@@ -343,7 +344,6 @@ class RiskLoop:
                                   f"it at the broker (it may have filled meanwhile) before you exit the rest",
                                   "error", row["strategy"], {"order_id": order_id})
                 return []
-            why = f"risk: exit {order_id} could not be moved towards the market"
             cancels = flatten.stop(db, [row], why).working
             _follow_up_later(db, [row], why)
             Storage.add_event(db, "exit_not_moved", f"{where}, so it is cancelled; once the cancel is confirmed, "
@@ -351,7 +351,6 @@ class RiskLoop:
             return cancels
         cancels = self.storage.write(run)
         if cancels:
-            why = f"risk: exit {order_id} could not be moved towards the market"
             self.dispatch(Decision(AlertStatus.ACCEPTED, why, (), tuple(cancels)), why)
 
     def _stop_moving_oversized(self) -> None:

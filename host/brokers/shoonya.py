@@ -274,9 +274,7 @@ class ShoonyaBroker:
         market stops at the band's edge, where a price beyond it would be refused)."""
         req = self._protect_stop(req)
         if req.price is not None:
-            inst = self.instrument(req.exchange, req.symbol)
-            req = replace(req, price=within_limits(req.price, inst.tick_size if inst else DEFAULT_TICK,
-                                                   *self.circuit_limits(req.exchange, req.symbol)))
+            req = replace(req, price=within_limits(req.price, *self._band(req)))
         self.limiter.wait(req.exchange)
         self._call("modify_order", self.api.modify_order, broker_order_id, req.exchange, req.symbol, req.qty,
                    req.order_type.value, str(req.price) if req.price is not None else "0",
@@ -383,9 +381,13 @@ class ShoonyaBroker:
     def _protect_stop(self, req: OrderRequest) -> OrderRequest:
         """A stop-loss market order as a stop-loss limit (pricing.protected_stop), inside the day's circuit limits
         when known: the API takes no market order without price protection."""
+        return protected_stop(req, self.protection_pct, *self._band(req))
+
+    def _band(self, req: OrderRequest) -> tuple[Decimal, Optional[Decimal], Optional[Decimal]]:
+        """The instrument's tick and today's circuit limits (None where unknown): where a price must fall."""
         inst = self.instrument(req.exchange, req.symbol)
-        return protected_stop(req, self.protection_pct, inst.tick_size if inst else DEFAULT_TICK,
-                              *self.circuit_limits(req.exchange, req.symbol))
+        return (inst.tick_size if inst and inst.tick_size else DEFAULT_TICK,
+                *self.circuit_limits(req.exchange, req.symbol))
 
     def _feed_price(self, req: OrderRequest, warn: bool = False) -> Optional[Decimal]:
         """The feed's fresh price, if it is inside the day's circuit limits (else GetQuotes is asked)."""
