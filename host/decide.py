@@ -33,6 +33,24 @@ def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
 
 
 
+def name_twin(db: sqlite_utils.Database, strategy: str, exchange: str, symbol: str) -> str:
+    """Words for a strategy whose name differs from `strategy` only in case and that holds a position in the symbol
+    (an alert meant for it would otherwise say only "nothing to exit"); empty when there is none."""
+    row = db.execute("select strategy, net_qty from positions where exchange = ? and symbol = ? and net_qty != 0 and "
+                     "strategy != ? and lower(strategy) = lower(?) limit 1", (exchange, symbol, strategy,
+                                                                              strategy)).fetchone()
+    return (f" (strategy names are case-sensitive: {row[0]!r}, not {strategy!r}, holds {row[1]:+d} "
+            f"{exchange}:{symbol}; nothing of it is touched)") if row else ""
+
+
+def _closing(intent: Intent, book: guard.StrategyBook) -> Intent:
+    """An exit held for its stop's cancel, on the side and product of the position it closes (the guard, which
+    sets them for the others, does not see it); as it came if the strategy holds nothing there."""
+    product = guard.position_product(intent, book)
+    net = book.net(intent.exchange, intent.symbol, product)
+    return replace(intent, side=Side.SELL if net > 0 else Side.BUY, product=product) if net else intent
+
+
 def resting_exits(db: sqlite_utils.Database, strategy: str, key: tuple[str, str, Product], net: int) -> list[dict]:
     """The strategy's working exits of a position that are not market orders (stops, limits), not moving towards
     the market already, nor being cancelled; its host-managed protective stops aside (protect.hold_exits)."""
@@ -81,19 +99,28 @@ class Decider:
                       if i.action is ExecutionType.EXIT
                       and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
         checked = [guard.check(i, book) for i in intents]
-        notes = [c.note for c in checked if c.note]
+        notes = [c.note + name_twin(db, strategy, i.exchange, i.symbol)
+                 if c.note and c.intent is None and i.action is ExecutionType.EXIT else c.note
+                 for c, i in zip(checked, intents) if c.note]
+        for note in (n for n in notes if "case-sensitive" in n):
+            Storage.add_event(db, "strategy_name_case", f"{strategy}: {note}", "warning", strategy, None)
         blocked = [c.blocked for c in checked if c.blocked]
         if blocked:
             return Decision(AlertStatus.BLOCKED, "; ".join(blocked))
-        capped, cap_notes = flatten.cap_exits([c.intent for c in checked if c.intent is not None and c.reducing
-                                               and c.intent.action is ExecutionType.EXIT], room)
-        exits = iter(capped)
-        todo = [c if not (c.intent is not None and c.reducing and c.intent.action is ExecutionType.EXIT)
-                else replace(c, intent=next(exits, None)) for c in checked if c.intent is not None]
+        # exits and reductions (an ADJUST that reduces, too), and the exits held for a resting stop's cancel, are
+        # capped at the broker's net: a sale in the broker's app a moment ago is not sold again
+        reducing = [c for c in checked if c.intent is not None and c.reducing]
+        held = [_closing(i, book) for i in held]
+        capped, cap_notes = flatten.cap_exits([c.intent for c in reducing] + held, room,
+                                              lambda key: flatten.across(db, strategy, key, room))
+        cut = {id(c): i for c, i in zip(reducing, capped)}
+        todo = [replace(c, intent=cut[id(c)]) if id(c) in cut else c for c in checked if c.intent is not None]
         todo = [c for c in todo if c.intent is not None and c.intent.qty > 0]
+        held = [i for i in capped[len(reducing):] if i.qty > 0]
         notes += cap_notes
-        for note in (n for n in cap_notes if flatten.DOUBT in n):
-            Storage.add_event(db, "exit_unsure", f"{strategy}: {note}", "warning", strategy, None)
+        for note in cap_notes:  # the answer may go unread (TradingView keeps none): an event says it too
+            Storage.add_event(db, "exit_unsure" if flatten.DOUBT in note else "exit_capped", f"{strategy}: {note}",
+                              "warning", strategy, None)
         params = self.params(strategy)
         refusals = {r for r in (self.gate.refusal(c.reducing, strategy, c.intent, db, params) for c in todo) if r}
         if refusals:

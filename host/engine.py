@@ -658,8 +658,9 @@ class Engine:
         return age if age > timedelta(seconds=self.max_alert_age_s) else None
 
     def _wants_view(self, row: dict) -> bool:
-        """An EXIT or POSITION alert in live mode is capped at the broker's net, read after it arrived."""
-        return row["execution_type"] in (ExecutionType.EXIT.value, ExecutionType.POSITION.value) \
+        """An EXIT, POSITION or ADJUST alert (one that may reduce) in live mode is capped at the broker's net, read
+        after it arrived."""
+        return row["execution_type"] != ExecutionType.ENTRY.value \
             and not getattr(self.broker, "book_is_synchronous", False)
 
     def _view_for(self, row: dict) -> tuple[bool, Optional[BrokerView]]:
@@ -753,9 +754,10 @@ class Engine:
         """Turn what a strategy hook returned into orders, through the guard and risk; record the outcome."""
         if asked.error or not asked.intents:
             return  # failures were recorded as plugin events where they happened
-        # a hook's exit, live, is capped at the broker's net read after it (a position closed in the broker's app)
+        # a hook's exit or reduction, live, is capped at the broker's net read after it (a position closed in the
+        # broker's app)
         key = new_id("h") if not getattr(self.broker, "book_is_synchronous", False) and any(
-            i.action is ExecutionType.EXIT for i in asked.intents) else None
+            i.action is not ExecutionType.ENTRY for i in asked.intents) else None
         if key is None and strategy not in self._held and all(r["strategy"] != strategy for r in self._alerts_in):
             self._act_now(strategy, asked, source, None)
             return  # (an alert of the strategy come before it, in the same events, is decided first)

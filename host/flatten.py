@@ -5,17 +5,22 @@
    one whose broker id is not known yet (SUBMITTED, UNKNOWN, LOST) is marked `cancel_requested` and
    cancelled as soon as the id is known.
 2. Each open position is exited on its own, so one unexitable leg never blocks the others.
-3. The exits never take the account's net position at the broker past zero in any symbol.
+3. The exits never take the account's net position at the broker past what the other strategies hold on the
+   other side in that symbol (past zero, when none does): a position closed in the broker's app is not sold twice,
+   and a strategy whose position another strategy's offsets at the account can still exit its own.
 """
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Callable, Collection, Mapping, Optional
 
 import sqlite_utils
 
+from .day_counts import day_start_utc
+from .market import IST
 from .models import AlertStatus, BrokerView, ExecutionType, Intent, OrderStatus, OrderType, Product, Side
 from .orders import transition
 from .storage import Storage, dec, utcnow
@@ -24,6 +29,7 @@ from .watcher import move_position
 log = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
+MANUAL = "manual"  # the positions of trades made outside the host (outside.MANUAL)
 HEALED = 2  # orders.escalate of the exits risk heals: exit-all's, a strategy's stop's, the square-off's, protect's (a
 # target's, a hit stop's, a strategy MTM stop's); made oversized, one is cancelled and its position exited after (1:
 # the day's breach's, healed while the breach stands)
@@ -146,6 +152,7 @@ class Room:
 
     left: dict[tuple, int]
     unsure: dict[tuple, tuple[str, ...]]
+    net: dict[tuple, int] = field(default_factory=dict)  # the broker's net as read, before our working exits
 
     def doubt(self, key: tuple) -> str:
         """What a cut in this instrument may be wrong about, for the trader; empty when the books were clear."""
@@ -227,26 +234,64 @@ def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView],
         if qty and not sure:
             unsure[key] = unsure.get(key, ()) + (o["id"],)
         left[key] = net - (1 if net > 0 else -1) * min(abs(net), qty)
-    return Room(left, unsure)
+    return Room(left, unsure, dict(view.net))
 
 
-def cap_exits(intents: list[Intent], room: Optional[Room]) -> tuple[list[Intent], list[str]]:
-    """EXITs (one for one) cut down so that none takes the account's net at the broker past zero (a position
-    closed outside a moment ago); the notes say so. No cap without a fresh read of the broker's positions."""
+Across = tuple[int, int]  # what the other strategies hold long and short in one instrument (others_held)
+
+
+def across(db: sqlite_utils.Database, strategy: str, key: tuple, room: Optional[Room]) -> Across:
+    """The longs and shorts that strategies other than `strategy` hold in the instrument `key` (exchange, symbol,
+    product), which its exit may take the account's net past zero by; none (the account's zero is the bound) unless
+    the host's book explains the broker's net there whole and no trade outside the host touched the instrument
+    today. A sale in the broker's app is booked to a strategy by a guess (outside.allocate): with two strategies
+    long, the one it shrank may not be the one the trader closed, and that one's exit must not sell it again."""
+    if room is None or key not in room.net:
+        return 0, 0
+    held = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
+                      "product = ?", key).fetchone()[0]
+    if held != room.net[key] or db.execute(
+            "select 1 from outside_fills where exchange = ? and symbol = ? and product = ? and at >= ? limit 1",
+            (*key, day_start_utc(datetime.now(IST).date()))).fetchone():
+        return 0, 0
+    row = db.execute("select coalesce(sum(max(net_qty, 0)), 0), coalesce(sum(min(net_qty, 0)), 0) from positions "
+                     "where exchange = ? and symbol = ? and product = ? and strategy not in (?, ?) and net_qty != 0",
+                     (*key, strategy, MANUAL)).fetchone()
+    return row[0], row[1]
+
+
+def closable(net: int, side: Side, across: Across = (0, 0)) -> int:
+    """How much an exit on `side` may close at the broker, whose net (less the exits working there) is `net`: a sale
+    down to the other strategies' shorts, a buy up to their longs (to zero, when none holds any). Two strategies
+    long and short 75 leave the account flat, and each can still exit its own 75."""
+    longs, shorts = across
+    return max(net - shorts, 0) if side is Side.SELL else max(longs - net, 0)
+
+
+def _beside(across: Across, side: Side) -> str:
+    """Words for the other strategies' positions an exit on `side` counted (empty when none)."""
+    held = across[1] if side is Side.SELL else across[0]
+    return f" and other strategies hold {held:+d} there" if held else ""
+
+
+def cap_exits(intents: list[Intent], room: Optional[Room],
+              across: Callable[[tuple], Across] = lambda key: (0, 0)) -> tuple[list[Intent], list[str]]:
+    """Exits and reductions (one for one) cut down so that none takes the account's net at the broker past what the
+    other strategies hold on the other side (`across`; a position closed outside a moment ago); the notes say so. No
+    cap without a fresh read of the broker's positions."""
     if room is None:
         return intents, []
     out, notes, left = [], [], dict(room.left)
     for i in intents:
         key = (i.exchange, i.symbol, i.product.value)
-        if i.action is not ExecutionType.EXIT:
+        if i.action is ExecutionType.ENTRY:
             out.append(i)
             continue
-        net = left.get(key, 0)
-        closable = abs(net) if net and (net > 0) == (i.side is Side.SELL) else 0
-        qty = min(i.qty, closable)
+        net, others = left.get(key, 0), across(key)
+        qty = min(i.qty, closable(net, i.side, others))
         if qty < i.qty:
             notes.append(f"{i.exchange}:{i.symbol} exit capped from {i.qty} to {qty}: the broker's net, less the "
-                         f"exits already working there, is {net:+d}{room.doubt(key)}")
+                         f"exits already working there, is {net:+d}{_beside(others, i.side)}{room.doubt(key)}")
         out.append(replace(i, qty=qty))  # 0: nothing left to close at the broker (the caller drops it)
         left[key] = net + (qty if i.side is Side.BUY else -qty)
     return out, notes
@@ -258,21 +303,27 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room
     nothing is rejected; the orders still to send, in their order."""
     rows = {r["id"]: r for r in db.query(f"select * from orders where id in ({','.join('?' * len(order_ids))})",
                                          tuple(order_ids))}
-    left, keep = dict(room.left), []
+    left, keep, own = dict(room.left), [], {}
     for oid in order_ids:
         o = rows.get(oid)
         if o is None or o["action"] != ExecutionType.EXIT.value:
             keep.append(oid)
             continue
         key, side = (o["exchange"], o["symbol"], o["product"]), Side(o["side"])
-        net = left.get(key, 0)
-        qty = min(o["qty"], abs(net) if net and (net > 0) == (side is Side.SELL) else 0)
+        net, others = left.get(key, 0), across(db, o["strategy"], key, room)
+        own_key = (o["strategy"], *key)  # and never more than the strategy itself still holds (it may have been
+        if own_key not in own:           # closed in the broker's app while the exit waited)
+            row = db.execute("select net_qty from positions where strategy = ? and exchange = ? and symbol = ? and "
+                             "product = ?", own_key).fetchone()
+            own[own_key] = row[0] if row else 0
+        qty = min(o["qty"], closable(net, side, others), closable(own[own_key], side))
+        own[own_key] += side.sign * qty
         left[key] = net + side.sign * qty
         if qty == o["qty"]:
             keep.append(oid)
             continue
         why = (f"not sent late: the broker's net in {o['exchange']}:{o['symbol']}, less the exits already working "
-               f"there, is now {net:+d}, so this exit is cut from {o['qty']} to {qty}" + (" and not sent" if not qty
+               f"there, is now {net:+d}{_beside(others, side)}, so this exit is cut from {o['qty']} to {qty}" + (" and not sent" if not qty
                                                                                           else "") + room.doubt(key))
         if qty:
             db.execute("update orders set qty = ? where id = ? and status = 'NEW'", (qty, oid))
@@ -325,9 +376,8 @@ def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_util
         if most is not None:  # what was bought or sold since is the trader's
             qty = min(qty, most)
         if broker is not None:  # never past the broker's net: a position closed outside is not sold twice
-            net = room.get(key, 0)
-            same_side = net if net and (net > 0) == (p["net_qty"] > 0) else 0
-            qty = min(qty, abs(same_side))
+            qty = min(qty, closable(room.get(key, 0), Side.SELL if p["net_qty"] > 0 else Side.BUY,
+                                    across(db, p["strategy"], key, broker)))
         if qty == 0 and most == 0:
             left.append(f"{where}: nothing of it is risk's to close (what was bought or sold since the cancel is "
                         f"yours)")

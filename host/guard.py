@@ -23,6 +23,7 @@ class StrategyBook:
     strategy: str
     positions: dict[tuple[str, str, Product], int] = field(default_factory=dict)
     open_orders: list[OpenOrder] = field(default_factory=list)
+    decided: int = 0  # how many of open_orders are this decision's own (booked by book_order, at the end)
 
     def net(self, exchange: str, symbol: str, product: Product) -> int:
         return self.positions.get((exchange, symbol, product), 0)
@@ -49,6 +50,12 @@ class StrategyBook:
     def book_order(self, intent: Intent) -> None:
         """Count an order just decided, so the next leg of the same alert sees it."""
         self.open_orders.append(OpenOrder(intent.exchange, intent.symbol, intent.product, intent.side, intent.qty))
+        self.decided += 1
+
+    def stored_order(self, exchange: str, symbol: str) -> bool:
+        """An unfinished order in the symbol from before this decision (not one of its own earlier legs)."""
+        stored = self.open_orders[:len(self.open_orders) - self.decided]
+        return any((o.exchange, o.symbol) == (exchange, symbol) for o in stored)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,9 @@ def check(intent: Intent, book: StrategyBook) -> Checked:
         if book.holds(intent.exchange, intent.symbol):
             return Checked(None, blocked=f"duplicate ENTRY: strategy {book.strategy} already holds a position in {where}")
         if book.has_open_order(intent.exchange, intent.symbol):
+            if not book.stored_order(intent.exchange, intent.symbol):
+                return Checked(None, blocked=f"duplicate ENTRY: an earlier leg of the same alert already enters "
+                                             f"{where} for strategy {book.strategy} (one ENTRY leg per symbol)")
             return Checked(None, blocked=f"duplicate ENTRY: strategy {book.strategy} has an unfinished order in {where}")
         book.book_order(intent)
         return Checked(intent)

@@ -193,12 +193,19 @@ def _m12_protection_index(db: sqlite_utils.Database) -> None:
     db.execute("create index idx_orders_protection on orders (protection) where protection is not null")
 
 
+def _m13_positions_by_instrument(db: sqlite_utils.Database) -> None:
+    # an exit is capped at the broker's net less what the other strategies hold in its instrument (flatten.others_held)
+    db["positions"].create_index(["exchange", "symbol", "product"])
+    db["outside_fills"].create_index(["exchange", "symbol", "product", "at"])  # ...unless traded outside today
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
                                                                   _m8_protections, _m9_sessions,
                                                                   _m10_flat_cost, _m11_unexplained_left,
-                                                                  _m12_protection_index)
+                                                                  _m12_protection_index,
+                                                                  _m13_positions_by_instrument)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

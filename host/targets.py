@@ -83,7 +83,11 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
                           note=f"{where}: target {_signed(leg.target)}; {len(working)} working order(s) cancelled "
                                f"first, then planned again from the filled position")
     if net == leg.target:
-        return TargetPlan(note=f"{where}: already at target {_signed(leg.target)}; nothing sent")
+        from .decide import name_twin  # (decide builds on targets)
+        twin = name_twin(db, strategy, leg.exchange, leg.symbol) if not net else ""
+        if twin:
+            Storage.add_event(db, "strategy_name_case", f"{strategy}: {where}{twin}", "warning", strategy, None)
+        return TargetPlan(note=f"{where}: already at target {_signed(leg.target)}; nothing sent{twin}")
     delta = leg.target - net
     side = Side.BUY if delta > 0 else Side.SELL
     reduce = min(abs(delta), abs(net)) if net and (net > 0) != (delta > 0) else 0

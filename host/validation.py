@@ -285,14 +285,16 @@ def parse_alert(body: dict) -> tuple[Optional[AlertRequest], list[Problem]]:
     return AlertRequest(strategy, execution, tuple(legs), key, notes=tuple(c.notes)), []
 
 
-def _common(c: Collector, where: str, raw: Any, top_exchange: Any, what: str) -> Optional[dict]:
-    """The fields every leg has: exchange, symbol, order type, product, and the refused exit fields."""
+def _common(c: Collector, where: str, raw: Any, top_exchange: Any, what: str, opens: bool = True) -> Optional[dict]:
+    """The fields every leg has: exchange, symbol, order type, product, and the refused exit fields. `opens`: the
+    leg may open a position (an EXIT's product may name a position held before, whatever it is)."""
     if not isinstance(raw, dict):
         c.add(where, f"an object with {what}", raw)
         return None
     f = {k: _pick(raw, names) for k, names in LEG_KEYS.items()}
     exchange_raw = f["exchange"] if f["exchange"] is not None else top_exchange
-    f["exchange"] = c.choice(f"{where}.exchange" if f["exchange"] is not None else "exchange", exchange_raw,
+    f["exchange"] = c.choice(f"{where}.exchange" if f["exchange"] is not None or top_exchange is None else "exchange",
+                             exchange_raw,
                              {e: e for e in EXCHANGES}, " | ".join(EXCHANGES))
     symbol = f["tradingsymbol"]
     if isinstance(symbol, str) and SYMBOL_RE.fullmatch(symbol.strip(" \t")):
@@ -303,10 +305,29 @@ def _common(c: Collector, where: str, raw: Any, top_exchange: Any, what: str) ->
         f["tradingsymbol"] = None
     otype = c.choice(f"{where}.order_type", f["order_type"], ORDER_TYPE_ALIASES, "MKT | LMT | SL-LMT | SL-MKT (or MARKET, LIMIT, SL, SLM)")
     f["order_type"] = OrderType(otype) if otype else None
-    f["product_type"] = c.choice(f"{where}.product_type", f["product_type"], PRODUCT_ALIASES,
+    product_raw = f["product_type"]
+    f["product_type"] = c.choice(f"{where}.product_type", product_raw, PRODUCT_ALIASES,
                                  "M | I | C (or NRML, MIS, CNC)")
+    if f["product_type"] == "C" and f["exchange"] is not None and opens:
+        delivery_only(c, f"{where}.product_type", f["exchange"], product_raw)
     _unknown(c, f"{where}.", raw, KNOWN_LEG_FIELDS)
     return f
+
+
+DELIVERY_EXCHANGES = ("NSE", "BSE")  # CNC (delivery) is equity's: futures and options are NRML or MIS
+
+
+def delivery_only(c: Collector, field: str, exchange: str, found: Any) -> None:
+    """CNC outside NSE and BSE equity: a futures or options position held as CNC would be outside risk's PnL."""
+    if exchange not in DELIVERY_EXCHANGES:
+        c.add(field, f"M or I (NRML or MIS) on {exchange}: C (CNC, delivery) is for NSE and BSE equity only", found)
+
+
+def _not_read(c: Collector, where: str, f: dict, names: tuple[str, ...], why: str) -> None:
+    """Known fields this kind of leg does not read: noted, never dropped unsaid."""
+    for name in names:
+        if f.get(name) is not None:
+            c.notes.append(f"{where}.{name} {shown(f[name])} ignored: {why}")
 
 
 def _unknown(c: Collector, prefix: str, obj: dict, known: set[str]) -> None:
@@ -342,6 +363,11 @@ def _prices(c: Collector, where: str, f: dict, ot: Optional[OrderType]) -> tuple
     else:
         price = c.price(f"{where}.price", f["price"], bool(ot), f"{ot.value if ot else ''} orders need a price",
                         exchange)
+    if ot is not None and not ot.needs_trigger:
+        if not _is_no_price(f["trigger_price"]):  # a limit sent where a stop was meant fills at once: refused
+            c.add(f"{where}.trigger_price", f"no trigger price on a {ot.value} order (a stop is SL-LMT or SL-MKT)",
+                  f["trigger_price"])
+        return price, None  # 0, "" or null: no trigger, as a market leg's price 0 is no price
     trigger = c.price(f"{where}.trigger_price", f["trigger_price"], bool(ot and ot.needs_trigger),
                       f"{ot.value if ot else ''} orders need a trigger price", exchange)
     return price, trigger
@@ -392,11 +418,14 @@ def _protection(c: Collector, where: str, raw: dict, exchange: Optional[str], ex
 def _parse_leg(c: Collector, where: str, raw: Any, top_exchange: Any, execution: ExecutionType = ExecutionType.ENTRY,
                limits: Optional[dict] = None) -> Optional[Leg]:
     before = len(c.problems)
-    f = _common(c, where, raw, top_exchange, "tradingsymbol, direction, qty, order_type, product_type")
+    f = _common(c, where, raw, top_exchange, "tradingsymbol, direction, qty, order_type, product_type",
+                opens=execution is not ExecutionType.EXIT)
     if f is None:
         return None
     side = c.choice(f"{where}.direction", f["direction"], SIDE_ALIASES, "BUY | SELL")
     qty = c.quantity(f"{where}.qty", f["qty"])
+    _not_read(c, where, f, ("position", "market_position", "position_size"), "a position target is a POSITION "
+                                                                            "alert's, not an order leg's")
     price, trigger = _prices(c, where, f, f["order_type"])
     protection = _protection(c, where, raw, f["exchange"], execution, limits or {})
     if len(c.problems) > before:
@@ -423,6 +452,8 @@ def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Opti
     if f is None:
         return None
     _protection(c, where, raw, f["exchange"], ExecutionType.POSITION, {})  # exits ride on ENTRY/ADJUST legs only
+    _not_read(c, where, f, ("direction", "qty"), "a POSITION leg says the position to hold; the host works out the "
+                                                 "side and quantity from the strategy's own position")
     target = _target(c, where, f)
     if f["order_type"] is not None and f["order_type"].needs_trigger:
         c.add(f"{where}.order_type", "MKT or LMT for a position target", raw.get("order_type"))
@@ -465,8 +496,13 @@ def validate_intent(intent: Intent, where: str = "intent") -> list[Problem]:
         c.add(f"{where}.exchange", " | ".join(EXCHANGES), intent.exchange)
     if not (isinstance(intent.symbol, str) and SYMBOL_RE.fullmatch(intent.symbol)):
         c.add(f"{where}.symbol", "a trading symbol", intent.symbol)
+    elif intent.symbol != ascii_upper(intent.symbol):  # an alert's is upper-cased; a hook's names another instrument
+        c.add(f"{where}.symbol", f"a trading symbol in upper case, as the exchange lists it "
+                                 f"({ascii_upper(intent.symbol)})", intent.symbol)
     if isinstance(intent.qty, bool) or not isinstance(intent.qty, int) or not 0 < intent.qty <= MAX_QTY:
         c.add(f"{where}.qty", f"a whole number from 1 to {MAX_QTY:,}", intent.qty)
+    if intent.product.value == "C" and intent.exchange in EXCHANGES and intent.action is ExecutionType.ENTRY:
+        delivery_only(c, f"{where}.product", intent.exchange, intent.product.value)
     if intent.action is ExecutionType.POSITION:
         c.add(f"{where}.action", "ENTRY | EXIT | ADJUST (POSITION is an alert type, not an order)", intent.action.value)
     if intent.order_type.needs_price or intent.price is not None:

@@ -41,7 +41,7 @@ def positions(storage: Storage, include_flat: bool = True, protections: bool = T
         if not include_flat and r["net_qty"] == 0:
             continue
         avg, ltp = dec(r["avg_price"]), dec(r["ltp"])
-        unrealized = (ltp - avg) * r["net_qty"] if ltp is not None and r["net_qty"] else Decimal("0")
+        unrealized = (ltp - avg) * r["net_qty"] + 0 if ltp is not None and r["net_qty"] else Decimal("0")  # (no -0)
         out.append({"strategy": r["strategy"], "exchange": r["exchange"], "symbol": r["symbol"],
                     "product": r["product"], "net_qty": r["net_qty"], "avg_price": avg, "ltp": ltp,
                     "realized_pnl": dec(r["realized_pnl"]), "unrealized_pnl": unrealized,

@@ -28,10 +28,10 @@ def risky(host_factory):
     return h
 
 
-def _long(h, strategy="s1", qty=100, price="100", symbol=SYMBOL, product="M"):
-    h.tick(price, symbol=symbol)
+def _long(h, strategy="s1", qty=100, price="100", symbol=SYMBOL, product="M", exchange="NFO"):
+    h.tick(price, symbol=symbol, exchange=exchange)
     r = h.post(alert(strategy=strategy, direction="BUY", qty=qty, price=price, tradingsymbol=symbol,
-                     product_type=product))
+                     product_type=product, exchange=exchange))
     assert r.status_code == 200, r.get_json()
     wait_for(lambda: h.net(strategy, symbol) == qty)
 
@@ -214,7 +214,7 @@ def test_3_a_carried_position_counts_from_the_previous_close_not_its_entry(risky
 
 
 def test_4_a_breach_never_sells_cnc_holdings(risky):
-    _long(risky, strategy="investor", qty=10, price="1500", symbol="INFY-EQ", product="C")
+    _long(risky, strategy="investor", qty=10, price="1500", symbol="INFY-EQ", product="C", exchange="NSE")
     _long(risky, qty=100, price="100")
     risky.tick("89")
     wait_for(lambda: risky.net() == 0)

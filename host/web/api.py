@@ -64,14 +64,18 @@ def healthz():
     return jsonify(body), 200 if not problems else 503
 
 
+MAX_ROW = 2 ** 63 - 1  # SQLite's largest integer: a larger one is no row id or offset
+
+
 def _paging() -> tuple[int, int]:
     try:
         limit = int(request.args.get("limit", 100))
         offset = int(request.args.get("offset", 0))
     except ValueError:
         abort(422, "limit and offset: expected whole numbers")
-    if not 1 <= limit <= 1000 or offset < 0:
-        abort(422, f"limit: expected 1 to 1000 and offset >= 0, found limit={limit} offset={offset}")
+    if not 1 <= limit <= 1000 or not 0 <= offset <= MAX_ROW:
+        abort(422, f"limit: expected 1 to 1000 and offset from 0 to {MAX_ROW}, found limit={limit} "
+                   f"offset={shown(request.args.get('offset', 0))}")
     return limit, offset
 
 
@@ -134,7 +138,10 @@ def events():
     try:
         after = int(request.args.get("after", 0))
     except ValueError:
-        return _error(422, f"after: expected an event id (whole number), found {shown(request.args.get('after'))}")
+        after = -1
+    if not 0 <= after <= MAX_ROW:
+        return _error(422, f"after: expected an event id (a whole number from 0 to {MAX_ROW}), found "
+                           f"{shown(request.args.get('after'))}")
     limit, _ = _paging()
     rows = _rt().storage.rows("select * from events where id > ? order by id desc limit ?", (after, limit))
     return jsonify({"items": [{**r, "data": json.loads(r["data"]) if r["data"] else None} for r in rows]})
@@ -163,7 +170,10 @@ def halt():
     mode = body.get("mode") if isinstance(body, dict) else None
     if mode not in modes:
         return _error(422, "invalid mode", errors=[{"field": "mode", "expected": " | ".join(modes), "found": shown(mode)}])
-    reason = body.get("reason") if isinstance(body.get("reason"), str) else None
+    reason = body.get("reason")
+    if not (reason is None or isinstance(reason, str)):
+        return _error(422, "invalid reason", errors=[{"field": "reason", "expected": "text or null",
+                                                      "found": shown(reason)}])
     override = body.get("override_breach", False)
     if not isinstance(override, bool):
         return _error(422, "invalid override_breach", errors=[{"field": "override_breach", "expected": "true or false",
@@ -182,7 +192,11 @@ def paper_faults():
     if not _rt().settings.paper:
         abort(404, "paper faults exist only in paper mode (BROKER=paper)")
     body = _json_object()
-    why = body.get("positions_unreadable") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return _error(422, "invalid fault", errors=[{"field": "body", "expected": 'a JSON object such as '
+                                                     '{"positions_unreadable": "why"} (null clears it)',
+                                                     "found": shown(body)}])
+    why = body.get("positions_unreadable")
     if not (why is None or isinstance(why, str)):
         return _error(422, "invalid fault", errors=[{"field": "positions_unreadable", "expected": "a reason or null",
                                                      "found": shown(why)}])

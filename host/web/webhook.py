@@ -53,19 +53,34 @@ def _secret_ok(given: Any, secret: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), secret.encode())
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's own words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a boolean)"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "a number"
+
+
 def _decode(raw: bytes) -> tuple[Any, str]:
     """The body as a JSON value, or None and the reason it is not one (UTF-8 only)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, f"body is not valid UTF-8 text (byte {e.start}): expected a JSON object"
+    text = text[1:] if text.startswith("\ufeff") else text  # a byte-order mark some editors write first
     if not text.strip():
         return None, "empty body: expected a JSON object"
     try:
         return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=unique_keys), ""
     except (ValueError, RecursionError) as e:
         kind = request.mimetype or "no content type"
-        return None, f"body is not valid JSON ({kind}): {str(e)[:120]}; expected a JSON object such as " \
+        why = "a number with more than 4300 digits" if "digits" in str(e) else str(e)[:120]
+        return None, f"body is not valid JSON ({kind}): {why}; expected a JSON object such as " \
                      "{\"secret_key\": ..., \"execution_type\": ..., \"legs\": [...]}"
 
 
@@ -96,7 +111,7 @@ def webhook():
     if why:
         return _reply("bad_request", 400, error=why)
     if not isinstance(parsed, dict):
-        return _reply("bad_request", 400, error=f"expected a JSON object, found a JSON {type(parsed).__name__}")
+        return _reply("bad_request", 400, error=f"expected a JSON object, found {_json_kind(parsed)}")
     body = parsed  # keys lower-cased, each once (unique_keys)
     signature = request.headers.get("X-Signature")
     if signature is not None or s.WEBHOOK_REQUIRE_SIGNATURE:
@@ -106,6 +121,7 @@ def webhook():
     given = body.pop("secret_key", None)
     if not _secret_ok(given, s.WEBHOOK_SECRET):
         return _reply("unauthorized", 401, error="secret_key is missing or wrong")
+    body = _without_secret(body, s.WEBHOOK_SECRET)  # pasted into another field: never echoed, stored or notified
     bad_text = unencodable(body)
     if bad_text:
         return _reply("bad_request", 400, error=f"{bad_text}: expected Unicode text, found a lone surrogate "
@@ -127,6 +143,20 @@ def webhook():
         return _answer(rt, record, note="the engine is not running: the alert is stored and will run when it "
                                         "starts, unless it is older than ALERT_MAX_AGE_S by then")
     return _answer(rt, rt.inbox.wait_alert(record.id, DECISION_WAIT_S))
+
+
+SECRET_SHOWN = "[WEBHOOK_SECRET]"
+
+
+def _without_secret(value: Any, secret: str) -> Any:
+    """The body with the webhook secret replaced wherever else it was written (a field's text, a key)."""
+    if isinstance(value, str):
+        return value.replace(secret, SECRET_SHOWN) if secret and secret in value else value
+    if isinstance(value, dict):
+        return {_without_secret(k, secret): _without_secret(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_secret(v, secret) for v in value]
+    return value
 
 
 def _answer(rt: Any, record: AlertRecord, note: str = "") -> tuple[Response, int]:

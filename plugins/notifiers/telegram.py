@@ -74,6 +74,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "alert_duplicate": ("alerts", "Alert not executed: duplicate"), "alert_blocked": ("alerts", "Alert blocked by the guard"),
     "alert_refused": ("alerts", "Alert refused"), "alert_rejected": ("alerts", "Alert rejected: invalid"),
     "alert_failed": ("alerts", "Alert failed"),
+    "strategy_name_case": ("alerts", "Alert for a strategy name in another case"),
     "order_filled": ("orders", "Filled"), "order_partial": ("orders", "Partially filled"),
     "order_rejected": ("orders", "Order rejected"), "order_cancelled": ("orders", "Order cancelled"),
     "order_unknown": ("orders", "Order outcome unknown"), "order_lost": ("orders", "Order lost"),
