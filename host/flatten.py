@@ -12,15 +12,12 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Callable, Collection, Mapping, Optional
 
 import sqlite_utils
 
-from .day_counts import day_start_utc
-from .market import IST
 from .models import AlertStatus, BrokerView, ExecutionType, Intent, OrderStatus, OrderType, Product, Side
 from .orders import transition
 from .storage import Storage, dec, utcnow
@@ -243,16 +240,16 @@ Across = tuple[int, int]  # what the other strategies hold long and short in one
 def across(db: sqlite_utils.Database, strategy: str, key: tuple, room: Optional[Room]) -> Across:
     """The longs and shorts that strategies other than `strategy` hold in the instrument `key` (exchange, symbol,
     product), which its exit may take the account's net past zero by; none (the account's zero is the bound) unless
-    the host's book explains the broker's net there whole and no trade outside the host touched the instrument
-    today. A sale in the broker's app is booked to a strategy by a guess (outside.allocate): with two strategies
-    long, the one it shrank may not be the one the trader closed, and that one's exit must not sell it again."""
-    if room is None or key not in room.net:
+    the host's book explains the broker's net there whole and no trade outside the host ever touched the instrument
+    (a contract: its life). A sale in the broker's app is booked to a strategy by a guess (outside.allocate): with
+    two strategies long, the one it shrank may not be the one the trader closed, and that one's exit must not sell
+    it again, that day or any later one."""
+    if room is None:
         return 0, 0
     held = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
                       "product = ?", key).fetchone()[0]
-    if held != room.net[key] or db.execute(
-            "select 1 from outside_fills where exchange = ? and symbol = ? and product = ? and at >= ? limit 1",
-            (*key, day_start_utc(datetime.now(IST).date()))).fetchone():
+    if held != room.net.get(key, 0) or db.execute(  # (no row at the broker: flat)
+            "select 1 from outside_fills where exchange = ? and symbol = ? and product = ? limit 1", key).fetchone():
         return 0, 0
     row = db.execute("select coalesce(sum(max(net_qty, 0)), 0), coalesce(sum(min(net_qty, 0)), 0) from positions "
                      "where exchange = ? and symbol = ? and product = ? and strategy not in (?, ?) and net_qty != 0",
@@ -298,33 +295,40 @@ def cap_exits(intents: list[Intent], room: Optional[Room],
 
 
 def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room) -> list[str]:
-    """Exits stored and never sent (a restart, a login after the session ended), cut down as cap_exits does when
-    they are sent late: the trader may have closed the position in the broker's app meanwhile. An exit cut to
-    nothing is rejected; the orders still to send, in their order."""
+    """Exits and reductions stored and never sent (a restart, a login after the session ended), cut down as
+    cap_exits does when they are sent late, and to what their strategy still holds: the trader may have closed the
+    position in the broker's app meanwhile. One cut to nothing is rejected; the orders still to send, in order."""
     rows = {r["id"]: r for r in db.query(f"select * from orders where id in ({','.join('?' * len(order_ids))})",
                                          tuple(order_ids))}
     left, keep, own = dict(room.left), [], {}
     for oid in order_ids:
         o = rows.get(oid)
-        if o is None or o["action"] != ExecutionType.EXIT.value:
+        if o is None or o["action"] == ExecutionType.ENTRY.value:
             keep.append(oid)
             continue
         key, side = (o["exchange"], o["symbol"], o["product"]), Side(o["side"])
-        net, others = left.get(key, 0), across(db, o["strategy"], key, room)
-        own_key = (o["strategy"], *key)  # and never more than the strategy itself still holds (it may have been
-        if own_key not in own:           # closed in the broker's app while the exit waited)
+        own_key = (o["strategy"], *key)
+        if own_key not in own:
             row = db.execute("select net_qty from positions where strategy = ? and exchange = ? and symbol = ? and "
                              "product = ?", own_key).fetchone()
             own[own_key] = row[0] if row else 0
+        if o["action"] != ExecutionType.EXIT.value and not closable(own[own_key], side) \
+                and not _sold_outside_since(db, key, side, o["created_at"]):
+            keep.append(oid)  # an ADJUST that adds (nothing outside took the position it may have reduced)
+            continue
+        net, others = left.get(key, 0), across(db, o["strategy"], key, room)
         qty = min(o["qty"], closable(net, side, others), closable(own[own_key], side))
-        own[own_key] += side.sign * qty
-        left[key] = net + side.sign * qty
         if qty == o["qty"]:
+            own[own_key] += side.sign * qty
+            left[key] = net + side.sign * qty
             keep.append(oid)
             continue
-        why = (f"not sent late: the broker's net in {o['exchange']}:{o['symbol']}, less the exits already working "
-               f"there, is now {net:+d}{_beside(others, side)}, so this exit is cut from {o['qty']} to {qty}" + (" and not sent" if not qty
-                                                                                          else "") + room.doubt(key))
+        why = (f"not sent late: strategy {o['strategy']} now holds {own[own_key]:+d} in {o['exchange']}:{o['symbol']}, "
+               f"and the broker's net there, less the exits already working, is {net:+d}{_beside(others, side)}; "
+               f"so this {o['action']} is cut from {o['qty']} to {qty}" + (" and not sent" if not qty else "")
+               + room.doubt(key))
+        own[own_key] += side.sign * qty
+        left[key] = net + side.sign * qty
         if qty:
             db.execute("update orders set qty = ? where id = ? and status = 'NEW'", (qty, oid))
             Storage.insert(db, "order_history", {"order_id": oid, "at": utcnow(), "status": "NEW", "detail": why})
@@ -334,6 +338,13 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room
         Storage.add_event(db, "exit_capped", f"order {oid} ({o['strategy']}): {why}", "warning", o["strategy"],
                           {"order_id": oid, "qty": qty})
     return keep
+
+
+def _sold_outside_since(db: sqlite_utils.Database, key: tuple, side: Side, since: str) -> bool:
+    """A trade outside the host on `side` in the instrument since `since`: an ADJUST decided before it to reduce a
+    position (now gone) would open one the other way if it were sent as it is."""
+    return db.execute("select 1 from outside_fills where exchange = ? and symbol = ? and product = ? and side = ? "
+                      "and at >= ? limit 1", (*key, side.value, since)).fetchone() is not None
 
 
 def flatten(db: sqlite_utils.Database, why: str, evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], object],

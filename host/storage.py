@@ -196,7 +196,7 @@ def _m12_protection_index(db: sqlite_utils.Database) -> None:
 def _m13_positions_by_instrument(db: sqlite_utils.Database) -> None:
     # an exit is capped at the broker's net less what the other strategies hold in its instrument (flatten.others_held)
     db["positions"].create_index(["exchange", "symbol", "product"])
-    db["outside_fills"].create_index(["exchange", "symbol", "product", "at"])  # ...unless traded outside today
+    db["outside_fills"].create_index(["exchange", "symbol", "product", "at"])  # ...unless traded outside the host
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,

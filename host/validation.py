@@ -218,8 +218,8 @@ def _is_no_price(value: Any) -> bool:
     """A market leg's way of saying "no price": absent, null, "", 0, "0", "0.0"."""
     if value is None or (isinstance(value, str) and value.strip(" \t") in NO_PRICE):
         return True
-    n = number(value) if not isinstance(value, str) else None
-    return n is not None and n == 0
+    n = number(value.strip(" \t") if isinstance(value, str) else value)  # "0.000", "00", "0E-2": zero as a template
+    return n is not None and n == 0                                        # renders it
 
 
 def screen(body: dict) -> list[Problem]:
@@ -353,7 +353,8 @@ def tradingsymbol(exchange: Optional[str], symbol: str, c: Collector, where: str
     return symbol
 
 
-def _prices(c: Collector, where: str, f: dict, ot: Optional[OrderType]) -> tuple[Optional[Decimal], Optional[Decimal]]:
+def _prices(c: Collector, where: str, f: dict, ot: Optional[OrderType],
+            opens: bool = True) -> tuple[Optional[Decimal], Optional[Decimal]]:
     """The leg's price and trigger; a market leg's price means nothing ("no price", or ignored with a note)."""
     exchange = f["exchange"]
     if ot is not None and not ot.needs_price:
@@ -364,10 +365,15 @@ def _prices(c: Collector, where: str, f: dict, ot: Optional[OrderType]) -> tuple
         price = c.price(f"{where}.price", f["price"], bool(ot), f"{ot.value if ot else ''} orders need a price",
                         exchange)
     if ot is not None and not ot.needs_trigger:
-        if not _is_no_price(f["trigger_price"]):  # a limit sent where a stop was meant fills at once: refused
+        if _is_no_price(f["trigger_price"]):
+            return price, None  # 0, "" or null: no trigger, as a market leg's price 0 is no price
+        if ot is OrderType.LMT and opens:  # an entry's limit where a stop was meant fills at once: refused
             c.add(f"{where}.trigger_price", f"no trigger price on a {ot.value} order (a stop is SL-LMT or SL-MKT)",
                   f["trigger_price"])
-        return price, None  # 0, "" or null: no trigger, as a market leg's price 0 is no price
+        else:  # a market order, or an exit (never refused for a field it does not need)
+            c.notes.append(f"{where}.trigger_price {shown(f['trigger_price'])} ignored: {ot.value} orders carry no "
+                           f"trigger")
+        return price, None
     trigger = c.price(f"{where}.trigger_price", f["trigger_price"], bool(ot and ot.needs_trigger),
                       f"{ot.value if ot else ''} orders need a trigger price", exchange)
     return price, trigger
@@ -426,7 +432,7 @@ def _parse_leg(c: Collector, where: str, raw: Any, top_exchange: Any, execution:
     qty = c.quantity(f"{where}.qty", f["qty"])
     _not_read(c, where, f, ("position", "market_position", "position_size"), "a position target is a POSITION "
                                                                             "alert's, not an order leg's")
-    price, trigger = _prices(c, where, f, f["order_type"])
+    price, trigger = _prices(c, where, f, f["order_type"], opens=execution is not ExecutionType.EXIT)
     protection = _protection(c, where, raw, f["exchange"], execution, limits or {})
     if len(c.problems) > before:
         return None
@@ -448,7 +454,7 @@ def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Opti
     if isinstance(raw, dict) and _pick(raw, LEG_KEYS["order_type"]) is None:
         raw = {**raw, "order_type": "MKT"}
     f = _common(c, where, raw, top_exchange, "tradingsymbol, product_type and position (or market_position and "
-                                             "position_size)")
+                                             "position_size)", opens=False)  # (a target that may open: below)
     if f is None:
         return None
     _protection(c, where, raw, f["exchange"], ExecutionType.POSITION, {})  # exits ride on ENTRY/ADJUST legs only
@@ -457,7 +463,10 @@ def _parse_target(c: Collector, where: str, raw: Any, top_exchange: Any) -> Opti
     target = _target(c, where, f)
     if f["order_type"] is not None and f["order_type"].needs_trigger:
         c.add(f"{where}.order_type", "MKT or LMT for a position target", raw.get("order_type"))
+    _not_read(c, where, f, ("trigger_price",), "a position target is sent as MKT or LMT")
     price, _ = _prices(c, where, {**f, "trigger_price": None}, f["order_type"])
+    if f["product_type"] == "C" and f["exchange"] is not None and target:  # flat (0) only closes
+        delivery_only(c, f"{where}.product_type", f["exchange"], _pick(raw, LEG_KEYS["product_type"]))
     if len(c.problems) > before:
         return None
     return TargetLeg(f["exchange"], f["tradingsymbol"], Product(f["product_type"]), f["order_type"], target, price)
@@ -501,7 +510,7 @@ def validate_intent(intent: Intent, where: str = "intent") -> list[Problem]:
                                  f"({ascii_upper(intent.symbol)})", intent.symbol)
     if isinstance(intent.qty, bool) or not isinstance(intent.qty, int) or not 0 < intent.qty <= MAX_QTY:
         c.add(f"{where}.qty", f"a whole number from 1 to {MAX_QTY:,}", intent.qty)
-    if intent.product.value == "C" and intent.exchange in EXCHANGES and intent.action is ExecutionType.ENTRY:
+    if intent.product.value == "C" and intent.exchange in EXCHANGES and intent.action is not ExecutionType.EXIT:
         delivery_only(c, f"{where}.product", intent.exchange, intent.product.value)
     if intent.action is ExecutionType.POSITION:
         c.add(f"{where}.action", "ENTRY | EXIT | ADJUST (POSITION is an alert type, not an order)", intent.action.value)

@@ -196,3 +196,99 @@ def test_an_exit_with_another_strategys_fill_unapplied_and_an_app_sale_is_capped
     control(sim, action="stall_feed", on=False)
     time.sleep(4)
     assert broker_net(sim, SYMBOL) == 0, "a's position, sold in the app, was sold again"
+
+
+# ---- the next day, and late sends (review 36) ----
+
+def test_an_app_sale_booked_to_the_wrong_strategy_is_not_sold_again_the_next_day(live, sim):
+    """The commit's own case (test_the_same_once_the_app_sale_is_booked_to_another_strategy), one day later: a +75,
+    b -75, c +75 (NRML); the trader sells c's 75 in the app, booked to a by the tie-break. That day c's EXIT sends
+    nothing. The next day (the outside fill is yesterday's; positions carried) c's EXIT must still send nothing."""
+    h = live()
+    _three(h, sim)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    wait_for(lambda: net(h, "a", SYMBOL) == 0, timeout=8)
+    assert broker_net(sim, SYMBOL) == 0
+    # the host's clock passes midnight IST: the outside fill is now yesterday's (nothing else changes)
+    h.runtime.storage.write(lambda db: db.execute("update outside_fills set at = '2000-01-01T00:00:00.000+00:00'"))
+    answer = place(h, execution_type="EXIT", strategy="c", direction="SELL", qty=75, order_type="MKT", price=None)
+    time.sleep(2)
+    assert broker_net(sim, SYMBOL) == 0, ("c's 75, sold in the app yesterday, was sold again: account short", answer)
+
+
+def test_opposite_nrml_positions_carried_overnight_can_still_exit(live, sim):
+    """s1 +75 and s2 -75 NRML, carried to the next trading day: the account is flat, so the broker's positions
+    have no row for the instrument. s1's EXIT must still sell its 75 (the commit's headline case), not be capped
+    to nothing while s2's stop later leaves the account long."""
+    h = live()
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    wait_status(h, entry(h, strategy="s1", direction="BUY", qty=75, price="43"), "FILLED")
+    wait_status(h, entry(h, strategy="s2", direction="SELL", qty=75, price="42"), "FILLED")
+    wait_for(lambda: net(h, "s1", SYMBOL) == 75 and net(h, "s2", SYMBOL) == -75)
+    control(sim, action="new_day", keep_sessions=True)
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    time.sleep(2.5)  # a few polls of the new day's books
+    assert (net(h, "s1", SYMBOL), net(h, "s2", SYMBOL)) == (75, -75)
+    # a flat carried instrument has no row in the broker's positions: a net of 0
+    assert ("NFO", SYMBOL, "M") not in h.runtime.engine.outside.read_for_exits().net
+    answer = place(h, execution_type="EXIT", strategy="s1", direction="SELL", qty=75, order_type="MKT", price=None)
+    assert len(answer["orders"]) == 1, answer
+    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=6)
+    assert broker_net(sim, SYMBOL) == -75
+
+
+def test_carried_opposite_positions_max_loss_flatten(live, sim):
+    """As above, but the exit is risk's: s1 at its max loss on the next day."""
+    h = live(RISK_STRATEGY_MAX_LOSS="-500", RISK_BASE_MAX_LOSS="-100000")
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    wait_status(h, entry(h, strategy="s1", direction="BUY", qty=75, price="43"), "FILLED")
+    wait_status(h, entry(h, strategy="s2", direction="SELL", qty=75, price="42"), "FILLED")
+    wait_for(lambda: net(h, "s1", SYMBOL) == 75 and net(h, "s2", SYMBOL) == -75)
+    control(sim, action="new_day", keep_sessions=True)
+    for ltp in ("42.5", "40", "36", "34"):
+        sim.sim.tick("NFO", SYMBOL, Decimal(ltp))
+        time.sleep(0.5)
+    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=10)
+    assert broker_net(sim, SYMBOL) == -75 and net(h, "s2", SYMBOL) == -75
+
+
+def test_an_unsent_reducing_adjust_of_a_position_closed_in_the_app_is_not_sent_late(live, sim):
+    """s1 +75; a reducing ADJUST SELL 75 is stored and not sent (sender stopped: sent late after a restart); the
+    trader sells the 75 in the app. Sent late, the ADJUST must be capped as an EXIT is (the commit: reducing ADJUSTs
+    are capped like EXITs; a late send is capped), not open a short of 75."""
+    h = live()
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    wait_status(h, entry(h, strategy="s1", direction="BUY", qty=75, price="43"), "FILLED")
+    wait_for(lambda: net(h, "s1", SYMBOL) == 75, timeout=6)
+    h.runtime.sender.stop(2)
+    answer = place(h, execution_type="ADJUST", strategy="s1", direction="SELL", qty=75, order_type="MKT", price=None)
+    [o] = answer["orders"]
+    time.sleep(0.5)
+    assert booked(sim, o["id"]) == []
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
+    assert broker_net(sim, SYMBOL) == 0
+    h.restart()
+    time.sleep(4)
+    assert broker_net(sim, SYMBOL) == 0, "the late ADJUST sold the position a second time: account short 75"
+
+
+def test_exit_all_with_a_resting_exit_and_an_opposite_strategy(live, sim):
+    """s1 +75, s2 -75; s1's EXIT is a limit above the market (now sent: across lets it past the flat account).
+    Exit-all crosses s1 and s2 in the host's book; the resting exit must not fill afterwards and leave a short."""
+    h = live()
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    wait_status(h, entry(h, strategy="s1", direction="BUY", qty=75, price="43"), "FILLED")
+    wait_status(h, entry(h, strategy="s2", direction="SELL", qty=75, price="42"), "FILLED")
+    wait_for(lambda: net(h, "s1", SYMBOL) == 75 and net(h, "s2", SYMBOL) == -75)
+    answer = place(h, execution_type="EXIT", strategy="s1", direction="SELL", qty=75, order_type="LMT", price="60")
+    [o] = answer["orders"]
+    wait_status(h, o["id"], "OPEN")
+    r = h.api("/api/exit-all", "POST")
+    assert r.status_code == 200
+    time.sleep(3)
+    for ltp in ("50", "61", "62"):
+        sim.sim.tick("NFO", SYMBOL, Decimal(ltp))
+        time.sleep(0.7)
+    time.sleep(2)
+    assert broker_net(sim, SYMBOL) == 0, [(x["id"], x["side"], x["qty"], x["status"]) for x in h.orders()]

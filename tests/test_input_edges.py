@@ -83,6 +83,8 @@ def test_a_trigger_price_on_a_limit_order_is_refused_not_sent_as_a_limit(host):
     [e] = r.get_json()["errors"]
     assert e["field"] == "legs[0].trigger_price" and "SL-LMT" in e["expected"] and e["found"] == "'40.5'"
     assert host.post(alert(order_type="MKT", price="0", trigger_price="0")).status_code == 200  # "no trigger"
+    r = host.post(alert(order_type="MKT", price="0", trigger_price="41", alert_id="m"))  # a market one: noted
+    assert r.status_code == 200 and any("trigger_price '41' ignored" in n for n in r.get_json()["notes"])
 
 
 def test_a_leg_without_an_exchange_is_named_when_the_alert_has_none(host):
@@ -145,3 +147,77 @@ def test_known_fields_a_leg_of_that_kind_does_not_read_are_noted_never_dropped_u
                                                 "direction": "SELL", "qty": "150"}]})
     notes = r.get_json()["notes"]
     assert any("legs[0].direction 'SELL' ignored" in n for n in notes) and any("legs[0].qty" in n for n in notes)
+
+
+# ---- review 36 ----
+
+def _hold_long(host, strategy="s1"):
+    host.tick("42.5")
+    r = host.post(alert(strategy=strategy, direction="BUY", price="43"))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: host.net(strategy) == 75)
+
+
+@pytest.mark.parametrize("trigger", ["42", "41.5", 40])
+def test_a_market_exit_with_a_template_trigger_price_still_closes(host, trigger):
+    """A template that sends trigger_price on every order: a market EXIT with it must not leave the position open
+    (a price on MKT is merely noted)."""
+    _hold_long(host)
+    r = host.post(alert(execution_type="EXIT", direction="SELL", order_type="MKT", price="0", trigger_price=trigger))
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: host.net("s1") == 0)
+
+
+@pytest.mark.parametrize("trigger", ["0.000", " 0 ", "00", "0E-2", "-0"])
+def test_spellings_of_zero_on_a_trigger_mean_none(host, trigger):
+    """0 means none for trigger_price: every spelling of zero a template renders."""
+    host.tick("42.5")
+    r = host.post(alert(direction="BUY", price="43", trigger_price=trigger))
+    assert r.status_code == 200, (trigger, r.get_json())
+
+
+def test_position_0_as_cnc_closes_an_nfo_position_held_as_cnc(host):
+    """A strategy holding an NFO position as CNC (entered before CNC was refused there): its POSITION 0 alert closes
+    it, as its EXIT may name any product."""
+    host.tick("42.5")
+    host.runtime.storage.write(lambda db: db["positions"].insert(
+        {"strategy": "s1", "exchange": "NFO", "symbol": SYMBOL, "product": "C", "net_qty": 75, "avg_price": "42.5",
+         "realized_pnl": "0"}, alter=True))
+    r = host.post({"secret_key": "test-webhook-secret", "execution_type": "POSITION", "strategy_name": "s1",
+                   "exchange": "NFO", "legs": [{"tradingsymbol": SYMBOL, "position": "0", "product_type": "C"}]})
+    assert r.status_code == 200, r.get_json()
+
+
+def test_a_plugin_adjust_as_cnc_on_nfo_from_flat_is_refused_like_an_entry():
+    """An ADJUST from flat opens a position: as CNC on NFO, one risk never counts (the webhook refuses the leg)."""
+    adjust = Intent("NFO", SYMBOL, Side.BUY, 75, OrderType.MKT, Product.CNC, action=ExecutionType.ADJUST)
+    assert validate_intent(adjust, "intent[0]") != []
+
+
+def test_a_plugin_adjust_as_cnc_on_nfo_opens_no_position(host):
+    d = host.runtime.storage.write(lambda db: host.runtime.engine.decider.evaluate(
+        db, "s1", [Intent("NFO", SYMBOL, Side.BUY, 75, OrderType.MKT, Product.CNC, action=ExecutionType.ADJUST)],
+        alert_id=None))
+    assert d.orders == (), d
+
+
+def test_position_leg_trigger_price_is_noted_not_silently_dropped(host):
+    host.tick("42.5")
+    r = host.post({"secret_key": "test-webhook-secret", "execution_type": "POSITION", "strategy_name": "s1",
+                   "exchange": "NFO", "legs": [{"tradingsymbol": SYMBOL, "position": "75", "product_type": "M",
+                                                "order_type": "MKT", "trigger_price": "40"}]})
+    body = r.get_json()
+    assert r.status_code == 200, body
+    assert "trigger_price" in " ".join(body.get("notes") or []), body
+
+
+def test_a_short_secret_inside_a_strategy_name_is_left_alone(host_factory):
+    """WEBHOOK_SECRET "ema_trend" (8+ characters, accepted by the config) and the strategy "ema_trend_pos": a short
+    secret is replaced only where it is a whole field, so the alert still reaches its strategy."""
+    host = host_factory(WEBHOOK_SECRET="ema_trend")
+    host.tick("42.5")
+    body = alert(strategy="ema_trend_pos", direction="BUY", price="43")
+    body["secret_key"] = "ema_trend"
+    r = host.post(body)
+    assert r.status_code == 200, r.get_json()
+    wait_for(lambda: host.net("ema_trend_pos") == 75)

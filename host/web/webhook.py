@@ -148,10 +148,16 @@ def webhook():
 SECRET_SHOWN = "[WEBHOOK_SECRET]"
 
 
+SECRET_IN_TEXT_LEN = 16  # a secret this long is random enough to be found inside other text; a shorter one whole
+
+
 def _without_secret(value: Any, secret: str) -> Any:
-    """The body with the webhook secret replaced wherever else it was written (a field's text, a key)."""
+    """The body with the webhook secret replaced wherever else it was written (a field's text, a key): inside any
+    text when it is long, else where it is the whole text (`ema_trend` must not rewrite strategy `ema_trend_pos`)."""
     if isinstance(value, str):
-        return value.replace(secret, SECRET_SHOWN) if secret and secret in value else value
+        if not secret or secret not in value:
+            return value
+        return value.replace(secret, SECRET_SHOWN) if len(secret) >= SECRET_IN_TEXT_LEN or value == secret else value
     if isinstance(value, dict):
         return {_without_secret(k, secret): _without_secret(v, secret) for k, v in value.items()}
     if isinstance(value, list):
