@@ -132,8 +132,12 @@ def test_each_line_the_simulator_prints_is_written_whole(tmp_path):
             assert line, f"the simulator stopped: {chunks}"
             if line.startswith('"'):  # a write to stdout; anything else is its log
                 chunks.append(json.loads(line))
-    finally:
+    finally:  # (what is asserted is the writes, not how fast the simulator stops on a loaded machine)
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
     assert any("SHOONYA_API_URL=" in c for c in chunks)
     assert all(c.endswith("\n") for c in chunks), f"lines written in pieces: {chunks}"
