@@ -183,12 +183,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
     # one write: its WebSocket thread logs to the same terminal or pipe already, and a log line landing inside
     # a printed line (print writes the text and its newline apart when unbuffered) corrupts the URL a trader
     # pastes, e.g. SHOONYA_API_URL=http://127.0.0.1:9000/NorenWClientTP/2026-11-30
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # before the banner: a kill as soon as it is read stops it
     sys.stdout.write("\n".join(banner) + "\n")
     sys.stdout.flush()
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        done.wait()
+    try:  # in short waits: a signal taken by one of the server's threads wakes no blocked main thread
+        while not done.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     server.stop()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import pytest
 import requests
 
 from conftest import TOKEN, Host, alert, make_settings
@@ -141,3 +145,25 @@ def test_each_line_the_simulator_prints_is_written_whole(tmp_path):
             proc.wait(10)
     assert any("SHOONYA_API_URL=" in c for c in chunks)
     assert all(c.endswith("\n") for c in chunks), f"lines written in pieces: {chunks}"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="tgkill's number is known for these")
+def test_the_simulator_stops_on_sigterm_whichever_thread_the_kernel_hands_it_to(tmp_path):
+    """A process-wide SIGTERM goes to any thread that does not block it; one taken by the HTTP or WebSocket thread
+    never woke a main thread blocked in Event.wait(), and the simulator ran on (a CI job's `kill` hung)."""
+    import ctypes
+    tgkill = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "host", "sim", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while "docs/simulator.md" not in proc.stdout.readline():
+            assert time.monotonic() < deadline and proc.poll() is None, "the simulator did not start"
+        thread = next(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        assert ctypes.CDLL(None, use_errno=True).syscall(tgkill, proc.pid, thread, signal.SIGTERM) == 0
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
