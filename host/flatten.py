@@ -234,45 +234,64 @@ def closing_room(db: sqlite_utils.Database, view: Optional[BrokerView],
     return Room(left, unsure, dict(view.net))
 
 
-Across = tuple[int, int]  # what the other strategies hold long and short in one instrument (others_held)
+@dataclass(frozen=True)
+class Across:
+    """What the other strategies hold long and short in one instrument, and why it is not counted (empty: it is)."""
+
+    longs: int = 0
+    shorts: int = 0
+    not_counted: str = ""
+
+    def usable(self) -> tuple[int, int]:
+        return (0, 0) if self.not_counted else (self.longs, self.shorts)
+
+    def words(self, side: Side) -> str:
+        """For a cap note: the other strategies' holdings an exit on `side` counted, or left out and why."""
+        held = self.shorts if side is Side.SELL else self.longs
+        if not held:
+            return ""
+        return f"; other strategies' {held:+d} there is not counted ({self.not_counted})" if self.not_counted \
+            else f" and other strategies hold {held:+d} there"
 
 
 def across(db: sqlite_utils.Database, strategy: str, key: tuple, room: Optional[Room]) -> Across:
     """The longs and shorts that strategies other than `strategy` hold in the instrument `key` (exchange, symbol,
-    product), which its exit may take the account's net past zero by; none (the account's zero is the bound) unless
-    the host's book explains the broker's net there whole and no trade outside the host ever touched the instrument
-    (a contract: its life). A sale in the broker's app is booked to a strategy by a guess (outside.allocate): with
-    two strategies long, the one it shrank may not be the one the trader closed, and that one's exit must not sell
-    it again, that day or any later one."""
+    product), which its exit may take the account's net past zero by; not counted (the account's zero is the bound)
+    unless the host's book explains the broker's net there whole and no trade outside the host ever touched the
+    instrument (a contract: its life). A sale in the broker's app is booked to a strategy by a guess
+    (outside.allocate): with two strategies long, the one it shrank may not be the one the trader closed, and that
+    one's exit must not sell it again, that day or any later one."""
     if room is None:
-        return 0, 0
-    held = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
-                      "product = ?", key).fetchone()[0]
-    if held != room.net.get(key, 0) or db.execute(  # (no row at the broker: flat)
-            "select 1 from outside_fills where exchange = ? and symbol = ? and product = ? limit 1", key).fetchone():
-        return 0, 0
+        return Across()
     row = db.execute("select coalesce(sum(max(net_qty, 0)), 0), coalesce(sum(min(net_qty, 0)), 0) from positions "
                      "where exchange = ? and symbol = ? and product = ? and strategy not in (?, ?) and net_qty != 0",
                      (*key, strategy, MANUAL)).fetchone()
-    return row[0], row[1]
+    if not any(row):
+        return Across()
+    held = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
+                      "product = ?", key).fetchone()[0]
+    net = room.net.get(key, 0)  # (no row at the broker: flat)
+    if held != net:
+        why = (f"the host's book there adds up to {held:+d} and the broker's net to {net:+d}: a fill not yet heard "
+               f"of, or a trade in the broker's app not yet booked")
+    elif db.execute("select 1 from outside_fills where exchange = ? and symbol = ? and product = ? limit 1",
+                    key).fetchone():
+        why = "a trade outside the host touched this contract, and which strategy's position it closed is a guess"
+    else:
+        why = ""
+    return Across(row[0], row[1], why)
 
 
-def closable(net: int, side: Side, across: Across = (0, 0)) -> int:
+def closable(net: int, side: Side, across: Across = Across()) -> int:
     """How much an exit on `side` may close at the broker, whose net (less the exits working there) is `net`: a sale
-    down to the other strategies' shorts, a buy up to their longs (to zero, when none holds any). Two strategies
-    long and short 75 leave the account flat, and each can still exit its own 75."""
-    longs, shorts = across
+    down to the other strategies' shorts, a buy up to their longs (to zero, when none holds any or they are not
+    counted). Two strategies long and short 75 leave the account flat, and each can still exit its own 75."""
+    longs, shorts = across.usable()
     return max(net - shorts, 0) if side is Side.SELL else max(longs - net, 0)
 
 
-def _beside(across: Across, side: Side) -> str:
-    """Words for the other strategies' positions an exit on `side` counted (empty when none)."""
-    held = across[1] if side is Side.SELL else across[0]
-    return f" and other strategies hold {held:+d} there" if held else ""
-
-
 def cap_exits(intents: list[Intent], room: Optional[Room],
-              across: Callable[[tuple], Across] = lambda key: (0, 0)) -> tuple[list[Intent], list[str]]:
+              across: Callable[[tuple], Across] = lambda key: Across()) -> tuple[list[Intent], list[str]]:
     """Exits and reductions (one for one) cut down so that none takes the account's net at the broker past what the
     other strategies hold on the other side (`across`; a position closed outside a moment ago); the notes say so. No
     cap without a fresh read of the broker's positions."""
@@ -288,7 +307,7 @@ def cap_exits(intents: list[Intent], room: Optional[Room],
         qty = min(i.qty, closable(net, i.side, others))
         if qty < i.qty:
             notes.append(f"{i.exchange}:{i.symbol} exit capped from {i.qty} to {qty}: the broker's net, less the "
-                         f"exits already working there, is {net:+d}{_beside(others, i.side)}{room.doubt(key)}")
+                         f"exits already working there, is {net:+d}{others.words(i.side)}{room.doubt(key)}")
         out.append(replace(i, qty=qty))  # 0: nothing left to close at the broker (the caller drops it)
         left[key] = net + (qty if i.side is Side.BUY else -qty)
     return out, notes
@@ -324,7 +343,7 @@ def cap_unsent_exits(db: sqlite_utils.Database, order_ids: list[str], room: Room
             keep.append(oid)
             continue
         why = (f"not sent late: strategy {o['strategy']} now holds {own[own_key]:+d} in {o['exchange']}:{o['symbol']}, "
-               f"and the broker's net there, less the exits already working, is {net:+d}{_beside(others, side)}; "
+               f"and the broker's net there, less the exits already working, is {net:+d}{others.words(side)}; "
                f"so this {o['action']} is cut from {o['qty']} to {qty}" + (" and not sent" if not qty else "")
                + room.doubt(key))
         own[own_key] += side.sign * qty

@@ -82,11 +82,13 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
         return TargetPlan(stop=tuple(working), wait=REPLAN,
                           note=f"{where}: target {_signed(leg.target)}; {len(working)} working order(s) cancelled "
                                f"first, then planned again from the filled position")
-    if net == leg.target:
+    twin = ""
+    if not net:  # an alert meant for a strategy whose name differs only in case says so, whatever it asks
         from .decide import name_twin  # (decide builds on targets)
-        twin = name_twin(db, strategy, leg.exchange, leg.symbol) if not net else ""
+        twin = name_twin(db, strategy, leg.exchange, leg.symbol)
         if twin:
             Storage.add_event(db, "strategy_name_case", f"{strategy}: {where}{twin}", "warning", strategy, None)
+    if net == leg.target:
         return TargetPlan(note=f"{where}: already at target {_signed(leg.target)}; nothing sent{twin}")
     delta = leg.target - net
     side = Side.BUY if delta > 0 else Side.SELL
@@ -102,7 +104,7 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
     if reduce:
         return TargetPlan((intent(reduce, ExecutionType.EXIT),), note="; ".join(words + [f"exit {reduce} now"]))
     return TargetPlan((intent(add, ExecutionType.ADJUST),),
-                      note="; ".join(words + [f"{'enter' if not net else 'add'} {add} {side.value}"]))
+                      note="; ".join(words + [f"{'enter' if not net else 'add'} {add} {side.value}{twin}"]))
 
 
 def supersede(db: sqlite_utils.Database, strategy: str, symbols: set[tuple[str, str]], by_alert: str) -> None:

@@ -292,3 +292,13 @@ def test_exit_all_with_a_resting_exit_and_an_opposite_strategy(live, sim):
         time.sleep(0.7)
     time.sleep(2)
     assert broker_net(sim, SYMBOL) == 0, [(x["id"], x["side"], x["qty"], x["status"]) for x in h.orders()]
+
+
+def test_a_cap_that_leaves_other_strategies_out_says_why(live, sim):
+    h = live()
+    _three(h, sim)
+    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    wait_for(lambda: net(h, "a", SYMBOL) == 0, timeout=8)
+    answer = place(h, execution_type="EXIT", strategy="c", direction="SELL", qty=75, order_type="MKT", price=None)
+    assert "other strategies' -75 there is not counted (a trade outside the host touched this contract" \
+        in answer["reason"], answer

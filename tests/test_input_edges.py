@@ -221,3 +221,20 @@ def test_a_short_secret_inside_a_strategy_name_is_left_alone(host_factory):
     r = host.post(body)
     assert r.status_code == 200, r.get_json()
     wait_for(lambda: host.net("ema_trend_pos") == 75)
+
+
+def test_a_position_target_entering_for_a_name_in_another_case_says_who_holds_it(host):
+    host.tick("42.5")
+    assert host.post(alert(strategy="Trend", direction="BUY", price="43")).status_code == 200
+    wait_for(lambda: host.net("Trend") == 75)
+    r = host.post({"secret_key": "test-webhook-secret", "execution_type": "POSITION", "strategy_name": "trend",
+                   "exchange": "NFO", "legs": [{"tradingsymbol": SYMBOL, "position": "75", "product_type": "M",
+                                                "order_type": "LMT", "price": "43"}]})
+    assert r.status_code == 200 and "case-sensitive: 'Trend', not 'trend', holds +75" in r.get_json()["reason"]
+
+
+@pytest.mark.parametrize("query,field", [("limit=abc", "limit"), ("offset=1e3", "offset"), ("limit=0", "limit")])
+def test_a_bad_page_names_the_field_and_the_value_found(host, query, field):
+    r = host.api(f"/api/orders?{query}")
+    text = r.get_data(as_text=True)
+    assert r.status_code == 422 and text.count(f"{field}:") == 1 and query.split("=")[1] in text, text

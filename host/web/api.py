@@ -68,14 +68,16 @@ MAX_ROW = 2 ** 63 - 1  # SQLite's largest integer: a larger one is no row id or 
 
 
 def _paging() -> tuple[int, int]:
-    try:
-        limit = int(request.args.get("limit", 100))
-        offset = int(request.args.get("offset", 0))
-    except ValueError:
-        abort(422, "limit and offset: expected whole numbers")
-    if not 1 <= limit <= 1000 or not 0 <= offset <= MAX_ROW:
-        abort(422, f"limit: expected 1 to 1000 and offset from 0 to {MAX_ROW}, found limit={limit} "
-                   f"offset={shown(request.args.get('offset', 0))}")
+    for name in ("limit", "offset"):
+        try:
+            int(request.args.get(name, 0))
+        except ValueError:
+            abort(422, f"{name}: expected a whole number, found {shown(request.args.get(name))}")
+    limit, offset = int(request.args.get("limit", 100)), int(request.args.get("offset", 0))
+    if not 1 <= limit <= 1000:
+        abort(422, f"limit: expected 1 to 1000, found {shown(request.args.get('limit'))}")
+    if not 0 <= offset <= MAX_ROW:
+        abort(422, f"offset: expected 0 to {MAX_ROW}, found {shown(request.args.get('offset'))}")
     return limit, offset
 
 
