@@ -33,14 +33,19 @@ def load_book(db: sqlite_utils.Database, strategy: str) -> guard.StrategyBook:
 
 
 
-def name_twin(db: sqlite_utils.Database, strategy: str, exchange: str, symbol: str) -> str:
+def name_twin(db: sqlite_utils.Database, strategy: str, exchange: str, symbol: str, said: str) -> str:
     """Words for a strategy whose name differs from `strategy` only in case and that holds a position in the symbol
-    (an alert meant for it would otherwise say only "nothing to exit"); empty when there is none."""
+    (an alert meant for it would otherwise say only "nothing to exit"), said as a warning after `said` too; empty
+    when there is none."""
     row = db.execute("select strategy, net_qty from positions where exchange = ? and symbol = ? and net_qty != 0 and "
                      "strategy != ? and lower(strategy) = lower(?) limit 1", (exchange, symbol, strategy,
                                                                               strategy)).fetchone()
-    return (f" (strategy names are case-sensitive: {row[0]!r}, not {strategy!r}, holds {row[1]:+d} "
-            f"{exchange}:{symbol}; nothing of it is touched)") if row else ""
+    if row is None:
+        return ""
+    words = (f" (strategy names are case-sensitive: {row[0]!r}, not {strategy!r}, holds {row[1]:+d} "
+             f"{exchange}:{symbol}; nothing of it is touched)")
+    Storage.add_event(db, "strategy_name_case", f"{strategy}: {said}{words}", "warning", strategy, None)
+    return words
 
 
 def _closing(intent: Intent, book: guard.StrategyBook) -> Intent:
@@ -99,11 +104,9 @@ class Decider:
                       if i.action is ExecutionType.EXIT
                       and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
         checked = [guard.check(i, book) for i in intents]
-        notes = [c.note + name_twin(db, strategy, i.exchange, i.symbol)
-                 if c.note and c.intent is None and i.action is ExecutionType.EXIT else c.note
+        notes = [c.note + name_twin(db, strategy, i.exchange, i.symbol, c.note)
+                 if c.intent is None and i.action is ExecutionType.EXIT else c.note
                  for c, i in zip(checked, intents) if c.note]
-        for note in (n for n in notes if "case-sensitive" in n):
-            Storage.add_event(db, "strategy_name_case", f"{strategy}: {note}", "warning", strategy, None)
         blocked = [c.blocked for c in checked if c.blocked]
         if blocked:
             return Decision(AlertStatus.BLOCKED, "; ".join(blocked))

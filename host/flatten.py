@@ -26,7 +26,7 @@ from .watcher import move_position
 log = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("NEW", "SUBMITTED", "UNKNOWN", "OPEN", "PARTIAL")
-MANUAL = "manual"  # the positions of trades made outside the host (outside.MANUAL)
+MANUAL = "manual"  # the strategy of trades made outside the host that closed no strategy's position
 HEALED = 2  # orders.escalate of the exits risk heals: exit-all's, a strategy's stop's, the square-off's, protect's (a
 # target's, a hit stop's, a strategy MTM stop's); made oversized, one is cancelled and its position exited after (1:
 # the day's breach's, healed while the breach stands)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import sqlite_utils
 
 from .brokers.base import SessionExpired
-from .flatten import OPEN_STATUSES, closing_room, exits_now
+from .flatten import MANUAL, OPEN_STATUSES, closing_room, exits_now
 from .ids import new_id
 from .market import IST
 from .models import BrokerOrder, BrokerView, Product, Side
@@ -29,7 +29,6 @@ from .watcher import move_position
 log = logging.getLogger(__name__)
 
 PRODUCTS = {p.value for p in Product}
-MANUAL = "manual"
 READS_FOR_EXITS = 3  # reads of the books before an exit is capped, while a fill falls between two of them
 READS_BUDGET_S = 2.0  # no further read begins after this long: a slow broker's exits are capped on the last one
 

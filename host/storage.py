@@ -194,7 +194,7 @@ def _m12_protection_index(db: sqlite_utils.Database) -> None:
 
 
 def _m13_positions_by_instrument(db: sqlite_utils.Database) -> None:
-    # an exit is capped at the broker's net less what the other strategies hold in its instrument (flatten.others_held)
+    # an exit is capped at the broker's net less what the other strategies hold in its instrument (flatten.across)
     db["positions"].create_index(["exchange", "symbol", "product"])
     db["outside_fills"].create_index(["exchange", "symbol", "product", "at"])  # ...unless traded outside the host
 

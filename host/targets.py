@@ -85,9 +85,7 @@ def plan(db: sqlite_utils.Database, strategy: str, leg: TargetLeg, fresh: bool =
     twin = ""
     if not net:  # an alert meant for a strategy whose name differs only in case says so, whatever it asks
         from .decide import name_twin  # (decide builds on targets)
-        twin = name_twin(db, strategy, leg.exchange, leg.symbol)
-        if twin:
-            Storage.add_event(db, "strategy_name_case", f"{strategy}: {where}{twin}", "warning", strategy, None)
+        twin = name_twin(db, strategy, leg.exchange, leg.symbol, where)
     if net == leg.target:
         return TargetPlan(note=f"{where}: already at target {_signed(leg.target)}; nothing sent{twin}")
     delta = leg.target - net

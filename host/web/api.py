@@ -67,18 +67,20 @@ def healthz():
 MAX_ROW = 2 ** 63 - 1  # SQLite's largest integer: a larger one is no row id or offset
 
 
+def _whole(name: str, default: int, low: int, high: int, what: str = "a whole number") -> int:
+    """A query argument that must be a whole number in [low, high]; 422 naming it and the value found otherwise."""
+    raw = request.args.get(name)
+    try:
+        n = default if raw is None else int(raw)
+    except ValueError:
+        n = low - 1
+    if not low <= n <= high:
+        abort(422, f"{name}: expected {what} from {low} to {high}, found {shown(raw)}")
+    return n
+
+
 def _paging() -> tuple[int, int]:
-    for name in ("limit", "offset"):
-        try:
-            int(request.args.get(name, 0))
-        except ValueError:
-            abort(422, f"{name}: expected a whole number, found {shown(request.args.get(name))}")
-    limit, offset = int(request.args.get("limit", 100)), int(request.args.get("offset", 0))
-    if not 1 <= limit <= 1000:
-        abort(422, f"limit: expected 1 to 1000, found {shown(request.args.get('limit'))}")
-    if not 0 <= offset <= MAX_ROW:
-        abort(422, f"offset: expected 0 to {MAX_ROW}, found {shown(request.args.get('offset'))}")
-    return limit, offset
+    return _whole("limit", 100, 1, 1000), _whole("offset", 0, 0, MAX_ROW)
 
 
 def _filters(allowed: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -137,13 +139,7 @@ def risk():
 
 @bp.get("/api/events")
 def events():
-    try:
-        after = int(request.args.get("after", 0))
-    except ValueError:
-        after = -1
-    if not 0 <= after <= MAX_ROW:
-        return _error(422, f"after: expected an event id (a whole number from 0 to {MAX_ROW}), found "
-                           f"{shown(request.args.get('after'))}")
+    after = _whole("after", 0, 0, MAX_ROW, "an event id (a whole number)")
     limit, _ = _paging()
     rows = _rt().storage.rows("select * from events where id > ? order by id desc limit ?", (after, limit))
     return jsonify({"items": [{**r, "data": json.loads(r["data"]) if r["data"] else None} for r in rows]})

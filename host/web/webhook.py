@@ -146,8 +146,6 @@ def webhook():
 
 
 SECRET_SHOWN = "[WEBHOOK_SECRET]"
-
-
 SECRET_IN_TEXT_LEN = 16  # a secret this long is random enough to be found inside other text; a shorter one whole
 
 
