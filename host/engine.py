@@ -705,7 +705,7 @@ class Engine:
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:
         decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version, room=room,
-                                         out_now=True)
+                                         out_now=True, blind=True)
         if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
         self._record(db, row, decision, version)
