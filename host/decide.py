@@ -70,6 +70,13 @@ def resting_exits(db: sqlite_utils.Database, strategy: str, key: tuple[str, str,
                           *OPEN_STATUSES)))
 
 
+def _named(asked: list[Intent], intent: Intent, what: str) -> str:
+    """How the answer names an intent's fields: by its place among those asked (an alert's legs[n], a plugin's
+    intent[n]), whatever the guard capped, held or sliced on the way."""
+    n = next((k for k, a in enumerate(asked) if (a.exchange, a.symbol) == (intent.exchange, intent.symbol)), 0)
+    return f"{what}[{n}]"
+
+
 def _unpriced(db: sqlite_utils.Database, key: tuple) -> str:
     """Words for an instrument with no price yet (an exit is moved from the last price): what waits for one."""
     if db.execute("select 1 from quotes where exchange = ? and symbol = ?", key[:2]).fetchone():
@@ -134,12 +141,13 @@ class Decider:
         notes += list(dict.fromkeys(n for n in (self.gate.after_market(c.intent, c.reducing) for c in todo) if n))
         master = self.instruments() if self.instruments is not None else None
         sliced = [(c, replace(c.intent, qty=q)) for c in todo for q in slices(master, c.intent)]
-        problems = [str(p) for n, (c, i) in enumerate(sliced) for p in validate_intent(i, f"intent[{n}]")]
-        problems += [str(p) for n, (c, i) in enumerate(sliced) for p in protect.problems(
-            db, i, f"intent[{n}]", self._tick(master, i.exchange, i.symbol))]
+        named = [(c, i, _named(asked, i, "legs" if alert_id is not None else "intent")) for c, i in sliced]
+        problems = [str(p) for c, i, name in named for p in validate_intent(i, name)]
+        problems += [str(p) for c, i, name in named for p in protect.problems(
+            db, i, name, self._tick(master, i.exchange, i.symbol))]
         if master is not None:
-            problems += [p for n, (c, i) in enumerate(sliced) for p in check_order(
-                master, i.exchange, i.symbol, i.qty, (i.price, i.trigger_price), f"intent[{n}]", c.reducing)]
+            problems += [p for c, i, name in named for p in check_order(
+                master, i.exchange, i.symbol, i.qty, (i.price, i.trigger_price), name, c.reducing)]
         if problems:
             return Decision(AlertStatus.REJECTED, "; ".join(problems))
         if len(sliced) > len(todo):

@@ -468,10 +468,22 @@ def test_exit_fields_on_exit_and_position_alerts_are_refused(host):
 
 
 def test_a_market_entry_s_stop_is_checked_against_the_ltp_and_stops_are_on_the_tick(paper):
+    """The answer names the field as the alert has it (legs[0], not the host's own intent[0])."""
     r = protected(paper, expect=422, order_type="MKT", price="0", stop_loss="43")
-    assert "intent[0].stop_loss: expected a price below the LTP 42.5" in r["reason"]
+    assert "legs[0].stop_loss: expected a price below the LTP 42.5" in r["reason"]
     r = protected(paper, expect=422, stop_loss="40.03")
-    assert "intent[0].stop_loss: expected a multiple of the instrument's tick size 0.05" in r["reason"]
+    assert "legs[0].stop_loss: expected a multiple of the instrument's tick size 0.05" in r["reason"]
+    assert paper.orders() == []
+
+
+def test_a_bad_second_leg_is_named_by_its_place_in_the_alert(paper):
+    """Two legs, the second's stop off the tick: legs[1], though the first leg, a plain entry, comes before it."""
+    body = alert(direction="BUY", qty=75, order_type="LMT", price="42.5")
+    body["legs"].append({"tradingsymbol": "NIFTY28APR26P24500", "direction": "BUY", "qty": 75, "order_type": "LMT",
+                         "price": "42.5", "product_type": "M", "stop_loss": "40.03"})
+    r = paper.post(body)
+    assert r.status_code == 422, r.get_json()
+    assert "legs[1].stop_loss: expected a multiple of the instrument's tick size 0.05" in r.get_json()["reason"]
     assert paper.orders() == []
 
 
@@ -480,9 +492,9 @@ def test_a_market_entry_s_stop_is_checked_against_the_ltp_and_stops_are_on_the_t
 def test_a_market_entry_with_an_absolute_stop_and_no_known_price_is_refused(host):
     """Found from outside: with no LTP the stop-side check was skipped, and a BUY's stop above the market passed."""
     r = protected(host, expect=422, order_type="MKT", price="0", stop_loss="45", target="50")
-    assert "intent[0].stop_loss: expected a price checked against the LTP" in r["reason"]
+    assert "legs[0].stop_loss: expected a price checked against the LTP" in r["reason"]
     assert "no last price of NFO:" + SYMBOL in r["reason"] and "found 45" in r["reason"]
-    assert "intent[0].target:" in r["reason"] and host.orders() == []
+    assert "legs[0].target:" in r["reason"] and host.orders() == []
     assert protected(host, order_type="MKT", price="0", stop_loss_points="2")["orders"]  # relative: from the fill
 
 

@@ -233,7 +233,7 @@ def test_lot_and_tick_sizes_come_from_the_broker_s_symbol_files(live, sim):
     wait_for(lambda: live.runtime.broker.instruments.get("NFO", SYMBOL))  # downloaded in the background
     r = live.post(alert(qty=50, alert_id="lots"))
     assert r.status_code == 422, r.get_json()
-    assert "intent[0].qty: expected a multiple of the lot size 75 for NFO:NIFTY28APR26C24500, found 50" in r.get_json()["reason"]
+    assert "legs[0].qty: expected a multiple of the lot size 75 for NFO:NIFTY28APR26C24500, found 50" in r.get_json()["reason"]
     r = live.post(alert(qty=75, price="42.53", alert_id="ticks"))
     assert r.status_code == 422 and "tick size 0.05" in r.get_json()["reason"]
     assert (live.settings.data_dir / "instruments" / "NFO.csv").exists()
