@@ -37,12 +37,14 @@ def count_order(db: sqlite_utils.Database, strategy: str, action: str, created_a
     if action == EXIT:
         return
     day = datetime.fromisoformat(created_at).astimezone(IST).date()
-    row = db.execute("select value from state where key = ?", (_key(strategy, day),)).fetchone()
-    n = int(row[0]) + 1 if row else _counted(db, strategy, day)  # the first of the day: counted with it
-    Storage.put_state(db, _key(strategy, day), str(n))
+    key = _key(strategy, day)
+    if not db.execute("update state set value = cast(value as integer) + 1, updated_at = ? where key = ? and "
+                      "cast(cast(value as integer) as text) = value", (created_at, key)).rowcount:
+        # the first of the day (or a count that is not a number): counted from the orders, this one with them
+        Storage.put_state(db, key, str(_counted(db, strategy, day)))
 
 
 def orders_on(db: sqlite_utils.Database, strategy: str, day: date) -> int:
     """How many non-exit orders the strategy has made on this risk day."""
     row = db.execute("select value from state where key = ?", (_key(strategy, day),)).fetchone()
-    return int(row[0]) if row else _counted(db, strategy, day)
+    return int(row[0]) if row and str(row[0]).isdigit() else _counted(db, strategy, day)  # not a number: counted

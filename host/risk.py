@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from .broker_session import EXPIRED
+from .broker_session import EXPIRED, STATE_KEY as SESSION_KEY
 from .day_counts import day_start_utc, orders_on
 from .market import MarketClock, session_of
 from .models import Intent, TradingState
@@ -140,13 +140,22 @@ class RiskManager:
         self.begin_day: Callable[[sqlite_utils.Database, Optional[str]], bool] = lambda db, halt_ends: True
 
     # ---- stored state ----
+    def stored(self, db: Optional[sqlite_utils.Database], *keys: str) -> dict[str, Optional[str]]:
+        """These state keys' stored values (None: not stored), in one statement; inside `db`'s transaction when
+        given."""
+        sql = f"select key, value from state where key in ({','.join('?' * len(keys))})"
+        rows = db.execute(sql, keys).fetchall() if db is not None else \
+            self.storage.read(lambda reader: reader.execute(sql, keys).fetchall())
+        found = dict(rows)
+        return {k: found.get(k) for k in keys}
+
     def trading_state(self, db: Optional[sqlite_utils.Database] = None) -> dict:
         """The stored trading state; read inside `db`'s transaction when given (a write that depends on it)."""
-        if db is None:
-            raw = self.storage.get_state(STATE_KEY)
-        else:
-            row = db.execute("select value from state where key = ?", (STATE_KEY,)).fetchone()
-            raw = row[0] if row else None
+        return self.state_from(self.stored(db, STATE_KEY)[STATE_KEY])
+
+    @staticmethod
+    def state_from(raw: Optional[str]) -> dict:
+        """A stored trading state's text as a dict; an unreadable one fails closed (reduce-only)."""
         if not raw:
             return {"state": TradingState.ACTIVE.value, "reason": None, "by": None, "at": None}
         try:
@@ -160,17 +169,22 @@ class RiskManager:
     def load_day(self, today: date) -> RiskDay:
         """Today's record; a new one on a later day (a clock stepped back keeps the day it had reached: only a
         later date begins a day). Raises CorruptState when the stored one is unreadable."""
-        raw = self.storage.get_state(DAY_KEY)
+        return self.day_from(self.storage.get_state(DAY_KEY), today)
+
+    def day_from(self, raw: Optional[str], today: date) -> RiskDay:
+        """load_day, from the stored text."""
         if raw:
             day = RiskDay.from_json(raw)
             if day.day >= today.isoformat():
                 return day
         return RiskDay(today.isoformat(), self.limits.base)
 
-    def breach_days(self) -> dict[date, bool]:
-        """Recorded trading days and whether each breached; a corrupt row raises CorruptState."""
+    def breach_days(self, db: Optional[sqlite_utils.Database] = None) -> dict[date, bool]:
+        """Recorded trading days and whether each breached (inside `db`'s transaction when given); a corrupt row
+        raises CorruptState."""
         out = {}
-        for r in self.storage.rows("select day, breached from risk_days"):
+        sql = "select day, breached from risk_days"
+        for r in (list(db.query(sql)) if db is not None else self.storage.rows(sql)):
             try:
                 if r["breached"] not in (0, 1):
                     raise ValueError(r["breached"])
@@ -189,12 +203,12 @@ class RiskManager:
             d = self.clock.previous_trading_day(d)
         return n
 
-    def cooldown_until(self, today: date) -> Optional[date]:
+    def cooldown_until(self, today: date, db: Optional[sqlite_utils.Database] = None) -> Optional[date]:
         """The first day entries are allowed again after a loss streak, if that is after today."""
         n = self.limits.max_consecutive
         if n <= 0:
             return None
-        days = self.breach_days()
+        days = self.breach_days(db)
         breached = sorted(d for d, b in days.items() if b and d <= today)
         if not breached:
             return None
@@ -401,17 +415,19 @@ class RiskGate:
         """Why an intent may not trade now, or None when it may. Exits and reductions always may."""
         if reducing:
             return None
-        st = self.state()
+        # one read of what the stored state says (inside the deciding transaction when given: the latest)
+        raw = self.manager.stored(db, STATE_KEY, SESSION_KEY, DAY_KEY)
+        st = self.manager.state_from(raw[STATE_KEY])
         if st["state"] != TradingState.ACTIVE.value:
             why = f" ({st['reason']})" if st.get("reason") else ""
             return f"trading is {st['state']}{why}: only exits and reductions are allowed"
-        session = self.storage.get_state("broker_session")
+        session = raw[SESSION_KEY]
         if session and json.loads(session).get("state") == "expired":
             return EXPIRED
         today = self.clock.day(self.now())
         try:
-            day = self.manager.load_day(today)
-            until = self.manager.cooldown_until(today)
+            day = self.manager.day_from(raw[DAY_KEY], today)
+            until = self.manager.cooldown_until(today, db)
         except CorruptState as e:
             return f"risk state is unreadable ({e}); entries are refused until it is checked"
         if day.halted_by_breach:  # the state says so too, in a later write: the gap (or a failed write) takes none

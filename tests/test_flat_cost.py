@@ -110,6 +110,23 @@ def test_the_days_order_count_is_kept_running_and_exits_do_not_count(host_factor
     assert counted == int(stored) == actual == 3
 
 
+def test_a_days_count_that_is_not_a_number_is_counted_again_from_the_orders(host_factory):
+    """The count is kept in one statement (an UPDATE adding 1); a stored count that is not a number (a hand edit)
+    is neither read as 0 (the limit would start again) nor a failed alert: it is counted again from the orders."""
+    from host.storage import Storage
+    h = host_factory(RISK_MAX_ORDERS_PER_DAY="3")
+    today = MarketClock().day(datetime.now(timezone.utc))
+    key = f"orders_today:{today.isoformat()}:cap"
+    for i in range(2):
+        assert h.post(alert(strategy="cap", tradingsymbol=f"S{i}", alert_id=f"e{i}")).get_json()["status"] == "accepted"
+    assert h.runtime.storage.get_state(key) == "2"
+    h.runtime.storage.write(lambda db: Storage.put_state(db, key, "two"))
+    assert h.post(alert(strategy="cap", tradingsymbol="S2", alert_id="e2")).get_json()["status"] == "accepted"
+    assert h.runtime.storage.get_state(key) == "3"
+    refused = h.post(alert(strategy="cap", tradingsymbol="S3", alert_id="e3")).get_json()
+    assert refused["status"] == "refused" and "max of 3 orders today" in refused["reason"], refused
+
+
 def test_the_paper_books_cost_does_not_grow_with_the_days_finished_orders(monkeypatch):
     """The engine reads the paper broker's whole order book at every reconcile, and its positions at every
     risk poll: a finished order's view is made once, and its fills are added up once, not again at every read
