@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import closed_outside, flatten, guard, protect, targets
+from . import flatten, guard, protect, targets
 from .instruments import check_order, slices
 from .pricing import DEFAULT_TICK
 from .models import AlertStatus, Decision, ExecutionType, Intent, OrderType, Product, Side, TargetLeg
@@ -95,7 +95,8 @@ class Decider:
 
     def evaluate(self, db: sqlite_utils.Database, strategy: str, intents: list[Intent],
                  alert_id: Optional[str], version: Optional[str] = None,
-                 room: Optional[flatten.Room] = None, out_now: bool = False, blind: bool = False) -> Decision:
+                 room: Optional[flatten.Room] = None, out_now: bool = False,
+                 legs: Optional[list[Intent]] = None) -> Decision:
         """Guard, then risk, then validation, all or nothing; write NEW orders if everything passes.
 
         out_now (a strategy's alert or hook, not risk's own flattens, which mark their exits themselves): a market
@@ -107,14 +108,11 @@ class Decider:
         asked = intents  # EXITs of positions with a resting stop wait for its cancel (protect.hold_exits)
         intents, held = protect.split_exits(db, strategy, list(intents))
         book = load_book(db, strategy)
-        # an ADJUST after a close in the broker's app: that close made the reduction it asks for
-        intents, done_notes = closed_outside.count_done(db, strategy, intents, book.positions) if blind \
-            else (intents, [])
         full_exits = {(i.exchange, i.symbol, guard.position_product(i, book)) for i in asked
                       if i.action is ExecutionType.EXIT
                       and i.qty >= abs(book.net(i.exchange, i.symbol, guard.position_product(i, book)))}
         checked = [guard.check(i, book) for i in intents]
-        notes = done_notes + [c.note + name_twin(db, strategy, i.exchange, i.symbol, c.note)
+        notes = [c.note + name_twin(db, strategy, i.exchange, i.symbol, c.note)
                  if c.intent is None and i.action is ExecutionType.EXIT else c.note
                  for c, i in zip(checked, intents) if c.note]
         blocked = [c.blocked for c in checked if c.blocked]
@@ -141,7 +139,7 @@ class Decider:
         notes += list(dict.fromkeys(n for n in (self.gate.after_market(c.intent, c.reducing) for c in todo) if n))
         master = self.instruments() if self.instruments is not None else None
         sliced = [(c, replace(c.intent, qty=q)) for c in todo for q in slices(master, c.intent)]
-        named = [(c, i, _named(asked, i, "legs" if alert_id is not None else "intent")) for c, i in sliced]
+        named = [(c, i, _named(legs or asked, i, "legs" if alert_id is not None else "intent")) for c, i in sliced]
         problems = [str(p) for c, i, name in named for p in validate_intent(i, name)]
         problems += [str(p) for c, i, name in named for p in protect.problems(
             db, i, name, self._tick(master, i.exchange, i.symbol))]

@@ -16,14 +16,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Optional
 
 import sqlite_utils
 
-from . import flatten, targets
+from . import alert_positions, flatten, targets
 from .broker_session import load_token
 from .brokers.base import SessionExpired
 from .commands import CONTROL, Commands, after_halts, is_halt
@@ -704,10 +704,15 @@ class Engine:
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
                 version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:
-        decision = self.decider.evaluate(db, strategy, intents, alert_id=row["id"], version=version, room=room,
-                                         out_now=True, blind=True)
+        planned = alert_positions.plan(db, strategy, intents)  # an ADJUST after a sale in the app: not sold again
+        decision = self.decider.evaluate(db, strategy, planned.intents, alert_id=row["id"], version=version,
+                                         room=room, out_now=True, legs=intents)
         if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
+            alert_positions.store(db, strategy, planned.believed, planned.notes)
+            if planned.notes:
+                decision = replace(decision, reason="; ".join(planned.notes + ([decision.reason] if decision.reason
+                                                                                else [])))
         self._record(db, row, decision, version)
         return decision
 
@@ -717,6 +722,8 @@ class Engine:
         exits capped at the broker's net, as an EXIT alert's are (a position closed in the broker's app)."""
         decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version, room))
         self._targets_waiting = True
+        if decision.status is AlertStatus.ACCEPTED:
+            alert_positions.store(db, alert.strategy, alert_positions.targets(alert.targets), [])
         self._record(db, row, decision, version)
         return decision
 

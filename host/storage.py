@@ -199,13 +199,20 @@ def _m13_positions_by_instrument(db: sqlite_utils.Database) -> None:
     db["outside_fills"].create_index(["exchange", "symbol", "product", "at"])  # ...unless traded outside the host
 
 
+def _m14_alert_positions(db: sqlite_utils.Database) -> None:
+    # the position each strategy's alerts add up to (what TradingView believes it holds): alert_positions.py
+    db["alert_positions"].create({"strategy": str, "exchange": str, "symbol": str, "believed": int,
+                                  "updated_at": str}, pk=("strategy", "exchange", "symbol"))
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
                                                                   _m8_protections, _m9_sessions,
                                                                   _m10_flat_cost, _m11_unexplained_left,
                                                                   _m12_protection_index,
-                                                                  _m13_positions_by_instrument)
+                                                                  _m13_positions_by_instrument,
+                                                                  _m14_alert_positions)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

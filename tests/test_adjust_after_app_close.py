@@ -1,29 +1,50 @@
-"""An ADJUST that follows a close in the broker's app (live: NorenRestApiPy against the Noren simulator).
+"""An ADJUST is relative to the position TradingView believes the strategy holds (alert_positions.py). Live: the
+real NorenRestApiPy against the Noren simulator; what is asserted is the broker's net (the simulator's books)
+against what the trader meant.
 
-TradingView's strategy never sees a trade made in the broker's app. Long 75, the trader sells the 75 in the app;
-the strategy's next ADJUST SELL 75 is the reduction it believes it still has to make. On the flat position that
-remains, the host used to treat it as an addition and sold 75 more: the account ended short 75. What is asserted
-is the broker's net (the simulator's books) against what the trader meant.
+TradingView never sees a trade made in the broker's app. Long 75, the trader sells the 75 there; the strategy's
+next ADJUST SELL 75 is the reduction it believes it still has to make. The host used to treat it as an addition on
+the flat position and sold 75 more: the account ended short 75.
 """
 from __future__ import annotations
 
 import time
 from decimal import Decimal
 
-from conftest import SYMBOL, wait_for
-from test_issue12_live import broker_net, control, entry, events, live, net, place, wait_status  # noqa: F401
+from conftest import SECRET, SYMBOL, wait_for
+from test_issue12_live import PUT, broker_net, control, entry, events, live, net, place, wait_status  # noqa: F401
 
 
-def _long_then_sold_in_the_app(h, sim) -> None:
+def _long(h, sim, qty: int = 75, strategy: str = "s1") -> None:
     sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
-    wait_status(h, entry(h, strategy="s1", direction="BUY", qty=75, price="43"), "FILLED")
-    wait_for(lambda: net(h, "s1", SYMBOL) == 75, timeout=6)
-    control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side="S", qty=75)
+    wait_status(h, entry(h, strategy=strategy, direction="BUY", qty=qty, price="43", alert_id=f"in-{strategy}"),
+                "FILLED")
+    wait_for(lambda: net(h, strategy, SYMBOL) == qty, timeout=6)
 
 
-def _adjust(h, qty: int, alert_id: str) -> dict:
-    return place(h, execution_type="ADJUST", strategy="s1", direction="SELL", qty=qty, order_type="MKT", price=None,
-                 alert_id=alert_id)
+def _app(sim, side: str, qty: int) -> str:
+    """A trade in the broker's app; its broker order number."""
+    return control(sim, action="manual_order", exchange="NFO", symbol=SYMBOL, side=side, qty=qty)["norenordno"]
+
+
+def _long_then_sold_in_the_app(h, sim, qty: int = 75) -> None:
+    _long(h, sim, qty)
+    _app(sim, "S", qty)
+
+
+def _adjust(h, qty: int, alert_id: str, side: str = "SELL", expect: int = 200, **kw) -> dict:
+    return place(h, expect=expect, execution_type="ADJUST", strategy="s1", direction=side, qty=qty, order_type="MKT",
+                 price=None, alert_id=alert_id, **kw)
+
+
+def _filled(h, answer: dict) -> None:
+    for o in answer.get("orders", []):
+        wait_status(h, o["id"], "FILLED", "REJECTED")
+
+
+def _seen(h) -> None:
+    """The host has booked the app's trade to s1."""
+    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
 
 
 def test_an_adjust_right_after_the_app_closed_the_position_does_not_open_a_short(live, sim):
@@ -31,29 +52,27 @@ def test_an_adjust_right_after_the_app_closed_the_position_does_not_open_a_short
     _long_then_sold_in_the_app(h, sim)
     answer = _adjust(h, 75, "trim")  # at once: the host may not have seen the app's trade yet
     assert answer["orders"] == [], answer
-    assert "counted 75 as done by the trade outside the host" in answer["reason"], answer
     time.sleep(2)
     assert broker_net(sim, SYMBOL) == 0, "the ADJUST sold the position a second time: account short 75"
     assert net(h, "s1", SYMBOL) == 0
-    [said] = events(h, "exit_capped")
-    assert said["strategy"] == "s1" and "ADJUST SELL 75" in said["message"], said
 
 
-def test_an_adjust_after_the_app_closed_the_position_a_while_ago_is_also_not_sent(live, sim):
-    """The host saw the app's trade well before the alert: the strategy has not traded there since, so its ADJUST
-    is still the reduction it believes it has to make."""
+def test_an_adjust_after_the_host_saw_the_app_close_is_cut_and_says_why(live, sim):
     h = live()
     _long_then_sold_in_the_app(h, sim)
-    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
-    time.sleep(0.5)
-    assert _adjust(h, 75, "late")["orders"] == []
-    time.sleep(1.5)
+    _seen(h)
+    answer = _adjust(h, 75, "late")
+    assert answer["orders"] == [] and "ADJUST SELL 75 cut to 0" in answer["reason"], answer
+    assert "add up to +75" in answer["reason"] and "its position is +0" in answer["reason"], answer
+    [said] = events(h, "adjust_capped")
+    assert said["strategy"] == "s1" and said["severity"] == "warning" and "cut to 0" in said["message"]
+    time.sleep(1)
     assert broker_net(sim, SYMBOL) == 0
 
 
-def test_the_close_in_the_app_is_counted_once_and_only_for_its_quantity(live, sim):
-    """ADJUST SELL 150 after the app sold the 75: TradingView goes from +75 to -75, so 75 is sold (opening the short
-    it meant). Counted once: the next ADJUST SELL 75 adds to the short as usual."""
+def test_a_reversal_by_adjust_after_the_app_close_sells_only_what_takes_it_to_the_short(live, sim):
+    """ADJUST SELL 150 after the app sold the 75: TradingView goes from +75 to -75, so 75 is sold. The next ADJUST
+    SELL 75 adds to the short as usual."""
     h = live()
     _long_then_sold_in_the_app(h, sim)
     [o] = _adjust(h, 150, "reverse")["orders"]
@@ -67,11 +86,131 @@ def test_the_close_in_the_app_is_counted_once_and_only_for_its_quantity(live, si
     wait_for(lambda: broker_net(sim, SYMBOL) == -150, timeout=6)
 
 
-def test_an_adjust_that_adds_after_an_earlier_outside_close_is_sent_whole(live, sim):
-    """A close in the app before the strategy's own later trades is old news: an ADJUST adding now is sent whole."""
+def test_one_app_close_of_150_then_two_scale_out_adjusts_of_75_sell_nothing(live, sim):
+    """Found from outside: the first ADJUST counted the whole close as used; the second sold 75 (short 75)."""
+    h = live()
+    _long_then_sold_in_the_app(h, sim, 150)
+    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
+    assert _adjust(h, 75, "scale1")["orders"] == []
+    second = _adjust(h, 75, "scale2")
+    _filled(h, second)
+    time.sleep(1.5)
+    assert second["orders"] == [], second
+    assert broker_net(sim, SYMBOL) == 0
+
+
+def test_two_adjust_legs_in_one_alert_after_the_app_close(live, sim):
+    """Two legs of SELL 75 after the app sold the 75: TradingView means -75, so the second leg sells 75."""
     h = live()
     _long_then_sold_in_the_app(h, sim)
-    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
+    _seen(h)
+    leg = {"tradingsymbol": SYMBOL, "direction": "SELL", "qty": 75, "order_type": "MKT", "product_type": "M"}
+    r = h.post({"secret_key": SECRET, "execution_type": "ADJUST", "strategy_name": "s1", "exchange": "NFO",
+                "alert_id": "two", "legs": [leg, dict(leg)]})
+    assert r.status_code == 200, r.get_json()
+    answer = r.get_json()
+    assert [o["qty"] for o in answer["orders"]] == [75], answer
+    assert "cut to 0" in answer["reason"] and "cut to 75" not in answer["reason"], answer
+    _filled(h, answer)
+    wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
+
+
+def test_a_refused_adjust_changes_nothing_and_its_resend_is_cut_the_same(live, sim):
+    """Found from outside: a halted host refused ADJUST SELL 150 but counted the app's close as used, and said it
+    sent an order; resent after the resume it sold 150 (-150)."""
+    h = live()
+    _long_then_sold_in_the_app(h, sim)
+    _seen(h)
+    assert h.api("/api/halt", "POST", json={"mode": "halted"}).status_code == 200
+    _adjust(h, 150, "rev1", expect=423)
+    assert events(h, "adjust_capped") == []
+    assert h.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200
+    again = _adjust(h, 150, "rev2")
+    assert [o["qty"] for o in again["orders"]] == [75], again
+    _filled(h, again)
+    wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
+    time.sleep(0.5)
+    assert broker_net(sim, SYMBOL) == -75
+
+
+def test_a_rejected_alert_changes_nothing_and_its_corrected_resend_sells_nothing_twice(live, sim):
+    h = live()
+    _long_then_sold_in_the_app(h, sim)
+    _seen(h)
+    sim.sim.tick("NFO", PUT, Decimal("60"))
+    adj = {"tradingsymbol": SYMBOL, "direction": "SELL", "qty": 75, "order_type": "MKT", "product_type": "M"}
+    body = {"secret_key": SECRET, "execution_type": "ADJUST", "strategy_name": "s1", "exchange": "NFO",
+            "alert_id": "two-legs", "legs": [adj, {"tradingsymbol": PUT, "direction": "BUY", "qty": 10,
+                                                   "order_type": "MKT", "product_type": "M"}]}
+    refused = h.post(body).get_json()
+    assert refused["status"] == "rejected" and "legs[1].qty" in refused["reason"], refused
+    body["alert_id"], body["legs"][1]["qty"] = "two-legs-fixed", 75
+    again = h.post(body).get_json()
+    assert [o["symbol"] for o in again["orders"]] == [PUT], again
+    _filled(h, again)
+    time.sleep(1)
+    assert broker_net(sim, SYMBOL) == 0 and broker_net(sim, PUT) == 75
+
+
+def test_after_an_exit_alert_the_next_adjust_opens_as_meant(live, sim):
+    """Found from outside: an EXIT after the app's close (nothing left to exit) told TradingView's side of the
+    story: the strategy is flat. Its next ADJUST SELL 75 opens the short it means."""
+    h = live()
+    _long_then_sold_in_the_app(h, sim)
+    _seen(h)
+    ex = place(h, execution_type="EXIT", strategy="s1", direction="SELL", qty=75, order_type="MKT", price=None,
+               alert_id="exit")
+    assert ex["orders"] == []
+    opened = _adjust(h, 75, "open-short")
+    assert [o["qty"] for o in opened["orders"]] == [75], opened
+    _filled(h, opened)
+    wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
+
+
+def test_after_a_flat_position_alert_the_next_adjust_opens_as_meant(live, sim):
+    h = live()
+    _long_then_sold_in_the_app(h, sim)
+    _seen(h)
+    r = h.post({"secret_key": SECRET, "execution_type": "POSITION", "strategy_name": "s1", "exchange": "NFO",
+                "alert_id": "flat", "legs": [{"tradingsymbol": SYMBOL, "position": "0", "order_type": "MKT",
+                                              "product_type": "M"}]})
+    assert r.status_code == 200 and r.get_json()["orders"] == [], r.get_json()
+    opened = _adjust(h, 75, "open-short")
+    assert [o["qty"] for o in opened["orders"]] == [75], opened
+
+
+def test_an_adjust_the_books_capped_before_the_host_saw_the_app_trade_is_not_counted_again(live, sim):
+    """Found from outside: the broker's order book lags; the trim ADJUST is capped at the broker's net (0), the
+    app's trade is booked to s1 after it. TradingView is flat then: its next ADJUST SELL 75 opens a short."""
+    h = live()
+    _long(h, sim)
+    manual = _app(sim, "S", 75)
+    control(sim, action="hide_order", norenordno=manual)
+    assert _adjust(h, 75, "trim")["orders"] == []
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    _seen(h)
+    opened = _adjust(h, 75, "open-short")
+    assert [o["qty"] for o in opened["orders"]] == [75], opened
+
+
+def test_an_adjust_naming_another_product_after_the_app_close_sells_nothing(live, sim):
+    """Found from outside: the NRML position closed in the app, then ADJUST SELL 75 naming MIS (I): every product of
+    the instrument counts together, as TradingView knows no products."""
+    h = live()
+    _long_then_sold_in_the_app(h, sim)
+    _seen(h)
+    a = _adjust(h, 75, "mis", product_type="I")
+    _filled(h, a)
+    time.sleep(1)
+    assert a["orders"] == [], a
+    assert broker_net(sim, SYMBOL, "I") == 0 and broker_net(sim, SYMBOL) == 0
+
+
+def test_an_adjust_that_adds_after_an_earlier_outside_close_is_sent_whole(live, sim):
+    """A close in the app before the strategy's own later ENTRY is old news: an ADJUST adding now is sent whole."""
+    h = live()
+    _long_then_sold_in_the_app(h, sim)
+    _seen(h)
     wait_status(h, entry(h, strategy="s1", direction="SELL", qty=75, price="42", alert_id="short"), "FILLED")
     [o] = _adjust(h, 75, "add")["orders"]
     assert o["qty"] == 75
@@ -80,14 +219,29 @@ def test_an_adjust_that_adds_after_an_earlier_outside_close_is_sent_whole(live, 
 
 def test_a_position_target_after_the_app_closed_the_position_is_still_met(live, sim):
     """A POSITION alert names where to end, whatever happened in the app: -75 from the flat position is a sale of
-    75, not counted against the app's close."""
+    75."""
     h = live()
     _long_then_sold_in_the_app(h, sim)
-    wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
-    r = h.post({"secret_key": "test-webhook-secret", "execution_type": "POSITION", "strategy_name": "s1",
-                "exchange": "NFO", "alert_id": "short",
-                "legs": [{"tradingsymbol": SYMBOL, "position": "-75", "order_type": "MKT", "product_type": "M"}]})
+    _seen(h)
+    r = h.post({"secret_key": SECRET, "execution_type": "POSITION", "strategy_name": "s1", "exchange": "NFO",
+                "alert_id": "short", "legs": [{"tradingsymbol": SYMBOL, "position": "-75", "order_type": "MKT",
+                                               "product_type": "M"}]})
     assert r.status_code == 200, r.get_json()
     [o] = r.get_json()["orders"]
     assert o["qty"] == 75
     wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
+
+
+def test_an_unfilled_entry_then_a_trim_adjust_opens_nothing(live, sim):
+    """The same belief covers an entry that never filled: ENTRY BUY 75 at a limit below the market, cancelled;
+    TradingView's strategy (filled in its own emulator) then trims with ADJUST SELL 75: nothing to sell."""
+    h = live()
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    oid = entry(h, strategy="s1", direction="BUY", qty=75, price="30", alert_id="low")
+    wait_status(h, oid, "OPEN")
+    sim.sim.engine.cancel(sim.sim.engine.find(oid).broker_order_id)  # in the broker's app, say
+    wait_status(h, oid, "CANCELLED")
+    trim = _adjust(h, 75, "trim")
+    assert trim["orders"] == [], trim
+    time.sleep(1)
+    assert broker_net(sim, SYMBOL) == 0

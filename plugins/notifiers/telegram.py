@@ -82,6 +82,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "exit_all": ("orders", "Exit all"), "exit_all_dropped": ("orders", "RISK'S FOLLOW-UP DROPPED: CHECK THE POSITIONS"),
     "exit_repriced": ("orders", "Exit moved towards the market"), "exit_rejected": ("orders", "EXIT REJECTED"),
     "exit_capped": ("orders", "Exit cut to the broker's position"),
+    "adjust_capped": ("orders", "ADJUST cut to what the strategy's alerts add up to"),
     "exit_unsure": ("orders", "EXIT MAY HAVE LEFT A POSITION OPEN"),
     "exit_not_moved": ("orders", "EXIT NOT MOVED TO THE MARKET"),
     "target_exit_rejected": ("orders", "TARGET EXIT REJECTED"), "order_held": ("orders", "Order held for the login"),

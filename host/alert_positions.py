@@ -1,0 +1,108 @@
+"""The position each strategy's alerts add up to: what TradingView believes the strategy holds.
+
+TradingView sees only its own alerts: not a sale in the broker's app, the broker's square-off, a limit entry that
+never filled, or a breach's flatten. An ADJUST is relative to the position it believes in. Where that belief and
+the strategy's own position differ, an ADJUST that takes the belief towards zero (or through it) moves the
+position only as far as the belief's new value, and only in the ADJUST's own direction. Long 75, sold in the app:
+ADJUST SELL 75 then sends nothing (it used to open a short of 75), and ADJUST SELL 150 sends 75 (TradingView's
+strategy is then short 75). An ADJUST that adds is sent whole, as before.
+
+The belief, per strategy and instrument (exchange and symbol, every product together), is stored with each
+accepted alert: an ENTRY sets it to its own quantity, an EXIT takes it towards zero by its quantity, an ADJUST
+moves it by its own, and a POSITION alert sets it to its target. An alert refused or rejected changes nothing: it
+will be sent again. With no alert since the belief was kept (a strategy's first alert after an upgrade), it is
+the strategy's own position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Optional
+
+import sqlite_utils
+
+from .models import ExecutionType, Intent, TargetLeg
+from .storage import Storage, utcnow
+
+Instrument = tuple[str, str]  # exchange, symbol
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An alert's intents with its ADJUSTs cut to the belief; the beliefs to store if it is accepted."""
+
+    intents: list[Intent]
+    believed: dict[Instrument, int]
+    notes: list[str]
+
+
+def _held(db: sqlite_utils.Database, strategy: str, at: Instrument) -> int:
+    return db.execute("select coalesce(sum(net_qty), 0) from positions where strategy = ? and exchange = ? and "
+                      "symbol = ?", (strategy, *at)).fetchone()[0]
+
+
+def _stored(db: sqlite_utils.Database, strategy: str, at: Instrument) -> Optional[int]:
+    row = db.execute("select believed from alert_positions where strategy = ? and exchange = ? and symbol = ?",
+                     (strategy, *at)).fetchone()
+    return None if row is None else row[0]
+
+
+def _sign(n: int) -> int:
+    return (n > 0) - (n < 0)
+
+
+def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent]) -> Plan:
+    """Cut each ADJUST that reduces the belief to what moves the strategy's position to the belief's new value,
+    in its own direction (one cut to nothing is dropped); the beliefs after the alert."""
+    believed: dict[Instrument, int] = {}
+    moved: dict[Instrument, int] = {}  # what this alert's ADJUSTs already send, per instrument
+    out, notes = [], []
+    for i in intents:
+        at, d = (i.exchange, i.symbol), i.side.sign * i.qty
+        if i.action is ExecutionType.ENTRY:
+            believed[at] = believed.get(at, 0) + d  # a fresh start (the guard lets an ENTRY in only flat)
+            out.append(i)
+            continue
+        if at not in believed:
+            stored = _stored(db, strategy, at)
+            believed[at] = stored if stored is not None else _held(db, strategy, at)
+        b = believed[at]
+        if i.action is ExecutionType.EXIT:
+            believed[at] = _sign(b) * max(abs(b) - i.qty, 0)
+            out.append(i)
+            continue
+        believed[at] = b + d
+        if not b or _sign(d) == _sign(b):  # an ADJUST that adds
+            out.append(i)
+            continue
+        held = _held(db, strategy, at) + moved.get(at, 0)
+        gap = b + d - held  # from the position to the belief's new value
+        qty = min(abs(gap), i.qty) if _sign(gap) == _sign(d) else 0
+        moved[at] = moved.get(at, 0) + i.side.sign * qty
+        if qty < i.qty:
+            notes.append(f"{i.exchange}:{i.symbol} ADJUST {i.side.value} {i.qty} cut to {qty}: the alerts of "
+                         f"{strategy} add up to {b:+d} there, its position is {held:+d} (a trade outside the host, "
+                         f"such as a sale in the broker's app, or an order that did not fill), so {qty} takes it to "
+                         f"the {b + d:+d} this ADJUST means")
+        if qty:
+            out.append(replace(i, qty=qty))
+    return Plan(out, believed, notes)
+
+
+def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
+    """A POSITION alert's beliefs: its targets, every product of an instrument together."""
+    out: dict[Instrument, int] = {}
+    for leg in legs:
+        out[(leg.exchange, leg.symbol)] = out.get((leg.exchange, leg.symbol), 0) + leg.target
+    return out
+
+
+def store(db: sqlite_utils.Database, strategy: str, believed: dict[Instrument, int], notes: list[str]) -> None:
+    """Keep an accepted alert's beliefs, and say its cuts (an `adjust_capped` warning each: TradingView keeps no
+    answer)."""
+    now = utcnow()
+    for (exchange, symbol), n in believed.items():
+        db.execute("insert into alert_positions (strategy, exchange, symbol, believed, updated_at) values "
+                   "(?, ?, ?, ?, ?) on conflict (strategy, exchange, symbol) do update set believed = "
+                   "excluded.believed, updated_at = excluded.updated_at", (strategy, exchange, symbol, n, now))
+    for note in notes:
+        Storage.add_event(db, "adjust_capped", f"{strategy}: {note}", "warning", strategy, None)
