@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import sqlite_utils
 
+from .flatten import OPEN_STATUSES
 from .models import ExecutionType, Intent, TargetLeg
 from .storage import Storage, utcnow
 
@@ -36,8 +37,15 @@ class Plan:
 
 
 def _held(db: sqlite_utils.Database, strategy: str, at: Instrument) -> int:
-    return db.execute("select coalesce(sum(net_qty), 0) from positions where strategy = ? and exchange = ? and "
+    """The strategy's position in the instrument with what its working orders will still buy or sell, as a
+    POSITION alert counts it (resting stops aside: they are there in case, not a move asked for)."""
+    held = db.execute("select coalesce(sum(net_qty), 0) from positions where strategy = ? and exchange = ? and "
                       "symbol = ?", (strategy, *at)).fetchone()[0]
+    working = db.execute(f"select coalesce(sum(case side when 'BUY' then 1 else -1 end * (qty - coalesce(filled_qty, "
+                         f"0))), 0) from orders where strategy = ? and exchange = ? and symbol = ? and status in "
+                         f"({','.join('?' * len(OPEN_STATUSES))}) and protection is null",
+                         (strategy, *at, *OPEN_STATUSES)).fetchone()[0]
+    return held + working
 
 
 def _stored(db: sqlite_utils.Database, strategy: str, at: Instrument) -> Optional[int]:
@@ -72,17 +80,18 @@ def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent]) ->
             continue
         believed[at] = b + d
         if not b or _sign(d) == _sign(b):  # an ADJUST that adds
+            moved[at] = moved.get(at, 0) + d
             out.append(i)
             continue
-        held = _held(db, strategy, at) + moved.get(at, 0)
+        held = _held(db, strategy, at) + moved.get(at, 0)  # with the working orders, this alert's sends too
         gap = b + d - held  # from the position to the belief's new value
         qty = min(abs(gap), i.qty) if _sign(gap) == _sign(d) else 0
         moved[at] = moved.get(at, 0) + i.side.sign * qty
         if qty < i.qty:
             notes.append(f"{i.exchange}:{i.symbol} ADJUST {i.side.value} {i.qty} cut to {qty}: the alerts of "
-                         f"{strategy} add up to {b:+d} there, its position is {held:+d} (a trade outside the host, "
-                         f"such as a sale in the broker's app, or an order that did not fill), so {qty} takes it to "
-                         f"the {b + d:+d} this ADJUST means")
+                         f"{strategy} add up to {b:+d} there, its position with its working orders is {held:+d} (a "
+                         f"trade outside the host, such as a sale in the broker's app, or an order that did not "
+                         f"fill), so {qty} takes it to the {b + d:+d} this ADJUST means")
         if qty:
             out.append(replace(i, qty=qty))
     return Plan(out, believed, notes)

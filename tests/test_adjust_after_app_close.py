@@ -63,7 +63,7 @@ def test_an_adjust_after_the_host_saw_the_app_close_is_cut_and_says_why(live, si
     _seen(h)
     answer = _adjust(h, 75, "late")
     assert answer["orders"] == [] and "ADJUST SELL 75 cut to 0" in answer["reason"], answer
-    assert "add up to +75" in answer["reason"] and "its position is +0" in answer["reason"], answer
+    assert "add up to +75" in answer["reason"] and "its position with its working orders is +0" in answer["reason"], answer
     [said] = events(h, "adjust_capped")
     assert said["strategy"] == "s1" and said["severity"] == "warning" and "cut to 0" in said["message"]
     time.sleep(1)
