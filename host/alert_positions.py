@@ -8,10 +8,12 @@ ADJUST SELL 75 then sends nothing (it used to open a short of 75), and ADJUST SE
 strategy is then short 75). An ADJUST that adds is sent whole, as before.
 
 The belief, per strategy and instrument (exchange and symbol, every product together), is stored with each
-accepted alert: an ENTRY sets it to its own quantity, an EXIT takes it towards zero by its quantity, an ADJUST
-moves it by its own, and a POSITION alert sets it to its target. An alert refused or rejected changes nothing: it
-will be sent again. With no alert since the belief was kept (a strategy's first alert after an upgrade), it is
-the strategy's own position.
+alert decided, whatever the host did with it (refused while halted, rejected, blocked: TradingView's strategy
+believes it traded all the same): an ENTRY sets it to its own quantity, an EXIT takes it towards zero by its
+quantity, an ADJUST moves it by its own, and a POSITION alert sets it to its target. With no alert since the
+belief was kept (a strategy's first alert after an upgrade), it is the strategy's own position. The strategy's
+position counts its working orders, as a POSITION alert does. Delivery (CNC) ADJUSTs are not cut: yesterday's
+buys are holdings, which the host does not count. EXITs are not cut either (an exit is never held back).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Iterable, Optional
 import sqlite_utils
 
 from .flatten import OPEN_STATUSES
-from .models import ExecutionType, Intent, TargetLeg
+from .models import ExecutionType, Intent, Product, TargetLeg
 from .storage import Storage, utcnow
 
 Instrument = tuple[str, str]  # exchange, symbol
@@ -29,7 +31,7 @@ Instrument = tuple[str, str]  # exchange, symbol
 
 @dataclass(frozen=True)
 class Plan:
-    """An alert's intents with its ADJUSTs cut to the belief; the beliefs to store if it is accepted."""
+    """An alert's intents with its ADJUSTs cut to the belief; the beliefs to store once it is decided."""
 
     intents: list[Intent]
     believed: dict[Instrument, int]
@@ -79,7 +81,8 @@ def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent]) ->
             out.append(i)
             continue
         believed[at] = b + d
-        if not b or _sign(d) == _sign(b):  # an ADJUST that adds
+        if not b or _sign(d) == _sign(b) or i.product is Product.CNC:  # an ADJUST that adds; or delivery, whose
+            # holdings (yesterday's buys) the host does not count: it cannot tell what TradingView's trim finds
             moved[at] = moved.get(at, 0) + d
             out.append(i)
             continue
@@ -106,7 +109,7 @@ def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
 
 
 def store(db: sqlite_utils.Database, strategy: str, believed: dict[Instrument, int], notes: list[str]) -> None:
-    """Keep an accepted alert's beliefs, and say its cuts (an `adjust_capped` warning each: TradingView keeps no
+    """Keep a decided alert's beliefs, and say its cuts (an `adjust_capped` warning each: TradingView keeps no
     answer)."""
     now = utcnow()
     for (exchange, symbol), n in believed.items():

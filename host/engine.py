@@ -707,12 +707,14 @@ class Engine:
         planned = alert_positions.plan(db, strategy, intents)  # an ADJUST after a sale in the app: not sold again
         decision = self.decider.evaluate(db, strategy, planned.intents, alert_id=row["id"], version=version,
                                          room=room, out_now=True, legs=intents)
-        if decision.status is AlertStatus.ACCEPTED:  # a newer alert in a symbol drops a reversal waiting there
+        accepted = decision.status is AlertStatus.ACCEPTED
+        if accepted:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
-            alert_positions.store(db, strategy, planned.believed, planned.notes)
-            if planned.notes:
-                decision = replace(decision, reason="; ".join(planned.notes + ([decision.reason] if decision.reason
-                                                                                else [])))
+        # whatever the host did with it, TradingView's strategy believes it traded (its cuts are said if they went)
+        alert_positions.store(db, strategy, planned.believed, planned.notes if accepted else [])
+        if accepted and planned.notes:
+            decision = replace(decision, reason="; ".join(planned.notes + ([decision.reason] if decision.reason
+                                                                            else [])))
         self._record(db, row, decision, version)
         return decision
 
@@ -722,8 +724,7 @@ class Engine:
         exits capped at the broker's net, as an EXIT alert's are (a position closed in the broker's app)."""
         decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version, room))
         self._targets_waiting = True
-        if decision.status is AlertStatus.ACCEPTED:
-            alert_positions.store(db, alert.strategy, alert_positions.targets(alert.targets), [])
+        alert_positions.store(db, alert.strategy, alert_positions.targets(alert.targets), [])
         self._record(db, row, decision, version)
         return decision
 

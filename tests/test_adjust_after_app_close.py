@@ -115,25 +115,28 @@ def test_two_adjust_legs_in_one_alert_after_the_app_close(live, sim):
     wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
 
 
-def test_a_refused_adjust_changes_nothing_and_its_resend_is_cut_the_same(live, sim):
-    """Found from outside: a halted host refused ADJUST SELL 150 but counted the app's close as used, and said it
-    sent an order; resent after the resume it sold 150 (-150)."""
+def test_a_refused_adjust_still_moves_what_tradingview_believes(live, sim):
+    """TradingView never sends an alert again: refused while halted, its ADJUST SELL 150 still took TradingView's
+    strategy from +75 to -75. After the resume its ADJUST BUY 75 (to flat, as it believes) sends nothing: the account
+    is flat already (it used to buy 75 and leave a long nobody asked for). The refusal says no cut, and no event
+    says one."""
     h = live()
     _long_then_sold_in_the_app(h, sim)
     _seen(h)
     assert h.api("/api/halt", "POST", json={"mode": "halted"}).status_code == 200
-    _adjust(h, 150, "rev1", expect=423)
+    refused = _adjust(h, 150, "rev1", expect=423)
+    assert "cut" not in refused["reason"], refused
     assert events(h, "adjust_capped") == []
     assert h.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200
-    again = _adjust(h, 150, "rev2")
-    assert [o["qty"] for o in again["orders"]] == [75], again
-    _filled(h, again)
-    wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
-    time.sleep(0.5)
-    assert broker_net(sim, SYMBOL) == -75
+    cover = _adjust(h, 75, "cover", side="BUY")
+    assert cover["orders"] == [] and "add up to -75" in cover["reason"], cover
+    time.sleep(1)
+    assert broker_net(sim, SYMBOL) == 0
 
 
-def test_a_rejected_alert_changes_nothing_and_its_corrected_resend_sells_nothing_twice(live, sim):
+def test_a_rejected_alert_still_moves_what_tradingview_believes(live, sim):
+    """Rejected for its second leg (10 is not a lot), the ADJUST SELL 75 still took TradingView's strategy to flat:
+    its next ADJUST SELL 75 opens the short it means."""
     h = live()
     _long_then_sold_in_the_app(h, sim)
     _seen(h)
@@ -144,12 +147,28 @@ def test_a_rejected_alert_changes_nothing_and_its_corrected_resend_sells_nothing
                                                    "order_type": "MKT", "product_type": "M"}]}
     refused = h.post(body).get_json()
     assert refused["status"] == "rejected" and "legs[1].qty" in refused["reason"], refused
-    body["alert_id"], body["legs"][1]["qty"] = "two-legs-fixed", 75
-    again = h.post(body).get_json()
-    assert [o["symbol"] for o in again["orders"]] == [PUT], again
-    _filled(h, again)
+    opened = _adjust(h, 75, "open-short")
+    assert [o["qty"] for o in opened["orders"]] == [75], opened
+    _filled(h, opened)
+    wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
+
+
+def test_a_partly_filled_entry_then_a_trim_sells_what_it_means(live, sim):
+    """Found from outside: the trim counted only the filled 75 of ENTRY BUY 150, not the 75 still working, and was
+    cut to nothing; when the rest filled the account held 150 where TradingView meant 75."""
+    h = live()
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.5"))
+    control(sim, action="partial", max_fill_qty=75)
+    oid = entry(h, strategy="s1", direction="BUY", qty=150, price="43", alert_id="in")
+    wait_for(lambda: net(h, "s1", SYMBOL) == 75, timeout=6)
+    trim = _adjust(h, 75, "trim")
+    assert [o["qty"] for o in trim["orders"]] == [75], trim
+    control(sim, action="partial", max_fill_qty=None)
+    sim.sim.tick("NFO", SYMBOL, Decimal("42.4"))
+    wait_status(h, oid, "FILLED", "CANCELLED")
+    _filled(h, trim)
     time.sleep(1)
-    assert broker_net(sim, SYMBOL) == 0 and broker_net(sim, PUT) == 75
+    assert broker_net(sim, SYMBOL) == 75
 
 
 def test_after_an_exit_alert_the_next_adjust_opens_as_meant(live, sim):
@@ -245,3 +264,27 @@ def test_an_unfilled_entry_then_a_trim_adjust_opens_nothing(live, sim):
     assert trim["orders"] == [], trim
     time.sleep(1)
     assert broker_net(sim, SYMBOL) == 0
+
+
+def test_a_delivery_buy_carried_overnight_can_still_be_trimmed(live, sim):
+    """Found from outside: after the day rolls the broker shows yesterday's CNC buy as holdings, which the host does
+    not count (the strategy's position reads 0), so the trim was cut to nothing against a belief of +10. Delivery
+    ADJUSTs are not cut."""
+    h = live()
+    sim.sim.tick("NSE", "RELIANCE-EQ", Decimal("2900"))
+    body = {"secret_key": SECRET, "execution_type": "ENTRY", "strategy_name": "s1", "exchange": "NSE",
+            "alert_id": "in", "legs": [{"tradingsymbol": "RELIANCE-EQ", "direction": "BUY", "qty": 10,
+                                        "order_type": "MKT", "product_type": "C"}]}
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    wait_status(h, r.get_json()["orders"][0]["id"], "FILLED")
+    wait_for(lambda: net(h, "s1", "RELIANCE-EQ", "C") == 10, timeout=6)
+    control(sim, action="new_day", keep_sessions=True)
+    sim.sim.tick("NSE", "RELIANCE-EQ", Decimal("2910"))
+    time.sleep(3)
+    body.update(execution_type="ADJUST", alert_id="trim")
+    body["legs"][0].update(direction="SELL", qty=5)
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    [o] = r.get_json()["orders"]
+    assert o["qty"] == 5

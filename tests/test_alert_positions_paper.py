@@ -1,0 +1,104 @@
+"""What TradingView believes in paper mode, where nothing happens outside the host: the ordinary flows are as they
+were, and a halt's flatten is the one thing TradingView's strategy does not see. Found from outside."""
+from __future__ import annotations
+
+import time
+
+from conftest import SYMBOL, alert, wait_for
+
+
+def post(h, expect: int = 200, **kw) -> dict:
+    r = h.post(alert(**kw))
+    assert r.status_code == expect, r.get_json()
+    return r.get_json()
+
+
+def mode(h, m: str) -> None:
+    assert h.api("/api/halt", "POST", json={"mode": m}).status_code == 200
+    time.sleep(0.3)
+
+
+def market(execution_type: str, direction: str, qty: int, alert_id: str, **kw) -> dict:
+    return dict(execution_type=execution_type, direction=direction, qty=qty, order_type="MKT", price=None,
+                alert_id=alert_id, **kw)
+
+
+def test_an_entry_and_a_trim_sent_back_to_back_end_at_the_trim(host):
+    """The trim is decided while the entry's order still works: it counts as held."""
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 150, "e"))
+    trim = post(host, **market("ADJUST", "SELL", 75, "trim"))
+    assert [o["qty"] for o in trim["orders"]] == [75], trim
+    host.settle()
+    assert host.net() == 75
+
+
+def test_a_trim_while_the_entry_still_rests_ends_at_the_trim(host):
+    host.tick("42.5")
+    post(host, execution_type="ENTRY", direction="BUY", qty=150, order_type="LMT", price="42", alert_id="e")
+    post(host, **market("ADJUST", "SELL", 75, "trim"))
+    host.settle()
+    host.tick("41.9")
+    host.settle()
+    wait_for(lambda: host.net() == 75, timeout=5)
+    time.sleep(0.5)
+    assert host.net() == 75
+
+
+def test_a_trim_right_after_an_add_still_working(host):
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    host.settle()
+    post(host, execution_type="ADJUST", direction="BUY", qty=75, order_type="LMT", price="42", alert_id="add")
+    post(host, **market("ADJUST", "SELL", 75, "trim"))
+    host.settle()
+    host.tick("41.9")
+    host.settle()
+    wait_for(lambda: host.net() == 75, timeout=5)
+
+
+def test_one_alert_adding_and_trimming_the_same_instrument(host):
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    host.settle()
+    body = alert(**market("ADJUST", "BUY", 75, "both", product_type="I"))
+    body["legs"].append({"tradingsymbol": SYMBOL, "direction": "SELL", "qty": 75, "order_type": "MKT",
+                         "product_type": "M"})
+    r = host.post(body)
+    assert r.status_code == 200, r.get_json()
+    host.settle()
+    total = sum(p["net_qty"] for p in host.positions() if p["strategy"] == "s1" and p["symbol"] == SYMBOL)
+    assert total == 75, (total, r.get_json())
+
+
+def test_after_a_halt_flattened_everything_tradingviews_scale_out_opens_no_short(host):
+    """ENTRY BUY 75; halted and exited (as a breach does); TradingView's ADJUST BUY 75 is refused, but its strategy
+    believes +150. After the resume it scales out with two ADJUST SELL 75: both find nothing to sell (they used to
+    leave a naked short of 75, and before the belief was kept, of 150)."""
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    host.settle()
+    mode(host, "halted")
+    assert host.api("/api/exit-all", "POST").status_code in (200, 202)
+    wait_for(lambda: host.net() == 0, timeout=6)
+    host.settle()
+    post(host, expect=423, **market("ADJUST", "BUY", 75, "add"))
+    mode(host, "active")
+    for n in (1, 2):
+        assert post(host, **market("ADJUST", "SELL", 75, f"t{n}"))["orders"] == []
+        host.settle()
+    assert host.net() == 0
+
+
+def test_ordinary_flows_are_as_before(host):
+    """ENTRY, an add, a trim, an EXIT, then a short built by ADJUSTs and covered: every order as asked."""
+    host.tick("42.5")
+    steps = [market("ENTRY", "BUY", 75, "a"), market("ADJUST", "BUY", 75, "b"), market("ADJUST", "SELL", 75, "c"),
+             market("EXIT", "SELL", 75, "d"), market("ADJUST", "SELL", 75, "e"), market("ADJUST", "SELL", 75, "f"),
+             market("ADJUST", "BUY", 150, "g")]
+    nets = [75, 150, 75, 0, -75, -150, 0]
+    for step, want in zip(steps, nets):
+        answer = post(host, **step)
+        assert len(answer["orders"]) == 1 and not answer.get("reason"), answer
+        host.settle()
+        wait_for(lambda: host.net() == want, timeout=5)
