@@ -68,6 +68,8 @@ def test_an_adjust_after_the_host_saw_the_app_close_is_cut_and_says_why(live, si
     assert said["strategy"] == "s1" and said["severity"] == "warning" and "cut to 0" in said["message"]
     time.sleep(1)
     assert broker_net(sim, SYMBOL) == 0
+    [row] = [p for p in h.api("/api/positions").get_json()["items"] if p["strategy"] == "s1"]
+    assert row["net_qty"] == 0 and row["alerts_add_up_to"] == 0, row
 
 
 def test_a_reversal_by_adjust_after_the_app_close_sells_only_what_takes_it_to_the_short(live, sim):
