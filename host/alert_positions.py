@@ -1,23 +1,25 @@
 """The position each strategy's alerts add up to: what TradingView believes the strategy holds.
 
 TradingView sees only its own alerts: not a sale in the broker's app, the broker's square-off, a limit entry that
-never filled, or a breach's flatten. An ADJUST is relative to the position it believes in. Where that belief and
-the strategy's own position differ, an ADJUST that takes the belief towards zero (or through it) moves the
-position only as far as the belief's new value, and only in the ADJUST's own direction. Long 75, sold in the app:
-ADJUST SELL 75 then sends nothing (it used to open a short of 75), and ADJUST SELL 150 sends 75 (TradingView's
-strategy is then short 75). An ADJUST that adds is sent whole, as before.
+never filled, a breach's flatten, a protective stop, or an alert the host refused. An ADJUST is relative to the
+position it believes in. Where that belief and the strategy's own position differ, an ADJUST that takes the belief
+towards zero (or through it) moves the position only as far as the belief's new value, and only in the ADJUST's
+own direction. Long 75, sold in the app: ADJUST SELL 75 then sends nothing (it used to open a short of 75), and
+ADJUST SELL 150 sends 75 (TradingView's strategy is then short 75). An ADJUST that adds is sent whole, as before.
 
-The belief, per strategy and instrument (exchange and symbol, every product together), is stored with each
-alert decided, whatever the host did with it (refused while halted, rejected, blocked: TradingView's strategy
-believes it traded all the same): an ENTRY sets it to its own quantity, an EXIT takes it towards zero by its
-quantity, an ADJUST moves it by its own, and a POSITION alert sets it to its target. With no alert since the
-belief was kept (a strategy's first alert after an upgrade), it is the strategy's own position. The strategy's
-position counts its working orders, as a POSITION alert does. Delivery (CNC) ADJUSTs are not cut: yesterday's
-buys are holdings, which the host does not count. EXITs are not cut either (an exit is never held back).
+The belief, per strategy and instrument (exchange and symbol, every product together), is stored with each alert
+decided, whatever the host did with it (refused while halted, rejected, blocked: TradingView's strategy believes
+it traded all the same, and never sends the alert again): an ENTRY sets it to its own quantity, an EXIT takes it
+towards zero by its quantity, an ADJUST moves it by its own, and a POSITION alert sets it to its target. A refused
+or rejected alert sent again by hand with its alert_id moves it once: what the earlier try moved is kept
+(alert_moves) and taken back first. With no alert since the belief was kept (a strategy's first alert after an
+upgrade), it is the strategy's own position. The strategy's position counts its working orders, as a POSITION
+alert does. Delivery (CNC) ADJUSTs are not cut: yesterday's buys are holdings, which the host does not count. EXITs
+are not cut either (an exit is never held back), nor a strategy plugin's intents: only an alert's own legs count.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 import sqlite_utils
@@ -36,6 +38,9 @@ class Plan:
     intents: list[Intent]
     believed: dict[Instrument, int]
     notes: list[str]
+    before: dict[Instrument, int] = field(default_factory=dict)  # where it started, where it was read
+    key: Optional[str] = None  # the alert's alert_id: an earlier try's moves are taken back (alert_moves)
+    earlier: dict[Instrument, int] = field(default_factory=dict)  # what that earlier try moved
 
 
 def _held(db: sqlite_utils.Database, strategy: str, at: Instrument) -> int:
@@ -50,20 +55,31 @@ def _held(db: sqlite_utils.Database, strategy: str, at: Instrument) -> int:
     return held + working
 
 
-def _stored(db: sqlite_utils.Database, strategy: str, at: Instrument) -> Optional[int]:
+def _believed(db: sqlite_utils.Database, strategy: str, at: Instrument, earlier: dict[Instrument, int]) -> int:
+    """The stored belief, less what an earlier try of the same alert moved it by; unknown: the position."""
     row = db.execute("select believed from alert_positions where strategy = ? and exchange = ? and symbol = ?",
                      (strategy, *at)).fetchone()
-    return None if row is None else row[0]
+    return (row[0] if row is not None else _held(db, strategy, at)) - earlier.get(at, 0)
+
+
+def _earlier(db: sqlite_utils.Database, strategy: str, key: Optional[str]) -> dict[Instrument, int]:
+    if key is None:
+        return {}
+    return {(ex, sym): n for ex, sym, n in db.execute(
+        "select exchange, symbol, moved from alert_moves where strategy = ? and client_alert_id = ?",
+        (strategy, key)).fetchall()}
 
 
 def _sign(n: int) -> int:
     return (n > 0) - (n < 0)
 
 
-def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent]) -> Plan:
+def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent], key: Optional[str] = None) -> Plan:
     """Cut each ADJUST that reduces the belief to what moves the strategy's position to the belief's new value,
-    in its own direction (one cut to nothing is dropped); the beliefs after the alert."""
+    in its own direction (one cut to nothing is dropped); the beliefs after the alert. key: its alert_id."""
+    earlier = _earlier(db, strategy, key)
     believed: dict[Instrument, int] = {}
+    before: dict[Instrument, int] = {}
     moved: dict[Instrument, int] = {}  # what this alert's ADJUSTs already send, per instrument
     out, notes = [], []
     for i in intents:
@@ -73,8 +89,7 @@ def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent]) ->
             out.append(i)
             continue
         if at not in believed:
-            stored = _stored(db, strategy, at)
-            believed[at] = stored if stored is not None else _held(db, strategy, at)
+            believed[at] = before[at] = _believed(db, strategy, at, earlier)
         b = believed[at]
         if i.action is ExecutionType.EXIT:
             believed[at] = _sign(b) * max(abs(b) - i.qty, 0)
@@ -91,13 +106,16 @@ def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent]) ->
         qty = min(abs(gap), i.qty) if _sign(gap) == _sign(d) else 0
         moved[at] = moved.get(at, 0) + i.side.sign * qty
         if qty < i.qty:
-            notes.append(f"{i.exchange}:{i.symbol} ADJUST {i.side.value} {i.qty} cut to {qty}: the alerts of "
-                         f"{strategy} add up to {b:+d} there, its position with its working orders is {held:+d} (a "
-                         f"trade outside the host, such as a sale in the broker's app, or an order that did not "
-                         f"fill), so {qty} takes it to the {b + d:+d} this ADJUST means")
+            notes.append(f"{i.exchange}:{i.symbol} ADJUST {i.side.value} {i.qty} cut to {qty}: by the alerts of "
+                         f"{strategy}, TradingView believes it holds {b:+d} there and this ADJUST takes it to "
+                         f"{b + d:+d}, but the position with its working orders is {held:+d} (something TradingView "
+                         f"does not see moved it: a trade in the broker's app, a square-off or flatten, a stop, an "
+                         f"order that did not fill, an alert the host refused); "
+                         + (f"{qty} takes it to {b + d:+d}" if qty else f"it is at or past {b + d:+d} already")
+                         + "; a POSITION alert sets both")
         if qty:
             out.append(replace(i, qty=qty))
-    return Plan(out, believed, notes)
+    return Plan(out, believed, notes, before, key, earlier)
 
 
 def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
@@ -108,13 +126,29 @@ def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
     return out
 
 
-def store(db: sqlite_utils.Database, strategy: str, believed: dict[Instrument, int], notes: list[str]) -> None:
-    """Keep a decided alert's beliefs, and say its cuts (an `adjust_capped` warning each: TradingView keeps no
-    answer)."""
+def store(db: sqlite_utils.Database, strategy: str, p: Plan, accepted: bool) -> None:
+    """Keep a decided alert's beliefs; an accepted one's cuts said (an `adjust_capped` warning each: TradingView
+    keeps no answer); a refused or rejected one's moves kept, to be taken back if its alert_id is sent again."""
+    if p.key is not None:
+        before = {at: p.before[at] if at in p.before else _believed(db, strategy, at, p.earlier)
+                  for at in p.believed}
+        if p.earlier:
+            db.execute("delete from alert_moves where strategy = ? and client_alert_id = ?", (strategy, p.key))
+        if not accepted:
+            now = utcnow()
+            for (exchange, symbol), n in p.believed.items():
+                if n != before[(exchange, symbol)]:
+                    db.execute("insert into alert_moves (strategy, client_alert_id, exchange, symbol, moved, at) "
+                               "values (?, ?, ?, ?, ?, ?)", (strategy, p.key, exchange, symbol,
+                                                             n - before[(exchange, symbol)], now))
+    set_beliefs(db, strategy, p.believed)
+    for note in p.notes if accepted else ():
+        Storage.add_event(db, "adjust_capped", f"{strategy}: {note}", "warning", strategy, None)
+
+
+def set_beliefs(db: sqlite_utils.Database, strategy: str, believed: dict[Instrument, int]) -> None:
     now = utcnow()
     for (exchange, symbol), n in believed.items():
         db.execute("insert into alert_positions (strategy, exchange, symbol, believed, updated_at) values "
                    "(?, ?, ?, ?, ?) on conflict (strategy, exchange, symbol) do update set believed = "
                    "excluded.believed, updated_at = excluded.updated_at", (strategy, exchange, symbol, n, now))
-    for note in notes:
-        Storage.add_event(db, "adjust_capped", f"{strategy}: {note}", "warning", strategy, None)

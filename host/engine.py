@@ -693,7 +693,8 @@ class Engine:
                     db, row, alert, asked.version, flatten.closing_room(db, view)))
             else:
                 decision = self.storage.write(lambda db: self._decide(
-                    db, row, alert.strategy, list(asked.intents), asked.version, flatten.closing_room(db, view)))
+                    db, row, alert.strategy, list(asked.intents), asked.version, flatten.closing_room(db, view),
+                    asked.as_sent))
         self._told(row, decision)
         self._dispatch(decision)
 
@@ -703,18 +704,20 @@ class Engine:
                                                  "orders": json.dumps(list(d.orders))})
 
     def _decide(self, db: sqlite_utils.Database, row: dict, strategy: str, intents: list[Intent],
-                version: Optional[str], room: Optional[flatten.Room] = None) -> Decision:
-        planned = alert_positions.plan(db, strategy, intents)  # an ADJUST after a sale in the app: not sold again
-        decision = self.decider.evaluate(db, strategy, planned.intents, alert_id=row["id"], version=version,
-                                         room=room, out_now=True, legs=intents)
+                version: Optional[str], room: Optional[flatten.Room] = None, as_sent: bool = False) -> Decision:
+        """An alert's intents decided; as_sent (its own legs, no plugin rewrote them): its ADJUSTs are relative to
+        what TradingView believes (alert_positions.py: after a sale in the app, not sold again)."""
+        planned = alert_positions.plan(db, strategy, intents, row["client_alert_id"]) if as_sent else None
+        decision = self.decider.evaluate(db, strategy, planned.intents if planned else intents, alert_id=row["id"],
+                                         version=version, room=room, out_now=True, legs=intents)
         accepted = decision.status is AlertStatus.ACCEPTED
         if accepted:  # a newer alert in a symbol drops a reversal waiting there
             targets.supersede(db, strategy, {(i.exchange, i.symbol) for i in intents}, row["id"])
-        # whatever the host did with it, TradingView's strategy believes it traded (its cuts are said if they went)
-        alert_positions.store(db, strategy, planned.believed, planned.notes if accepted else [])
-        if accepted and planned.notes:
-            decision = replace(decision, reason="; ".join(planned.notes + ([decision.reason] if decision.reason
-                                                                            else [])))
+        if planned is not None:
+            alert_positions.store(db, strategy, planned, accepted)  # whatever the host did: TradingView believes it
+            if accepted and planned.notes:
+                decision = replace(decision, reason="; ".join(planned.notes + ([decision.reason] if decision.reason
+                                                                                else [])))
         self._record(db, row, decision, version)
         return decision
 
@@ -724,7 +727,7 @@ class Engine:
         exits capped at the broker's net, as an EXIT alert's are (a position closed in the broker's app)."""
         decision = targets.decide(db, row["id"], alert.strategy, alert.targets, self._evaluator(version, room))
         self._targets_waiting = True
-        alert_positions.store(db, alert.strategy, alert_positions.targets(alert.targets), [])
+        alert_positions.set_beliefs(db, alert.strategy, alert_positions.targets(alert.targets))
         self._record(db, row, decision, version)
         return decision
 

@@ -203,6 +203,9 @@ def _m14_alert_positions(db: sqlite_utils.Database) -> None:
     # the position each strategy's alerts add up to (what TradingView believes it holds): alert_positions.py
     db["alert_positions"].create({"strategy": str, "exchange": str, "symbol": str, "believed": int,
                                   "updated_at": str}, pk=("strategy", "exchange", "symbol"))
+    # what a refused or rejected alert moved it by: the same alert_id sent again moves it once, not twice
+    db["alert_moves"].create({"strategy": str, "client_alert_id": str, "exchange": str, "symbol": str, "moved": int,
+                              "at": str}, pk=("strategy", "client_alert_id", "exchange", "symbol"))
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,

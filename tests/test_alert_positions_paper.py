@@ -102,3 +102,107 @@ def test_ordinary_flows_are_as_before(host):
         assert len(answer["orders"]) == 1 and not answer.get("reason"), answer
         host.settle()
         wait_for(lambda: host.net() == want, timeout=5)
+
+
+def test_a_refused_add_sent_again_with_its_alert_id_moves_the_belief_once(host):
+    """Found from outside: a refused alert may be sent again with its alert_id (README); the belief moved at the
+    refusal and again at the resend, and the next trim was cut to nothing (long 150 where TradingView meant 75)."""
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    host.settle()
+    mode(host, "reduce_only")
+    post(host, expect=423, **market("ADJUST", "BUY", 75, "add"))
+    mode(host, "active")
+    again = post(host, **market("ADJUST", "BUY", 75, "add"))
+    assert len(again["orders"]) == 1, again
+    host.settle()
+    wait_for(lambda: host.net() == 150, timeout=5)
+    trim = post(host, **market("ADJUST", "SELL", 75, "trim"))
+    assert [o["qty"] for o in trim["orders"]] == [75], trim
+    wait_for(lambda: host.net() == 75, timeout=5)
+    assert host.runtime.storage.rows("select * from alert_moves") == []
+
+
+def test_a_rejected_add_sent_again_corrected_moves_the_belief_once(host):
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    host.settle()
+    bad = post(host, expect=422, **market("ADJUST", "BUY", 75, "add", stop_loss="43"))  # decided by the engine
+    assert bad["status"] == "rejected", bad
+    post(host, **market("ADJUST", "BUY", 75, "add", stop_loss="40"))
+    host.settle()
+    wait_for(lambda: host.net() == 150, timeout=5)
+    post(host, **market("ADJUST", "SELL", 75, "trim"))
+    host.settle()
+    wait_for(lambda: host.net() == 75, timeout=5)
+    time.sleep(0.5)
+    assert host.net() == 75
+
+
+def test_a_refused_alert_never_sent_again_still_counts(host):
+    """The other side of the same rule: TradingView never sends an alert again, so a refused add (not resent) still
+    counts, and the later trim finds the position TradingView believes in."""
+    host.tick("42.5")
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    host.settle()
+    mode(host, "reduce_only")
+    post(host, expect=423, **market("ADJUST", "BUY", 75, "add"))
+    mode(host, "active")
+    assert post(host, **market("ADJUST", "SELL", 75, "trim"))["orders"] == []  # TradingView: 150 -> 75; held 75
+    host.settle()
+    assert host.net() == 75
+
+
+SIZER = '''
+from decimal import Decimal
+from host import hookimpl, ExecutionType, Intent, OrderType, Product, Side
+
+
+@hookimpl
+def strategy_meta():
+    return {"name": "sizer", "version": "1.0", "api_version": 1, "symbols": ["NFO:SYMBOL"]}
+
+
+@hookimpl
+def strategy_on_tick(ctx, tick):
+    held = ctx.position(tick.exchange, tick.symbol)
+    if held >= 150 and tick.ltp >= Decimal("45") and not ctx.state.get("took"):
+        ctx.state["took"] = True
+        return [Intent(tick.exchange, tick.symbol, Side.SELL, held // 2, OrderType.MKT, Product.NRML,
+                       action=ExecutionType.ADJUST)]
+
+
+@hookimpl
+def strategy_on_alert(ctx, alert):
+    out = []
+    for l in alert.legs:
+        qty = l.qty
+        if alert.execution_type is ExecutionType.ADJUST and ctx.position(l.exchange, l.symbol) > 0 \\
+                and l.side is Side.SELL:
+            qty = min(qty, ctx.position(l.exchange, l.symbol))  # never sell more than held
+        if qty:
+            out.append(Intent(l.exchange, l.symbol, l.side, qty, l.order_type, l.product, l.price,
+                              action=alert.execution_type))
+    return out
+'''.replace("SYMBOL", SYMBOL)
+
+
+def test_a_plugin_that_sizes_its_own_intents_is_not_cut(host_factory, data_dir):
+    """Found from outside: a strategy plugin's strategy_on_alert sizes from ctx.position; its intents were cut again
+    against the alerts' belief and the position stayed long 75."""
+    plugins = data_dir.parent / "plugins" / "strategies"
+    plugins.mkdir(parents=True, exist_ok=True)
+    (plugins / "sizer.py").write_text(SIZER)
+    h = host_factory()
+    wait_for(lambda: any(s["name"] == "sizer" and s["status"] == "running"
+                         for s in h.api("/api/strategies").get_json()["items"]), timeout=5)
+    h.tick("42.5")
+    post(h, strategy="sizer", **market("ENTRY", "BUY", 150, "e"))
+    h.settle()
+    wait_for(lambda: h.net("sizer") == 150, timeout=5)
+    h.tick("45")
+    wait_for(lambda: h.net("sizer") == 75, timeout=5)
+    h.settle()
+    out = post(h, strategy="sizer", **market("ADJUST", "SELL", 150, "out"))
+    assert [o["qty"] for o in out["orders"]] == [75], out
+    wait_for(lambda: h.net("sizer") == 0, timeout=5)

@@ -33,6 +33,7 @@ class Asked:
     error: Optional[str] = None
     version: Optional[str] = None
     status: AlertStatus = AlertStatus.FAILED  # how an alert ends when error is set
+    as_sent: bool = False  # the alert's own legs (no strategy_on_alert rewrote them): alert_positions counts them
 
 
 def check_intents(value: Any) -> tuple[list[Intent], list[str]]:
@@ -315,7 +316,7 @@ class StrategyRegistry(Registry):
         live = entry.live if entry is not None and not entry.disabled else None
         if live is not None and "strategy_on_alert" in live.candidate.hooks:
             return self.ask(live, "strategy_on_alert", alert=alert)
-        return Asked(tuple(passthrough.strategy_on_alert(None, alert)), version=admitted.version)
+        return Asked(tuple(passthrough.strategy_on_alert(None, alert)), version=admitted.version, as_sent=True)
 
     def subscribers(self, tick: Tick) -> list[Live]:
         """Running strategies with strategy_on_tick that want this symbol or hold it."""
