@@ -110,9 +110,12 @@ def test_reduce_only_allows_reductions_only(host):
     _enter(host, direction="BUY", qty=50)
     _halt(host, "reduce_only")
     assert host.post(alert("ENTRY", "other")).status_code == 423
-    assert host.post(alert("ADJUST", direction="BUY", qty=10)).status_code == 423
     r = host.post(alert("ADJUST", direction="SELL", qty=10))
     assert r.status_code == 200 and r.get_json()["orders"][0]["qty"] == 10
+    assert host.post(alert("ADJUST", direction="BUY", qty=10)).status_code == 423
+    # TradingView believes that add went (40 + 10): its trim of 10 then takes it to the 40 held, and sends nothing
+    r = host.post(alert("ADJUST", direction="SELL", qty=10, alert_id="trim-2"))  # (not the first one's copy)
+    assert r.status_code == 200 and r.get_json()["orders"] == [] and "cut to 0" in r.get_json()["reason"], r.get_json()
 
 
 def test_trading_state_survives_a_restart(host):
