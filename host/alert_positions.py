@@ -11,9 +11,10 @@ The belief, per strategy and instrument (exchange and symbol, every product toge
 decided, whatever the host did with it (refused while halted, rejected, blocked: TradingView's strategy believes
 it traded all the same, and never sends the alert again): an ENTRY sets it to its own quantity, an EXIT takes it
 towards zero by its quantity, an ADJUST moves it by its own, and a POSITION alert sets it to its target. A refused
-or rejected alert sent again by hand with its alert_id moves it once: what the earlier try moved is kept
-(alert_moves) and taken back first. With no alert since the belief was kept (a strategy's first alert after an
-upgrade), it is the strategy's own position. The strategy's position counts its working orders, as a POSITION
+or rejected alert sent again by hand with its alert_id (within ALERT_ID_TTL_S, as the inbox takes it) does not move
+it again: the first try did, and what it moved is kept (alert_moves); the resend's ADJUSTs are cut as the first
+try's would have been. With no alert since the belief was kept (a strategy's first alert after an upgrade), it is
+the strategy's own position. The strategy's position counts its working orders, as a POSITION
 alert does. Delivery (CNC) ADJUSTs are not cut: yesterday's buys are holdings, which the host does not count. EXITs
 are not cut either (an exit is never held back), nor a strategy plugin's intents: only an alert's own legs count.
 """
@@ -39,8 +40,8 @@ class Plan:
     believed: dict[Instrument, int]
     notes: list[str]
     before: dict[Instrument, int] = field(default_factory=dict)  # where it started, where it was read
-    key: Optional[str] = None  # the alert's alert_id: an earlier try's moves are taken back (alert_moves)
-    earlier: dict[Instrument, int] = field(default_factory=dict)  # what that earlier try moved
+    key: Optional[str] = None  # the alert's alert_id
+    resend: bool = False  # a refused or rejected try of the same alert_id moved the belief already (alert_moves)
 
 
 def _held(db: sqlite_utils.Database, strategy: str, at: Instrument) -> int:
@@ -62,22 +63,26 @@ def _believed(db: sqlite_utils.Database, strategy: str, at: Instrument, earlier:
     return (row[0] if row is not None else _held(db, strategy, at)) - earlier.get(at, 0)
 
 
-def _earlier(db: sqlite_utils.Database, strategy: str, key: Optional[str]) -> dict[Instrument, int]:
+def _earlier(db: sqlite_utils.Database, strategy: str, key: Optional[str], since: str) -> dict[Instrument, int]:
+    """What a refused or rejected try of this alert_id moved, if it came since `since` (an older one is another
+    alert that used the same id, as the inbox takes it)."""
     if key is None:
         return {}
     return {(ex, sym): n for ex, sym, n in db.execute(
-        "select exchange, symbol, moved from alert_moves where strategy = ? and client_alert_id = ?",
-        (strategy, key)).fetchall()}
+        "select exchange, symbol, moved from alert_moves where strategy = ? and client_alert_id = ? and at >= ?",
+        (strategy, key, since)).fetchall()}
 
 
 def _sign(n: int) -> int:
     return (n > 0) - (n < 0)
 
 
-def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent], key: Optional[str] = None) -> Plan:
+def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent], key: Optional[str] = None,
+         since: str = "") -> Plan:
     """Cut each ADJUST that reduces the belief to what moves the strategy's position to the belief's new value,
-    in its own direction (one cut to nothing is dropped); the beliefs after the alert. key: its alert_id."""
-    earlier = _earlier(db, strategy, key)
+    in its own direction (one cut to nothing is dropped); the beliefs after the alert. key: its alert_id; since:
+    the oldest try of it that counts (ALERT_ID_TTL_S ago)."""
+    earlier = _earlier(db, strategy, key, since)
     believed: dict[Instrument, int] = {}
     before: dict[Instrument, int] = {}
     moved: dict[Instrument, int] = {}  # what this alert's ADJUSTs already send, per instrument
@@ -115,7 +120,9 @@ def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent], ke
                          + "; a POSITION alert sets both")
         if qty:
             out.append(replace(i, qty=qty))
-    return Plan(out, believed, notes, before, key, earlier)
+    if earlier:  # sent again by hand: the first try moved the belief; this one only trades (cut from where it was)
+        return Plan(out, {}, notes, {}, key, resend=True)
+    return Plan(out, believed, notes, before, key)
 
 
 def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
@@ -128,19 +135,15 @@ def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
 
 def store(db: sqlite_utils.Database, strategy: str, p: Plan, accepted: bool) -> None:
     """Keep a decided alert's beliefs; an accepted one's cuts said (an `adjust_capped` warning each: TradingView
-    keeps no answer); a refused or rejected one's moves kept, to be taken back if its alert_id is sent again."""
-    if p.key is not None:
-        before = {at: p.before[at] if at in p.before else _believed(db, strategy, at, p.earlier)
-                  for at in p.believed}
-        if p.earlier:
-            db.execute("delete from alert_moves where strategy = ? and client_alert_id = ?", (strategy, p.key))
-        if not accepted:
-            now = utcnow()
-            for (exchange, symbol), n in p.believed.items():
-                if n != before[(exchange, symbol)]:
-                    db.execute("insert into alert_moves (strategy, client_alert_id, exchange, symbol, moved, at) "
-                               "values (?, ?, ?, ?, ?, ?)", (strategy, p.key, exchange, symbol,
-                                                             n - before[(exchange, symbol)], now))
+    keeps no answer); what a refused or rejected one moved kept, so that its resend does not move it again."""
+    if p.key is not None and (accepted or not p.resend):
+        db.execute("delete from alert_moves where strategy = ? and client_alert_id = ?", (strategy, p.key))
+    if p.key is not None and not accepted and not p.resend:
+        now = utcnow()
+        for at, n in p.believed.items():  # every instrument it touched, 0 too: a resend is known by its row
+            start = p.before[at] if at in p.before else _believed(db, strategy, at, {})
+            db.execute("insert into alert_moves (strategy, client_alert_id, exchange, symbol, moved, at) values "
+                       "(?, ?, ?, ?, ?, ?)", (strategy, p.key, *at, n - start, now))
     set_beliefs(db, strategy, p.believed)
     for note in p.notes if accepted else ():
         Storage.add_event(db, "adjust_capped", f"{strategy}: {note}", "warning", strategy, None)

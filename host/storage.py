@@ -203,7 +203,10 @@ def _m14_alert_positions(db: sqlite_utils.Database) -> None:
     # the position each strategy's alerts add up to (what TradingView believes it holds): alert_positions.py
     db["alert_positions"].create({"strategy": str, "exchange": str, "symbol": str, "believed": int,
                                   "updated_at": str}, pk=("strategy", "exchange", "symbol"))
-    # what a refused or rejected alert moved it by: the same alert_id sent again moves it once, not twice
+
+
+def _m15_alert_moves(db: sqlite_utils.Database) -> None:
+    # what a refused or rejected alert moved it by: the same alert_id sent again by hand does not move it again
     db["alert_moves"].create({"strategy": str, "client_alert_id": str, "exchange": str, "symbol": str, "moved": int,
                               "at": str}, pk=("strategy", "client_alert_id", "exchange", "symbol"))
 
@@ -215,7 +218,7 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, 
                                                                   _m10_flat_cost, _m11_unexplained_left,
                                                                   _m12_protection_index,
                                                                   _m13_positions_by_instrument,
-                                                                  _m14_alert_positions)
+                                                                  _m14_alert_positions, _m15_alert_moves)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

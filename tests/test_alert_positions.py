@@ -87,3 +87,49 @@ def test_legs_of_one_alert_count_what_the_legs_before_them_send(storage):
     assert [i.side.sign * i.qty for i in p.intents] == [25] and len(p.notes) == 1 and "cut to 0" in p.notes[0]
     p = _run(storage, 75, 75, [75, -75])  # nothing outside: both sent whole, in order
     assert [i.side.sign * i.qty for i in p.intents] == [75, -75] and p.notes == []
+
+
+def _decide(storage: Storage, intents: list[Intent], key: str, accepted: bool) -> None:
+    def run(db):
+        alert_positions.store(db, "s1", alert_positions.plan(db, "s1", intents, key), accepted)
+    storage.write(run)
+
+
+def _believed(storage: Storage) -> int:
+    return storage.one("select believed from alert_positions where strategy = 's1' and symbol = ?",
+                       (SYMBOL,))["believed"]
+
+
+def test_a_rejected_exit_sent_again_after_tradingview_reversed_keeps_the_reversal(storage):
+    """Found from outside: the resend took back the first try's move as a delta, but an EXIT's depends on where it
+    started: TradingView's -75 after a reversal became 0, and its next cover would have opened a long."""
+    def clear(db):
+        db.execute("delete from alert_positions")
+        db.execute("delete from alert_moves")
+        alert_positions.set_beliefs(db, "s1", {("NFO", SYMBOL): 75})
+    storage.write(clear)
+    _decide(storage, [_leg(-75, ExecutionType.EXIT)], "x", accepted=False)  # TradingView 0 (rejected)
+    _decide(storage, [_leg(-75)], "s", accepted=True)  # TradingView -75
+    assert _believed(storage) == -75
+    _decide(storage, [_leg(-75, ExecutionType.EXIT)], "x", accepted=True)  # sent again by hand
+    assert _believed(storage) == -75
+
+
+def test_a_database_at_schema_14_gains_the_moves_table(tmp_path):
+    """Found from outside: alert_moves was added to migration 14 after databases had been made by it; a database
+    at 14 without it was refused as changed outside the host. It is migration 15's now."""
+    import sqlite_utils
+
+    from host.storage import MIGRATIONS
+    path = tmp_path / "v14.sqlite"
+    db = sqlite_utils.Database(path)
+    for m in MIGRATIONS[:14]:
+        m(db)
+    db.execute("drop table if exists alert_moves")  # as those commits' migration 14 left it... before it had it
+    db.execute("PRAGMA user_version = 14")
+    db.close()
+    s = Storage(path)
+    try:
+        assert "alert_moves" in s.db.table_names() and "alert_positions" in s.db.table_names()
+    finally:
+        s.close()

@@ -206,3 +206,55 @@ def test_a_plugin_that_sizes_its_own_intents_is_not_cut(host_factory, data_dir):
     out = post(h, strategy="sizer", **market("ADJUST", "SELL", 150, "out"))
     assert [o["qty"] for o in out["orders"]] == [75], out
     wait_for(lambda: h.net("sizer") == 0, timeout=5)
+
+
+def _belief(h, symbol: str = SYMBOL, strategy: str = "s1"):
+    rows = h.runtime.storage.rows("select believed from alert_positions where strategy = ? and symbol = ?",
+                                  (strategy, symbol))
+    return rows[0]["believed"] if rows else None
+
+
+def test_a_new_alert_reusing_an_expired_id_is_not_taken_for_a_resend(host_factory):
+    """Found from outside: a refused try's record outlived ALERT_ID_TTL_S, and a later, new alert with the same id
+    (TradingView may reuse one, such as {{strategy.order.id}}) was taken for its resend: the belief ended wrong and
+    TradingView's next ADJUST BUY 75 was cut to nothing (flat where it believes long 75)."""
+    h = host_factory(ALERT_ID_TTL_S=1)
+    h.tick("42.5")
+    post(h, **market("ENTRY", "BUY", 75, "e"))
+    h.settle()
+    mode(h, "halted")
+    post(h, expect=423, **market("ADJUST", "BUY", 75, "add"))  # TradingView +150 (refused, never sent again)
+    mode(h, "active")
+    post(h, **market("ADJUST", "SELL", 75, "trim"))  # TradingView +75: held 75, nothing to sell
+    h.settle()
+    assert _belief(h) == 75 and h.net() == 75
+    time.sleep(1.5)  # "add" is past its TTL: a new alert
+    post(h, **market("ADJUST", "BUY", 75, "add"))  # +150
+    h.settle()
+    wait_for(lambda: h.net() == 150, timeout=5)
+    post(h, **market("ADJUST", "SELL", 150, "out"))  # 0
+    h.settle()
+    wait_for(lambda: h.net() == 0, timeout=5)
+    post(h, **market("ADJUST", "BUY", 75, "in"))  # +75
+    h.settle()
+    wait_for(lambda: h.net() == 75, timeout=5)
+
+
+def test_a_resend_under_the_same_id_with_another_body_moves_nothing_twice(host):
+    """Found from outside: a refused alert sent again by hand naming another symbol, then corrected: each instrument
+    must be moved by the first try only (TradingView's), whatever the resends name."""
+    other = "NIFTY28APR26P24500"
+    host.tick("42.5")
+    host.tick("40", symbol=other)
+    post(host, **market("ENTRY", "BUY", 75, "e"))
+    post(host, **market("ENTRY", "BUY", 75, "e2", tradingsymbol=other))
+    host.settle()
+    mode(host, "halted")
+    post(host, expect=423, **market("ADJUST", "BUY", 75, "x"))  # TradingView's: 75 -> 150
+    post(host, expect=423, **market("ADJUST", "BUY", 75, "x", tradingsymbol=other))  # by hand, the wrong symbol
+    mode(host, "active")
+    post(host, **market("ADJUST", "BUY", 75, "x"))  # corrected
+    host.settle()
+    assert (_belief(host), _belief(host, other)) == (150, 75)
+    wait_for(lambda: host.net() == 150, timeout=5)
+    assert host.runtime.storage.rows("select * from alert_moves") == []
