@@ -42,6 +42,15 @@ def _filled(h, answer: dict) -> None:
         wait_status(h, o["id"], "FILLED", "REJECTED")
 
 
+def _position(h, target: str, alert_id: str) -> dict:
+    """A POSITION alert for s1's target; its answer (200 asserted)."""
+    r = h.post({"secret_key": SECRET, "execution_type": "POSITION", "strategy_name": "s1", "exchange": "NFO",
+                "alert_id": alert_id, "legs": [{"tradingsymbol": SYMBOL, "position": target, "order_type": "MKT",
+                                                "product_type": "M"}]})
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
 def _seen(h) -> None:
     """The host has booked the app's trade to s1."""
     wait_for(lambda: net(h, "s1", SYMBOL) == 0, timeout=8)
@@ -194,10 +203,7 @@ def test_after_a_flat_position_alert_the_next_adjust_opens_as_meant(live, sim):
     h = live()
     _long_then_sold_in_the_app(h, sim)
     _seen(h)
-    r = h.post({"secret_key": SECRET, "execution_type": "POSITION", "strategy_name": "s1", "exchange": "NFO",
-                "alert_id": "flat", "legs": [{"tradingsymbol": SYMBOL, "position": "0", "order_type": "MKT",
-                                              "product_type": "M"}]})
-    assert r.status_code == 200 and r.get_json()["orders"] == [], r.get_json()
+    assert _position(h, "0", "flat")["orders"] == []
     opened = _adjust(h, 75, "open-short")
     assert [o["qty"] for o in opened["orders"]] == [75], opened
 
@@ -246,11 +252,7 @@ def test_a_position_target_after_the_app_closed_the_position_is_still_met(live, 
     h = live()
     _long_then_sold_in_the_app(h, sim)
     _seen(h)
-    r = h.post({"secret_key": SECRET, "execution_type": "POSITION", "strategy_name": "s1", "exchange": "NFO",
-                "alert_id": "short", "legs": [{"tradingsymbol": SYMBOL, "position": "-75", "order_type": "MKT",
-                                               "product_type": "M"}]})
-    assert r.status_code == 200, r.get_json()
-    [o] = r.get_json()["orders"]
+    [o] = _position(h, "-75", "short")["orders"]
     assert o["qty"] == 75
     wait_for(lambda: broker_net(sim, SYMBOL) == -75, timeout=6)
 

@@ -33,16 +33,21 @@ def test_an_entry_and_a_trim_sent_back_to_back_end_at_the_trim(host):
     assert host.net() == 75
 
 
+def _trim_then_fill(h) -> None:
+    """ADJUST SELL 75 while a BUY limit at 42 works; then the price comes to the limit: the account ends at 75."""
+    post(h, **market("ADJUST", "SELL", 75, "trim"))
+    h.settle()
+    h.tick("41.9")
+    h.settle()
+    wait_for(lambda: h.net() == 75, timeout=5)
+    time.sleep(0.5)
+    assert h.net() == 75
+
+
 def test_a_trim_while_the_entry_still_rests_ends_at_the_trim(host):
     host.tick("42.5")
     post(host, execution_type="ENTRY", direction="BUY", qty=150, order_type="LMT", price="42", alert_id="e")
-    post(host, **market("ADJUST", "SELL", 75, "trim"))
-    host.settle()
-    host.tick("41.9")
-    host.settle()
-    wait_for(lambda: host.net() == 75, timeout=5)
-    time.sleep(0.5)
-    assert host.net() == 75
+    _trim_then_fill(host)
 
 
 def test_a_trim_right_after_an_add_still_working(host):
@@ -50,11 +55,7 @@ def test_a_trim_right_after_an_add_still_working(host):
     post(host, **market("ENTRY", "BUY", 75, "e"))
     host.settle()
     post(host, execution_type="ADJUST", direction="BUY", qty=75, order_type="LMT", price="42", alert_id="add")
-    post(host, **market("ADJUST", "SELL", 75, "trim"))
-    host.settle()
-    host.tick("41.9")
-    host.settle()
-    wait_for(lambda: host.net() == 75, timeout=5)
+    _trim_then_fill(host)
 
 
 def test_one_alert_adding_and_trimming_the_same_instrument(host):
