@@ -33,6 +33,13 @@ def test_an_entry_and_a_trim_sent_back_to_back_end_at_the_trim(host):
     assert host.net() == 75
 
 
+def _long(h) -> None:
+    """At 42.5, s1 enters long 75 at market (TradingView +75)."""
+    h.tick("42.5")
+    post(h, **market("ENTRY", "BUY", 75, "e"))
+    h.settle()
+
+
 def _trim_then_fill(h) -> None:
     """ADJUST SELL 75 while a BUY limit at 42 works; then the price comes to the limit: the account ends at 75."""
     post(h, **market("ADJUST", "SELL", 75, "trim"))
@@ -51,17 +58,13 @@ def test_a_trim_while_the_entry_still_rests_ends_at_the_trim(host):
 
 
 def test_a_trim_right_after_an_add_still_working(host):
-    host.tick("42.5")
-    post(host, **market("ENTRY", "BUY", 75, "e"))
-    host.settle()
+    _long(host)
     post(host, execution_type="ADJUST", direction="BUY", qty=75, order_type="LMT", price="42", alert_id="add")
     _trim_then_fill(host)
 
 
 def test_one_alert_adding_and_trimming_the_same_instrument(host):
-    host.tick("42.5")
-    post(host, **market("ENTRY", "BUY", 75, "e"))
-    host.settle()
+    _long(host)
     body = alert(**market("ADJUST", "BUY", 75, "both", product_type="I"))
     body["legs"].append({"tradingsymbol": SYMBOL, "direction": "SELL", "qty": 75, "order_type": "MKT",
                          "product_type": "M"})
@@ -76,9 +79,7 @@ def test_after_a_halt_flattened_everything_tradingviews_scale_out_opens_no_short
     """ENTRY BUY 75; halted and exited (as a breach does); TradingView's ADJUST BUY 75 is refused, but its strategy
     believes +150. After the resume it scales out with two ADJUST SELL 75: both find nothing to sell (they used to
     leave a naked short of 75, and before the belief was kept, of 150)."""
-    host.tick("42.5")
-    post(host, **market("ENTRY", "BUY", 75, "e"))
-    host.settle()
+    _long(host)
     mode(host, "halted")
     assert host.api("/api/exit-all", "POST").status_code in (200, 202)
     wait_for(lambda: host.net() == 0, timeout=6)
@@ -108,9 +109,7 @@ def test_ordinary_flows_are_as_before(host):
 def test_a_refused_add_sent_again_with_its_alert_id_moves_the_belief_once(host):
     """Found from outside: a refused alert may be sent again with its alert_id (README); the belief moved at the
     refusal and again at the resend, and the next trim was cut to nothing (long 150 where TradingView meant 75)."""
-    host.tick("42.5")
-    post(host, **market("ENTRY", "BUY", 75, "e"))
-    host.settle()
+    _long(host)
     mode(host, "reduce_only")
     post(host, expect=423, **market("ADJUST", "BUY", 75, "add"))
     mode(host, "active")
@@ -125,9 +124,7 @@ def test_a_refused_add_sent_again_with_its_alert_id_moves_the_belief_once(host):
 
 
 def test_a_rejected_add_sent_again_corrected_moves_the_belief_once(host):
-    host.tick("42.5")
-    post(host, **market("ENTRY", "BUY", 75, "e"))
-    host.settle()
+    _long(host)
     bad = post(host, expect=422, **market("ADJUST", "BUY", 75, "add", stop_loss="43"))  # decided by the engine
     assert bad["status"] == "rejected", bad
     post(host, **market("ADJUST", "BUY", 75, "add", stop_loss="40"))
@@ -143,9 +140,7 @@ def test_a_rejected_add_sent_again_corrected_moves_the_belief_once(host):
 def test_a_refused_alert_never_sent_again_still_counts(host):
     """The other side of the same rule: TradingView never sends an alert again, so a refused add (not resent) still
     counts, and the later trim finds the position TradingView believes in."""
-    host.tick("42.5")
-    post(host, **market("ENTRY", "BUY", 75, "e"))
-    host.settle()
+    _long(host)
     mode(host, "reduce_only")
     post(host, expect=423, **market("ADJUST", "BUY", 75, "add"))
     mode(host, "active")
@@ -220,9 +215,7 @@ def test_a_new_alert_reusing_an_expired_id_is_not_taken_for_a_resend(host_factor
     (TradingView may reuse one, such as {{strategy.order.id}}) was taken for its resend: the belief ended wrong and
     TradingView's next ADJUST BUY 75 was cut to nothing (flat where it believes long 75)."""
     h = host_factory(ALERT_ID_TTL_S=1)
-    h.tick("42.5")
-    post(h, **market("ENTRY", "BUY", 75, "e"))
-    h.settle()
+    _long(h)
     mode(h, "halted")
     post(h, expect=423, **market("ADJUST", "BUY", 75, "add"))  # TradingView +150 (refused, never sent again)
     mode(h, "active")
