@@ -707,9 +707,9 @@ class Engine:
                 version: Optional[str], room: Optional[flatten.Room] = None, as_sent: bool = False) -> Decision:
         """An alert's intents decided; as_sent (its own legs, no plugin rewrote them): its ADJUSTs are relative to
         what TradingView believes (alert_positions.py: after a sale in the app, not sold again)."""
-        since = (datetime.now(timezone.utc) - timedelta(seconds=self.inbox.alert_id_ttl_s)).isoformat(
-            timespec="milliseconds")  # an alert_id's earlier try counts within ALERT_ID_TTL_S, as the inbox's does
-        planned = alert_positions.plan(db, strategy, intents, row["client_alert_id"], since) if as_sent else None
+        planned = alert_positions.plan(  # an alert_id's earlier try counts within ALERT_ID_TTL_S, as the inbox's does
+            db, strategy, intents, row["client_alert_id"], (datetime.now(timezone.utc) - timedelta(
+                seconds=self.inbox.alert_id_ttl_s)).isoformat(timespec="milliseconds")) if as_sent else None
         decision = self.decider.evaluate(db, strategy, planned.intents if planned else intents, alert_id=row["id"],
                                          version=version, room=room, out_now=True, legs=intents)
         accepted = decision.status is AlertStatus.ACCEPTED
