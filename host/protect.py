@@ -302,9 +302,12 @@ def hold_exits(db: sqlite_utils.Database, strategy: str, held: list[Intent]) -> 
         stopped = _stop(db, stops, why)
         cancels += stopped.working
         pending = json.loads(row["pending_exit"]) if row["pending_exit"] else None
-        qty = max(i.qty, pending["qty"]) if pending else i.qty
-        exit_ = pending if pending and pending["qty"] >= i.qty else {
-            "qty": qty, "order_type": i.order_type.value, "price": None if i.price is None else str(i.price)}
+        # two trims held together (TP1 and TP2) both go: added up; what is sent is capped at the position then
+        qty = pending["qty"] + i.qty if pending else i.qty
+        exit_ = dict(pending) if pending else {"order_type": i.order_type.value,
+                                               "price": None if i.price is None else str(i.price)}
+        if i.order_type is OrderType.MKT:  # the more urgent of the two: at market
+            exit_.update(order_type=OrderType.MKT.value, price=None)
         exit_["qty"] = qty
         db.execute("update protections set pending_exit = ?, status = ?, updated_at = ? where strategy = ? and "
                    "exchange = ? and symbol = ? and product = ?",

@@ -1005,3 +1005,20 @@ def test_live_a_target_exit_the_broker_rejects_is_said_once(live_factory, sim):
     resting(h)
     time.sleep(1.5)  # the broker's update of the rejected order comes too
     assert events(h, "exit_rejected") == [] and len(events(h, "target_exit_rejected")) == 1
+
+
+def test_two_trims_held_for_the_stop_both_go(paper):
+    """Found from outside: TP1 and TP2 (two ADJUST SELL 50 of a protected 150) both waited for the stop's cancel;
+    the second replaced the first (the larger of the two was kept), so only 50 was sold and 100 stayed open."""
+    h = paper
+    protected(h, qty=150, stop_loss="40")
+    resting(h, 150)
+    body = alert(execution_type="ADJUST", direction="SELL", qty=50, order_type="MKT", price=None, alert_id="tp")
+    body["legs"].append(dict(body["legs"][0]))
+    r = h.post(body)
+    assert r.status_code == 200, r.get_json()
+    h.tick("42.5")
+    wait_for(lambda: h.net() == 50, timeout=8)
+    time.sleep(1)
+    assert h.net() == 50
+    assert wait_for(lambda: (s := stops(h, ("OPEN",))) and s[0]["qty"] == 50 and s[0], timeout=8)
