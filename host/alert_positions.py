@@ -73,6 +73,10 @@ def _earlier(db: sqlite_utils.Database, strategy: str, key: Optional[str], since
         (strategy, key, since)).fetchall()}
 
 
+def _words(n: int) -> str:
+    return "flat" if not n else f"{n:+d}"
+
+
 def _sign(n: int) -> int:
     return (n > 0) - (n < 0)
 
@@ -111,13 +115,11 @@ def plan(db: sqlite_utils.Database, strategy: str, intents: Iterable[Intent], ke
         qty = min(abs(gap), i.qty) if _sign(gap) == _sign(d) else 0
         moved[at] = moved.get(at, 0) + i.side.sign * qty
         if qty < i.qty:
-            notes.append(f"{i.exchange}:{i.symbol} ADJUST {i.side.value} {i.qty} cut to {qty}: by the alerts of "
-                         f"{strategy}, TradingView believes it holds {b:+d} there and this ADJUST takes it to "
-                         f"{b + d:+d}, but the position with its working orders is {held:+d} (something TradingView "
-                         f"does not see moved it: a trade in the broker's app, a square-off or flatten, a stop, an "
-                         f"order that did not fill, an alert the host refused); "
-                         + (f"{qty} takes it to {b + d:+d}" if qty else f"it is at or past {b + d:+d} already")
-                         + "; a POSITION alert sets both")
+            notes.append(f"{i.exchange}:{i.symbol} ADJUST {i.side.value} {i.qty} cut to {qty}: TradingView believes "
+                         f"the strategy holds {_words(b)} and means {_words(b + d)}; it holds {_words(held)} with its "
+                         f"working orders, moved by what TradingView does not see (a trade in the broker's app, a "
+                         f"square-off, flatten or stop, an order not filled, an alert refused or capped at zero)"
+                         + ("" if qty else ": nothing to send") + ". A POSITION alert sets both")
         if qty:
             out.append(replace(i, qty=qty))
     if earlier:  # sent again by hand: the first try moved the belief; this one only trades (cut from where it was)

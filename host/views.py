@@ -31,10 +31,8 @@ def alert_record(row: dict) -> dict:
 
 
 def positions(storage: Storage, include_flat: bool = True, protections: bool = True) -> list[dict]:
-    rows = storage.rows("select p.*, q.ltp, a.believed from positions p left join quotes q on q.exchange = "
-                        "p.exchange and q.symbol = p.symbol left join alert_positions a on a.strategy = p.strategy "
-                        "and a.exchange = p.exchange and a.symbol = p.symbol order by p.strategy, p.exchange, "
-                        "p.symbol")
+    rows = storage.rows("select p.*, q.ltp from positions p left join quotes q on q.exchange = p.exchange "
+                        "and q.symbol = p.symbol order by p.strategy, p.exchange, p.symbol")
     from .protect import position_fields
     guards = position_fields(storage) if protections else {}  # the stop, target, trail level and resting stop order of each position
     none = {"stop_loss": None, "target": None, "trailing": None, "protection_status": None, "stop_orders": []}
@@ -48,10 +46,15 @@ def positions(storage: Storage, include_flat: bool = True, protections: bool = T
                     "product": r["product"], "net_qty": r["net_qty"], "avg_price": avg, "ltp": ltp,
                     "realized_pnl": dec(r["realized_pnl"]), "unrealized_pnl": unrealized,
                     "updated_at": r["updated_at"],
-                    # what the strategy's alerts add up to in the instrument (every product): alert_positions.py
-                    "alerts_add_up_to": r["believed"],
                     **guards.get((r["strategy"], r["exchange"], r["symbol"], r["product"]), none)})
     return out
+
+
+def alerts_add_up_to(storage: Storage) -> list[dict]:
+    """What each strategy's alerts add up to per instrument, every product together (alert_positions.py): what
+    TradingView believes it holds, where an ADJUST is cut to."""
+    return storage.rows("select strategy, exchange, symbol, believed qty, updated_at from alert_positions "
+                        "order by strategy, exchange, symbol")
 
 
 def traded_symbols(storage: Storage) -> set[tuple[str, str]]:

@@ -72,15 +72,15 @@ def test_an_adjust_after_the_host_saw_the_app_close_is_cut_and_says_why(live, si
     _seen(h)
     answer = _adjust(h, 75, "late")
     assert answer["orders"] == [] and "ADJUST SELL 75 cut to 0" in answer["reason"], answer
-    assert "TradingView believes it holds +75 there" in answer["reason"], answer
-    assert "the position with its working orders is +0" in answer["reason"], answer
-    assert "a trade in the broker's app" in answer["reason"] and "a POSITION alert sets both" in answer["reason"]
+    assert "TradingView believes the strategy holds +75 and means flat; it holds flat with its working orders" \
+        in answer["reason"], answer
+    assert "a trade in the broker's app" in answer["reason"] and "A POSITION alert sets both" in answer["reason"]
     [said] = events(h, "adjust_capped")
     assert said["strategy"] == "s1" and said["severity"] == "warning" and "cut to 0" in said["message"]
     time.sleep(1)
     assert broker_net(sim, SYMBOL) == 0
-    [row] = [p for p in h.api("/api/positions").get_json()["items"] if p["strategy"] == "s1"]
-    assert row["net_qty"] == 0 and row["alerts_add_up_to"] == 0, row
+    [row] = [p for p in h.api("/api/positions").get_json()["alerts_add_up_to"] if p["strategy"] == "s1"]
+    assert (row["exchange"], row["symbol"], row["qty"]) == ("NFO", SYMBOL, 0), row
 
 
 def test_a_reversal_by_adjust_after_the_app_close_sells_only_what_takes_it_to_the_short(live, sim):
@@ -142,7 +142,7 @@ def test_a_refused_adjust_still_moves_what_tradingview_believes(live, sim):
     assert events(h, "adjust_capped") == []
     assert h.api("/api/halt", "POST", json={"mode": "active"}).status_code == 200
     cover = _adjust(h, 75, "cover", side="BUY")
-    assert cover["orders"] == [] and "TradingView believes it holds -75" in cover["reason"], cover
+    assert cover["orders"] == [] and "TradingView believes the strategy holds -75" in cover["reason"], cover
     time.sleep(1)
     assert broker_net(sim, SYMBOL) == 0
 

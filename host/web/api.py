@@ -123,7 +123,8 @@ def order(order_id: str):
 
 @bp.get("/api/positions")
 def positions():
-    return jsonify({"items": views.positions(_rt().storage)})
+    storage = _rt().storage
+    return jsonify({"items": views.positions(storage), "alerts_add_up_to": views.alerts_add_up_to(storage)})
 
 
 @bp.get("/api/alerts")
