@@ -252,3 +252,22 @@ def test_a_resend_under_the_same_id_with_another_body_moves_nothing_twice(host):
     assert (_belief(host), _belief(host, other)) == (150, 75)
     wait_for(lambda: host.net() == 150, timeout=5)
     assert host.runtime.storage.rows("select * from alert_moves") == []
+
+
+def test_a_reversal_by_adjust_stops_at_flat_and_the_next_buys_to_what_tradingview_believes(host):
+    """As the README says: long 75, ADJUST SELL 150 stops at flat (a reduction never crosses zero; TradingView
+    believes -75); ADJUST BUY 150 then buys 75, to the +75 TradingView believes, and says why."""
+    _long(host)
+    r1 = post(host, **market("ADJUST", "SELL", 150, "r1"))
+    assert [o["qty"] for o in r1["orders"]] == [75], r1
+    host.settle()
+    wait_for(lambda: host.net() == 0, timeout=5)
+    assert _belief(host) == -75
+    r2 = post(host, **market("ADJUST", "BUY", 150, "r2"))
+    assert [o["qty"] for o in r2["orders"]] == [75] and "capped at zero" in r2["reason"], r2
+    host.settle()
+    wait_for(lambda: host.net() == 75, timeout=5)
+    assert _belief(host) == 75
+    assert host.api("/api/positions").get_json()["alerts_add_up_to"] == [
+        {"strategy": "s1", "exchange": "NFO", "symbol": SYMBOL, "qty": 75,
+         "updated_at": host.runtime.storage.one("select updated_at from alert_positions")["updated_at"]}]
