@@ -138,7 +138,7 @@ def targets(legs: Iterable[TargetLeg]) -> dict[Instrument, int]:
 def store(db: sqlite_utils.Database, strategy: str, p: Plan, accepted: bool) -> None:
     """Keep a decided alert's beliefs; an accepted one's cuts said (an `adjust_capped` warning each: TradingView
     keeps no answer); what a refused or rejected one moved kept, so that its resend does not move it again."""
-    if p.key is not None and (accepted or not p.resend):
+    if p.key is not None and accepted is p.resend:  # a resend that went; a first try that did not (older rows out)
         db.execute("delete from alert_moves where strategy = ? and client_alert_id = ?", (strategy, p.key))
     if p.key is not None and not accepted and not p.resend:
         now = utcnow()
