@@ -271,3 +271,21 @@ def test_a_reversal_by_adjust_stops_at_flat_and_the_next_buys_to_what_tradingvie
     assert host.api("/api/positions").get_json()["alerts_add_up_to"] == [
         {"strategy": "s1", "exchange": "NFO", "symbol": SYMBOL, "qty": 75,
          "updated_at": host.runtime.storage.one("select updated_at from alert_positions")["updated_at"]}]
+
+
+def test_the_positions_page_shows_where_tradingview_believes_otherwise(host):
+    """The trader looks at the dashboard, not the API: after a halt's flatten and a refused add, the positions panel
+    lists s1's belief (+150) beside what it holds (flat), and says what it means; nothing where they agree."""
+    from test_dashboard import login
+    _long(host)
+    client = host.app.test_client()
+    login(client)
+    assert "believed-table" not in client.get("/panel/positions").get_data(as_text=True)
+    mode(host, "halted")
+    assert host.api("/api/exit-all", "POST").status_code in (200, 202)
+    wait_for(lambda: host.net() == 0, timeout=6)
+    post(host, expect=423, **market("ADJUST", "BUY", 75, "add"))
+    html = client.get("/panel/positions").get_data(as_text=True)
+    assert 'id="believed-table"' in html and "Where TradingView believes otherwise" in html, html
+    row = html[html.index('id="believed-table"'):]
+    assert f"NFO:{SYMBOL}" in row and ">150<" in row.replace(" ", "") and "a POSITION alert sets both" in row

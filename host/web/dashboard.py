@@ -220,7 +220,20 @@ def _positions(args: dict) -> dict:
             for k in sums:
                 sums[k] += p[k]
     return {"positions": rows, "totals": {k: v for k, v in totals.items() if k}, "total": totals.get("", _zero_sums()),
-            "day_pnl": views.day_pnl(_rt().storage) if args.get("open") else None}
+            "day_pnl": views.day_pnl(_rt().storage) if args.get("open") else None,
+            "believed": _believed_otherwise(rows)}
+
+
+def _believed_otherwise(rows: list[dict]) -> list[dict]:
+    """Where what a strategy's alerts add up to (what TradingView believes) is not what it holds: the belief a
+    reducing ADJUST is cut to (alert_positions.py), shown where the trader looks."""
+    held: dict[tuple, int] = {}
+    for p in rows:
+        key = (p["strategy"], p["exchange"], p["symbol"])
+        held[key] = held.get(key, 0) + p["net_qty"]
+    return [{**b, "held": held.get((b["strategy"], b["exchange"], b["symbol"]), 0)}
+            for b in views.alerts_add_up_to(_rt().storage)
+            if b["qty"] != held.get((b["strategy"], b["exchange"], b["symbol"]), 0)]
 
 
 def _zero_sums() -> dict[str, Decimal]:
