@@ -82,7 +82,7 @@ def start_bare(port: int, workdir: Path | None = None) -> subprocess.Popen:
     conf.write_text(BARE_CONF)
     return subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"127.0.0.1:{port}",
                              "--log-level", "warning", "--chdir", str(ROOT / "bench"), "bare_app:app"],
-                            env=_env(BARE_DB=str(workdir / "bare.sqlite")), stdout=subprocess.DEVNULL,
+                            env=_env(BARE_DB=str(workdir / "bare.sqlite"), BENCH_SECRET=SECRET), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -215,11 +215,11 @@ def alert_to_fill(db: Path, strategy_like: str = "%") -> list[float]:
     return [(datetime.fromisoformat(f) - datetime.fromisoformat(a)).total_seconds() for a, f in rows]
 
 
-def order_floor_done(db: Path) -> tuple[int, int]:
-    """The order-life floor's orders that reached COMPLETE, and all its orders, read SETTLE_S after its last answer:
-    it did the work it claims within the time its CPU was measured over."""
+def order_floor_done(db: Path, table: str = "book", done_as: str = "COMPLETE") -> tuple[int, int]:
+    """A floor's orders that reached `done_as`, and all its orders, read SETTLE_S after its last answer: it did the
+    work it claims within the time its CPU was measured over."""
     conn = sqlite3.connect(str(db))
-    done, made = conn.execute("select sum(status = 'COMPLETE'), count(*) from book").fetchone()
+    done, made = conn.execute(f"select sum(status = ?), count(*) from {table}", (done_as,)).fetchone()
     conn.close()
     return done or 0, made
 
@@ -242,6 +242,8 @@ def main() -> None:
         contract = measure(bare_port, "k", args.alerts, args.concurrency, "/webhook-contract", pid=bare.pid)
         least = measure(bare_port, "o", args.alerts, args.concurrency, "/webhook-order-floor", pid=bare.pid)
         least_done = order_floor_done(work / "bare-orders.sqlite")  # within SETTLE_S of its last answer
+        checked = measure(bare_port, "c", args.alerts, args.concurrency, "/webhook-checked-floor", pid=bare.pid)
+        checked_done = order_floor_done(work / "bare-checked.sqlite", "orders", "FILLED")
         ours = measure(host_port, "h", args.alerts, args.concurrency, pid=host.pid)
         time.sleep(1.0)  # let the last fills land
         fills = alert_to_fill(work / "var" / "host.sqlite")
@@ -289,11 +291,21 @@ def main() -> None:
           f"{least['rate'] / floor['rate']:8.2f}x")
     print(f"{'order-life floor CPU/alert':28}{least['cpu'] * ms:10.2f}{floor['cpu'] * ms:10.2f}"
           f"{least['cpu'] / floor['cpu']:8.2f}x")
+    print("the least order life with the host's own checks and records (validation, duplicates, what TradingView")
+    print("believes, guard, risk, order checks, order rows), in the same one-thread shape:")
+    for label, key in (("p50 (ms)", "p50"), ("p99 (ms)", "p99")):
+        print(f"{'checked floor ' + label:28}{checked[key] * ms:10.2f}{floor[key] * ms:10.2f}"
+              f"{checked[key] / floor[key]:8.2f}x")
+    print(f"{'checked floor alerts/s':28}{checked['rate']:10.0f}{floor['rate']:10.0f}"
+          f"{checked['rate'] / floor['rate']:8.2f}x")
+    print(f"{'checked floor CPU/alert':28}{checked['cpu'] * ms:10.2f}{floor['cpu'] * ms:10.2f}"
+          f"{checked['cpu'] / floor['cpu']:8.2f}x")
     print(f"{'host p50, blocked (ms)':28}{blocked['p50'] * ms:10.2f}{floor['p50'] * ms:10.2f}"
           f"{blocked['p50'] / floor['p50']:8.2f}x")
     print(f"non-200 answers: host {ours['bad']}, floor {floor['bad']}, contract floor {contract['bad']}; "
-          f"order-life floor {least['bad']}; blocked alerts not answered 409: {blocked['bad']}; fills measured: "
-          f"{len(fills)}; order-life floor orders filled: {least_done[0]} of {least_done[1]}")
+          f"order-life floor {least['bad']}; checked floor {checked['bad']}; blocked alerts not answered 409: {blocked['bad']}; fills measured: "
+          f"{len(fills)}; order-life floor orders filled: {least_done[0]} of {least_done[1]}; checked floor's: {checked_done[0]} of "
+          f"{checked_done[1]}")
 
 
 if __name__ == "__main__":
