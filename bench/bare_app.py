@@ -18,6 +18,7 @@ deciding thread, in the batch's one durable commit, the host's schema and record
 check, the belief of alert_positions.py, the Decider: guard, risk, order checks, NEW order rows and their history,
 the day's count) and the SUBMITTED marks. What the host's checks cost on top of the least order life, in the best
 shape found: if it misses an aim, no reshaping of the host's threads or commits can meet it with those checks.
+/webhook-records-floor: the checked floor's records without any of its checks (see RecordsFloor).
 """
 import hashlib
 import json
@@ -181,6 +182,89 @@ class CheckedFloor(OrderFloor):
                                                  "key, qty integer)"))
         super().__init__(path)
 
+    def _one(self, db, req, digest: str) -> tuple:
+        """One alert as the host keeps and decides it: (its id, its status, the orders marked SUBMITTED)."""
+        from host import alert_positions
+        from host.builtin import passthrough
+        from host.inbox import RUNS
+        from host.models import AlertStatus
+        since = datetime.fromtimestamp(time.time() - DEDUPE_S, timezone.utc).isoformat(timespec="milliseconds")
+        seen = db.execute(f"select 1 from alerts where body_hash = ? and received_at >= ? and status in "
+                          f"({','.join('?' * len(RUNS))}) limit 1", (digest, since, *RUNS)).fetchone()
+        aid = self._alert_row(db, req, digest, AlertStatus.DUPLICATE.value if seen else AlertStatus.RECEIVED.value)
+        if seen:
+            return aid, AlertStatus.DUPLICATE.value, []
+        intents = list(passthrough.strategy_on_alert(None, req))
+        planned = alert_positions.plan(db, req.strategy, intents, req.client_alert_id, since)
+        d = self.decider.evaluate(db, req.strategy, planned.intents, alert_id=aid, out_now=True, legs=intents)
+        alert_positions.store(db, req.strategy, planned, d.status is AlertStatus.ACCEPTED)
+        return self._decided(db, aid, d.status.value, d.reason, d.orders)
+
+    @staticmethod
+    def _alert_row(db, req, digest: str, status: str) -> str:
+        from host.inbox import request_to_json
+        from host.storage import utcnow
+        aid = new_id("a")
+        db.execute("insert into alerts (id, received_at, strategy, execution_type, body_hash, body, status, orders) "
+                   "values (?, ?, ?, ?, ?, ?, ?, '[]')", (aid, utcnow(), req.strategy, req.execution_type.value,
+                                                          digest, request_to_json(req), status))
+        return aid
+
+    @staticmethod
+    def _decided(db, aid: str, status: str, reason, orders) -> tuple:
+        from host.orders import mark_submitted
+        from host.storage import utcnow
+        db.execute("update alerts set status = ?, reason = ?, orders = ?, decided_at = ? where id = ?",
+                   (status, reason, json.dumps(list(orders)), utcnow(), aid))
+        return aid, status, [r["id"] for r in (mark_submitted(db, oid) for oid in orders) if r]
+
+    def _decide(self) -> None:
+        while True:
+            batch = _drain(self.todo)
+            try:
+                made = self.storage.write(lambda db: [self._one(db, *item) for item, _, _ in batch], durable=True)
+            except Exception as e:  # the bench counts the non-200 answers
+                made = [(None, repr(e), [])] * len(batch)
+            for (_, done, box), (aid, status, orders) in zip(batch, made):
+                box.append((aid, status))
+                done.set()
+                for oid in orders:
+                    self.to_send.put(oid)
+
+    def _commit(self, statements: list[tuple[str, tuple]]) -> None:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for sql, args in statements:
+                self.conn.execute(sql, args)
+            self.conn.execute("COMMIT")
+
+    def _send(self) -> None:
+        while True:
+            acks = []
+            for order_id in _drain(self.to_send):  # sent: the broker only hands back an id
+                self.broker_ids += 1
+                acks.append((order_id, str(self.broker_ids)))
+            self._commit([("update book set status = 'OPEN', broker_id = ? where id = ?", (b, o)) for o, b in acks])
+            self._commit([st for order_id, _ in acks for st in (
+                ("update book set status = 'COMPLETE', filled = 75 where id = ?", (order_id,)),
+                ("insert into fills (order_id, qty, price) values (?, 75, '42.5')", (order_id,)),
+                ("insert into positions (symbol, qty) values ('NIFTY', 75) "
+                 "on conflict (symbol) do update set qty = qty + 75", ()))])
+
+
+class CheckedFloor(OrderFloor):
+    """The order-life floor with the host's checks and records (see the module's docstring)."""
+
+    def __init__(self, path: str):
+        from host.decide import Decider
+        from host.risk import RiskGate
+        from host.storage import Storage
+        self.storage = Storage(path)
+        self.decider = Decider(RiskGate(self.storage), lambda name: {})
+        self.storage.write(lambda db: db.execute("create table if not exists floor_positions (symbol text primary "
+                                                 "key, qty integer)"))
+        super().__init__(path)
+
     def _decide(self) -> None:
         from host import alert_positions
         from host.builtin import passthrough
@@ -244,10 +328,27 @@ class CheckedFloor(OrderFloor):
                  "on conflict (symbol) do update set qty = qty + 75", ()))])
 
 
+
+class RecordsFloor(CheckedFloor):
+    """The checked floor's records without its checks: the same rows (the alert, its order and the order's history,
+    the day's count, the belief, the SUBMITTED mark), with no screening, validation, duplicate check, guard, risk
+    or order check. What the records cost alone: the part of the checked floor that is not the checks."""
+
+    def _one(self, db, req, digest: str) -> tuple:
+        from host import alert_positions
+        from host.builtin import passthrough
+        from host.orders import insert_order
+        aid = self._alert_row(db, req, digest, "received")
+        intents = list(passthrough.strategy_on_alert(None, req))
+        orders = tuple(insert_order(db, i, req.strategy, aid) for i in intents)
+        alert_positions.set_beliefs(db, req.strategy, {(i.exchange, i.symbol): i.qty for i in intents})
+        return self._decided(db, aid, "accepted", None, orders)
+
 DEDUPE_S = 10  # a body seen this recently is a duplicate
 _contract = None
 _order_floor = None
 _checked_floor = None
+_records_floor = None
 _contract_lock = threading.Lock()
 
 
@@ -289,6 +390,27 @@ def webhook_checked_floor():
         return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
     aid, status = decided  # anything but accepted is a non-200 answer, counted by the bench
     return jsonify({"status": status, "strategy": req.strategy, "alert_id": aid}), 200 if status == "accepted" else 409
+
+
+@app.post("/webhook-records-floor")
+def webhook_records_floor():
+    """The alert taken as it comes (no screening, no validation: the legs read as they are), then the records."""
+    global _records_floor
+    from decimal import Decimal
+    from host.models import AlertRequest, ExecutionType, Leg, OrderType, Product, Side
+    with _contract_lock:
+        if _records_floor is None:
+            path = os.environ.get("BARE_DB") or os.path.join(tempfile.mkdtemp(), "bare.sqlite")
+            _records_floor = RecordsFloor(path.replace(".sqlite", "-records.sqlite"))
+    raw = request.get_data()
+    b = request.get_json(force=True)
+    legs = tuple(Leg(b["exchange"], l["tradingsymbol"], Side(l["direction"]), int(l["qty"]), OrderType(l["order_type"]),
+                     Product(l["product_type"]), Decimal(l["price"]), None) for l in b["legs"])
+    req = AlertRequest(b["strategy_name"], ExecutionType(b["execution_type"]), legs)
+    decided = _records_floor.take((req, hashlib.sha256(raw).hexdigest()))
+    if decided is None:
+        return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
+    return jsonify({"status": decided[1], "strategy": req.strategy, "alert_id": decided[0]})
 
 
 @app.post("/webhook-order-floor")
