@@ -179,11 +179,12 @@ class RiskManager:
                 return day
         return RiskDay(today.isoformat(), self.limits.base)
 
-    def breach_days(self, db: Optional[sqlite_utils.Database] = None) -> dict[date, bool]:
+    def breach_days(self, db: Optional[sqlite_utils.Database] = None, breached_only: bool = False) -> dict[date, bool]:
         """Recorded trading days and whether each breached (inside `db`'s transaction when given); a corrupt row
-        raises CorruptState."""
+        raises CorruptState. breached_only: the days that breached (and the rows that cannot say), not the clean
+        ones, which grow by one each trading day."""
         out = {}
-        sql = "select day, breached from risk_days"
+        sql = "select day, breached from risk_days" + (" where breached is not 0" if breached_only else "")
         for r in (list(db.query(sql)) if db is not None else self.storage.rows(sql)):
             try:
                 if r["breached"] not in (0, 1):
@@ -195,7 +196,7 @@ class RiskManager:
 
     def streak(self, upto: date) -> int:
         """Consecutive breached trading days ending at `upto` (or the trading day before it)."""
-        days = self.breach_days()
+        days = self.breach_days(breached_only=True)  # a day not in it did not breach: it ends the streak
         d = upto if days.get(upto) else self.clock.previous_trading_day(upto)
         n = 0
         while days.get(d):
@@ -208,13 +209,15 @@ class RiskManager:
         n = self.limits.max_consecutive
         if n <= 0:
             return None
-        days = self.breach_days(db)
-        breached = sorted(d for d, b in days.items() if b and d <= today)
-        if not breached:
-            return None
-        until, run, d = None, 0, breached[0]
-        while d <= today:
-            run = run + 1 if days.get(d) else 0
+        # a streak is breached trading days one after the other: only the breached days are read and walked (the
+        # clean days between them, one more each trading day, break a streak by not being next to each other)
+        breached = sorted(d for d in self.breach_days(db, breached_only=True) if d <= today)
+        until, run, last = None, 0, None
+        for d in breached:
+            if last is not None and not self.clock.is_trading_day(d):
+                continue  # a breach recorded on a day the market was closed: no day of a streak (as it never was)
+            run = run + 1 if last is not None and self.clock.next_trading_day(last) == d else 1
+            last = d
             if run >= n:
                 end = self.clock.first_trading_day_of_next_week(d)
                 if self.limits.cooldown_days:
@@ -222,7 +225,6 @@ class RiskManager:
                     for _ in range(self.limits.cooldown_days + 1):
                         end = self.clock.next_trading_day(end)
                 until = max(until or end, end)
-            d = self.clock.next_trading_day(d)
         return until if until and today < until else None
 
     # ---- the check ----

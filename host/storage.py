@@ -211,6 +211,11 @@ def _m15_alert_moves(db: sqlite_utils.Database) -> None:
                               "at": str}, pk=("strategy", "client_alert_id", "exchange", "symbol"))
 
 
+def _m16_breach_days(db: sqlite_utils.Database) -> None:
+    # the risk gate reads the days that breached (a loss streak's cooldown), not every trading day ever recorded
+    db.execute("create index if not exists idx_risk_days_breached on risk_days (day) where breached is not 0")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
@@ -218,7 +223,8 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, 
                                                                   _m10_flat_cost, _m11_unexplained_left,
                                                                   _m12_protection_index,
                                                                   _m13_positions_by_instrument,
-                                                                  _m14_alert_positions, _m15_alert_moves)
+                                                                  _m14_alert_positions, _m15_alert_moves,
+                                                                  _m16_breach_days)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

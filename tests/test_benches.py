@@ -23,6 +23,7 @@ FIGURES = {
     "telegram_overhead.py": "p50",
     "backup_online.py": "during the backup",
     "slow_clients.py": "20 slow bodies",
+    "risk_history.py": "two years / a week",
 }
 
 

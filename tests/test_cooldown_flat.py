@@ -1,0 +1,139 @@
+"""The loss-streak cooldown the risk gate checks on every entry: the same answer as ever, at a cost that does not
+grow with the trading days recorded (one risk_days row a day, for as long as the host runs)."""
+from __future__ import annotations
+
+from datetime import date, timedelta
+from decimal import Decimal as D
+from typing import Optional
+
+from hypothesis import given, settings, strategies as st
+
+from host.market import MarketClock
+from host.risk import Limits, RiskManager
+from host.storage import Storage
+
+MON = date(2026, 11, 23)  # a Monday
+
+
+def reference_cooldown(days: dict[date, bool], today: date, n: int, cooldown_days: int,
+                       clock: MarketClock) -> Optional[date]:
+    """The cooldown as it was computed before (every trading day walked from the first breach to today)."""
+    if n <= 0:
+        return None
+    breached = sorted(d for d, b in days.items() if b and d <= today)
+    if not breached:
+        return None
+    until, run, d = None, 0, breached[0]
+    while d <= today:
+        run = run + 1 if days.get(d) else 0
+        if run >= n:
+            end = clock.first_trading_day_of_next_week(d)
+            if cooldown_days:
+                end = d
+                for _ in range(cooldown_days + 1):
+                    end = clock.next_trading_day(end)
+            until = max(until or end, end)
+        d = clock.next_trading_day(d)
+    return until if until and today < until else None
+
+
+def record(storage: Storage, days: dict[date, bool]) -> None:
+    storage.write(lambda db: db.conn.executemany(
+        "insert into risk_days (day, breached, final_pnl, peak_pnl, limit_at_end, updated_at) values "
+        "(?, ?, '0', '0', '-2000', '')", [(d.isoformat(), int(b)) for d, b in days.items()]))
+
+
+SPAN = 45
+day_marks = st.lists(st.sampled_from((None, False, True, True, True)), min_size=SPAN, max_size=SPAN)  # absent, clean
+# or breached: mostly breached, so that streaks (across weekends and holidays, broken by a clean day) are common
+holidays = st.sets(st.integers(0, SPAN + 15), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(marks=day_marks, off=holidays, n=st.integers(1, 4), cooldown_days=st.integers(0, 3),
+       today_at=st.integers(0, SPAN + 15))
+def test_the_cooldown_is_what_walking_every_day_gave(tmp_path_factory, marks, off, n, cooldown_days, today_at):
+    """Any history (weekends, holidays, breaches recorded on a closed day, clean days between): the same day."""
+    start = MON - timedelta(days=SPAN // 2)
+    days = {start + timedelta(days=k): b for k, b in enumerate(marks) if b is not None}
+    clock = MarketClock(frozenset(start + timedelta(days=k) for k in off))
+    storage = Storage(tmp_path_factory.mktemp("cooldown") / "risk.sqlite")
+    record(storage, days)
+    m = RiskManager(storage, Limits(base=D("-2000"), max_consecutive=n, cooldown_days=cooldown_days), clock)
+    today = start + timedelta(days=today_at)
+    assert m.cooldown_until(today) == reference_cooldown(days, today, n, cooldown_days, clock)
+    assert storage.write(lambda db: m.cooldown_until(today, db)) == m.cooldown_until(today)
+    assert m.streak(today) == reference_streak(days, today, clock)
+
+
+def reference_streak(days: dict[date, bool], upto: date, clock: MarketClock) -> int:
+    """The streak as it was counted before (on every day recorded)."""
+    d = upto if days.get(upto) else clock.previous_trading_day(upto)
+    n = 0
+    while days.get(d):
+        n += 1
+        d = clock.previous_trading_day(d)
+    return n
+
+
+def steps_of(storage: Storage, fn) -> int:
+    """SQLite's virtual machine steps while fn runs on the write connection: a count of the work, not a time."""
+    counted = [0]
+
+    def count() -> int:
+        counted[0] += 1
+        return 0
+    storage.conn.set_progress_handler(count, 1)
+    try:
+        storage.write(fn)
+    finally:
+        storage.conn.set_progress_handler(None, 1)
+    return counted[0]
+
+
+def test_two_years_of_clean_days_cost_the_gate_no_more_than_one_week(tmp_path):
+    """A breach streak long ago, then two years of trading: every entry's check reads the breached days only.
+    (It read and walked every day recorded since the first breach: 50 times the work after two years.)"""
+    clock = MarketClock()
+    limits = Limits(base=D("-2000"), max_consecutive=3)
+    long_ago = [MON - timedelta(days=800 + k) for k in range(3)]
+
+    def history(clean_days: int) -> Storage:
+        storage = Storage(tmp_path / f"risk{clean_days}.sqlite")
+        days = {d: True for d in long_ago}
+        d = MON
+        while len(days) < clean_days + len(long_ago):
+            d -= timedelta(days=1)
+            if clock.is_trading_day(d):
+                days[d] = False
+        record(storage, days)
+        return storage
+    week, two_years = history(5), history(500)
+    cost = [steps_of(s, lambda db, s=s: RiskManager(s, limits, clock).cooldown_until(MON, db))
+            for s in (week, two_years)]
+    assert RiskManager(two_years, limits, clock).cooldown_until(MON) is None  # the old streak's cooldown is over
+    assert cost[1] <= cost[0] + 10, cost
+
+
+def test_a_database_at_schema_15_gains_the_index_and_keeps_its_days(tmp_path):
+    """An existing database (migration 15) upgrades: its breach days are found through the new index."""
+    import sqlite_utils
+
+    from host.storage import MIGRATIONS
+    path = tmp_path / "v15.sqlite"
+    db = sqlite_utils.Database(path)
+    for m in MIGRATIONS[:15]:
+        m(db)
+    db.execute("PRAGMA user_version = 15")
+    db.conn.executemany("insert into risk_days (day, breached) values (?, ?)",
+                        [((MON + timedelta(days=k)).isoformat(), 1) for k in range(3)])
+    db.conn.commit()
+    db.close()
+    storage = Storage(path)
+    try:
+        plan = storage.conn.execute("explain query plan select day, breached from risk_days where breached is not 0")
+        assert "idx_risk_days_breached" in " ".join(str(r) for r in plan.fetchall())
+        m = RiskManager(storage, Limits(base=D("-2000"), max_consecutive=3), MarketClock())
+        assert m.cooldown_until(MON + timedelta(days=3)) == MON + timedelta(days=7)
+    finally:
+        storage.close()
