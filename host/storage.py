@@ -216,6 +216,12 @@ def _m16_breach_days(db: sqlite_utils.Database) -> None:
     db.execute("create index if not exists idx_risk_days_breached on risk_days (day) where breached is not 0")
 
 
+def _m17_open_positions(db: sqlite_utils.Database) -> None:
+    # a strategy's book (decide.load_book, on every alert) reads its open positions, not every instrument it closed
+    # today (a strategy rotating strikes closes hundreds a day; they are deleted only when the next day begins)
+    db.execute("create index if not exists idx_positions_open on positions (strategy) where net_qty != 0")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
                                                                   _m4_dashboard, _m5_notifier_inbox,
                                                                   _m6_position_targets, _m7_exactly_once,
@@ -224,7 +230,7 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, 
                                                                   _m12_protection_index,
                                                                   _m13_positions_by_instrument,
                                                                   _m14_alert_positions, _m15_alert_moves,
-                                                                  _m16_breach_days)
+                                                                  _m16_breach_days, _m17_open_positions)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 

@@ -1,5 +1,7 @@
-"""The loss-streak cooldown the risk gate checks on every entry: the same answer as ever, at a cost that does not
-grow with the trading days recorded (one risk_days row a day, for as long as the host runs)."""
+"""Reads made for every alert whose cost must not grow with what piles up: the loss-streak cooldown the risk gate
+checks on every entry (the same answer as ever, at a cost that does not grow with the trading days recorded, one
+risk_days row a day for as long as the host runs), and a strategy's book (its open positions, not every
+instrument it closed today)."""
 from __future__ import annotations
 
 from datetime import date, timedelta
@@ -137,3 +139,23 @@ def test_a_database_at_schema_15_gains_the_index_and_keeps_its_days(tmp_path):
         assert m.cooldown_until(MON + timedelta(days=3)) == MON + timedelta(days=7)
     finally:
         storage.close()
+
+
+def test_a_strategys_book_reads_its_open_positions_not_the_hundreds_it_closed_today(tmp_path):
+    """A strategy rotating strikes closes hundreds of instruments in a day (their rows stay, at 0, until the next
+    day begins). Its book, read for every alert it sends, costs what it did with none closed."""
+    from host.decide import load_book
+    from host.models import Product
+
+    def day_with(closed: int) -> Storage:
+        storage = Storage(tmp_path / f"closed{closed}.sqlite")
+        rows = [("s1", "NFO", f"NIFTY{k:05d}CE", "M", 0 if k else 75, "42.5", "0", "") for k in range(closed + 1)]
+        storage.write(lambda db: db.conn.executemany(
+            "insert into positions (strategy, exchange, symbol, product, net_qty, avg_price, realized_pnl, "
+            "updated_at) values (?, ?, ?, ?, ?, ?, ?, ?)", rows))
+        return storage
+    few, many = day_with(3), day_with(800)
+    for storage in (few, many):
+        assert dict(load_book(storage.db, "s1").positions) == {("NFO", "NIFTY00000CE", Product.NRML): 75}
+    cost = [steps_of(s, lambda db: load_book(db, "s1")) for s in (few, many)]
+    assert cost[1] <= cost[0] + 10, cost
