@@ -15,7 +15,7 @@ from .day_counts import day_start_utc, orders_on
 from .market import MarketClock, session_of
 from .models import Intent, TradingState
 from . import pending_flattens
-from .storage import Storage, utcnow
+from .storage import BREACH_ROWS, Storage, utcnow
 
 STATE_KEY = "trading_state"
 DAY_KEY = "risk_day"
@@ -181,15 +181,19 @@ class RiskManager:
 
     def breach_days(self, db: Optional[sqlite_utils.Database] = None, breached_only: bool = False) -> dict[date, bool]:
         """Recorded trading days and whether each breached (inside `db`'s transaction when given); a corrupt row
-        raises CorruptState. breached_only: the days that breached (and the rows that cannot say), not the clean
-        ones, which grow by one each trading day."""
+        raises CorruptState. breached_only: the days that breached and the rows that cannot say (a breached value
+        other than 0 or 1, a day that is not a plain date), not the clean ones, which grow by one each trading day
+        (read through a partial index, migration 16)."""
         out = {}
-        sql = "select day, breached from risk_days" + (" where breached is not 0" if breached_only else "")
+        sql = "select day, breached from risk_days" + (f" where {BREACH_ROWS}" if breached_only else "")
         for r in (list(db.query(sql)) if db is not None else self.storage.rows(sql)):
             try:
                 if r["breached"] not in (0, 1):
                     raise ValueError(r["breached"])
-                out[date.fromisoformat(r["day"])] = bool(r["breached"])
+                day = date.fromisoformat(r["day"])
+                if day.isoformat() != r["day"]:  # ('20261119' is a date to Python, not to SQLite's date())
+                    raise ValueError(r["day"])
+                out[day] = bool(r["breached"])
             except (ValueError, TypeError):
                 raise CorruptState(f"risk_days row {r['day']!r} is unreadable") from None
         return out

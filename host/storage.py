@@ -211,15 +211,26 @@ def _m15_alert_moves(db: sqlite_utils.Database) -> None:
                               "at": str}, pk=("strategy", "client_alert_id", "exchange", "symbol"))
 
 
+BREACH_ROWS = "breached is not 0 or day is not date(day)"  # the days that breached, and rows that cannot say
+
+
 def _m16_breach_days(db: sqlite_utils.Database) -> None:
-    # the risk gate reads the days that breached (a loss streak's cooldown), not every trading day ever recorded
-    db.execute("create index if not exists idx_risk_days_breached on risk_days (day) where breached is not 0")
+    # the risk gate reads the days that breached (a loss streak's cooldown), not every trading day ever recorded;
+    # a row whose day is not a plain date is read too, so that it still fails closed (risk.breach_days)
+    db.execute(f"create index if not exists idx_risk_days_breached on risk_days (day) where {BREACH_ROWS}")
+
+
+OPEN_POSITIONS = "net_qty != 0"
+# partial indexes that a check reads instead of its table (the risk gate, a strategy's book): a copy of the file
+# taken mid-write can leave one behind its table, where PRAGMA quick_check does not look (check_database)
+PARTIAL_INDEXES = (("idx_risk_days_breached", "risk_days", BREACH_ROWS), ("idx_positions_open", "positions",
+                                                                        OPEN_POSITIONS))
 
 
 def _m17_open_positions(db: sqlite_utils.Database) -> None:
     # a strategy's book (decide.load_book, on every alert) reads its open positions, not every instrument it closed
     # today (a strategy rotating strikes closes hundreds a day; they are deleted only when the next day begins)
-    db.execute("create index if not exists idx_positions_open on positions (strategy) where net_qty != 0")
+    db.execute(f"create index if not exists idx_positions_open on positions (strategy) where {OPEN_POSITIONS}")
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
@@ -357,6 +368,11 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
         actual = _schema(conn)
     except sqlite3.DatabaseError as e:
         raise DatabaseUnusable(damaged.format(why=str(e))) from None
+    stale = stale_indexes(conn)
+    if stale:
+        raise DatabaseUnusable(f"refusing to start: in the database {path}, {'; '.join(stale)}. Risk reads them "
+                               f"and would miss rows. Nothing was changed: with the host stopped, run that with "
+                               f"sqlite3 {path} '...'; or {backups_hint(path)}.")
     if version > len(MIGRATIONS):
         raise DatabaseUnusable(f"refusing to start: the database {path} has schema version {version}, written by a "
                                f"newer strategy-host (this one knows {len(MIGRATIONS)}); run the newer version, or "
@@ -371,6 +387,28 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
         raise DatabaseUnusable(f"refusing to start: the database {path} (schema version {version}) was changed "
                                f"outside the host: {foreign_code_problem(found, path)}. Or "
                                f"{backups_hint(path)}.")
+
+
+def stale_indexes(conn: sqlite3.Connection) -> list[str]:
+    """Partial indexes that risk reads whose rows differ from their table's (each said in words); [] when all
+    match, or do not exist yet (an older schema)."""
+    made = {r[0] for r in conn.execute("select name from sqlite_master where type = 'index'")}
+    found = []
+    for (index, table, where), column in zip(PARTIAL_INDEXES, ("day", "strategy")):
+        if index not in made:
+            continue
+        try:
+            through = conn.execute(f"select rowid from {table} indexed by {index} where {where} "
+                                   f"order by rowid").fetchall()
+        except sqlite3.OperationalError:  # made by hand, on other rows: it cannot serve risk's read
+            found.append(f"the index {index} is not the one the host makes (drop it, then: create index {index} on "
+                         f"{table} ({column}) where {where})")
+            continue
+        whole = conn.execute(f"select rowid from {table} not indexed where {where} order by rowid").fetchall()
+        if through != whole:
+            found.append(f"the index {index} lists {len(through)} rows of {table} where the table has {len(whole)} "
+                         f"(rebuild it from the table: REINDEX {index})")
+    return found
 
 
 EARLIER_RUN_MARKS = ("secrets.env", "paper.sqlite", "engine.lock", "host.lock", "backups")

@@ -159,3 +159,64 @@ def test_a_strategys_book_reads_its_open_positions_not_the_hundreds_it_closed_to
         assert dict(load_book(storage.db, "s1").positions) == {("NFO", "NIFTY00000CE", Product.NRML): 75}
     cost = [steps_of(s, lambda db: load_book(db, "s1")) for s in (few, many)]
     assert cost[1] <= cost[0] + 10, cost
+
+
+# ---- found from outside: what the partial indexes must not change ----
+
+def test_an_unreadable_clean_day_still_fails_closed(tmp_path):
+    """A clean day's row is not read for the cooldown, but one whose day cannot be read is, as before: entries are
+    refused until it is checked (a date SQLite does not take for one, '20261119', counts as unreadable too)."""
+    from host.risk import RiskGate
+    for bad in ("2026-11-2x", "20261119", "2026-11-19 10:00"):
+        storage = Storage(tmp_path / f"bad{bad[-2:]}.sqlite")
+        storage.write(lambda db: db.execute("insert into risk_days (day, breached) values (?, 0)", (bad,)))
+        gate = RiskGate(storage, Limits(base=D("-2000"), max_consecutive=3), MarketClock())
+        assert "risk state is unreadable" in (gate.refusal(False) or ""), bad
+        storage.close()
+
+
+def test_a_risk_index_left_behind_its_table_is_refused_at_the_start_with_what_to_do(tmp_path):
+    """A copy of the file taken mid-write can leave an index behind its table (PRAGMA quick_check does not look):
+    the cooldown read through it would miss the streak. The start is refused, saying to REINDEX."""
+    import sqlite3
+
+    import pytest
+
+    from host.storage import DatabaseUnusable, stale_indexes
+    path = tmp_path / "db.sqlite"
+    Storage(path).close()
+
+    def edit(*sql: str) -> None:
+        c = sqlite3.connect(path, isolation_level=None)
+        for q in sql:
+            c.execute(q)
+        c.close()
+    flip = "update sqlite_master set sql = replace(sql, '{}', '{}') where name = 'idx_risk_days_breached'"
+    edit("PRAGMA writable_schema=ON", flip.format("breached is not 0", "breached is not 1"))  # rows it then misses
+    edit(*[f"insert into risk_days (day, breached) values ('2026-11-2{k}', 1)" for k in (3, 4, 5)],
+         "PRAGMA writable_schema=ON", flip.format("breached is not 1", "breached is not 0"))
+    with pytest.raises(DatabaseUnusable, match="REINDEX idx_risk_days_breached"):
+        Storage(path)
+    edit("REINDEX idx_risk_days_breached")  # what the words say to do
+    assert stale_indexes(sqlite3.connect(path)) == []
+    storage = Storage(path)
+    m = RiskManager(storage, Limits(base=D("-2000"), max_consecutive=3), MarketClock())
+    assert m.cooldown_until(date(2026, 11, 26)) == date(2026, 11, 30)
+    storage.close()
+
+
+def test_a_risk_index_made_by_hand_on_other_rows_is_refused_with_the_statement_that_makes_it(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "db.sqlite"
+    Storage(path).close()
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("drop index idx_positions_open")
+    c.execute("create index idx_positions_open on positions (strategy) where net_qty > 0")  # longs only
+    c.close()
+    with pytest.raises(DatabaseUnusable) as refused:
+        Storage(path)
+    assert "create index idx_positions_open on positions (strategy) where net_qty != 0" in str(refused.value)
