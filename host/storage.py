@@ -392,6 +392,17 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
 def stale_indexes(conn: sqlite3.Connection) -> list[str]:
     """Partial indexes that risk reads whose rows differ from their table's (each said in words); [] when all
     match, or do not exist yet (an older schema)."""
+    own = not conn.in_transaction
+    if own:  # both reads of a table on one snapshot: another worker's fill between them is no mismatch
+        conn.execute("BEGIN")
+    try:
+        return _stale_indexes(conn)
+    finally:
+        if own:
+            conn.execute("ROLLBACK")
+
+
+def _stale_indexes(conn: sqlite3.Connection) -> list[str]:
     made = {r[0] for r in conn.execute("select name from sqlite_master where type = 'index'")}
     found = []
     for (index, table, where), column in zip(PARTIAL_INDEXES, ("day", "strategy")):

@@ -220,3 +220,37 @@ def test_a_risk_index_made_by_hand_on_other_rows_is_refused_with_the_statement_t
     with pytest.raises(DatabaseUnusable) as refused:
         Storage(path)
     assert "create index idx_positions_open on positions (strategy) where net_qty != 0" in str(refused.value)
+
+
+def test_a_worker_starting_while_another_fills_orders_is_not_refused_for_a_stale_index(tmp_path):
+    """The index and its table are read on one snapshot: a fill another worker commits between the two reads is
+    not taken for an index left behind (it would refuse a worker's start on a busy host)."""
+    import sqlite3
+
+    from host.storage import stale_indexes
+    path = tmp_path / "db.sqlite"
+    Storage(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    n = iter(range(10_000))
+
+    class Rows(list):
+        def fetchall(self) -> list:
+            return list(self)
+
+    class Busy:
+        """A connection after each of whose statements another worker commits a new open position."""
+
+        def __init__(self, conn: sqlite3.Connection):
+            self.conn = conn
+
+        @property
+        def in_transaction(self) -> bool:
+            return self.conn.in_transaction
+
+        def execute(self, sql: str, *args) -> Rows:
+            rows = Rows(self.conn.execute(sql, *args).fetchall())
+            other.execute("insert into positions (strategy, exchange, symbol, product, net_qty) values "
+                          "('s1', 'NFO', ?, 'M', 75)", (f"SYM{next(n)}",))
+            return rows
+    checked = Busy(sqlite3.connect(path, isolation_level=None))
+    assert stale_indexes(checked) == []
