@@ -215,9 +215,9 @@ BREACH_ROWS = "breached is not 0 or day is not date(day)"  # the days that breac
 
 
 def _m16_breach_days(db: sqlite_utils.Database) -> None:
-    # the risk gate reads the days that breached (a loss streak's cooldown), not every trading day ever recorded;
-    # a row whose day is not a plain date is read too, so that it still fails closed (risk.breach_days)
-    db.execute(f"create index if not exists idx_risk_days_breached on risk_days (day) where {BREACH_ROWS}")
+    # the risk gate reads the days that breached (a loss streak's cooldown), not every trading day ever recorded
+    # (as first made: migration 18 makes it again, with the rows that cannot say a date)
+    db.execute("create index if not exists idx_risk_days_breached on risk_days (day) where breached is not 0")
 
 
 OPEN_POSITIONS = "net_qty != 0"
@@ -225,6 +225,16 @@ OPEN_POSITIONS = "net_qty != 0"
 # taken mid-write can leave one behind its table, where PRAGMA quick_check does not look (check_database)
 PARTIAL_INDEXES = (("idx_risk_days_breached", "risk_days", BREACH_ROWS), ("idx_positions_open", "positions",
                                                                         OPEN_POSITIONS))
+
+
+# what a migration made before a later one made it again (the start checks it no further: the migration will)
+EARLIER_DEFINITIONS = ("CREATE INDEX idx_risk_days_breached on risk_days (day) where breached is not 0",)
+
+
+def _m18_breach_index_rebuilt(db: sqlite_utils.Database) -> None:
+    # a row whose day is not a plain date is read too, so that it still fails entries closed (risk.breach_days)
+    db.execute("drop index if exists idx_risk_days_breached")
+    db.execute(f"create index idx_risk_days_breached on risk_days (day) where {BREACH_ROWS}")
 
 
 def _m17_open_positions(db: sqlite_utils.Database) -> None:
@@ -241,7 +251,8 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, 
                                                                   _m12_protection_index,
                                                                   _m13_positions_by_instrument,
                                                                   _m14_alert_positions, _m15_alert_moves,
-                                                                  _m16_breach_days, _m17_open_positions)
+                                                                  _m16_breach_days, _m17_open_positions,
+                                                                  _m18_breach_index_rebuilt)
 _BUILTIN_MIGRATIONS = MIGRATIONS  # the reference for the schema check, whatever is appended later
 
 
@@ -368,11 +379,6 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
         actual = _schema(conn)
     except sqlite3.DatabaseError as e:
         raise DatabaseUnusable(damaged.format(why=str(e))) from None
-    stale = stale_indexes(conn)
-    if stale:
-        raise DatabaseUnusable(f"refusing to start: in the database {path}, {'; '.join(stale)}. Risk reads them "
-                               f"and would miss rows. Nothing was changed: with the host stopped, run that with "
-                               f"sqlite3 {path} '...'; or {backups_hint(path)}.")
     if version > len(MIGRATIONS):
         raise DatabaseUnusable(f"refusing to start: the database {path} has schema version {version}, written by a "
                                f"newer strategy-host (this one knows {len(MIGRATIONS)}); run the newer version, or "
@@ -387,6 +393,11 @@ def check_database(conn: sqlite3.Connection, path: Path) -> None:
         raise DatabaseUnusable(f"refusing to start: the database {path} (schema version {version}) was changed "
                                f"outside the host: {foreign_code_problem(found, path)}. Or "
                                f"{backups_hint(path)}.")
+    stale = stale_indexes(conn)
+    if stale:
+        raise DatabaseUnusable(f"refusing to start: in the database {path}, {'; '.join(stale)}. Risk reads them "
+                               f"and would miss rows. Nothing was changed: with the host stopped, run that with "
+                               f"sqlite3 {path} '...'; or {backups_hint(path)}.")
 
 
 def stale_indexes(conn: sqlite3.Connection) -> list[str]:
@@ -403,19 +414,21 @@ def stale_indexes(conn: sqlite3.Connection) -> list[str]:
 
 
 def _stale_indexes(conn: sqlite3.Connection) -> list[str]:
-    made = {r[0] for r in conn.execute("select name from sqlite_master where type = 'index'")}
+    made = {r[0]: " ".join((r[1] or "").split()) for r in conn.execute(
+        "select name, sql from sqlite_master where type = 'index'")}
     found = []
     for (index, table, where), column in zip(PARTIAL_INDEXES, ("day", "strategy")):
-        if index not in made:
+        if index not in made or made[index] in EARLIER_DEFINITIONS:
             continue
         try:
-            through = conn.execute(f"select rowid from {table} indexed by {index} where {where} "
+            through = conn.execute(f"select rowid, {column} from {table} indexed by {index} where {where} "
                                    f"order by rowid").fetchall()
         except sqlite3.OperationalError:  # made by hand, on other rows: it cannot serve risk's read
             found.append(f"the index {index} is not the one the host makes (drop it, then: create index {index} on "
                          f"{table} ({column}) where {where})")
             continue
-        whole = conn.execute(f"select rowid from {table} not indexed where {where} order by rowid").fetchall()
+        whole = conn.execute(f"select rowid, {column} from {table} not indexed where {where} "
+                             f"order by rowid").fetchall()
         if through != whole:
             found.append(f"the index {index} lists {len(through)} rows of {table} where the table has {len(whole)} "
                          f"(rebuild it from the table: REINDEX {index})")

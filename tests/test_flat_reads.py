@@ -8,6 +8,7 @@ from datetime import date, timedelta
 from decimal import Decimal as D
 from typing import Optional
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from host.market import MarketClock
@@ -254,3 +255,69 @@ def test_a_worker_starting_while_another_fills_orders_is_not_refused_for_a_stale
             return rows
     checked = Busy(sqlite3.connect(path, isolation_level=None))
     assert stale_indexes(checked) == []
+
+
+def test_an_index_whose_keys_are_behind_its_table_is_refused(tmp_path):
+    """Found from outside: the same rows, filed under other keys (a row id reused by another strategy's position,
+    an index page copied from before). Read through the index, s1's book was flat while s1 held 75."""
+    import sqlite3
+
+    import pytest
+
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "db.sqlite"
+    Storage(path).close()
+    c = sqlite3.connect(path, isolation_level=None)
+    for sql in ("insert into positions (strategy, exchange, symbol, product, net_qty) values ('s1','NFO','A','M',75)",
+                "drop index idx_positions_open",
+                "create index idx_positions_open on positions (product) where net_qty != 0",  # keys 'M', not 's1'
+                "PRAGMA writable_schema=ON",
+                "update sqlite_master set sql = replace(sql, '(product)', '(strategy)') "
+                "where name = 'idx_positions_open'"):
+        c.execute(sql)
+    c.close()
+    with pytest.raises(DatabaseUnusable, match="REINDEX idx_positions_open"):
+        Storage(path)
+
+
+def test_a_database_migrated_by_the_first_migration_16_starts_and_gets_the_index_again(tmp_path):
+    """Found from outside: migration 16 first made the breach index without the rows that cannot say a date. A
+    database migrated then (schema 16 or 17) starts, and migration 18 makes the index as it is now."""
+    import sqlite_utils
+
+    from host.storage import BREACH_ROWS, MIGRATIONS
+    path = tmp_path / "v17.sqlite"
+    db = sqlite_utils.Database(path)
+    for m in MIGRATIONS[:17]:
+        m(db)
+    db.execute("PRAGMA user_version = 17")
+    db.conn.execute("insert into risk_days (day, breached) values ('2026-11-2x', 0)")
+    db.conn.commit()
+    db.close()
+    storage = Storage(path)
+    try:
+        made = storage.conn.execute("select sql from sqlite_master where name = 'idx_risk_days_breached'").fetchone()
+        assert made[0].endswith(f"where {BREACH_ROWS}") and storage.schema_version == len(MIGRATIONS)
+        m = RiskManager(storage, Limits(base=D("-2000"), max_consecutive=3), MarketClock())
+        with pytest.raises(Exception, match="unreadable"):
+            m.cooldown_until(MON)  # the unreadable clean day is read through the new index: it fails closed
+    finally:
+        storage.close()
+
+
+def test_a_newer_schema_is_said_to_be_newer_before_its_indexes_are_judged(tmp_path):
+    """Found from outside: a database a newer host migrated (and redefined an index in) is "run the newer
+    version", not "drop the index and make it as this older host does"."""
+    import sqlite3
+
+    from host.storage import DatabaseUnusable
+    path = tmp_path / "db.sqlite"
+    Storage(path).close()
+    c = sqlite3.connect(path, isolation_level=None)
+    for sql in ("drop index idx_positions_open",
+                "create index idx_positions_open on positions (strategy, symbol) where net_qty != 0 and product != 'X'",
+                "PRAGMA user_version=99"):
+        c.execute(sql)
+    c.close()
+    with pytest.raises(DatabaseUnusable, match="newer strategy-host"):
+        Storage(path)
