@@ -232,84 +232,6 @@ class CheckedFloor(OrderFloor):
                     self.to_send.put(oid)
 
     def _commit(self, statements: list[tuple[str, tuple]]) -> None:
-        with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                self.conn.execute(sql, args)
-            self.conn.execute("COMMIT")
-
-    def _send(self) -> None:
-        while True:
-            acks = []
-            for order_id in _drain(self.to_send):  # sent: the broker only hands back an id
-                self.broker_ids += 1
-                acks.append((order_id, str(self.broker_ids)))
-            self._commit([("update book set status = 'OPEN', broker_id = ? where id = ?", (b, o)) for o, b in acks])
-            self._commit([st for order_id, _ in acks for st in (
-                ("update book set status = 'COMPLETE', filled = 75 where id = ?", (order_id,)),
-                ("insert into fills (order_id, qty, price) values (?, 75, '42.5')", (order_id,)),
-                ("insert into positions (symbol, qty) values ('NIFTY', 75) "
-                 "on conflict (symbol) do update set qty = qty + 75", ()))])
-
-
-class CheckedFloor(OrderFloor):
-    """The order-life floor with the host's checks and records (see the module's docstring)."""
-
-    def __init__(self, path: str):
-        from host.decide import Decider
-        from host.risk import RiskGate
-        from host.storage import Storage
-        self.storage = Storage(path)
-        self.decider = Decider(RiskGate(self.storage), lambda name: {})
-        self.storage.write(lambda db: db.execute("create table if not exists floor_positions (symbol text primary "
-                                                 "key, qty integer)"))
-        super().__init__(path)
-
-    def _decide(self) -> None:
-        from host import alert_positions
-        from host.builtin import passthrough
-        from host.inbox import RUNS, request_to_json
-        from host.models import AlertStatus
-        from host.orders import mark_submitted
-        from host.storage import utcnow
-
-        def run(db, batch) -> list:
-            made = []
-            for (req, digest), _, _ in batch:
-                now = utcnow()
-                since = datetime.fromtimestamp(time.time() - DEDUPE_S, timezone.utc).isoformat(timespec="milliseconds")
-                seen = db.execute(f"select 1 from alerts where body_hash = ? and received_at >= ? and status in "
-                                  f"({','.join('?' * len(RUNS))}) limit 1", (digest, since, *RUNS)).fetchone()
-                aid = new_id("a")
-                db.execute("insert into alerts (id, received_at, strategy, execution_type, body_hash, body, status, "
-                           "orders) values (?, ?, ?, ?, ?, ?, ?, '[]')",
-                           (aid, now, req.strategy, req.execution_type.value, digest, request_to_json(req),
-                            AlertStatus.DUPLICATE.value if seen else AlertStatus.RECEIVED.value))
-                if seen:
-                    made.append((aid, AlertStatus.DUPLICATE.value, []))
-                    continue
-                intents = list(passthrough.strategy_on_alert(None, req))
-                planned = alert_positions.plan(db, req.strategy, intents, req.client_alert_id, since)
-                d = self.decider.evaluate(db, req.strategy, planned.intents, alert_id=aid, out_now=True, legs=intents)
-                alert_positions.store(db, req.strategy, planned, d.status is AlertStatus.ACCEPTED)
-                db.execute("update alerts set status = ?, reason = ?, orders = ?, decided_at = ? where id = ?",
-                           (d.status.value, d.reason, json.dumps(list(d.orders)), utcnow(), aid))
-                made.append((aid, d.status.value, [r["id"] for r in (mark_submitted(db, oid) for oid in d.orders)
-                                                   if r]))
-            return made
-        while True:
-            batch = _drain(self.todo)
-            try:
-                made = self.storage.write(lambda db: run(db, batch), durable=True)
-            except Exception as e:  # the bench counts the non-200 answers
-                made = [(None, repr(e), [])] * len(batch)
-            for (_, done, box), (aid, status, orders) in zip(batch, made):
-                box.append((aid, status))
-                done.set()
-                for oid in orders:
-                    self.to_send.put(oid)
-
-    def _commit(self, statements: list[tuple[str, tuple]]) -> None:
         self.storage.write(lambda db: [db.execute(sql, args) for sql, args in statements])
 
     def _send(self) -> None:
@@ -328,7 +250,6 @@ class CheckedFloor(OrderFloor):
                  "on conflict (symbol) do update set qty = qty + 75", ()))])
 
 
-
 class RecordsFloor(CheckedFloor):
     """The checked floor's records without its checks: the same rows (the alert, its order and the order's history,
     the day's count, the belief, the SUBMITTED mark), with no screening, validation, duplicate check, guard, risk
@@ -343,6 +264,7 @@ class RecordsFloor(CheckedFloor):
         orders = tuple(insert_order(db, i, req.strategy, aid) for i in intents)
         alert_positions.set_beliefs(db, req.strategy, {(i.exchange, i.symbol): i.qty for i in intents})
         return self._decided(db, aid, "accepted", None, orders)
+
 
 DEDUPE_S = 10  # a body seen this recently is a duplicate
 _contract = None
