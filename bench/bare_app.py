@@ -86,13 +86,19 @@ class Contract:
         return done.wait(2.0)
 
 
+class Stopped(Exception):
+    """A floor's thread was asked to end (a test's floor, stopped with it)."""
+
+
 def _drain(q: queue.SimpleQueue) -> list:
-    """Everything waiting on a queue, waiting for the first item."""
+    """Everything waiting on a queue, waiting for the first item; Stopped at the stop's mark (None)."""
     items = [q.get()]
     while True:
         try:
             items.append(q.get_nowait())
         except queue.Empty:
+            if None in items:
+                raise Stopped
             return items
 
 
@@ -114,8 +120,24 @@ class OrderFloor:
         self.todo: queue.SimpleQueue = queue.SimpleQueue()
         self.to_send: queue.SimpleQueue = queue.SimpleQueue()
         self.broker_ids = 0
-        threading.Thread(target=self._decide, daemon=True).start()
-        threading.Thread(target=self._send, daemon=True).start()
+        self.threads = [threading.Thread(target=self._until_stopped, args=(work,), daemon=True)
+                        for work in (self._decide, self._send)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _until_stopped(work) -> None:
+        try:
+            work()
+        except Stopped:
+            pass
+
+    def stop(self) -> None:
+        """End both threads (the bench's server never stops them; a test does)."""
+        self.todo.put(None)
+        self.to_send.put(None)
+        for t in self.threads:
+            t.join(5)
 
     def take(self, raw: bytes) -> Optional[int]:
         """The alert's id once it is durable and decided (its order durable too); None if not within 2 s."""

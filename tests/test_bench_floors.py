@@ -21,6 +21,11 @@ def floors(tmp_path, monkeypatch):
     sys.modules.pop("bare_app", None)
     import bare_app
     yield bare_app.app.test_client()
+    for floor in (bare_app._checked_floor, bare_app._records_floor):
+        if floor is not None:
+            floor.stop()
+            assert not any(t.is_alive() for t in floor.threads)
+            floor.storage.close()
     sys.modules.pop("bare_app", None)
 
 
