@@ -296,6 +296,15 @@ _records_floor = None
 _contract_lock = threading.Lock()
 
 
+def _made(name: str, cls: type, suffix: str):
+    """The floor kept in the module global `name`, made on its first request, its database beside BARE_DB's."""
+    with _contract_lock:
+        if globals()[name] is None:
+            path = os.environ.get("BARE_DB") or os.path.join(tempfile.mkdtemp(), "bare.sqlite")
+            globals()[name] = cls(path.replace(".sqlite", suffix))
+        return globals()[name]
+
+
 @app.post("/webhook-contract")
 def webhook_contract():
     global _contract
@@ -313,14 +322,10 @@ def webhook_contract():
 @app.post("/webhook-checked-floor")
 def webhook_checked_floor():
     """The host's screening and validation on this thread; the rest on the checked floor's deciding thread."""
-    global _checked_floor
     from host.inbox import body_hash
     from host.validation import parse_alert, unencodable
     from host.web.webhook import _decode, _secret_ok, _without_secret
-    with _contract_lock:
-        if _checked_floor is None:
-            path = os.environ.get("BARE_DB") or os.path.join(tempfile.mkdtemp(), "bare.sqlite")
-            _checked_floor = CheckedFloor(path.replace(".sqlite", "-checked.sqlite"))
+    floor = _made("_checked_floor", CheckedFloor, "-checked.sqlite")
     secret = os.environ.get("BENCH_SECRET", "")
     body, why = _decode(request.get_data(cache=False))
     if why or not isinstance(body, dict) or not _secret_ok(body.pop("secret_key", None), secret):
@@ -329,7 +334,7 @@ def webhook_checked_floor():
     req, problems = parse_alert(body) if not unencodable(body) else (None, ["unencodable"])
     if problems:
         return jsonify({"status": "rejected", "errors": [str(p) for p in problems]}), 422
-    decided = _checked_floor.take((req, body_hash(body)))
+    decided = floor.take((req, body_hash(body)))
     if decided is None:
         return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
     aid, status = decided  # anything but accepted is a non-200 answer, counted by the bench
@@ -339,19 +344,15 @@ def webhook_checked_floor():
 @app.post("/webhook-records-floor")
 def webhook_records_floor():
     """The alert taken as it comes (no screening, no validation: the legs read as they are), then the records."""
-    global _records_floor
     from decimal import Decimal
     from host.models import AlertRequest, ExecutionType, Leg, OrderType, Product, Side
-    with _contract_lock:
-        if _records_floor is None:
-            path = os.environ.get("BARE_DB") or os.path.join(tempfile.mkdtemp(), "bare.sqlite")
-            _records_floor = RecordsFloor(path.replace(".sqlite", "-records.sqlite"))
+    floor = _made("_records_floor", RecordsFloor, "-records.sqlite")
     raw = request.get_data()
     b = request.get_json(force=True)
     legs = tuple(Leg(b["exchange"], l["tradingsymbol"], Side(l["direction"]), int(l["qty"]), OrderType(l["order_type"]),
                      Product(l["product_type"]), Decimal(l["price"]), None) for l in b["legs"])
     req = AlertRequest(b["strategy_name"], ExecutionType(b["execution_type"]), legs)
-    decided = _records_floor.take((req, hashlib.sha256(raw).hexdigest()))
+    decided = floor.take((req, hashlib.sha256(raw).hexdigest()))
     if decided is None:
         return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
     return jsonify({"status": decided[1], "strategy": req.strategy, "alert_id": decided[0]})
@@ -359,14 +360,10 @@ def webhook_records_floor():
 
 @app.post("/webhook-order-floor")
 def webhook_order_floor():
-    global _order_floor
-    with _contract_lock:
-        if _order_floor is None:
-            path = os.environ.get("BARE_DB") or os.path.join(tempfile.mkdtemp(), "bare.sqlite")
-            _order_floor = OrderFloor(path.replace(".sqlite", "-orders.sqlite"))
+    floor = _made("_order_floor", OrderFloor, "-orders.sqlite")
     raw = request.get_data()
     body = request.get_json(force=True)
-    rowid = _order_floor.take(raw)
+    rowid = floor.take(raw)
     if rowid is None:
         return jsonify({"status": "failed", "reason": "not decided within 2 s"}), 503
     return jsonify({"status": "accepted", "strategy": body.get("strategy_name"), "alert_id": rowid})
