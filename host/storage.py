@@ -212,6 +212,13 @@ def _m15_alert_moves(db: sqlite_utils.Database) -> None:
 
 
 BREACH_ROWS = "breached is not 0 or day is not date(day)"  # the days that breached, and rows that cannot say
+OPEN_POSITIONS = "net_qty != 0"
+# partial indexes that a check reads instead of its table (the risk gate, a strategy's book): a copy of the file
+# taken mid-write can leave one behind its table, where PRAGMA quick_check does not look (check_database)
+PARTIAL_INDEXES = (("idx_risk_days_breached", "risk_days", "day", BREACH_ROWS),
+                   ("idx_positions_open", "positions", "strategy", OPEN_POSITIONS))
+# what a migration made before a later one made it again (the start checks it no further: the migration will)
+EARLIER_DEFINITIONS = ("CREATE INDEX idx_risk_days_breached on risk_days (day) where breached is not 0",)
 
 
 def _m16_breach_days(db: sqlite_utils.Database) -> None:
@@ -220,27 +227,16 @@ def _m16_breach_days(db: sqlite_utils.Database) -> None:
     db.execute("create index if not exists idx_risk_days_breached on risk_days (day) where breached is not 0")
 
 
-OPEN_POSITIONS = "net_qty != 0"
-# partial indexes that a check reads instead of its table (the risk gate, a strategy's book): a copy of the file
-# taken mid-write can leave one behind its table, where PRAGMA quick_check does not look (check_database)
-PARTIAL_INDEXES = (("idx_risk_days_breached", "risk_days", BREACH_ROWS), ("idx_positions_open", "positions",
-                                                                        OPEN_POSITIONS))
-
-
-# what a migration made before a later one made it again (the start checks it no further: the migration will)
-EARLIER_DEFINITIONS = ("CREATE INDEX idx_risk_days_breached on risk_days (day) where breached is not 0",)
+def _m17_open_positions(db: sqlite_utils.Database) -> None:
+    # a strategy's book (decide.load_book, on every alert) reads its open positions, not every instrument it closed
+    # today (a strategy rotating strikes closes hundreds a day; they are deleted only when the next day begins)
+    db.execute(f"create index if not exists idx_positions_open on positions (strategy) where {OPEN_POSITIONS}")
 
 
 def _m18_breach_index_rebuilt(db: sqlite_utils.Database) -> None:
     # a row whose day is not a plain date is read too, so that it still fails entries closed (risk.breach_days)
     db.execute("drop index if exists idx_risk_days_breached")
     db.execute(f"create index idx_risk_days_breached on risk_days (day) where {BREACH_ROWS}")
-
-
-def _m17_open_positions(db: sqlite_utils.Database) -> None:
-    # a strategy's book (decide.load_book, on every alert) reads its open positions, not every instrument it closed
-    # today (a strategy rotating strikes closes hundreds a day; they are deleted only when the next day begins)
-    db.execute(f"create index if not exists idx_positions_open on positions (strategy) where {OPEN_POSITIONS}")
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_plugins, _m3_risk_days,
@@ -417,7 +413,7 @@ def _stale_indexes(conn: sqlite3.Connection) -> list[str]:
     made = {r[0]: " ".join((r[1] or "").split()) for r in conn.execute(
         "select name, sql from sqlite_master where type = 'index'")}
     found = []
-    for (index, table, where), column in zip(PARTIAL_INDEXES, ("day", "strategy")):
+    for index, table, column, where in PARTIAL_INDEXES:
         if index not in made or made[index] in EARLIER_DEFINITIONS:
             continue
         try:
