@@ -134,10 +134,12 @@ class Engine:
         sender.on_reprice_refused = lambda oid, reason: self.submit(lambda: self._reprice_refused(oid, reason))
         self.ticks = TickSanity(tick_jump_pct, self._stored_price)
         self.protect = Protector(storage, self._dispatch,  # stops resting at the broker, targets, trailing
-                                 lambda db, name, intents: self.decider.evaluate(db, name, intents, alert_id=None),
+                                 lambda db, name, intents, room: self.decider.evaluate(db, name, intents, alert_id=None,
+                                                                                       room=room),
                                  sender.enqueue_modify,
                                  lambda: self.decider.instruments() if self.decider.instruments else None,
-                                 lambda: self.risk.gate.clock.day(self.risk.now()).isoformat())
+                                 lambda: self.risk.gate.clock.day(self.risk.now()).isoformat(),
+                                 self._protect_books)
         strategies.act = self._act  # what a strategy's tick, clock and order hooks return, acted on here
         self._events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
@@ -314,6 +316,9 @@ class Engine:
         self._handle(self._drain(block_s=0.1))
         if self._targets_waiting:
             self._isolated("position targets", self._release_targets)
+        read = {key for key, at in self.protect.reading.items() if self.exit_reads.done(at)}
+        if read:  # held exits whose read of the books has ended: sent now, capped at the broker's net
+            self._isolated("protection", lambda: self.protect.sync(read))
         self._process_alerts()
         now = time.monotonic()
         if self._commands_due or now - self._commands_polled >= ALERT_POLL_S:
@@ -759,6 +764,12 @@ class Engine:
         except ReadFailed as e:
             log.warning("position target %s of alert %s waits: %s; read again", row["id"], row["alert_id"], e)
             return False, None
+
+    def _protect_books(self, read: str) -> tuple[bool, Optional[BrokerView]]:
+        """For an exit a stop held (protect.py), live: a read of the books begun once the stop had ended."""
+        if getattr(self.broker, "book_is_synchronous", False):
+            return True, None
+        return self.exit_reads.take(read)
 
     def _targets_stored(self) -> None:
         self._targets_waiting = True

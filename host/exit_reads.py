@@ -47,6 +47,11 @@ class ExitReads:
         self.ask(alert_id)
         return False, None
 
+    def done(self, alert_id: str) -> bool:
+        """A read for this key has ended (take would answer now, unless its view is too old)."""
+        with self._lock:
+            return alert_id in self._views
+
     def ask(self, alert_id: str) -> None:
         """A read for this alert (or hook's intents), unless one is asked for, under way or done."""
         with self._lock:

@@ -11,6 +11,8 @@ One job, in one place:
 - **Target and trailing are watched on ticks.** A target cancels the stop first; the exit is sent only once
   the broker has confirmed the cancel (a stop that filled instead ends it: no target exit). Trailing moves the
   stop with ModifyOrder, only towards profit, at most once per TRAIL_MIN_INTERVAL_S.
+- **A held exit is capped at the broker's net** (live), read once its stops have ended: a sale in the broker's
+  app a moment before, not yet adopted, is not sold again (an exit held for a stop's cancel, a target's).
 - **Every other exit goes around the stops.** `hold_exits` (called by the Decider for every EXIT, whoever asks:
   an alert, exit-all, a breach, the square-off, a POSITION target) cancels the position's stop and keeps the
   exit until the cancel is confirmed; what remains afterwards is protected again (a partial exit resizes).
@@ -22,6 +24,7 @@ One job, in one place:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -33,9 +36,11 @@ from typing import Any, Callable, Optional
 import sqlite_utils
 
 from . import flatten, guard, pending_flattens
+from .exit_reads import ReadFailed
 from .instruments import slices
 from .market import IST
-from .models import Decision, ExecutionType, Intent, OrderStatus, OrderType, Problem, Product, Protection, Side
+from .models import (BrokerView, Decision, ExecutionType, Intent, OrderStatus, OrderType, Problem, Product, Protection,
+                     Side)
 from .orders import insert_order
 from .pricing import DEFAULT_TICK, protected_limit, round_to_tick
 from .storage import Storage, dec, utcnow
@@ -401,10 +406,16 @@ class Protector:
     the order sender (ModifyOrder, with the gateway's timeout)."""
 
     def __init__(self, storage: Storage, dispatch: Callable[[Decision], None],
-                 evaluate: Callable[[sqlite_utils.Database, str, list[Intent]], Decision],
+                 evaluate: Callable[[sqlite_utils.Database, str, list[Intent], Optional[flatten.Room]], Decision],
                  modify: Callable[..., None], instruments: Callable[[], Any] = lambda: None,
-                 today: Callable[[], str] = lambda: datetime.now(IST).date().isoformat()):
+                 today: Callable[[], str] = lambda: datetime.now(IST).date().isoformat(),
+                 books: Callable[[str], tuple[bool, Optional[BrokerView]]] = lambda key: (True, None)):
         self.storage, self.dispatch, self.evaluate, self.modify = storage, dispatch, evaluate, modify
+        # a read of the broker's books begun after it was asked for (exit_reads.take; raises ReadFailed): (True, the
+        # view) once it has ended, (False, None) meanwhile. Paper: (True, None) at once, nothing to cap against
+        self.books = books
+        self.reading: dict[str, str] = {}  # position key -> the read its held exit waits for (a new one each exit)
+        self._reads = itertools.count(1)
         self.instruments = instruments
         self.today = today  # the risk day (Asia/Kolkata), as risk's clock has it
         self.protection_pct = Decimal("2")   # MARKET_PROTECTION_PCT: the stop's limit is one step beyond it
@@ -590,6 +601,7 @@ class Protector:
         def done(why: str, severity: str = "info") -> tuple[Decision, list]:
             stopped = _stop(db, live, f"protection of {where} ended: {why}")
             upd.update(status=DONE, reason=why, pending_exit=None)
+            self.reading.pop(key, None)
             self._update(db, p, upd)
             Storage.add_event(db, "protection_ended", f"protection of {where} ended: {why}", severity, p["strategy"],
                               {"position": key})
@@ -626,13 +638,16 @@ class Protector:
         if p["pending_exit"]:
             if live:
                 return self._finish(db, p, upd, orders, cancels, modifies)
+            ready, room, unread = self._room(db, key)
+            if not ready:  # the broker's books are being read for it: the engine syncs it again once they are
+                return self._finish(db, p, upd, orders, cancels, modifies)
             pending = json.loads(p["pending_exit"])
             qty = min(pending["qty"], abs(net))
             upd.update(pending_exit=None, status=ACTIVE)
             if qty > 0:
                 intent = Intent(p["exchange"], p["symbol"], closing, qty, OrderType(pending["order_type"]),
                                 Product(p["product"]), dec(pending.get("price")), action=ExecutionType.EXIT)
-                d = self.evaluate(db, p["strategy"], [intent])
+                d = self.evaluate(db, p["strategy"], [intent], room)
                 orders += d.orders
                 cancels += d.cancels
                 if d.orders and intent.order_type is OrderType.MKT:  # moved towards the market until it fills
@@ -646,8 +661,12 @@ class Protector:
                     Storage.add_event(db, "target_exit_rejected", f"the target exit of {where} was not sent "
                                       f"({d.status.value}: {d.reason}): the stop is placed again, and the target is "
                                       f"tried again in {wait:g} s", "error", p["strategy"], {"wait_s": wait})
-                Storage.add_event(db, "protected_exit", f"{where}: the stop is no longer live; exit of {qty} sent "
-                                  f"({d.status.value}{': ' + d.reason if d.reason else ''})", "info", p["strategy"],
+                sent = db.execute(f"select coalesce(sum(qty), 0) from orders where id in "
+                                  f"({','.join('?' * len(d.orders))})", d.orders).fetchone()[0] if d.orders else 0
+                went = "sent" if sent == qty else f"cut to {sent}" if d.status is _accepted() else "not sent"
+                Storage.add_event(db, "protected_exit", f"{where}: the stop is no longer live; exit of {qty} {went} "
+                                  f"({d.status.value}{': ' + d.reason if d.reason else ''}){unread}",
+                                  "warning" if unread or sent < qty else "info", p["strategy"],
                                   {"orders": list(d.orders)})
         # trailing: towards profit only, at most once per TRAIL_MIN_INTERVAL_S
         best = dec(p["best"])
@@ -719,6 +738,22 @@ class Protector:
                 modifies.append((o["id"], want[o["id"]], limit, stop))
         return self._finish(db, p, upd, orders, cancels, modifies)
 
+    def _room(self, db: sqlite_utils.Database, key: str) -> tuple[bool, Optional[flatten.Room], str]:
+        """Whether a held exit may go now, and the broker's net it is capped at: from a read of the books begun once
+        its stops had ended (each exit asks for its own). A read that raised is said, and the exit goes by the
+        strategy's own position, as when the positions are unreadable: a stop no longer rests, so it must go."""
+        read = self.reading.setdefault(key, f"protect:{key}:{next(self._reads)}")
+        try:
+            ready, view = self.books(read)
+        except ReadFailed as e:
+            self.reading.pop(key, None)
+            log.warning("the exit of %s held for its stop goes uncapped: %s", key, e)
+            return True, None, f"; not capped at the broker's net: {e}"
+        if not ready:
+            return False, None, ""
+        self.reading.pop(key, None)
+        return True, flatten.closing_room(db, view), ""
+
     def _close_overshoot(self, db: sqlite_utils.Database, p: dict, where: str, over: int,
                          done: Callable[[str, str], tuple[Decision, list]]) -> tuple[Decision, list]:
         """Our stop filled after its position was closed (its cancel came too late): it opened a position nobody
@@ -726,7 +761,7 @@ class Protector:
         ended, _ = done("a stop filled after the position was closed", "error")
         side = Side(p["side"])  # the overshoot is on the stop's side: closing it is the protected side again
         d = self.evaluate(db, p["strategy"], [Intent(p["exchange"], p["symbol"], side, over, OrderType.MKT,
-                                                     Product(p["product"]), action=ExecutionType.EXIT)])
+                                                     Product(p["product"]), action=ExecutionType.EXIT)], None)
         if d.orders:
             db.execute(f"update orders set escalate = ? where id in ({','.join('?' * len(d.orders))})",
                        (flatten.HEALED, *d.orders))

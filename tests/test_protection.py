@@ -1022,3 +1022,29 @@ def test_two_trims_held_for_the_stop_both_go(paper):
     time.sleep(1)
     assert h.net() == 50
     assert wait_for(lambda: (s := stops(h, ("OPEN",))) and s[0]["qty"] == 50 and s[0], timeout=8)
+
+
+@pytest.mark.parametrize("held, sold", [(75, 75), (150, 75)])
+def test_live_a_target_exit_after_a_close_in_the_app_never_takes_the_account_short(live_factory, sim, held, sold):
+    """Noticed for many sessions, fixed now: a target's market exit (sent once its stop's cancel was confirmed) was
+    the strategy's own net, not capped at the broker's. The trader sold in the broker's app, and the feed lost that
+    order's update (so no read of the books was made, and the sale was not adopted before the next position poll):
+    the target sold the whole again, short 75. It is capped at the broker's net, read once the stop has ended, as
+    an EXIT alert's is: what is left is sold, no more."""
+    from test_issue12_live import _lowest_net, _sold_in_the_app_unbooked, broker_net, control
+    h = live_factory(TRAIL_MIN_INTERVAL_S=0, RISK_POLL_S=60)
+    protected(h, qty=held, stop_loss="40", target="46")
+    stop = resting(h, qty=held)
+    control(sim, action="stall_feed", on=True)  # the app's order update is lost on the way
+    manual = _sold_in_the_app_unbooked(sim, sold)
+    control(sim, action="stall_feed", on=False)
+    assert broker_net(sim, SYMBOL) == held - sold
+    sim.sim.tick("NFO", SYMBOL, D("46"))  # the target: the stop is cancelled, then the position exited at market
+    wait_for(lambda: sim_order(sim, stop["id"]).status.value == "CANCELLED", timeout=5)
+    [said] = wait_for(lambda: events(h, "protected_exit"), timeout=8)
+    lowest = _lowest_net(sim, 1.5)
+    control(sim, action="hide_order", norenordno=manual, on=False)
+    assert lowest == 0, (lowest, said["message"])
+    assert f"exit of {held} cut to {held - sold}" in said["message"], said["message"]
+    assert f"exit capped from {held} to {held - sold}" in said["message"], said["message"]
+    assert [o["qty"] for o in exits(h)] == ([held - sold] if held > sold else [])
