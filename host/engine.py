@@ -38,7 +38,7 @@ from .models import (AlertRequest, AlertStatus, BrokerOrder, BrokerView, Decisio
 from .orders import OrderSender
 from .outside import OutsideTrades
 from .plugins.strategies import Asked, StrategyRegistry
-from .protect import Protector, from_json
+from .protect import HELD_READ_WAIT_S, Protector, from_json
 from .risk import RiskGate
 from .risk_actions import RISK_HEARTBEAT_KEY, RiskLoop
 from .storage import HEARTBEAT_KEY, Storage, dec, utcnow
@@ -139,7 +139,8 @@ class Engine:
                                  sender.enqueue_modify,
                                  lambda: self.decider.instruments() if self.decider.instruments else None,
                                  lambda: self.risk.gate.clock.day(self.risk.now()).isoformat(),
-                                 self._protect_books)
+                                 self._protect_books, lambda: self.risk.wake(poll=True))
+        self.protect.unbooked_wait_s = 2 * risk_poll_s + 1  # two polls of the positions: an app trade adopted
         strategies.act = self._act  # what a strategy's tick, clock and order hooks return, acted on here
         self._events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
@@ -316,8 +317,9 @@ class Engine:
         self._handle(self._drain(block_s=0.1))
         if self._targets_waiting:
             self._isolated("position targets", self._release_targets)
-        read = {key for key, at in self.protect.reading.items() if self.exit_reads.done(at)}
-        if read:  # held exits whose read of the books has ended: sent now, capped at the broker's net
+        read = {key for key, (at, since) in self.protect.reading.items()
+                if self.exit_reads.done(at) or time.monotonic() - since > HELD_READ_WAIT_S}
+        if read:  # held exits whose read of the books has ended (or taken too long): sent now
             self._isolated("protection", lambda: self.protect.sync(read))
         self._process_alerts()
         now = time.monotonic()
@@ -765,11 +767,18 @@ class Engine:
             log.warning("position target %s of alert %s waits: %s; read again", row["id"], row["alert_id"], e)
             return False, None
 
-    def _protect_books(self, read: str) -> tuple[bool, Optional[BrokerView]]:
-        """For an exit a stop held (protect.py), live: a read of the books begun once the stop had ended."""
+    def _protect_books(self, read: str) -> tuple[bool, Optional[BrokerView], str]:
+        """For an exit a stop held (protect.py), live: a read of the books begun once the stop had ended, however
+        long ago it ended (an exit waits for no second read); and, if the exit cannot be capped, why."""
         if getattr(self.broker, "book_is_synchronous", False):
-            return True, None
-        return self.exit_reads.take(read)
+            return True, None, ""
+        try:
+            ready, view = self.exit_reads.take(read, fresh_s=None)
+        except ReadFailed as e:
+            return True, None, str(e)
+        blind = self.outside.blind
+        return ready, view, ("" if view is not None or not ready else
+                             f"the broker's positions are unreadable ({blind or 'no answer'})")
 
     def _targets_stored(self) -> None:
         self._targets_waiting = True

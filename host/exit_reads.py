@@ -34,15 +34,15 @@ class ExitReads:
         self._views: dict[str, tuple[float, Optional[BrokerView] | ReadFailed]] = {}  # with when it was read
         self._running = False
 
-    def take(self, alert_id: str) -> tuple[bool, Optional[BrokerView]]:
-        """(True, the view) once a read begun after the alert was asked for has ended; else ask for one.
-        Raises ReadFailed if that read raised."""
+    def take(self, alert_id: str, fresh_s: Optional[float] = FRESH_S) -> tuple[bool, Optional[BrokerView]]:
+        """(True, the view) once a read begun after the alert was asked for has ended, and ended within fresh_s
+        (None: whenever); else ask for one. Raises ReadFailed if that read raised."""
         with self._lock:
             if alert_id in self._views:
                 at, view = self._views.pop(alert_id)
                 if isinstance(view, ReadFailed):
                     raise view
-                if time.monotonic() - at <= FRESH_S:
+                if fresh_s is None or time.monotonic() - at <= fresh_s:
                     return True, view
         self.ask(alert_id)
         return False, None

@@ -36,7 +36,6 @@ from typing import Any, Callable, Optional
 import sqlite_utils
 
 from . import flatten, guard, pending_flattens
-from .exit_reads import ReadFailed
 from .instruments import slices
 from .market import IST
 from .models import (BrokerView, Decision, ExecutionType, Intent, OrderStatus, OrderType, Problem, Product, Protection,
@@ -58,6 +57,7 @@ REARM_AFTER_REJECT_S = 5.0
 REARM_MAX_S = 300.0
 REARM_AFTER_OUTSIDE_CANCEL_S = 7.0  # longer than a poll of the broker's books (RISK_POLL_S, 5 s)
 MODIFY_WAIT_S = 5.0
+HELD_READ_WAIT_S = 10.0  # a held exit waits this long at most for its read of the books, then goes uncapped
 ONE = Decimal(1)
 
 
@@ -409,12 +409,16 @@ class Protector:
                  evaluate: Callable[[sqlite_utils.Database, str, list[Intent], Optional[flatten.Room]], Decision],
                  modify: Callable[..., None], instruments: Callable[[], Any] = lambda: None,
                  today: Callable[[], str] = lambda: datetime.now(IST).date().isoformat(),
-                 books: Callable[[str], tuple[bool, Optional[BrokerView]]] = lambda key: (True, None)):
+                 books: Callable[[str], tuple[bool, Optional[BrokerView], str]] = lambda key: (True, None, ""),
+                 outside_seen: Callable[[], None] = lambda: None):
         self.storage, self.dispatch, self.evaluate, self.modify = storage, dispatch, evaluate, modify
-        # a read of the broker's books begun after it was asked for (exit_reads.take; raises ReadFailed): (True, the
-        # view) once it has ended, (False, None) meanwhile. Paper: (True, None) at once, nothing to cap against
+        # a read of the broker's books begun after it was asked for (exit_reads.take): (True, the view, "") once it
+        # has ended, (False, None, "") meanwhile, (True, None, why) when it cannot cap. Paper: (True, None, "")
         self.books = books
-        self.reading: dict[str, str] = {}  # position key -> the read its held exit waits for (a new one each exit)
+        self.outside_seen = outside_seen  # the broker's net is not the host's book: read the positions again now
+        self.unbooked_wait_s = 11.0  # no stop for more than the broker holds until two polls (2 x RISK_POLL_S + 1)
+        # position key -> the read its held exit waits for (a new one each exit), and since when
+        self.reading: dict[str, tuple[str, float]] = {}
         self._reads = itertools.count(1)
         self.instruments = instruments
         self.today = today  # the risk day (Asia/Kolkata), as risk's clock has it
@@ -648,6 +652,10 @@ class Protector:
                 intent = Intent(p["exchange"], p["symbol"], closing, qty, OrderType(pending["order_type"]),
                                 Product(p["product"]), dec(pending.get("price")), action=ExecutionType.EXIT)
                 d = self.evaluate(db, p["strategy"], [intent], room)
+                unbooked = self._unbooked(db, p, room)
+                if unbooked:  # no stop for what the broker no longer holds, until its positions are read again
+                    self._arm_after(db, p, self.unbooked_wait_s)
+                    self.outside_seen()
                 orders += d.orders
                 cancels += d.cancels
                 if d.orders and intent.order_type is OrderType.MKT:  # moved towards the market until it fills
@@ -656,6 +664,8 @@ class Protector:
                 upd["exit_orders"] = json.dumps(list(d.orders))
                 if pending.get("why") == "target" and d.orders:
                     self._target_sent.update({oid: p["created_at"] for oid in d.orders})
+                elif pending.get("why") == "target" and d.status is _accepted():  # cut to nothing: exit_capped said
+                    self._target_waits(_row_key(p), p["created_at"])  # why; looked at again after the wait
                 elif pending.get("why") == "target":  # the host refused it (guard, risk, validation): no order
                     wait = self._target_waits(_row_key(p), p["created_at"])
                     Storage.add_event(db, "target_exit_rejected", f"the target exit of {where} was not sent "
@@ -665,7 +675,7 @@ class Protector:
                                   f"({','.join('?' * len(d.orders))})", d.orders).fetchone()[0] if d.orders else 0
                 went = "sent" if sent == qty else f"cut to {sent}" if d.status is _accepted() else "not sent"
                 Storage.add_event(db, "protected_exit", f"{where}: the stop is no longer live; exit of {qty} {went} "
-                                  f"({d.status.value}{': ' + d.reason if d.reason else ''}){unread}",
+                                  f"({d.status.value}{': ' + d.reason if d.reason else ''}){unread}{unbooked}",
                                   "warning" if unread or sent < qty else "info", p["strategy"],
                                   {"orders": list(d.orders)})
         # trailing: towards profit only, at most once per TRAIL_MIN_INTERVAL_S
@@ -740,19 +750,35 @@ class Protector:
 
     def _room(self, db: sqlite_utils.Database, key: str) -> tuple[bool, Optional[flatten.Room], str]:
         """Whether a held exit may go now, and the broker's net it is capped at: from a read of the books begun once
-        its stops had ended (each exit asks for its own). A read that raised is said, and the exit goes by the
-        strategy's own position, as when the positions are unreadable: a stop no longer rests, so it must go."""
-        read = self.reading.setdefault(key, f"protect:{key}:{next(self._reads)}")
-        try:
-            ready, view = self.books(read)
-        except ReadFailed as e:
-            self.reading.pop(key, None)
-            log.warning("the exit of %s held for its stop goes uncapped: %s", key, e)
-            return True, None, f"; not capped at the broker's net: {e}"
+        its stops had ended (each exit asks for its own). A read that failed, positions that cannot be read, or a
+        read not done within HELD_READ_WAIT_S is said, and the exit goes by the strategy's own position: a stop no
+        longer rests, so it must go."""
+        read, since = self.reading.setdefault(key, (f"protect:{key}:{next(self._reads)}", time.monotonic()))
+        ready, view, why = self.books(read)
         if not ready:
-            return False, None, ""
+            if time.monotonic() - since <= HELD_READ_WAIT_S:
+                return False, None, ""
+            why = f"the broker's books were not read within {HELD_READ_WAIT_S:g} s"
         self.reading.pop(key, None)
+        if why:
+            log.warning("the exit of %s held for its stop goes uncapped: %s", key, why)
+            return True, None, f"; not capped at the broker's net: {why}"
         return True, flatten.closing_room(db, view), ""
+
+    def _unbooked(self, db: sqlite_utils.Database, p: dict, room: Optional[flatten.Room]) -> str:
+        """Words for the trader when the broker's net in the position's instrument is not what the host's book adds
+        up to (a trade in the broker's app not yet counted); empty when it is, or unread."""
+        if room is None:
+            return ""
+        key = (p["exchange"], p["symbol"], p["product"])
+        held = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
+                          "product = ?", key).fetchone()[0]
+        net = room.net.get(key, 0)
+        if held == net:
+            return ""
+        return (f"; the broker's net there is {net:+d} and the host's book {held:+d} (a trade in the broker's app "
+                f"not yet counted?): no stop is placed again for {self.unbooked_wait_s:g} s, while the "
+                f"broker's positions are read again")
 
     def _close_overshoot(self, db: sqlite_utils.Database, p: dict, where: str, over: int,
                          done: Callable[[str, str], tuple[Decision, list]]) -> tuple[Decision, list]:
