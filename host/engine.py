@@ -38,7 +38,7 @@ from .models import (AlertRequest, AlertStatus, BrokerOrder, BrokerView, Decisio
 from .orders import OrderSender
 from .outside import OutsideTrades
 from .plugins.strategies import Asked, StrategyRegistry
-from .protect import HELD_READ_WAIT_S, Protector, from_json
+from .protect import Protector, from_json
 from .risk import RiskGate
 from .risk_actions import RISK_HEARTBEAT_KEY, RiskLoop
 from .storage import HEARTBEAT_KEY, Storage, dec, utcnow
@@ -140,7 +140,6 @@ class Engine:
                                  lambda: self.decider.instruments() if self.decider.instruments else None,
                                  lambda: self.risk.gate.clock.day(self.risk.now()).isoformat(),
                                  self._protect_books, lambda: self.risk.wake(poll=True))
-        self.protect.unbooked_wait_s = 2 * risk_poll_s + 1  # two polls of the positions: an app trade adopted
         strategies.act = self._act  # what a strategy's tick, clock and order hooks return, acted on here
         self._events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
@@ -318,7 +317,7 @@ class Engine:
         if self._targets_waiting:
             self._isolated("position targets", self._release_targets)
         read = {key for key, (at, since) in self.protect.reading.items()
-                if self.exit_reads.done(at) or time.monotonic() - since > HELD_READ_WAIT_S}
+                if self.exit_reads.done(at) or time.monotonic() - since > self.protect.read_wait_s}
         if read:  # held exits whose read of the books has ended (or taken too long): sent now
             self._isolated("protection", lambda: self.protect.sync(read))
         self._process_alerts()

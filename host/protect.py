@@ -57,7 +57,8 @@ REARM_AFTER_REJECT_S = 5.0
 REARM_MAX_S = 300.0
 REARM_AFTER_OUTSIDE_CANCEL_S = 7.0  # longer than a poll of the broker's books (RISK_POLL_S, 5 s)
 MODIFY_WAIT_S = 5.0
-HELD_READ_WAIT_S = 10.0  # a held exit waits this long at most for its read of the books, then goes uncapped
+HELD_READ_WAIT_S = 10.0  # a held exit waits this long at least for its read of the books (Protector.read_wait_s)
+HELD_CAP_S = 120.0  # a stop is kept under what that read said the broker holds at most this long (_stop_net)
 ONE = Decimal(1)
 
 
@@ -416,10 +417,13 @@ class Protector:
         # has ended, (False, None, "") meanwhile, (True, None, why) when it cannot cap. Paper: (True, None, "")
         self.books = books
         self.outside_seen = outside_seen  # the broker's net is not the host's book: read the positions again now
-        self.unbooked_wait_s = 11.0  # no stop for more than the broker holds until two polls (2 x RISK_POLL_S + 1)
+        # position key -> a held exit's read of the books: the broker's net in the instrument, the last order's rowid
+        # as the read began, and when (_stop_net)
+        self._held_caps: dict[str, tuple[int, int, float]] = {}
         # position key -> the read its held exit waits for (a new one each exit), and since when
         self.reading: dict[str, tuple[str, float]] = {}
         self._reads = itertools.count(1)
+        self.read_wait_s = HELD_READ_WAIT_S  # then it goes uncapped (the runtime: 3 broker timeouts + 1 s, if longer)
         self.instruments = instruments
         self.today = today  # the risk day (Asia/Kolkata), as risk's clock has it
         self.protection_pct = Decimal("2")   # MARKET_PROTECTION_PCT: the stop's limit is one step beyond it
@@ -606,6 +610,7 @@ class Protector:
             stopped = _stop(db, live, f"protection of {where} ended: {why}")
             upd.update(status=DONE, reason=why, pending_exit=None)
             self.reading.pop(key, None)
+            self._held_caps.pop(key, None)
             self._update(db, p, upd)
             Storage.add_event(db, "protection_ended", f"protection of {where} ended: {why}", severity, p["strategy"],
                               {"position": key})
@@ -642,7 +647,8 @@ class Protector:
         if p["pending_exit"]:
             if live:
                 return self._finish(db, p, upd, orders, cancels, modifies)
-            ready, room, unread = self._room(db, key)
+            ready, view, unread = self._room(db, key)
+            room = flatten.closing_room(db, view)
             if not ready:  # the broker's books are being read for it: the engine syncs it again once they are
                 return self._finish(db, p, upd, orders, cancels, modifies)
             pending = json.loads(p["pending_exit"])
@@ -652,10 +658,7 @@ class Protector:
                 intent = Intent(p["exchange"], p["symbol"], closing, qty, OrderType(pending["order_type"]),
                                 Product(p["product"]), dec(pending.get("price")), action=ExecutionType.EXIT)
                 d = self.evaluate(db, p["strategy"], [intent], room)
-                unbooked = self._unbooked(db, p, room)
-                if unbooked:  # no stop for what the broker no longer holds, until its positions are read again
-                    self._arm_after(db, p, self.unbooked_wait_s)
-                    self.outside_seen()
+                unbooked = self._broker_holds(db, p, view)
                 orders += d.orders
                 cancels += d.cancels
                 if d.orders and intent.order_type is OrderType.MKT:  # moved towards the market until it fills
@@ -676,7 +679,7 @@ class Protector:
                 went = "sent" if sent == qty else f"cut to {sent}" if d.status is _accepted() else "not sent"
                 Storage.add_event(db, "protected_exit", f"{where}: the stop is no longer live; exit of {qty} {went} "
                                   f"({d.status.value}{': ' + d.reason if d.reason else ''}){unread}{unbooked}",
-                                  "warning" if unread or sent < qty else "info", p["strategy"],
+                                  "warning" if unread or unbooked or sent < qty else "info", p["strategy"],
                                   {"orders": list(d.orders)})
         # trailing: towards profit only, at most once per TRAIL_MIN_INTERVAL_S
         best = dec(p["best"])
@@ -701,7 +704,7 @@ class Protector:
             f"and symbol = ? and product = ? and side = ? and action != 'ENTRY' and protection is null and status in "
             f"({','.join('?' * len(LIVE))})", (p["strategy"], p["exchange"], p["symbol"], p["product"],
                                                closing.value, *LIVE)).fetchone()[0]
-        desired = max(abs(net) - others, 0)
+        desired = max(self._stop_net(db, p, net) - others, 0)
         if any(o["status"] not in WORKING or o["cancel_requested"] or self._busy(o) for o in live):
             return self._finish(db, p, upd, orders, cancels, modifies)  # wait for the broker's answer
         total = sum(o["qty"] - (o["filled_qty"] or 0) for o in live)
@@ -748,37 +751,60 @@ class Protector:
                 modifies.append((o["id"], want[o["id"]], limit, stop))
         return self._finish(db, p, upd, orders, cancels, modifies)
 
-    def _room(self, db: sqlite_utils.Database, key: str) -> tuple[bool, Optional[flatten.Room], str]:
-        """Whether a held exit may go now, and the broker's net it is capped at: from a read of the books begun once
-        its stops had ended (each exit asks for its own). A read that failed, positions that cannot be read, or a
-        read not done within HELD_READ_WAIT_S is said, and the exit goes by the strategy's own position: a stop no
+    def _room(self, db: sqlite_utils.Database, key: str) -> tuple[bool, Optional[BrokerView], str]:
+        """Whether a held exit may go now, and the read of the books it is capped by (flatten.closing_room): one begun
+        once its stops had ended (each exit asks for its own). A read that failed, positions that cannot be read, or a
+        read not done within read_wait_s is said, and the exit goes by the strategy's own position: a stop no
         longer rests, so it must go."""
         read, since = self.reading.setdefault(key, (f"protect:{key}:{next(self._reads)}", time.monotonic()))
         ready, view, why = self.books(read)
         if not ready:
-            if time.monotonic() - since <= HELD_READ_WAIT_S:
+            if time.monotonic() - since <= self.read_wait_s:
                 return False, None, ""
-            why = f"the broker's books were not read within {HELD_READ_WAIT_S:g} s"
+            why = f"the broker's books were not read within {self.read_wait_s:g} s"
         self.reading.pop(key, None)
         if why:
             log.warning("the exit of %s held for its stop goes uncapped: %s", key, why)
             return True, None, f"; not capped at the broker's net: {why}"
-        return True, flatten.closing_room(db, view), ""
+        return True, view, ""
 
-    def _unbooked(self, db: sqlite_utils.Database, p: dict, room: Optional[flatten.Room]) -> str:
-        """Words for the trader when the broker's net in the position's instrument is not what the host's book adds
-        up to (a trade in the broker's app not yet counted); empty when it is, or unread."""
-        if room is None:
+    def _broker_holds(self, db: sqlite_utils.Database, p: dict, view: Optional[BrokerView]) -> str:
+        """After a held exit decided on a read of the books: where the broker holds less for this strategy than its
+        own net, the stop covers no more than the broker holds (_stop_net). Words for the trader when it does;
+        empty when the broker holds it all, or the books were not read."""
+        if view is None or view.mark is None:
             return ""
-        key = (p["exchange"], p["symbol"], p["product"])
-        held = db.execute("select coalesce(sum(net_qty), 0) from positions where exchange = ? and symbol = ? and "
-                          "product = ?", key).fetchone()[0]
-        net = room.net.get(key, 0)
-        if held == net:
+        key = _row_key(p)
+        self._held_caps[key] = (view.net.get((p["exchange"], p["symbol"], p["product"]), 0), view.mark,
+                                time.monotonic())
+        holds = self._stop_net(db, p, _net(db, p))
+        if key not in self._held_caps:
             return ""
-        return (f"; the broker's net there is {net:+d} and the host's book {held:+d} (a trade in the broker's app "
-                f"not yet counted?): no stop is placed again for {self.unbooked_wait_s:g} s, while the "
-                f"broker's positions are read again")
+        self.outside_seen()
+        return (f"; the broker holds {holds} of it (a trade in the broker's app not yet counted, or a fill not yet "
+                f"heard of): no stop is placed for more until the host's book comes down to it, or "
+                f"{HELD_CAP_S:g} s pass")
+
+    def _stop_net(self, db: sqlite_utils.Database, p: dict, net: int) -> int:
+        """The position the stop is sized to: its net, or less after a read of the books said the broker holds less
+        (_broker_holds): the broker's net then, with the fills of every order made since (which that read could not
+        see), less what the other strategies' books hold there now. At most HELD_CAP_S, and only while the host's
+        book holds more than that."""
+        key = _row_key(p)
+        cap = self._held_caps.get(key)
+        if cap is None:
+            return abs(net)
+        broker, mark, at = cap
+        since = db.execute("select coalesce(sum(case side when 'BUY' then filled_qty else -filled_qty end), 0) from "
+                           "orders where exchange = ? and symbol = ? and product = ? and rowid > ? and filled_qty > 0",
+                           (p["exchange"], p["symbol"], p["product"], mark)).fetchone()[0]
+        book = _instrument_book(db, p)
+        others = sum(book.values()) - book.get(p["strategy"], 0)
+        holds = max((1 if Side(p["side"]) is Side.BUY else -1) * (broker + since - others), 0)
+        if holds >= abs(net) or time.monotonic() - at > HELD_CAP_S:
+            del self._held_caps[key]
+            return abs(net)
+        return holds
 
     def _close_overshoot(self, db: sqlite_utils.Database, p: dict, where: str, over: int,
                          done: Callable[[str, str], tuple[Decision, list]]) -> tuple[Decision, list]:
@@ -904,6 +930,13 @@ class Protector:
         pending_flattens.add(db, [pending_flattens.Pending(f"{hit[0]} of {name}", self.today(), strategy=name,
                                                            everything=True)])
         return Decision(_accepted(), hit[1])
+
+
+def _instrument_book(db: sqlite_utils.Database, p: dict) -> dict[str, int]:
+    """Every strategy's net in the position's instrument, as the host's book has it."""
+    return {r[0]: r[1] for r in db.execute("select strategy, net_qty from positions where exchange = ? and symbol = ? "
+                                           "and product = ? and net_qty != 0", (p["exchange"], p["symbol"],
+                                                                                p["product"]))}
 
 
 def _net(db: sqlite_utils.Database, p: dict) -> int:

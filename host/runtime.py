@@ -19,6 +19,7 @@ from .host_access import HostAccess
 from .inbox import Inbox
 from .locks import FileLock
 from .orders import BrokerGateway, OrderSender
+from .protect import HELD_READ_WAIT_S
 from .market import MarketClock
 from .wakeups import EngineWakeups, WorkerWakeups
 from .risk import Limits, RiskGate
@@ -160,6 +161,8 @@ class Runtime:
                                                                  self.settings.MARKET_PROTECTION_PCT)
             engine.protect.protection_pct, engine.protect.trail_interval_s = (self.settings.MARKET_PROTECTION_PCT,
                                                                               self.settings.TRAIL_MIN_INTERVAL_S)
+            # a held exit waits for a read of the books (three calls) even from a broker slow up to its timeout
+            engine.protect.read_wait_s = max(HELD_READ_WAIT_S, 3 * self.broker_timeout_s + 1)
             self.sender.on_result = engine.order_changed
             engine.broker, engine.data_dir = self.broker, self.settings.data_dir
             engine.summary_time = self.settings.DAILY_SUMMARY_TIME
