@@ -1064,10 +1064,9 @@ def test_live_a_target_exit_after_a_close_in_the_app_never_takes_the_account_sho
 # ---- from review of the held-exit cap: each failed on its first form ----
 
 def test_a_cut_target_exit_places_no_stop_for_what_the_app_already_sold(live_factory, sim):
-    """150 held behind a stop at 40; the trader sells 75 in the app (its update lost); the target is reached.
-    The target's exit is cut to 75 (the broker's net): right. But in the same step the stop is placed again for the
-    host's own net less that exit (150 - 75 = 75), while the broker's net after the exit is 0. The price falls back
-    to the stop: the stop sells 75 more, the account is short 75."""
+    """150 held behind a stop at 40; the trader sells 75 in the app (its update lost); the target is reached. The exit
+    is cut to 75, and the stop placed again covers what the broker still holds (0), not the host's own net less the
+    exit: the price falling back through 40 sells nothing more. (On 9d37c57 a stop of 75 was placed: short 75.)"""
     h, manual, said = _target_after_an_app_sale(live_factory, sim, 150, 75, RISK_POLL_S=5)  # the default poll
     assert "cut to 75" in said["message"], said["message"]
     wait_for(lambda: broker_net(sim, SYMBOL) == 0, timeout=5)  # the cut exit filled: flat at the broker
@@ -1082,9 +1081,8 @@ def test_a_cut_target_exit_places_no_stop_for_what_the_app_already_sold(live_fac
 
 def test_a_target_exit_cut_to_nothing_places_no_stop_for_what_the_app_sold(live_factory, sim):
     """75 held behind a stop at 40; the trader sells all 75 in the app (its update lost); the target is reached. The
-    exit is cut to 0 (right), but it is reported as an error, "the target exit ... was not sent ... the stop is placed
-    again, and the target is tried again", and a SELL stop of 75 is placed again at the broker while the broker's
-    net is 0. The price falls to the stop before the host adopted the sale: short 75."""
+    exit is cut to 0, which is not reported as an error (exit_capped says why), and no stop is placed on the flat
+    account. (On 9d37c57: a target_exit_rejected error, and a stop of 75 that took the account short.)"""
     h, manual, said = _target_after_an_app_sale(live_factory, sim, 75, 75, RISK_POLL_S=5)  # the default poll
     time.sleep(1.5)
     rejected = [e["message"] for e in events(h, "target_exit_rejected")]
@@ -1107,13 +1105,10 @@ def _target_exit_waits(h: Any, sim: Any, stop: dict) -> float:
 
 
 def test_a_held_exit_whose_engine_is_a_second_late_is_still_sent(live_factory, sim):
-    """The target is reached; the stop is cancelled (the position now has no stop at the broker); the exit waits for
-    a read of the books. The engine is busy 1.2 s when each read ends (here a job on its thread; for real: its own
-    reconcile of a slow order book, which runs on the engine thread every 2 s live, a slow plugin hook, a write lock
-    held elsewhere). Each view is then older than FRESH_S (1 s) when taken: it is thrown away and the books read
-    again, in a loop with no bound. The position stays with no stop and no exit for as long as that lasts; before
-    the first form of this fix the exit went at once. (End to end with the simulator's slow_next on OrderBook at 3.5 s, under the 5 s
-    broker timeout: the exit went 18-32 s after the stop's cancel, three reads, two of them thrown away.)"""
+    """The target is reached, the stop cancelled, and the exit waits for a read of the books. The engine is busy 1.2 s
+    as each read ends (for real: its reconcile of a slow order book, a slow plugin hook), so the view is taken more
+    than FRESH_S after it ended. It is used, on the first read. (On 9d37c57 each late view was thrown away and read
+    again with no bound: 17 reads and no exit after 20 s, with no stop resting.)"""
     h = live_factory(TRAIL_MIN_INTERVAL_S=0, RISK_POLL_S=5)
     engine = h.runtime.engine
     protected(h, qty=75, stop_loss="40", target="46")
@@ -1164,9 +1159,8 @@ def test_a_target_exit_with_another_strategy_short_the_same_contract(live_factor
 
 def test_a_held_exit_sent_blind_says_it_was_not_capped(live_factory, sim):
     """The broker's positions cannot be read (PositionBook answers 403: blind) when the target is reached. The held
-    exit goes by the strategy's own position, uncapped (by design: a stop no longer rests). A read that raised says
-    so ("not capped at the broker's net", a warning); a blind read says nothing: "exit of 150 sent (accepted)",
-    info, while it took the account short 75 after a sale in the app."""
+    exit goes by the strategy's own position, uncapped (a stop no longer rests), and protected_exit says so, as a
+    warning. (On 9d37c57 it said "exit of 150 sent (accepted)", info, while it took the account short 75.)"""
     h, manual, said = _target_after_an_app_sale(live_factory, sim, 150, 75, blind=True, RISK_POLL_S=60)
     time.sleep(1.0)
     control(sim, action="forbid_next", count=0, route="PositionBook")
@@ -1177,12 +1171,10 @@ def test_a_held_exit_sent_blind_says_it_was_not_capped(live_factory, sim):
 
 
 def test_a_slow_order_book_does_not_hold_a_target_exit_with_no_stop(sim, tmp_path):
-    """End to end, nothing synthetic: the broker answers OrderBook in 2.5 s (under the default 5 s timeout). Another
-    strategy's order rests, so the engine reconciles with the book every 2 s, on its own thread. The target is
-    reached, the stop is cancelled at once; then each read of the books for the held exit ends while the engine
-    is in a reconcile, is taken more than FRESH_S later, thrown away and read again. Measured on the first form of this fix: the exit
-    was stored 61.8 s after the stop's cancel (8 reads, 7 thrown away), every run; at 3.5 s, 32.1 s (3 reads).
-    Meanwhile the position has neither a stop nor an exit. Before the first form of this fix the exit went at once."""
+    """End to end: the broker answers OrderBook in 2.5 s (under the 5 s timeout) and another strategy's order rests,
+    so the engine reconciles with the slow book every 2 s. The target's exit still goes within the read's wait.
+    (On 9d37c57 each read ended during a reconcile, was taken too late and thrown away: the exit went 61.8 s after
+    the stop's cancel, the position with neither a stop nor an exit meanwhile.)"""
     from conftest import Host
     from test_issue12_live import live_settings
     h = Host(live_settings(sim, tmp_path / "v", TRAIL_MIN_INTERVAL_S=0, RISK_POLL_S=5), broker_timeout_s=5.0,
@@ -1277,11 +1269,9 @@ def test_the_price_through_the_stop_after_a_trim_is_caught(live_factory, sim):
 
 
 def test_after_an_app_sale_what_the_broker_still_holds_gets_its_stop_at_once(live_factory, sim):
-    """225 held behind a stop at 40. An EXIT alert trims 75; while its stop's cancel is on the way, the trader
-    sells 75 in the broker's app (its order book lags). The trim is right (the broker holds 150, 75 are sold); the broker then holds 75 and the host
-    knows it (it read the net: 150, less its own exit of 75). The app's sale is adopted at the next polls; s1 holds
-    75. A trader expects those 75 protected at once (at least once the sale is adopted); they get no stop for
-    2 x RISK_POLL_S + 1 s (RISK_POLL_S may be set up to 300: ten minutes), whatever the polls found meanwhile."""
+    """225 held behind a stop at 40. An EXIT alert trims 75; while its stop's cancel is on the way, the trader sells 75
+    in the broker's app (its order book lags). The broker then holds 75, and those 75 are protected at once, not
+    after 2 x RISK_POLL_S + 1 s (0358f13: 61 s at RISK_POLL_S 30, whatever the polls found meanwhile)."""
     h = live_factory(TRAIL_MIN_INTERVAL_S=0, RISK_POLL_S=30)
     protected(h, qty=225, stop_loss="40", target="46")
     resting(h, qty=225)
@@ -1315,11 +1305,10 @@ def test_after_an_app_sale_what_the_broker_still_holds_gets_its_stop_at_once(liv
 
 
 def test_positions_unreadable_after_the_read_no_stop_for_what_the_app_sold(live_factory, sim):
-    """150 held behind a stop at 40, target 46; the trader sells 75 in the app (its order book lags). The target is
-    reached: the exit is cut to 75 (right) and no stop is placed for 11 s "while the broker's positions are read
-    again". Right after that read, PositionBook stops answering (a 403, as the broker's IP whitelist does) for 20 s:
-    the app's sale cannot be adopted. When the 11 s are up, a SELL stop of 75 is placed for s1's book, although the
-    host read the broker's net (75, then flat after its own exit of 75). The price falls back through 40: short 75."""
+    """150 held behind a stop at 40, target 46; the trader sells 75 in the app (its order book lags). The target's exit
+    is cut to 75; right after that read, PositionBook stops answering (a 403), so the app's sale cannot be adopted.
+    No stop is placed for the 75 the broker no longer holds: the price falling back through 40 sells nothing.
+    (On 0358f13 a stop of 75 came back after its 11 s wait: short 75. On 83a0345 the target sold 150.)"""
     h = live_factory(TRAIL_MIN_INTERVAL_S=0, RISK_POLL_S=5)
     engine = h.runtime.engine
     protected(h, qty=150, stop_loss="40", target="46")
